@@ -1,0 +1,158 @@
+"""The `vinehpc` command: run, worker. Each subcommand parses and calls a library function."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a positive integer, got %r" % s) from None
+    if v < 1:
+        raise argparse.ArgumentTypeError("expected a positive integer, got %r" % s)
+    return v
+
+
+def _nonneg_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a non-negative integer, got %r" % s) from None
+    if v < 0:
+        raise argparse.ArgumentTypeError("expected a non-negative integer, got %r" % s)
+    return v
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vinehpc", description="Many-task workloads on HPC allocations.")
+    p.add_argument("--version", action="version", version="vinehpc " + _version())
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    r = sub.add_parser("run", help="run a tasks.py with local workers",
+                       description="Run SCRIPT as __main__; every vinehpc.Manager()/Executor() it creates gets "
+                                   "WORKERS local worker processes.")
+    r.add_argument("-n", "--workers", type=_positive_int, default=None,
+                   help="number of local workers (default: one per core)")
+    r.add_argument("--cores-per-worker", type=_positive_int, default=1, metavar="C")
+    r.add_argument("--progress", choices=("auto", "always", "never"), default=None,
+                   help="progress line on stderr (default auto: when stderr is a terminal)")
+    r.add_argument("script")
+    r.add_argument("args", nargs=argparse.REMAINDER)
+
+    w = sub.add_parser("worker", help="join a running manager",
+                       description="Connect to the manager at HOST:PORT and run its tasks.")
+    w.add_argument("address", metavar="HOST:PORT")
+    w.add_argument("--cores", type=_positive_int)
+    w.add_argument("--memory", type=_nonneg_int, help="MB (default: all of this machine's)")
+    w.add_argument("--disk", type=_nonneg_int, help="MB (default: free space of the work dir)")
+    w.add_argument("--gpus", type=_nonneg_int)
+    w.add_argument("--secret-file", metavar="F", help="file holding the run's secret (default: $VINEHPC_SECRET)")
+    w.add_argument("--workdir", help="cache and sandboxes (default: a fresh temporary directory)")
+    w.add_argument("--connect-timeout", type=float, default=60.0, metavar="S",
+                   help="give up after S seconds without reaching the manager (default 60)")
+    w.add_argument("--no-reconnect", action="store_true", help="exit when the manager connection ends")
+    w.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _version():
+    from . import __version__
+    return __version__
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    return {"run": cmd_run, "worker": cmd_worker}[args.command](args)
+
+
+def cmd_worker(args) -> int:
+    from . import config
+    from .protocol import auth
+    from .worker.main import main as worker_main
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="vinehpc worker %(process)d: %(message)s")
+    if args.secret_file:
+        try:
+            secret = auth.read_secret(args.secret_file)
+        except (OSError, ValueError) as e:
+            print("vinehpc worker: cannot read the secret: %s" % e, file=sys.stderr)
+            return 2
+    else:
+        secret = config.secret()
+        if not secret:
+            print("vinehpc worker: no secret: pass --secret-file FILE (the manager writes it to its run directory, "
+                  "vine-run-info/<run>/secret) or set VINEHPC_SECRET", file=sys.stderr)
+            return 2
+    try:
+        return worker_main(args.address, secret, cores=args.cores, memory=args.memory, disk=args.disk,
+                           gpus=args.gpus, workdir=args.workdir, connect_timeout=args.connect_timeout,
+                           reconnect=not args.no_reconnect)
+    except ValueError as e:
+        print("vinehpc worker: %s" % e, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_run(args) -> int:
+    from launcher.local import LocalRun
+    from . import config
+    script = args.script
+    if not os.path.isfile(script):
+        print("vinehpc run: no such file: %s" % script, file=sys.stderr)
+        return 2
+    mode = args.progress or config.progress()
+    progress = mode == "always" or (mode == "auto" and sys.stderr.isatty())
+    workers = args.workers or len(os.sched_getaffinity(0))
+    return run_script(script, args.args, LocalRun(workers, args.cores_per_worker, progress=progress))
+
+
+def run_script(script: str, argv: list, ctx) -> int:
+    """Run `script` as __main__ inside the run context `ctx`; returns the exit status."""
+    import runpy
+    import signal
+    import traceback
+    from . import _context, task
+
+    script_dir = os.path.dirname(os.path.abspath(script))
+    task.pickle_by_value_under(script_dir)
+    prev = _context.set_current(ctx)
+    old_argv, old_path = sys.argv, list(sys.path)
+    sys.argv = [script] + list(argv)
+    sys.path.insert(0, script_dir)
+    old_term = signal.signal(signal.SIGTERM, _raise_sigterm)
+    code = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nvinehpc run: interrupted; stopping workers", file=sys.stderr)
+        code = 130
+    except BaseException:
+        traceback.print_exc()
+        print("vinehpc run: %s raised an exception (above); workers stopped" % script, file=sys.stderr)
+        code = 1
+    finally:
+        try:
+            ctx.shutdown()
+        finally:
+            signal.signal(signal.SIGTERM, old_term)
+            _context.set_current(prev)
+            sys.argv, sys.path[:] = old_argv, old_path
+    return code
+
+
+def _raise_sigterm(signum, frame):
+    raise SystemExit(143)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

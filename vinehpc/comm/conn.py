@@ -1,0 +1,120 @@
+"""A message connection over a non-blocking stream socket, driven by a selectors loop.
+
+Outgoing data is a queue of buffers and *streams* (iterators yielding encoded messages, used
+for file transfers): a stream is pulled only when the buffered bytes run low, so sending a
+large file never holds more than a few chunks in memory, and messages queued after a stream
+are delivered after it (TCP keeps the order), which is how a task arrives after its inputs.
+"""
+from __future__ import annotations
+
+import collections
+import socket
+
+from ..protocol import wire
+
+IOV_MAX = 512
+
+
+class Closed(Exception):
+    """The peer closed the connection (or it broke)."""
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, *, preauth: bool = True):
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # unix socketpair in tests
+        self.sock = sock
+        self.dec = wire.Decoder(max_ctl=wire.PREAUTH_MAX_CTL, allow_frames=False) if preauth else wire.Decoder()
+        self.out = collections.deque()
+        self.buffered = 0
+        self.closed = False
+        self.peer = _peer(sock)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def authenticated(self) -> None:
+        self.dec.set_limits(max_ctl=wire.MAX_CTL, max_frame=wire.MAX_FRAME, allow_frames=True)
+
+    # ---- sending -------------------------------------------------------------------
+    def send(self, name: str, ctl: dict | None = None, frames=()) -> None:
+        for b in wire.encode(name, ctl, frames):
+            self.out.append(b)
+            self.buffered += len(b)
+
+    def send_stream(self, it) -> None:
+        """Queue an iterator of encoded messages (lists of buffers), pulled lazily."""
+        self.out.append(it)
+
+    def wants_write(self) -> bool:
+        return bool(self.out)
+
+    def flush(self) -> bool:
+        """Write what the socket takes now. Returns True when everything queued is sent."""
+        out = self.out
+        while out:
+            head = out[0]
+            if not isinstance(head, (bytes, bytearray, memoryview)):
+                # a stream at the head: everything before it is on the wire, pull one chunk
+                try:
+                    chunk = next(head)
+                except StopIteration:
+                    out.popleft()
+                    continue
+                for b in reversed(chunk):
+                    out.appendleft(b)
+                    self.buffered += len(b)
+                continue
+            bufs = []
+            for b in out:
+                if not isinstance(b, (bytes, bytearray, memoryview)) or len(bufs) >= IOV_MAX:
+                    break
+                bufs.append(b)
+            try:
+                n = self.sock.sendmsg(bufs)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as e:
+                raise Closed(str(e)) from None
+            self.buffered -= n
+            while n:
+                b = out[0]
+                if n >= len(b):
+                    n -= len(b)
+                    out.popleft()
+                else:
+                    out[0] = memoryview(b)[n:]
+                    n = 0
+        return True
+
+    # ---- receiving -----------------------------------------------------------------
+    def read(self) -> list:
+        """Read what is available; return the complete messages. Raises Closed on EOF."""
+        try:
+            data = self.sock.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError as e:
+            raise Closed(str(e)) from None
+        if not data:
+            raise Closed("connection closed by peer")
+        return self.dec.feed(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+
+def _peer(sock):
+    try:
+        p = sock.getpeername()
+        return "%s:%s" % (p[0], p[1]) if isinstance(p, tuple) else str(p)
+    except OSError:
+        return "?"

@@ -1,0 +1,39 @@
+"""Every VINEHPC_* environment variable is read here, and only here."""
+from __future__ import annotations
+
+import os
+
+
+def _float(name: str, default: float) -> float:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return float(v)
+    except ValueError:
+        raise ValueError("%s must be a number of seconds, got %r" % (name, v)) from None
+
+
+def secret() -> str | None:
+    """VINEHPC_SECRET: the run's secret, for workers started by a launcher."""
+    return os.environ.get("VINEHPC_SECRET") or None
+
+
+def run_dir_root() -> str:
+    """VINEHPC_RUN_DIR: where run directories go (default ./vine-run-info)."""
+    return os.environ.get("VINEHPC_RUN_DIR") or os.path.join(os.getcwd(), "vine-run-info")
+
+
+def keepalive_interval() -> float:
+    """VINEHPC_KEEPALIVE_INTERVAL: seconds of silence before a ping (default 5)."""
+    return _float("VINEHPC_KEEPALIVE_INTERVAL", 5.0)
+
+
+def keepalive_timeout() -> float:
+    """VINEHPC_KEEPALIVE_TIMEOUT: seconds of silence after which a peer is lost (default 30)."""
+    return _float("VINEHPC_KEEPALIVE_TIMEOUT", 30.0)
+
+
+def progress() -> str:
+    """VINEHPC_PROGRESS: 'auto' (a terminal), 'always' or 'never'."""
+    return os.environ.get("VINEHPC_PROGRESS", "auto")

@@ -1,0 +1,400 @@
+"""Manager core: tasks, workers and file replicas as a state machine.
+
+Events are method calls (submit, worker_joined, task_done, worker_lost, ...) with the time
+passed in; the commands that result are appended to `self.cmds` as tuples for the server
+to carry out:
+
+    ("fn", wid, fid, bytes)        send a function to a worker (once per worker)
+    ("put", wid, file, cachename)  send a manager-side file/buffer/temp copy to a worker
+    ("task", wid, task)            send a task (after its inputs, on the same connection)
+    ("kill", wid, tid)             stop a task on a worker
+    ("get", wid, cachename)        fetch a temp from a worker to the manager
+    ("done", task)                 hand a finished task to the user
+    ("log", dict)                  one journal record
+"""
+from __future__ import annotations
+
+import collections
+
+from ..scheduler import make as make_policy
+
+SCAN_LIMIT = 256          # tasks looked at per scheduling pass (keeps a pass O(workers))
+PREFETCH_FACTOR = 2       # a worker may hold this many times its cores of *short* tasks
+SHORT_TASK = 0.05         # seconds: a category this fast is prefetched
+SHORT_SAMPLES = 4
+
+RES = ("cores", "memory", "disk", "gpus")
+
+
+class WorkerState:
+    __slots__ = ("wid", "host", "total", "committed", "tasks", "cached", "fns", "joined",
+                 "outstanding", "info", "warned")
+
+    def __init__(self, wid, info, now):
+        self.wid = wid
+        self.info = info
+        self.host = info.get("host", "?")
+        self.total = {k: int(info.get(k) or 0) for k in RES}
+        self.committed = dict.fromkeys(RES, 0)
+        self.tasks = set()
+        self.cached = set(info.get("cached") or ())
+        self.fns = set()
+        self.joined = now
+        self.outstanding = 0
+        self.warned = False
+
+    def __repr__(self):
+        return "<worker %s %s %s>" % (self.wid, self.host, self.total)
+
+
+def task_resources(task) -> dict:
+    r = task.resources
+    return {"cores": r["cores"] or 1, "memory": r["memory"] or 0, "disk": r["disk"] or 0, "gpus": r["gpus"] or 0}
+
+
+class Core:
+    def __init__(self, *, policy="files", names=None):
+        """`names(file) -> (cachename, size)` resolves a manager-side file's content name."""
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.names = names or (lambda f: (f.cachename(), f.size()))
+        self.cmds = []
+        self.tasks = {}                    # tid -> Task, submitted and not yet handed back
+        self.ready = collections.deque()   # tids whose inputs are available
+        self.workers = {}                  # wid -> WorkerState
+        self.waiters = collections.defaultdict(list)      # file key -> tids waiting for it
+        self.producing = collections.defaultdict(set)     # file key -> tids that will write it
+        self.replicas = collections.defaultdict(set)      # temp cachename -> wids holding it
+        self.manager_copy = {}             # temp cachename -> local path (fetched)
+        self.fetching = set()              # temp cachenames being fetched to the manager
+        self.producer_of = {}              # temp cachename -> producing Task (to recreate it)
+        self.cat = collections.defaultdict(lambda: [0, 0.0])   # category -> [n, ema wall]
+        self.unproduced = {}               # temp cachename -> why its producer failed
+        self.counts = collections.Counter()
+        self.n_running = 0
+        self._recovery_ids = -1
+
+    # ------------------------------------------------------------------ helpers
+    def _log(self, event, **kw):
+        kw["event"] = event
+        self.cmds.append(("log", kw))
+
+    @staticmethod
+    def _key(f):
+        return f.cachename() if f.kind == "temp" else f.id
+
+    def _available(self, f) -> bool:
+        if f.kind in ("buffer", "url"):
+            return True
+        if self.producing.get(self._key(f)):
+            return False
+        if f.kind == "temp":
+            n = f.cachename()
+            return bool(self.replicas.get(n)) or n in self.manager_copy
+        return True
+
+    def stats(self) -> dict:
+        running = self.n_running
+        return {"waiting": len(self.tasks) - running, "running": running,
+                "workers": len(self.workers), "done": self.counts["done"],
+                "failed": self.counts["failed"], "submitted": self.counts["submitted"]}
+
+    # ------------------------------------------------------------------ events
+    def submit(self, task, now):
+        self.tasks[task.id] = task
+        task._res = task_resources(task)
+        task._wid = None
+        task._tries = 0
+        task._submit_time = now
+        self.counts["submitted"] += 1
+        for f, _ in task.outputs:
+            self.producing[self._key(f)].add(task.id)
+            if f.kind == "temp":
+                self.producer_of[f.cachename()] = task
+        self._log("submitted", task=task.id, kind=type(task).__name__, category=task.category,
+                  tag=task.tag, resources=task._res)
+        self._make_ready_or_wait(task)
+
+    def _make_ready_or_wait(self, task, front=False):
+        for f, _ in task.inputs:
+            if not self._available(f):
+                k = self._key(f)
+                if f.kind == "temp" and not self.producing.get(k):
+                    if k in self.unproduced:
+                        self._finish(task, "input missing", "temp file %s was not produced: %s" % (k, self.unproduced[k]))
+                        return
+                    if not self._recreate(f):
+                        self._finish(task, "input missing", "temp file %s is lost and its producer is unknown" % k)
+                        return
+                task.state = "waiting"
+                self.waiters[k].append(task.id)
+                return
+        task.state = "ready"
+        if front:
+            self.ready.appendleft(task.id)
+        else:
+            self.ready.append(task.id)
+
+    def _recreate(self, f) -> bool:
+        """A temp was lost with its worker(s): run its producer again (not shown to the user)."""
+        prod = self.producer_of.get(f.cachename())
+        if prod is None:
+            return False
+        import copy
+        clone = copy.copy(prod)
+        clone.id = self._recovery_ids
+        self._recovery_ids -= 1
+        clone._recovery_of = prod.id
+        clone.outputs = [(g, r) for g, r in prod.outputs if g.kind == "temp"]
+        self._log("recreate", task=prod.id, as_task=clone.id, file=f.cachename())
+        self.submit(clone, 0.0)
+        return True
+
+    def cancel(self, tid, now=0.0):
+        task = self.tasks.get(tid)
+        if task is None:
+            return False
+        if task.state == "running":
+            self.cmds.append(("kill", task._wid, tid))
+            self._release(task)
+        self._finish(task, "cancelled", "cancelled by the user")
+        return True
+
+    def worker_joined(self, wid, info, now):
+        w = self.workers[wid] = WorkerState(wid, info, now)
+        for n in w.cached:
+            if n.startswith("temp-"):
+                self.replicas[n].add(wid)
+        self._log("worker joined", worker=wid, host=w.host, resources=w.total, pid=info.get("pid"),
+                  cached=len(w.cached))
+        return w
+
+    def worker_lost(self, wid, reason, now):
+        w = self.workers.pop(wid, None)
+        if w is None:
+            return
+        self._log("worker lost", worker=wid, host=w.host, reason=reason, tasks=sorted(w.tasks))
+        for n in w.cached:
+            s = self.replicas.get(n)
+            if s is not None:
+                s.discard(wid)
+                if not s:
+                    del self.replicas[n]
+        requeue = [self.tasks[t] for t in sorted(w.tasks) if t in self.tasks]
+        self.n_running -= len(requeue)
+        for task in reversed(requeue):   # keep their order at the front of the queue
+            task._wid = None
+            task.state = "ready"
+            self._log("requeued", task=task.id, reason="worker %s lost: %s" % (wid, reason))
+            self.ready.appendleft(task.id)
+        w.tasks.clear()
+
+    def file_cached(self, wid, cachename, size=0):
+        """A worker reports it holds `cachename` (URL fetched, temp made)."""
+        w = self.workers.get(wid)
+        if w is not None:
+            w.cached.add(cachename)
+
+    def file_fetched(self, cachename, path):
+        """A temp arrived at the manager (after a `get`): it is now available everywhere."""
+        self.fetching.discard(cachename)
+        self.manager_copy[cachename] = path
+        self._wake(cachename)
+
+    def fetch_failed(self, cachename):
+        self.fetching.discard(cachename)
+
+    def task_done(self, wid, tid, res, now):
+        """A worker returned task `tid`: res = {status, exit_code, reason, wall, stdout, temps...}."""
+        task = self.tasks.get(tid)
+        if task is None or task._wid != wid or task.state != "running":
+            self._log("stale result", task=tid, worker=wid)
+            return None
+        w = self.workers.get(wid)
+        self._release(task)
+        task.hostname = w.host if w else None
+        task.worker = wid
+        task.exit_code = res.get("exit_code")
+        task.std_output = res.get("stdout")
+        task.wall_time = res.get("wall")
+        task.resources_measured = res.get("measured")
+        if w is not None:
+            for n in res.get("temps") or ():
+                w.cached.add(n)
+                self.replicas[n].add(wid)
+        status = res.get("status", "failed")
+        if status == "success":
+            c = self.cat[task.category]
+            c[0] += 1
+            wall = float(task.wall_time or 0.0)
+            c[1] = wall if c[0] == 1 else 0.8 * c[1] + 0.2 * wall
+            ok = task.exit_code in (0, None)
+            self._finish(task, "success", res.get("reason"), ok=ok)
+            return task
+        if task._tries < task.retries:
+            task._tries += 1
+            self._log("retry", task=tid, worker=wid, result=status, reason=res.get("reason"),
+                      attempt=task._tries, of=task.retries)
+            task._wid = None
+            task.state = "ready"
+            self.ready.append(tid)
+            return None
+        self._finish(task, status, res.get("reason"), ok=False)
+        return task
+
+    # ------------------------------------------------------------------ internals
+    def _finish(self, task, result, reason, ok=None):
+        task.result = result
+        task.reason = reason
+        task.state = "done"
+        self.tasks.pop(task.id, None)
+        ok = (result == "success") if ok is None else ok
+        self.counts["done" if ok else "failed"] += 1
+        self._log("done" if ok else "failed", task=task.id, worker=task._wid, result=result,
+                  exit_code=task.exit_code, reason=reason, wall=task.wall_time, attempts=task.attempts)
+        for f, _ in task.outputs:
+            k = self._key(f)
+            if not ok and f.kind == "temp":
+                self.unproduced[k] = "task %s: %s" % (getattr(task, "_recovery_of", task.id), reason or result)
+            s = self.producing.get(k)
+            if s is not None:
+                s.discard(task.id)
+                if not s:
+                    del self.producing[k]
+                    self._wake(k)
+        if task.id >= 0:
+            self.cmds.append(("done", task))
+
+    def _wake(self, key):
+        for tid in self.waiters.pop(key, ()):
+            t = self.tasks.get(tid)
+            if t is not None and t.state == "waiting":
+                self._make_ready_or_wait(t)
+
+    def _release(self, task):
+        w = self.workers.get(task._wid)
+        if w is None:
+            return
+        w.tasks.discard(task.id)
+        self.n_running -= 1
+        w.outstanding -= 1
+        for k in RES:
+            w.committed[k] -= task._res[k]
+
+    def _fits(self, w, task):
+        r = task._res
+        c = self.cat.get(task.category)
+        factor = PREFETCH_FACTOR if (c and c[0] >= SHORT_SAMPLES and c[1] < SHORT_TASK) else 1
+        tot, com = w.total, w.committed
+        for k in RES:
+            need = r[k]
+            if need and (need > tot[k] or com[k] + need > tot[k] * factor):
+                return False
+        return True
+
+    def _too_big(self, task):
+        r = task._res
+        return all(any(r[k] > w.total[k] for k in RES if r[k]) for w in self.workers.values())
+
+    # ------------------------------------------------------------------ scheduling
+    def schedule(self, now):
+        """Dispatch ready tasks to workers with room. Returns how many were dispatched."""
+        if not self.ready or not self.workers:
+            return 0
+        free = [w for w in self.workers.values() if w.committed["cores"] < w.total["cores"] * PREFETCH_FACTOR]
+        if not free:
+            return 0
+        n = 0
+        skipped = []
+        scanned = 0
+        while self.ready and free and scanned < SCAN_LIMIT:
+            tid = self.ready.popleft()
+            task = self.tasks.get(tid)
+            if task is None or task.state != "ready":
+                continue
+            scanned += 1
+            cands = [w for w in free if self._fits(w, task)]
+            holders = self._temp_holders(task)
+            if holders is not None:
+                near = [w for w in cands if w.wid in holders]
+                if not near and cands:
+                    self._fetch_temps(task)
+                cands = near
+            if not cands:
+                skipped.append(tid)
+                if self.workers and self._too_big(task) and not getattr(task, "_warned", False):
+                    task._warned = True
+                    self._log("warning", task=tid, reason="no connected worker is large enough for %s" % task._res)
+                continue
+            if not self._resolve(task):
+                continue
+            w = self.policy.choose(task, cands)
+            self._dispatch(task, w, now)
+            n += 1
+            if w.committed["cores"] >= w.total["cores"] * PREFETCH_FACTOR:
+                free.remove(w)
+        if skipped:
+            self.ready.extendleft(reversed(skipped))
+        return n
+
+    def _temp_holders(self, task):
+        """Workers that hold every temp input without a manager copy (None: no constraint)."""
+        holders = None
+        for f, _ in task.inputs:
+            if f.kind == "temp":
+                n = f.cachename()
+                if n in self.manager_copy:
+                    continue
+                s = self.replicas.get(n, set())
+                holders = set(s) if holders is None else holders & s
+        return holders
+
+    def _fetch_temps(self, task):
+        for f, _ in task.inputs:
+            if f.kind == "temp":
+                n = f.cachename()
+                if n in self.manager_copy or n in self.fetching or not self.replicas.get(n):
+                    continue
+                self.fetching.add(n)
+                src = next(iter(self.replicas[n]))
+                self.cmds.append(("get", src, n))
+                self._log("fetch temp", file=n, worker=src, task=task.id)
+
+    def _resolve(self, task) -> bool:
+        """Content names of the inputs, taken now: a file made by an earlier task exists only now."""
+        names = []
+        for f, _ in task.inputs:
+            if f.kind == "file":
+                try:
+                    n, size = self.names(f)
+                except OSError as e:
+                    self._finish(task, "input missing", "input file %r cannot be read: %s" % (f.source, e))
+                    return False
+            else:
+                n, size = f.cachename(), f.size() if f.kind == "buffer" else 0
+            names.append((n, size, f.kind == "temp"))
+        task._input_names = names
+        return True
+
+    def _dispatch(self, task, w, now):
+        for (f, remote), (n, size, _) in zip(task.inputs, task._input_names):
+            if n not in w.cached:
+                if f.kind == "url":
+                    pass   # the worker fetches it
+                else:
+                    self.cmds.append(("put", w.wid, f, n))
+                if f.cache != "task":
+                    w.cached.add(n)
+        fid = getattr(task, "_fid", None)
+        if fid is not None and fid not in w.fns:
+            w.fns.add(fid)
+            self.cmds.append(("fn", w.wid, fid, task._fbytes))
+        task._wid = w.wid
+        task.state = "running"
+        task.attempts += 1
+        w.tasks.add(task.id)
+        self.n_running += 1
+        w.outstanding += 1
+        for k in RES:
+            w.committed[k] += task._res[k]
+        self.cmds.append(("task", w.wid, task))
+        self._log("dispatched", task=task.id, worker=w.wid, host=w.host, attempt=task.attempts)

@@ -1,0 +1,269 @@
+"""Manager: declare files, submit tasks, wait for them (TaskVine's nouns and verbs)."""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+
+from . import _context, config
+from .core import Core
+from .file import URL, Buffer, File, Temp, url_validators
+from .journal import Journal
+from .protocol import auth
+from .server import Server
+from .task import PythonTask, Task
+
+log = logging.getLogger("vinehpc.manager")
+_run_seq = itertools.count()
+
+
+def _new_run_dir(root: str) -> str:
+    stamp = time.strftime("%Y-%m-%dT%H%M%S")
+    while True:
+        d = os.path.join(root, "%s-%d-%d" % (stamp, os.getpid(), next(_run_seq)))
+        try:
+            os.makedirs(d)
+            return d
+        except FileExistsError:
+            continue
+
+
+class Manager:
+    """Runs tasks on workers that connect to it over TCP.
+
+    Under `vinehpc run` (or `vinehpc pilot`) a Manager() gets that run's workers with no
+    configuration.  Alone, it listens on `port` (0: any free port) and waits for workers
+    started with `vinehpc worker HOST:PORT --secret-file FILE` (the command is logged and
+    written to the run directory), or starts `local_workers` processes itself.
+
+    Keyword arguments: host (address to bind, default all interfaces, or loopback for local
+    runs), secret (default: VINEHPC_SECRET or a fresh one), run_dir (default
+    ./vine-run-info/<time>), local_workers, cores_per_worker, scheduler ("files" or "fcfs").
+    """
+
+    def __init__(self, port: int | None = None, *, host: str | None = None, secret: str | None = None,
+                 run_dir: str | None = None, local_workers: int | None = None,
+                 cores_per_worker: int | None = None, scheduler: str = "files",
+                 keepalive_interval: float | None = None, keepalive_timeout: float | None = None):
+        ctx = _context.current()
+        opts = ctx.manager_options() if ctx is not None and port is None and local_workers is None else {}
+        self._ctx = ctx if opts else None
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
+            raise ValueError("port must be an integer between 0 and 65535, got %r" % (port,))
+        if local_workers is not None and (isinstance(local_workers, bool) or not isinstance(local_workers, int)
+                                          or local_workers < 0):
+            raise ValueError("local_workers must be a non-negative integer, got %r" % (local_workers,))
+        self.secret = secret or opts.get("secret") or config.secret() or auth.new_secret()
+        if host is None:
+            host = opts.get("host") or ("127.0.0.1" if local_workers else "0.0.0.0")
+        self.run_dir = os.path.abspath(run_dir) if run_dir else _new_run_dir(opts.get("run_dir") or config.run_dir_root())
+        os.makedirs(self.run_dir, exist_ok=True)
+        staging = os.path.join(self.run_dir, "staging")
+        os.makedirs(staging, exist_ok=True)
+        self.journal = Journal(os.path.join(self.run_dir, "transactions.jsonl"))
+        self.core = Core(policy=scheduler)
+        ka_i = keepalive_interval or config.keepalive_interval()
+        ka_t = keepalive_timeout or config.keepalive_timeout()
+        try:
+            self._server = Server(self.core, host=host, port=port or 0, secret=self.secret, journal=self.journal,
+                                  staging=staging, keepalive_interval=ka_i, keepalive_timeout=ka_t)
+        except OSError as e:
+            raise OSError(e.errno, "cannot listen on %s:%s: %s (choose another port, or 0 for any)"
+                          % (host, port, e.strerror)) from None
+        self.port = self._server.port
+        self.host = host
+        contact = host if host not in ("0.0.0.0", "::", "") else socket.gethostname()
+        self.address = "%s:%d" % (contact, self.port)
+        self.secret_file = os.path.join(self.run_dir, "secret")
+        auth.write_secret(self.secret_file, self.secret)
+        self.journal.write({"event": "manager started", "address": self.address, "pid": os.getpid(),
+                            "python": sys.version.split()[0]})
+        self._submitted = self._returned = 0
+        self._closed = False
+        self._local = None
+        self._server.start()
+        if self._ctx is not None:
+            self._ctx.manager_started(self)
+        elif local_workers:
+            from launcher.local import LocalWorkers   # lazily: vinehpc never imports launcher up front
+            self._local = LocalWorkers(local_workers, cores=cores_per_worker or 1)
+            self._local.start("127.0.0.1:%d" % self.port, self.secret)
+        elif not opts:
+            log.warning("vinehpc manager listening on %s; add workers with: vinehpc worker %s --secret-file %s",
+                        self.address, self.address, self.secret_file)
+
+    def __repr__(self):
+        return "<vinehpc.Manager %s %s>" % (self.address, self.run_dir)
+
+    # ---------------------------------------------------------------- files
+    def declare_file(self, path, cache=False) -> File:
+        """A file or directory on the manager's side, as an input or an output of tasks.
+
+        cache: False/"task" (removed from the worker after the task), True/"workflow" (kept
+        for this manager's life), "worker" (kept on the worker after the manager ends).
+        """
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            raise TypeError("declare_file needs a path, got %r" % (path,))
+        return File(os.path.abspath(os.fspath(path)), cache)
+
+    def declare_buffer(self, data, cache=False) -> File:
+        """Bytes from memory, written to a file in the task's sandbox."""
+        if isinstance(data, str):
+            data = data.encode()
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError("declare_buffer needs bytes or str, got %s" % type(data).__name__)
+        return Buffer(data, cache)
+
+    def declare_temp(self) -> File:
+        """A file produced by one task and consumed by later ones; it stays on the worker."""
+        return Temp()
+
+    def declare_url(self, url: str, cache=False) -> File:
+        """Fetched by the worker itself (http, https, file)."""
+        if not isinstance(url, str) or not url.split(":", 1)[0] in ("http", "https", "file"):
+            raise ValueError("declare_url needs an http://, https:// or file:// URL, got %r" % (url,))
+        return URL(url, cache, url_validators(url))
+
+    # ---------------------------------------------------------------- tasks
+    def submit(self, task: Task) -> int:
+        """Queue a task; returns its id. Errors in the task (bad pickles, missing inputs) raise here."""
+        self._check_open()
+        if not isinstance(task, Task):
+            raise TypeError("submit needs a Task or PythonTask, got %r" % (task,))
+        if task.state != "new":
+            raise ValueError("task %s was already submitted; create a new Task to run it again" % task.id)
+        task._check()
+        for f, remote in task.inputs:
+            if f.kind == "file" and f.producer is None and not f.exists():
+                raise FileNotFoundError("input %r of the task does not exist (it would be %r in the sandbox)"
+                                        % (f.source, remote))
+        task.id = self._next_id()
+        for f, _ in task.outputs:
+            f.producer = task.id
+        task.state = "submitted"
+        self._server.post("submit", task)
+        return task.id
+
+    _ids = itertools.count(1)
+    _ids_lock = threading.Lock()
+
+    def _next_id(self):
+        with self._ids_lock:
+            self._submitted += 1
+            return next(self._ids)
+
+    @property
+    def _outstanding(self):
+        return self._submitted - self._returned
+
+    def wait(self, timeout: float | None = 5) -> Task | None:
+        """The next finished task, or None if none finished within `timeout` seconds (None: forever)."""
+        srv = self._server
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with srv.cond:
+            while not srv.done:
+                if srv.error is not None:
+                    raise RuntimeError("the manager's I/O thread failed: %r" % (srv.error,)) from srv.error
+                if self._outstanding == 0 or self._closed:
+                    return None
+                if deadline is None:
+                    srv.cond.wait(1.0)
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    srv.cond.wait(left)
+            task = srv.done.popleft()
+            self._returned += 1
+        return task
+
+    def empty(self) -> bool:
+        """True when every submitted task has been returned by wait()."""
+        return self._outstanding == 0
+
+    def cancel(self, task) -> None:
+        """Cancel a task (or task id): it comes back from wait() with result 'cancelled'."""
+        tid = task.id if isinstance(task, Task) else task
+        self._server.post("cancel", tid)
+
+    def _call(self, fn, timeout=10.0):
+        """Run fn() on the I/O thread (consistent view of the core) and return its value."""
+        if self._server.stopped.is_set():
+            return fn()
+        box, ev = [], threading.Event()
+        self._server.post("call", fn, box, ev)
+        if not ev.wait(timeout):
+            raise TimeoutError("the manager's I/O thread did not answer within %s s" % timeout)
+        return box[0]
+
+    @property
+    def stats(self) -> dict:
+        """Counts: submitted, waiting, running, done, failed, workers."""
+        return self._call(self.core.stats)
+
+    def workers(self) -> list:
+        """One dict per connected worker: id, host, resources, running tasks, cached files."""
+        def snap():
+            return [{"id": w.wid, "host": w.host, "resources": dict(w.total), "running": len(w.tasks),
+                     "cached": len(w.cached)} for w in self.core.workers.values()]
+        return self._call(snap)
+
+    def wait_for_workers(self, n: int, timeout: float = 60.0) -> int:
+        """Block until `n` workers are connected; returns how many are. Raises TimeoutError."""
+        deadline = time.monotonic() + timeout
+        while True:
+            k = len(self.core.workers)
+            if k >= n:
+                return k
+            if time.monotonic() > deadline:
+                raise TimeoutError("%d of %d workers connected after %.0f s (see %s)" % (k, n, timeout, self.run_dir))
+            time.sleep(0.02)
+
+    @property
+    def manager_cpu_seconds(self) -> float:
+        """CPU time the I/O thread used so far (complete after close())."""
+        return self._server.cpu if self._server.stopped.is_set() else self._call(lambda: time.thread_time())
+
+    # ---------------------------------------------------------------- life cycle
+    def _check_open(self):
+        if self._closed:
+            raise RuntimeError("this manager is closed; create a new Manager")
+        if self._server.error is not None:
+            raise RuntimeError("the manager's I/O thread failed: %r" % (self._server.error,))
+
+    def close(self, reason: str = "manager closed") -> None:
+        """Tell the workers to exit, stop the I/O thread, and stop any local workers."""
+        if self._closed:
+            return
+        self._closed = True
+        self._server.post("stop", reason)
+        self._server.stopped.wait(15)
+        with self._server.cond:
+            self._server.cond.notify_all()
+        self.journal.write({"event": "manager stopped", "reason": reason,
+                            "io_cpu_seconds": round(self._server.cpu, 3)})
+        self.journal.close()
+        if self._local is not None:
+            self._local.stop()
+        if self._ctx is not None:
+            self._ctx.manager_closed(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            if not self._closed:
+                self.close("manager garbage-collected")
+        except Exception:
+            pass
+
+
+__all__ = ["Manager", "Task", "PythonTask"]

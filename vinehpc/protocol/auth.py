@@ -1,0 +1,57 @@
+"""Mutual HMAC challenge-response on the run's secret.
+
+    manager -> worker   hello   {v, nonce_m, role: "manager"}
+    worker  -> manager  auth    {v, nonce_w, mac: H(secret, "worker"  | nonce_m | nonce_w)}
+    manager -> worker   welcome {mac: H(secret, "manager" | nonce_w | nonce_m), wid, ...}
+
+Both sides prove knowledge of the secret, so a worker never runs pickles from a fake manager
+and a manager never unpickles results from a stranger.  Nonces are fresh per connection,
+so a recorded exchange cannot be replayed.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets as _secrets
+
+NONCE_BYTES = 32
+
+
+def new_secret() -> str:
+    """A fresh per-run secret (URL-safe text, 256 bits)."""
+    return _secrets.token_urlsafe(32)
+
+
+def nonce() -> str:
+    return os.urandom(NONCE_BYTES).hex()
+
+
+def mac(secret: str, role: str, mine: str, theirs: str) -> str:
+    msg = ("%s|%s|%s" % (role, mine, theirs)).encode()
+    return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
+
+
+def check(secret: str, role: str, mine: str, theirs: str, got) -> bool:
+    if not isinstance(got, str):
+        return False
+    return hmac.compare_digest(mac(secret, role, mine, theirs), got)
+
+
+def read_secret(path: str) -> str:
+    """Read a secret file, refusing one that other users can read."""
+    st = os.stat(path)
+    if st.st_mode & 0o077:
+        raise PermissionError("secret file %s is readable by others (mode %o): chmod 600 %s"
+                              % (path, st.st_mode & 0o777, path))
+    with open(path) as f:
+        s = f.read().strip()
+    if not s:
+        raise ValueError("secret file %s is empty" % path)
+    return s
+
+
+def write_secret(path: str, secret: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")

@@ -1,0 +1,23 @@
+"""Prefer the worker that already holds the most bytes of the task's inputs (the default).
+
+Ties go to the least loaded worker, so with no cached inputs this is FCFS spreading work.
+A temp input counts double: moving it costs a fetch through the manager.
+"""
+
+
+class PreferCachedFiles:
+    name = "files"
+
+    def choose(self, task, candidates):
+        inputs = task._input_names
+        best, best_key = None, None
+        for w in candidates:
+            cached = 0
+            if inputs:
+                for name, size, is_temp in inputs:
+                    if name in w.cached:
+                        cached += (2 * size + 1) if is_temp else (size + 1)
+            key = (cached, -w.outstanding)
+            if best is None or key > best_key:
+                best, best_key = w, key
+        return best

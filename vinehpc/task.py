@@ -1,0 +1,296 @@
+"""Tasks: command lines (Task) and Python calls (PythonTask), in TaskVine's nouns and verbs."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import sys
+import weakref
+
+import cloudpickle
+
+from .file import File
+
+
+class TaskError(Exception):
+    """A PythonTask did not produce a value (it raised, or the task failed)."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised on a worker, attached as __cause__."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self):
+        return self.tb
+
+
+def check_remote_name(name) -> str:
+    """A remote name must stay inside the task's sandbox."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("remote name must be a non-empty string, got %r" % (name,))
+    if "\0" in name:
+        raise ValueError("remote name %r contains a NUL byte" % name)
+    if name.startswith("/"):
+        raise ValueError("remote name %r is absolute: use a path relative to the task sandbox" % name)
+    parts = name.split("/")
+    if any(p in ("..", "") for p in parts[:-1]) or parts[-1] in ("..", "", "."):
+        raise ValueError("remote name %r leaves or names the sandbox itself: use a plain relative path "
+                         "without '..' or empty components" % name)
+    return name
+
+
+def _positive(name, v, *, allow_zero=False):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError("%s must be a positive number, got %r" % (name, v))
+    return v
+
+
+class Task:
+    """A command line run by /bin/sh in its own sandbox directory on a worker.
+
+    Inputs are linked into the sandbox under their remote names; outputs are collected from
+    it when the command ends.  Results: successful(), exit_code, std_output (stdout and
+    stderr merged, last MiB), result (a word: "success", "failed", "missing output", ...),
+    reason (a sentence), hostname, worker, attempts.
+    """
+
+    def __init__(self, command: str | None = None):
+        if command is not None and not isinstance(command, str):
+            raise TypeError("command must be a string, got %r" % (command,))
+        self.command = command
+        self.id = None
+        self.inputs = []        # (File, remote_name)
+        self.outputs = []       # (File, remote_name)
+        self.env = {}
+        self.resources = {"cores": None, "memory": None, "disk": None, "gpus": None}
+        self.time_max = None
+        self.retries = 0
+        self.tag = None
+        self.category = "default"
+        # filled when the task comes back
+        self.state = "new"
+        self.result = None
+        self.reason = None
+        self.exit_code = None
+        self.std_output = None
+        self.hostname = None
+        self.worker = None
+        self.attempts = 0
+        self.wall_time = None
+        self.resources_measured = None
+        self._submit_time = None
+        self._abytes = None
+
+    def __repr__(self):
+        return "<%s %s %s>" % (type(self).__name__, self.id, self.state)
+
+    # -- building ------------------------------------------------------------------
+    def add_input(self, file: File, remote_name: str) -> "Task":
+        """Link `file` into the sandbox as `remote_name` before the task runs."""
+        if not isinstance(file, File):
+            raise TypeError("add_input needs a file from Manager.declare_*(), got %r" % (file,))
+        check_remote_name(remote_name)
+        if file.kind in ("file",) and file.producer is None and not file.exists():
+            raise FileNotFoundError("input file %r does not exist: create it before submitting, or make it "
+                                    "the output of a task added earlier" % file.source)
+        self.inputs.append((file, remote_name))
+        return self
+
+    def add_output(self, file: File, remote_name: str) -> "Task":
+        """Collect `remote_name` from the sandbox into `file` when the task ends."""
+        if not isinstance(file, File):
+            raise TypeError("add_output needs a file from Manager.declare_file/temp(), got %r" % (file,))
+        if file.kind not in ("file", "temp"):
+            raise ValueError("outputs must be declare_file() or declare_temp() files, got a %s" % file.kind)
+        check_remote_name(remote_name)
+        self.outputs.append((file, remote_name))
+        return self
+
+    def set_env_var(self, name: str, value: str) -> "Task":
+        if not isinstance(name, str) or not name or "=" in name or "\0" in name:
+            raise ValueError("environment variable name must be a non-empty string without '=', got %r" % (name,))
+        self.env[name] = str(value)
+        return self
+
+    def set_cores(self, cores: int) -> "Task":
+        if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
+            raise ValueError("cores must be a positive integer, got %r" % (cores,))
+        self.resources["cores"] = cores
+        return self
+
+    def set_memory(self, mb: int) -> "Task":
+        """Memory in MB."""
+        self.resources["memory"] = int(_positive("memory (MB)", mb))
+        return self
+
+    def set_disk(self, mb: int) -> "Task":
+        """Sandbox disk in MB."""
+        self.resources["disk"] = int(_positive("disk (MB)", mb))
+        return self
+
+    def set_gpus(self, gpus: int) -> "Task":
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+            raise ValueError("gpus must be a non-negative integer, got %r" % (gpus,))
+        self.resources["gpus"] = gpus
+        return self
+
+    def set_time_max(self, seconds: float) -> "Task":
+        """Wall-time limit: the task is killed and returned as 'max wall time' after it."""
+        self.time_max = float(_positive("time_max (seconds)", seconds))
+        return self
+
+    def set_retries(self, retries: int) -> "Task":
+        """How many times a failed task is tried again (a lost worker never counts)."""
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError("retries must be a non-negative integer, got %r" % (retries,))
+        self.retries = retries
+        return self
+
+    def set_tag(self, tag: str) -> "Task":
+        self.tag = str(tag)
+        return self
+
+    def set_category(self, category: str) -> "Task":
+        if not isinstance(category, str) or not category:
+            raise ValueError("category must be a non-empty string, got %r" % (category,))
+        self.category = category
+        return self
+
+    # -- results --------------------------------------------------------------------
+    def successful(self) -> bool:
+        return self.result == "success" and self.exit_code == 0
+
+    def completed(self) -> bool:
+        return self.state == "done"
+
+    # -- wire -----------------------------------------------------------------------
+    def _check(self):
+        if not self.command:
+            raise ValueError("task has no command: Task('your command line')")
+
+    def _spec(self) -> dict:
+        return {"cmd": self.command}
+
+
+_fn_cache = weakref.WeakKeyDictionary()
+_by_value_roots = []
+
+
+def pickle_by_value_under(directory: str) -> None:
+    """Pickle functions of modules under `directory` (the user's script dir) by value:
+    workers need not have the user's helper modules on their path."""
+    d = os.path.abspath(directory)
+    if d not in _by_value_roots:
+        _by_value_roots.append(d)
+
+
+def _register_by_value(fn) -> None:
+    if not _by_value_roots:
+        return
+    mod = sys.modules.get(getattr(fn, "__module__", None) or "")
+    f = getattr(mod, "__file__", None)
+    if mod is None or not f or mod.__name__ == "__main__":
+        return
+    f = os.path.abspath(f)
+    if any(f.startswith(r + os.sep) for r in _by_value_roots) and "site-packages" not in f:
+        try:
+            cloudpickle.register_pickle_by_value(mod)
+        except (ValueError, AttributeError):
+            pass
+
+
+def _dumps(obj, what: str) -> bytes:
+    try:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        pass
+    try:
+        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:
+        raise TypeError("cannot send %s to a worker: it cannot be pickled (%s: %s). Pass plain data, "
+                        "or create the object inside the function" % (what, type(e).__name__, e)) from e
+
+
+def function_bytes(fn) -> tuple:
+    """(fid, bytes) for a function, pickled by value once per function object."""
+    try:
+        hit = _fn_cache.get(fn)
+    except TypeError:
+        hit = None
+    if hit is not None:
+        return hit
+    _register_by_value(fn)
+    try:
+        data = cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:
+        raise TypeError("cannot send function %r to a worker: it cannot be pickled (%s: %s)"
+                        % (getattr(fn, "__qualname__", fn), type(e).__name__, e)) from e
+    hit = ("fn-" + hashlib.blake2b(data, digest_size=16).hexdigest(), data)
+    try:
+        _fn_cache[fn] = hit
+    except TypeError:
+        pass
+    return hit
+
+
+class PythonTask(Task):
+    """fn(*args, **kwargs) run in a long-lived Python interpreter on a worker.
+
+    The function is pickled by value (cloudpickle) once and sent once per worker; the
+    arguments are pickled at submit, so an unpicklable one is an error there.  After the
+    task returns, `output` is the value, or raises TaskError with the remote exception as
+    __cause__ (whose __cause__ is the remote traceback); `exception` gives it without raising.
+    """
+
+    def __init__(self, fn, *args, **kwargs):
+        if not callable(fn):
+            raise TypeError("PythonTask needs a callable, got %r" % (fn,))
+        super().__init__(None)
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self._fid = self._fbytes = self._abytes = None
+        self._result = None      # pickled (ok, value) from the worker
+        self._loaded = None
+
+    def _check(self):
+        self._fid, self._fbytes = function_bytes(self.fn)
+        self._abytes = _dumps((self.args, self.kwargs),
+                              "an argument of %s" % getattr(self.fn, "__qualname__", self.fn))
+
+    def _spec(self) -> dict:
+        return {"fid": self._fid}
+
+    def _load(self):
+        if self._loaded is None:
+            name = getattr(self.fn, "__qualname__", repr(self.fn))
+            if self._result is None:
+                err = TaskError("task %s (%s) failed: %s" % (self.id, name, self.reason or self.result))
+                self._loaded = (False, err)
+            else:
+                try:
+                    ok, value, tb = pickle.loads(self._result)
+                except Exception as e:
+                    ok, value, tb = False, TaskError("cannot unpickle the result of task %s: %s" % (self.id, e)), None
+                if not ok and tb:
+                    value.__cause__ = RemoteTraceback("\n[task %s on worker %s, host %s]\n%s"
+                                                      % (self.id, self.worker, self.hostname, tb))
+                self._loaded = (ok, value)
+        return self._loaded
+
+    @property
+    def output(self):
+        ok, value = self._load()
+        if ok:
+            return value
+        if isinstance(value, TaskError):
+            raise value
+        raise TaskError("task %s raised %s: %s" % (self.id, type(value).__name__, value)) from value
+
+    @property
+    def exception(self):
+        ok, value = self._load()
+        return None if ok else value

@@ -1,0 +1,558 @@
+"""The worker's main loop: one selectors loop over the manager connection, the task
+processes (pidfds), the Python interpreters (socketpairs) and a wake-up socket for URL
+fetches done on helper threads.
+
+A task's life here: received -> inputs present (URL fetched if needed) -> queued until
+cores/memory/disk/gpus fit -> running in its sandbox -> outputs collected -> result sent.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import logging
+import os
+import selectors
+import shutil
+import signal
+import socket
+import tempfile
+import time
+
+from ..comm import Closed, Connection
+from ..protocol import CHUNK, ProtocolError, auth, encode, wire
+from . import resources
+from .cache import Cache, check_cachename
+from .pypool import PyPool
+from .sandbox import Sandbox, SandboxError
+from .process import CommandProcess
+
+log = logging.getLogger("vinehpc.worker")
+RES = ("cores", "memory", "disk", "gpus")
+
+
+class ManagerGone(Exception):
+    pass
+
+
+class Run:
+    """One task on this worker."""
+    __slots__ = ("id", "spec", "args", "res", "state", "sandbox", "proc", "runner", "started", "deadline",
+                 "waiting_for", "killed")
+
+    def __init__(self, spec, args):
+        self.id = spec["id"]
+        self.spec = spec
+        self.args = args
+        r = spec.get("res") or {}
+        self.res = {k: int(r.get(k) or 0) for k in RES}
+        self.state = "new"
+        self.sandbox = self.proc = self.runner = None
+        self.started = None
+        self.deadline = None
+        self.waiting_for = set()
+        self.killed = None
+
+
+class Worker:
+    def __init__(self, address: str, secret: str, *, cores=None, memory=None, disk=None, gpus=None,
+                 workdir=None, connect_timeout=60.0, reconnect=True):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError("manager address must be HOST:PORT, got %r" % address)
+        self.addr = (host.strip("[]"), int(port))
+        self.secret = secret
+        self.own_workdir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="vinehpc-worker-")
+        os.makedirs(self.workdir, exist_ok=True)
+        self.total = resources.detect(self.workdir, cores=cores, memory=memory, disk=disk, gpus=gpus)
+        self.cache = Cache(os.path.join(self.workdir, "cache"))
+        self.sandboxes = os.path.join(self.workdir, "tasks")
+        os.makedirs(self.sandboxes, exist_ok=True)
+        self.connect_timeout = connect_timeout
+        self.reconnect = reconnect
+        self.sel = selectors.DefaultSelector()
+        self._wr, self._ww = socket.socketpair()
+        self._wr.setblocking(False)
+        self.sel.register(self._wr, selectors.EVENT_READ, ("wake", None))
+        self.pool = PyPool(self.sel, max_runners=max(1, self.total["cores"]), workdir=self.workdir)
+        self.fetcher = cf.ThreadPoolExecutor(4, thread_name_prefix="vinehpc-fetch")
+        self.fetched = collections.deque()
+        self.fetching = {}       # cachename -> [runs waiting]
+        self.fns = {}            # fid -> bytes
+        self.runs = {}           # tid -> Run
+        self.queue = collections.deque()
+        self.used = dict.fromkeys(RES, 0)
+        self.conn = None
+        self.exit_requested = False
+        self.ka = (5.0, 30.0)
+        self.hostname = socket.gethostname()
+
+    # ---------------------------------------------------------------- life
+    def run(self) -> int:
+        """Serve managers until told to exit or the manager is unreachable. Returns an exit code."""
+        try:
+            served = False
+            while not self.exit_requested:
+                sock = self._connect()
+                if sock is None:
+                    if served:
+                        log.info("manager %s:%d is gone; exiting", *self.addr)
+                        return 0
+                    log.error("could not reach the manager at %s:%d within %.0f s: check the address and that "
+                              "the manager is running", self.addr[0], self.addr[1], self.connect_timeout)
+                    return 1
+                try:
+                    self._handshake(sock)
+                except PermissionError as e:
+                    log.error("%s", e)
+                    return 2
+                except (OSError, ProtocolError, Closed) as e:
+                    log.warning("handshake with %s:%d failed: %s", self.addr[0], self.addr[1], e)
+                    sock.close()
+                    if not self.reconnect:
+                        return 1
+                    time.sleep(1.0)
+                    continue
+                served = True
+                try:
+                    self._serve()
+                except (ManagerGone, Closed, ProtocolError) as e:
+                    log.warning("lost the manager: %s", e)
+                finally:
+                    self._end_session()
+                if not self.reconnect:
+                    break
+            return 0
+        finally:
+            self.shutdown()
+
+    def _connect(self):
+        deadline = time.monotonic() + self.connect_timeout
+        delay = 0.05
+        while True:
+            try:
+                return socket.create_connection(self.addr, timeout=10)
+            except OSError:
+                if time.monotonic() + delay > deadline:
+                    return None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _handshake(self, sock):
+        sock.settimeout(15)
+        dec = wire.Decoder(max_ctl=wire.PREAUTH_MAX_CTL, allow_frames=False)
+
+        def expect(name):
+            while True:
+                for m in dec.feed(b""):
+                    if m[0] != name:
+                        raise ProtocolError("expected %s, got %s" % (name, m[0]))
+                    return m[1]
+                b = sock.recv(65536)
+                if not b:
+                    raise Closed("manager closed the connection during the handshake (wrong secret?)")
+                dec.buf += b
+
+        hello = expect("hello")
+        theirs = hello.get("nonce")
+        if not isinstance(theirs, str):
+            raise ProtocolError("hello without a nonce")
+        mine = auth.nonce()
+        sock.sendall(encode_b("auth", {"v": wire.VERSION, "nonce": mine, "mac": auth.mac(self.secret, "worker", theirs, mine)}))
+        welcome = expect("welcome")
+        if not auth.check(self.secret, "manager", mine, theirs, welcome.get("mac")):
+            raise PermissionError("the manager at %s:%d did not prove it knows the secret: refusing to run its tasks"
+                                  % self.addr)
+        self.wid = welcome.get("wid")
+        ka = welcome.get("keepalive") or self.ka
+        self.ka = (float(ka[0]), float(ka[1]))
+        conn = Connection(sock, preauth=False)
+        conn.dec.buf = dec.buf       # whatever followed the welcome
+        self.conn = conn
+        info = dict(self.total, host=self.hostname, pid=os.getpid(), cached=sorted(self.cache.entries),
+                    workdir=self.workdir, version=wire.VERSION)
+        conn.send("info", info)
+        self.sel.register(sock, selectors.EVENT_READ, ("manager", None))
+        self.last_recv = self.last_send = time.monotonic()
+
+    def _serve(self):
+        conn = self.conn
+        # messages that arrived with the welcome
+        for m in conn.dec.feed(b""):
+            self._message(*m)
+        while not self.exit_requested:
+            self._flush()
+            timeout = self._next_timer()
+            for key, ev in self.sel.select(timeout):
+                what, obj = key.data
+                if what == "manager":
+                    if ev & selectors.EVENT_READ:
+                        msgs = conn.read()
+                        self.last_recv = time.monotonic()
+                        for m in msgs:
+                            self._message(*m)
+                            if self.exit_requested:
+                                return
+                elif what == "proc":
+                    self._proc_exited(obj)
+                elif what == "runner":
+                    for tid, payload in self.pool.readable(obj):
+                        self._py_done(tid, payload)
+                elif what == "wake":
+                    try:
+                        self._wr.recv(4096)
+                    except BlockingIOError:
+                        pass
+                    self._fetches_done()
+            self._timers()
+
+    def _flush(self):
+        if self.conn is None or self.conn.closed:
+            return
+        done = self.conn.flush()
+        self.last_send = time.monotonic()
+        self.sel.modify(self.conn.sock, selectors.EVENT_READ if done else selectors.EVENT_READ | selectors.EVENT_WRITE,
+                        ("manager", None))
+
+    def _next_timer(self):
+        now = time.monotonic()
+        t = self.ka[0]
+        for r in self.runs.values():
+            if r.deadline is not None:
+                t = min(t, r.deadline - now)
+        return max(0.0, t)
+
+    def _timers(self):
+        now = time.monotonic()
+        for r in list(self.runs.values()):
+            if r.deadline is not None and now >= r.deadline and r.state == "running":
+                self._kill(r, "max wall time", "killed after %.1f s: the task's time limit" % r.spec["time_max"])
+        if now - self.last_recv > self.ka[1]:
+            raise ManagerGone("no message from the manager for %.0f s" % (now - self.last_recv))
+        if now - self.last_send > self.ka[0] and now - self.last_recv > self.ka[0]:
+            self.conn.send("ping")
+
+    def _end_session(self):
+        for r in list(self.runs.values()):
+            self._abort(r)
+        self.runs.clear()
+        self.queue.clear()
+        self.used = dict.fromkeys(RES, 0)
+        if self.conn is not None:
+            try:
+                self.sel.unregister(self.conn.sock)
+            except (KeyError, ValueError):
+                pass
+            self.conn.close()
+            self.conn = None
+        self.cache.end_of_workflow()
+        self.fns.clear()
+        self.pool.forget_functions()
+
+    def shutdown(self):
+        self.pool.close()
+        self.fetcher.shutdown(wait=False, cancel_futures=True)
+        if self.own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ---------------------------------------------------------------- messages from the manager
+    def _message(self, name, ctl, frames):
+        h = getattr(self, "_on_" + name, None)
+        if h is None:
+            raise ProtocolError("unexpected message %r from the manager" % name)
+        h(ctl, frames)
+
+    def _on_ping(self, ctl, frames):
+        self.conn.send("pong")
+
+    def _on_pong(self, ctl, frames):
+        pass
+
+    def _on_exit(self, ctl, frames):
+        self.exit_requested = True
+
+    def _on_fn(self, ctl, frames):
+        self.fns[ctl["fid"]] = frames[0]
+
+    def _on_put(self, ctl, frames):
+        n = ctl["cn"]
+        self.cache.put_chunk(n, frames[0] if frames else b"", bool(ctl.get("last")), ctl.get("kind", "file"),
+                             ctl.get("level", "workflow"))
+
+    def _on_unlink(self, ctl, frames):
+        self.cache.remove(ctl["cn"])
+
+    def _on_get(self, ctl, frames):
+        n = ctl["cn"]
+        try:
+            fh = open(self.cache.path(n), "rb")
+        except (OSError, ValueError) as e:
+            self.conn.send("error", {"cn": n, "reason": "cannot send %s: %s" % (n, e)})
+            return
+        self.conn.send_stream(_chunks(fh, "file", {"cn": n}))
+
+    def _on_kill(self, ctl, frames):
+        r = self.runs.get(ctl.get("id"))
+        if r is not None:
+            self._abort(r)
+
+    def _on_task(self, ctl, frames):
+        r = Run(ctl, frames[0] if frames else None)
+        if r.id in self.runs:
+            raise ProtocolError("task %s sent twice" % r.id)
+        self.runs[r.id] = r
+        inputs = ctl.get("inputs", ())
+        try:
+            for n, remote, kind, level, url in inputs:
+                check_cachename(n)
+        except (ValueError, TypeError) as e:
+            r.spec["inputs"] = []
+            return self._finish(r, "input missing", "bad input description: %s" % e)
+        for n, remote, kind, level, url in inputs:
+            self.cache.ref(n)
+        for n, remote, kind, level, url in inputs:
+            if self.cache.has(n):
+                self.cache.raise_level(n, level)
+            elif kind == "url":
+                r.waiting_for.add(n)
+                waiting = self.fetching.get(n)
+                if waiting is None:
+                    self.fetching[n] = [r]
+                    fut = self.fetcher.submit(self.cache.fetch_url, n, url)
+                    fut.add_done_callback(lambda f, n=n, url=url: self._fetch_callback(n, url, f))
+                else:
+                    waiting.append(r)
+            else:
+                return self._finish(r, "input missing", "input %r (%s) was never sent to this worker" % (remote, n))
+        fid = ctl.get("fid")
+        if fid is not None and fid not in self.fns:
+            return self._finish(r, "failed", "function %s was never sent to this worker" % fid)
+        if not r.waiting_for:
+            self._enqueue(r)
+
+    def _fetch_callback(self, n, url, fut):
+        self.fetched.append((n, url, fut.exception()))
+        try:
+            self._ww.send(b"x")
+        except OSError:
+            pass
+
+    def _fetches_done(self):
+        while self.fetched:
+            n, url, err = self.fetched.popleft()
+            runs = self.fetching.pop(n, [])
+            if err is None:
+                self.cache.entries[n] = "workflow"
+                self.conn.send("cached", {"cn": n})
+            for r in runs:
+                if self.runs.get(r.id) is not r:
+                    continue
+                if err is not None:
+                    self._finish(r, "input missing", "cannot fetch %s: %s" % (url, err))
+                else:
+                    r.waiting_for.discard(n)
+                    if not r.waiting_for:
+                        self._enqueue(r)
+
+    # ---------------------------------------------------------------- running
+    def _enqueue(self, r):
+        r.state = "queued"
+        self.queue.append(r)
+        self._start_queued()
+
+    def _fits(self, r):
+        for k in RES:
+            if r.res[k] and self.used[k] + r.res[k] > self.total[k] and self.used[k] > 0:
+                return False
+        return True
+
+    def _start_queued(self):
+        q = self.queue
+        blocked = []
+        while q:
+            r = q.popleft()
+            if r.state != "queued":
+                continue
+            if not self._fits(r):
+                blocked.append(r)
+                continue
+            self._start(r)
+        q.extend(blocked)
+
+    def _start(self, r):
+        for k in RES:
+            self.used[k] += r.res[k]
+        r.state = "running"
+        r.started = time.monotonic()
+        tm = r.spec.get("time_max")
+        r.deadline = r.started + float(tm) if tm else None
+        spec = r.spec
+        try:
+            needs_box = spec.get("cmd") is not None or spec.get("inputs") or spec.get("outputs")
+            if needs_box:
+                r.sandbox = Sandbox(self.sandboxes, r.id)
+                for n, remote, kind, level, url in spec.get("inputs", ()):
+                    r.sandbox.link(self.cache.path(n), remote)
+            env = spec.get("env") or {}
+            if spec.get("cmd") is not None:
+                r.proc = CommandProcess(spec["cmd"], r.sandbox.path, env, r.sandbox.stdout_path)
+                self.sel.register(r.proc.fileno(), selectors.EVENT_READ, ("proc", r))
+            else:
+                fid = spec["fid"]
+                r.runner = self.pool.run(r.id, fid, self.fns[fid], r.args, r.sandbox.path if r.sandbox else None, env)
+        except SandboxError as e:
+            self._finish(r, "failed", "sandbox: %s" % e)
+        except OSError as e:
+            self._finish(r, "failed", "cannot start the task: %s" % e)
+
+    def _proc_exited(self, r):
+        try:
+            self.sel.unregister(r.proc.fileno())
+        except (KeyError, ValueError):
+            pass
+        code, sig = r.proc.reap()
+        if self.runs.get(r.id) is not r:
+            return
+        out = r.sandbox.read_stdout()
+        if r.killed:
+            return self._finish(r, r.killed[0], r.killed[1], exit_code=code, stdout=out, signal=sig)
+        if sig:
+            reason = "killed by %s" % sig
+        elif code == 127:
+            reason = "command not found (exit code 127)"
+        elif code:
+            reason = "exit code %d" % code
+        else:
+            reason = None
+        self._collect(r, code, out, reason, signal=sig)
+
+    def _py_done(self, tid, payload):
+        r = self.runs.get(tid)
+        if r is None:
+            return
+        if payload is None:   # the interpreter died under the task
+            if r.killed:
+                return self._finish(r, r.killed[0], r.killed[1])
+            return self._finish(r, "failed", "the Python interpreter running the task died (%s)"
+                                % self.pool.last_death)
+        result, stdout, wall, cpu = payload
+        r.args = result
+        self._collect(r, 0, stdout, None, measured={"wall": round(wall, 6), "cpu": round(cpu, 6)}, py=True)
+
+    def _collect(self, r, code, stdout, reason, signal=None, measured=None, py=False):
+        """Outputs of a task that ended on its own: send files, adopt temps, report."""
+        status = "success"
+        temps = []
+        files = []
+        for remote, kind, n in r.spec.get("outputs", ()):
+            try:
+                p = r.sandbox.existing(remote)
+            except SandboxError as e:
+                status, reason = "output missing", str(e)
+                continue
+            if p is None:
+                if status == "success":
+                    status, reason = "output missing", "the task did not create output %r" % remote
+                continue
+            if kind == "temp":
+                try:
+                    self.cache.adopt(check_cachename(n), p)
+                    temps.append(n)
+                except (OSError, ValueError) as e:
+                    status, reason = "output missing", "cannot keep temp output %r: %s" % (remote, e)
+            else:
+                try:
+                    files.append((remote, open(p, "rb")))
+                except OSError as e:
+                    status, reason = "output missing", "cannot read output %r: %s" % (remote, e)
+        for remote, fh in files:
+            self.conn.send_stream(_chunks(fh, "outfile", {"id": r.id, "remote": remote}))
+        self._finish(r, status, reason, exit_code=code, stdout=stdout, temps=temps, measured=measured,
+                     signal=signal, result_frame=r.args if py else None)
+
+    def _finish(self, r, status, reason, exit_code=None, stdout=None, temps=(), measured=None, signal=None,
+                result_frame=None):
+        if self.runs.pop(r.id, None) is None:
+            return
+        wall = time.monotonic() - r.started if r.started else 0.0
+        if r.state == "running":
+            for k in RES:
+                self.used[k] -= r.res[k]
+        r.state = "done"
+        for n, remote, kind, level, url in r.spec.get("inputs", ()):
+            self.cache.unref(n, level)
+        if r.sandbox is not None:
+            r.sandbox.remove()
+        ctl = {"id": r.id, "status": status, "wall": round(wall, 6)}
+        if reason:
+            ctl["reason"] = reason
+        if exit_code is not None:
+            ctl["exit_code"] = exit_code
+        if signal:
+            ctl["signal"] = signal
+        if stdout:
+            ctl["stdout"] = stdout
+        if temps:
+            ctl["temps"] = temps
+        if measured:
+            ctl["measured"] = measured
+        if self.conn is not None:
+            self.conn.send("result", ctl, [result_frame] if result_frame is not None else ())
+        self._start_queued()
+
+    def _kill(self, r, status, reason):
+        """Stop a running task and report it as `status`."""
+        r.killed = (status, reason)
+        if r.proc is not None:
+            r.proc.kill()        # the pidfd fires and _proc_exited reports it
+        elif r.runner is not None:
+            self.pool.kill(r.runner)   # the runner socket closes and _py_done(None) reports it
+        else:
+            self._finish(r, status, reason)
+
+    def _abort(self, r):
+        """Stop a task the manager no longer wants: no result is sent."""
+        self.runs.pop(r.id, None)
+        if r.state == "running":
+            for k in RES:
+                self.used[k] -= r.res[k]
+        r.state = "done"
+        if r.proc is not None:
+            r.proc.kill()
+            try:
+                self.sel.unregister(r.proc.fileno())
+            except (KeyError, ValueError):
+                pass
+            r.proc.reap()
+        elif r.runner is not None:
+            self.pool.abandon(r.runner)
+        for n, remote, kind, level, url in r.spec.get("inputs", ()):
+            self.cache.unref(n, level)
+        if r.sandbox is not None:
+            r.sandbox.remove()
+        self._start_queued()
+
+
+def encode_b(name, ctl, frames=()):
+    return b"".join(encode(name, ctl, frames))
+
+
+def _chunks(fh, name, ctl):
+    try:
+        size = os.fstat(fh.fileno()).st_size
+        off = 0
+        while True:
+            b = fh.read(CHUNK)
+            last = not b or off + len(b) >= size
+            yield encode(name, dict(ctl, off=off, last=last), [b])
+            off += len(b)
+            if last:
+                return
+    finally:
+        fh.close()
+
+
+def main(address, secret, **kw) -> int:
+    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(SystemExit(143)))
+    w = Worker(address, secret, **kw)
+    return w.run()

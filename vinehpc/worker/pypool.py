@@ -1,0 +1,147 @@
+"""The worker's long-lived Python interpreters (pyrunner.py), one per core at most.
+
+Each interpreter keeps the functions it was sent (by content id) and the modules they
+imported, so a function's bytes and its imports are paid once per interpreter.  A task
+that kills its interpreter (os._exit, segfault, time limit) costs that interpreter only:
+the next Python task starts a fresh one.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+
+from .process import signal_name
+
+LEN = struct.Struct("!I")
+RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyrunner.py")
+
+
+class Runner:
+    __slots__ = ("sock", "proc", "tid", "fids", "buf")
+
+    def __init__(self, sock, proc):
+        self.sock, self.proc = sock, proc
+        self.tid = None
+        self.fids = set()
+        self.buf = bytearray()
+
+
+class PyPool:
+    def __init__(self, sel, *, max_runners: int, workdir: str):
+        self.sel = sel
+        self.max = max_runners
+        self.workdir = workdir
+        self.runners = []
+        self.last_death = None
+
+    def _spawn(self):
+        mine, theirs = socket.socketpair()
+        code = "import runpy,sys; sys.argv=['pyrunner',%r]; runpy.run_path(%r, run_name='__main__')" % (
+            str(theirs.fileno()), RUNNER)
+        proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),), cwd=self.workdir,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        theirs.close()
+        mine.setblocking(False)
+        r = Runner(mine, proc)
+        self.runners.append(r)
+        self.sel.register(mine, selectors.EVENT_READ, ("runner", r))
+        return r
+
+    def run(self, tid, fid, fbytes, args, cwd, env) -> Runner:
+        idle = [r for r in self.runners if r.tid is None]
+        r = next((x for x in idle if fid in x.fids), None) or (idle[0] if idle else None)
+        if r is None:
+            r = self._spawn()
+        if fid not in r.fids:
+            _send(r.sock, ("fn", fid, fbytes))
+            r.fids.add(fid)
+        r.tid = tid
+        _send(r.sock, ("run", tid, fid, args, cwd, env))
+        return r
+
+    def readable(self, r) -> list:
+        """(tid, (result, stdout, wall, cpu)) for finished tasks; (tid, None) if the interpreter died."""
+        try:
+            data = r.sock.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError:
+            data = b""
+        if not data:
+            return self._died(r)
+        r.buf += data
+        out = []
+        while len(r.buf) >= 4:
+            (n,) = LEN.unpack_from(r.buf)
+            if len(r.buf) < 4 + n:
+                break
+            msg = pickle.loads(bytes(r.buf[4:4 + n]))
+            del r.buf[:4 + n]
+            if msg[0] == "done":
+                r.tid = None
+                out.append((msg[1], msg[2:]))
+        return out
+
+    def _died(self, r):
+        tid = r.tid
+        self._drop(r)
+        code = r.proc.wait()
+        self.last_death = signal_name(-code) if code < 0 else "exit code %d" % code
+        return [(tid, None)] if tid is not None else []
+
+    def _drop(self, r):
+        if r in self.runners:
+            self.runners.remove(r)
+        try:
+            self.sel.unregister(r.sock)
+        except (KeyError, ValueError):
+            pass
+        r.sock.close()
+
+    def kill(self, r) -> None:
+        """SIGKILL an interpreter (and what it started); its socket then reports the death."""
+        try:
+            os.killpg(r.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def abandon(self, r) -> None:
+        """Kill an interpreter whose task nobody wants any more, and forget it now."""
+        self.kill(r)
+        self._drop(r)
+        r.proc.wait()
+
+    def forget_functions(self):
+        pass   # function ids are content hashes: what a runner holds stays valid
+
+    def close(self):
+        for r in list(self.runners):
+            if r.tid is None:
+                try:
+                    _send(r.sock, ("exit",))
+                except OSError:
+                    pass
+            else:
+                self.kill(r)
+            self._drop(r)
+            try:
+                r.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self.kill(r)
+                r.proc.wait()
+        self.runners = []
+
+
+def _send(sock, obj):
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    sock.setblocking(True)
+    try:
+        sock.sendall(LEN.pack(len(data)) + data)
+    finally:
+        sock.setblocking(False)

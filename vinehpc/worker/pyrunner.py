@@ -1,0 +1,103 @@
+"""A long-lived Python interpreter that runs PythonTask functions for its worker.
+
+Started by the worker with one end of a socketpair on fd 3.  Functions arrive once (by
+content id) and stay deserialized, and modules they import stay imported, so neither is
+paid again for the next task.  Messages are length-prefixed pickles between this process
+and its own worker (which authenticated the manager before forwarding anything).
+Stdlib + cloudpickle only, so it runs from a packed image.
+"""
+import io
+import os
+import pickle
+import socket
+import struct
+import sys
+import time
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
+
+LEN = struct.Struct("!I")
+MAX_OUT = 1 << 20
+
+
+def send(sock, obj):
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    sock.sendall(LEN.pack(len(data)) + data)
+
+
+def recv_exact(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        b = sock.recv(n - len(buf))
+        if not b:
+            raise EOFError
+        buf += b
+    return bytes(buf)
+
+
+def recv(sock):
+    (n,) = LEN.unpack(recv_exact(sock, 4))
+    return pickle.loads(recv_exact(sock, n))
+
+
+def dump_result(ok, value, tb):
+    import cloudpickle
+    try:
+        return cloudpickle.dumps((ok, value, tb), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:
+        if ok:
+            value = TypeError("the function's return value cannot be pickled: %s: %s" % (type(e).__name__, e))
+            tb = traceback.format_exc()
+        else:
+            value = RuntimeError("%s: %s (the exception itself could not be pickled)" % (type(value).__name__, value))
+        return cloudpickle.dumps((False, value, tb), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def main(fd=3):
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the worker decides when we stop
+    sock = socket.socket(fileno=fd)
+    fns = {}
+    base_env = dict(os.environ)
+    while True:
+        try:
+            msg = recv(sock)
+        except (EOFError, OSError):
+            return 0
+        kind = msg[0]
+        if kind == "fn":
+            fns[msg[1]] = msg[2]      # kept as bytes until first use
+            continue
+        if kind == "exit":
+            return 0
+        _, tid, fid, args, cwd, env = msg
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = io.StringIO()
+        try:
+            if cwd:
+                os.chdir(cwd)
+            if env:
+                os.environ.update(env)
+            fn = fns[fid]
+            if isinstance(fn, bytes):
+                fn = fns[fid] = pickle.loads(fn)
+            a, kw = pickle.loads(args)
+            with redirect_stdout(out), redirect_stderr(out):
+                value = fn(*a, **kw)
+            res = dump_result(True, value, None)
+        except BaseException as e:  # noqa: B902 - a task's SystemExit/KeyboardInterrupt is its failure
+            if isinstance(e, KeyboardInterrupt) and not tid:
+                raise
+            res = dump_result(False, e, traceback.format_exc())
+        finally:
+            if env:
+                os.environ.clear()
+                os.environ.update(base_env)
+        text = out.getvalue()
+        if len(text) > MAX_OUT:
+            text = text[-MAX_OUT:]
+        send(sock, ("done", tid, res, text, time.perf_counter() - t0, time.process_time() - c0))
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 3))

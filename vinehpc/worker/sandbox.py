@@ -1,0 +1,74 @@
+"""One directory per task; inputs linked in under their remote names.
+
+Every path a task description names is resolved inside the sandbox and refused if it
+would leave it, whatever the manager sent.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+MAX_STDOUT = 1 << 20
+
+
+class SandboxError(Exception):
+    pass
+
+
+def inside(root: str, name: str) -> str:
+    """root/name, refusing absolute names, '..', NUL and anything resolving outside root."""
+    if not isinstance(name, str) or not name or "\0" in name or name.startswith("/"):
+        raise SandboxError("refusing file name %r: not a relative path" % (name,))
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise SandboxError("refusing file name %r: it contains '..', '.' or an empty component" % name)
+    path = os.path.join(root, name)
+    real_root = os.path.realpath(root)
+    parent = os.path.realpath(os.path.dirname(path))
+    if parent != real_root and not parent.startswith(real_root + os.sep):
+        raise SandboxError("refusing file name %r: it resolves outside the sandbox" % name)
+    return path
+
+
+class Sandbox:
+    def __init__(self, parent: str, tid):
+        self.path = os.path.join(parent, "t.%s" % tid)
+        if os.path.exists(self.path):
+            shutil.rmtree(self.path, ignore_errors=True)
+        os.makedirs(self.path)
+        self.stdout_path = self.path + ".out"
+
+    def link(self, src: str, remote: str) -> None:
+        dst = inside(self.path, remote) if "/" not in remote else self._mkparents(remote)
+        try:
+            os.symlink(src, dst)
+        except FileExistsError:
+            raise SandboxError("two inputs use the remote name %r" % remote) from None
+
+    def _mkparents(self, remote):
+        d = os.path.join(self.path, os.path.dirname(remote))
+        inside(self.path, os.path.dirname(remote))
+        os.makedirs(d, exist_ok=True)
+        return inside(self.path, remote)
+
+    def existing(self, remote: str):
+        """Path of an output if the task created it (None if not)."""
+        p = inside(self.path, remote)
+        return p if os.path.lexists(p) else None
+
+    def read_stdout(self) -> str:
+        try:
+            with open(self.stdout_path, "rb") as f:
+                f.seek(0, 2)
+                size = f.tell()
+                f.seek(max(0, size - MAX_STDOUT))
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            os.unlink(self.stdout_path)
+        except FileNotFoundError:
+            pass
