@@ -324,15 +324,28 @@ class Server:
                     continue
                 try:
                     getattr(self, "_cmd_" + kind)(p, *c[2:])
-                except OSError as e:
-                    self.journal.write({"event": "error", "worker": c[1], "reason": "%s failed: %s" % (kind, e)})
-                    self._drop(p, "could not send %s: %s" % (kind, e))
+                except Exception as e:   # one bad file or task must not stop the manager
+                    self._cmd_failed(p, c, e)
                     continue
                 self.dirty.add(p)
         if done:
             with self.cond:
                 self.done.extend(done)
                 self.cond.notify_all()
+
+    def _cmd_failed(self, p, c, e):
+        kind = c[0]
+        why = "%s: %s" % (type(e).__name__, e)
+        self.journal.write({"event": "error", "worker": p.wid, "command": kind, "reason": why})
+        if kind == "put":
+            # the file could not be read: the worker will not have it
+            self.core.put_failed(p.wid, c[3])
+        elif kind == "task":
+            task = c[2]
+            self.core.task_done(p.wid, task.id, {"status": "failed", "reason": "could not send the task: " + why},
+                                time.monotonic())
+        if not isinstance(e, OSError):
+            log.error("manager could not carry out %s for worker %s: %s", kind, p.wid, why)
 
     def _cmd_fn(self, p, fid, data):
         p.conn.send("fn", {"fid": fid}, [data])

@@ -200,6 +200,12 @@ class Core:
         self.manager_copy[cachename] = path
         self._wake(cachename)
 
+    def put_failed(self, wid, cachename):
+        """A file could not be sent: the worker does not have it after all."""
+        w = self.workers.get(wid)
+        if w is not None:
+            w.cached.discard(cachename)
+
     def fetch_failed(self, cachename):
         self.fetching.discard(cachename)
 
@@ -379,9 +385,10 @@ class Core:
         for (f, remote), (n, size, _) in zip(task.inputs, task._input_names):
             if n not in w.cached:
                 if f.kind == "url":
-                    pass   # the worker fetches it
+                    self._log("fetch url", worker=w.wid, file=n, url=f.source, task=task.id)
                 else:
                     self.cmds.append(("put", w.wid, f, n))
+                    self._log("put", worker=w.wid, file=n, size=size, task=task.id)
                 if f.cache != "task":
                     w.cached.add(n)
         fid = getattr(task, "_fid", None)

@@ -15,8 +15,10 @@ def signal_name(sig: int) -> str:
 
 class CommandProcess:
     def __init__(self, cmd: str, cwd: str, env: dict, stdout_path: str):
-        full_env = dict(os.environ)
-        full_env.update(env)
+        full_env = None
+        if env:
+            full_env = dict(os.environ)
+            full_env.update(env)
         with open(stdout_path, "wb") as out:
             self.popen = subprocess.Popen(["/bin/sh", "-c", cmd], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
                                           stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
