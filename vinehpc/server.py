@@ -362,7 +362,7 @@ class Server:
         else:
             path, kind = f.source, "file"
         fh = open(path, "rb")
-        p.conn.send_stream(_file_chunks(fh, n, kind, f.cache))
+        p.conn.send_stream(_file_chunks(fh, n, kind, f.cache, os.fstat(fh.fileno()).st_mode & 0o777))
 
     def _tar(self, f, n):
         path = self.tars.get(n)
@@ -454,7 +454,7 @@ def _discard(f):
         pass
 
 
-def _file_chunks(fh, n, kind, level):
+def _file_chunks(fh, n, kind, level, mode):
     try:
         size = os.fstat(fh.fileno()).st_size
         off = 0
@@ -462,7 +462,7 @@ def _file_chunks(fh, n, kind, level):
             b = fh.read(CHUNK)
             last = off + len(b) >= size or not b
             yield encode("put", {"cn": n, "off": off, "last": last, "kind": kind, "size": size,
-                                  "level": level}, [b])
+                                  "level": level, "mode": mode}, [b])
             off += len(b)
             if last:
                 return

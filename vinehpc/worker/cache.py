@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 import tarfile
 import urllib.parse
 import urllib.request
@@ -43,7 +42,7 @@ class Cache:
         return n in self.entries
 
     # -- arrivals ---------------------------------------------------------------------
-    def put_chunk(self, n: str, data: bytes, last: bool, kind: str, level: str = "workflow") -> bool:
+    def put_chunk(self, n: str, data: bytes, last: bool, kind: str, level: str = "workflow", mode: int = 0o444) -> bool:
         """Write one chunk; returns True when the entry is complete."""
         check_cachename(n)
         if n in self.entries and n not in self.parts:
@@ -65,10 +64,18 @@ class Cache:
             os.unlink(part)
             part = d
         else:
-            os.chmod(part, stat.S_IRUSR | stat.S_IRGRP | stat.S_IXUSR)
+            # read-only, keeping the source's execute bits (an input may be a program)
+            os.chmod(part, 0o444 | (int(mode) & 0o111))
         os.replace(part, os.path.join(self.root, n))
         self.entries[n] = level if level in ORDER else "workflow"
         return True
+
+    def abort_part(self, n: str) -> None:
+        f = self.parts.pop(n, None)
+        if f is not None:
+            f.close()
+            _rm(f.name)
+        _rm(os.path.join(self.root, ".part-" + n) + ".d")
 
     def adopt(self, n: str, src: str, level: str = "workflow") -> None:
         """Move a task's temp output into the cache."""

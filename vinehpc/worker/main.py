@@ -79,6 +79,7 @@ class Worker:
         self.fetched = collections.deque()
         self.fetching = {}       # cachename -> [runs waiting]
         self.fns = {}            # fid -> bytes
+        self.put_errors = {}     # cachename -> why it could not be stored
         self.runs = {}           # tid -> Run
         self.queue = collections.deque()
         self.used = dict.fromkeys(RES, 0)
@@ -246,6 +247,7 @@ class Worker:
             self.conn.close()
             self.conn = None
         self.cache.end_of_workflow()
+        self.put_errors.clear()
         self.fns.clear()
         self.pool.forget_functions()
 
@@ -260,7 +262,10 @@ class Worker:
         h = getattr(self, "_on_" + name, None)
         if h is None:
             raise ProtocolError("unexpected message %r from the manager" % name)
-        h(ctl, frames)
+        try:
+            h(ctl, frames)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ProtocolError("malformed %s message: %s: %s" % (name, type(e).__name__, e)) from None
 
     def _on_ping(self, ctl, frames):
         self.conn.send("pong")
@@ -276,8 +281,15 @@ class Worker:
 
     def _on_put(self, ctl, frames):
         n = ctl["cn"]
-        self.cache.put_chunk(n, frames[0] if frames else b"", bool(ctl.get("last")), ctl.get("kind", "file"),
-                             ctl.get("level", "workflow"))
+        if n in self.put_errors:
+            return
+        try:
+            self.cache.put_chunk(n, frames[0] if frames else b"", bool(ctl.get("last")), ctl.get("kind", "file"),
+                                 ctl.get("level", "workflow"), ctl.get("mode", 0o444))
+        except OSError as e:   # disk full, quota: the tasks that need this file fail, the worker goes on
+            self.put_errors[n] = "cannot store input %s on worker %s: %s" % (n, self.hostname, e)
+            self.cache.abort_part(n)
+            log.error("%s", self.put_errors[n])
 
     def _on_unlink(self, ctl, frames):
         self.cache.remove(ctl["cn"])
@@ -311,6 +323,8 @@ class Worker:
         for n, remote, kind, level, url in inputs:
             self.cache.ref(n)
         for n, remote, kind, level, url in inputs:
+            if n in self.put_errors:
+                return self._finish(r, "input missing", self.put_errors[n])
             if self.cache.has(n):
                 self.cache.raise_level(n, level)
             elif kind == "url":
