@@ -163,6 +163,15 @@ def _proc_or_none(pid):
 
 
 # ------------------------------------------------------------------ managers
+def close_and_check(m) -> list:
+    """Close m; its local workers and everything they started must then exit.
+    Returns the complete journal (after close every record is on disk)."""
+    tree = process_tree(m._local.pids()) if m._local is not None and not m._closed else []
+    m.close()
+    assert_no_survivors(tree, timeout=15, what="worker processes (or their children) after Manager.close()")
+    return read_journal(m)
+
+
 @pytest.fixture
 def make_manager(tmp_path):
     """Factory for Managers that are always closed (and whose local workers must then exit)."""
@@ -175,13 +184,8 @@ def make_manager(tmp_path):
         return m
 
     yield make
-    trees = []
     for m in made:
-        if m._local is not None:
-            trees.extend(process_tree(m._local.pids()))
-    for m in made:
-        m.close()
-    assert_no_survivors(trees, timeout=15, what="worker processes (or their children) after Manager.close()")
+        close_and_check(m)
 
 
 @pytest.fixture

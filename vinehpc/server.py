@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import selectors
+import shutil
 import socket
 import tarfile
 import threading
@@ -281,13 +282,17 @@ class Server:
                 p.out_errors[tid] = "cannot write output %r: %s" % (dest.source, e)
                 p.parts[key] = f = _Sink(dest)
             f.dest = dest
+            f.is_tar = bool(ctl.get("tar"))
         for b in frames:
             f.write(b)
         if ctl.get("last"):
             del p.parts[key]
             f.close()
             if not isinstance(f, _Sink):
-                os.replace(f.name, f.dest.source)
+                try:
+                    _install_output(f.name, f.dest.source, f.is_tar)
+                except (OSError, tarfile.TarError) as e:
+                    p.out_errors[tid] = "cannot write output %r: %s" % (f.dest.source, e)
                 f.dest.invalidate()
 
     def _on_file(self, p, ctl, frames, now):
@@ -429,6 +434,31 @@ class Server:
         if self.stopping and now > getattr(self, "_stop_deadline", now):
             for p in list(self.all):
                 self._drop(p, "manager stopped")
+
+
+def _install_output(part, dest, is_tar):
+    """Put a received output in place atomically (a directory arrives as a tar)."""
+    if not is_tar:
+        os.replace(part, dest)
+        return
+    tmp = part + ".d"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        with tarfile.open(part) as tar:
+            tar.extractall(tmp, filter="data")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        os.unlink(part)
+    if os.path.isdir(dest) and not os.path.islink(dest):
+        old = part + ".old"
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
 
 
 class _Sink:

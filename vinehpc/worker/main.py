@@ -476,13 +476,26 @@ class Worker:
                     status, reason = "output missing", "cannot keep temp output %r: %s" % (remote, e)
             else:
                 try:
-                    files.append((remote, open(p, "rb")))
+                    files.append((remote, self._open_output(p)))
                 except OSError as e:
                     status, reason = "output missing", "cannot read output %r: %s" % (remote, e)
         for remote, fh in files:
-            self.conn.send_stream(_chunks(fh, "outfile", {"id": r.id, "remote": remote}))
+            self.conn.send_stream(_chunks(fh, "outfile", {"id": r.id, "remote": remote,
+                                                           "tar": getattr(fh, "is_tar", False)}))
         self._finish(r, status, reason, exit_code=code, stdout=stdout, temps=temps, measured=measured,
                      signal=signal, result_frame=r.args if py else None)
+
+    def _open_output(self, p):
+        """An open file with the output's bytes; a directory travels as an (unlinked) tar."""
+        if not os.path.isdir(p):
+            return open(p, "rb")
+        import tarfile
+        fh = tempfile.TemporaryFile(dir=self.workdir)
+        with tarfile.open(fileobj=fh, mode="w", dereference=True) as tar:   # links to inputs become files
+            tar.add(p, arcname=".")
+        fh.seek(0)
+        fh.is_tar = True
+        return fh
 
     def _finish(self, r, status, reason, exit_code=None, stdout=None, temps=(), measured=None, signal=None,
                 result_frame=None):
