@@ -92,6 +92,12 @@ def latency_result(lat):
             "max_ms": max(lat) * 1e3}
 
 
+def check_same(values, expect):
+    if values != expect:
+        diff = next(i for i, (a, b) in enumerate(zip(values + [None], expect + [None])) if a != b)
+        raise BenchError("results differ from the arguments at position %d: %r" % (diff, values[diff:diff + 3]))
+
+
 def check_values(values, expect, what):
     bad = [v for v in values if v != expect]
     if bad:
@@ -172,7 +178,7 @@ class Vine:
         for i in range(n):
             self.m.submit(self.vinehpc.PythonTask(noop, i))
         got = self._collect(n, dl, "no-op tasks")
-        check_values(sorted(t.output for t in got), list(range(n)), "result list")
+        check_same(sorted(t.output for t in got), list(range(n)))
         return {"n": n}
 
     def w2(self, n, dl):
@@ -306,7 +312,7 @@ class Pool:
         if w == "W1":
             box = []
             res = self._rate(n, lambda: box.append(self._all([self.ex.submit(noop, i) for i in range(n)], "tasks")))
-            check_values(box[0], list(range(n)), "result list")
+            check_same(sorted(box[0]), list(range(n)))
             return res
         if w == "W2":
             d = tempfile.mkdtemp(prefix="w2-", dir=self.tmp)
@@ -371,7 +377,7 @@ class Dask(Pool):
         if w == "W1":
             box = []
             res = self._rate(n, lambda: box.append(self._map(noop, range(n), "tasks")))
-            check_values(box[0], list(range(n)), "result list")
+            check_same(sorted(box[0]), list(range(n)))
             return res
         if w == "W2":
             d = tempfile.mkdtemp(prefix="w2-", dir=self.tmp)
@@ -419,6 +425,8 @@ def bench_system(cls, tmp, workloads, repeat, timeout):
     out = {w: [] for w in workloads}
     extra = {}
     progress("%s: starting" % cls.name)
+    closed = []
+    s = None
     try:
         s = cls(tmp, timeout)
         s.warmup(workloads)
@@ -426,8 +434,9 @@ def bench_system(cls, tmp, workloads, repeat, timeout):
         progress("%s: cannot start: %r" % (cls.name, e))
         for w in workloads:
             out[w].append({"error": "start/warm-up failed: %r" % e})
+        if s is not None:
+            close_system(s, extra, closed)
         return out, extra
-    closed = []
     try:
         for w in workloads:
             for r in range(repeat):

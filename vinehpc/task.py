@@ -35,8 +35,7 @@ def check_remote_name(name) -> str:
         raise ValueError("remote name %r contains a NUL byte" % name)
     if name.startswith("/"):
         raise ValueError("remote name %r is absolute: use a path relative to the task sandbox" % name)
-    parts = name.split("/")
-    if any(p in ("..", "") for p in parts[:-1]) or parts[-1] in ("..", "", "."):
+    if any(p in ("..", "", ".") for p in name.split("/")):
         raise ValueError("remote name %r leaves or names the sandbox itself: use a plain relative path "
                          "without '..' or empty components" % name)
     return name
@@ -161,7 +160,8 @@ class Task:
 
     # -- results --------------------------------------------------------------------
     def successful(self) -> bool:
-        return self.result == "success" and self.exit_code == 0
+        """The task ran to completion: exit code 0 (or the function returned) and outputs collected."""
+        return self.result == "success"
 
     def completed(self) -> bool:
         return self.state == "done"

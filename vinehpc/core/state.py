@@ -105,7 +105,8 @@ class Core:
         task._wid = None
         task._tries = 0
         task._submit_time = now
-        self.counts["submitted"] += 1
+        if task.id >= 0:
+            self.counts["submitted"] += 1
         for f, _ in task.outputs:
             self.producing[self._key(f)].add(task.id)
             if f.kind == "temp":
@@ -233,8 +234,7 @@ class Core:
             c[0] += 1
             wall = float(task.wall_time or 0.0)
             c[1] = wall if c[0] == 1 else 0.8 * c[1] + 0.2 * wall
-            ok = task.exit_code in (0, None)
-            self._finish(task, "success", res.get("reason"), ok=ok)
+            self._finish(task, "success", res.get("reason"))
             return task
         if task._tries < task.retries:
             task._tries += 1
@@ -254,7 +254,8 @@ class Core:
         task.state = "done"
         self.tasks.pop(task.id, None)
         ok = (result == "success") if ok is None else ok
-        self.counts["done" if ok else "failed"] += 1
+        if task.id >= 0:
+            self.counts["done" if ok else "failed"] += 1
         self._log("done" if ok else "failed", task=task.id, worker=task._wid, result=result,
                   exit_code=task.exit_code, reason=reason, wall=task.wall_time, attempts=task.attempts)
         for f, _ in task.outputs:
@@ -318,6 +319,9 @@ class Core:
             if task is None or task.state != "ready":
                 continue
             scanned += 1
+            if self._temp_gone(task):
+                self._make_ready_or_wait(task)   # waits for (and re-runs) the temp's producer
+                continue
             cands = [w for w in free if self._fits(w, task)]
             holders = self._temp_holders(task)
             if holders is not None:
@@ -341,6 +345,13 @@ class Core:
         if skipped:
             self.ready.extendleft(reversed(skipped))
         return n
+
+    def _temp_gone(self, task) -> bool:
+        """A temp input has no copy left anywhere (its workers were lost)."""
+        for f, _ in task.inputs:
+            if f.kind == "temp" and not self._available(f):
+                return True
+        return False
 
     def _temp_holders(self, task):
         """Workers that hold every temp input without a manager copy (None: no constraint)."""

@@ -117,7 +117,7 @@ class Decoder:
             return None
         try:
             ctl = json.loads(bytes(buf[start:start + ctl_len])) if ctl_len else {}
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:   # RecursionError: "[[[[..." nested past the limit
             raise ProtocolError("control part is not JSON: %s" % e) from None
         if not isinstance(ctl, dict):
             raise ProtocolError("control part must be a JSON object")

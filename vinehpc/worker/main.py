@@ -438,7 +438,7 @@ class Worker:
             reason = "exit code %d" % code
         else:
             reason = None
-        self._collect(r, code, out, reason, signal=sig)
+        self._collect(r, code, out, reason, signal=sig, failed=bool(code))
 
     def _py_done(self, tid, payload):
         r = self.runs.get(tid)
@@ -449,13 +449,14 @@ class Worker:
                 return self._finish(r, r.killed[0], r.killed[1])
             return self._finish(r, "failed", "the Python interpreter running the task died (%s)"
                                 % self.pool.last_death)
-        result, stdout, wall, cpu = payload
+        result, error, stdout, wall, cpu = payload
         r.args = result
-        self._collect(r, 0, stdout, None, measured={"wall": round(wall, 6), "cpu": round(cpu, 6)}, py=True)
+        self._collect(r, None, stdout, error, measured={"wall": round(wall, 6), "cpu": round(cpu, 6)}, py=True,
+                      failed=error is not None)
 
-    def _collect(self, r, code, stdout, reason, signal=None, measured=None, py=False):
+    def _collect(self, r, code, stdout, reason, signal=None, measured=None, py=False, failed=False):
         """Outputs of a task that ended on its own: send files, adopt temps, report."""
-        status = "success"
+        status = "failed" if failed else "success"
         temps = []
         files = []
         for remote, kind, n in r.spec.get("outputs", ()):
@@ -468,6 +469,8 @@ class Worker:
                 if status == "success":
                     status, reason = "output missing", "the task did not create output %r" % remote
                 continue
+            if status != "success":
+                continue    # a failed task's outputs are not installed
             if kind == "temp":
                 try:
                     self.cache.adopt(check_cachename(n), p)

@@ -45,6 +45,7 @@ def dump_result(ok, value, tb):
     try:
         return cloudpickle.dumps((ok, value, tb), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as e:
+        # (an unpicklable return value is reported as the task's failure)
         if ok:
             value = TypeError("the function's return value cannot be pickled: %s: %s" % (type(e).__name__, e))
             tb = traceback.format_exc()
@@ -84,11 +85,10 @@ def main(fd=3):
             a, kw = pickle.loads(args)
             with redirect_stdout(out), redirect_stderr(out):
                 value = fn(*a, **kw)
-            res = dump_result(True, value, None)
+            res, error = dump_result(True, value, None), None
         except BaseException as e:  # noqa: B902 - a task's SystemExit/KeyboardInterrupt is its failure
-            if isinstance(e, KeyboardInterrupt) and not tid:
-                raise
             res = dump_result(False, e, traceback.format_exc())
+            error = "raised %s: %s" % (type(e).__name__, str(e)[:500])
         finally:
             if env:
                 os.environ.clear()
@@ -96,7 +96,7 @@ def main(fd=3):
         text = out.getvalue()
         if len(text) > MAX_OUT:
             text = text[-MAX_OUT:]
-        send(sock, ("done", tid, res, text, time.perf_counter() - t0, time.process_time() - c0))
+        send(sock, ("done", tid, res, error, text, time.perf_counter() - t0, time.process_time() - c0))
 
 
 if __name__ == "__main__":

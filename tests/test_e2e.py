@@ -1,0 +1,664 @@
+"""End-to-end: a real Manager, real worker processes, real TCP; no mocks.
+
+One behaviour per test.  Every wait has a deadline (wait_all/poll fail with the manager's
+stats, journal tail and thread dump), and every test carries its own timeout.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import cloudpickle
+import psutil
+import pytest
+
+import vinehpc
+from vinehpc import PythonTask, RemoteTraceback, Task, TaskError
+from vinehpc.protocol import auth, wire
+
+from conftest import (assert_no_survivors, close_and_check, diagnose, poll, process_tree, read_journal,
+                      wait_all, worker_cmd)
+
+# Workers cannot import this test module: send its functions by value (what `vinehpc run`
+# does for the user's script directory).
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def square(x):
+    return x * x
+
+
+def sleepy_square(x, delay=0.005):
+    time.sleep(delay)
+    return x * x
+
+
+def raise_value_error_for_test(x):
+    raise ValueError("bad value %r" % (x,))
+
+
+def during_run(records):
+    """Records up to the last task result (workers leaving at close() come after it)."""
+    last = max((i for i, r in enumerate(records) if r.get("event") in ("done", "failed")), default=-1)
+    return records[:last + 1]
+
+
+def by_task(records, event):
+    return collections.Counter(r.get("task") for r in records if r.get("event") == event)
+
+
+@pytest.fixture
+def spawned():
+    """Popen objects started by a test (each in its own session); killed if still alive at the end."""
+    procs = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def start_worker(spawned, m, *extra, env=None):
+    p = subprocess.Popen(worker_cmd(m, *extra), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=True, text=True)
+    spawned.append(p)
+    return p
+
+
+# ====================================================================== 1. scale, exactly once
+@pytest.mark.timeout(120)
+def test_many_python_and_command_tasks_return_correct_results_exactly_once(manager, tmp_path):
+    m = manager
+    d = tmp_path / "data"
+    d.mkdir()
+    shared_text = "".join("line %d\n" % i for i in range(100))
+    (d / "shared.txt").write_text(shared_text)
+    shared = m.declare_file(d / "shared.txt", cache=True)
+
+    expect_py = {}
+    for i in range(1000):
+        expect_py[m.submit(PythonTask(square, i))] = i * i
+    expect_cmd = {}
+    for i in range(200):
+        own = d / ("own%d.txt" % i)
+        own.write_text("task %d\n" % i)
+        t = Task("cat own.txt shared.txt > out.txt")
+        t.add_input(m.declare_file(own, cache=True), "own.txt")
+        t.add_input(shared, "shared.txt")
+        out = d / ("out%d.txt" % i)
+        t.add_output(m.declare_file(out), "out.txt")
+        expect_cmd[m.submit(t)] = (out, "task %d\n" % i + shared_text)
+
+    got = wait_all(m, 1200, timeout=90)
+    assert set(got) == set(expect_py) | set(expect_cmd)
+    assert m.empty() and m.wait(0.1) is None
+    for tid, value in expect_py.items():
+        t = got[tid]
+        assert t.successful(), (tid, t.result, t.reason)
+        assert t.output == value
+    for tid, (out, text) in expect_cmd.items():
+        t = got[tid]
+        assert t.successful(), (tid, t.result, t.reason, t.std_output)
+        assert out.read_text() == text, tid
+
+    recs = close_and_check(m)
+    done = by_task(recs, "done")
+    assert set(done) == set(got)
+    assert [tid for tid, n in done.items() if n != 1] == []
+    assert by_task(recs, "failed") == {}
+    assert not [r for r in during_run(recs) if r.get("event") in ("worker lost", "requeued")]
+
+
+# ====================================================================== 2. cache: once per worker
+@pytest.mark.timeout(90)
+def test_cached_input_is_sent_once_per_worker(manager, tmp_path):
+    m = manager
+    big = tmp_path / "big.bin"
+    size = 4 << 20
+    big.write_bytes(os.urandom(size))
+    f = m.declare_file(big, cache=True)
+    cachename = f.cachename()
+    ids = []
+    for i in range(50):
+        # a little work per task so that both workers take part
+        t = Task("test $(wc -c < big.bin) -eq %d && sleep 0.05 && echo ok" % size)
+        t.add_input(f, "big.bin")
+        ids.append(m.submit(t))
+    got = wait_all(m, len(ids), timeout=60)
+    assert all(t.successful() and t.std_output.strip() == "ok" for t in got.values()), \
+        [(t.id, t.result, t.reason, t.std_output) for t in got.values() if not t.successful()]
+    ran_on = {t.worker for t in got.values()}
+    assert len(ran_on) == 2, "both workers should have run tasks, got %s" % ran_on
+
+    recs = close_and_check(m)
+    puts = collections.Counter((r.get("worker"), r.get("file")) for r in recs
+                               if r.get("event") == "put" and r.get("file") == cachename)
+    assert puts, ("the journal has no 'put' record for %s: the engine does not journal file transfers "
+                  "({'event':'put','worker':wid,'file':cachename,'size':n})" % cachename)
+    assert dict(puts) == {(w, cachename): 1 for w in ran_on}
+    sizes = {r.get("size") for r in recs if r.get("event") == "put" and r.get("file") == cachename}
+    assert sizes == {size}
+
+
+# ====================================================================== 3. temp files
+@pytest.mark.timeout(60)
+def test_temp_file_flows_from_producer_to_consumer(manager, tmp_path):
+    m = manager
+    temp = m.declare_temp()
+    prod = Task("echo hello vine > out.txt")
+    prod.add_output(temp, "out.txt")
+    cons = Task("tr a-z A-Z < in.txt > out.txt")
+    cons.add_input(temp, "in.txt")
+    final = tmp_path / "final.txt"
+    cons.add_output(m.declare_file(final), "out.txt")
+    pid = m.submit(prod)
+    cid = m.submit(cons)     # submitted before the producer ran: it must wait for it
+    got = wait_all(m, 2, timeout=30)
+    assert got[pid].successful(), (got[pid].result, got[pid].reason)
+    assert got[cid].successful(), (got[cid].result, got[cid].reason, got[cid].std_output)
+    assert final.read_text() == "HELLO VINE\n"
+
+
+@pytest.mark.timeout(60)
+def test_chain_of_three_tasks_through_temp_files(manager, tmp_path):
+    m = manager
+    t1, t2 = m.declare_temp(), m.declare_temp()
+    a = Task("echo 1 > out.txt")
+    a.add_output(t1, "out.txt")
+    b = Task("expr $(cat in.txt) + 1 > out.txt")
+    b.add_input(t1, "in.txt")
+    b.add_output(t2, "out.txt")
+    c = Task("expr $(cat in.txt) '*' 10 > out.txt")
+    c.add_input(t2, "in.txt")
+    final = tmp_path / "final.txt"
+    c.add_output(m.declare_file(final), "out.txt")
+    ids = [m.submit(c_) for c_ in (a, b, c)]
+    got = wait_all(m, 3, timeout=30)
+    for tid in ids:
+        assert got[tid].successful(), (tid, got[tid].result, got[tid].reason, got[tid].std_output)
+    assert final.read_text().strip() == "20"
+
+
+# ====================================================================== 4. kill -9 a worker
+@pytest.mark.timeout(120)
+def test_kill9_of_a_worker_requeues_its_tasks_and_every_result_arrives_once(manager):
+    m = manager
+    expect = {m.submit(PythonTask(sleepy_square, i)): i * i for i in range(500)}
+    got = wait_all(m, 60, timeout=60)           # the run is well under way
+    victim = m._local.procs[0]
+    joined = {r["pid"]: r["worker"] for r in read_journal(m, "worker joined")}
+    victim_wid = joined[victim.pid]
+    os.kill(victim.pid, signal.SIGKILL)
+    rest = wait_all(m, 500 - len(got), timeout=90)
+    assert not set(got) & set(rest), "a task came back twice"
+    got.update(rest)
+    assert {tid: t.output for tid, t in got.items()} == expect
+    assert victim.wait(10) == -signal.SIGKILL
+
+    recs = close_and_check(m)
+    lost = [r for r in during_run(recs) if r.get("event") == "worker lost"]
+    assert [r["worker"] for r in lost] == [victim_wid], lost
+    requeued = {r["task"] for r in recs if r.get("event") == "requeued"}
+    assert requeued, "the killed worker held tasks, yet nothing was requeued"
+    assert requeued <= set(lost[0]["tasks"])
+    done = by_task(recs, "done")
+    assert [tid for tid in expect if done[tid] != 1] == []
+    # requeued tasks finished on the survivor, without being charged a retry
+    assert all(got[tid].worker != victim_wid for tid in requeued)
+    assert not [r for r in recs if r.get("event") == "retry"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason="BUG: a worker killed with SIGKILL leaves its running command tasks "
+                   "behind (CommandProcess uses start_new_session and nothing ties it to the worker's life)")
+def test_kill9_of_a_worker_leaves_no_task_process_behind(manager):
+    m = manager
+    m.submit(Task("sleep 60"))
+    rec = poll(lambda: read_journal(m, "dispatched"), 20, "the task to be dispatched", m=m)
+    wid = rec[0]["worker"]
+    pid = next(r["pid"] for r in read_journal(m, "worker joined") if r["worker"] == wid)
+    tree = poll(lambda: [p for p in process_tree([pid]) if p.name() == "sleep"] and process_tree([pid]),
+                20, "the worker to start sleep", m=m)
+    os.kill(pid, signal.SIGKILL)
+    children = [p for p in tree if p.pid != pid]
+    assert any(p.name() == "sleep" for p in children)
+    assert_no_survivors(children, timeout=5, what="processes of a SIGKILLed worker")
+
+
+# ====================================================================== 5. hostile clients
+def _connect(m):
+    s = socket.create_connection(("127.0.0.1", m.port), timeout=10)
+    s.settimeout(10)
+    return s
+
+
+def _read_hello(s):
+    dec = wire.Decoder(max_ctl=wire.PREAUTH_MAX_CTL, allow_frames=False)
+    while True:
+        msgs = dec.feed(b"")
+        if msgs:
+            assert msgs[0][0] == "hello"
+            return msgs[0][1]
+        b = s.recv(4096)
+        assert b, "the manager closed the connection before its hello"
+        dec.buf += b
+
+
+def _closed_by_manager(s):
+    """True when the manager closes the connection (EOF or reset) within the socket timeout."""
+    try:
+        while True:
+            b = s.recv(65536)
+            if not b:
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+    finally:
+        s.close()
+
+
+@pytest.mark.timeout(120)
+def test_bad_clients_are_rejected_while_the_run_goes_on(manager, spawned):
+    m = manager
+    expect = {m.submit(PythonTask(sleepy_square, i, 0.02)): i * i for i in range(150)}
+    wait_all_first = wait_all(m, 5, timeout=30)      # the run is going
+
+    peers = {}
+    # a raw client speaking the handshake with a wrong MAC
+    s = _connect(m)
+    peers["bad mac"] = "%s:%d" % s.getsockname()[:2]
+    hello = _read_hello(s)
+    s.sendall(wire.encode_bytes("auth", {"v": wire.VERSION, "nonce": auth.nonce(),
+                                          "mac": auth.mac("not the secret", "worker", hello["nonce"], "x")}))
+    assert _closed_by_manager(s), "bad MAC: connection stayed open"
+    # garbage bytes
+    s = _connect(m)
+    peers["garbage"] = "%s:%d" % s.getsockname()[:2]
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + os.urandom(4096))
+    assert _closed_by_manager(s), "garbage: connection stayed open"
+    # a valid header claiming a 2 GiB control part
+    s = _connect(m)
+    peers["oversized"] = "%s:%d" % s.getsockname()[:2]
+    _read_hello(s)
+    s.sendall(wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.CODES["auth"], 0, 2 << 30))
+    assert _closed_by_manager(s), "oversized: connection stayed open"
+    # a real worker with the wrong secret
+    env = dict(os.environ, VINEHPC_SECRET="definitely-not-the-secret")
+    bad = subprocess.Popen([sys.executable, "-m", "vinehpc", "worker", "127.0.0.1:%d" % m.port, "--cores", "1",
+                            "--no-reconnect", "--connect-timeout", "10"], env=env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    spawned.append(bad)
+    try:
+        _, err = bad.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(diagnose(m, "the wrong-secret worker did not exit within 30 s"), pytrace=False)
+    assert bad.returncode != 0, err
+
+    rest = wait_all(m, len(expect) - len(wait_all_first), timeout=60)
+    got = {**wait_all_first, **rest}
+    assert {tid: t.output for tid, t in got.items()} == expect
+    assert m.stats["workers"] == 2
+
+    recs = close_and_check(m)
+    closed = {r.get("peer"): r.get("reason", "") for r in recs if r.get("event") == "connection closed"}
+    rejected = [r for r in recs if r.get("event") == "rejected"]
+    assert peers["bad mac"] in closed and "secret" in closed[peers["bad mac"]]
+    assert peers["bad mac"] in {r.get("peer") for r in rejected}
+    assert "protocol error" in closed.get(peers["garbage"], ""), closed
+    assert "exceeds the limit" in closed.get(peers["oversized"], ""), closed
+    assert len(rejected) == 2, rejected                      # bad MAC + wrong-secret worker
+    assert len([r for r in recs if r.get("event") == "worker joined"]) == 2
+    assert not [r for r in during_run(recs) if r.get("event") in ("worker lost", "requeued")]
+
+
+# ====================================================================== 6. failures are data
+@pytest.mark.timeout(60)
+def test_missing_command_fails_with_127_and_others_go_on(manager):
+    m = manager
+    bad = m.submit(Task("no-such-command-vinehpc-xyz --flag"))
+    good = [m.submit(Task("echo ok %d" % i)) for i in range(20)]
+    got = wait_all(m, 21, timeout=30)
+    t = got[bad]
+    assert not t.successful()
+    assert t.exit_code == 127
+    assert "not found" in t.std_output
+    for tid in good:
+        assert got[tid].successful() and got[tid].std_output.strip().startswith("ok"), got[tid].reason
+
+
+@pytest.mark.timeout(60)
+def test_time_max_kills_a_long_task_quickly(manager):
+    m = manager
+    t = Task("sleep 30").set_time_max(1)
+    t0 = time.monotonic()
+    m.submit(t)
+    got = wait_all(m, 1, timeout=25)
+    elapsed = time.monotonic() - t0
+    assert got[t.id] is t
+    assert t.result == "max wall time", (t.result, t.reason)
+    assert not t.successful()
+    assert 0.9 <= elapsed < 10, elapsed
+
+
+@pytest.mark.timeout(60)
+def test_python_exception_chain_task_error_value_error_remote_traceback(manager):
+    m = manager
+    t = PythonTask(raise_value_error_for_test, 7)
+    m.submit(t)
+    wait_all(m, 1, timeout=30)
+    with pytest.raises(TaskError) as ei:
+        t.output
+    ve = ei.value.__cause__
+    assert isinstance(ve, ValueError) and "bad value 7" in str(ve)
+    assert t.exception is ve
+    rtb = ve.__cause__
+    assert isinstance(rtb, RemoteTraceback)
+    assert "raise_value_error_for_test" in str(rtb)
+    assert "ValueError" in str(rtb)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason="BUG: a PythonTask whose function raised comes back with result "
+                   "'success', successful() True, journaled as 'done' and never retried "
+                   "(worker/main.py _py_done always reports status success)")
+def test_python_task_that_raises_is_a_failure_and_is_retried(manager):
+    m = manager
+    t = PythonTask(raise_value_error_for_test, 7).set_retries(1)
+    m.submit(t)
+    wait_all(m, 1, timeout=30)
+    recs = close_and_check(m)
+    assert isinstance(t.exception, ValueError)
+    assert not t.successful()
+    assert t.result == "failed"
+    assert by_task(recs, "failed")[t.id] == 1 and by_task(recs, "done")[t.id] == 0
+    assert [r.get("attempt") for r in recs if r.get("event") == "retry" and r.get("task") == t.id] == [1]
+
+
+@pytest.mark.timeout(60)
+def test_retries_are_journaled_for_a_missing_output(manager, tmp_path):
+    m = manager
+    t = Task("true").set_retries(2)
+    t.add_output(m.declare_file(tmp_path / "never.txt"), "never.txt")
+    m.submit(t)
+    wait_all(m, 1, timeout=30)
+    assert t.result == "output missing" and not t.successful()
+    assert t.attempts == 3
+    recs = close_and_check(m)
+    retries = [r for r in recs if r.get("event") == "retry" and r.get("task") == t.id]
+    assert [r.get("attempt") for r in retries] == [1, 2]
+    assert by_task(recs, "failed")[t.id] == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason="BUG: a command exiting non-zero comes back with result 'success' "
+                   "and set_retries() never retries it (worker/main.py _proc_exited reports status success; "
+                   "core/state.py task_done returns before the retry branch)")
+def test_retries_are_journaled_for_a_failing_command(manager):
+    m = manager
+    t = Task("exit 3").set_retries(2)
+    m.submit(t)
+    wait_all(m, 1, timeout=30)
+    assert not t.successful()
+    assert t.exit_code == 3
+    recs = close_and_check(m)
+    retries = [r for r in recs if r.get("event") == "retry" and r.get("task") == t.id]
+    assert [r.get("attempt") for r in retries] == [1, 2]
+    assert t.attempts == 3
+    assert t.result == "failed"
+    assert by_task(recs, "failed")[t.id] == 1
+
+
+# ====================================================================== 7. Executor
+@pytest.fixture
+def executor(tmp_path):
+    ex = vinehpc.Executor(max_workers=2, run_dir=str(tmp_path / "exrun"))
+    try:
+        ex.manager.wait_for_workers(2, timeout=30)
+        yield ex
+    finally:
+        tree = process_tree(ex.manager._local.pids())
+        ex.shutdown(wait=True, cancel_futures=True)
+        assert_no_survivors(tree, timeout=15, what="executor worker processes after shutdown")
+
+
+@pytest.mark.timeout(60)
+def test_executor_map_equals_local(executor):
+    items = list(range(200))
+    assert list(executor.map(square, items, timeout=60)) == [square(x) for x in items]
+
+
+@pytest.mark.timeout(60)
+def test_executor_reraises_remote_exception_as_itself(executor):
+    fut = executor.submit(raise_value_error_for_test, "x")
+    with pytest.raises(ValueError, match="bad value 'x'") as ei:
+        fut.result(timeout=30)
+    assert type(ei.value) is ValueError
+    assert isinstance(ei.value.__cause__, RemoteTraceback)
+    assert "raise_value_error_for_test" in str(ei.value.__cause__)
+
+
+@pytest.mark.timeout(60)
+def test_executor_as_completed_yields_in_completion_order(executor):
+    slow = executor.submit(sleepy_square, 1000, 2.0)
+    fast = [executor.submit(sleepy_square, i, 0.001) for i in range(20)]
+    order = list(cf.as_completed([slow] + fast, timeout=60))
+    assert set(order) == {slow, *fast} and len(order) == 21
+    # the 2 s call was submitted first but finishes after most of the others (a few fast
+    # ones may be queued behind it on its worker)
+    assert order.index(slow) >= 10, order.index(slow)
+    assert [f.result() for f in fast] == [i * i for i in range(20)]
+    assert slow.result() == 1000 * 1000
+
+
+# ====================================================================== 8. standalone workers
+@pytest.mark.timeout(60)
+def test_standalone_worker_joins_and_runs_tasks(make_manager, spawned):
+    m = make_manager(port=0)
+    w = start_worker(spawned, m)
+    m.wait_for_workers(1, timeout=30)
+    ids = [m.submit(PythonTask(square, i)) for i in range(20)] + [m.submit(Task("echo hi"))]
+    got = wait_all(m, len(ids), timeout=30)
+    assert all(t.successful() for t in got.values())
+    assert [got[i].output for i in ids[:20]] == [i * i for i in range(20)]
+    assert {t.worker for t in got.values()} == {read_journal(m, "worker joined")[0]["worker"]}
+    m.close()
+    assert w.wait(15) == 0     # the manager said exit
+
+
+@pytest.mark.timeout(90)
+def test_worker_joining_later_takes_work(make_manager, spawned):
+    m = make_manager(port=0)
+    start_worker(spawned, m)
+    m.wait_for_workers(1, timeout=30)
+    expect = {m.submit(PythonTask(sleepy_square, i, 0.02)): i * i for i in range(200)}
+    first = wait_all(m, 10, timeout=30)
+    start_worker(spawned, m)
+    m.wait_for_workers(2, timeout=30)
+    rest = wait_all(m, len(expect) - len(first), timeout=60)
+    got = {**first, **rest}
+    assert {tid: t.output for tid, t in got.items()} == expect
+    wids = [r["worker"] for r in read_journal(m, "worker joined")]
+    assert len(wids) == 2
+    assert wids[1] in {t.worker for t in rest.values()}, "the late worker ran nothing"
+
+
+@pytest.mark.timeout(90)
+def test_worker_leaving_during_the_run_loses_nothing(make_manager, spawned):
+    m = make_manager(port=0)
+    w1, w2 = start_worker(spawned, m), start_worker(spawned, m)
+    m.wait_for_workers(2, timeout=30)
+    expect = {m.submit(PythonTask(sleepy_square, i, 0.01)): i * i for i in range(300)}
+    first = wait_all(m, 40, timeout=30)
+    w1.terminate()
+    try:
+        w1.wait(15)
+    except subprocess.TimeoutExpired:
+        pytest.fail(diagnose(m, "worker did not exit within 15 s of SIGTERM"), pytrace=False)
+    rest = wait_all(m, len(expect) - len(first), timeout=60)
+    assert not set(first) & set(rest)
+    got = {**first, **rest}
+    assert {tid: t.output for tid, t in got.items()} == expect
+    recs = close_and_check(m)
+    assert len([r for r in during_run(recs) if r.get("event") == "worker lost"]) == 1
+    done = by_task(recs, "done")
+    assert [tid for tid in expect if done[tid] != 1] == []
+    assert w2.wait(15) == 0
+
+
+# ====================================================================== 9. vinehpc run
+def vinehpc_run(tmp_path, *args, timeout=120, **kw):
+    env = dict(os.environ, VINEHPC_RUN_DIR=str(tmp_path / "runs"), VINEHPC_PROGRESS="never")
+    env.pop("VINEHPC_SECRET", None)
+    try:
+        return subprocess.run([sys.executable, "-m", "vinehpc", "run", *args], cwd=REPO, env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail("vinehpc run %s did not end within %s s\nstdout: %s\nstderr: %s"
+                    % (args, timeout, e.stdout, e.stderr), pytrace=False)
+
+
+# The script waits until its workers run a Python task and a `sleep`, records every
+# descendant of its own process (pid, create time), then ends the way argv[2] says.
+ENDING_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    import psutil
+    import vinehpc
+    from vinehpc import Manager, PythonTask, Task
+
+    m = Manager()
+    t = PythonTask(pow, 2, 10)
+    m.submit(t)
+    m.submit(Task("sleep 60"))
+    done = m.wait(30)
+    assert done is t and t.output == 1024, done
+    me = psutil.Process()
+    deadline = time.monotonic() + 30
+    while not any(p.name() == "sleep" for p in me.children(recursive=True)):
+        assert time.monotonic() < deadline, "sleep never started"
+        time.sleep(0.05)
+    with open(sys.argv[1], "w") as f:
+        json.dump([[p.pid, p.create_time()] for p in me.children(recursive=True)], f)
+    if sys.argv[2] == "raise":
+        raise RuntimeError("boom from the user script")
+    sys.exit(int(sys.argv[2]))
+""")
+
+
+def recorded_tree(path):
+    out = []
+    for pid, ctime in json.loads(path.read_text()):
+        try:
+            p = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            continue
+        if abs(p.create_time() - ctime) < 0.01:    # not a recycled pid
+            out.append(p)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_run_example_script_exits_0(tmp_path):
+    r = vinehpc_run(tmp_path, "-n", "2", "examples/tasks.py", "2000")
+    assert r.returncode == 0, r.stderr
+    assert "pi ~" in r.stdout
+
+
+@pytest.mark.timeout(90)
+def test_run_script_that_raises_exits_nonzero_and_leaves_no_process(tmp_path):
+    script = tmp_path / "raises.py"
+    script.write_text(ENDING_SCRIPT)
+    tree_file = tmp_path / "tree.json"
+    r = vinehpc_run(tmp_path, "-n", "2", str(script), str(tree_file), "raise", timeout=60)
+    assert r.returncode != 0
+    assert "Traceback" in r.stderr and "RuntimeError: boom from the user script" in r.stderr
+    names = json.loads(tree_file.read_text())
+    assert len(names) >= 4           # 2 workers, a pyrunner, sh/sleep
+    assert_no_survivors(recorded_tree(tree_file), timeout=10, what="processes started by `vinehpc run`")
+
+
+@pytest.mark.timeout(90)
+def test_run_script_exit_code_is_passed_through(tmp_path):
+    script = tmp_path / "exits.py"
+    script.write_text(ENDING_SCRIPT)
+    tree_file = tmp_path / "tree.json"
+    r = vinehpc_run(tmp_path, "-n", "2", str(script), str(tree_file), "3", timeout=60)
+    assert r.returncode == 3, r.stderr
+    assert_no_survivors(recorded_tree(tree_file), timeout=10, what="processes started by `vinehpc run`")
+
+
+@pytest.mark.timeout(60)
+def test_run_missing_script_exits_2_naming_it(tmp_path):
+    missing = tmp_path / "no_such_script_here.py"
+    r = vinehpc_run(tmp_path, "-n", "1", str(missing), timeout=30)
+    assert r.returncode == 2
+    assert str(missing) in r.stderr
+
+
+CTRL_C_SCRIPT = textwrap.dedent("""
+    import vinehpc
+    from vinehpc import Manager, Task
+    m = Manager()
+    for _ in range(4):
+        m.submit(Task("sleep 60"))
+    while not m.empty():
+        m.wait(5)
+""")
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_stops_run_with_130_and_leaves_no_process(tmp_path):
+    script = tmp_path / "long.py"
+    script.write_text(CTRL_C_SCRIPT)
+    runs = tmp_path / "runs"
+    env = dict(os.environ, VINEHPC_RUN_DIR=str(runs), VINEHPC_PROGRESS="never")
+    env.pop("VINEHPC_SECRET", None)
+    p = subprocess.Popen([sys.executable, "-m", "vinehpc", "run", "-n", "2", str(script)], cwd=REPO, env=env,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        def dispatched():
+            for j in runs.glob("*/transactions.jsonl"):
+                if read_journal(j.parent, "dispatched"):
+                    return True
+            return p.poll() is not None        # ended early: fail below with its output
+
+        poll(dispatched, 30, "a dispatched task in %s" % runs)
+        assert p.poll() is None, p.communicate()
+
+        def running_sleeps():
+            tree = process_tree([p.pid])
+            return tree if sum(1 for q in tree if q.name() == "sleep") == 2 else None
+
+        tree = poll(running_sleeps, 30, "two running sleep tasks")
+        names = collections.Counter(q.name() for q in tree)
+        assert names["sleep"] == 2 and len(tree) >= 5, names      # run, 2 workers, (2 sh,) 2 sleep
+        os.killpg(os.getpgid(p.pid), signal.SIGINT)
+        try:
+            out, err = p.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("vinehpc run did not exit within 20 s of SIGINT", pytrace=False)
+        assert p.returncode == 130, err
+        assert_no_survivors(tree, timeout=10, what="processes of an interrupted `vinehpc run`")
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
