@@ -74,7 +74,8 @@ class Worker:
         self._wr, self._ww = socket.socketpair()
         self._wr.setblocking(False)
         self.sel.register(self._wr, selectors.EVENT_READ, ("wake", None))
-        self.pool = PyPool(self.sel, max_runners=max(1, self.total["cores"]), workdir=self.workdir)
+        self.guard = Guardian()
+        self.pool = PyPool(self.sel, max_runners=max(1, self.total["cores"]), workdir=self.workdir, guard=self.guard)
         self.fetcher = cf.ThreadPoolExecutor(4, thread_name_prefix="vinehpc-fetch")
         self.fetched = collections.deque()
         self.fetching = {}       # cachename -> [runs waiting]
@@ -253,6 +254,7 @@ class Worker:
 
     def shutdown(self):
         self.pool.close()
+        self.guard.close()
         self.fetcher.shutdown(wait=False, cancel_futures=True)
         if self.own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -410,6 +412,7 @@ class Worker:
             env = spec.get("env") or {}
             if spec.get("cmd") is not None:
                 r.proc = CommandProcess(spec["cmd"], r.sandbox.path, env, r.sandbox.stdout_path)
+                self.guard.add(r.proc.pid)
                 self.sel.register(r.proc.fileno(), selectors.EVENT_READ, ("proc", r))
             else:
                 fid = spec["fid"]
@@ -425,6 +428,7 @@ class Worker:
         except (KeyError, ValueError):
             pass
         code, sig = r.proc.reap()
+        self.guard.remove(r.proc.pid)
         if self.runs.get(r.id) is not r:
             return
         out = r.sandbox.read_stdout()
@@ -554,6 +558,7 @@ class Worker:
             except (KeyError, ValueError):
                 pass
             r.proc.reap()
+            self.guard.remove(r.proc.pid)
         elif r.runner is not None:
             self.pool.abandon(r.runner)
         for n, remote, kind, level, url in r.spec.get("inputs", ()):
@@ -561,6 +566,42 @@ class Worker:
         if r.sandbox is not None:
             r.sandbox.remove()
         self._start_queued()
+
+
+class Guardian:
+    """The worker's side of guardian.py: tells it which process groups to kill if we die."""
+
+    SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guardian.py")
+
+    def __init__(self):
+        import subprocess
+        import sys
+        self.proc = subprocess.Popen([sys.executable, "-I", self.SCRIPT], stdin=subprocess.PIPE,
+                                     start_new_session=True)
+        self.fd = self.proc.stdin.fileno()
+
+    def _say(self, line):
+        try:
+            os.write(self.fd, line)
+        except OSError:
+            pass
+
+    def add(self, pgid):
+        self._say(b"+%d\n" % pgid)
+
+    def remove(self, pgid):
+        self._say(b"-%d\n" % pgid)
+
+    def close(self):
+        """Normal exit: everything is reaped already; closing stdin lets the guardian end."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(5)
+        except Exception:
+            self.proc.kill()
 
 
 def encode_b(name, ctl, frames=()):

@@ -33,8 +33,9 @@ class Runner:
 
 
 class PyPool:
-    def __init__(self, sel, *, max_runners: int, workdir: str):
+    def __init__(self, sel, *, max_runners: int, workdir: str, guard=None):
         self.sel = sel
+        self.guard = guard
         self.max = max_runners
         self.workdir = workdir
         self.runners = []
@@ -47,6 +48,8 @@ class PyPool:
         proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),), cwd=self.workdir,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         theirs.close()
+        if self.guard is not None:
+            self.guard.add(proc.pid)
         mine.setblocking(False)
         r = Runner(mine, proc)
         self.runners.append(r)
@@ -92,6 +95,8 @@ class PyPool:
         tid = r.tid
         self._drop(r)
         code = r.proc.wait()
+        if self.guard is not None:
+            self.guard.remove(r.proc.pid)
         self.last_death = signal_name(-code) if code < 0 else "exit code %d" % code
         return [(tid, None)] if tid is not None else []
 
@@ -116,6 +121,8 @@ class PyPool:
         self.kill(r)
         self._drop(r)
         r.proc.wait()
+        if self.guard is not None:
+            self.guard.remove(r.proc.pid)
 
     def forget_functions(self):
         pass   # function ids are content hashes: what a runner holds stays valid
@@ -135,6 +142,8 @@ class PyPool:
             except subprocess.TimeoutExpired:
                 self.kill(r)
                 r.proc.wait()
+            if self.guard is not None:
+                self.guard.remove(r.proc.pid)
         self.runners = []
 
 
