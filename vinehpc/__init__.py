@@ -2,7 +2,7 @@
 from .file import File
 from .futures import Executor
 from .manager import Manager
-from .task import PythonTask, RemoteTraceback, Task, TaskError
+from .task import PythonTask, RemoteTraceback, Resumable, Task, TaskError
 
 __version__ = "0.1.0"
-__all__ = ["Manager", "Task", "PythonTask", "Executor", "File", "TaskError", "RemoteTraceback", "__version__"]
+__all__ = ["Manager", "Task", "PythonTask", "Executor", "File", "TaskError", "RemoteTraceback", "Resumable", "__version__"]

@@ -13,9 +13,10 @@ from . import _context, config
 from .core import Core
 from .file import URL, Buffer, File, Temp, url_validators
 from .journal import Journal
+from .resume import Resume, task_key
 from .protocol import auth
 from .server import Server
-from .task import PythonTask, Task
+from .task import PythonTask, Resumable, Task
 
 log = logging.getLogger("vinehpc.manager")
 _run_seq = itertools.count()
@@ -42,13 +43,17 @@ class Manager:
 
     Keyword arguments: host (address to bind, default all interfaces, or loopback for local
     runs), secret (default: VINEHPC_SECRET or a fresh one), run_dir (default
-    ./vine-run-info/<time>), local_workers, cores_per_worker, scheduler ("files" or "fcfs").
+    ./vine-run-info/<time>), local_workers, cores_per_worker, scheduler ("files" or "fcfs"),
+    resume (default: on under `vinehpc pilot`): tasks that completed in an earlier run with the
+    same run_dir are returned as recorded instead of run again (see vinehpc/resume.py for
+    what makes two tasks the same).
     """
 
     def __init__(self, port: int | None = None, *, host: str | None = None, secret: str | None = None,
                  run_dir: str | None = None, local_workers: int | None = None,
                  cores_per_worker: int | None = None, scheduler: str = "files",
-                 keepalive_interval: float | None = None, keepalive_timeout: float | None = None):
+                 keepalive_interval: float | None = None, keepalive_timeout: float | None = None,
+                 resume: bool | None = None):
         ctx = _context.current()
         opts = ctx.manager_options() if ctx is not None and port is None and local_workers is None else {}
         self._ctx = ctx if opts else None
@@ -60,28 +65,39 @@ class Manager:
         self.secret = secret or opts.get("secret") or config.secret() or auth.new_secret()
         if host is None:
             host = opts.get("host") or ("127.0.0.1" if local_workers else "0.0.0.0")
-        self.run_dir = os.path.abspath(run_dir) if run_dir else _new_run_dir(opts.get("run_dir") or config.run_dir_root())
+        if run_dir:
+            self.run_dir = os.path.abspath(run_dir)
+        elif opts.get("run_dir"):
+            self.run_dir = opts["run_dir"]        # a launcher's (stable across resubmissions)
+        else:
+            self.run_dir = _new_run_dir(config.run_dir_root())
         os.makedirs(self.run_dir, exist_ok=True)
         staging = os.path.join(self.run_dir, "staging")
         os.makedirs(staging, exist_ok=True)
+        self.resume = Resume(self.run_dir) if (resume if resume is not None else opts.get("resume", False)) else None
         self.journal = Journal(os.path.join(self.run_dir, "transactions.jsonl"))
         self.core = Core(policy=scheduler)
         ka_i = keepalive_interval or config.keepalive_interval()
         ka_t = keepalive_timeout or config.keepalive_timeout()
         try:
             self._server = Server(self.core, host=host, port=port or 0, secret=self.secret, journal=self.journal,
-                                  staging=staging, keepalive_interval=ka_i, keepalive_timeout=ka_t)
+                                  staging=staging, keepalive_interval=ka_i, keepalive_timeout=ka_t,
+                                  sock=opts.get("sock"), final_exit=opts.get("final_exit", True),
+                                  resume=self.resume)
         except OSError as e:
             raise OSError(e.errno, "cannot listen on %s:%s: %s (choose another port, or 0 for any)"
                           % (host, port, e.strerror)) from None
         self.port = self._server.port
         self.host = host
         contact = host if host not in ("0.0.0.0", "::", "") else socket.gethostname()
-        self.address = "%s:%d" % (contact, self.port)
-        self.secret_file = os.path.join(self.run_dir, "secret")
-        auth.write_secret(self.secret_file, self.secret)
+        self.address = opts.get("address") or "%s:%d" % (contact, self.port)
+        self.secret_file = None
+        if opts.get("write_secret", True):
+            self.secret_file = os.path.join(self.run_dir, "secret")
+            auth.write_secret(self.secret_file, self.secret)
         self.journal.write({"event": "manager started", "address": self.address, "pid": os.getpid(),
-                            "python": sys.version.split()[0]})
+                            "python": sys.version.split()[0],
+                            "resumable": len(self.resume.completed) if self.resume else None})
         self._submitted = self._returned = 0
         self._closed = False
         self._local = None
@@ -141,11 +157,20 @@ class Manager:
             if f.kind == "file" and f.producer is None and not f.exists():
                 raise FileNotFoundError("input %r of the task does not exist (it would be %r in the sandbox)"
                                         % (f.source, remote))
+        if self.resume is not None:
+            task._key = task_key(task)
+            for f, remote in task.outputs:
+                f._made_by = (task._key, remote)
         task.id = self._next_id()
         for f, _ in task.outputs:
             f.producer = task.id
         task.state = "submitted"
-        self._server.post("submit", task)
+        rec = self.resume.lookup(task) if self.resume is not None else None
+        if rec is not None:
+            self.resume.restore(task, rec)
+            self._server.post("resumed", task)
+        else:
+            self._server.post("submit", task)
         return task.id
 
     _ids = itertools.count(1)
@@ -166,6 +191,9 @@ class Manager:
         deadline = None if timeout is None else time.monotonic() + timeout
         with srv.cond:
             while not srv.done:
+                if srv.drained:
+                    raise Resumable("the manager stopped for the walltime; %d task(s) not run: submit the same "
+                                    "job again to run them (completed tasks are not run again)" % self._outstanding)
                 if srv.error is not None:
                     raise RuntimeError("the manager's I/O thread failed: %r" % (srv.error,)) from srv.error
                 if self._outstanding == 0 or self._closed:
@@ -180,6 +208,11 @@ class Manager:
             task = srv.done.popleft()
             self._returned += 1
         return task
+
+    def drain(self, grace: float) -> None:
+        """Stop dispatching; give running tasks `grace` seconds, then cancel them. Afterwards
+        wait() raises vinehpc.Resumable once the finished tasks are collected (walltime)."""
+        self._server.post("drain", float(grace))
 
     def empty(self) -> bool:
         """True when every submitted task has been returned by wait()."""

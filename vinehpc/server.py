@@ -43,15 +43,24 @@ class Peer:
 
 
 class Server:
-    def __init__(self, core, *, host, port, secret, journal, staging, keepalive_interval, keepalive_timeout):
+    def __init__(self, core, *, host, port, secret, journal, staging, keepalive_interval, keepalive_timeout,
+                 sock=None, final_exit=True, resume=None):
+        """`sock`: an already listening socket (a pilot keeps one for all its managers; it is
+        not closed here).  `final_exit`: on stop, tell workers to exit (True) or to come back
+        for the next manager of the same run (False)."""
         self.core = core
         self.secret = secret
         self.journal = journal
         self.staging = staging
         self.ka_interval = keepalive_interval
         self.ka_timeout = keepalive_timeout
-        self.lsock = socket.create_server((host, port), backlog=512)
+        self.own_lsock = sock is None
+        self.lsock = socket.create_server((host, port), backlog=512) if sock is None else sock
         self.lsock.setblocking(False)
+        self.final_exit = final_exit
+        self.resume = resume
+        self.drained = False
+        self.drain_deadline = None
         self.port = self.lsock.getsockname()[1]
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.lsock, selectors.EVENT_READ, "accept")
@@ -114,9 +123,13 @@ class Server:
                 if now >= next_timer:
                     self._timers(now)
                     next_timer = now + 1.0
+                if self.drain_deadline is not None and not self.drained:
+                    self._check_drain(now)
                 self.core.schedule(now)
                 self._run_cmds()
                 self._flush()
+                if self.resume is not None:
+                    self.resume.flush()     # results before the journal records that point at them
                 self.journal.flush()
                 if self.stopping and not any(p.conn.wants_write() for p in self.all):
                     break
@@ -129,14 +142,39 @@ class Server:
             self.cpu = time.thread_time() - t0
             for p in list(self.all):
                 p.conn.close()
-            self.lsock.close()
+            self.sel.close()
+            if self.own_lsock:
+                self.lsock.close()
+            for s in (self._wr, self._ww):
+                s.close()
             self.journal.flush()
             self.stopped.set()
+
+    def _check_drain(self, now):
+        if self.core.n_running and now < self.drain_deadline:
+            return
+        left = [t for t in self.core.tasks.values() if t.state == "running"]
+        for t in left:
+            self.core.cancel(t.id, now)
+        self._run_cmds()
+        self.journal.write({"event": "drained", "cancelled": [t.id for t in left],
+                            "not run": len(self.core.tasks)})
+        self.drained = True
+        with self.cond:
+            self.cond.notify_all()
 
     def _op(self, op, now):
         kind = op[0]
         if kind == "submit":
             self.core.submit(op[1], now)
+        elif kind == "resumed":
+            self.core.submit_resumed(op[1], now)
+        elif kind == "drain":
+            if self.drain_deadline is None:
+                self.core.draining = True
+                self.drain_deadline = now + op[1]
+                self.journal.write({"event": "draining", "grace": op[1], "running": self.core.n_running,
+                                    "waiting": len(self.core.tasks) - self.core.n_running})
         elif kind == "cancel":
             self.core.cancel(op[1], now)
         elif kind == "call":
@@ -148,7 +186,7 @@ class Server:
         elif kind == "stop":
             self.stopping = True
             for p in list(self.peers.values()):
-                p.conn.send("exit", {"reason": op[1]})
+                p.conn.send("exit", {"reason": op[1], "final": self.final_exit})
                 self.dirty.add(p)
             self._stop_deadline = now + 5.0
 
@@ -322,7 +360,10 @@ class Server:
             if kind == "log":
                 self.journal.write(c[1])
             elif kind == "done":
-                done.append(c[1])
+                t = c[1]
+                done.append(t)
+                if self.resume is not None and t.result == "success" and not t.resumed:
+                    self.journal.write(self.resume.record(t))
             else:
                 p = self.peers.get(c[1])
                 if p is None:

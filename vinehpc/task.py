@@ -16,6 +16,14 @@ class TaskError(Exception):
     """A PythonTask did not produce a value (it raised, or the task failed)."""
 
 
+class Resumable(BaseException):
+    """The run stopped early (walltime warning): what did not run will run when it is resumed.
+
+    A BaseException, like KeyboardInterrupt, so that a script's `except Exception` does not
+    swallow it and the pilot can exit as "resumable".
+    """
+
+
 class RemoteTraceback(Exception):
     """The traceback of an exception raised on a worker, attached as __cause__."""
 
@@ -68,6 +76,8 @@ class Task:
         self.time_max = None
         self.retries = 0
         self.tag = None
+        self.key = None
+        self.resumed = False
         self.category = "default"
         # filled when the task comes back
         self.state = "new"
@@ -150,6 +160,14 @@ class Task:
 
     def set_tag(self, tag: str) -> "Task":
         self.tag = str(tag)
+        return self
+
+    def set_key(self, key: str) -> "Task":
+        """Your identity for this task when a run is resumed (default: derived from its command or
+        function, arguments, environment and input contents; see vinehpc/resume.py)."""
+        if not isinstance(key, str) or not key:
+            raise ValueError("key must be a non-empty string, got %r" % (key,))
+        self.key = key
         return self
 
     def set_category(self, category: str) -> "Task":

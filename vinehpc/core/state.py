@@ -71,6 +71,7 @@ class Core:
         self.unproduced = {}               # temp cachename -> why its producer failed
         self.counts = collections.Counter()
         self.n_running = 0
+        self.draining = False
         self._recovery_ids = -1
 
     # ------------------------------------------------------------------ helpers
@@ -114,6 +115,19 @@ class Core:
         self._log("submitted", task=task.id, kind=type(task).__name__, category=task.category,
                   tag=task.tag, resources=task._res)
         self._make_ready_or_wait(task)
+
+    def submit_resumed(self, task, now):
+        """A task completed in an earlier run: known (its temps can be re-made), not run."""
+        task._res = task_resources(task)
+        task._wid = None
+        task._tries = 0
+        self.tasks[task.id] = task
+        self.counts["submitted"] += 1
+        for f, _ in task.outputs:
+            if f.kind == "temp":
+                self.producer_of[f.cachename()] = task
+        self._log("resumed", task=task.id, key=getattr(task, "_key", None))
+        self._finish(task, "success", "completed in an earlier run", resumed=True)
 
     def _make_ready_or_wait(self, task, front=False):
         for f, _ in task.inputs:
@@ -248,7 +262,7 @@ class Core:
         return task
 
     # ------------------------------------------------------------------ internals
-    def _finish(self, task, result, reason, ok=None):
+    def _finish(self, task, result, reason, ok=None, resumed=False):
         task.result = result
         task.reason = reason
         task.state = "done"
@@ -256,7 +270,8 @@ class Core:
         ok = (result == "success") if ok is None else ok
         if task.id >= 0:
             self.counts["done" if ok else "failed"] += 1
-        self._log("done" if ok else "failed", task=task.id, worker=task._wid, result=result,
+        if not resumed:
+            self._log("done" if ok else "failed", task=task.id, worker=task._wid, result=result,
                   exit_code=task.exit_code, reason=reason, wall=task.wall_time, attempts=task.attempts)
         for f, _ in task.outputs:
             k = self._key(f)
@@ -305,7 +320,7 @@ class Core:
     # ------------------------------------------------------------------ scheduling
     def schedule(self, now):
         """Dispatch ready tasks to workers with room. Returns how many were dispatched."""
-        if not self.ready or not self.workers:
+        if not self.ready or not self.workers or self.draining:
             return 0
         free = [w for w in self.workers.values() if w.committed["cores"] < w.total["cores"] * PREFETCH_FACTOR]
         if not free:

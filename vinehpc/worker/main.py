@@ -34,6 +34,10 @@ class ManagerGone(Exception):
     pass
 
 
+class SessionOver(Exception):
+    """The manager ended its workflow; the run goes on (a pilot's next manager)."""
+
+
 class Run:
     """One task on this worker."""
     __slots__ = ("id", "spec", "args", "res", "state", "sandbox", "proc", "runner", "started", "deadline",
@@ -118,6 +122,8 @@ class Worker:
                 served = True
                 try:
                     self._serve()
+                except SessionOver as e:
+                    log.info("session over (%s); waiting for the next manager", e)
                 except (ManagerGone, Closed, ProtocolError) as e:
                     log.warning("lost the manager: %s", e)
                 finally:
@@ -276,7 +282,10 @@ class Worker:
         pass
 
     def _on_exit(self, ctl, frames):
-        self.exit_requested = True
+        if ctl.get("final", True) or not self.reconnect:
+            self.exit_requested = True
+        else:
+            raise SessionOver(ctl.get("reason") or "the manager closed")
 
     def _on_fn(self, ctl, frames):
         self.fns[ctl["fid"]] = frames[0]
