@@ -80,6 +80,12 @@ class LocalRun:
         with self.lock:
             self.managers[manager] = lw
 
+    def open_manager(self):
+        """The most recent open Manager of this run (an Executor() shares it), or None."""
+        with self.lock:
+            ms = [m for m in self.managers if not m._closed]
+        return ms[-1] if ms else None
+
     def manager_closed(self, manager) -> None:
         with self.lock:
             lw = self.managers.pop(manager, None)

@@ -1,7 +1,7 @@
 """The run a Manager() belongs to, when a launcher (vinehpc run / pilot) set one up.
 
-A context has manager_options() -> dict(host, secret, run_dir), manager_started(manager)
-and manager_closed(manager).  Launchers set it; the Manager only reads it.
+A context has manager_options() -> dict (host, secret, run_dir, ...), manager_started(m),
+manager_closed(m) and open_manager() -> the Manager an Executor() should share, or None.  Launchers set it; the Manager only reads it.
 """
 _current = None
 

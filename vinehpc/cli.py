@@ -44,9 +44,27 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("script")
     r.add_argument("args", nargs=argparse.REMAINDER)
 
+    pl = sub.add_parser("pilot", help="run a tasks.py as a pilot job inside an allocation (under srun/mpiexec)",
+                        description="Under MPI (srun --mpi=pmi2, mpiexec): rank 0 runs SCRIPT with the manager; the "
+                                    "other ranks start workers sized from the allocation. MPI is used only to meet.")
+    pl.add_argument("--workers-per-node", type=_positive_int, metavar="N",
+                    help="workers on each node (default: one per MPI rank)")
+    pl.add_argument("--cores-per-worker", type=_positive_int, metavar="C",
+                    help="default: the rank's CPUs (--cpus-per-task) divided among its workers")
+    pl.add_argument("--manager-node-works", action="store_true",
+                    help="also start workers on the manager's node (rank 0)")
+    pl.add_argument("--run-dir", help="default: ./vine-run-info/pilot-<script>; the same dir resumes a run")
+    pl.add_argument("--port", type=_nonneg_int, default=0, help="manager port (default: any free port)")
+    pl.add_argument("--grace", type=float, metavar="S",
+                    help="seconds running tasks get after the walltime warning (default $VINEHPC_GRACE or 60)")
+    pl.add_argument("script")
+    pl.add_argument("args", nargs=argparse.REMAINDER)
+
     w = sub.add_parser("worker", help="join a running manager",
-                       description="Connect to the manager at HOST:PORT and run its tasks.")
-    w.add_argument("address", metavar="HOST:PORT")
+                       description="Connect to the manager at HOST:PORT (or the one in a pilot's contact file) "
+                                   "and run its tasks.")
+    w.add_argument("address", metavar="HOST:PORT", nargs="?")
+    w.add_argument("--contact", metavar="FILE", help="a pilot's contact file (RUN_DIR/contact.json)")
     w.add_argument("--cores", type=_positive_int)
     w.add_argument("--memory", type=_nonneg_int, help="MB (default: all of this machine's)")
     w.add_argument("--disk", type=_nonneg_int, help="MB (default: free space of the work dir)")
@@ -56,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--connect-timeout", type=float, default=60.0, metavar="S",
                    help="give up after S seconds without reaching the manager (default 60)")
     w.add_argument("--no-reconnect", action="store_true", help="exit when the manager connection ends")
+    w.add_argument("--exit-on-refused", action="store_true",
+                   help="exit at once when the manager refuses connections (a pilot's workers: the run is over)")
     w.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -67,7 +87,21 @@ def _version():
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    return {"run": cmd_run, "worker": cmd_worker}[args.command](args)
+    return {"run": cmd_run, "worker": cmd_worker, "pilot": cmd_pilot}[args.command](args)
+
+
+def cmd_pilot(args) -> int:
+    try:
+        from launcher import pilot
+        import mpi4py  # noqa: F401  (checked here for a clear message)
+    except ImportError:
+        print("vinehpc pilot: mpi4py is not installed: pip install mpi4py (and an MPI: pip install mpich, "
+              "or your site's module)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="vinehpc pilot: %(message)s")
+    return pilot.main(args.script, args.args, workers_per_node=args.workers_per_node,
+                      cores_per_worker=args.cores_per_worker, manager_node_works=args.manager_node_works,
+                      run_dir=args.run_dir, port=args.port, grace=args.grace)
 
 
 def cmd_worker(args) -> int:
@@ -76,7 +110,19 @@ def cmd_worker(args) -> int:
     from .worker.main import main as worker_main
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="vinehpc worker %(process)d: %(message)s")
-    if args.secret_file:
+    if args.contact:
+        from launcher.pilot import read_contact
+        try:
+            address, secret = read_contact(args.contact)
+        except (OSError, ValueError, KeyError) as e:
+            print("vinehpc worker: cannot read the contact file: %s" % e, file=sys.stderr)
+            return 2
+        if args.address is None:
+            args.address = address
+    elif args.address is None:
+        print("vinehpc worker: give the manager as HOST:PORT, or --contact FILE", file=sys.stderr)
+        return 2
+    elif args.secret_file:
         try:
             secret = auth.read_secret(args.secret_file)
         except (OSError, ValueError) as e:
@@ -91,7 +137,7 @@ def cmd_worker(args) -> int:
     try:
         return worker_main(args.address, secret, cores=args.cores, memory=args.memory, disk=args.disk,
                            gpus=args.gpus, workdir=args.workdir, connect_timeout=args.connect_timeout,
-                           reconnect=not args.no_reconnect)
+                           reconnect=not args.no_reconnect, exit_on_refused=args.exit_on_refused)
     except ValueError as e:
         print("vinehpc worker: %s" % e, file=sys.stderr)
         return 2
@@ -112,7 +158,7 @@ def cmd_run(args) -> int:
     return run_script(script, args.args, LocalRun(workers, args.cores_per_worker, progress=progress))
 
 
-def run_script(script: str, argv: list, ctx) -> int:
+def run_script(script: str, argv: list, ctx, sigterm=None) -> int:
     """Run `script` as __main__ inside the run context `ctx`; returns the exit status."""
     import runpy
     import signal
@@ -125,7 +171,7 @@ def run_script(script: str, argv: list, ctx) -> int:
     old_argv, old_path = sys.argv, list(sys.path)
     sys.argv = [script] + list(argv)
     sys.path.insert(0, script_dir)
-    old_term = signal.signal(signal.SIGTERM, _raise_sigterm)
+    old_term = signal.signal(signal.SIGTERM, sigterm or _raise_sigterm)
     code = 0
     try:
         runpy.run_path(script, run_name="__main__")
@@ -136,6 +182,9 @@ def run_script(script: str, argv: list, ctx) -> int:
     except KeyboardInterrupt:
         print("\nvinehpc run: interrupted; stopping workers", file=sys.stderr)
         code = 130
+    except task.Resumable as e:
+        print("vinehpc: %s" % e, file=sys.stderr)
+        code = 75
     except BaseException:
         traceback.print_exc()
         print("vinehpc run: %s raised an exception (above); workers stopped" % script, file=sys.stderr)

@@ -147,6 +147,11 @@ class Manager:
     # ---------------------------------------------------------------- tasks
     def submit(self, task: Task) -> int:
         """Queue a task; returns its id. Errors in the task (bad pickles, missing inputs) raise here."""
+        return self._submit(task, None)
+
+    def _submit(self, task: Task, on_done) -> int:
+        """submit(); with `on_done`, the finished task goes to on_done(task) (called on the I/O
+        thread: keep it short) instead of wait(), and does not count for empty()."""
         self._check_open()
         if not isinstance(task, Task):
             raise TypeError("submit needs a Task or PythonTask, got %r" % (task,))
@@ -161,7 +166,8 @@ class Manager:
             task._key = task_key(task)
             for f, remote in task.outputs:
                 f._made_by = (task._key, remote)
-        task.id = self._next_id()
+        task._on_done = on_done
+        task.id = self._next_id(count=on_done is None)
         for f, _ in task.outputs:
             f.producer = task.id
         task.state = "submitted"
@@ -176,9 +182,10 @@ class Manager:
     _ids = itertools.count(1)
     _ids_lock = threading.Lock()
 
-    def _next_id(self):
+    def _next_id(self, count=True):
         with self._ids_lock:
-            self._submitted += 1
+            if count:
+                self._submitted += 1
             return next(self._ids)
 
     @property

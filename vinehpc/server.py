@@ -44,7 +44,7 @@ class Peer:
 
 class Server:
     def __init__(self, core, *, host, port, secret, journal, staging, keepalive_interval, keepalive_timeout,
-                 sock=None, final_exit=True, resume=None):
+                 sock=None, final_exit=True, resume=None, release=False):
         """`sock`: an already listening socket (a pilot keeps one for all its managers; it is
         not closed here).  `final_exit`: on stop, tell workers to exit (True) or to come back
         for the next manager of the same run (False)."""
@@ -59,6 +59,8 @@ class Server:
         self.lsock.setblocking(False)
         self.final_exit = final_exit
         self.resume = resume
+        self.release = release      # only tell every worker that joins to exit (a pilot's end)
+        self.released = 0
         self.drained = False
         self.drain_deadline = None
         self.port = self.lsock.getsockname()[1]
@@ -224,7 +226,7 @@ class Server:
         if p.wid is not None and self.peers.get(p.wid) is p:
             del self.peers[p.wid]
             self.core.worker_lost(p.wid, reason, time.monotonic())
-        else:
+        elif p.state != "released":
             self.journal.write({"event": "connection closed", "peer": p.conn.peer, "reason": reason})
             log.warning("closed connection from %s: %s", p.conn.peer, reason)
 
@@ -265,6 +267,13 @@ class Server:
             p.conn.authenticated()
             p.state = "welcomed"
             self.dirty.add(p)
+        elif p.state == "welcomed" and name == "info" and self.release:
+            p.conn.send("exit", {"reason": "the run is over", "final": True})
+            p.state = "released"
+            self.released += 1
+            self.dirty.add(p)
+            with self.cond:
+                self.cond.notify_all()
         elif p.state == "welcomed" and name == "info":
             p.state = "joined"
             self.peers[p.wid] = p
@@ -361,7 +370,11 @@ class Server:
                 self.journal.write(c[1])
             elif kind == "done":
                 t = c[1]
-                done.append(t)
+                cb = getattr(t, "_on_done", None)
+                if cb is not None:
+                    cb(t)
+                else:
+                    done.append(t)
                 if self.resume is not None and t.result == "success" and not t.resumed:
                     self.journal.write(self.resume.record(t))
             else:

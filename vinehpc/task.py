@@ -92,6 +92,7 @@ class Task:
         self.resources_measured = None
         self._submit_time = None
         self._abytes = None
+        self._on_done = None
 
     def __repr__(self):
         return "<%s %s %s>" % (type(self).__name__, self.id, self.state)

@@ -59,7 +59,7 @@ class Run:
 
 class Worker:
     def __init__(self, address: str, secret: str, *, cores=None, memory=None, disk=None, gpus=None,
-                 workdir=None, connect_timeout=60.0, reconnect=True):
+                 workdir=None, connect_timeout=60.0, reconnect=True, exit_on_refused=False):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError("manager address must be HOST:PORT, got %r" % address)
@@ -74,6 +74,8 @@ class Worker:
         os.makedirs(self.sandboxes, exist_ok=True)
         self.connect_timeout = connect_timeout
         self.reconnect = reconnect
+        self.exit_on_refused = exit_on_refused   # a pilot's worker: a refused connection means the run is over
+        self.refused = False
         self.sel = selectors.DefaultSelector()
         self._wr, self._ww = socket.socketpair()
         self._wr.setblocking(False)
@@ -101,6 +103,9 @@ class Worker:
             while not self.exit_requested:
                 sock = self._connect()
                 if sock is None:
+                    if self.refused:
+                        log.info("the manager at %s:%d no longer listens: the run is over", *self.addr)
+                        return 0
                     if served:
                         log.info("manager %s:%d is gone; exiting", *self.addr)
                         return 0
@@ -140,6 +145,14 @@ class Worker:
         while True:
             try:
                 return socket.create_connection(self.addr, timeout=10)
+            except ConnectionRefusedError:
+                if self.exit_on_refused:
+                    self.refused = True
+                    return None
+                if time.monotonic() + delay > deadline:
+                    return None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
             except OSError:
                 if time.monotonic() + delay > deadline:
                     return None
@@ -161,7 +174,10 @@ class Worker:
                     raise Closed("manager closed the connection during the handshake (wrong secret?)")
                 dec.buf += b
 
+        # a pilot's workers may connect before the script creates its Manager: wait for the hello
+        sock.settimeout(max(15.0, self.connect_timeout))
         hello = expect("hello")
+        sock.settimeout(15)
         theirs = hello.get("nonce")
         if not isinstance(theirs, str):
             raise ProtocolError("hello without a nonce")
@@ -634,5 +650,6 @@ def _chunks(fh, name, ctl):
 
 def main(address, secret, **kw) -> int:
     signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(SystemExit(143)))
+    signal.signal(signal.SIGUSR1, lambda *a: None)   # a pilot's walltime warning is for the manager
     w = Worker(address, secret, **kw)
     return w.run()

@@ -57,6 +57,7 @@ def dump_result(ok, value, tb):
 def main(fd=3):
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the worker decides when we stop
+    signal.signal(signal.SIGUSR1, lambda *a: None)  # a pilot's walltime warning is not for us
     sock = socket.socket(fileno=fd)
     fns = {}
     base_env = dict(os.environ)

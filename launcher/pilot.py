@@ -1,0 +1,264 @@
+"""`vinehpc pilot`: a manager and its workers inside one allocation, met through MPI.
+
+MPI is used only to meet: rank 0 opens the manager's listening socket and broadcasts its
+address and the run's secret (in memory, never on disk), every rank reports how many
+workers it starts, and then MPI is finalized.  From there on workers are ordinary processes
+talking TCP, so a dead worker (kill -9, OOM) is a lost worker whose tasks run elsewhere, not
+an MPI abort of the whole job.
+
+Rank 0 runs tasks.py as __main__; every Manager()/Executor() it creates gets the pilot's
+workers.  The other ranks start workers sized from the allocation and wait for them.  When
+tasks.py ends the workers are told to exit and every rank exits 0 (rank 0 exits with the
+script's status).  On the walltime warning (SIGUSR1, from `#SBATCH --signal=B:USR1@secs`
+forwarded by jobscripts/vine.sh) or SIGTERM, the managers stop dispatching, give running
+tasks a grace period, record what completed and rank 0 exits with RESUMABLE (75): submitting
+the same job again runs only what is left.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from . import slurm
+
+RESUMABLE = 75          # EX_TEMPFAIL: "try again" - the job stopped early and can be resumed
+log = logging.getLogger("vinehpc.pilot")
+
+
+def contact_host(env=os.environ) -> str:
+    """An address of this node that the other nodes can reach."""
+    h = env.get("VINEHPC_MANAGER_HOST")
+    if h:
+        return h
+    name = socket.gethostname()
+    try:
+        return socket.gethostbyname(name)
+    except OSError:
+        return name
+
+
+def plan_workers(rank, nodes, *, workers_per_node=None, manager_node_works=False):
+    """How many workers `rank` starts: one per worker rank, or `workers_per_node` on the
+    lowest worker rank of each node. Rank 0 hosts workers only with manager_node_works."""
+    me = nodes[rank]
+    worker_ranks = [r for r, n in enumerate(nodes) if n == me and (r != 0 or manager_node_works)]
+    if rank not in worker_ranks:
+        return 0, len([n for n in nodes if n == me])
+    ranks_on_node = len([n for n in nodes if n == me])
+    if workers_per_node is None:
+        return 1, ranks_on_node
+    return (workers_per_node if rank == worker_ranks[0] else 0), ranks_on_node
+
+
+def start_workers(n, address, secret, *, cores, memory, connect_timeout):
+    env = dict(os.environ, VINEHPC_SECRET=secret)
+    procs = []
+    for _ in range(n):
+        cmd = [sys.executable, "-m", "vinehpc", "worker", address, "--cores", str(cores),
+               "--connect-timeout", str(connect_timeout), "--exit-on-refused"]
+        if memory is not None:
+            cmd += ["--memory", str(memory)]
+        procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True))
+    return procs
+
+
+class PilotRun:
+    """The run context of rank 0 (see vinehpc/_context.py)."""
+
+    def __init__(self, lsock, address, secret, run_dir, *, expected_workers, grace):
+        self.lsock = lsock
+        self.address = address
+        self.secret = secret
+        self.run_dir = run_dir
+        self.expected = expected_workers
+        self.grace = grace
+        self.managers = []
+        self.n_managers = 0
+        self.walltime = None
+        self.lock = threading.Lock()
+
+    def open_manager(self):
+        with self.lock:
+            ms = [m for m in self.managers if not m._closed]
+        return ms[-1] if ms else None
+
+    def manager_options(self):
+        if self.open_manager() is not None:
+            raise RuntimeError("a pilot runs one Manager at a time (its workers serve one manager): close the "
+                               "first one (m.close()) before creating another, or share it: Executor(manager=m)")
+        with self.lock:
+            d = os.path.join(self.run_dir, "manager-%d" % self.n_managers)
+            self.n_managers += 1
+        return {"sock": self.lsock, "secret": self.secret, "address": self.address, "run_dir": d,
+                "final_exit": False, "resume": True, "write_secret": False}
+
+    def manager_started(self, m):
+        with self.lock:
+            self.managers.append(m)
+        if self.walltime is not None:
+            m.drain(0.0)
+
+    def manager_closed(self, m):
+        with self.lock:
+            if m in self.managers:
+                self.managers.remove(m)
+
+    def on_walltime(self, signum, frame):
+        """SIGUSR1/SIGTERM: stop dispatching, let running tasks finish within the grace."""
+        name = signal.Signals(signum).name
+        grace = self.grace if signum == signal.SIGUSR1 else min(self.grace, 5.0)
+        if self.walltime is None:
+            self.walltime = name
+            sys.stderr.write("vinehpc pilot: %s received (walltime): no new tasks; running ones get %.0f s\n"
+                             % (name, grace))
+        with self.lock:
+            ms = list(self.managers)
+        for m in ms:
+            m.drain(grace)
+
+    def shutdown(self):
+        for m in list(self.managers):
+            try:
+                m.close("tasks.py ended")
+            except Exception:
+                pass
+
+    def release_workers(self, timeout=5.0):
+        """Tell the workers that come back (between managers they reconnect) to exit.
+
+        Those that do not come back within `timeout` (still starting, or lost) find the
+        listening socket closed afterwards, and a pilot's worker exits on a refused connection."""
+        from vinehpc.core import Core
+        from vinehpc.journal import Journal
+        from vinehpc.server import Server
+        expected = self.expected
+        srv = Server(Core(), host="", port=0, secret=self.secret, journal=Journal(None), staging=self.run_dir,
+                     keepalive_interval=5.0, keepalive_timeout=30.0, sock=self.lsock, release=True)
+        srv.start()
+        deadline = time.monotonic() + timeout
+        with srv.cond:
+            while srv.released < expected and time.monotonic() < deadline:
+                srv.cond.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+        srv.post("stop", "pilot over")
+        srv.stopped.wait(10)
+        return srv.released
+
+
+def write_contact(run_dir, address, secret):
+    path = os.path.join(run_dir, "contact.json")
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"address": address, "secret": secret, "job": os.environ.get("SLURM_JOB_ID"),
+                   "pid": os.getpid(), "started": time.time()}, f)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_contact(path):
+    """(address, secret) from a pilot's contact file (which must not be readable by others)."""
+    st = os.stat(path)
+    if st.st_mode & 0o077:
+        raise PermissionError("contact file %s is readable by others (mode %o): chmod 600 %s"
+                              % (path, st.st_mode & 0o777, path))
+    with open(path) as f:
+        d = json.load(f)
+    return d["address"], d["secret"]
+
+
+def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_node_works=False,
+         run_dir=None, port=0, grace=None, connect_timeout=300.0) -> int:
+    from mpi4py import MPI   # lazily, and only here
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    node = slurm.node_name() or MPI.Get_processor_name()
+    nodes = comm.allgather(node)
+    if rank == 0 and size == 1 and not manager_node_works:
+        manager_node_works = True   # a single rank: it has to host the workers too
+    if rank == 0:
+        if not os.path.isfile(script):
+            err = "no such file: %s" % script
+            comm.bcast({"error": err}, root=0)
+            print("vinehpc pilot: " + err, file=sys.stderr)
+            return 2
+        from vinehpc.protocol import auth
+        lsock = socket.create_server(("", port), backlog=1024)
+        address = "%s:%d" % (contact_host(), lsock.getsockname()[1])
+        secret = auth.new_secret()
+        meet = {"address": address, "secret": secret}
+    else:
+        meet = None
+    meet = comm.bcast(meet, root=0)
+    if "error" in meet:
+        return 0 if rank else 2
+    n, ranks_on_node = plan_workers(rank, nodes, workers_per_node=workers_per_node,
+                                    manager_node_works=manager_node_works)
+    cpus = slurm.cpus_for_rank(ranks_on_node=ranks_on_node)
+    if rank == 0 and n:
+        cpus = max(1, cpus - 1) if cpus > 1 else 1    # leave the manager a core where there is one
+    cores = cores_per_worker or max(1, cpus // max(1, n))
+    memory = slurm.memory_for_rank(ranks_on_node=ranks_on_node, cpus=cpus)
+    if memory is not None and n:
+        memory //= n
+    counts = comm.gather(n, root=0)
+    MPI.Finalize()    # from here on, plain processes: a lost rank cannot abort the others
+
+    # a walltime warning must not kill workers or idle ranks (their default action would)
+    signal.signal(signal.SIGUSR1, lambda *a: None)
+    if rank != 0:
+        procs = start_workers(n, meet["address"], meet["secret"], cores=cores, memory=memory,
+                              connect_timeout=connect_timeout)
+        return _wait_workers(procs)
+
+    from vinehpc.cli import run_script
+    run_dir = os.path.abspath(run_dir or os.path.join(os.getcwd(), "vine-run-info",
+                                                      "pilot-" + os.path.splitext(os.path.basename(script))[0]))
+    os.makedirs(run_dir, exist_ok=True)
+    contact = write_contact(run_dir, meet["address"], meet["secret"])
+    total = sum(counts)
+    sys.stderr.write("vinehpc pilot: %s, %d ranks on %d node(s), %d worker(s); manager at %s; run dir %s\n"
+                     "vinehpc pilot: add workers from another allocation with: vinehpc worker --contact %s\n"
+                     % (slurm.job_label(), size, len(set(nodes)), total, meet["address"], run_dir, contact))
+    ctx = PilotRun(lsock, meet["address"], meet["secret"], run_dir, expected_workers=total,
+                   grace=grace if grace is not None else float(os.environ.get("VINEHPC_GRACE", "60")))
+    own = start_workers(n, meet["address"], meet["secret"], cores=cores, memory=memory,
+                        connect_timeout=connect_timeout) if n else []
+    signal.signal(signal.SIGUSR1, ctx.on_walltime)
+    code = run_script(script, argv, ctx, sigterm=ctx.on_walltime)
+    released = ctx.release_workers()
+    _wait_workers(own, timeout=15)
+    lsock.close()
+    try:
+        os.unlink(contact)
+    except OSError:
+        pass
+    if ctx.walltime is not None:
+        sys.stderr.write("vinehpc pilot: stopped early (%s); completed tasks are recorded in %s.\n"
+                         "vinehpc pilot: RESUMABLE: submit the same job again to run what is left.\n"
+                         % (ctx.walltime, run_dir))
+        return RESUMABLE
+    log.info("released %d workers", released)
+    return code
+
+
+def _wait_workers(procs, timeout=None):
+    """Wait for our workers; ranks other than 0 always exit 0 (a lost worker is not a failed job)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.terminate()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    return 0
