@@ -93,7 +93,7 @@ class Worker:
         self.conn = None
         self.exit_requested = False
         self.ka = (5.0, 30.0)
-        self.hostname = socket.gethostname()
+        self.hostname = os.environ.get("SLURMD_NODENAME") or socket.gethostname()   # a Slurm node's name
 
     # ---------------------------------------------------------------- life
     def run(self) -> int:

@@ -1,0 +1,78 @@
+#!/bin/bash
+# vinehpc pilot job: one manager and its workers inside ONE allocation.
+#
+#   sbatch -N 2 --ntasks-per-node=1 --cpus-per-task=2 jobscripts/vine.sh tasks.py [ARGS...]
+#
+# Rank 0 (on the first node) runs tasks.py with the manager; every other rank starts workers
+# sized from the allocation. MPI is used only to meet (address + secret), so a lost node
+# costs its workers, not the job. Results and the transactions log go to
+# $VINEHPC_RUN_DIR (default: ./vine-run-info/pilot-<script> in the submit directory);
+# submitting the same job again resumes: completed tasks are not run again.
+#
+# Environment overrides (export them before sbatch, or pass --export=ALL,VAR=...):
+#   VINEHPC_PYTHON            python with vinehpc installed        (default: python3)
+#   VINEHPC_VENV              a venv to activate first             (default: none)
+#   VINEHPC_LAUNCHER          srun | mpiexec                        (default: srun)
+#   VINEHPC_SRUN_MPI          srun's --mpi plugin                   (default: pmi2; Open MPI: pmix)
+#   VINEHPC_MPIEXEC           the mpiexec to use with LAUNCHER=mpiexec (default: mpiexec)
+#   VINEHPC_WORKERS_PER_NODE  workers per node                      (default: one per rank)
+#   VINEHPC_CORES_PER_WORKER  cores per worker                      (default: the rank's CPUs)
+#   VINEHPC_MANAGER_WORKS=1   also run workers on the manager's node
+#   VINEHPC_GRACE             seconds running tasks get after the walltime warning (default 60)
+#   VINEHPC_RUN_DIR           run directory (keep it to resume)
+#   VINEHPC_IMAGE             environment image (planned: environment images)
+#   VINEHPC_TUNNEL=1          tunnel tasks' outbound traffic through the manager (planned)
+#
+#SBATCH --job-name=vinehpc
+#SBATCH --output=vinehpc-%j.out
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --time=01:00:00
+# Slurm sends USR1 to this script 120 s before the walltime: the manager stops dispatching,
+# lets running tasks finish within VINEHPC_GRACE, records what completed and exits RESUMABLE (75).
+#SBATCH --signal=B:USR1@120
+
+set -uo pipefail
+
+if [ $# -lt 1 ]; then
+    echo "usage: sbatch [options] $0 tasks.py [ARGS...]" >&2
+    exit 2
+fi
+if [ -n "${VINEHPC_VENV:-}" ]; then
+    # shellcheck disable=SC1091
+    source "$VINEHPC_VENV/bin/activate"
+fi
+PY=${VINEHPC_PYTHON:-python3}
+
+opts=()
+[ -n "${VINEHPC_WORKERS_PER_NODE:-}" ] && opts+=(--workers-per-node "$VINEHPC_WORKERS_PER_NODE")
+[ -n "${VINEHPC_CORES_PER_WORKER:-}" ] && opts+=(--cores-per-worker "$VINEHPC_CORES_PER_WORKER")
+[ "${VINEHPC_MANAGER_WORKS:-0}" = 1 ] && opts+=(--manager-node-works)
+[ -n "${VINEHPC_RUN_DIR:-}" ] && opts+=(--run-dir "$VINEHPC_RUN_DIR")
+[ -n "${VINEHPC_GRACE:-}" ] && opts+=(--grace "$VINEHPC_GRACE")
+
+echo "vinehpc: job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?} (${SLURM_NNODES:-?} nodes), $(date -Is)"
+case "${VINEHPC_LAUNCHER:-srun}" in
+    srun)    launch=(srun --mpi="${VINEHPC_SRUN_MPI:-pmi2}" --kill-on-bad-exit=0) ;;
+    mpiexec) launch=("${VINEHPC_MPIEXEC:-mpiexec}" -n "${SLURM_NTASKS:-1}") ;;
+    *) echo "vinehpc: VINEHPC_LAUNCHER must be srun or mpiexec, got '$VINEHPC_LAUNCHER'" >&2; exit 2 ;;
+esac
+
+# One launch line. It runs in the background so that this script can pass the walltime
+# warning (USR1, which Slurm sends to this batch shell only) on to rank 0.
+"${launch[@]}" "$PY" -m vinehpc pilot "${opts[@]}" "$@" &
+step=$!
+forward() { echo "vinehpc: $1 received, passing it to the pilot"; kill -s "$1" "$step" 2>/dev/null; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+rc=0
+while :; do
+    wait "$step"; rc=$?
+    kill -0 "$step" 2>/dev/null || break     # wait returns early when a trapped signal arrives
+done
+case $rc in
+    0)  echo "vinehpc: done, $(date -Is)" ;;
+    75) echo "vinehpc: stopped early and RESUMABLE: submit the same job again to run what is left" ;;
+    *)  echo "vinehpc: the pilot failed with exit code $rc" ;;
+esac
+exit "$rc"
