@@ -33,6 +33,7 @@
 #SBATCH --signal=B:USR1@120
 
 set -uo pipefail
+export VINEHPC_JOB_T0=${VINEHPC_JOB_T0:-$(date +%s.%N)}   # when the job started (for timings)
 
 if [ $# -lt 1 ]; then
     echo "usage: sbatch [options] $0 tasks.py [ARGS...]" >&2
