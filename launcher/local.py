@@ -66,9 +66,14 @@ class LocalRun:
         self.lock = threading.Lock()
         self._progress = None
         self._stop = threading.Event()
+        self._shown = False
+        self._stdout = None
         if progress:
             self._progress = threading.Thread(target=self._show_progress, daemon=True, name="vinehpc-progress")
             self._progress.start()
+            if sys.stdout.isatty():
+                # the script's prints must not land on the progress line
+                self._stdout, sys.stdout = sys.stdout, _ClearingStream(sys.stdout, self)
 
     # context protocol (see vinehpc/_context.py)
     def manager_options(self) -> dict:
@@ -106,11 +111,19 @@ class LocalRun:
             lw.stop(timeout=2)
         if self._progress is not None:
             self._progress.join(2)
+            self.clear_progress()
+            if self._stdout is not None:
+                sys.stdout = self._stdout
+
+    def clear_progress(self):
+        if self._shown:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
+            self._shown = False
 
     def _show_progress(self):
         last = ""
+        t0, done0 = time.monotonic(), None
         while not self._stop.wait(0.5):
             with self.lock:
                 ms = list(self.managers)
@@ -124,9 +137,27 @@ class LocalRun:
                     continue
                 for k in tot:
                     tot[k] += s.get(k, 0)
+            if done0 is None:
+                t0, done0 = time.monotonic(), tot["done"] + tot["failed"]
+            rate = (tot["done"] + tot["failed"] - done0) / max(1e-9, time.monotonic() - t0)
             line = ("vinehpc: {done:,} done, {running:,} running, {waiting:,} waiting, {failed:,} failed | "
-                    "{workers} workers").format(**tot)
-            if line != last:
+                    "{workers} workers").format(**tot) + (" | %.0f tasks/s" % rate if rate else "")
+            if line != last or not self._shown:
                 sys.stderr.write("\r\033[K" + line)
                 sys.stderr.flush()
+                self._shown = True
                 last = line
+
+
+class _ClearingStream:
+    """stdout that clears the progress line (on the same terminal) before the script writes."""
+
+    def __init__(self, stream, run):
+        self._stream, self._run = stream, run
+
+    def write(self, s):
+        self._run.clear_progress()
+        return self._stream.write(s)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
