@@ -154,11 +154,12 @@ class Vine:
         return got
 
     def _timed(self, fn):
-        c0 = self.m.manager_cpu_seconds
+        c0, p0 = self.m.manager_cpu_seconds, time.process_time()
         t0 = time.perf_counter()
         res = fn()
         dt = time.perf_counter() - t0
         cpu = self.m.manager_cpu_seconds - c0
+        res["mgr_process_cpu_s"] = time.process_time() - p0   # I/O thread + the submitting thread
         if "seconds" not in res:
             res.update(seconds=dt, rate=res["n"] / dt)
         res["mgr_cpu_s"] = cpu

@@ -7,24 +7,20 @@ import os
 import sys
 
 
-def _positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected a positive integer, got %r" % s) from None
-    if v < 1:
-        raise argparse.ArgumentTypeError("expected a positive integer, got %r" % s)
-    return v
+def _int_at_least(low, what):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            v = None
+        if v is None or v < low:
+            raise argparse.ArgumentTypeError("expected a %s integer, got %r" % (what, s))
+        return v
+    return parse
 
 
-def _nonneg_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected a non-negative integer, got %r" % s) from None
-    if v < 0:
-        raise argparse.ArgumentTypeError("expected a non-negative integer, got %r" % s)
-    return v
+_positive_int = _int_at_least(1, "positive")
+_nonneg_int = _int_at_least(0, "non-negative")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -93,7 +89,7 @@ def main(argv=None) -> int:
 def cmd_pilot(args) -> int:
     try:
         from launcher import pilot
-        import mpi4py  # noqa: F401  (checked here for a clear message)
+        import mpi4py  # noqa: F401  - checked here for a clear message
     except ImportError:
         print("vinehpc pilot: mpi4py is not installed: pip install mpi4py (and an MPI: pip install mpich, "
               "or your site's module)", file=sys.stderr)

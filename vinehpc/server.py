@@ -18,8 +18,8 @@ import tarfile
 import threading
 import time
 
-from .comm import Closed, Connection
-from .protocol import CHUNK, ProtocolError, auth, encode, wire
+from .comm import Closed, Connection, file_chunks
+from .protocol import ProtocolError, auth, wire
 
 log = logging.getLogger("vinehpc.manager")
 HANDSHAKE_TIMEOUT = 10.0
@@ -421,7 +421,8 @@ class Server:
         else:
             path, kind = f.source, "file"
         fh = open(path, "rb")
-        p.conn.send_stream(_file_chunks(fh, n, kind, f.cache, os.fstat(fh.fileno()).st_mode & 0o777))
+        p.conn.send_stream(file_chunks(fh, "put", {"cn": n, "kind": kind, "level": f.cache,
+                                                   "mode": os.fstat(fh.fileno()).st_mode & 0o777}))
 
     def _tar(self, f, n):
         path = self.tars.get(n)
@@ -536,19 +537,3 @@ def _discard(f):
             os.unlink(f.name)
     except (OSError, TypeError):
         pass
-
-
-def _file_chunks(fh, n, kind, level, mode):
-    try:
-        size = os.fstat(fh.fileno()).st_size
-        off = 0
-        while True:
-            b = fh.read(CHUNK)
-            last = off + len(b) >= size or not b
-            yield encode("put", {"cn": n, "off": off, "last": last, "kind": kind, "size": size,
-                                  "level": level, "mode": mode}, [b])
-            off += len(b)
-            if last:
-                return
-    finally:
-        fh.close()

@@ -1,4 +1,4 @@
 """Connections: framed messages over non-blocking TCP sockets, driven by selectors loops."""
-from .conn import Closed, Connection
+from .conn import Closed, Connection, file_chunks
 
-__all__ = ["Closed", "Connection"]
+__all__ = ["Closed", "Connection", "file_chunks"]

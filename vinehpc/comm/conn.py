@@ -1,13 +1,14 @@
 """A message connection over a non-blocking stream socket, driven by a selectors loop.
 
 Outgoing data is a queue of buffers and *streams* (iterators yielding encoded messages, used
-for file transfers): a stream is pulled only when the buffered bytes run low, so sending a
-large file never holds more than a few chunks in memory, and messages queued after a stream
-are delivered after it (TCP keeps the order), which is how a task arrives after its inputs.
+for file transfers): a stream is pulled one chunk at a time, once everything queued before
+it is on the wire, so sending a large file holds one chunk in memory, and messages queued
+after a stream are delivered after it (TCP keeps the order): a task arrives after its inputs.
 """
 from __future__ import annotations
 
 import collections
+import os
 import socket
 
 from ..protocol import wire
@@ -110,6 +111,23 @@ class Connection:
                 self.sock.close()
             except OSError:
                 pass
+
+
+def file_chunks(fh, name: str, ctl: dict):
+    """Encoded `name` messages carrying an open file's bytes in CHUNK-sized frames, for
+    Connection.send_stream. Each carries ctl plus off/last (and size); the file is closed at the end."""
+    try:
+        size = os.fstat(fh.fileno()).st_size
+        off = 0
+        while True:
+            b = fh.read(wire.CHUNK)
+            last = not b or off + len(b) >= size
+            yield wire.encode(name, dict(ctl, off=off, last=last, size=size), [b])
+            off += len(b)
+            if last:
+                return
+    finally:
+        fh.close()
 
 
 def _peer(sock):

@@ -18,8 +18,8 @@ import socket
 import tempfile
 import time
 
-from ..comm import Closed, Connection
-from ..protocol import CHUNK, ProtocolError, auth, encode, wire
+from ..comm import Closed, Connection, file_chunks
+from ..protocol import ProtocolError, auth, encode, wire
 from . import resources
 from .cache import Cache, check_cachename
 from .pypool import PyPool
@@ -328,7 +328,7 @@ class Worker:
         except (OSError, ValueError) as e:
             self.conn.send("error", {"cn": n, "reason": "cannot send %s: %s" % (n, e)})
             return
-        self.conn.send_stream(_chunks(fh, "file", {"cn": n}))
+        self.conn.send_stream(file_chunks(fh, "file", {"cn": n}))
 
     def _on_kill(self, ctl, frames):
         r = self.runs.get(ctl.get("id"))
@@ -512,7 +512,7 @@ class Worker:
                 except OSError as e:
                     status, reason = "output missing", "cannot read output %r: %s" % (remote, e)
         for remote, fh in files:
-            self.conn.send_stream(_chunks(fh, "outfile", {"id": r.id, "remote": remote,
+            self.conn.send_stream(file_chunks(fh, "outfile", {"id": r.id, "remote": remote,
                                                            "tar": getattr(fh, "is_tar", False)}))
         self._finish(r, status, reason, exit_code=code, stdout=stdout, temps=temps, measured=measured,
                      signal=signal, result_frame=r.args if py else None)
@@ -631,21 +631,6 @@ class Guardian:
 
 def encode_b(name, ctl, frames=()):
     return b"".join(encode(name, ctl, frames))
-
-
-def _chunks(fh, name, ctl):
-    try:
-        size = os.fstat(fh.fileno()).st_size
-        off = 0
-        while True:
-            b = fh.read(CHUNK)
-            last = not b or off + len(b) >= size
-            yield encode(name, dict(ctl, off=off, last=last), [b])
-            off += len(b)
-            if last:
-                return
-    finally:
-        fh.close()
 
 
 def main(address, secret, **kw) -> int:
