@@ -125,7 +125,7 @@ def cmd_worker(args) -> int:
             print("vinehpc worker: cannot read the secret: %s" % e, file=sys.stderr)
             return 2
     else:
-        secret = config.secret()
+        secret = config.secret(take=True)
         if not secret:
             print("vinehpc worker: no secret: pass --secret-file FILE (the manager writes it to its run directory, "
                   "vine-run-info/<run>/secret) or set VINEHPC_SECRET", file=sys.stderr)

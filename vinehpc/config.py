@@ -14,9 +14,10 @@ def _float(name: str, default: float) -> float:
         raise ValueError("%s must be a number of seconds, got %r" % (name, v)) from None
 
 
-def secret() -> str | None:
-    """VINEHPC_SECRET: the run's secret, for workers started by a launcher."""
-    return os.environ.get("VINEHPC_SECRET") or None
+def secret(*, take: bool = False) -> str | None:
+    """VINEHPC_SECRET: the run's secret, for workers started by a launcher.  take=True also
+    removes it from the environment, so that the tasks a worker starts do not inherit it."""
+    return (os.environ.pop if take else os.environ.get)("VINEHPC_SECRET", None) or None
 
 
 def run_dir_root() -> str:

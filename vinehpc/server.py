@@ -27,7 +27,7 @@ HANDSHAKE_TIMEOUT = 10.0
 
 class Peer:
     __slots__ = ("conn", "wid", "nonce", "state", "since", "last_recv", "last_send", "parts", "fetch",
-                 "out_errors")
+                 "out_errors", "writing")
 
     def __init__(self, conn, now):
         self.conn = conn
@@ -40,6 +40,7 @@ class Peer:
         self.parts = {}          # (tid, remote) -> open file for an output being received
         self.fetch = {}          # cachename -> open file for a temp being fetched
         self.out_errors = {}     # tid -> why an output could not be written
+        self.writing = False     # registered for EVENT_WRITE (the socket was full)
 
 
 class Server:
@@ -446,6 +447,8 @@ class Server:
         if task.time_max:
             spec["time_max"] = task.time_max
         spec["category"] = task.category
+        if self.core.short(task.category):
+            spec["pipe"] = True
         p.conn.send("task", spec, [task._abytes] if task._abytes is not None else ())
 
     def _cmd_kill(self, p, tid):
@@ -459,21 +462,24 @@ class Server:
         dirty, self.dirty = self.dirty, set()
         now = None
         for p in dirty:
-            if p.conn.closed:
+            conn = p.conn
+            if conn.closed or not conn.out:
                 continue
             try:
-                complete = p.conn.flush()
+                complete = conn.flush()
             except Closed as e:
                 self._drop(p, str(e))
                 continue
             if now is None:
                 now = time.monotonic()
             p.last_send = now
-            try:
-                self.sel.modify(p.conn.sock, selectors.EVENT_READ if complete else
-                                selectors.EVENT_READ | selectors.EVENT_WRITE, p)
-            except (KeyError, ValueError):
-                pass
+            if complete == p.writing:      # interest in writability changes: tell epoll
+                p.writing = not complete
+                try:
+                    self.sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE if p.writing
+                                    else selectors.EVENT_READ, p)
+                except (KeyError, ValueError):
+                    pass
 
     def _timers(self, now):
         for p in list(self.all):

@@ -2,7 +2,7 @@
 """A pilot test workload: PythonTasks and command tasks with input and output files.
 
     vinehpc pilot tests/pilot_scripts/workload.py OUTDIR [--n N] [--cmd K] [--pyfiles P]
-                  [--sleep S] [--wait-workers W] [--raise-when-running]
+                  [--sleep S] [--wait-workers W] [--raise-when-running] [--input-version V]
 
 Inputs are written to OUTDIR/in (deterministic contents, so a resubmitted job computes the
 same task keys), outputs go to OUTDIR/out. Every result is checked here, exactly once;
@@ -34,8 +34,9 @@ def reverse_file(src, dst):
     return len(lines)
 
 
-def input_text(j):
-    return "".join("line %d of file %d abc\n" % (k, j) for k in range(j + 3))
+def input_text(j, version=0):
+    """Input file j: j + 3 + version lines."""
+    return "".join("line %d of file %d abc\n" % (k, j) for k in range(j + 3 + version))
 
 
 def main(argv):
@@ -47,6 +48,7 @@ def main(argv):
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--wait-workers", type=int, default=0)
     ap.add_argument("--raise-when-running", action="store_true")
+    ap.add_argument("--input-version", type=int, default=0, help="adds lines to every input file")
     a = ap.parse_args(argv[1:])
 
     indir, outdir = os.path.join(a.outdir, "in"), os.path.join(a.outdir, "out")
@@ -54,7 +56,7 @@ def main(argv):
     os.makedirs(outdir, exist_ok=True)
     for j in range(max(a.cmd, a.pyfiles)):
         with open(os.path.join(indir, "in_%d.txt" % j), "w") as f:
-            f.write(input_text(j))
+            f.write(input_text(j, a.input_version))
 
     m = Manager()
     if a.wait_workers:
@@ -71,7 +73,7 @@ def main(argv):
         t.add_output(m.declare_file(os.path.join(outdir, "count_%d.txt" % j)), "count.txt")
         t.add_output(m.declare_file(os.path.join(outdir, "upper_%d.txt" % j)), "upper.txt")
         m.submit(t)
-        kind[t.id], expect[t.id] = ("cmd", j), j + 3
+        kind[t.id], expect[t.id] = ("cmd", j), j + 3 + a.input_version
 
     for i in range(a.n):
         t = PythonTask(work, i, a.sleep)
@@ -88,7 +90,7 @@ def main(argv):
         t.add_input(m.declare_file(os.path.join(indir, "in_%d.txt" % j)), "in.txt")
         t.add_output(m.declare_file(os.path.join(outdir, "rev_%d.txt" % j)), "rev.txt")
         m.submit(t)
-        kind[t.id], expect[t.id] = ("pyfile", j), j + 3
+        kind[t.id], expect[t.id] = ("pyfile", j), j + 3 + a.input_version
     print("workload: submitted %d tasks" % len(kind), flush=True)
 
     if a.raise_when_running:

@@ -302,10 +302,14 @@ class Core:
         for k in RES:
             w.committed[k] -= task._res[k]
 
+    def short(self, category) -> bool:
+        """Tasks of this category finish fast: worth sending ahead (prefetch, pipelining)."""
+        c = self.cat.get(category)
+        return bool(c and c[0] >= SHORT_SAMPLES and c[1] < SHORT_TASK)
+
     def _fits(self, w, task):
         r = task._res
-        c = self.cat.get(task.category)
-        factor = PREFETCH_FACTOR if (c and c[0] >= SHORT_SAMPLES and c[1] < SHORT_TASK) else 1
+        factor = PREFETCH_FACTOR if self.short(task.category) else 1
         tot, com = w.total, w.committed
         for k in RES:
             need = r[k]

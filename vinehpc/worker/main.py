@@ -89,6 +89,7 @@ class Worker:
         self.put_errors = {}     # cachename -> why it could not be stored
         self.runs = {}           # tid -> Run
         self.queue = collections.deque()
+        self.presented = {}      # busy interpreter -> the Run it will start next (pipelining)
         self.used = dict.fromkeys(RES, 0)
         self.conn = None
         self.exit_requested = False
@@ -197,6 +198,7 @@ class Worker:
                     workdir=self.workdir, version=wire.VERSION)
         conn.send("info", info)
         self.sel.register(sock, selectors.EVENT_READ, ("manager", None))
+        self._writing = False
         self.last_recv = self.last_send = time.monotonic()
 
     def _serve(self):
@@ -221,7 +223,7 @@ class Worker:
                     self._proc_exited(obj)
                 elif what == "runner":
                     for tid, payload in self.pool.readable(obj):
-                        self._py_done(tid, payload)
+                        self._py_done(tid, payload, obj)
                 elif what == "wake":
                     try:
                         self._wr.recv(4096)
@@ -231,12 +233,15 @@ class Worker:
             self._timers()
 
     def _flush(self):
-        if self.conn is None or self.conn.closed:
+        conn = self.conn
+        if conn is None or conn.closed or not conn.out:
             return
-        done = self.conn.flush()
+        done = conn.flush()
         self.last_send = time.monotonic()
-        self.sel.modify(self.conn.sock, selectors.EVENT_READ if done else selectors.EVENT_READ | selectors.EVENT_WRITE,
-                        ("manager", None))
+        if done == self._writing:        # interest in writability changes: tell epoll
+            self._writing = not done
+            self.sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE if self._writing
+                            else selectors.EVENT_READ, ("manager", None))
 
     def _next_timer(self):
         now = time.monotonic()
@@ -261,6 +266,7 @@ class Worker:
             self._abort(r)
         self.runs.clear()
         self.queue.clear()
+        self.presented.clear()
         self.used = dict.fromkeys(RES, 0)
         if self.conn is not None:
             try:
@@ -419,14 +425,24 @@ class Worker:
                 continue
             self._start(r)
         q.extend(blocked)
+        if q:
+            self._present_next()
 
-    def _start(self, r):
+    def _begin(self, r):
+        """r now holds its resources and its clock runs."""
         for k in RES:
             self.used[k] += r.res[k]
         r.state = "running"
         r.started = time.monotonic()
         tm = r.spec.get("time_max")
         r.deadline = r.started + float(tm) if tm else None
+
+    def _start(self, r, runner=None):
+        """Start r now, or, with `runner`, hand it to that busy interpreter to run next."""
+        if runner is None:
+            self._begin(r)
+        else:
+            r.state = "presented"
         spec = r.spec
         try:
             needs_box = spec.get("cmd") is not None or spec.get("inputs") or spec.get("outputs")
@@ -441,11 +457,32 @@ class Worker:
                 self.sel.register(r.proc.fileno(), selectors.EVENT_READ, ("proc", r))
             else:
                 fid = spec["fid"]
-                r.runner = self.pool.run(r.id, fid, self.fns[fid], r.args, r.sandbox.path if r.sandbox else None, env)
+                r.runner = self.pool.run(r.id, fid, self.fns[fid], r.args, r.sandbox.path if r.sandbox else None, env,
+                                         after=runner)
+                if runner is not None:
+                    self.presented[runner] = r
         except SandboxError as e:
             self._finish(r, "failed", "sandbox: %s" % e)
         except OSError as e:
             self._finish(r, "failed", "cannot start the task: %s" % e)
+
+    def _present_next(self):
+        """Pipelining: give a busy interpreter the next short Python task now, so it starts it the
+        moment the current one returns instead of waiting a round trip through this loop."""
+        q = self.queue
+        while q and q[0].state != "queued":
+            q.popleft()
+        if not q:
+            return
+        r = q[0]
+        if not r.spec.get("pipe") or r.spec.get("cmd") is not None:
+            return
+        for runner, tid in self.pool.busy():
+            cur = self.runs.get(tid)
+            if cur is not None and runner not in self.presented and all(r.res[k] <= cur.res[k] for k in RES):
+                q.popleft()
+                self._start(r, runner)
+                return
 
     def _proc_exited(self, r):
         try:
@@ -469,9 +506,22 @@ class Worker:
             reason = None
         self._collect(r, code, out, reason, signal=sig, failed=bool(code))
 
-    def _py_done(self, tid, payload):
+    def _unpresent(self, runner):
+        """`runner` is gone: the task it was to run next never started; queue it again here."""
+        nxt = self.presented.pop(runner, None)
+        if nxt is not None and self.runs.get(nxt.id) is nxt:
+            nxt.state, nxt.runner = "queued", None
+            if nxt.sandbox is not None:
+                nxt.sandbox.remove()
+                nxt.sandbox = None
+            self.queue.appendleft(nxt)
+
+    def _py_done(self, tid, payload, runner=None):
+        if payload is None:
+            self._unpresent(runner)
         r = self.runs.get(tid)
         if r is None:
+            self._promote(runner)
             return
         if payload is None:   # the interpreter died under the task
             if r.killed:
@@ -482,6 +532,12 @@ class Worker:
         r.args = result
         self._collect(r, None, stdout, error, measured={"wall": round(wall, 6), "cpu": round(cpu, 6)}, py=True,
                       failed=error is not None)
+
+    def _promote(self, runner):
+        """The task presented to `runner` has started there: it holds resources from now on."""
+        nxt = self.presented.pop(runner, None)
+        if nxt is not None and self.runs.get(nxt.id) is nxt and nxt.state == "presented":
+            self._begin(nxt)
 
     def _collect(self, r, code, stdout, reason, signal=None, measured=None, py=False, failed=False):
         """Outputs of a task that ended on its own: send files, adopt temps, report."""
@@ -538,6 +594,8 @@ class Worker:
             for k in RES:
                 self.used[k] -= r.res[k]
         r.state = "done"
+        if r.runner is not None:
+            self._promote(r.runner)
         for n, remote, kind, level, url in r.spec.get("inputs", ()):
             self.cache.unref(n, level)
         if r.sandbox is not None:
@@ -575,7 +633,7 @@ class Worker:
         if r.state == "running":
             for k in RES:
                 self.used[k] -= r.res[k]
-        r.state = "done"
+        was, r.state = r.state, "done"
         if r.proc is not None:
             r.proc.kill()
             try:
@@ -584,7 +642,10 @@ class Worker:
                 pass
             r.proc.reap()
             self.guard.remove(r.proc.pid)
+        elif was == "presented":
+            self.presented.pop(r.runner, None)   # its interpreter runs it and we drop the result
         elif r.runner is not None:
+            self._unpresent(r.runner)
             self.pool.abandon(r.runner)
         for n, remote, kind, level, url in r.spec.get("inputs", ()):
             self.cache.unref(n, level)
@@ -601,7 +662,10 @@ class Guardian:
     def __init__(self):
         import subprocess
         import sys
-        self.proc = subprocess.Popen([sys.executable, "-I", self.SCRIPT], stdin=subprocess.PIPE,
+        import uuid
+        token = uuid.uuid4().hex
+        os.environ["VINEHPC_WORKER_TOKEN"] = token    # inherited by everything this worker starts
+        self.proc = subprocess.Popen([sys.executable, "-I", self.SCRIPT, token], stdin=subprocess.PIPE,
                                      start_new_session=True)
         self.fd = self.proc.stdin.fileno()
 

@@ -23,11 +23,12 @@ RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyrunner.py")
 
 
 class Runner:
-    __slots__ = ("sock", "proc", "tid", "fids", "buf")
+    __slots__ = ("sock", "proc", "tid", "next", "fids", "buf")
 
     def __init__(self, sock, proc):
         self.sock, self.proc = sock, proc
         self.tid = None
+        self.next = None
         self.fids = set()
         self.buf = bytearray()
 
@@ -56,17 +57,28 @@ class PyPool:
         self.sel.register(mine, selectors.EVENT_READ, ("runner", r))
         return r
 
-    def run(self, tid, fid, fbytes, args, cwd, env) -> Runner:
-        idle = [r for r in self.runners if r.tid is None]
-        r = next((x for x in idle if fid in x.fids), None) or (idle[0] if idle else None)
-        if r is None:
-            r = self._spawn()
+    def run(self, tid, fid, fbytes, args, cwd, env, after=None) -> Runner:
+        """Run a task on an idle interpreter, or queue it on `after` (busy) to run next."""
+        if after is not None:
+            r = after
+        else:
+            idle = [r for r in self.runners if r.tid is None]
+            r = next((x for x in idle if fid in x.fids), None) or (idle[0] if idle else None)
+            if r is None:
+                r = self._spawn()
         if fid not in r.fids:
             _send(r.sock, ("fn", fid, fbytes))
             r.fids.add(fid)
-        r.tid = tid
+        if after is None:
+            r.tid = tid
+        else:
+            r.next = tid
         _send(r.sock, ("run", tid, fid, args, cwd, env))
         return r
+
+    def busy(self):
+        """(runner, tid) for interpreters running a task."""
+        return [(r, r.tid) for r in self.runners if r.tid is not None]
 
     def readable(self, r) -> list:
         """(tid, (result, stdout, wall, cpu)) for finished tasks; (tid, None) if the interpreter died."""
@@ -87,7 +99,7 @@ class PyPool:
             msg = pickle.loads(bytes(r.buf[4:4 + n]))
             del r.buf[:4 + n]
             if msg[0] == "done":
-                r.tid = None
+                r.tid, r.next = r.next, None     # a presented task starts at once
                 out.append((msg[1], msg[2:]))
         return out
 

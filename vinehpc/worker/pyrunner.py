@@ -41,6 +41,10 @@ def recv(sock):
 
 
 def dump_result(ok, value, tb):
+    try:   # plain pickle is much faster for plain data; cloudpickle for what it cannot do
+        return pickle.dumps((ok, value, tb), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        pass
     import cloudpickle
     try:
         return cloudpickle.dumps((ok, value, tb), protocol=pickle.HIGHEST_PROTOCOL)
