@@ -258,21 +258,21 @@ class Core:
             task.state = "ready"
             self.ready.append(tid)
             return None
-        self._finish(task, status, res.get("reason"), ok=False)
+        self._finish(task, status, res.get("reason"))
         return task
 
     # ------------------------------------------------------------------ internals
-    def _finish(self, task, result, reason, ok=None, resumed=False):
+    def _finish(self, task, result, reason, resumed=False):
         task.result = result
         task.reason = reason
         task.state = "done"
         self.tasks.pop(task.id, None)
-        ok = (result == "success") if ok is None else ok
+        ok = result == "success"
         if task.id >= 0:
             self.counts["done" if ok else "failed"] += 1
         if not resumed:
             self._log("done" if ok else "failed", task=task.id, worker=task._wid, result=result,
-                  exit_code=task.exit_code, reason=reason, wall=task.wall_time, attempts=task.attempts)
+                      exit_code=task.exit_code, reason=reason, wall=task.wall_time, attempts=task.attempts)
         for f, _ in task.outputs:
             k = self._key(f)
             if not ok and f.kind == "temp":
