@@ -321,6 +321,15 @@ class Server:
             dest = next((fl for fl, r in task.outputs if r == remote and fl.kind == "file"), None)
             if dest is None:
                 raise ProtocolError("output %r is not an output of task %s" % (remote, tid))
+            if ctl.get("last") and not ctl.get("tar") and len(frames) == 1:
+                # the whole file in one chunk: one write in place, no temporary file and rename
+                try:
+                    with open(dest.source, "wb") as out:
+                        out.write(frames[0])
+                except OSError as e:
+                    p.out_errors[tid] = "cannot write output %r: %s" % (dest.source, e)
+                dest.invalidate()
+                return
             part = "%s.vinehpc-part-%s" % (dest.source, tid)
             try:
                 d = os.path.dirname(os.path.abspath(dest.source))

@@ -208,6 +208,7 @@ class Worker:
             self._message(*m)
         while not self.exit_requested:
             self._flush()
+            self.guard.flush()
             timeout = self._next_timer()
             for key, ev in self.sel.select(timeout):
                 what, obj = key.data
@@ -221,6 +222,8 @@ class Worker:
                                 return
                 elif what == "proc":
                     self._proc_exited(obj)
+                elif what == "out":
+                    self._proc_output(obj)
                 elif what == "runner":
                     for tid, payload in self.pool.readable(obj):
                         self._py_done(tid, payload, obj)
@@ -452,9 +455,10 @@ class Worker:
                     r.sandbox.link(self.cache.path(n), remote)
             env = spec.get("env") or {}
             if spec.get("cmd") is not None:
-                r.proc = CommandProcess(spec["cmd"], r.sandbox.path, env, r.sandbox.stdout_path)
+                r.proc = CommandProcess(spec["cmd"], r.sandbox.path, env)
                 self.guard.add(r.proc.pid)
                 self.sel.register(r.proc.fileno(), selectors.EVENT_READ, ("proc", r))
+                self.sel.register(r.proc.out_fd, selectors.EVENT_READ, ("out", r))
             else:
                 fid = spec["fid"]
                 r.runner = self.pool.run(r.id, fid, self.fns[fid], r.args, r.sandbox.path if r.sandbox else None, env,
@@ -484,16 +488,25 @@ class Worker:
                 self._start(r, runner)
                 return
 
-    def _proc_exited(self, r):
+    def _proc_output(self, r):
+        fd = r.proc.out_fd
+        if fd is not None and not r.proc.drain():
+            self._unregister(fd)
+
+    def _unregister(self, fd):
         try:
-            self.sel.unregister(r.proc.fileno())
+            self.sel.unregister(fd)
         except (KeyError, ValueError):
             pass
+
+    def _proc_exited(self, r):
+        self._unregister(r.proc.fileno())
         code, sig = r.proc.reap()
-        self.guard.remove(r.proc.pid)
+        if r.proc.out_fd is not None:
+            self._unregister(r.proc.out_fd)
+        out = r.proc.output()
         if self.runs.get(r.id) is not r:
             return
-        out = r.sandbox.read_stdout()
         if r.killed:
             return self._finish(r, r.killed[0], r.killed[1], exit_code=code, stdout=out, signal=sig)
         if sig:
@@ -636,12 +649,11 @@ class Worker:
         was, r.state = r.state, "done"
         if r.proc is not None:
             r.proc.kill()
-            try:
-                self.sel.unregister(r.proc.fileno())
-            except (KeyError, ValueError):
-                pass
+            self._unregister(r.proc.fileno())
+            if r.proc.out_fd is not None:
+                self._unregister(r.proc.out_fd)
             r.proc.reap()
-            self.guard.remove(r.proc.pid)
+            r.proc.output()
         elif was == "presented":
             self.presented.pop(r.runner, None)   # its interpreter runs it and we drop the result
         elif r.runner is not None:
@@ -669,17 +681,20 @@ class Guardian:
                                      start_new_session=True)
         self.fd = self.proc.stdin.fileno()
 
-    def _say(self, line):
-        try:
-            os.write(self.fd, line)
-        except OSError:
-            pass
+        self.pending = []
 
     def add(self, pgid):
-        self._say(b"+%d\n" % pgid)
+        """A new process group; told to the guardian at the next flush() (once per loop turn).
+        A worker killed before that still has the group killed: it carries the token."""
+        self.pending.append(b"+%d\n" % pgid)
 
-    def remove(self, pgid):
-        self._say(b"-%d\n" % pgid)
+    def flush(self):
+        if self.pending:
+            data, self.pending = b"".join(self.pending), []
+            try:
+                os.write(self.fd, data)
+            except OSError:
+                pass
 
     def close(self):
         """Normal exit: everything is reaped already; closing stdin lets the guardian end."""

@@ -1,4 +1,8 @@
-"""Command tasks: /bin/sh -c CMD as its own session (process group), watched by a pidfd."""
+"""Command tasks: /bin/sh -c CMD as its own session (process group), watched by a pidfd.
+
+stdout and stderr go to one pipe that the worker's loop drains, keeping the last MiB: no file
+to create, read back and delete for every task.
+"""
 from __future__ import annotations
 
 import os
@@ -13,20 +17,60 @@ def signal_name(sig: int) -> str:
         return "signal %d" % sig
 
 
+MAX_OUTPUT = 1 << 20
+
+
 class CommandProcess:
-    def __init__(self, cmd: str, cwd: str, env: dict, stdout_path: str):
+    def __init__(self, cmd: str, cwd: str, env: dict):
         full_env = None
         if env:
             full_env = dict(os.environ)
             full_env.update(env)
-        with open(stdout_path, "wb") as out:
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        try:
             self.popen = subprocess.Popen(["/bin/sh", "-c", cmd], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
-                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                          stdout=wfd, stderr=subprocess.STDOUT, start_new_session=True)
+        except BaseException:
+            os.close(rfd)
+            raise
+        finally:
+            os.close(wfd)
+        os.set_blocking(rfd, False)
+        self.out_fd = rfd
+        self.tail = bytearray()
         self.pid = self.popen.pid
         self._fd = os.pidfd_open(self.pid)
 
     def fileno(self) -> int:
         return self._fd
+
+    def drain(self) -> bool:
+        """Read what the task wrote; returns False at end of output (the pipe is then closed)."""
+        if self.out_fd is None:
+            return False
+        while True:
+            try:
+                b = os.read(self.out_fd, 1 << 16)
+            except BlockingIOError:
+                return True
+            except OSError:
+                b = b""
+            if not b:
+                os.close(self.out_fd)
+                self.out_fd = None
+                return False
+            self.tail += b
+            if len(self.tail) > 2 * MAX_OUTPUT:
+                del self.tail[:-MAX_OUTPUT]
+
+    def output(self) -> str:
+        """The task's output (the last MiB), once it has ended."""
+        if self.out_fd is not None:
+            self.drain()                 # what is in the pipe now; a lingering child may hold it open
+            if self.out_fd is not None:
+                os.close(self.out_fd)
+                self.out_fd = None
+        return bytes(self.tail[-MAX_OUTPUT:]).decode("utf-8", "replace")
 
     def kill(self) -> None:
         """SIGKILL the whole process group (the shell and everything it started)."""

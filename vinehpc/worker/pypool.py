@@ -107,8 +107,6 @@ class PyPool:
         tid = r.tid
         self._drop(r)
         code = r.proc.wait()
-        if self.guard is not None:
-            self.guard.remove(r.proc.pid)
         self.last_death = signal_name(-code) if code < 0 else "exit code %d" % code
         return [(tid, None)] if tid is not None else []
 
@@ -133,8 +131,6 @@ class PyPool:
         self.kill(r)
         self._drop(r)
         r.proc.wait()
-        if self.guard is not None:
-            self.guard.remove(r.proc.pid)
 
     def forget_functions(self):
         pass   # function ids are content hashes: what a runner holds stays valid
@@ -154,8 +150,6 @@ class PyPool:
             except subprocess.TimeoutExpired:
                 self.kill(r)
                 r.proc.wait()
-            if self.guard is not None:
-                self.guard.remove(r.proc.pid)
         self.runners = []
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 
-MAX_STDOUT = 1 << 20
 
 
 class SandboxError(Exception):
@@ -36,7 +35,6 @@ class Sandbox:
         if os.path.exists(self.path):
             shutil.rmtree(self.path, ignore_errors=True)
         os.makedirs(self.path)
-        self.stdout_path = self.path + ".out"
 
     def link(self, src: str, remote: str) -> None:
         dst = inside(self.path, remote) if "/" not in remote else self._mkparents(remote)
@@ -56,22 +54,8 @@ class Sandbox:
         p = inside(self.path, remote)
         return p if os.path.lexists(p) else None
 
-    def read_stdout(self) -> str:
-        try:
-            with open(self.stdout_path, "rb") as f:
-                f.seek(0, 2)
-                size = f.tell()
-                f.seek(max(0, size - MAX_STDOUT))
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-
     def remove(self) -> None:
         _remove_tree(self.path)
-        try:
-            os.unlink(self.stdout_path)
-        except FileNotFoundError:
-            pass
 
 
 def _remove_tree(path: str) -> None:
