@@ -18,10 +18,17 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # Later issues add what their tests need here (e.g. strace, slurmctld slurmd
 # slurm-client munge libpmix-dev, openmpi-bin). Nothing is installed while the
 # list is empty.
-SYSTEM_PACKAGES=()
+SYSTEM_PACKAGES=(strace)   # vinehpc audit (tests/test_audit.py)
 
 install_system_packages() {
-    if [ "${#SYSTEM_PACKAGES[@]}" -eq 0 ]; then
+    # only what is missing: no apt-get (nor network) when everything is already installed
+    local missing=() pkg
+    for pkg in "${SYSTEM_PACKAGES[@]}"; do
+        if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+            missing+=("$pkg")
+        fi
+    done
+    if [ "${#missing[@]}" -eq 0 ]; then
         return 0
     fi
     local sudo=()
@@ -30,7 +37,7 @@ install_system_packages() {
     fi
     export DEBIAN_FRONTEND=noninteractive
     "${sudo[@]}" apt-get update -q
-    "${sudo[@]}" apt-get install -y -q --no-install-recommends "${SYSTEM_PACKAGES[@]}"
+    "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
 }
 
 install_system_packages

@@ -73,6 +73,12 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--exit-on-refused", action="store_true",
                    help="exit at once when the manager refuses connections (a pilot's workers: the run is over)")
     w.add_argument("-v", "--verbose", action="store_true")
+
+    from sysimage_tools.audit.cli import add_parser as add_audit_parser
+    add_audit_parser(sub)
+
+    from sysimage_tools.cli import add_parser as add_sysimage_parser
+    add_sysimage_parser(sub)
     return p
 
 
@@ -83,6 +89,12 @@ def _version():
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "audit":
+        from sysimage_tools.audit.cli import cmd_audit
+        return cmd_audit(args)
+    if args.command == "sysimage":
+        from sysimage_tools.cli import main as cmd_sysimage
+        return cmd_sysimage(args)
     return {"run": cmd_run, "worker": cmd_worker, "pilot": cmd_pilot}[args.command](args)
 
 
