@@ -101,7 +101,7 @@ def main(argv=None) -> int:
 def cmd_pilot(args) -> int:
     try:
         from launcher import pilot
-        import mpi4py  # noqa: F401  - checked here for a clear message
+        import mpi4py  # noqa: F401 - checked here, for a clear message
     except ImportError:
         print("vinehpc pilot: mpi4py is not installed: pip install mpi4py (and an MPI: pip install mpich, "
               "or your site's module)", file=sys.stderr)

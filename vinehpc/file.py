@@ -38,6 +38,7 @@ class File:
         self.source = source
         self.cache = cache_level(cache)
         self.producer = None   # id of the task that writes this file (set by add_output)
+        self.image = None      # the image id, for an environment image (Manager.declare_image)
         self._lock = threading.Lock()
         self._memo = None      # (statkey, cachename, size)
 

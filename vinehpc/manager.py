@@ -126,6 +126,22 @@ class Manager:
             raise TypeError("declare_file needs a path, got %r" % (path,))
         return File(os.path.abspath(os.fspath(path)), cache)
 
+    def declare_image(self, path, cache="worker") -> File:
+        """An environment image built by `vinehpc sysimage` (.vimg). Give it to tasks with
+        task.add_environment(image): it travels to each worker once through the file cache,
+        is unpacked once per node, and those tasks run inside it. Kept on workers by default
+        ("worker" cache level), since unpacking it again is what images avoid."""
+        f = self.declare_file(path, cache=cache)
+        if not os.path.isfile(f.source):
+            raise FileNotFoundError("environment image %r does not exist: build one with `vinehpc sysimage python "
+                                    "... -o %s`" % (f.source, os.path.basename(f.source)))
+        from sysimage_tools.image import ImageError, image_id
+        try:
+            f.image = image_id(f.source)
+        except ImageError as e:
+            raise ValueError("%r is not a usable environment image: %s" % (f.source, e)) from None
+        return f
+
     def declare_buffer(self, data, cache=False) -> File:
         """Bytes from memory, written to a file in the task's sandbox."""
         if isinstance(data, str):

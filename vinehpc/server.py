@@ -447,7 +447,8 @@ class Server:
     def _cmd_task(self, p, task):
         spec = task._spec()
         spec["id"] = task.id
-        spec["inputs"] = [[n, remote, f.kind, f.cache, f.source if f.kind == "url" else None]
+        spec["inputs"] = [[n, remote, "image" if f.image else f.kind, f.cache,
+                           f.source if f.kind == "url" else f.image]
                           for (f, remote), (n, _, _) in zip(task.inputs, task._input_names)]
         spec["outputs"] = [[remote, f.kind, f.cachename() if f.kind == "temp" else None] for f, remote in task.outputs]
         if task.env:

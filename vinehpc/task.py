@@ -35,6 +35,9 @@ class RemoteTraceback(Exception):
         return self.tb
 
 
+IMAGE_INPUT = ".vinehpc-environment"
+
+
 def check_remote_name(name) -> str:
     """A remote name must stay inside the task's sandbox."""
     if not isinstance(name, str) or not name:
@@ -72,6 +75,7 @@ class Task:
         self.inputs = []        # (File, remote_name)
         self.outputs = []       # (File, remote_name)
         self.env = {}
+        self.environment = None  # an environment image (Manager.declare_image) the task runs in
         self.resources = {"cores": None, "memory": None, "disk": None, "gpus": None}
         self.time_max = None
         self.retries = 0
@@ -117,6 +121,16 @@ class Task:
             raise ValueError("outputs must be declare_file() or declare_temp() files, got a %s" % file.kind)
         check_remote_name(remote_name)
         self.outputs.append((file, remote_name))
+        return self
+
+    def add_environment(self, image: File) -> "Task":
+        """Run this task inside an environment image (from Manager.declare_image)."""
+        if not isinstance(image, File) or not image.image:
+            raise TypeError("add_environment needs an image from Manager.declare_image(), got %r" % (image,))
+        if self.environment is not None:
+            raise ValueError("task already runs in %s: a task has one environment image" % self.environment.source)
+        self.environment = image
+        self.inputs.append((image, IMAGE_INPUT))   # it travels like any input; never linked into the sandbox
         return self
 
     def set_env_var(self, name: str, value: str) -> "Task":

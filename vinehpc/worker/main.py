@@ -41,7 +41,7 @@ class SessionOver(Exception):
 class Run:
     """One task on this worker."""
     __slots__ = ("id", "spec", "args", "res", "state", "sandbox", "proc", "runner", "started", "deadline",
-                 "waiting_for", "killed")
+                 "waiting_for", "killed", "image")
 
     def __init__(self, spec, args):
         self.id = spec["id"]
@@ -55,6 +55,7 @@ class Run:
         self.deadline = None
         self.waiting_for = set()
         self.killed = None
+        self.image = None      # cache name of its environment image
 
 
 class Worker:
@@ -86,6 +87,7 @@ class Worker:
         self.fetched = collections.deque()
         self.fetching = {}       # cachename -> [runs waiting]
         self.fns = {}            # fid -> bytes
+        self.images = {}         # image cache name -> unpacked LocalEnv (sysimage_tools.deploy)
         self.put_errors = {}     # cachename -> why it could not be stored
         self.runs = {}           # tid -> Run
         self.queue = collections.deque()
@@ -364,24 +366,32 @@ class Worker:
             if self.cache.has(n):
                 self.cache.raise_level(n, level)
             elif kind == "url":
-                r.waiting_for.add(n)
-                waiting = self.fetching.get(n)
-                if waiting is None:
-                    self.fetching[n] = [r]
-                    fut = self.fetcher.submit(self.cache.fetch_url, n, url)
-                    fut.add_done_callback(lambda f, n=n, url=url: self._fetch_callback(n, url, f))
-                else:
-                    waiting.append(r)
+                self._in_background(("url", n), r, self.cache.fetch_url, n, url)
             else:
                 return self._finish(r, "input missing", "input %r (%s) was never sent to this worker" % (remote, n))
+            if kind == "image":
+                r.image = n
+                if n not in self.images:
+                    from sysimage_tools.deploy import ensure_local   # only workers that run images need it
+                    self._in_background(("image", n), r, ensure_local, self.cache.path(n), url)
         fid = ctl.get("fid")
         if fid is not None and fid not in self.fns:
             return self._finish(r, "failed", "function %s was never sent to this worker" % fid)
         if not r.waiting_for:
             self._enqueue(r)
 
-    def _fetch_callback(self, n, url, fut):
-        self.fetched.append((n, url, fut.exception()))
+    def _in_background(self, key, r, fn, *args):
+        """Run fn(*args) on a helper thread (URL fetch, image unpack); r waits for it."""
+        r.waiting_for.add(key)
+        waiting = self.fetching.get(key)
+        if waiting is not None:
+            waiting.append(r)
+            return
+        self.fetching[key] = [r]
+        self.fetcher.submit(fn, *args).add_done_callback(lambda f, key=key: self._background_done(key, f))
+
+    def _background_done(self, key, fut):
+        self.fetched.append((key, fut))       # (helper thread) hand over to the loop
         try:
             self._ww.send(b"x")
         except OSError:
@@ -389,18 +399,22 @@ class Worker:
 
     def _fetches_done(self):
         while self.fetched:
-            n, url, err = self.fetched.popleft()
-            runs = self.fetching.pop(n, [])
-            if err is None:
+            key, fut = self.fetched.popleft()
+            (what, n), err = key, fut.exception()
+            runs = self.fetching.pop(key, [])
+            if err is None and what == "url":
                 self.cache.entries[n] = "workflow"
                 self.conn.send("cached", {"cn": n})
+            elif err is None:
+                self.images[n] = fut.result()
             for r in runs:
                 if self.runs.get(r.id) is not r:
                     continue
                 if err is not None:
-                    self._finish(r, "input missing", "cannot fetch %s: %s" % (url, err))
+                    self._finish(r, "input missing", "cannot %s %s: %s" % (
+                        "fetch" if what == "url" else "unpack the environment image", n, err))
                 else:
-                    r.waiting_for.discard(n)
+                    r.waiting_for.discard(key)
                     if not r.waiting_for:
                         self._enqueue(r)
 
@@ -452,17 +466,25 @@ class Worker:
             if needs_box:
                 r.sandbox = Sandbox(self.sandboxes, r.id)
                 for n, remote, kind, level, url in spec.get("inputs", ()):
-                    r.sandbox.link(self.cache.path(n), remote)
+                    if kind != "image":
+                        r.sandbox.link(self.cache.path(n), remote)
             env = spec.get("env") or {}
+            image = self.images.get(r.image) if r.image else None
+            if image is not None:
+                why = image.python_mismatch()
+                if why:
+                    return self._finish(r, "failed", why)
             if spec.get("cmd") is not None:
-                r.proc = CommandProcess(spec["cmd"], r.sandbox.path, env)
+                if image is not None:
+                    env = image.env_for(dict(os.environ, **env))
+                r.proc = CommandProcess(spec["cmd"], r.sandbox.path, env, replace=image is not None)
                 self.guard.add(r.proc.pid)
                 self.sel.register(r.proc.fileno(), selectors.EVENT_READ, ("proc", r))
                 self.sel.register(r.proc.out_fd, selectors.EVENT_READ, ("out", r))
             else:
                 fid = spec["fid"]
                 r.runner = self.pool.run(r.id, fid, self.fns[fid], r.args, r.sandbox.path if r.sandbox else None, env,
-                                         after=runner)
+                                         after=runner, image=image)
                 if runner is not None:
                     self.presented[runner] = r
         except SandboxError as e:
@@ -483,7 +505,8 @@ class Worker:
             return
         for runner, tid in self.pool.busy():
             cur = self.runs.get(tid)
-            if cur is not None and runner not in self.presented and all(r.res[k] <= cur.res[k] for k in RES):
+            if (cur is not None and runner not in self.presented and cur.image == r.image
+                    and all(r.res[k] <= cur.res[k] for k in RES)):
                 q.popleft()
                 self._start(r, runner)
                 return

@@ -21,9 +21,12 @@ MAX_OUTPUT = 1 << 20
 
 
 class CommandProcess:
-    def __init__(self, cmd: str, cwd: str, env: dict):
+    def __init__(self, cmd: str, cwd: str, env: dict, *, replace: bool = False):
+        """env: variables added to the worker's environment, or with replace=True the whole of it."""
         full_env = None
-        if env:
+        if replace:
+            full_env = env
+        elif env:
             full_env = dict(os.environ)
             full_env.update(env)
         rfd, wfd = os.pipe2(os.O_CLOEXEC)

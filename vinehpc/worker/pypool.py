@@ -23,10 +23,11 @@ RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyrunner.py")
 
 
 class Runner:
-    __slots__ = ("sock", "proc", "tid", "next", "fids", "buf")
+    __slots__ = ("sock", "proc", "tid", "next", "fids", "buf", "image")
 
-    def __init__(self, sock, proc):
+    def __init__(self, sock, proc, image=None):
         self.sock, self.proc = sock, proc
+        self.image = image        # id of the environment image it runs in (None: the worker's own)
         self.tid = None
         self.next = None
         self.fids = set()
@@ -42,30 +43,46 @@ class PyPool:
         self.runners = []
         self.last_death = None
 
-    def _spawn(self):
+    def _spawn(self, image=None):
         mine, theirs = socket.socketpair()
         code = "import runpy,sys; sys.argv=['pyrunner',%r]; runpy.run_path(%r, run_name='__main__')" % (
             str(theirs.fileno()), RUNNER)
+        env = None
+        if image is not None:   # inside the image: its packages, plus cloudpickle for our functions
+            env = image.env_for(None, extra_pythonpath=[self._cloudpickle_only()])
         proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),), cwd=self.workdir,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         theirs.close()
         if self.guard is not None:
             self.guard.add(proc.pid)
         mine.setblocking(False)
-        r = Runner(mine, proc)
+        r = Runner(mine, proc, image.id if image is not None else None)
         self.runners.append(r)
         self.sel.register(mine, selectors.EVENT_READ, ("runner", r))
         return r
 
-    def run(self, tid, fid, fbytes, args, cwd, env, after=None) -> Runner:
-        """Run a task on an idle interpreter, or queue it on `after` (busy) to run next."""
+    def _cloudpickle_only(self) -> str:
+        """A directory holding only cloudpickle (what an interpreter inside an image needs from us)."""
+        d = os.path.join(self.workdir, "pyshim")
+        if not os.path.isdir(d):
+            import cloudpickle
+            os.makedirs(d, exist_ok=True)
+            os.symlink(os.path.dirname(cloudpickle.__file__), os.path.join(d, "cloudpickle"))
+        return d
+
+    def run(self, tid, fid, fbytes, args, cwd, env, after=None, image=None) -> Runner:
+        """Run a task on an idle interpreter (inside `image` if given), or queue it on `after`
+        (busy, same image) to run next."""
         if after is not None:
             r = after
         else:
-            idle = [r for r in self.runners if r.tid is None]
+            key = image.id if image is not None else None
+            idle = [r for r in self.runners if r.tid is None and r.image == key]
             r = next((x for x in idle if fid in x.fids), None) or (idle[0] if idle else None)
             if r is None:
-                r = self._spawn()
+                if len(self.runners) >= self.max:
+                    self._retire_idle()
+                r = self._spawn(image)
         if fid not in r.fids:
             _send(r.sock, ("fn", fid, fbytes))
             r.fids.add(fid)
@@ -75,6 +92,18 @@ class PyPool:
             r.next = tid
         _send(r.sock, ("run", tid, fid, args, cwd, env))
         return r
+
+    def _retire_idle(self):
+        """Make room for an interpreter of another environment: stop an idle one."""
+        for r in self.runners:
+            if r.tid is None:
+                try:
+                    _send(r.sock, ("exit",))
+                except OSError:
+                    pass
+                self._drop(r)
+                r.proc.wait()
+                return
 
     def busy(self):
         """(runner, tid) for interpreters running a task."""
