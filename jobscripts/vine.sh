@@ -20,7 +20,8 @@
 #   VINEHPC_MANAGER_WORKS=1   also run workers on the manager's node
 #   VINEHPC_GRACE             seconds running tasks get after the walltime warning (default 60)
 #   VINEHPC_RUN_DIR           run directory (keep it to resume)
-#   VINEHPC_IMAGE             environment image (planned: environment images)
+#   VINEHPC_IMAGE             environment image (vinehpc sysimage): read once, broadcast to every node,
+#                             unpacked on node-local disk ($VINEHPC_LOCAL_DIR); every task runs inside it
 #   VINEHPC_TUNNEL=1          tunnel tasks' outbound traffic through the manager (planned)
 #
 #SBATCH --job-name=vinehpc
@@ -51,6 +52,7 @@ opts=()
 [ "${VINEHPC_MANAGER_WORKS:-0}" = 1 ] && opts+=(--manager-node-works)
 [ -n "${VINEHPC_RUN_DIR:-}" ] && opts+=(--run-dir "$VINEHPC_RUN_DIR")
 [ -n "${VINEHPC_GRACE:-}" ] && opts+=(--grace "$VINEHPC_GRACE")
+[ -n "${VINEHPC_IMAGE:-}" ] && opts+=(--image "$VINEHPC_IMAGE")
 
 echo "vinehpc: job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?} (${SLURM_NNODES:-?} nodes), $(date -Is)"
 case "${VINEHPC_LAUNCHER:-srun}" in

@@ -57,7 +57,7 @@ def plan_workers(rank, nodes, *, workers_per_node=None, manager_node_works=False
     return (workers_per_node if rank == worker_ranks[0] else 0), ranks_on_node
 
 
-def start_workers(n, address, secret, *, cores, memory, connect_timeout):
+def start_workers(n, address, secret, *, cores, memory, connect_timeout, image=None):
     env = dict(os.environ, VINEHPC_SECRET=secret)
     procs = []
     for _ in range(n):
@@ -65,6 +65,8 @@ def start_workers(n, address, secret, *, cores, memory, connect_timeout):
                "--connect-timeout", str(connect_timeout), "--exit-on-refused"]
         if memory is not None:
             cmd += ["--memory", str(memory)]
+        if image is not None:
+            cmd += ["--image", image]
         procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True))
     return procs
 
@@ -151,6 +153,40 @@ class PilotRun:
         return srv.released
 
 
+def share_image(comm, MPI, rank, nodes, image, unpack):
+    """Rank 0 reads the image once (one shared-filesystem read per job) and broadcasts it to
+    the lowest rank of every node, which writes it to node-local disk and unpacks it there
+    when `unpack` (that node hosts workers). Returns this node's local copy of the image."""
+    from sysimage_tools import deploy
+    from sysimage_tools.image import image_id
+    leader = nodes.index(nodes[rank]) == rank
+    sub = comm.Split(0 if leader else MPI.UNDEFINED, rank)
+    info = None
+    if rank == 0:
+        info = {"id": image_id(image), "size": os.path.getsize(image)}
+    info = comm.bcast(info, root=0)
+    local = os.path.join(deploy.cache_root(), "%s.vimg" % info["id"])
+    if leader:
+        data = bytearray(info["size"])
+        if rank == 0:
+            with open(image, "rb") as f:
+                f.readinto(data)
+        view = memoryview(data)
+        step = 64 << 20
+        for off in range(0, len(data), step):
+            sub.Bcast([view[off:off + step], MPI.BYTE], root=0)
+        if not os.path.exists(local):
+            tmp = "%s.%d.part" % (local, os.getpid())
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, local)
+        if unpack:
+            deploy.ensure_local(local, info["id"])
+        sub.Free()
+    comm.Barrier()         # every node's copy is in place before any worker starts
+    return local
+
+
 def write_contact(run_dir, address, secret):
     path = os.path.join(run_dir, "contact.json")
     fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -173,7 +209,7 @@ def read_contact(path):
 
 
 def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_node_works=False,
-         run_dir=None, port=0, grace=None, connect_timeout=300.0) -> int:
+         run_dir=None, port=0, grace=None, connect_timeout=300.0, image=None) -> int:
     from mpi4py import MPI   # lazily, and only here
 
     comm = MPI.COMM_WORLD
@@ -183,8 +219,12 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
     if rank == 0 and size == 1 and not manager_node_works:
         manager_node_works = True   # a single rank: it has to host the workers too
     if rank == 0:
+        err = None
         if not os.path.isfile(script):
             err = "no such file: %s" % script
+        elif image is not None and not os.path.isfile(image):
+            err = "no such environment image: %s (build one with: vinehpc sysimage python ...)" % image
+        if err:
             comm.bcast({"error": err}, root=0)
             print("vinehpc pilot: " + err, file=sys.stderr)
             return 2
@@ -208,13 +248,20 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
     if memory is not None and n:
         memory //= n
     counts = comm.gather(n, root=0)
+    local_image = None
+    if image is not None:
+        try:
+            local_image = share_image(comm, MPI, rank, nodes, image, unpack=any(counts or [n]))
+        except Exception as e:   # a bad image: say so on every rank, fail the job
+            print("vinehpc pilot: rank %d: environment image %s: %s" % (rank, image, e), file=sys.stderr)
+            return 2 if rank == 0 else 0
     MPI.Finalize()    # from here on, plain processes: a lost rank cannot abort the others
 
     # a walltime warning must not kill workers or idle ranks (their default action would)
     signal.signal(signal.SIGUSR1, lambda *a: None)
     if rank != 0:
         procs = start_workers(n, meet["address"], meet["secret"], cores=cores, memory=memory,
-                              connect_timeout=connect_timeout)
+                              connect_timeout=connect_timeout, image=local_image)
         return _wait_workers(procs)
 
     from vinehpc.cli import run_script
@@ -229,7 +276,7 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
     ctx = PilotRun(lsock, meet["address"], meet["secret"], run_dir, expected_workers=total,
                    grace=grace if grace is not None else float(os.environ.get("VINEHPC_GRACE", "60")))
     own = start_workers(n, meet["address"], meet["secret"], cores=cores, memory=memory,
-                        connect_timeout=connect_timeout) if n else []
+                        connect_timeout=connect_timeout, image=local_image) if n else []
     signal.signal(signal.SIGUSR1, ctx.on_walltime)
     code = run_script(script, argv, ctx, sigterm=ctx.on_walltime)
     released = ctx.release_workers()

@@ -53,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--port", type=_nonneg_int, default=0, help="manager port (default: any free port)")
     pl.add_argument("--grace", type=float, metavar="S",
                     help="seconds running tasks get after the walltime warning (default $VINEHPC_GRACE or 60)")
+    pl.add_argument("--image", metavar="ENV.vimg",
+                    help="environment image (vinehpc sysimage): read once, broadcast to every node, unpacked "
+                         "node-local; all tasks run inside it")
     pl.add_argument("script")
     pl.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -69,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--workdir", help="cache and sandboxes (default: a fresh temporary directory)")
     w.add_argument("--connect-timeout", type=float, default=60.0, metavar="S",
                    help="give up after S seconds without reaching the manager (default 60)")
+    w.add_argument("--image", metavar="ENV.vimg", help="run every task inside this environment image")
     w.add_argument("--no-reconnect", action="store_true", help="exit when the manager connection ends")
     w.add_argument("--exit-on-refused", action="store_true",
                    help="exit at once when the manager refuses connections (a pilot's workers: the run is over)")
@@ -109,7 +113,7 @@ def cmd_pilot(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="vinehpc pilot: %(message)s")
     return pilot.main(args.script, args.args, workers_per_node=args.workers_per_node,
                       cores_per_worker=args.cores_per_worker, manager_node_works=args.manager_node_works,
-                      run_dir=args.run_dir, port=args.port, grace=args.grace)
+                      run_dir=args.run_dir, port=args.port, grace=args.grace, image=args.image)
 
 
 def cmd_worker(args) -> int:
@@ -145,7 +149,8 @@ def cmd_worker(args) -> int:
     try:
         return worker_main(args.address, secret, cores=args.cores, memory=args.memory, disk=args.disk,
                            gpus=args.gpus, workdir=args.workdir, connect_timeout=args.connect_timeout,
-                           reconnect=not args.no_reconnect, exit_on_refused=args.exit_on_refused)
+                           reconnect=not args.no_reconnect, exit_on_refused=args.exit_on_refused,
+                           image=args.image)
     except ValueError as e:
         print("vinehpc worker: %s" % e, file=sys.stderr)
         return 2

@@ -60,7 +60,7 @@ class Run:
 
 class Worker:
     def __init__(self, address: str, secret: str, *, cores=None, memory=None, disk=None, gpus=None,
-                 workdir=None, connect_timeout=60.0, reconnect=True, exit_on_refused=False):
+                 workdir=None, connect_timeout=60.0, reconnect=True, exit_on_refused=False, image=None):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError("manager address must be HOST:PORT, got %r" % address)
@@ -88,6 +88,14 @@ class Worker:
         self.fetching = {}       # cachename -> [runs waiting]
         self.fns = {}            # fid -> bytes
         self.images = {}         # image cache name -> unpacked LocalEnv (sysimage_tools.deploy)
+        self.default_image = None    # --image: every task without its own image runs in this one
+        if image is not None:
+            from sysimage_tools.deploy import ensure_local
+            from sysimage_tools.image import ImageError
+            try:
+                self.default_image = ensure_local(image)
+            except ImageError as e:
+                raise ValueError("environment image %s: %s" % (image, e)) from None
         self.put_errors = {}     # cachename -> why it could not be stored
         self.runs = {}           # tid -> Run
         self.queue = collections.deque()
@@ -469,7 +477,7 @@ class Worker:
                     if kind != "image":
                         r.sandbox.link(self.cache.path(n), remote)
             env = spec.get("env") or {}
-            image = self.images.get(r.image) if r.image else None
+            image = self.images.get(r.image) if r.image else self.default_image
             if image is not None:
                 why = image.python_mismatch()
                 if why:
