@@ -16,6 +16,7 @@ the same job again runs only what is left.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -33,15 +34,28 @@ log = logging.getLogger("vinehpc.pilot")
 
 
 def contact_host(env=os.environ) -> str:
-    """An address of this node that the other nodes can reach."""
+    """An address of this node that other hosts can reach: $VINEHPC_MANAGER_HOST, else the
+    hostname's address, else (it maps to loopback, as Debian's 127.0.1.1 does) the first
+    non-loopback IPv4 address of this node's interfaces."""
     h = env.get("VINEHPC_MANAGER_HOST")
     if h:
         return h
     name = socket.gethostname()
     try:
-        return socket.gethostbyname(name)
+        addr = socket.gethostbyname(name)
     except OSError:
-        return name
+        addr = None
+    if addr and not ipaddress.ip_address(addr).is_loopback:
+        return addr
+    try:
+        import psutil
+        for nic, addrs in sorted(psutil.net_if_addrs().items()):
+            for a in addrs:
+                if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback:
+                    return a.address
+    except (ImportError, OSError, ValueError):
+        pass
+    return addr or name
 
 
 def plan_workers(rank, nodes, *, workers_per_node=None, manager_node_works=False):
@@ -189,7 +203,11 @@ def share_image(comm, MPI, rank, nodes, image, unpack):
 
 def write_contact(run_dir, address, secret):
     path = os.path.join(run_dir, "contact.json")
-    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.unlink(path + ".tmp")      # a leftover would keep its own mode: create ours afresh
+    except FileNotFoundError:
+        pass
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump({"address": address, "secret": secret, "job": os.environ.get("SLURM_JOB_ID"),
                    "pid": os.getpid(), "started": time.time()}, f)
@@ -216,6 +234,7 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
     rank, size = comm.Get_rank(), comm.Get_size()
     node = slurm.node_name() or MPI.Get_processor_name()
     nodes = comm.allgather(node)
+    hosts = comm.allgather(socket.gethostname())
     if rank == 0 and size == 1 and not manager_node_works:
         manager_node_works = True   # a single rank: it has to host the workers too
     if rank == 0:
@@ -230,9 +249,13 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
             return 2
         from vinehpc.protocol import auth
         lsock = socket.create_server(("", port), backlog=1024)
-        address = "%s:%d" % (contact_host(), lsock.getsockname()[1])
+        port = lsock.getsockname()[1]
+        contact = "%s:%d" % (contact_host(), port)
+        # all ranks on this host: they meet on loopback; the contact file has the routable address
+        one_host = len(set(hosts)) == 1 and not os.environ.get("VINEHPC_MANAGER_HOST")
+        address = "127.0.0.1:%d" % port if one_host else contact
         secret = auth.new_secret()
-        meet = {"address": address, "secret": secret}
+        meet = {"address": address, "secret": secret, "contact": contact}
     else:
         meet = None
     meet = comm.bcast(meet, root=0)
@@ -268,7 +291,7 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
     run_dir = os.path.abspath(run_dir or os.path.join(os.getcwd(), "vine-run-info",
                                                       "pilot-" + os.path.splitext(os.path.basename(script))[0]))
     os.makedirs(run_dir, exist_ok=True)
-    contact = write_contact(run_dir, meet["address"], meet["secret"])
+    contact = write_contact(run_dir, meet["contact"], meet["secret"])
     total = sum(counts)
     sys.stderr.write("vinehpc pilot: %s, %d ranks on %d node(s), %d worker(s); manager at %s; run dir %s\n"
                      "vinehpc pilot: add workers from another allocation with: vinehpc worker --contact %s\n"

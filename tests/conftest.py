@@ -18,6 +18,10 @@ import pytest
 import vinehpc
 from vinehpc import journal as _journal
 
+# Every "node" of our test bed is this one host: managers are reached on loopback, and no test
+# connects to this machine's other addresses (only loopback and our own namespaces are targets).
+os.environ.setdefault("VINEHPC_MANAGER_HOST", "127.0.0.1")
+
 
 # ------------------------------------------------------------------ journal
 def journal_path(m_or_dir) -> str:

@@ -333,7 +333,8 @@ def test_sixteen_concurrent_runs_unpack_once_and_run_isolated(tmp_path, request,
     cmd = vinehpc_cmd("sysimage", "run", img, "--", PY, "-c", PROBE % work)
     t0 = time.monotonic()
     with cf.ThreadPoolExecutor(16) as ex:
-        procs = list(ex.map(lambda _: run(cmd, env=env, timeout=180), range(16)))
+        # cwd outside the repository: `python -c` puts its cwd on sys.path, as it should
+        procs = list(ex.map(lambda _: run(cmd, env=env, timeout=180, cwd=str(tmp_path)), range(16)))
     elapsed = time.monotonic() - t0
     for p in procs:
         assert p.returncode == 0, p.stderr
