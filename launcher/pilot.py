@@ -29,6 +29,7 @@ import time
 
 from . import slurm
 
+_HELD = []              # the run directory's lock, held for the life of rank 0
 RESUMABLE = 75          # EX_TEMPFAIL: "try again" - the job stopped early and can be resumed
 log = logging.getLogger("vinehpc.pilot")
 
@@ -97,6 +98,7 @@ class PilotRun:
         self.grace = grace
         self.managers = []
         self.n_managers = 0
+        self.last_connected = None     # workers connected when the last manager closed
         self.walltime = None
         self.lock = threading.Lock()
 
@@ -125,6 +127,7 @@ class PilotRun:
         with self.lock:
             if m in self.managers:
                 self.managers.remove(m)
+            self.last_connected = len(m.core.workers)
 
     def on_walltime(self, signum, frame):
         """SIGUSR1/SIGTERM: stop dispatching, let running tasks finish within the grace."""
@@ -154,7 +157,9 @@ class PilotRun:
         from vinehpc.core import Core
         from vinehpc.journal import Journal
         from vinehpc.server import Server
-        expected = self.expected
+        # the workers of the last manager come back at once; lost ones never do (and one still
+        # starting finds the socket closed afterwards and exits)
+        expected = self.expected if self.last_connected is None else self.last_connected
         srv = Server(Core(), host="", port=0, secret=self.secret, journal=Journal(None), staging=self.run_dir,
                      keepalive_interval=5.0, keepalive_timeout=30.0, sock=self.lsock, release=True)
         srv.start()
@@ -243,6 +248,15 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
             err = "no such file: %s" % script
         elif image is not None and not os.path.isfile(image):
             err = "no such environment image: %s (build one with: vinehpc sysimage python ...)" % image
+        else:
+            from vinehpc.resume import RunDirInUse, lock_run_dir
+            run_dir = os.path.abspath(run_dir or os.path.join(
+                os.getcwd(), "vine-run-info", "pilot-" + os.path.splitext(os.path.basename(script))[0]))
+            os.makedirs(run_dir, exist_ok=True)
+            try:
+                _HELD.append(lock_run_dir(run_dir))     # held until this process ends
+            except RunDirInUse as e:
+                err = str(e)
         if err:
             comm.bcast({"error": err}, root=0)
             print("vinehpc pilot: " + err, file=sys.stderr)
@@ -288,9 +302,6 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
         return _wait_workers(procs)
 
     from vinehpc.cli import run_script
-    run_dir = os.path.abspath(run_dir or os.path.join(os.getcwd(), "vine-run-info",
-                                                      "pilot-" + os.path.splitext(os.path.basename(script))[0]))
-    os.makedirs(run_dir, exist_ok=True)
     contact = write_contact(run_dir, meet["contact"], meet["secret"])
     total = sum(counts)
     sys.stderr.write("vinehpc pilot: %s, %d ranks on %d node(s), %d worker(s); manager at %s; run dir %s\n"

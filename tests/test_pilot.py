@@ -92,12 +92,27 @@ class Job:
             self.jobid, self.rc, (self.info or {}).get("JobState"), self.out)
 
 
-def submit_pilot(cluster, cwd, script, *args, env, timeout=120, extra=()) -> Job:
+# MPI_Init failing under `srun --mpi=pmi2` before vinehpc runs any code of its own (seen once
+# in about 100 jobs on this testbed): Slurm's pmi2 plugin reads a PMI request of pip MPICH's
+# UCX address exchange that arrived in two pieces as two requests ("mpi/pmi2: value not
+# properly terminated in client request", then "Fatal error in internal_Init_thread" on both
+# ranks). Such a job is submitted again; any other failure is the test's.
+MPI_INIT_FAILED = re.compile(r"Fatal error in internal_Init_thread|mpi/pmi2: invalid client request")
+
+
+def submit_pilot(cluster, cwd, script, *args, env, timeout=120, extra=(), attempts=3) -> Job:
     """sbatch jobscripts/vine.sh SCRIPT ARGS on 2 nodes, from `cwd`; wait for it to finish."""
-    jobid, rc = cluster.sbatch(VINE_SH, script, *args, nodes=2, cwd=cwd, env=env, timeout=timeout,
-                               extra=[*LAYOUT, "--output", os.path.join(os.fspath(cwd), "job-%j.out"), *extra])
-    return Job(jobid, rc, os.path.join(os.fspath(cwd), "job-%s.out" % jobid), run_dir_of(cwd, script),
-               cluster.job_info(jobid))
+    for attempt in range(attempts):
+        jobid, rc = cluster.sbatch(VINE_SH, script, *args, nodes=2, cwd=cwd, env=env, timeout=timeout,
+                                   extra=[*LAYOUT, "--output", os.path.join(os.fspath(cwd), "job-%j.out"), *extra])
+        job = Job(jobid, rc, os.path.join(os.fspath(cwd), "job-%s.out" % jobid), run_dir_of(cwd, script),
+                  cluster.job_info(jobid))
+        if rc != 0 and MPI_INIT_FAILED.search(job.out) and "vinehpc pilot:" not in job.out \
+                and attempt + 1 < attempts:
+            sys.stderr.write("test_pilot: job %s failed in MPI_Init (testbed: Slurm pmi2 + MPICH); submitting "
+                             "it again\n%s\n" % (jobid, job.out))
+            continue
+        return job
 
 
 class BackgroundPilot:
@@ -276,6 +291,22 @@ def test_vine_sh_runs_examples_tasks_on_two_nodes(slurm_cluster, mpi, tmp_path):
 
 
 @pytest.mark.timeout(150)
+def test_vine_sh_runs_examples_executor(slurm_cluster, mpi, tmp_path):
+    job = submit_pilot(slurm_cluster, tmp_path, os.path.join(REPO, "examples", "executor.py"), env=job_env(),
+                       timeout=120)
+    assert job.rc == 0 and job.info["JobState"] == "COMPLETED", job
+    assert "collatz(27) = 111" in job.out and "collatz(30) = 18" in job.out, job
+    assert len(re.findall(r"^collatz\(\s*\d+\) = \d+$", job.out, re.M)) == 30, job
+    assert "re-raised locally: cannot take sqrt of -1.0" in job.out, job
+    # the remote traceback names where it ran: the worker on the second node
+    cause = re.search(r"^remote cause: (.*)$", job.out, re.M)
+    assert cause and "host n2" in cause.group(1), job
+    recs = journal_of(job.run_dir)
+    assert {r["host"] for r in events(recs, "dispatched")} == {"n2"}, tail(recs)
+    assert_no_strays(job.jobid, [manager_address(recs)])
+
+
+@pytest.mark.timeout(150)
 @pytest.mark.parametrize("manager_works", [False, True], ids=["workers-on-n2", "manager-node-works"])
 def test_vine_sh_workload_with_files(slurm_cluster, mpi, tmp_path, manager_works):
     outdir = tmp_path / "wl"
@@ -327,7 +358,7 @@ def test_kill_9_worker_on_second_node_mid_run(slurm_cluster, mpi, tmp_path):
     outdir = tmp_path / "wl"
     n = 500
     env = job_env(VINEHPC_WORKERS_PER_NODE=2)     # n2: two workers of one core each; n1: the manager
-    with BackgroundPilot(slurm_cluster, tmp_path, WORKLOAD, str(outdir), "--n", n, "--sleep", 0.02,
+    with BackgroundPilot(slurm_cluster, tmp_path, WORKLOAD, str(outdir), "--n", n, "--sleep", 0.01,
                          env=env, timeout=150) as bg:
         joined = bg.wait_journal(lambda rs: len(events(rs, "worker joined")) >= 2 and len(events(rs, "done")) >= 40
                                  and events(rs, "worker joined"), 60, "2 workers and 40 tasks done")
@@ -432,11 +463,13 @@ def test_script_raising_ends_the_job_within_seconds_without_strays(slurm_cluster
     env = job_env(VINEHPC_MANAGER_WORKS=1)
     t0 = time.monotonic()
     job = submit_pilot(slurm_cluster, tmp_path, WORKLOAD, str(outdir), "--n", 4, "--cmd", 2, "--sleep", 60,
-                       "--wait-workers", 2, "--raise-when-running", env=env, timeout=120)
+                       "--wait-workers", 2, "--raise-when-running", 3, env=env, timeout=120)
     elapsed = time.monotonic() - t0
     assert job.rc not in (0, 75) and job.info["JobState"] == "FAILED", job
     assert "RuntimeError: workload: deliberate failure while tasks run" in job.out, job
     assert "Traceback" in job.out, job
+    running = re.search(r"^workload: (\d+) task\(s\) running; raising$", job.out, re.M)
+    assert running and int(running.group(1)) >= 3, job
     assert elapsed < 20, "the job took %.1f s after submission (tasks of 60 s were running)\n%r" % (elapsed, job)
     recs = journal_of(job.run_dir)
     assert {r["host"] for r in events(recs, "worker joined")} == {"n1", "n2"}, tail(recs)
@@ -497,12 +530,13 @@ def test_mpiexec_pilot_script_raising_leaves_no_process(mpi, tmp_path):
     mark = uuid.uuid4().hex
     t0 = time.monotonic()
     r = _mpiexec_pilot(mpi, tmp_path, WORKLOAD, tmp_path / "wl", "--n", 4, "--cmd", 2, "--sleep", 60,
-                       "--wait-workers", 2, "--raise-when-running", n=2, opts=["--manager-node-works"],
+                       "--wait-workers", 2, "--raise-when-running", 2, n=2, opts=["--manager-node-works"],
                        env={"VINEHPC_TEST_MARK": mark}, timeout=60)
     elapsed = time.monotonic() - t0
     assert r.returncode == 1, r.stdout
     assert "RuntimeError: workload: deliberate failure while tasks run" in r.stdout, r.stdout
-    assert "2 task(s) running; raising" in r.stdout, r.stdout
+    running = re.search(r"^workload: (\d+) task\(s\) running; raising$", r.stdout, re.M)
+    assert running and int(running.group(1)) >= 2, r.stdout
     assert elapsed < 20, "%.1f s with 60 s tasks running\n%s" % (elapsed, r.stdout)
     deadline = time.monotonic() + 10
     while True:
@@ -563,6 +597,111 @@ def test_mpiexec_resume_never_returns_stale_results(mpi, tmp_path):
     assert len(s) == 3
     assert [len(events(x, "dispatched")) for x in s] == [total, 2, n_cmd + n_pyfiles]
     assert [len(events(x, "resumed")) for x in s] == [0, total - 2, n]
+
+
+def _mpiexec_popen(mpi, cwd, script, *args, n=2, opts=(), env=None, out=None):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "PMIX_", "VINEHPC_"))}
+    base["PYTHONUNBUFFERED"] = "1"
+    base.update(env or {})
+    return subprocess.Popen([mpi, "-n", str(n), PY, "-m", "vinehpc", "pilot", *opts, script, *map(str, args)],
+                            cwd=cwd, env=base, stdout=out or subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _walltime_past_grace(mpi, tmp_path, mark):
+    """A pilot (2 workers of 1 core) running 4 tasks of 2 s gets the walltime warning once two
+    run, with a grace of 0.5 s: both are cancelled. Returns (output, returncode, journal)."""
+    run_dir = run_dir_of(tmp_path, WORKLOAD)
+    p = _mpiexec_popen(mpi, tmp_path, WORKLOAD, tmp_path / "wl", "--n", 4, "--sleep", 2,
+                       opts=["--manager-node-works", "--grace", "0.5"], env={"VINEHPC_TEST_MARK": mark})
+    try:
+        deadline = time.monotonic() + 30
+        while len(events(journal_of(run_dir), "dispatched")) < 2:
+            assert p.poll() is None and time.monotonic() < deadline, "no 2 tasks dispatched\n%s" % (
+                p.communicate()[0] if p.poll() is not None else tail(journal_of(run_dir)))
+            time.sleep(0.05)
+        time.sleep(0.3)
+        with open(os.path.join(run_dir, "contact.json")) as f:
+            os.kill(json.load(f)["pid"], signal.SIGUSR1)       # rank 0, as vine.sh forwards it
+        out, _ = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    return out, p.returncode, journal_of(run_dir)
+
+
+def _marked_processes(mark) -> list:
+    left = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and _alive(p) and p.environ().get("VINEHPC_TEST_MARK") == mark:
+                left.append(p)
+        except psutil.Error:
+            pass
+    return left
+
+
+@pytest.mark.timeout(120)
+def test_mpiexec_walltime_cancels_tasks_past_the_grace_and_resume_runs_them(mpi, tmp_path):
+    mark = uuid.uuid4().hex
+    t0 = time.monotonic()
+    out, rc, recs = _walltime_past_grace(mpi, tmp_path, mark)
+    assert rc == 75 and "RESUMABLE" in out, out
+    assert time.monotonic() - t0 < 15, out
+    drained = events(recs, "drained")
+    assert len(drained) == 1 and len(drained[0]["cancelled"]) == 2, tail(recs)
+    cancelled = {r["task"] for r in events(recs, "failed") if r["result"] == "cancelled"}
+    assert cancelled == set(drained[0]["cancelled"]), tail(recs)
+    assert not events(recs, "completed") and not events(recs, "done"), tail(recs)
+    # the cancelled tasks' interpreters did not keep running (nor anything else of the pilot)
+    deadline = time.monotonic() + 10
+    while _marked_processes(mark) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _marked_processes(mark)
+    for p in left:
+        p.kill()
+    assert not left, "processes of the pilot left after it exited: %s" % [p.pid for p in left]
+
+    r = _mpiexec_pilot(mpi, tmp_path, WORKLOAD, tmp_path / "wl", "--n", 4, "--sleep", 2, n=2,
+                       opts=["--manager-node-works"])
+    assert r.returncode == 0, r.stdout
+    line = workload_line(r.stdout)
+    assert line["ok"] and line["resumed"] == 0 and line["checksum"] == expected_checksum(4, 0, 0), r.stdout
+    s = sessions(journal_of(run_dir_of(tmp_path, WORKLOAD)))
+    assert len(s) == 2 and len({r["task"] for r in events(s[1], "dispatched")}) == 4
+
+
+@pytest.mark.timeout(120)
+def test_mpiexec_task_cancelled_by_the_walltime_says_so(mpi, tmp_path):
+    out, rc, recs = _walltime_past_grace(mpi, tmp_path, uuid.uuid4().hex)
+    assert rc == 75, out
+    reasons = [r["reason"] for r in events(recs, "failed") if r["result"] == "cancelled"]
+    assert len(reasons) == 2, tail(recs)
+    for why in reasons:
+        assert "walltime" in why or "grace" in why, why
+
+
+@pytest.mark.timeout(120)
+def test_mpiexec_two_pilots_sharing_a_directory_keep_resume_intact(mpi, tmp_path):
+    n = 300
+    runs = {"a": (tmp_path / "wa", 0), "b": (tmp_path / "wb", 1)}   # different arguments, same script
+
+    def args(k):
+        outdir, version = runs[k]
+        return [outdir, "--n", n, "--cmd", 3, "--sleep", 0.002, "--input-version", version]
+
+    procs = {k: _mpiexec_popen(mpi, tmp_path, WORKLOAD, *args(k), opts=["--manager-node-works"]) for k in runs}
+    outs = {k: p.communicate(timeout=60)[0] for k, p in procs.items()}
+    for k, p in procs.items():
+        # a pilot may refuse a run directory in use, but one that runs must get it right
+        if p.returncode == 0:
+            assert workload_line(outs[k])["ok"], outs[k]
+    for k, (outdir, version) in runs.items():       # then each again, one at a time
+        r = _mpiexec_pilot(mpi, tmp_path, WORKLOAD, *args(k), n=2, opts=["--manager-node-works"])
+        assert r.returncode == 0, r.stdout
+        line = workload_line(r.stdout)
+        assert line["ok"] and line["checksum"] == expected_checksum(n, 3, 0, version), r.stdout
+        check_workload_files(outdir, 3, 0, version)
 
 
 # ------------------------------------------------------------------ 6. workers from "another allocation"

@@ -103,13 +103,12 @@ def main(argv=None) -> int:
 
 
 def cmd_pilot(args) -> int:
-    try:
-        from launcher import pilot
-        import mpi4py  # noqa: F401 - checked here, for a clear message
-    except ImportError:
+    import importlib.util
+    if importlib.util.find_spec("mpi4py") is None:
         print("vinehpc pilot: mpi4py is not installed: pip install mpi4py (and an MPI: pip install mpich, "
               "or your site's module)", file=sys.stderr)
         return 2
+    from launcher import pilot
     logging.basicConfig(level=logging.WARNING, format="vinehpc pilot: %(message)s")
     return pilot.main(args.script, args.args, workers_per_node=args.workers_per_node,
                       cores_per_worker=args.cores_per_worker, manager_node_works=args.manager_node_works,

@@ -303,6 +303,8 @@ class Manager:
         self.journal.write({"event": "manager stopped", "reason": reason,
                             "io_cpu_seconds": round(self._server.cpu, 3)})
         self.journal.close()
+        if self.resume is not None:
+            self.resume.close()
         if self._local is not None:
             self._local.stop()
         if self._ctx is not None:

@@ -59,11 +59,35 @@ def file_identity(f) -> str:
     return f.cachename()
 
 
+class RunDirInUse(RuntimeError):
+    pass
+
+
+def lock_run_dir(run_dir: str):
+    """Hold `run_dir` for this process (released when it exits). Two runs appending to one
+    run directory would interleave their results: the second is refused, saying why."""
+    import fcntl
+    import socket
+    path = os.path.join(run_dir, "lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunDirInUse("run directory %s is in use by %s: wait for that run to end, or give this one its own "
+                          "run directory (--run-dir, VINEHPC_RUN_DIR or Manager(run_dir=...))" % (run_dir, holder)) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, ("pid %d on %s" % (os.getpid(), socket.gethostname())).encode(), 0)
+    return fd
+
+
 class Resume:
     """What earlier runs in this run directory completed, and the recorder for this one."""
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
+        self._lock = lock_run_dir(run_dir)
         self.results_path = os.path.join(run_dir, "results.bin")
         self.completed = {}
         jpath = os.path.join(run_dir, "transactions.jsonl")
@@ -108,7 +132,7 @@ class Resume:
         data = pickle.dumps({"result": getattr(task, "_result", None), "stdout": task.std_output,
                              "exit_code": task.exit_code, "hostname": task.hostname, "wall": task.wall_time},
                             protocol=pickle.HIGHEST_PROTOCOL)
-        off = self._out.tell()
+        off = self._out.seek(0, os.SEEK_END)     # the lock makes us the only writer
         self._out.write(data)
         outputs = {}
         for f, _ in task.outputs:
@@ -125,3 +149,4 @@ class Resume:
 
     def close(self) -> None:
         self._out.close()
+        os.close(self._lock)      # releases the run directory

@@ -158,7 +158,8 @@ class Server:
             return
         left = [t for t in self.core.tasks.values() if t.state == "running"]
         for t in left:
-            self.core.cancel(t.id, now)
+            self.core.cancel(t.id, now, reason="cancelled at the walltime: still running when the %.0f s grace ended"
+                             % self.drain_grace)
         self._run_cmds()
         self.journal.write({"event": "drained", "cancelled": [t.id for t in left],
                             "not run": len(self.core.tasks)})
@@ -175,6 +176,7 @@ class Server:
         elif kind == "drain":
             if self.drain_deadline is None:
                 self.core.draining = True
+                self.drain_grace = op[1]
                 self.drain_deadline = now + op[1]
                 self.journal.write({"event": "draining", "grace": op[1], "running": self.core.n_running,
                                     "waiting": len(self.core.tasks) - self.core.n_running})

@@ -2,7 +2,7 @@
 """A pilot test workload: PythonTasks and command tasks with input and output files.
 
     vinehpc pilot tests/pilot_scripts/workload.py OUTDIR [--n N] [--cmd K] [--pyfiles P]
-                  [--sleep S] [--wait-workers W] [--raise-when-running] [--input-version V]
+                  [--sleep S] [--wait-workers W] [--raise-when-running R] [--input-version V]
 
 Inputs are written to OUTDIR/in (deterministic contents, so a resubmitted job computes the
 same task keys), outputs go to OUTDIR/out. Every result is checked here, exactly once;
@@ -47,7 +47,8 @@ def main(argv):
     ap.add_argument("--pyfiles", type=int, default=0, help="PythonTasks with an input and an output file")
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--wait-workers", type=int, default=0)
-    ap.add_argument("--raise-when-running", action="store_true")
+    ap.add_argument("--raise-when-running", type=int, default=0, metavar="R",
+                    help="raise an exception once R tasks run (instead of waiting for them)")
     ap.add_argument("--input-version", type=int, default=0, help="adds lines to every input file")
     a = ap.parse_args(argv[1:])
 
@@ -95,7 +96,7 @@ def main(argv):
 
     if a.raise_when_running:
         deadline = time.monotonic() + 60
-        while m.stats["running"] < 1 and time.monotonic() < deadline:
+        while m.stats["running"] < a.raise_when_running and time.monotonic() < deadline:
             time.sleep(0.05)
         print("workload: %d task(s) running; raising" % m.stats["running"], flush=True)
         raise RuntimeError("workload: deliberate failure while tasks run")

@@ -164,14 +164,14 @@ class Core:
         self.submit(clone, 0.0)
         return True
 
-    def cancel(self, tid, now=0.0):
+    def cancel(self, tid, now=0.0, reason="cancelled by the user"):
         task = self.tasks.get(tid)
         if task is None:
             return False
         if task.state == "running":
             self.cmds.append(("kill", task._wid, tid))
             self._release(task)
-        self._finish(task, "cancelled", "cancelled by the user")
+        self._finish(task, "cancelled", reason)
         return True
 
     def worker_joined(self, wid, info, now):
