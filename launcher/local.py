@@ -22,6 +22,8 @@ class LocalWorkers:
 
     def start(self, address: str, secret: str) -> None:
         env = dict(os.environ, VINEHPC_SECRET=secret)
+        if "VINEHPC_WORKER_DIR" not in env and _roomy_shm():
+            env["VINEHPC_WORKER_DIR"] = "/dev/shm"     # local workers: cache and sandboxes in memory
         for _ in range(self.n):
             cmd = [sys.executable, "-m", "vinehpc", "worker", address, "--cores", str(self.cores),
                    "--connect-timeout", "30", "--no-reconnect"]
@@ -54,6 +56,15 @@ class LocalWorkers:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+def _roomy_shm(need=4 << 30) -> bool:
+    """/dev/shm exists, is writable and has `need` bytes free (a local run's cache fits)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return False
+    return os.access("/dev/shm", os.W_OK) and st.f_bavail * st.f_frsize >= need
 
 
 class LocalRun:

@@ -38,3 +38,9 @@ def keepalive_timeout() -> float:
 def progress() -> str:
     """VINEHPC_PROGRESS: 'auto' (a terminal), 'always' or 'never'."""
     return os.environ.get("VINEHPC_PROGRESS", "auto")
+
+
+def worker_dir_root() -> str | None:
+    """VINEHPC_WORKER_DIR: where a worker makes its cache and sandboxes when not given --workdir
+    (default: $TMPDIR or /tmp; local runs use /dev/shm when it has room)."""
+    return os.environ.get("VINEHPC_WORKER_DIR") or None

@@ -6,6 +6,9 @@ import os
 import time
 
 
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode   # built once: this is hot
+
+
 class Journal:
     def __init__(self, path: str | None):
         self.path = path
@@ -16,7 +19,8 @@ class Journal:
         if self._f is None:
             return
         rec.setdefault("time", round(time.time(), 6))
-        self._f.write(json.dumps(rec, separators=(",", ":"), default=str) + "\n")
+        self._f.write(_encode(rec))
+        self._f.write("\n")
         self._dirty = True
 
     def flush(self) -> None:

@@ -175,9 +175,11 @@ class Manager:
             raise ValueError("task %s was already submitted; create a new Task to run it again" % task.id)
         task._check()
         for f, remote in task.inputs:
-            if f.kind == "file" and f.producer is None and not f.exists():
-                raise FileNotFoundError("input %r of the task does not exist (it would be %r in the sandbox)"
-                                        % (f.source, remote))
+            if f.kind == "file" and f.producer is None:
+                if not f.exists():
+                    raise FileNotFoundError("input %r of the task does not exist (it would be %r in the sandbox)"
+                                            % (f.source, remote))
+                f.cachename()   # hash here, on the caller's thread (once; the I/O thread then only stats)
         if self.resume is not None:
             task._key = task_key(task)
             for f, remote in task.outputs:

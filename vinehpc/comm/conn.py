@@ -95,7 +95,8 @@ class Connection:
     def read(self) -> list:
         """Read what is available; return the complete messages. Raises Closed on EOF."""
         try:
-            data = self.sock.recv(1 << 20)
+            # a big frame on its way (a file): take it in large reads; else small ones
+            data = self.sock.recv(min(max(self.dec.missing(), 1 << 18), 8 << 20))
         except (BlockingIOError, InterruptedError):
             return []
         except OSError as e:

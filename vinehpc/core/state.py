@@ -19,8 +19,9 @@ import collections
 from ..scheduler import make as make_policy
 
 SCAN_LIMIT = 256          # tasks looked at per scheduling pass (keeps a pass O(workers))
-PREFETCH_FACTOR = 2       # a worker may hold this many times its cores of *short* tasks
-SHORT_TASK = 0.05         # seconds: a category this fast is prefetched
+PREFETCH_FACTOR = 4       # a worker may hold up to this many times its cores of *short* tasks:
+SHORT_TASK = 0.05         # x2 for a category faster than this (seconds),
+TINY_TASK = 0.005         # x4 for one faster than this: round trips would idle the worker
 SHORT_SAMPLES = 4
 
 RES = ("cores", "memory", "disk", "gpus")
@@ -307,9 +308,15 @@ class Core:
         c = self.cat.get(category)
         return bool(c and c[0] >= SHORT_SAMPLES and c[1] < SHORT_TASK)
 
+    def _factor(self, category) -> int:
+        c = self.cat.get(category)
+        if not c or c[0] < SHORT_SAMPLES or c[1] >= SHORT_TASK:
+            return 1
+        return PREFETCH_FACTOR if c[1] < TINY_TASK else 2
+
     def _fits(self, w, task):
         r = task._res
-        factor = PREFETCH_FACTOR if self.short(task.category) else 1
+        factor = self._factor(task.category)
         tot, com = w.total, w.committed
         for k in RES:
             need = r[k]

@@ -38,9 +38,12 @@ class ProtocolError(Exception):
     """The peer sent something that is not a valid vinehpc message; close that connection."""
 
 
+_json = json.JSONEncoder(separators=(",", ":")).encode   # built once: json.dumps(..., separators) builds one per call
+
+
 def encode(name: str, ctl: dict | None = None, frames=()) -> list:
     """Return the message as a list of buffers (header+lengths+ctl first, then the frames)."""
-    body = json.dumps(ctl or {}, separators=(",", ":")).encode()
+    body = _json(ctl).encode() if ctl else b"{}"
     n = len(frames)
     head = HEADER.pack(MAGIC, VERSION, CODES[name], n, len(body))
     if n:
@@ -70,6 +73,10 @@ class Decoder:
 
     def set_limits(self, *, max_ctl: int, max_frame: int, allow_frames: bool) -> None:
         self.max_ctl, self.max_frame, self.allow_frames = max_ctl, max_frame, allow_frames
+
+    def missing(self) -> int:
+        """Bytes still needed to complete the message being read (0 if unknown)."""
+        return self._need[4] - len(self.buf) if self._need is not None else 0
 
     def feed(self, data) -> list:
         self.buf += data
@@ -123,9 +130,11 @@ class Decoder:
             raise ProtocolError("control part must be a JSON object")
         frames = []
         pos = start + ctl_len
+        view = memoryview(buf)
         for n in lengths:
-            frames.append(bytes(buf[pos:pos + n]))
+            frames.append(bytes(view[pos:pos + n]))     # one copy (a bytearray slice would make two)
             pos += n
+        view.release()
         del buf[:total]
         self._need = None
         return name, ctl, frames

@@ -20,6 +20,7 @@ import time
 
 from ..comm import Closed, Connection, file_chunks
 from ..protocol import ProtocolError, auth, encode, wire
+from .. import config
 from . import resources
 from .cache import Cache, check_cachename
 from .pypool import PyPool
@@ -67,7 +68,7 @@ class Worker:
         self.addr = (host.strip("[]"), int(port))
         self.secret = secret
         self.own_workdir = workdir is None
-        self.workdir = workdir or tempfile.mkdtemp(prefix="vinehpc-worker-")
+        self.workdir = workdir or tempfile.mkdtemp(prefix="vinehpc-worker-", dir=config.worker_dir_root())
         os.makedirs(self.workdir, exist_ok=True)
         self.total = resources.detect(self.workdir, cores=cores, memory=memory, disk=disk, gpus=gpus)
         self.cache = Cache(os.path.join(self.workdir, "cache"))
