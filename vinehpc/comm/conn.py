@@ -30,7 +30,6 @@ class Connection:
         self.sock = sock
         self.dec = wire.Decoder(max_ctl=wire.PREAUTH_MAX_CTL, allow_frames=False) if preauth else wire.Decoder()
         self.out = collections.deque()
-        self.buffered = 0
         self.closed = False
         self.peer = _peer(sock)
 
@@ -42,13 +41,16 @@ class Connection:
 
     # ---- sending -------------------------------------------------------------------
     def send(self, name: str, ctl: dict | None = None, frames=()) -> None:
-        for b in wire.encode(name, ctl, frames):
-            self.out.append(b)
-            self.buffered += len(b)
+        self.out.extend(wire.encode(name, ctl, frames))
 
     def send_stream(self, it) -> None:
         """Queue an iterator of encoded messages (lists of buffers), pulled lazily."""
         self.out.append(it)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of encoded messages queued (streams and file ranges not counted)."""
+        return sum(len(b) for b in self.out if isinstance(b, (bytes, bytearray, memoryview)))
 
     def wants_write(self) -> bool:
         return bool(self.out)
@@ -58,6 +60,21 @@ class Connection:
         out = self.out
         while out:
             head = out[0]
+            if isinstance(head, FileRange):
+                # file bytes straight from the page cache to the socket (sendfile: no copy here)
+                try:
+                    n = os.sendfile(self.sock.fileno(), head.fd, head.offset, head.count)
+                except (BlockingIOError, InterruptedError):
+                    return False
+                except OSError as e:
+                    raise Closed(str(e)) from None
+                if n == 0:
+                    raise Closed("file shrank while being sent")
+                head.offset += n
+                head.count -= n
+                if head.count == 0:
+                    out.popleft()
+                continue
             if not isinstance(head, (bytes, bytearray, memoryview)):
                 # a stream at the head: everything before it is on the wire, pull one chunk
                 try:
@@ -67,7 +84,6 @@ class Connection:
                     continue
                 for b in reversed(chunk):
                     out.appendleft(b)
-                    self.buffered += len(b)
                 continue
             bufs = []
             for b in out:
@@ -80,7 +96,6 @@ class Connection:
                 return False
             except OSError as e:
                 raise Closed(str(e)) from None
-            self.buffered -= n
             while n:
                 b = out[0]
                 if n >= len(b):
@@ -114,17 +129,28 @@ class Connection:
                 pass
 
 
+class FileRange:
+    """`count` bytes of an open file from `offset`, queued as a frame's payload (sendfile)."""
+    __slots__ = ("fd", "offset", "count")
+
+    def __init__(self, fd, offset, count):
+        self.fd, self.offset, self.count = fd, offset, count
+
+
 def file_chunks(fh, name: str, ctl: dict):
     """Encoded `name` messages carrying an open file's bytes in CHUNK-sized frames, for
-    Connection.send_stream. Each carries ctl plus off/last (and size); the file is closed at the end."""
+    Connection.send_stream. Each carries ctl plus off/last (and size); the payload goes by
+    sendfile where the file allows it. The file is closed at the end."""
     try:
-        size = os.fstat(fh.fileno()).st_size
+        fd = fh.fileno()
+        size = os.fstat(fd).st_size
         off = 0
         while True:
-            b = fh.read(wire.CHUNK)
-            last = not b or off + len(b) >= size
-            yield wire.encode(name, dict(ctl, off=off, last=last, size=size), [b])
-            off += len(b)
+            n = max(0, min(wire.CHUNK, size - off))
+            last = off + n >= size
+            head = wire.encode_head(name, dict(ctl, off=off, last=last, size=size), [n])
+            yield [head, FileRange(fd, off, n)] if n else [head]
+            off += n
             if last:
                 return
     finally:

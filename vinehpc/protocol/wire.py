@@ -53,6 +53,15 @@ def encode(name: str, ctl: dict | None = None, frames=()) -> list:
     return out
 
 
+def encode_head(name: str, ctl: dict, lengths) -> bytes:
+    """Header, frame lengths and control part of a message whose frames are sent separately."""
+    body = _json(ctl).encode() if ctl else b"{}"
+    head = HEADER.pack(MAGIC, VERSION, CODES[name], len(lengths), len(body))
+    if lengths:
+        head += struct.pack("!%dQ" % len(lengths), *lengths)
+    return head + body
+
+
 def encode_bytes(name: str, ctl: dict | None = None, frames=()) -> bytes:
     return b"".join(encode(name, ctl, frames))
 
