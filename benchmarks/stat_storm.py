@@ -117,9 +117,10 @@ def main(argv=None):
     ap.add_argument("--ranks", type=int, default=1000, help="projection in the audit reports")
     ap.add_argument("--no-image", action="store_true", help="compare with a plain node-local copy even if "
                                                             "vinehpc sysimage exists")
-    ap.add_argument("--runner", choices=("vinehpc", "sysimage_tools"), default="vinehpc",
-                    help="image variant: `python -m vinehpc sysimage run` (default) or the lighter "
-                         "`python -m sysimage_tools run` (no engine import)")
+    ap.add_argument("--runner", choices=("worker", "vinehpc", "sysimage_tools"), default="worker",
+                    help="how the image variant starts: as a vinehpc worker starts a task inside an image "
+                         "(default: the program itself, with the image's environment), or through the "
+                         "`python -m vinehpc sysimage run` / `python -m sysimage_tools run` wrapper")
     ap.add_argument("--keep", action="store_true", help="keep the directories and reports")
     ap.add_argument("--json", action="store_true", help="results as JSON on stdout")
     args = ap.parse_args(argv)
@@ -153,7 +154,7 @@ def main(argv=None):
                 sys.exit("stat_storm: building the image failed:\n%s%s" % (r.stdout, r.stderr))
             log("image %s built in %.1f s (%.1f MB)" % (image, time.perf_counter() - t0,
                                                         os.path.getsize(image) / 1e6))
-            runner = ["vinehpc", "sysimage"] if args.runner == "vinehpc" else ["sysimage_tools"]
+            runner = ["vinehpc", "sysimage"] if args.runner != "sysimage_tools" else ["sysimage_tools"]
             cmd = [PY, "-m", *runner, "run", image, "--", PY, "-c", PROGRAM]
             t0 = time.perf_counter()
             r = sh(cmd, env=env, cwd=work)                     # the node's first start: unpacks (not measured)
@@ -161,6 +162,17 @@ def main(argv=None):
                 sys.exit("stat_storm: vinehpc sysimage run failed:\n%s%s" % (r.stdout, r.stderr))
             log("first start (unpack into %s): %.2f s" % (cache, time.perf_counter() - t0))
             label = "image (node-local)"
+            if args.runner == "worker":
+                # what a worker does for a task inside an image: the program, in the image's environment
+                from sysimage_tools.deploy import ensure_local
+                env = ensure_local(image, local_dir=cache).env_for(env)
+                cmd = [PY, "-c", PROGRAM]
+        audit_cmd, audit_env = cmd, env
+        if use_image and args.runner == "worker":
+            # the audit tool itself runs outside the image; `env` puts the program inside it
+            unset = [a for k in os.environ if k not in env for a in ("-u", k)]
+            audit_cmd = ["env", *unset, *["%s=%s" % kv for kv in env.items() if os.environ.get(kv[0]) != kv[1]], *cmd]
+            audit_env = None
         else:
             log("vinehpc sysimage is not available%s: comparing with a plain node-local copy of the venv"
                 % (" (--no-image)" if args.no_image else ""))
@@ -170,7 +182,7 @@ def main(argv=None):
             shutil.copytree(venv, lvenv, symlinks=True)
             cmd, env = [os.path.join(lvenv, "bin", "python"), "-c", PROGRAM], None
             label = "local copy"
-        rep2, other_json = audit("other", cmd, shared_dir, work, env=env, ranks=args.ranks)
+        rep2, other_json = audit("other", audit_cmd, shared_dir, work, env=audit_env, ranks=args.ranks)
         (m1, b1), (m2, b2) = timed([(shared_cmd, None), (cmd, env)], args.repeat, cwd=work)
         results["shared venv"] = row(rep, m1, b1)
         results[label] = row(rep2, m2, b2)
