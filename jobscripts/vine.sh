@@ -22,7 +22,8 @@
 #   VINEHPC_RUN_DIR           run directory (keep it to resume)
 #   VINEHPC_IMAGE             environment image (vinehpc sysimage): read once, broadcast to every node,
 #                             unpacked on node-local disk ($VINEHPC_LOCAL_DIR); every task runs inside it
-#   VINEHPC_TUNNEL=1          tunnel tasks' outbound traffic through the manager (planned)
+#   VINEHPC_TUNNEL=1          tasks reach the outside through the manager's node (compute nodes without
+#                             outbound access); or VINEHPC_TUNNEL=HOST:PORT of a `vinehpc net gateway`
 #
 #SBATCH --job-name=vinehpc
 #SBATCH --output=vinehpc-%j.out
@@ -53,6 +54,11 @@ opts=()
 [ -n "${VINEHPC_RUN_DIR:-}" ] && opts+=(--run-dir "$VINEHPC_RUN_DIR")
 [ -n "${VINEHPC_GRACE:-}" ] && opts+=(--grace "$VINEHPC_GRACE")
 [ -n "${VINEHPC_IMAGE:-}" ] && opts+=(--image "$VINEHPC_IMAGE")
+case "${VINEHPC_TUNNEL:-0}" in
+    0|"") ;;
+    1)    opts+=(--tunnel) ;;
+    *)    opts+=(--tunnel "$VINEHPC_TUNNEL") ;;
+esac
 
 echo "vinehpc: job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?} (${SLURM_NNODES:-?} nodes), $(date -Is)"
 case "${VINEHPC_LAUNCHER:-srun}" in

@@ -70,8 +70,9 @@ def _roomy_shm(need=4 << 30) -> bool:
 class LocalRun:
     """The context of `vinehpc run`: every Manager() created by the script gets local workers."""
 
-    def __init__(self, workers: int, cores_per_worker: int = 1, *, progress: bool = False):
+    def __init__(self, workers: int, cores_per_worker: int = 1, *, progress: bool = False, tunnel: bool = False):
         self.workers = workers
+        self.tunnel = tunnel
         self.cores = cores_per_worker
         self.managers = {}       # manager -> LocalWorkers
         self.lock = threading.Lock()
@@ -88,7 +89,7 @@ class LocalRun:
 
     # context protocol (see vinehpc/_context.py)
     def manager_options(self) -> dict:
-        return {"host": "127.0.0.1"}
+        return {"host": "127.0.0.1", "tunnel": self.tunnel or None}
 
     def manager_started(self, manager) -> None:
         lw = LocalWorkers(self.workers, cores=self.cores)

@@ -89,13 +89,14 @@ def start_workers(n, address, secret, *, cores, memory, connect_timeout, image=N
 class PilotRun:
     """The run context of rank 0 (see vinehpc/_context.py)."""
 
-    def __init__(self, lsock, address, secret, run_dir, *, expected_workers, grace):
+    def __init__(self, lsock, address, secret, run_dir, *, expected_workers, grace, tunnel=None):
         self.lsock = lsock
         self.address = address
         self.secret = secret
         self.run_dir = run_dir
         self.expected = expected_workers
         self.grace = grace
+        self.tunnel = tunnel
         self.managers = []
         self.n_managers = 0
         self.last_connected = None     # workers connected when the last manager closed
@@ -115,7 +116,7 @@ class PilotRun:
             d = os.path.join(self.run_dir, "manager-%d" % self.n_managers)
             self.n_managers += 1
         return {"sock": self.lsock, "secret": self.secret, "address": self.address, "run_dir": d,
-                "final_exit": False, "resume": True, "write_secret": False}
+                "final_exit": False, "resume": True, "write_secret": False, "tunnel": self.tunnel}
 
     def manager_started(self, m):
         with self.lock:
@@ -232,7 +233,7 @@ def read_contact(path):
 
 
 def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_node_works=False,
-         run_dir=None, port=0, grace=None, connect_timeout=300.0, image=None) -> int:
+         run_dir=None, port=0, grace=None, connect_timeout=300.0, image=None, tunnel=None) -> int:
     from mpi4py import MPI   # lazily, and only here
 
     comm = MPI.COMM_WORLD
@@ -308,7 +309,8 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
                      "vinehpc pilot: add workers from another allocation with: vinehpc worker --contact %s\n"
                      % (slurm.job_label(), size, len(set(nodes)), total, meet["address"], run_dir, contact))
     ctx = PilotRun(lsock, meet["address"], meet["secret"], run_dir, expected_workers=total,
-                   grace=grace if grace is not None else float(os.environ.get("VINEHPC_GRACE", "60")))
+                   grace=grace if grace is not None else float(os.environ.get("VINEHPC_GRACE", "60")),
+                   tunnel=tunnel)
     own = start_workers(n, meet["address"], meet["secret"], cores=cores, memory=memory,
                         connect_timeout=connect_timeout, image=local_image) if n else []
     signal.signal(signal.SIGUSR1, ctx.on_walltime)

@@ -35,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("-n", "--workers", type=_positive_int, default=None,
                    help="number of local workers (default: one per core)")
     r.add_argument("--cores-per-worker", type=_positive_int, default=1, metavar="C")
+    r.add_argument("--tunnel", action="store_true",
+                   help="tasks reach the outside through the manager (proxy variables; see vinehpc net)")
     r.add_argument("--progress", choices=("auto", "always", "never"), default=None,
                    help="progress line on stderr (default auto: when stderr is a terminal)")
     r.add_argument("script")
@@ -56,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--image", metavar="ENV.vimg",
                     help="environment image (vinehpc sysimage): read once, broadcast to every node, unpacked "
                          "node-local; all tasks run inside it")
+    pl.add_argument("--tunnel", nargs="?", const=True, metavar="GATEWAY",
+                    help="tasks reach the outside through the manager's node (or a `vinehpc net gateway` at "
+                         "HOST:PORT): compute nodes without outbound access")
     pl.add_argument("script")
     pl.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -112,7 +117,8 @@ def cmd_pilot(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="vinehpc pilot: %(message)s")
     return pilot.main(args.script, args.args, workers_per_node=args.workers_per_node,
                       cores_per_worker=args.cores_per_worker, manager_node_works=args.manager_node_works,
-                      run_dir=args.run_dir, port=args.port, grace=args.grace, image=args.image)
+                      run_dir=args.run_dir, port=args.port, grace=args.grace, image=args.image,
+                      tunnel=args.tunnel)
 
 
 def cmd_worker(args) -> int:
@@ -167,7 +173,8 @@ def cmd_run(args) -> int:
     mode = args.progress or config.progress()
     progress = mode == "always" or (mode == "auto" and sys.stderr.isatty())
     workers = args.workers or len(os.sched_getaffinity(0))
-    return run_script(script, args.args, LocalRun(workers, args.cores_per_worker, progress=progress))
+    return run_script(script, args.args, LocalRun(workers, args.cores_per_worker, progress=progress,
+                                                  tunnel=args.tunnel))
 
 
 def run_script(script: str, argv: list, ctx, sigterm=None) -> int:

@@ -46,14 +46,16 @@ class Manager:
     ./vine-run-info/<time>), local_workers, cores_per_worker, scheduler ("files" or "fcfs"),
     resume (default: on under `vinehpc pilot`): tasks that completed in an earlier run with the
     same run_dir are returned as recorded instead of run again (see vinehpc/resume.py for
-    what makes two tasks the same).
+    what makes two tasks the same).  tunnel=True: tasks reach the outside through this
+    manager (an egress beside it; `tunnel_allow` limits destinations, host patterns with
+    optional :port); tunnel="HOST:PORT": through a `vinehpc net gateway` there.
     """
 
     def __init__(self, port: int | None = None, *, host: str | None = None, secret: str | None = None,
                  run_dir: str | None = None, local_workers: int | None = None,
                  cores_per_worker: int | None = None, scheduler: str = "files",
                  keepalive_interval: float | None = None, keepalive_timeout: float | None = None,
-                 resume: bool | None = None):
+                 resume: bool | None = None, tunnel=None, tunnel_allow=None):
         ctx = _context.current()
         opts = ctx.manager_options() if ctx is not None and port is None and local_workers is None else {}
         self._ctx = ctx if opts else None
@@ -77,13 +79,24 @@ class Manager:
         self.resume = Resume(self.run_dir) if (resume if resume is not None else opts.get("resume", False)) else None
         self.journal = Journal(os.path.join(self.run_dir, "transactions.jsonl"))
         self.core = Core(policy=scheduler)
+        self._egress = None
+        tunnel = tunnel if tunnel is not None else opts.get("tunnel")
+        tunnel_info = None
+        if tunnel is True:
+            from userlevel_net.egress import Egress   # lazily: only runs that tunnel need it
+            self._egress = Egress(self.secret, host=host, allow=tunnel_allow).start()
+            tunnel_info = {"port": self._egress.port}
+        elif isinstance(tunnel, str) and tunnel:
+            tunnel_info = {"egress": tunnel}
+        elif tunnel not in (None, False):
+            raise ValueError("tunnel must be True, False or a gateway's HOST:PORT, got %r" % (tunnel,))
         ka_i = keepalive_interval or config.keepalive_interval()
         ka_t = keepalive_timeout or config.keepalive_timeout()
         try:
             self._server = Server(self.core, host=host, port=port or 0, secret=self.secret, journal=self.journal,
                                   staging=staging, keepalive_interval=ka_i, keepalive_timeout=ka_t,
                                   sock=opts.get("sock"), final_exit=opts.get("final_exit", True),
-                                  resume=self.resume)
+                                  resume=self.resume, tunnel=tunnel_info)
         except OSError as e:
             raise OSError(e.errno, "cannot listen on %s:%s: %s (choose another port, or 0 for any)"
                           % (host, port, e.strerror)) from None
@@ -270,6 +283,18 @@ class Manager:
                      "cached": len(w.cached)} for w in self.core.workers.values()]
         return self._call(snap)
 
+    def probe_network(self, targets=(), timeout: float = 60.0) -> list:
+        """Run the outbound-access probe (userlevel_net.probe) on every connected worker: DNS,
+        direct TCP to each HOST:PORT target, proxy variables, user namespaces, slirp4netns.
+        One dict per worker; userlevel_net.probe.render_table() makes a table of them."""
+        from userlevel_net.probe import probe_workers
+        return probe_workers(self, list(targets), timeout=timeout)
+
+    def _submit_pinned(self, task: Task, worker_id: int) -> int:
+        """Submit a task that may run only on worker `worker_id` (fails if that worker leaves)."""
+        task._pin = worker_id
+        return self.submit(task)
+
     def wait_for_workers(self, n: int, timeout: float = 60.0) -> int:
         """Block until `n` workers are connected; returns how many are. Raises TimeoutError."""
         deadline = time.monotonic() + timeout
@@ -307,6 +332,8 @@ class Manager:
         self.journal.close()
         if self.resume is not None:
             self.resume.close()
+        if self._egress is not None:
+            self._egress.stop()
         if self._local is not None:
             self._local.stop()
         if self._ctx is not None:

@@ -45,7 +45,7 @@ class Peer:
 
 class Server:
     def __init__(self, core, *, host, port, secret, journal, staging, keepalive_interval, keepalive_timeout,
-                 sock=None, final_exit=True, resume=None, release=False):
+                 sock=None, final_exit=True, resume=None, release=False, tunnel=None):
         """`sock`: an already listening socket (a pilot keeps one for all its managers; it is
         not closed here).  `final_exit`: on stop, tell workers to exit (True) or to come back
         for the next manager of the same run (False)."""
@@ -61,6 +61,7 @@ class Server:
         self.final_exit = final_exit
         self.resume = resume
         self.release = release      # only tell every worker that joins to exit (a pilot's end)
+        self.tunnel = tunnel        # {"port": P} (an egress beside us) or {"egress": "host:port"} (a gateway)
         self.released = 0
         self.drained = False
         self.drain_deadline = None
@@ -265,8 +266,11 @@ class Server:
                 self.journal.write({"event": "rejected", "peer": p.conn.peer, "reason": "wrong secret"})
                 return self._drop(p, "authentication failed (wrong secret)")
             p.wid = next(self.wids)
-            p.conn.send("welcome", {"mac": auth.mac(self.secret, "manager", theirs, p.nonce), "wid": p.wid,
-                                    "keepalive": [self.ka_interval, self.ka_timeout]})
+            welcome = {"mac": auth.mac(self.secret, "manager", theirs, p.nonce), "wid": p.wid,
+                       "keepalive": [self.ka_interval, self.ka_timeout]}
+            if self.tunnel:
+                welcome["tunnel"] = self.tunnel
+            p.conn.send("welcome", welcome)
             p.conn.authenticated()
             p.state = "welcomed"
             self.dirty.add(p)

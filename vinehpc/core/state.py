@@ -349,6 +349,11 @@ class Core:
                 self._make_ready_or_wait(task)   # waits for (and re-runs) the temp's producer
                 continue
             cands = [w for w in free if self._fits(w, task)]
+            if task._pin is not None:
+                if task._pin not in self.workers:
+                    self._finish(task, "failed", "worker %s, the only one this task may run on, is gone" % task._pin)
+                    continue
+                cands = [w for w in cands if w.wid == task._pin]
             holders = self._temp_holders(task)
             if holders is not None:
                 near = [w for w in cands if w.wid in holders]

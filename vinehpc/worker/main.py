@@ -104,6 +104,9 @@ class Worker:
         self.used = dict.fromkeys(RES, 0)
         self.conn = None
         self.exit_requested = False
+        self.proxy = None          # the local tunnel proxy (userlevel_net.proxy), when the manager offers one
+        self.proxy_egress = None
+        self.task_env = {}         # variables every task gets (the tunnel's proxy settings)
         self.ka = (5.0, 30.0)
         self.hostname = os.environ.get("SLURMD_NODENAME") or socket.gethostname()   # a Slurm node's name
 
@@ -200,6 +203,7 @@ class Worker:
             raise PermissionError("the manager at %s:%d did not prove it knows the secret: refusing to run its tasks"
                                   % self.addr)
         self.wid = welcome.get("wid")
+        self._tunnel(welcome.get("tunnel"))
         ka = welcome.get("keepalive") or self.ka
         self.ka = (float(ka[0]), float(ka[1]))
         conn = Connection(sock, preauth=False)
@@ -211,6 +215,20 @@ class Worker:
         self.sel.register(sock, selectors.EVENT_READ, ("manager", None))
         self._writing = False
         self.last_recv = self.last_send = time.monotonic()
+
+    def _tunnel(self, info):
+        """The manager offers a way out: start (or keep) our local proxy and give tasks its variables."""
+        if not info:
+            self.task_env = {}
+            return
+        egress = info.get("egress") or "%s:%d" % (self.addr[0], int(info["port"]))
+        if self.proxy is None or self.proxy_egress != egress:
+            if self.proxy is not None:
+                self.proxy.stop()
+            from userlevel_net.proxy import start_proxy   # only workers that tunnel need it
+            self.proxy = start_proxy(egress, self.secret, no_proxy=[self.addr[0], self.hostname])
+            self.proxy_egress = egress
+        self.task_env = dict(self.proxy.env)
 
     def _serve(self):
         conn = self.conn
@@ -296,6 +314,8 @@ class Worker:
 
     def shutdown(self):
         self.pool.close()
+        if self.proxy is not None:
+            self.proxy.stop()
         self.guard.close()
         self.fetcher.shutdown(wait=False, cancel_futures=True)
         if self.own_workdir:
@@ -478,6 +498,8 @@ class Worker:
                     if kind != "image":
                         r.sandbox.link(self.cache.path(n), remote)
             env = spec.get("env") or {}
+            if self.task_env:
+                env = dict(self.task_env, **env)
             image = self.images.get(r.image) if r.image else self.default_image
             if image is not None:
                 why = image.python_mismatch()
