@@ -88,6 +88,9 @@ def parser() -> argparse.ArgumentParser:
 
     from sysimage_tools.cli import add_parser as add_sysimage_parser
     add_sysimage_parser(sub)
+
+    from userlevel_net.cli import add_parser as add_net_parser
+    add_net_parser(sub)
     return p
 
 
@@ -104,6 +107,9 @@ def main(argv=None) -> int:
     if args.command == "sysimage":
         from sysimage_tools.cli import main as cmd_sysimage
         return cmd_sysimage(args)
+    if args.command == "net":
+        from userlevel_net.cli import main as cmd_net
+        return cmd_net(args)
     return {"run": cmd_run, "worker": cmd_worker, "pilot": cmd_pilot}[args.command](args)
 
 

@@ -12,13 +12,13 @@ import itertools
 import logging
 import os
 import selectors
-import shutil
 import socket
 import tarfile
 import threading
 import time
 
 from .comm import Closed, Connection, file_chunks
+from .outputs import Sink, discard, install_output
 from .protocol import ProtocolError, auth, wire
 
 log = logging.getLogger("vinehpc.manager")
@@ -224,7 +224,7 @@ class Server:
             pass
         p.conn.close()
         for f in list(p.parts.values()) + list(p.fetch.values()):
-            _discard(f)
+            discard(f)
         for n in p.fetch:
             self.core.fetch_failed(n)
         if p.wid is not None and self.peers.get(p.wid) is p:
@@ -343,7 +343,7 @@ class Server:
                 f = p.parts[key] = open(part, "wb")
             except OSError as e:
                 p.out_errors[tid] = "cannot write output %r: %s" % (dest.source, e)
-                p.parts[key] = f = _Sink(dest)
+                p.parts[key] = f = Sink(dest)
             f.dest = dest
             f.is_tar = bool(ctl.get("tar"))
         for b in frames:
@@ -351,9 +351,9 @@ class Server:
         if ctl.get("last"):
             del p.parts[key]
             f.close()
-            if not isinstance(f, _Sink):
+            if not isinstance(f, Sink):
                 try:
-                    _install_output(f.name, f.dest.source, f.is_tar)
+                    install_output(f.name, f.dest.source, f.is_tar)
                 except (OSError, tarfile.TarError) as e:
                     p.out_errors[tid] = "cannot write output %r: %s" % (f.dest.source, e)
                 f.dest.invalidate()
@@ -511,51 +511,3 @@ class Server:
         if self.stopping and now > getattr(self, "_stop_deadline", now):
             for p in list(self.all):
                 self._drop(p, "manager stopped")
-
-
-def _install_output(part, dest, is_tar):
-    """Put a received output in place atomically (a directory arrives as a tar)."""
-    if not is_tar:
-        os.replace(part, dest)
-        return
-    tmp = part + ".d"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        with tarfile.open(part) as tar:
-            tar.extractall(tmp, filter="data")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        os.unlink(part)
-    if os.path.isdir(dest) and not os.path.islink(dest):
-        old = part + ".old"
-        os.rename(dest, old)
-        os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
-
-
-class _Sink:
-    """Swallows an output that cannot be written (the task is reported as failed)."""
-
-    def __init__(self, dest):
-        self.dest = dest
-        self.name = None
-
-    def write(self, b):
-        pass
-
-    def close(self):
-        pass
-
-
-def _discard(f):
-    try:
-        f.close()
-        if f.name:
-            os.unlink(f.name)
-    except (OSError, TypeError):
-        pass

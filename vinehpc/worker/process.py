@@ -97,3 +97,44 @@ class CommandProcess:
         if code < 0:
             return 128 - code, signal_name(-code)
         return code, None
+
+
+class Guardian:
+    """The worker's side of guardian.py: tells it which process groups to kill if we die."""
+
+    SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guardian.py")
+
+    def __init__(self):
+        import sys
+        import uuid
+        token = uuid.uuid4().hex
+        os.environ["VINEHPC_WORKER_TOKEN"] = token    # inherited by everything this worker starts
+        self.proc = subprocess.Popen([sys.executable, "-I", self.SCRIPT, token], stdin=subprocess.PIPE,
+                                     start_new_session=True)
+        self.fd = self.proc.stdin.fileno()
+
+        self.pending = []
+
+    def add(self, pgid):
+        """A new process group; told to the guardian at the next flush() (once per loop turn).
+        A worker killed before that still has the group killed: it carries the token."""
+        self.pending.append(b"+%d\n" % pgid)
+
+    def flush(self):
+        if self.pending:
+            data, self.pending = b"".join(self.pending), []
+            try:
+                os.write(self.fd, data)
+            except OSError:
+                pass
+
+    def close(self):
+        """Normal exit: everything is reaped already; closing stdin lets the guardian end."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(5)
+        except Exception:
+            self.proc.kill()

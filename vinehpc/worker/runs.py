@@ -1,0 +1,313 @@
+"""Running tasks on a worker: queue by resources, start in a sandbox (a command's process
+group, or a Python interpreter), collect outputs, report; time limits, kills and pipelining.
+
+The Worker (main.py) mixes this in; it provides the connection, cache, pool and selector.
+"""
+from __future__ import annotations
+
+import os
+import selectors
+import tempfile
+import time
+
+from ..comm import file_chunks
+from .cache import check_cachename
+from .process import CommandProcess
+from .sandbox import Sandbox, SandboxError
+
+RES = ("cores", "memory", "disk", "gpus")
+
+
+class Run:
+    """One task on this worker."""
+    __slots__ = ("id", "spec", "args", "res", "state", "sandbox", "proc", "runner", "started", "deadline",
+                 "waiting_for", "killed", "image")
+
+    def __init__(self, spec, args):
+        self.id = spec["id"]
+        self.spec = spec
+        self.args = args
+        r = spec.get("res") or {}
+        self.res = {k: int(r.get(k) or 0) for k in RES}
+        self.state = "new"
+        self.sandbox = self.proc = self.runner = None
+        self.started = None
+        self.deadline = None
+        self.waiting_for = set()
+        self.killed = None
+        self.image = None      # cache name of its environment image
+
+
+class Running:
+    """Task execution for the Worker (a mixin: it uses the Worker's state)."""
+
+    def _enqueue(self, r):
+        r.state = "queued"
+        self.queue.append(r)
+        self._start_queued()
+
+    def _fits(self, r):
+        for k in RES:
+            if r.res[k] and self.used[k] + r.res[k] > self.total[k] and self.used[k] > 0:
+                return False
+        return True
+
+    def _start_queued(self):
+        q = self.queue
+        blocked = []
+        while q:
+            r = q.popleft()
+            if r.state != "queued":
+                continue
+            if not self._fits(r):
+                blocked.append(r)
+                continue
+            self._start(r)
+        q.extend(blocked)
+        if q:
+            self._present_next()
+
+    def _begin(self, r):
+        """r now holds its resources and its clock runs."""
+        for k in RES:
+            self.used[k] += r.res[k]
+        r.state = "running"
+        r.started = time.monotonic()
+        tm = r.spec.get("time_max")
+        r.deadline = r.started + float(tm) if tm else None
+
+    def _start(self, r, runner=None):
+        """Start r now, or, with `runner`, hand it to that busy interpreter to run next."""
+        if runner is None:
+            self._begin(r)
+        else:
+            r.state = "presented"
+        spec = r.spec
+        try:
+            needs_box = spec.get("cmd") is not None or spec.get("inputs") or spec.get("outputs")
+            if needs_box:
+                r.sandbox = Sandbox(self.sandboxes, r.id)
+                for n, remote, kind, level, url in spec.get("inputs", ()):
+                    if kind != "image":
+                        r.sandbox.link(self.cache.path(n), remote)
+            env = spec.get("env") or {}
+            if self.task_env:
+                env = dict(self.task_env, **env)
+            image = self.images.get(r.image) if r.image else self.default_image
+            if image is not None:
+                why = image.python_mismatch()
+                if why:
+                    return self._finish(r, "failed", why)
+            if spec.get("cmd") is not None:
+                if image is not None:
+                    env = image.env_for(dict(os.environ, **env))
+                r.proc = CommandProcess(spec["cmd"], r.sandbox.path, env, replace=image is not None)
+                self.guard.add(r.proc.pid)
+                self.sel.register(r.proc.fileno(), selectors.EVENT_READ, ("proc", r))
+                self.sel.register(r.proc.out_fd, selectors.EVENT_READ, ("out", r))
+            else:
+                fid = spec["fid"]
+                r.runner = self.pool.run(r.id, fid, self.fns[fid], r.args, r.sandbox.path if r.sandbox else None, env,
+                                         after=runner, image=image)
+                if runner is not None:
+                    self.presented[runner] = r
+        except SandboxError as e:
+            self._finish(r, "failed", "sandbox: %s" % e)
+        except OSError as e:
+            self._finish(r, "failed", "cannot start the task: %s" % e)
+
+    def _present_next(self):
+        """Pipelining: give a busy interpreter the next short Python task now, so it starts it the
+        moment the current one returns instead of waiting a round trip through this loop."""
+        q = self.queue
+        while q and q[0].state != "queued":
+            q.popleft()
+        if not q:
+            return
+        r = q[0]
+        if not r.spec.get("pipe") or r.spec.get("cmd") is not None:
+            return
+        for runner, tid in self.pool.busy():
+            cur = self.runs.get(tid)
+            if (cur is not None and runner not in self.presented and cur.image == r.image
+                    and all(r.res[k] <= cur.res[k] for k in RES)):
+                q.popleft()
+                self._start(r, runner)
+                return
+
+    def _proc_output(self, r):
+        fd = r.proc.out_fd
+        if fd is not None and not r.proc.drain():
+            self._unregister(fd)
+
+    def _unregister(self, fd):
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def _proc_exited(self, r):
+        self._unregister(r.proc.fileno())
+        code, sig = r.proc.reap()
+        if r.proc.out_fd is not None:
+            self._unregister(r.proc.out_fd)
+        out = r.proc.output()
+        if self.runs.get(r.id) is not r:
+            return
+        if r.killed:
+            return self._finish(r, r.killed[0], r.killed[1], exit_code=code, stdout=out, signal=sig)
+        if sig:
+            reason = "killed by %s" % sig
+        elif code == 127:
+            reason = "command not found (exit code 127)"
+        elif code:
+            reason = "exit code %d" % code
+        else:
+            reason = None
+        self._collect(r, code, out, reason, signal=sig, failed=bool(code))
+
+    def _unpresent(self, runner):
+        """`runner` is gone: the task it was to run next never started; queue it again here."""
+        nxt = self.presented.pop(runner, None)
+        if nxt is not None and self.runs.get(nxt.id) is nxt:
+            nxt.state, nxt.runner = "queued", None
+            if nxt.sandbox is not None:
+                nxt.sandbox.remove()
+                nxt.sandbox = None
+            self.queue.appendleft(nxt)
+
+    def _py_done(self, tid, payload, runner=None):
+        if payload is None:
+            self._unpresent(runner)
+        r = self.runs.get(tid)
+        if r is None:
+            self._promote(runner)
+            return
+        if payload is None:   # the interpreter died under the task
+            if r.killed:
+                return self._finish(r, r.killed[0], r.killed[1])
+            return self._finish(r, "failed", "the Python interpreter running the task died (%s)"
+                                % self.pool.last_death)
+        result, error, stdout, wall, cpu = payload
+        r.args = result
+        self._collect(r, None, stdout, error, measured={"wall": round(wall, 6), "cpu": round(cpu, 6)}, py=True,
+                      failed=error is not None)
+
+    def _promote(self, runner):
+        """The task presented to `runner` has started there: it holds resources from now on."""
+        nxt = self.presented.pop(runner, None)
+        if nxt is not None and self.runs.get(nxt.id) is nxt and nxt.state == "presented":
+            self._begin(nxt)
+
+    def _collect(self, r, code, stdout, reason, signal=None, measured=None, py=False, failed=False):
+        """Outputs of a task that ended on its own: send files, adopt temps, report."""
+        status = "failed" if failed else "success"
+        temps = []
+        files = []
+        for remote, kind, n in r.spec.get("outputs", ()):
+            try:
+                p = r.sandbox.existing(remote)
+            except SandboxError as e:
+                status, reason = "output missing", str(e)
+                continue
+            if p is None:
+                if status == "success":
+                    status, reason = "output missing", "the task did not create output %r" % remote
+                continue
+            if status != "success":
+                continue    # a failed task's outputs are not installed
+            if kind == "temp":
+                try:
+                    self.cache.adopt(check_cachename(n), p)
+                    temps.append(n)
+                except (OSError, ValueError) as e:
+                    status, reason = "output missing", "cannot keep temp output %r: %s" % (remote, e)
+            else:
+                try:
+                    files.append((remote, self._open_output(p)))
+                except OSError as e:
+                    status, reason = "output missing", "cannot read output %r: %s" % (remote, e)
+        for remote, fh in files:
+            self.conn.send_stream(file_chunks(fh, "outfile", {"id": r.id, "remote": remote,
+                                                           "tar": getattr(fh, "is_tar", False)}))
+        self._finish(r, status, reason, exit_code=code, stdout=stdout, temps=temps, measured=measured,
+                     signal=signal, result_frame=r.args if py else None)
+
+    def _open_output(self, p):
+        """An open file with the output's bytes; a directory travels as an (unlinked) tar."""
+        if not os.path.isdir(p):
+            return open(p, "rb")
+        import tarfile
+        fh = tempfile.TemporaryFile(dir=self.workdir)
+        with tarfile.open(fileobj=fh, mode="w", dereference=True) as tar:   # links to inputs become files
+            tar.add(p, arcname=".")
+        fh.seek(0)
+        fh.is_tar = True
+        return fh
+
+    def _finish(self, r, status, reason, exit_code=None, stdout=None, temps=(), measured=None, signal=None,
+                result_frame=None):
+        if self.runs.pop(r.id, None) is None:
+            return
+        wall = time.monotonic() - r.started if r.started else 0.0
+        if r.state == "running":
+            for k in RES:
+                self.used[k] -= r.res[k]
+        r.state = "done"
+        if r.runner is not None:
+            self._promote(r.runner)
+        for n, remote, kind, level, url in r.spec.get("inputs", ()):
+            self.cache.unref(n, level)
+        if r.sandbox is not None:
+            r.sandbox.remove()
+        ctl = {"id": r.id, "status": status, "wall": round(wall, 6)}
+        if reason:
+            ctl["reason"] = reason
+        if exit_code is not None:
+            ctl["exit_code"] = exit_code
+        if signal:
+            ctl["signal"] = signal
+        if stdout:
+            ctl["stdout"] = stdout
+        if temps:
+            ctl["temps"] = temps
+        if measured:
+            ctl["measured"] = measured
+        if self.conn is not None:
+            self.conn.send("result", ctl, [result_frame] if result_frame is not None else ())
+        self._start_queued()
+
+    def _kill(self, r, status, reason):
+        """Stop a running task and report it as `status`."""
+        r.killed = (status, reason)
+        if r.proc is not None:
+            r.proc.kill()        # the pidfd fires and _proc_exited reports it
+        elif r.runner is not None:
+            self.pool.kill(r.runner)   # the runner socket closes and _py_done(None) reports it
+        else:
+            self._finish(r, status, reason)
+
+    def _abort(self, r):
+        """Stop a task the manager no longer wants: no result is sent."""
+        self.runs.pop(r.id, None)
+        if r.state == "running":
+            for k in RES:
+                self.used[k] -= r.res[k]
+        was, r.state = r.state, "done"
+        if r.proc is not None:
+            r.proc.kill()
+            self._unregister(r.proc.fileno())
+            if r.proc.out_fd is not None:
+                self._unregister(r.proc.out_fd)
+            r.proc.reap()
+            r.proc.output()
+        elif was == "presented":
+            self.presented.pop(r.runner, None)   # its interpreter runs it and we drop the result
+        elif r.runner is not None:
+            self._unpresent(r.runner)
+            self.pool.abandon(r.runner)
+        for n, remote, kind, level, url in r.spec.get("inputs", ()):
+            self.cache.unref(n, level)
+        if r.sandbox is not None:
+            r.sandbox.remove()
+        self._start_queued()
