@@ -18,7 +18,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # Later issues add what their tests need here (e.g. strace, slurmctld slurmd
 # slurm-client munge libpmix-dev, openmpi-bin). Nothing is installed while the
 # list is empty.
-SYSTEM_PACKAGES=(strace)   # vinehpc audit (tests/test_audit.py)
+SYSTEM_PACKAGES=(strace curl iproute2)   # strace: vinehpc audit (tests/test_audit.py); curl, iproute2: tests/test_tunnel.py
+SYSTEM_PACKAGES+=(slirp4netns uidmap nftables iptables)   # vinehpc net ns (tests/test_userlevel_net.py)
 
 install_system_packages() {
     # only what is missing: no apt-get (nor network) when everything is already installed

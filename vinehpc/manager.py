@@ -286,14 +286,16 @@ class Manager:
     def probe_network(self, targets=(), timeout: float = 60.0) -> list:
         """Run the outbound-access probe (userlevel_net.probe) on every connected worker: DNS,
         direct TCP to each HOST:PORT target, proxy variables, user namespaces, slirp4netns.
-        One dict per worker; userlevel_net.probe.render_table() makes a table of them."""
+        One dict per worker, within `timeout` seconds; userlevel_net.probe.render_table()
+        makes a table of them."""
         from userlevel_net.probe import probe_workers
-        return probe_workers(self, list(targets), timeout=timeout)
+        return probe_workers(self, list(targets), timeout=3.0, deadline=timeout)
 
-    def _submit_pinned(self, task: Task, worker_id: int) -> int:
-        """Submit a task that may run only on worker `worker_id` (fails if that worker leaves)."""
+    def _submit_pinned(self, task: Task, worker_id: int, on_done=None) -> int:
+        """Submit a task that may run only on worker `worker_id` (fails if that worker leaves);
+        with `on_done`, it goes there instead of to wait() (see _submit)."""
         task._pin = worker_id
-        return self.submit(task)
+        return self._submit(task, on_done)
 
     def wait_for_workers(self, n: int, timeout: float = 60.0) -> int:
         """Block until `n` workers are connected; returns how many are. Raises TimeoutError."""

@@ -1,0 +1,255 @@
+"""Tunnel benchmark (by hand, as root): direct vs tunneled throughput and latency over veth.
+
+    python benchmarks/tunnel.py [--total-mb 2048] [--streams 1,8,20] [--json]
+
+Topology (tests/netns_topo.py): compute --veth-- head --veth-- data.
+  direct:   a client in head connects to the data server (head -> data).
+  tunneled: a client in compute speaks SOCKS5 to the proxy on compute's 127.0.0.1 (its own
+            process, userlevel_net.proxy), which relays to the egress in head (its own process,
+            `python -m userlevel_net.gateway`), which connects to data.
+The data server is a small sendall() blaster in the data namespace (not the bottleneck).
+Throughput = bytes received by all streams / wall time (total split evenly over the streams).
+Latency: the median round trip of a 64-byte request/response on an open stream, and the
+median time to open a stream (connect, [SOCKS + egress handshake + egress connect]) plus one
+round trip.  Relay CPU: user+system CPU seconds of the proxy and egress processes per GB.
+No tc netem on this kernel: no delay emulation.  Nothing leaves this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, REPO)
+
+import netns_topo  # noqa: E402
+from userlevel_net.proxy import start_proxy  # noqa: E402
+
+SECRET = "bench-" + os.urandom(8).hex()
+PORT = 9000
+
+SERVER = r"""
+import socket, struct, sys, threading
+buf = memoryview(bytes(4 << 20))
+def serve(c):
+    try:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        hdr = b""
+        while len(hdr) < 9:
+            b = c.recv(9 - len(hdr))
+            if not b:
+                return
+            hdr += b
+        kind, n = hdr[:1], struct.unpack("!Q", hdr[1:])[0]
+        if kind == b"D":
+            while n:
+                k = min(n, len(buf))
+                c.sendall(buf[:k])
+                n -= k
+        else:                      # echo: n-byte messages until EOF
+            while True:
+                m = b""
+                while len(m) < n:
+                    b = c.recv(n - len(m))
+                    if not b:
+                        return
+                    m += b
+                c.sendall(m)
+    finally:
+        c.close()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(256)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+def _cpu(pid) -> float:
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _exact(s, n):
+    out = b""
+    while len(out) < n:
+        b = s.recv(n - len(out))
+        if not b:
+            raise ConnectionError("closed")
+        out += b
+    return out
+
+
+class Client:
+    """Opens streams to the data server, directly or through the proxy's SOCKS5."""
+
+    def __init__(self, data_addr, proxy=None):
+        self.data = data_addr
+        self.proxy = proxy
+        if proxy is not None:
+            cred = proxy.env["ALL_PROXY"].split("//", 1)[1].rsplit("@", 1)[0]
+            self.user, self.password = cred.split(":", 1)
+
+    def open(self):
+        if self.proxy is None:
+            s = socket.create_connection(self.data, timeout=60)
+        else:
+            s = socket.create_connection(("127.0.0.1", self.proxy.port), timeout=60)
+            u, p = self.user.encode(), self.password.encode()
+            s.sendall(b"\x05\x01\x02" + b"\x01" + bytes([len(u)]) + u + bytes([len(p)]) + p
+                      + b"\x05\x01\x00\x01" + socket.inet_aton(self.data[0]) + struct.pack("!H", self.data[1]))
+            r = _exact(s, 2 + 2 + 10)
+            if r[1] != 2 or r[3] != 0 or r[5] != 0:
+                raise RuntimeError("SOCKS5 failed: %r" % r)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
+
+    def download(self, n):
+        s = self.open()
+        try:
+            s.sendall(b"D" + struct.pack("!Q", n))
+            buf = bytearray(1 << 20)
+            got = 0
+            while got < n:
+                k = s.recv_into(buf)
+                if not k:
+                    raise ConnectionError("short read: %d of %d" % (got, n))
+                got += k
+            return got
+        finally:
+            s.close()
+
+
+def throughput(client, streams, total):
+    per = total // streams
+    errors = []
+
+    def one():
+        try:
+            client.download(per)
+        except Exception as e:     # reported below
+            errors.append(e)
+    ths = [threading.Thread(target=one) for _ in range(streams)]
+    t0 = time.perf_counter()
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    dt = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return per * streams / dt / 1e6        # MB/s
+
+
+def latency(client, n=300):
+    rtt, setup = [], []
+    s = client.open()
+    try:
+        s.sendall(b"E" + struct.pack("!Q", 64))
+        msg = b"x" * 64
+        for _ in range(n):
+            t0 = time.perf_counter()
+            s.sendall(msg)
+            _exact(s, 64)
+            rtt.append(time.perf_counter() - t0)
+    finally:
+        s.close()
+    for _ in range(min(n, 100)):
+        t0 = time.perf_counter()
+        s = client.open()
+        s.sendall(b"E" + struct.pack("!Q", 64) + b"x" * 64)
+        _exact(s, 64)
+        setup.append(time.perf_counter() - t0)
+        s.close()
+    return statistics.median(rtt) * 1e3, statistics.median(setup) * 1e3
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--total-mb", type=int, default=2048, help="bytes per throughput run, split over the streams")
+    ap.add_argument("--streams", default="1,8,20")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per point (the best is reported)")
+    ap.add_argument("--rate", default="", metavar="RATE",
+                    help="limit the data->head link with tc tbf (e.g. 1gbit, 10gbit) to look like a real "
+                         "network rather than two CPUs copying memory; default: unlimited")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    ok, why = netns_topo.available()
+    if not ok:
+        print("benchmarks/tunnel.py: %s" % why, file=sys.stderr)
+        return 2
+    streams = [int(x) for x in a.streams.split(",")]
+    total = a.total_mb << 20
+    res = {"total_mb": a.total_mb, "rate": a.rate or "unlimited", "cpus": os.cpu_count(), "direct": {}, "tunneled": {}}
+    procs = []
+    with netns_topo.Topology() as t, tempfile.TemporaryDirectory() as tmp:
+        try:
+            srv = subprocess.Popen(t.argv(t.data, sys.executable, "-c", SERVER, t.data_ip, str(PORT)),
+                                   stdout=subprocess.PIPE)
+            procs.append(srv)
+            assert srv.stdout.readline().strip() == b"ready"
+            if a.rate:
+                subprocess.run(["tc", "-n", t.data, "qdisc", "add", "dev", "vd" + t.tag, "root", "tbf", "rate",
+                                a.rate, "burst", "1mb", "latency", "20ms"], check=True)
+            sf = os.path.join(tmp, "secret")
+            with open(os.open(sf, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+                f.write(SECRET)
+            gw = subprocess.Popen(t.argv(t.head, sys.executable, "-m", "userlevel_net.gateway", "--listen",
+                                         "%s:0" % t.head_ip, "--secret-file", sf),
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
+            procs.append(gw)
+            gport = int(gw.stdout.readline().decode().rsplit(":", 1)[1])
+            proxy = t.call_in(t.compute, start_proxy, "%s:%d" % (t.head_ip, gport), SECRET,
+                              log=os.devnull)
+            data = (t.data_ip, PORT)
+            direct, tunneled = Client(data), Client(data, proxy)
+            for n in streams:
+                res["direct"][n] = max(t.call_in(t.head, throughput, direct, n, total) for _ in range(a.repeat))
+                c0 = _cpu(proxy.pid) + _cpu(gw.pid)
+                best = 0.0
+                for _ in range(a.repeat):
+                    best = max(best, t.call_in(t.compute, throughput, tunneled, n, total))
+                cpu = _cpu(proxy.pid) + _cpu(gw.pid) - c0
+                res["tunneled"][n] = best
+                res.setdefault("relay_cpu_s_per_gb", {})[n] = cpu / (a.repeat * total / 1e9)
+            res["latency_ms"] = {"direct": t.call_in(t.head, latency, direct),
+                                 "tunneled": t.call_in(t.compute, latency, tunneled)}
+            proxy.stop()
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait()
+    if a.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print("throughput, %d MB per run split over the streams, best of %d (%d CPUs), data link %s"
+          % (a.total_mb, a.repeat, res["cpus"], res["rate"]))
+    print("%8s %12s %12s %8s %14s" % ("streams", "direct MB/s", "tunnel MB/s", "ratio", "relay CPU s/GB"))
+    for n in streams:
+        d, tu = res["direct"][n], res["tunneled"][n]
+        print("%8d %12.0f %12.0f %7.0f%% %14.2f" % (n, d, tu, 100 * tu / d, res["relay_cpu_s_per_gb"][n]))
+    ld, lt = res["latency_ms"]["direct"], res["latency_ms"]["tunneled"]
+    print("64-byte round trip on an open stream: direct %.3f ms, tunneled %.3f ms (added %.3f ms)"
+          % (ld[0], lt[0], lt[0] - ld[0]))
+    print("open a stream + one round trip:      direct %.3f ms, tunneled %.3f ms (added %.3f ms)"
+          % (ld[1], lt[1], lt[1] - ld[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
