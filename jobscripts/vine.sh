@@ -57,7 +57,7 @@ opts=()
 case "${VINEHPC_TUNNEL:-0}" in
     0|"") ;;
     1)    opts+=(--tunnel) ;;
-    *)    opts+=(--tunnel "$VINEHPC_TUNNEL") ;;
+    *)    opts+=(--tunnel-gateway "$VINEHPC_TUNNEL") ;;
 esac
 
 echo "vinehpc: job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?} (${SLURM_NNODES:-?} nodes), $(date -Is)"

@@ -58,9 +58,10 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--image", metavar="ENV.vimg",
                     help="environment image (vinehpc sysimage): read once, broadcast to every node, unpacked "
                          "node-local; all tasks run inside it")
-    pl.add_argument("--tunnel", nargs="?", const=True, metavar="GATEWAY",
-                    help="tasks reach the outside through the manager's node (or a `vinehpc net gateway` at "
-                         "HOST:PORT): compute nodes without outbound access")
+    pl.add_argument("--tunnel", action="store_true",
+                    help="tasks reach the outside through the manager's node (compute nodes without outbound access)")
+    pl.add_argument("--tunnel-gateway", metavar="HOST:PORT",
+                    help="... through a `vinehpc net gateway` there instead")
     pl.add_argument("script")
     pl.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -124,7 +125,7 @@ def cmd_pilot(args) -> int:
     return pilot.main(args.script, args.args, workers_per_node=args.workers_per_node,
                       cores_per_worker=args.cores_per_worker, manager_node_works=args.manager_node_works,
                       run_dir=args.run_dir, port=args.port, grace=args.grace, image=args.image,
-                      tunnel=args.tunnel)
+                      tunnel=args.tunnel_gateway or args.tunnel or None)
 
 
 def cmd_worker(args) -> int:

@@ -205,7 +205,8 @@ class Worker(Running):
             if self.proxy is not None:
                 self.proxy.stop()
             from userlevel_net.proxy import start_proxy   # only workers that tunnel need it
-            self.proxy = start_proxy(egress, self.secret, no_proxy=[self.addr[0], self.hostname])
+            self.proxy = start_proxy(egress, self.secret, no_proxy=[self.addr[0], self.hostname],
+                                     log=os.path.join(self.workdir, "tunnel-proxy.log"))
             self.proxy_egress = egress
         self.task_env = dict(self.proxy.env)
 
