@@ -682,3 +682,33 @@ def test_ctrl_c_stops_run_with_130_and_leaves_no_process(tmp_path):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(10)
+
+
+TUNNEL_SCRIPT = textwrap.dedent("""
+    import os
+    from vinehpc import Manager, PythonTask, Task
+    def proxy_vars():
+        return {k: os.environ.get(k, "") for k in ("ALL_PROXY", "HTTPS_PROXY", "http_proxy", "NO_PROXY")}
+    m = Manager()
+    t = Task("printf '%s' \\"$ALL_PROXY\\"")
+    p = PythonTask(proxy_vars)
+    m.submit(t); m.submit(p)
+    for _ in range(2):
+        assert m.wait(30) is not None
+    assert t.successful() and t.std_output.startswith("socks5h://") and t.std_output.count("@127.0.0.1:") == 1, t.std_output
+    v = p.output
+    assert v["HTTPS_PROXY"].startswith("http://") and "@127.0.0.1:" in v["http_proxy"], v
+    assert "127.0.0.1" in v["NO_PROXY"].split(","), v
+    print("tunnel variables ok")
+""")
+
+
+@pytest.mark.timeout(90)
+def test_vinehpc_run_tunnel_gives_tasks_proxy_variables(tmp_path):
+    script = tmp_path / "tunnel_vars.py"
+    script.write_text(TUNNEL_SCRIPT)
+    p = vinehpc_run(tmp_path, "-n", "1", "--tunnel", str(script))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "tunnel variables ok" in p.stdout
+    p = vinehpc_run(tmp_path, "-n", "1", str(script))            # without --tunnel: no variables
+    assert p.returncode != 0 and "socks5h" not in p.stdout
