@@ -261,6 +261,29 @@ class Manager:
         tid = task.id if isinstance(task, Task) else task
         self._server.post("cancel", tid)
 
+    # ---------------------------------------------------------------- categories
+    def set_category_mode(self, category: str, mode: str) -> None:
+        """How tasks of `category` get their memory and disk: "fixed" (what they ask; the default),
+        "max", "min-waste", "max-throughput", "greedy-bucketing" or "exhaustive-bucketing" (learnt
+        from the measured peaks of completed tasks; see vinehpc/core/categories.py)."""
+        from .core.categories import check_mode
+        check_mode(mode)
+        self._call(lambda: setattr(self.core.category(category), "mode", mode))
+
+    def set_category_first_allocation_guess(self, category: str, resources: dict) -> None:
+        """What tasks of `category` get before enough have completed (default: a whole worker),
+        e.g. {"memory": 4000, "disk": 1000} in MB."""
+        self._call(lambda: self.core.category(category).first.update(_mb(resources)))
+
+    def set_category_max_resources(self, category: str, resources: dict) -> None:
+        """Never give tasks of `category` more than this, e.g. {"memory": 16000} (MB): a task that
+        exhausts this much is returned as "resource exhaustion" instead of retried larger."""
+        self._call(lambda: self.core.category(category).max.update(_mb(resources)))
+
+    def stats_category(self, category: str) -> dict:
+        """Allocations, measured use, exhaustions and waste (allocated minus used, times seconds)."""
+        return self._call(lambda: self.core.category(category).stats())
+
     def _call(self, fn, timeout=10.0):
         """Run fn() on the I/O thread (consistent view of the core) and return its value."""
         if self._server.stopped.is_set():
@@ -353,6 +376,18 @@ class Manager:
                 self.close("manager garbage-collected")
         except Exception:
             pass
+
+
+def _mb(resources) -> dict:
+    from .core.categories import LEARNED
+    out = {}
+    for k, v in dict(resources).items():
+        if k not in LEARNED:
+            raise ValueError("category allocations cover %s, got %r" % (" and ".join(LEARNED), k))
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise ValueError("%s must be a positive number of MB, got %r" % (k, v))
+        out[k] = float(v)
+    return out
 
 
 __all__ = ["Manager", "Task", "PythonTask"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 
 from ..scheduler import make as make_policy
+from .categories import LEARNED, Category
 
 SCAN_LIMIT = 256          # tasks looked at per scheduling pass (keeps a pass O(workers))
 PREFETCH_FACTOR = 4       # a worker may hold up to this many times its cores of *short* tasks:
@@ -69,6 +70,7 @@ class Core:
         self.fetching = set()              # temp cachenames being fetched to the manager
         self.producer_of = {}              # temp cachename -> producing Task (to recreate it)
         self.cat = collections.defaultdict(lambda: [0, 0.0])   # category -> [n, ema wall]
+        self.categories = {}               # name -> Category (allocations learnt from measured use)
         self.unproduced = {}               # temp cachename -> why its producer failed
         self.counts = collections.Counter()
         self.n_running = 0
@@ -101,11 +103,47 @@ class Core:
                 "failed": self.counts["failed"], "submitted": self.counts["submitted"]}
 
     # ------------------------------------------------------------------ events
+    def category(self, name) -> Category:
+        c = self.categories.get(name)
+        if c is None:
+            c = self.categories[name] = Category(name, "fixed")
+        return c
+
+    def _allocate(self, task, exhausted=None):
+        """task._res for its next attempt: what it asked for, or what its category decides.
+        `exhausted`: the resource its last attempt ran out of (go larger). Returns False when
+        nothing larger can be given."""
+        cat = self.category(task.category)
+        res = task_resources(task) if exhausted is None else dict(task._res)
+        task._whole = getattr(task, "_whole", set()) if exhausted is not None else set()
+        if exhausted is not None:
+            if exhausted not in LEARNED:
+                return False
+            bigger = cat.larger(exhausted, res[exhausted] or self._largest(exhausted))
+            if bigger is None or bigger > self._largest(exhausted):
+                return False
+            res[exhausted] = int(bigger)
+            task._whole.discard(exhausted)
+        elif cat.mode != "fixed":
+            alloc = cat.allocation({k: task.resources[k] for k in LEARNED})
+            for k in LEARNED:
+                if alloc[k] is None:
+                    task._whole.add(k)           # no guess yet: a whole worker's worth
+                    res[k] = 0
+                else:
+                    res[k] = int(alloc[k])
+        task._res = res
+        return True
+
+    def _largest(self, k) -> int:
+        return max((w.total[k] for w in self.workers.values()), default=0)
+
     def submit(self, task, now):
         self.tasks[task.id] = task
-        task._res = task_resources(task)
+        self._allocate(task)
         task._wid = None
         task._tries = 0
+        task._exhaustions = 0
         task._submit_time = now
         if task.id >= 0:
             self.counts["submitted"] += 1
@@ -199,6 +237,8 @@ class Core:
         self.n_running -= len(requeue)
         for task in reversed(requeue):   # keep their order at the front of the queue
             task._wid = None
+            for k in getattr(task, "_whole", ()):
+                task._res[k] = 0         # "a whole worker" is decided again where it lands
             task.state = "ready"
             self._log("requeued", task=task.id, reason="worker %s lost: %s" % (wid, reason))
             self.ready.appendleft(task.id)
@@ -244,6 +284,21 @@ class Core:
                 w.cached.add(n)
                 self.replicas[n].add(wid)
         status = res.get("status", "failed")
+        cat = self.category(task.category)
+        cat.record(task.resources_measured, task._res, task.wall_time, status == "success")
+        if status == "resource exhaustion":
+            cat.exhaustions += 1
+            cat.retried.add(tid)
+            what = (res.get("exhausted") or {}).get("resource")
+            before = task._res.get(what)
+            if task._exhaustions < 8 and self._allocate(task, exhausted=what):
+                task._exhaustions += 1
+                self._log("retry larger", task=tid, worker=wid, resource=what, was=before, now=task._res[what],
+                          reason=res.get("reason"))
+                task._wid = None
+                task.state = "ready"
+                self.ready.append(tid)
+                return None
         if status == "success":
             c = self.cat[task.category]
             c[0] += 1
@@ -318,6 +373,9 @@ class Core:
         r = task._res
         factor = self._factor(task.category)
         tot, com = w.total, w.committed
+        for k in getattr(task, "_whole", ()):
+            if com[k]:
+                return False         # a whole worker's worth: only where none of it is taken
         for k in RES:
             need = r[k]
             if need and (need > tot[k] or com[k] + need > tot[k] * factor):
@@ -424,6 +482,8 @@ class Core:
         return True
 
     def _dispatch(self, task, w, now):
+        for k in getattr(task, "_whole", ()):
+            task._res[k] = w.total[k]
         for (f, remote), (n, size, _) in zip(task.inputs, task._input_names):
             if n not in w.cached:
                 if f.kind == "url":

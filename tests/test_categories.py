@@ -1,0 +1,88 @@
+"""Categories: allocations learnt from measured use, retries larger after an exhaustion (no sockets)."""
+import random
+
+import pytest
+
+from vinehpc.core.categories import Category, _buckets, _round_up
+from test_core import INFO, info, make_core, new_task, of, submit, take
+
+
+def done(core, wid, task, memory, status="success", wall=1.0, **extra):
+    res = {"status": status, "exit_code": 0, "wall": wall, "measured": {"memory": memory, "disk": 1}}
+    res.update(extra)
+    return core.task_done(wid, task.id, res, 0.0)
+
+
+def dispatched_task(core):
+    return [c[2] for c in of(take(core), "task")]
+
+
+def test_bucketing_finds_the_two_kinds_of_task():
+    r = random.Random(0)
+    vals = sorted([r.gauss(2000, 300) for _ in range(300)] + [r.gauss(12000, 1000) for _ in range(300)])
+    for exhaustive in (False, True):
+        tops = [t for t, _ in _buckets(vals, exhaustive=exhaustive)]
+        assert any(2000 < t < 4000 for t in tops) and max(tops) >= 12000, tops
+
+
+def test_max_mode_allocates_the_largest_peak_after_enough_samples():
+    core = make_core()
+    core.worker_joined(1, info(memory=10000, cores=8), 0.0)
+    core.category("sim").mode = "max"
+    first = [submit(core, new_task().set_category("sim")) for _ in range(5)]
+    core.schedule(0.0)
+    sent = dispatched_task(core)
+    assert len(sent) == 1 and sent[0]._res["memory"] == 10000    # no samples yet: a whole worker
+    for i, t in enumerate(first):
+        core.schedule(0.0)
+        take(core)
+        done(core, 1, t, memory=100 * (i + 1))
+    t = submit(core, new_task().set_category("sim"))
+    assert t._res["memory"] == _round_up(500)
+
+
+def test_exhaustion_is_retried_larger_without_spending_retries_then_gives_up_at_the_max():
+    core = make_core()
+    core.worker_joined(1, INFO, 0.0)
+    t = submit(core, new_task(memory=100))
+    core.schedule(0.0)
+    take(core)
+    ex = {"exhausted": {"resource": "memory", "used": 150, "allocated": 100}}
+    assert done(core, 1, t, 150, status="resource exhaustion", **ex) is None     # requeued
+    assert t._res["memory"] == 200 and t._tries == 0
+    recs = [c[1] for c in of(take(core), "log") if c[1]["event"] == "retry larger"]
+    assert recs and recs[0]["was"] == 100 and recs[0]["now"] == 200
+    core.category("default").max["memory"] = 200
+    core.schedule(0.0)
+    take(core)
+    back = done(core, 1, t, 250, status="resource exhaustion", **ex)
+    assert back is t and t.result == "resource exhaustion"
+
+
+def test_a_whole_worker_guess_waits_for_an_idle_worker():
+    core = make_core()
+    core.worker_joined(1, info(cores=4, memory=4000), 0.0)
+    core.category("big").mode = "greedy-bucketing"
+    small = submit(core, new_task(memory=500))
+    core.schedule(0.0)
+    assert dispatched_task(core) == [small]
+    whole = submit(core, new_task().set_category("big"))
+    core.schedule(0.0)
+    assert dispatched_task(core) == []                 # memory is taken: not a whole worker's worth
+    done(core, 1, small, 400)
+    core.schedule(0.0)
+    assert dispatched_task(core) == [whole] and whole._res["memory"] == 4000
+
+
+def test_stats_report_waste_as_allocated_minus_used_times_seconds():
+    c = Category("sim", "fixed")
+    c.record({"memory": 300}, {"memory": 1000}, 2.0, True)
+    c.record({"memory": 900}, {"memory": 1000}, 1.0, True)
+    s = c.stats()
+    assert s["allocated x seconds"]["memory"] == 3000 and s["used x seconds"]["memory"] == 1500
+    assert s["waste x seconds"]["memory"] == 1500 and s["done"] == 2
+
+
+def test_unknown_mode_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="greedy-bucketing"):
+        Category("x", "magic")

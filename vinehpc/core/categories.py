@@ -1,0 +1,211 @@
+"""Task categories: how much memory/disk a task of a kind is given, learnt from the kind's history.
+
+Users rarely know what a task needs, and tasks of one kind vary (2 GB to 30 GB in the same
+workflow).  A category collects the measured peaks of its completed tasks and picks each new
+task's allocation by its mode:
+
+  fixed                 what the task asked for (or the category's first guess)
+  max                   the largest peak seen so far
+  min-waste             the allocation that minimises the expected waste (unused memory, plus the
+                        whole first attempt when the task does not fit and is retried at the max)
+  max-throughput        the allocation that maximises expected tasks per unit of resource
+  greedy-bucketing      Phung & Thain (IPDPS 2024): the sorted peaks are split into buckets (greedily,
+  exhaustive-bucketing  or by trying every split into at most 4 buckets) minimising the expected cost;
+                        a new task draws a bucket with probability proportional to its records and is
+                        given the bucket's top; after an exhaustion it goes to the next bucket up.
+Before SAMPLES completed tasks, a task gets the category's first guess (default: a whole worker).
+A task that exhausts its allocation is retried with a larger one (the next bucket, else twice the
+allocation or the largest peak seen), up to the category's max, without spending its retries.
+Pure logic: no I/O, no clock; the caller passes times and a random number generator.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+
+MODES = ("fixed", "max", "min-waste", "max-throughput", "greedy-bucketing", "exhaustive-bucketing")
+LEARNED = ("memory", "disk")      # resources allocated from history (cores/gpus stay as requested)
+SAMPLES = 5
+
+
+class Category:
+    def __init__(self, name, mode="max", rng=None):
+        self.name = name
+        self.mode = check_mode(mode)
+        self.first = {}            # resource -> first guess (absent: a whole worker)
+        self.max = {}              # resource -> never allocate more
+        self.peaks = {k: [] for k in LEARNED}    # sorted measured peaks of successful tasks
+        self.buckets = {}          # resource -> list of (top, weight) for bucketing modes
+        self.rng = rng or random.Random(1)
+        self.n_done = 0
+        self.exhaustions = 0
+        self.retried = set()
+        self.allocated_time = {k: 0.0 for k in LEARNED}   # sum of allocation x wall
+        self.used_time = {k: 0.0 for k in LEARNED}        # sum of peak x wall
+
+    # -- learning ------------------------------------------------------------------
+    def record(self, measured: dict, allocated: dict, wall: float, ok: bool) -> None:
+        """A finished attempt: its measured use and what it was given."""
+        wall = max(0.0, float(wall or 0.0))
+        for k in LEARNED:
+            used = float((measured or {}).get(k) or 0.0)
+            alloc = float((allocated or {}).get(k) or 0.0)
+            if alloc:
+                self.allocated_time[k] += alloc * wall
+                self.used_time[k] += min(used, alloc) * wall if ok else 0.0
+            if ok and used > 0:
+                bisect.insort(self.peaks[k], used)
+        if ok:
+            self.n_done += 1
+            if self.mode.endswith("bucketing") and (self.n_done <= 20 or self.n_done % 10 == 0):
+                self.buckets = {k: _buckets(self.peaks[k], exhaustive=self.mode.startswith("exhaustive"))
+                                for k in LEARNED if self.peaks[k]}
+
+    # -- deciding ------------------------------------------------------------------
+    def allocation(self, requested: dict, previous: dict | None = None) -> dict:
+        """Resources for the next attempt of a task that asked for `requested` (None values:
+        not asked). `previous`: the allocation it exhausted, to go above. A resource left None
+        means "a whole worker"."""
+        out = {}
+        for k in LEARNED:
+            asked = requested.get(k)
+            prev = (previous or {}).get(k)
+            if previous is not None and prev:
+                out[k] = self._larger(k, prev)
+            elif self.mode == "fixed" or (asked and self.mode == "fixed"):
+                out[k] = asked or self.first.get(k)
+            elif self.n_done < SAMPLES or not self.peaks[k]:
+                out[k] = asked or self.first.get(k)
+            else:
+                out[k] = self._learned(k)
+            if out[k] is not None and self.max.get(k):
+                out[k] = min(out[k], self.max[k])
+        return out
+
+    def _learned(self, k) -> float:
+        peaks = self.peaks[k]
+        top = peaks[-1]
+        if self.mode == "max":
+            return _round_up(top)
+        if self.mode in ("min-waste", "max-throughput"):
+            best, best_v = top, None
+            for a in sorted(set(_round_up(p) for p in peaks)):
+                fit = bisect.bisect_right(peaks, a) / len(peaks)
+                if self.mode == "min-waste":
+                    # unused memory when it fits; the whole failed attempt plus a retry at top otherwise
+                    v = sum((a - p) if p <= a else (a + top - p) for p in peaks) / len(peaks)
+                    better = best_v is None or v < best_v
+                else:
+                    # tasks per unit of memory, each failed attempt costing a second run at the top
+                    v = fit / a + (1 - fit) / (a + top)
+                    better = best_v is None or v > best_v
+                if better:
+                    best, best_v = a, v
+            return best
+        buckets = self.buckets.get(k) or [(top, 1)]
+        total = sum(w for _, w in buckets)
+        x = self.rng.random() * total
+        for b_top, w in buckets:
+            x -= w
+            if x <= 0:
+                return _round_up(b_top)
+        return _round_up(buckets[-1][0])
+
+    def larger(self, k, prev) -> float | None:
+        """The allocation after an exhaustion of `k` at `prev` (None: nothing larger allowed)."""
+        return self._larger(k, prev)
+
+    def _larger(self, k, prev) -> float | None:
+        """After an exhaustion at `prev`: the next bucket up, else the largest peak seen if
+        larger, else twice; None (a whole worker) when nothing larger is allowed."""
+        cands = [b for b, _ in self.buckets.get(k, ()) if b > prev]
+        if cands:
+            nxt = _round_up(min(cands))
+        elif self.peaks[k] and self.peaks[k][-1] > prev:
+            nxt = _round_up(self.peaks[k][-1])
+        else:
+            nxt = prev * 2
+        cap = self.max.get(k)
+        if cap:
+            if prev >= cap:
+                return None
+            nxt = min(nxt, cap)
+        return nxt
+
+    # -- reporting -----------------------------------------------------------------
+    def stats(self) -> dict:
+        waste = {k: self.allocated_time[k] - self.used_time[k] for k in LEARNED}
+        return {"category": self.name, "mode": self.mode, "done": self.n_done, "exhaustions": self.exhaustions,
+                "tasks retried": len(self.retried), "first guess": dict(self.first), "max": dict(self.max),
+                "largest peak": {k: (self.peaks[k][-1] if self.peaks[k] else None) for k in LEARNED},
+                "allocated x seconds": dict(self.allocated_time), "used x seconds": dict(self.used_time),
+                "waste x seconds": waste,
+                "buckets": {k: [b for b, _ in v] for k, v in self.buckets.items()}}
+
+
+def check_mode(mode) -> str:
+    if mode not in MODES:
+        raise ValueError("category mode must be one of %s, got %r" % (", ".join(MODES), mode))
+    return mode
+
+
+def _round_up(v: float) -> float:
+    """Allocations in whole MB, rounded up to 1/32 of their power of two (avoids 1-MB retries)."""
+    if v <= 0:
+        return 0
+    step = max(1, 2 ** max(0, int(v).bit_length() - 5))
+    return float(-(-int(v + 0.999) // step) * step)
+
+
+def _cost(values, cut_points) -> float:
+    """Expected allocation per task when a task draws bucket i with probability w_i (its share of
+    the records) and is given its top, climbing bucket by bucket while it does not fit. A task
+    whose value lies in bucket j costs top_i if j <= i, else top_i + ... + top_j. O(buckets^2)."""
+    n = len(values)
+    tops = [values[c - 1] for c in cut_points]
+    bounds = [0] + list(cut_points)
+    w = [(bounds[i + 1] - bounds[i]) / n for i in range(len(tops))]
+    cost = 0.0
+    for i, top_i in enumerate(tops):
+        climb = top_i
+        for j in range(len(tops)):
+            if j > i:
+                climb += tops[j]
+            cost += w[i] * w[j] * (top_i if j <= i else climb)
+    return cost
+
+
+def _buckets(values, exhaustive=False, max_buckets=4):
+    """Split sorted `values` into buckets minimising _cost: [(top, weight)]."""
+    if len(values) > 512:              # quantiles are enough to place the cuts
+        values = [values[int(i * (len(values) - 1) / 511)] for i in range(512)]
+    n = len(values)
+    if n < 2:
+        return [(values[-1], n)] if values else []
+    cuts = list(range(1, n)) if n <= 33 else sorted({int(i * n / 32) for i in range(1, 32)})
+    best = [n]
+    best_cost = _cost(values, best)
+    if exhaustive:
+        cand = cuts if len(cuts) <= 16 else [cuts[int(i * (len(cuts) - 1) / 15)] for i in range(16)]
+        for k in range(1, max_buckets):
+            for chosen in itertools.combinations(cand, k):
+                cp = list(chosen) + [n]
+                c = _cost(values, cp)
+                if c < best_cost - 1e-9:
+                    best, best_cost = cp, c
+    else:
+        while len(best) < max_buckets:      # greedy: add the single best cut, while it helps
+            base, step = best, None
+            for cut in cuts:
+                if cut in base:
+                    continue
+                cp = sorted(base + [cut])
+                c = _cost(values, cp)
+                if c < best_cost - 1e-9:
+                    step, best_cost = cp, c
+            if step is None:
+                break
+            best = step
+    bounds = [0] + best
+    return [(values[best[i] - 1], bounds[i + 1] - bounds[i]) for i in range(len(best))]
