@@ -86,3 +86,58 @@ def test_stats_report_waste_as_allocated_minus_used_times_seconds():
 def test_unknown_mode_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="greedy-bucketing"):
         Category("x", "magic")
+
+
+# ------------------------------------------------------------------ stragglers and sick workers
+def test_fast_abort_requeues_a_straggler_elsewhere_and_blocks_a_repeat_offender():
+    core = make_core()
+    core.worker_joined(1, info(host="slow", cores=1), 0.0)
+    core.worker_joined(2, info(host="fast", cores=1), 0.0)
+    core.slow_multiplier[None] = 3.0
+    quick = [submit(core, new_task()) for _ in range(4)]
+    for t in quick:                                   # mean wall 1 s
+        core.schedule(0.0)
+        take(core)
+        wid = t._wid
+        done(core, wid, t, 10, wall=1.0)
+    s1 = submit(core, new_task())
+    core.schedule(10.0)
+    take(core)
+    first = s1._wid
+    core.tick(12.0)                                   # 2 s: within 3 x mean
+    assert of(take(core), "kill") == []
+    core.tick(14.0)                                   # 4 s > 3 x 1 s: aborted, requeued, not failed
+    cmds = take(core)
+    assert of(cmds, "kill") == [("kill", first, s1.id)] and s1.state == "ready" and s1._tries == 0
+    assert any(c[1]["event"] == "fast abort" for c in of(cmds, "log"))
+    core.schedule(14.0)
+    take(core)
+    assert s1._wid != first                           # run again on the other worker
+
+
+def test_block_host_keeps_tasks_away_until_unblocked():
+    core = make_core()
+    core.worker_joined(1, info(host="sick"), 0.0)
+    core.block_host("sick", 0.0, seconds=0)
+    t = submit(core, new_task())
+    core.schedule(1.0)
+    assert dispatched_task(core) == []
+    core.unblock_host("sick")
+    core.schedule(2.0)
+    assert dispatched_task(core) == [t]
+
+
+def test_worker_side_failures_requeue_without_retries_and_block_the_worker():
+    core = make_core()
+    core.worker_joined(1, info(host="full-disk", cores=1), 0.0)
+    t = submit(core, new_task())
+    for i in range(3):
+        core.schedule(0.0)
+        assert dispatched_task(core) == [t]           # the only worker, so it goes back there
+        assert core.task_done(1, t.id, {"status": "input missing", "worker_fault": True,
+                                        "reason": "No space left on device"}, 0.0) is None
+        assert t.state == "ready" and t._tries == 0   # the task is not at fault
+    assert core._blocked("full-disk", 1.0)
+    core.worker_joined(2, info(host="ok", cores=1), 1.0)
+    core.schedule(1.0)
+    assert dispatched_task(core) == [t] and t._wid == 2

@@ -280,6 +280,21 @@ class Manager:
         exhausts this much is returned as "resource exhaustion" instead of retried larger."""
         self._call(lambda: self.core.category(category).max.update(_mb(resources)))
 
+    def enable_disconnect_slow_workers(self, multiplier: float, category: str | None = None) -> None:
+        """Fast abort: a task running longer than `multiplier` x the mean of its category's successful
+        runs (after 3 of them) is killed and run again elsewhere; a worker where this happens twice is
+        blocked for 5 minutes. `category`: only that one (default: every category). 0 turns it off."""
+        if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or multiplier < 0:
+            raise ValueError("multiplier must be a non-negative number, got %r" % (multiplier,))
+        self._call(lambda: self.core.slow_multiplier.__setitem__(category, float(multiplier)))
+
+    def block_host(self, host: str, seconds: float = 0) -> None:
+        """Send no more tasks to workers on `host` (for `seconds`; 0: until unblock_host)."""
+        self._call(lambda: self.core.block_host(host, time.monotonic(), seconds=seconds))
+
+    def unblock_host(self, host: str) -> None:
+        self._call(lambda: self.core.unblock_host(host))
+
     def stats_category(self, category: str) -> dict:
         """Allocations, measured use, exhaustions and waste (allocated minus used, times seconds)."""
         return self._call(lambda: self.core.category(category).stats())

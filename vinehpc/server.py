@@ -498,6 +498,7 @@ class Server:
                     pass
 
     def _timers(self, now):
+        self.core.tick(now)
         for p in list(self.all):
             if p.state != "joined":
                 if now - p.since > HANDSHAKE_TIMEOUT:

@@ -39,6 +39,8 @@ class Category:
         self.buckets = {}          # resource -> list of (top, weight) for bucketing modes
         self.rng = rng or random.Random(1)
         self.n_done = 0
+        self.wall_sum = 0.0        # successful runs' wall time (fast abort compares with the mean)
+        self.wall_n = 0
         self.exhaustions = 0
         self.retried = set()
         self.allocated_time = {k: 0.0 for k in LEARNED}   # sum of allocation x wall
@@ -58,6 +60,8 @@ class Category:
                 bisect.insort(self.peaks[k], used)
         if ok:
             self.n_done += 1
+            self.wall_sum += wall
+            self.wall_n += 1
             if self.mode.endswith("bucketing") and (self.n_done <= 20 or self.n_done % 10 == 0):
                 self.buckets = {k: _buckets(self.peaks[k], exhaustive=self.mode.startswith("exhaustive"))
                                 for k in LEARNED if self.peaks[k]}
@@ -137,6 +141,7 @@ class Category:
     def stats(self) -> dict:
         waste = {k: self.allocated_time[k] - self.used_time[k] for k in LEARNED}
         return {"category": self.name, "mode": self.mode, "done": self.n_done, "exhaustions": self.exhaustions,
+                "mean wall": (self.wall_sum / self.wall_n) if self.wall_n else None,
                 "tasks retried": len(self.retried), "first guess": dict(self.first), "max": dict(self.max),
                 "largest peak": {k: (self.peaks[k][-1] if self.peaks[k] else None) for k in LEARNED},
                 "allocated x seconds": dict(self.allocated_time), "used x seconds": dict(self.used_time),

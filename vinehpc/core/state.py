@@ -71,6 +71,10 @@ class Core:
         self.producer_of = {}              # temp cachename -> producing Task (to recreate it)
         self.cat = collections.defaultdict(lambda: [0, 0.0])   # category -> [n, ema wall]
         self.categories = {}               # name -> Category (allocations learnt from measured use)
+        self.slow_multiplier = {}          # category (None: every one) -> fast-abort multiplier
+        self.blocked = {}                  # host -> (until, why)
+        self.slow_counts = collections.Counter()      # worker -> tasks fast-aborted there
+        self.faults = collections.Counter()           # worker -> worker-side failures in a row
         self.unproduced = {}               # temp cachename -> why its producer failed
         self.counts = collections.Counter()
         self.n_running = 0
@@ -134,6 +138,68 @@ class Core:
                     res[k] = int(alloc[k])
         task._res = res
         return True
+
+    # ------------------------------------------------------------------ sick workers
+    BLOCK_SECONDS = 300.0
+    FAULTS_TO_BLOCK = 3
+
+    def block_host(self, host, now, seconds=None, why="blocked by the user"):
+        if seconds == 0:
+            until = float("inf")
+        else:
+            until = now + (self.BLOCK_SECONDS if seconds is None else seconds)
+        self.blocked[host] = (until, why)
+        self._log("host blocked", host=host, until=None if until == float("inf") else round(until, 3), reason=why)
+
+    def unblock_host(self, host):
+        if self.blocked.pop(host, None) is not None:
+            self._log("host unblocked", host=host)
+
+    def _blocked(self, host, now) -> bool:
+        b = self.blocked.get(host)
+        if b is None:
+            return False
+        if now >= b[0]:
+            del self.blocked[host]
+            self._log("host unblocked", host=host, reason="block expired")
+            return False
+        return True
+
+    def tick(self, now):
+        """Timers: fast abort of tasks running far longer than their category's mean."""
+        if not self.slow_multiplier:
+            return
+        for task in [t for t in self.tasks.values() if t.state == "running"]:
+            mult = self.slow_multiplier.get(task.category, self.slow_multiplier.get(None))
+            cat = self.categories.get(task.category)
+            if not mult or cat is None or cat.wall_n < 3:
+                continue
+            mean = cat.wall_sum / cat.wall_n
+            started = getattr(task, "_dispatched_at", now)
+            if now - started <= mult * max(mean, 0.001):
+                continue
+            wid = task._wid
+            w = self.workers.get(wid)
+            self.cmds.append(("kill", wid, task.id))
+            self._release(task)
+            task._wid = None
+            task.state = "ready"
+            task._avoid = wid
+            self.ready.appendleft(task.id)
+            self._log("fast abort", task=task.id, worker=wid, ran=round(now - started, 3), mean=round(mean, 3),
+                      multiplier=mult)
+            self.slow_counts[wid] += 1
+            if w is not None and self.slow_counts[wid] >= 2:
+                self.block_host(w.host, now, why="2 tasks fast-aborted on worker %s" % wid)
+
+    def _worker_fault(self, wid, why, now):
+        """A failure that is the worker's, not the task's (cannot stage inputs, disk full...)."""
+        self.faults[wid] += 1
+        w = self.workers.get(wid)
+        if w is not None and self.faults[wid] >= self.FAULTS_TO_BLOCK:
+            self.block_host(w.host, now, why="%d worker-side failures in a row on worker %s, last: %s"
+                            % (self.faults[wid], wid, why))
+            self.faults[wid] = 0
 
     def _largest(self, k) -> int:
         return max((w.total[k] for w in self.workers.values()), default=0)
@@ -286,6 +352,15 @@ class Core:
         status = res.get("status", "failed")
         cat = self.category(task.category)
         cat.record(task.resources_measured, task._res, task.wall_time, status == "success")
+        if res.get("worker_fault"):
+            self._worker_fault(wid, res.get("reason"), now)
+            self._log("requeued", task=tid, reason="worker %s could not run it: %s" % (wid, res.get("reason")))
+            task._wid = None
+            task.state = "ready"
+            task._avoid = wid
+            self.ready.append(tid)
+            return None
+        self.faults[wid] = 0
         if status == "resource exhaustion":
             cat.exhaustions += 1
             cat.retried.add(tid)
@@ -391,7 +466,8 @@ class Core:
         """Dispatch ready tasks to workers with room. Returns how many were dispatched."""
         if not self.ready or not self.workers or self.draining:
             return 0
-        free = [w for w in self.workers.values() if w.committed["cores"] < w.total["cores"] * PREFETCH_FACTOR]
+        free = [w for w in self.workers.values() if w.committed["cores"] < w.total["cores"] * PREFETCH_FACTOR
+                and not self._blocked(w.host, now)]
         if not free:
             return 0
         n = 0
@@ -407,6 +483,9 @@ class Core:
                 self._make_ready_or_wait(task)   # waits for (and re-runs) the temp's producer
                 continue
             cands = [w for w in free if self._fits(w, task)]
+            avoid = getattr(task, "_avoid", None)
+            if avoid is not None and len(cands) > 1:
+                cands = [w for w in cands if w.wid != avoid] or cands   # elsewhere, if anywhere else
             if task._pin is not None:
                 if task._pin not in self.workers:
                     self._finish(task, "failed", "worker %s, the only one this task may run on, is gone" % task._pin)
@@ -482,6 +561,7 @@ class Core:
         return True
 
     def _dispatch(self, task, w, now):
+        task._dispatched_at = now
         for k in getattr(task, "_whole", ()):
             task._res[k] = w.total[k]
         for (f, remote), (n, size, _) in zip(task.inputs, task._input_names):
