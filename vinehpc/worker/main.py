@@ -81,6 +81,8 @@ class Worker(Running):
         self.queue = collections.deque()
         self.presented = {}      # busy interpreter -> the Run it will start next (pipelining)
         self.used = dict.fromkeys(RES, 0)
+        self.active = {}           # tid -> Run: the running tasks, measured (monitor.py)
+        self.next_sample = 0.0     # when running tasks are next measured
         self.conn = None
         self.exit_requested = False
         self.proxy = None          # the local tunnel proxy (userlevel_net.proxy), when the manager offers one
@@ -261,6 +263,9 @@ class Worker(Running):
         for r in self.runs.values():
             if r.deadline is not None:
                 t = min(t, r.deadline - now)
+        m = self._monitor_due(now)
+        if m is not None:
+            t = min(t, m)
         return max(0.0, t)
 
     def _timers(self):
@@ -268,6 +273,7 @@ class Worker(Running):
         for r in list(self.runs.values()):
             if r.deadline is not None and now >= r.deadline and r.state == "running":
                 self._kill(r, "max wall time", "killed after %.1f s: the task's time limit" % r.spec["time_max"])
+        self._sample(now)
         if now - self.last_recv > self.ka[1]:
             raise ManagerGone("no message from the manager for %.0f s" % (now - self.last_recv))
         if now - self.last_send > self.ka[0] and now - self.last_recv > self.ka[0]:
@@ -280,6 +286,7 @@ class Worker(Running):
         self.queue.clear()
         self.presented.clear()
         self.used = dict.fromkeys(RES, 0)
+        self.active.clear()
         if self.conn is not None:
             try:
                 self.sel.unregister(self.conn.sock)

@@ -42,6 +42,7 @@ class CommandProcess:
         self.out_fd = rfd
         self.tail = bytearray()
         self.pid = self.popen.pid
+        self.rusage = None        # resource usage of the shell and what it reaped, once ended
         self._fd = os.pidfd_open(self.pid)
 
     def fileno(self) -> int:
@@ -84,7 +85,13 @@ class CommandProcess:
 
     def reap(self):
         """(exit_code, signal name or None) once the process has ended."""
-        code = self.popen.wait()
+        code = self.popen.returncode
+        if code is None:
+            try:    # wait4: the exit status and the cpu time / max RSS of the task's reaped processes
+                _, status, self.rusage = os.wait4(self.pid, 0)
+                code = self.popen.returncode = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                code = self.popen.wait()
         try:
             os.close(self._fd)
         except OSError:

@@ -58,6 +58,68 @@ def dump_result(ok, value, tb):
         return cloudpickle.dumps((False, value, tb), protocol=pickle.HIGHEST_PROTOCOL)
 
 
+class Meter:
+    """This interpreter's peak RSS and read/write counters over one task (Linux /proc; else None)."""
+
+    def __init__(self):
+        self.fds = {}
+        for name, mode in (("status", os.O_RDONLY), ("io", os.O_RDONLY), ("clear_refs", os.O_WRONLY)):
+            try:
+                self.fds[name] = os.open("/proc/self/" + name, mode)
+            except OSError:
+                pass
+        self.io0 = None
+
+    def _io(self):
+        fd = self.fds.get("io")
+        if fd is None:
+            return None
+        try:
+            b = os.pread(fd, 256, 0)       # "rchar: N\nwchar: N\n..."
+            i = b.index(b"\n")
+            return int(b[7:i]), int(b[i + 8:b.index(b"\n", i + 1)])
+        except (OSError, ValueError):
+            return None
+
+    def start(self):
+        fd = self.fds.get("clear_refs")
+        if fd is not None and self._hwm_above_rss():
+            try:
+                os.write(fd, b"5")       # reset the peak RSS (VmHWM) to the current RSS
+            except OSError:
+                self.fds.pop("clear_refs", None)
+        self.io0 = self._io()
+
+    def _hwm_above_rss(self, slack=16 << 10) -> bool:
+        """The peak (VmHWM) is well above the current RSS: an earlier task's peak, to forget.
+        (Resetting it only then keeps the common case of small tasks cheap.)"""
+        try:
+            b = os.pread(self.fds["status"], 4096, 0)
+            i = b.index(b"VmHWM:") + 6
+            hwm = int(b[i:b.index(b"kB", i)])
+            j = b.index(b"VmRSS:") + 6
+            rss = int(b[j:b.index(b"kB", j)])
+            return hwm > rss + slack
+        except (KeyError, OSError, ValueError):
+            return True
+
+    def stop(self):
+        """(peak rss bytes or None, chars read or None, chars written or None)"""
+        rss = None
+        fd = self.fds.get("status")
+        if fd is not None and "clear_refs" in self.fds:
+            try:
+                b = os.pread(fd, 4096, 0)
+                i = b.index(b"VmHWM:") + 6
+                rss = int(b[i:b.index(b"kB", i)]) * 1024
+            except (OSError, ValueError):
+                pass
+        io = self._io()
+        if io is None or self.io0 is None:
+            return rss, None, None
+        return rss, io[0] - self.io0[0], io[1] - self.io0[1]
+
+
 def main(fd=3):
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the worker decides when we stop
@@ -65,6 +127,7 @@ def main(fd=3):
     sock = socket.socket(fileno=fd)
     fns = {}
     base_env = dict(os.environ)
+    meter = Meter()
     while True:
         try:
             msg = recv(sock)
@@ -77,6 +140,7 @@ def main(fd=3):
         if kind == "exit":
             return 0
         _, tid, fid, args, cwd, env = msg
+        meter.start()
         t0, c0 = time.perf_counter(), time.process_time()
         out = io.StringIO()
         try:
@@ -98,10 +162,12 @@ def main(fd=3):
             if env:
                 os.environ.clear()
                 os.environ.update(base_env)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        rss, rd, wr = meter.stop()
         text = out.getvalue()
         if len(text) > MAX_OUT:
             text = text[-MAX_OUT:]
-        send(sock, ("done", tid, res, error, text, time.perf_counter() - t0, time.process_time() - c0))
+        send(sock, ("done", tid, res, error, text, wall, cpu, rss, rd, wr))
 
 
 if __name__ == "__main__":

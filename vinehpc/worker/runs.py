@@ -12,6 +12,8 @@ import time
 
 from ..comm import file_chunks
 from .cache import check_cachename
+from . import monitor
+from .monitor import Monitor
 from .process import CommandProcess
 from .sandbox import Sandbox, SandboxError
 
@@ -21,7 +23,7 @@ RES = ("cores", "memory", "disk", "gpus")
 class Run:
     """One task on this worker."""
     __slots__ = ("id", "spec", "args", "res", "state", "sandbox", "proc", "runner", "started", "deadline",
-                 "waiting_for", "killed", "image")
+                 "waiting_for", "killed", "image", "mon", "exhausted")
 
     def __init__(self, spec, args):
         self.id = spec["id"]
@@ -36,6 +38,8 @@ class Run:
         self.waiting_for = set()
         self.killed = None
         self.image = None      # cache name of its environment image
+        self.mon = None        # its Monitor once it starts (monitor.py)
+        self.exhausted = None  # {"resource", "used", "allocated"} if it went over its allocation
 
 
 class Running:
@@ -73,6 +77,11 @@ class Running:
             self.used[k] += r.res[k]
         r.state = "running"
         r.started = time.monotonic()
+        if r.mon is None:
+            r.mon = Monitor(r.started)
+        else:
+            r.mon.started = r.started
+        self.active[r.id] = r
         tm = r.spec.get("time_max")
         r.deadline = r.started + float(tm) if tm else None
 
@@ -102,6 +111,8 @@ class Running:
                 if image is not None:
                     env = image.env_for(dict(os.environ, **env))
                 r.proc = CommandProcess(spec["cmd"], r.sandbox.path, env, replace=image is not None)
+                r.mon.box = r.sandbox.path
+                r.mon.attach(r.proc.pid)
                 self.guard.add(r.proc.pid)
                 self.sel.register(r.proc.fileno(), selectors.EVENT_READ, ("proc", r))
                 self.sel.register(r.proc.out_fd, selectors.EVENT_READ, ("out", r))
@@ -111,6 +122,11 @@ class Running:
                                          after=runner, image=image)
                 if runner is not None:
                     self.presented[runner] = r
+                if r.mon is None:
+                    r.mon = Monitor(None)
+                r.mon.py = True
+                r.mon.box = r.sandbox.path if r.sandbox else None
+                r.mon.attach(r.runner.proc.pid)
         except SandboxError as e:
             self._finish(r, "failed", "sandbox: %s" % e)
         except OSError as e:
@@ -154,8 +170,12 @@ class Running:
         out = r.proc.output()
         if self.runs.get(r.id) is not r:
             return
+        if r.mon is not None:
+            r.mon.final(rusage=r.proc.rusage)
         if r.killed:
             return self._finish(r, r.killed[0], r.killed[1], exit_code=code, stdout=out, signal=sig)
+        if r.mon is not None and self._over(r):    # went over between samples (or before the first)
+            return self._finish(r, "resource exhaustion", r.killed[1], exit_code=code, stdout=out, signal=sig)
         if sig:
             reason = "killed by %s" % sig
         elif code == 127:
@@ -188,10 +208,51 @@ class Running:
                 return self._finish(r, r.killed[0], r.killed[1])
             return self._finish(r, "failed", "the Python interpreter running the task died (%s)"
                                 % self.pool.last_death)
-        result, error, stdout, wall, cpu = payload
+        result, error, stdout, wall, cpu = payload[:5]
+        rss, rd, wr = (tuple(payload[5:8]) + (None, None, None))[:3]
+        if r.mon is not None:
+            r.mon.final(py={"wall": wall, "cpu": cpu, "rss": rss, "read": rd, "written": wr})
+            if self._over(r):
+                return self._finish(r, "resource exhaustion", r.killed[1], stdout=stdout)
         r.args = result
-        self._collect(r, None, stdout, error, measured={"wall": round(wall, 6), "cpu": round(cpu, 6)}, py=True,
-                      failed=error is not None)
+        self._collect(r, None, stdout, error, py=True, failed=error is not None)
+
+    # ---------------------------------------------------------------- monitoring (monitor.py)
+    def _over(self, r) -> bool:
+        """Has r gone over a memory or disk allocation it asked for? (r.exhausted, r.killed set)"""
+        x = r.mon.over(r.res)
+        if x is None:
+            return False
+        r.exhausted = x
+        r.killed = ("resource exhaustion", monitor.exhausted_reason(x))
+        return True
+
+    def _monitor_due(self, now):
+        """Seconds until the next sample of running tasks is due (None: no task to sample)."""
+        if not self.active:
+            return None
+        oldest = min(r.started for r in self.active.values())
+        return max(self.next_sample, oldest + monitor.MIN_AGE) - now
+
+    def _sample(self, now):
+        """Measure the tasks that have run at least MIN_AGE seconds; kill any over its allocation."""
+        if not self.active or now < self.next_sample:
+            return
+        due = [r for r in self.active.values() if r.state == "running" and r.killed is None
+               and now - r.started >= monitor.MIN_AGE and r.mon.root is not None]
+        if not due:
+            return
+        self.next_sample = now + monitor.INTERVAL
+        try:
+            table = monitor.proc_table()
+        except Exception:
+            return
+        for r in due:
+            r.mon.sample(table, now)
+            if self._over(r):
+                status, reason = r.killed
+                r.killed = None
+                self._kill(r, status, reason)
 
     def _promote(self, runner):
         """The task presented to `runner` has started there: it holds resources from now on."""
@@ -249,6 +310,7 @@ class Running:
                 result_frame=None):
         if self.runs.pop(r.id, None) is None:
             return
+        self.active.pop(r.id, None)
         wall = time.monotonic() - r.started if r.started else 0.0
         if r.state == "running":
             for k in RES:
@@ -271,8 +333,15 @@ class Running:
             ctl["stdout"] = stdout
         if temps:
             ctl["temps"] = temps
+        if r.mon is not None:
+            try:
+                measured = dict(r.mon.measured(wall), **(measured or {}))
+            except Exception:
+                pass
         if measured:
             ctl["measured"] = measured
+        if r.exhausted:
+            ctl["exhausted"] = r.exhausted
         if self.conn is not None:
             self.conn.send("result", ctl, [result_frame] if result_frame is not None else ())
         self._start_queued()
@@ -290,6 +359,7 @@ class Running:
     def _abort(self, r):
         """Stop a task the manager no longer wants: no result is sent."""
         self.runs.pop(r.id, None)
+        self.active.pop(r.id, None)
         if r.state == "running":
             for k in RES:
                 self.used[k] -= r.res[k]
