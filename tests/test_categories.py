@@ -38,7 +38,8 @@ def test_max_mode_allocates_the_largest_peak_after_enough_samples():
         take(core)
         done(core, 1, t, memory=100 * (i + 1))
     t = submit(core, new_task().set_category("sim"))
-    assert t._res["memory"] == _round_up(500)
+    core.schedule(0.0)                                # decided when it is about to run
+    assert dispatched_task(core) == [t] and t._res["memory"] == _round_up(500)
 
 
 def test_exhaustion_is_retried_larger_without_spending_retries_then_gives_up_at_the_max():

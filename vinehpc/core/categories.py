@@ -38,6 +38,7 @@ class Category:
         self.peaks = {k: [] for k in LEARNED}    # sorted measured peaks of successful tasks
         self.buckets = {}          # resource -> list of (top, weight) for bucketing modes
         self.rng = rng or random.Random(1)
+        self._memo = {}            # resource -> (n_done, allocation): min-waste/max-throughput per sample count
         self.n_done = 0
         self.wall_sum = 0.0        # successful runs' wall time (fast abort compares with the mean)
         self.wall_n = 0
@@ -93,6 +94,9 @@ class Category:
         if self.mode == "max":
             return _round_up(top)
         if self.mode in ("min-waste", "max-throughput"):
+            memo = self._memo.get(k)
+            if memo is not None and memo[0] == self.n_done:
+                return memo[1]
             best, best_v = top, None
             for a in sorted(set(_round_up(p) for p in peaks)):
                 fit = bisect.bisect_right(peaks, a) / len(peaks)
@@ -106,6 +110,7 @@ class Category:
                     better = best_v is None or v > best_v
                 if better:
                     best, best_v = a, v
+            self._memo[k] = (self.n_done, best)
             return best
         buckets = self.buckets.get(k) or [(top, 1)]
         total = sum(w for _, w in buckets)

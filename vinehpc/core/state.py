@@ -206,7 +206,9 @@ class Core:
 
     def submit(self, task, now):
         self.tasks[task.id] = task
-        self._allocate(task)
+        task._res = task_resources(task)
+        task._whole = set()
+        task._allocated = None       # decided when it is about to run: the category learns meanwhile
         task._wid = None
         task._tries = 0
         task._exhaustions = 0
@@ -368,6 +370,7 @@ class Core:
             before = task._res.get(what)
             if task._exhaustions < 8 and self._allocate(task, exhausted=what):
                 task._exhaustions += 1
+                task._allocated = True
                 self._log("retry larger", task=tid, worker=wid, resource=what, was=before, now=task._res[what],
                           reason=res.get("reason"))
                 task._wid = None
@@ -482,6 +485,12 @@ class Core:
             if self._temp_gone(task):
                 self._make_ready_or_wait(task)   # waits for (and re-runs) the temp's producer
                 continue
+            if task._allocated is not True:
+                # decided (again) as the category learns, until it is sent; a retry-larger is kept
+                version = self.categories[task.category].n_done if task.category in self.categories else 0
+                if task._allocated != version:
+                    self._allocate(task)
+                    task._allocated = version
             cands = [w for w in free if self._fits(w, task)]
             avoid = getattr(task, "_avoid", None)
             if avoid is not None and len(cands) > 1:
