@@ -137,7 +137,10 @@ class Manager:
         """
         if not isinstance(path, (str, os.PathLike)) or not str(path):
             raise TypeError("declare_file needs a path, got %r" % (path,))
-        return File(os.path.abspath(os.fspath(path)), cache)
+        f = File(os.path.abspath(os.fspath(path)), cache)
+        if f.exists():
+            f.cachename()   # its identity is its content as declared (re-checked by stat when it is sent)
+        return f
 
     def declare_image(self, path, cache="worker") -> File:
         """An environment image built by `vinehpc sysimage` (.vimg). Give it to tasks with
