@@ -138,7 +138,7 @@ def test_worker_side_failures_requeue_without_retries_and_block_the_worker():
         assert core.task_done(1, t.id, {"status": "input missing", "worker_fault": True,
                                         "reason": "No space left on device"}, 0.0) is None
         assert t.state == "ready" and t._tries == 0   # the task is not at fault
-    assert core._blocked("full-disk", 1.0)
+    assert core._blocked(1, 1.0) and not core._blocked("full-disk", 1.0)   # that worker, not its host
     core.worker_joined(2, info(host="ok", cores=1), 1.0)
     core.schedule(1.0)
     assert dispatched_task(core) == [t] and t._wid == 2

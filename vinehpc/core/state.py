@@ -144,6 +144,7 @@ class Core:
     FAULTS_TO_BLOCK = 3
 
     def block_host(self, host, now, seconds=None, why="blocked by the user"):
+        """Block a host name (every worker on it) or, given a worker id, that one worker."""
         if seconds == 0:
             until = float("inf")
         else:
@@ -190,15 +191,15 @@ class Core:
                       multiplier=mult)
             self.slow_counts[wid] += 1
             if w is not None and self.slow_counts[wid] >= 2:
-                self.block_host(w.host, now, why="2 tasks fast-aborted on worker %s" % wid)
+                self.block_host(wid, now, why="2 tasks fast-aborted on worker %s (%s)" % (wid, w.host))
 
     def _worker_fault(self, wid, why, now):
         """A failure that is the worker's, not the task's (cannot stage inputs, disk full...)."""
         self.faults[wid] += 1
         w = self.workers.get(wid)
         if w is not None and self.faults[wid] >= self.FAULTS_TO_BLOCK:
-            self.block_host(w.host, now, why="%d worker-side failures in a row on worker %s, last: %s"
-                            % (self.faults[wid], wid, why))
+            self.block_host(wid, now, why="%d worker-side failures in a row on worker %s (%s), last: %s"
+                            % (self.faults[wid], wid, w.host, why))
             self.faults[wid] = 0
 
     def _largest(self, k) -> int:
@@ -470,7 +471,7 @@ class Core:
         if not self.ready or not self.workers or self.draining:
             return 0
         free = [w for w in self.workers.values() if w.committed["cores"] < w.total["cores"] * PREFETCH_FACTOR
-                and not self._blocked(w.host, now)]
+                and not self._blocked(w.host, now) and not self._blocked(w.wid, now)]
         if not free:
             return 0
         n = 0

@@ -378,7 +378,7 @@ class Worker(Running):
             self.cache.ref(n)
         for n, remote, kind, level, url in inputs:
             if n in self.put_errors:
-                return self._finish(r, "input missing", self.put_errors[n])
+                return self._finish(r, "input missing", self.put_errors[n], worker_fault=True)
             if self.cache.has(n):
                 self.cache.raise_level(n, level)
             elif kind == "url":

@@ -129,8 +129,8 @@ class Running:
                 r.mon.attach(r.runner.proc.pid)
         except SandboxError as e:
             self._finish(r, "failed", "sandbox: %s" % e)
-        except OSError as e:
-            self._finish(r, "failed", "cannot start the task: %s" % e)
+        except OSError as e:   # disk full, no processes left...: this worker's problem, not the task's
+            self._finish(r, "failed", "cannot start the task on %s: %s" % (self.hostname, e), worker_fault=True)
 
     def _present_next(self):
         """Pipelining: give a busy interpreter the next short Python task now, so it starts it the
@@ -307,7 +307,7 @@ class Running:
         return fh
 
     def _finish(self, r, status, reason, exit_code=None, stdout=None, temps=(), measured=None, signal=None,
-                result_frame=None):
+                result_frame=None, worker_fault=False):
         if self.runs.pop(r.id, None) is None:
             return
         self.active.pop(r.id, None)
@@ -342,6 +342,8 @@ class Running:
             ctl["measured"] = measured
         if r.exhausted:
             ctl["exhausted"] = r.exhausted
+        if worker_fault:
+            ctl["worker_fault"] = True     # the manager runs it elsewhere, without spending its retries
         if self.conn is not None:
             self.conn.send("result", ctl, [result_frame] if result_frame is not None else ())
         self._start_queued()
