@@ -74,7 +74,7 @@ class Core:
         self.slow_multiplier = {}          # category (None: every one) -> fast-abort multiplier
         self.blocked = {}                  # host -> (until, why)
         self.slow_counts = collections.Counter()      # worker -> tasks fast-aborted there
-        self.faults = collections.Counter()           # worker -> worker-side failures in a row
+        self.faults = {}                   # worker -> times of its recent worker-side failures
         self.unproduced = {}               # temp cachename -> why its producer failed
         self.counts = collections.Counter()
         self.n_running = 0
@@ -193,19 +193,26 @@ class Core:
             if w is not None and self.slow_counts[wid] >= 2:
                 self.block_host(wid, now, why="2 tasks fast-aborted on worker %s (%s)" % (wid, w.host))
 
+    FAULT_WINDOW = 300.0
+
     def _worker_fault(self, wid, why, now):
-        """A failure that is the worker's, not the task's (cannot stage inputs, disk full...)."""
-        self.faults[wid] += 1
+        """A failure that is the worker's, not the task's (cannot stage inputs, disk full...).
+        Counted over a window whatever else succeeds there meanwhile: a worker that cannot
+        stage files must not keep bouncing the tasks that need them."""
+        times = self.faults.setdefault(wid, collections.deque())
+        times.append(now)
+        while times and times[0] < now - self.FAULT_WINDOW:
+            times.popleft()
         w = self.workers.get(wid)
-        if w is not None and self.faults[wid] >= self.FAULTS_TO_BLOCK:
-            self.block_host(wid, now, why="%d worker-side failures in a row on worker %s (%s), last: %s"
-                            % (self.faults[wid], wid, w.host, why))
-            self.faults[wid] = 0
+        if w is not None and len(times) >= self.FAULTS_TO_BLOCK:
+            self.block_host(wid, now, why="%d worker-side failures within %.0f s on worker %s (%s), last: %s"
+                            % (len(times), self.FAULT_WINDOW, wid, w.host, why))
+            times.clear()
 
     def _largest(self, k) -> int:
         return max((w.total[k] for w in self.workers.values()), default=0)
 
-    def submit(self, task, now):
+    def submit(self, task, now, front=False):
         self.tasks[task.id] = task
         task._res = task_resources(task)
         task._whole = set()
@@ -222,7 +229,7 @@ class Core:
                 self.producer_of[f.cachename()] = task
         self._log("submitted", task=task.id, kind=type(task).__name__, category=task.category,
                   tag=task.tag, resources=task._res)
-        self._make_ready_or_wait(task)
+        self._make_ready_or_wait(task, front=front)
 
     def submit_resumed(self, task, now):
         """A task completed in an earlier run: known (its temps can be re-made), not run."""
@@ -269,7 +276,7 @@ class Core:
         clone._recovery_of = prod.id
         clone.outputs = [(g, r) for g, r in prod.outputs if g.kind == "temp"]
         self._log("recreate", task=prod.id, as_task=clone.id, file=f.cachename())
-        self.submit(clone, 0.0)
+        self.submit(clone, 0.0, front=True)     # others already wait for it: first in line
         return True
 
     def cancel(self, tid, now=0.0, reason="cancelled by the user"):
@@ -363,7 +370,6 @@ class Core:
             task._avoid = wid
             self.ready.append(tid)
             return None
-        self.faults[wid] = 0
         if status == "resource exhaustion":
             cat.exhaustions += 1
             cat.retried.add(tid)
