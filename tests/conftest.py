@@ -18,6 +18,8 @@ import pytest
 import vinehpc
 from vinehpc import journal as _journal
 
+pytest_plugins = ["slurm_fixture"]      # registered here, before any test module imports it (require())
+
 # Every "node" of our test bed is this one host: managers are reached on loopback, and no test
 # connects to this machine's other addresses (only loopback and our own namespaces are targets).
 os.environ.setdefault("VINEHPC_MANAGER_HOST", "127.0.0.1")
