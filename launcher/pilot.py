@@ -208,13 +208,9 @@ def share_image(comm, MPI, rank, nodes, image, unpack):
 
 
 def write_contact(run_dir, address, secret):
+    from vinehpc.protocol.auth import create_private
     path = os.path.join(run_dir, "contact.json")
-    try:
-        os.unlink(path + ".tmp")      # a leftover would keep its own mode: create ours afresh
-    except FileNotFoundError:
-        pass
-    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
+    with create_private(path + ".tmp") as f:
         json.dump({"address": address, "secret": secret, "job": os.environ.get("SLURM_JOB_ID"),
                    "pid": os.getpid(), "started": time.time()}, f)
     os.replace(path + ".tmp", path)
@@ -223,11 +219,8 @@ def write_contact(run_dir, address, secret):
 
 def read_contact(path):
     """(address, secret) from a pilot's contact file (which must not be readable by others)."""
-    st = os.stat(path)
-    if st.st_mode & 0o077:
-        raise PermissionError("contact file %s is readable by others (mode %o): chmod 600 %s"
-                              % (path, st.st_mode & 0o777, path))
-    with open(path) as f:
+    from vinehpc.protocol.auth import open_private
+    with open_private(path, "contact file") as f:
         d = json.load(f)
     return d["address"], d["secret"]
 

@@ -618,7 +618,10 @@ def test_files_policy_prefers_worker_with_input_cached(core, infile):
     assert dispatched(take(core)) == [(2, t.id)]
 
 
-def test_files_policy_prefers_cached_over_less_loaded(core, infile):
+@pytest.mark.parametrize("policy, expected", [("files", 1), ("fcfs", 2)],
+                         ids=["files_prefers_cached_over_less_loaded", "fcfs_spreads_to_least_loaded"])
+def test_policy_with_a_cached_input_on_a_busy_worker(infile, policy, expected):
+    core = make_core(policy)
     f = infile(cache=True)
     core.worker_joined(1, info(host="h1", cached=["file-%d" % f.id]), 0.0)
     core.worker_joined(2, info(host="h2"), 0.0)
@@ -627,20 +630,7 @@ def test_files_policy_prefers_cached_over_less_loaded(core, infile):
     assert dispatched(take(core)) == [(1, busy.id)]
     t = submit(core, new_task().add_input(f, "in"))
     core.schedule(0.0)
-    assert dispatched(take(core)) == [(1, t.id)]
-
-
-def test_fcfs_policy_spreads_to_least_loaded(infile):
-    core = make_core("fcfs")
-    f = infile(cache=True)
-    core.worker_joined(1, info(host="h1", cached=["file-%d" % f.id]), 0.0)
-    core.worker_joined(2, info(host="h2"), 0.0)
-    busy = submit(core, new_task())
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(1, busy.id)]
-    t = submit(core, new_task().add_input(f, "in"))
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(2, t.id)]
+    assert dispatched(take(core)) == [(expected, t.id)]
 
 
 def test_fcfs_policy_alternates_workers():

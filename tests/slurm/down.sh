@@ -7,13 +7,7 @@
 set -uo pipefail
 export PATH="$PATH:/usr/sbin:/sbin:/usr/bin:/bin"
 
-CONF=/etc/slurm/slurm.conf
-MARK="# vinehpc-testbed: written by tests/slurm/up.sh (tests/slurm/down.sh removes it)"
-RUN=/run/vinehpc-slurm
-SPOOL=/var/spool/vinehpc-slurm
-LOGDIR=/var/log/vinehpc-slurm
-TMPBASE=/tmp/vinehpc-slurm-tmp
-LOCK=/run/vinehpc-slurm.lock
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 [ "$(id -u)" = 0 ] || { echo "down.sh: not root, nothing to do" >&2; exit 0; }
 # one up.sh/down.sh at a time

@@ -29,13 +29,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 NODES="n1 n2"
 NNODES=2
-CONF=/etc/slurm/slurm.conf
-MARK="# vinehpc-testbed: written by tests/slurm/up.sh (tests/slurm/down.sh removes it)"
-RUN=/run/vinehpc-slurm
-SPOOL=/var/spool/vinehpc-slurm
-LOGDIR=/var/log/vinehpc-slurm
-TMPBASE=/tmp/vinehpc-slurm-tmp
-LOCK=/run/vinehpc-slurm.lock
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 WAIT=${VINEHPC_SLURM_WAIT:-30}
 PKGS=(slurmctld slurmd slurm-client munge)
 [ "${VINEHPC_SLURM_PMIX:-0}" = 1 ] && PKGS+=(libpmix-dev)

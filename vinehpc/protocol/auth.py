@@ -38,13 +38,27 @@ def check(secret: str, role: str, mine: str, theirs: str, got) -> bool:
     return hmac.compare_digest(mac(secret, role, mine, theirs), got)
 
 
-def read_secret(path: str) -> str:
-    """Read a secret file, refusing one that other users can read."""
+def open_private(path: str, what: str = "secret file"):
+    """Open a file for reading, refusing one that other users can read (it holds a secret)."""
     st = os.stat(path)
     if st.st_mode & 0o077:
-        raise PermissionError("secret file %s is readable by others (mode %o): chmod 600 %s"
-                              % (path, st.st_mode & 0o777, path))
-    with open(path) as f:
+        raise PermissionError("%s %s is readable by others (mode %o): chmod 600 %s"
+                              % (what, path, st.st_mode & 0o777, path))
+    return open(path)
+
+
+def create_private(path: str):
+    """Create `path` afresh, mode 0600, for writing (an old file would keep its own mode)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w")
+
+
+def read_secret(path: str) -> str:
+    """Read a secret file, refusing one that other users can read."""
+    with open_private(path) as f:
         s = f.read().strip()
     if not s:
         raise ValueError("secret file %s is empty" % path)
@@ -52,11 +66,6 @@ def read_secret(path: str) -> str:
 
 
 def write_secret(path: str, secret: str) -> None:
-    """Write a secret file readable only by us (created afresh: an old file keeps its mode)."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
+    """Write a secret file readable only by us."""
+    with create_private(path) as f:
         f.write(secret + "\n")
