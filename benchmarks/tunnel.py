@@ -11,7 +11,7 @@ The data server is a small sendall() blaster in the data namespace (not the bott
 Throughput = bytes received by all streams / wall time (total split evenly over the streams).
 Latency: the median round trip of a 64-byte request/response on an open stream, and the
 median time to open a stream (connect, [SOCKS + egress handshake + egress connect]) plus one
-round trip.  Relay CPU: user+system CPU seconds of the proxy and egress processes per GB.
+round trip; over the veth topology, and again with everything on loopback (the target's setting).  Relay CPU: user+system CPU seconds of the proxy and egress processes per GB.
 No tc netem on this kernel: no delay emulation.  Nothing leaves this machine.
 """
 from __future__ import annotations
@@ -73,6 +73,7 @@ s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], int(sys.argv[2])))
 s.listen(256)
 print("ready", flush=True)
+print(s.getsockname()[1], flush=True)
 while True:
     c, _ = s.accept()
     threading.Thread(target=serve, args=(c,), daemon=True).start()
@@ -179,6 +180,36 @@ def latency(client, n=300):
     return statistics.median(rtt) * 1e3, statistics.median(setup) * 1e3
 
 
+def _gateway(argv_prefix, listen, secret_file):
+    gw = subprocess.Popen(argv_prefix + [sys.executable, "-m", "userlevel_net.gateway", "--listen", listen,
+                                         "--secret-file", secret_file],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
+    return gw, int(gw.stdout.readline().decode().rsplit(":", 1)[1])
+
+
+def loopback_latency(tmp, repeat):
+    """The issue's latency target is on loopback: server, egress (its own process) and proxy (its
+    own process) all on this namespace's 127.0.0.1.  Best (lowest added) of `repeat` runs."""
+    srv = subprocess.Popen([sys.executable, "-c", SERVER, "127.0.0.1", "0"], stdout=subprocess.PIPE)
+    procs = [srv]
+    try:
+        assert srv.stdout.readline().strip() == b"ready"
+        port = int(srv.stdout.readline())
+        gw, gport = _gateway([], "127.0.0.1:0", os.path.join(tmp, "secret"))
+        procs.append(gw)
+        proxy = start_proxy("127.0.0.1:%d" % gport, SECRET, log=os.devnull)
+        try:
+            data = ("127.0.0.1", port)
+            runs = [(latency(Client(data)), latency(Client(data, proxy))) for _ in range(repeat)]
+        finally:
+            proxy.stop()
+    finally:
+        for pr in procs:
+            pr.terminate()
+            pr.wait()
+    return min(runs, key=lambda r: r[1][1] - r[0][1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--total-mb", type=int, default=2048, help="bytes per throughput run, split over the streams")
@@ -203,17 +234,15 @@ def main(argv=None) -> int:
                                    stdout=subprocess.PIPE)
             procs.append(srv)
             assert srv.stdout.readline().strip() == b"ready"
+            srv.stdout.readline()
             if a.rate:
                 subprocess.run(["tc", "-n", t.data, "qdisc", "add", "dev", "vd" + t.tag, "root", "tbf", "rate",
                                 a.rate, "burst", "1mb", "latency", "20ms"], check=True)
             sf = os.path.join(tmp, "secret")
             with open(os.open(sf, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
                 f.write(SECRET)
-            gw = subprocess.Popen(t.argv(t.head, sys.executable, "-m", "userlevel_net.gateway", "--listen",
-                                         "%s:0" % t.head_ip, "--secret-file", sf),
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
+            gw, gport = _gateway(t.argv(t.head), "%s:0" % t.head_ip, sf)
             procs.append(gw)
-            gport = int(gw.stdout.readline().decode().rsplit(":", 1)[1])
             proxy = t.call_in(t.compute, start_proxy, "%s:%d" % (t.head_ip, gport), SECRET,
                               log=os.devnull)
             data = (t.data_ip, PORT)
@@ -230,6 +259,8 @@ def main(argv=None) -> int:
             res["latency_ms"] = {"direct": t.call_in(t.head, latency, direct),
                                  "tunneled": t.call_in(t.compute, latency, tunneled)}
             proxy.stop()
+            d, tu = loopback_latency(tmp, a.repeat)
+            res["loopback_latency_ms"] = {"direct": d, "tunneled": tu}
         finally:
             for p in procs:
                 p.terminate()
@@ -248,6 +279,10 @@ def main(argv=None) -> int:
           % (ld[0], lt[0], lt[0] - ld[0]))
     print("open a stream + one round trip:      direct %.3f ms, tunneled %.3f ms (added %.3f ms)"
           % (ld[1], lt[1], lt[1] - ld[1]))
+    ld, lt = res["loopback_latency_ms"]["direct"], res["loopback_latency_ms"]["tunneled"]
+    print("on loopback (best of %d): open stream, 64-byte round trip: added %.3f ms; "
+          "new stream + round trip: direct %.3f ms, tunneled %.3f ms (added %.3f ms)"
+          % (a.repeat, lt[0] - ld[0], ld[1], lt[1], lt[1] - ld[1]))
     return 0
 
 

@@ -439,3 +439,95 @@ def test_manager_tunnel_gives_compute_node_tasks_a_way_out(bed, tmp_path):
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
+
+
+# ------------------------------------------------------------------------ on loopback
+def _echo_server():
+    """A loopback server: each connection gets back what it sends (until EOF)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve(c):
+        with c:
+            while True:
+                b = c.recv(1 << 16)
+                if not b:
+                    return
+                c.sendall(b)
+
+    def accept():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    return srv
+
+
+def _socks_echo(p, port, payload: bytes) -> bytes:
+    """Open a SOCKS5 stream to 127.0.0.1:port, send payload, half-close, read all back."""
+    cred = p.env["ALL_PROXY"].split("//", 1)[1].rsplit("@", 1)[0]
+    u, pw = (x.encode() for x in cred.split(":", 1))
+    with socket.create_connection(("127.0.0.1", p.port), timeout=30) as s:
+        s.sendall(b"\x05\x01\x02\x01" + bytes([len(u)]) + u + bytes([len(pw)]) + pw
+                  + b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", port))
+        rep = _exact(s, 2 + 2 + 10)
+        assert rep[1] == 2 and rep[3] == 0 and rep[5] == 0, rep
+        out = bytearray()
+
+        def send():
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+        th = threading.Thread(target=send)
+        th.start()
+        while True:
+            b = s.recv(1 << 20)
+            if not b:
+                break
+            out += b
+        th.join(30)
+        return bytes(out)
+
+
+def test_ready_connections_survive_an_egress_restart_and_bulk_streams_relay_exactly():
+    """The proxy keeps connections to the egress ready (hello received); when the egress restarts
+    they are dead, and the next stream must still open (on a fresh connection), not fail.
+    Short streams stay on the event loop, long ones (> 1 MB) move to a splicing thread: both
+    must relay every byte, both ways, with half-close."""
+    srv = _echo_server()
+    echo_port = srv.getsockname()[1]
+    eg = Egress(SECRET, host="127.0.0.1").start()
+    port = eg.port
+    p = start_proxy("127.0.0.1:%d" % port, SECRET, in_process=True)
+    try:
+        assert _socks_echo(p, echo_port, b"hello") == b"hello"
+        deadline = time.monotonic() + 10
+        while eg.stats["waiting"] < 1:          # the proxy has made ready connections
+            assert time.monotonic() < deadline, eg.stats
+            time.sleep(0.01)
+        eg.stop()
+        eg = Egress(SECRET, host="127.0.0.1", port=port).start()
+        assert _socks_echo(p, echo_port, b"again") == b"again"
+        big = os.urandom(8 << 20)
+        results = [None] * 6
+
+        def one(i):
+            results[i] = _socks_echo(p, echo_port, big if i % 2 else b"x%d" % i)
+        ths = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join(60)
+        for i, r in enumerate(results):
+            assert r == (big if i % 2 else b"x%d" % i), (i, None if r is None else len(r))
+        st = eg.stats
+        assert st["opened"] == 7 and st["bytes_in"] >= 3 * len(big) and st["auth_failed"] == 0, st
+    finally:
+        p.stop()
+        deadline = time.monotonic() + 10
+        while eg.stats["active"] or eg.stats["waiting"]:   # every stream and ready connection released
+            assert time.monotonic() < deadline, eg.stats
+            time.sleep(0.02)
+        eg.stop()
+        srv.close()

@@ -17,16 +17,21 @@ cannot be replayed for another one.  A wrong secret: the egress closes the conne
 """
 from __future__ import annotations
 
-import errno as _errno
+import asyncio
+import concurrent.futures
 import os
+import select
 import socket
 import threading
 
 from vinehpc.protocol import auth, wire
 
-HANDSHAKE_TIMEOUT = 10.0       # the egress waits this long for the proxy's auth
+HANDSHAKE_TIMEOUT = 30.0       # the egress waits this long for the proxy's auth (a ready connection waits)
+READY_MAX_AGE = 20.0           # the proxy uses a ready connection only this long after its hello
 CONNECT_TIMEOUT = 10.0         # the egress's connect() to the destination
 BUF = 1 << 20                  # relay chunk / pipe size
+BULK_AFTER = 1 << 20           # a stream direction moves to its own splicing thread after this many bytes
+COPY_BUF = 64 << 10            # recv/send buffer before that
 ROLE_PROXY = "tunnel-proxy"
 ROLE_EGRESS = "tunnel-egress"
 ERRORS = ("denied", "dns", "refused", "unreachable", "timeout", "failed")
@@ -61,18 +66,6 @@ def tune(sock: socket.socket) -> None:
         pass
 
 
-def read_message(sock: socket.socket, dec: wire.Decoder):
-    """One message from a pre-auth socket (the socket's timeout applies). None on EOF."""
-    while True:
-        msgs = dec.feed(b"")
-        if msgs:
-            return msgs[0]
-        b = sock.recv(65536)
-        if not b:
-            return None
-        dec.buf += b
-
-
 def parse_hostport(s: str, default_port: int | None = None) -> tuple:
     """"host:port", "[v6]:port" (or just a host when default_port is given) -> (host, port)."""
     s = s.strip()
@@ -93,133 +86,486 @@ def parse_hostport(s: str, default_port: int | None = None) -> tuple:
     return host, p
 
 
-def open_stream(egress: tuple, secret: str, host: str, port: int, *,
-                connect_timeout: float = CONNECT_TIMEOUT, handshake_timeout: float | None = None):
-    """Proxy side: open a stream to host:port through the egress.
 
-    Returns (socket, leftover bytes already received from the destination).
-    Raises StreamError (kind = the egress's error, or "failed" when the egress itself cannot
-    be reached, closes the connection (wrong secret) or does not prove it knows the secret)."""
-    if handshake_timeout is None:
-        handshake_timeout = connect_timeout + HANDSHAKE_TIMEOUT
+
+# ------------------------------------------------------------------------- the event loop
+# The proxy and the egress each run ONE thread: an asyncio event loop.  Handshakes are
+# coroutines on non-blocking sockets; an open stream is relayed by callbacks on that loop,
+# moving bytes with non-blocking splice(2) through a kernel pipe (no copy through Python).
+# No thread is started per stream: opening a stream costs a few loop iterations, not thread
+# start-ups and GIL hand-offs.  Name resolution (getaddrinfo blocks) runs on the loop's
+# default executor, and only for names: address literals are used as they are.
+class LoopThread:
+    """An asyncio event loop on its own daemon thread."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> "LoopThread":
+        self._thread.start()
+        return self
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            try:
+                self.loop.run_until_complete(self.loop.shutdown_default_executor())
+            except RuntimeError:
+                pass
+            self.loop.close()
+
+    def call(self, fn, *args, timeout: float = 10.0):
+        """Run fn(*args) on the loop and return its result (from any other thread)."""
+        fut = concurrent.futures.Future()
+
+        def run():
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:     # handed back to the caller
+                fut.set_exception(e)
+        self.loop.call_soon_threadsafe(run)
+        return fut.result(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:               # already closed
+            return
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+
+class Deadline:
+    """One timer per coroutine: set(s, what) (re)arms it; when it fires the task is cancelled
+    and .fired says which step ran out of time."""
+
+    __slots__ = ("loop", "task", "handle", "what", "fired")
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.task = asyncio.current_task()
+        self.handle = None
+        self.what = self.fired = None
+
+    def set(self, seconds: float, what: str) -> None:
+        self.clear()
+        self.what = what
+        self.handle = self.loop.call_later(seconds, self._fire)
+
+    def _fire(self):
+        self.fired = self.what
+        self.task.cancel()
+
+    def clear(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
+class Reader:
+    """Buffered reads from a non-blocking socket, for request parsing; replies can be queued
+    with put() and go out in one send when we next wait for the peer (a client that sends its
+    whole request at once gets one answer, and is woken once)."""
+
+    __slots__ = ("loop", "sock", "buf", "out")
+
+    def __init__(self, loop, sock):
+        self.loop, self.sock, self.buf, self.out = loop, sock, bytearray(), bytearray()
+
+    def put(self, data: bytes) -> None:
+        self.out += data
+
+    async def send(self, data: bytes = b"") -> None:
+        self.out += data
+        if self.out:
+            out, self.out = bytes(self.out), bytearray()
+            await self.loop.sock_sendall(self.sock, out)
+
+    async def fill(self) -> None:
+        if self.out:
+            await self.send()
+        b = await self.loop.sock_recv(self.sock, 65536)
+        if not b:
+            raise ConnectionError("the peer closed the connection")
+        self.buf += b
+
+    async def exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            await self.fill()
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    async def until(self, sep: bytes, limit: int):
+        """Bytes up to and including sep; None when more than limit bytes came without it."""
+        while True:
+            i = self.buf.find(sep)
+            if i >= 0:
+                out = bytes(self.buf[:i + len(sep)])
+                del self.buf[:i + len(sep)]
+                return out
+            if len(self.buf) > limit:
+                return None
+            await self.fill()
+
+    async def message(self, dec: wire.Decoder):
+        """One vinehpc wire message (pre-auth limits are the decoder's); None on EOF."""
+        while True:
+            msgs = dec.feed(bytes(self.buf))
+            self.buf.clear()
+            if msgs:
+                return msgs[0]
+            b = await self.loop.sock_recv(self.sock, 65536)
+            if not b:
+                return None
+            dec.buf += b
+
+
+def new_socket(family: int) -> socket.socket:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setblocking(False)
+    tune(s)
+    return s
+
+
+class EgressConn:
+    """A connection to the egress that has received its hello (the egress's nonce), ready to
+    ask for one stream.  The proxy keeps a few of these ready (see proxy.py) so that opening
+    a stream costs one round trip to the egress, not three."""
+
+    __slots__ = ("sock", "where", "reader", "dec", "nonce", "since")
+
+    def __init__(self, sock, where, reader, dec, nonce, since):
+        self.sock, self.where, self.reader, self.dec, self.nonce, self.since = \
+            sock, where, reader, dec, nonce, since
+
+
+async def egress_connect(loop, egress_addrs: list, deadline: Deadline, *,
+                         connect_timeout: float = CONNECT_TIMEOUT) -> EgressConn:
+    """Connect to the egress (addrs: getaddrinfo tuples) and read its hello.  Raises StreamError."""
+    s, err = None, None
+    deadline.set(connect_timeout, "connect to the egress")
     try:
-        s = socket.create_connection(egress, timeout=connect_timeout)
-    except OSError as e:
-        raise StreamError("failed", "cannot reach the egress at %s:%d: %s" % (egress[0], egress[1], e))
-    try:
-        tune(s)
-        s.settimeout(handshake_timeout)
+        for fam, _, _, _, addr in egress_addrs:
+            s = new_socket(fam)
+            try:
+                await loop.sock_connect(s, addr)
+                break
+            except asyncio.CancelledError:
+                s.close()
+                if deadline.fired:
+                    raise StreamError("failed", "cannot reach the egress at %s: timed out after %.0f s"
+                                      % (_fmt(addr), connect_timeout)) from None
+                raise
+            except OSError as e:
+                s.close()
+                s, err = None, "cannot reach the egress at %s: %s" % (_fmt(addr), e)
+        if s is None:
+            raise StreamError("failed", err or "no address for the egress")
+        where = _fmt(addr)
+        r = Reader(loop, s)
         dec = wire.Decoder(max_ctl=wire.PREAUTH_MAX_CTL, allow_frames=False)
         try:
-            hello = read_message(s, dec)
-            if hello is None or hello[0] != "hello" or not isinstance(hello[1].get("nonce"), str):
-                raise StreamError("failed", "the egress at %s:%d sent no hello" % egress)
-            ne = hello[1]["nonce"]
-            np_ = auth.nonce()
-            s.sendall(wire.encode_bytes("auth", {"v": wire.VERSION, "nonce": np_,
-                                                 "mac": proxy_mac(secret, ne, np_, host, port),
-                                                 "dest": {"host": host, "port": port}}))
-            w = read_message(s, dec)
+            hello = await r.message(dec)
         except (OSError, wire.ProtocolError) as e:
-            raise StreamError("failed", "handshake with the egress at %s:%d: %s" % (egress[0], egress[1], e))
-        if w is None:
-            raise StreamError("failed", "the egress at %s:%d closed the connection during the handshake "
-                                        "(wrong secret?)" % egress)
+            s.close()
+            raise StreamError("failed", "handshake with the egress at %s: %s" % (where, e))
+        except asyncio.CancelledError:
+            s.close()
+            if deadline.fired:
+                raise StreamError("timeout", "the egress at %s sent no hello within %.0f s"
+                                  % (where, connect_timeout)) from None
+            raise
+        if hello is None or hello[0] != "hello" or not isinstance(hello[1].get("nonce"), str):
+            s.close()
+            raise StreamError("failed", "the egress at %s sent no hello" % where)
+        return EgressConn(s, where, r, dec, hello[1]["nonce"], loop.time())
+    finally:
+        deadline.clear()
+
+
+class StaleConn(Exception):
+    """The egress closed the connection before answering: a ready connection that died while it
+    waited (try a fresh one), or, on a fresh connection, a wrong secret."""
+
+
+def alive(sock) -> bool:
+    """Is this idle connection still open (no EOF, no reset, nothing unexpected to read)?"""
+    try:
+        sock.recv(1, socket.MSG_PEEK)       # b"": EOF; bytes: the egress said something unasked
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+async def egress_request(loop, ec: EgressConn, secret: str, host: str, port: int, deadline: Deadline,
+                         timeout: float = CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT):
+    """Ask for a stream to host:port on a connection from egress_connect().
+
+    Returns (socket, leftover bytes already received from the destination); raises StreamError
+    (kind = the egress's error, or "failed" when the egress closes the connection -- wrong
+    secret -- or does not prove it knows the secret), or StaleConn."""
+    s, where, np_ = ec.sock, ec.where, auth.nonce()
+    deadline.set(timeout, "stream request to the egress")
+    try:
+        try:
+            await loop.sock_sendall(s, wire.encode_bytes("auth", {
+                "v": wire.VERSION, "nonce": np_, "mac": proxy_mac(secret, ec.nonce, np_, host, port),
+                "dest": {"host": host, "port": port}}))
+        except OSError:
+            raise StaleConn() from None
+        try:
+            w = await ec.reader.message(ec.dec)
+        except ConnectionResetError:
+            raise StaleConn() from None
+        except (OSError, wire.ProtocolError) as e:
+            raise StreamError("failed", "handshake with the egress at %s: %s" % (where, e))
+        except asyncio.CancelledError:
+            if deadline.fired:
+                raise StreamError("timeout", "the egress at %s did not answer within %.0f s"
+                                  % (where, timeout)) from None
+            raise
+        if w is None:       # closed: a ready one may have died while it waited (the egress restarted);
+            raise StaleConn()   # the caller retries on a fresh connection, where this means a wrong secret
         name, ctl, _ = w
-        if name != "welcome" or not auth.check(secret, ROLE_EGRESS, np_, ne, ctl.get("mac")):
-            raise StreamError("failed", "the egress at %s:%d did not prove it knows the secret" % egress)
+        if name != "welcome" or not auth.check(secret, ROLE_EGRESS, np_, ec.nonce, ctl.get("mac")):
+            raise StreamError("failed", "the egress at %s did not prove it knows the secret" % where)
         if not ctl.get("ok"):
             e = ctl.get("errno")
             raise StreamError(str(ctl.get("error")), str(ctl.get("detail", ""))[:500],
                               e if isinstance(e, int) else None)
-        s.settimeout(None)
-        return s, bytes(dec.buf)
+        return s, bytes(ec.dec.buf)
     except BaseException:
         s.close()
         raise
+    finally:
+        deadline.clear()
+
+
+def _fmt(addr) -> str:
+    return ("[%s]:%d" if ":" in addr[0] else "%s:%d") % (addr[0], addr[1])
+
+
+def literal_addrinfo(host: str, port: int):
+    """getaddrinfo for an address literal, without a resolver round trip; None for a name."""
+    for fam in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(fam, host)
+        except (OSError, ValueError):
+            continue
+        addr = (host, port) if fam == socket.AF_INET else (host, port, 0, 0)
+        return [(fam, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", addr)]
+    return None
 
 
 # ------------------------------------------------------------------------------- relay
-def _pump_splice(src, dst, counter, idx) -> None:
-    """src -> dst through a kernel pipe (no copy through Python)."""
-    r, w = os.pipe()
-    try:
+_SPLICE_MOVE = getattr(os, "SPLICE_F_MOVE", 1)
+
+
+class _Direction:
+    """src -> dst.  Bytes given first go out first; then recv/send through a small buffer on
+    the event loop.  Once a direction has moved BULK_AFTER bytes it is a bulk transfer: it
+    moves to a thread of its own, which splices through a kernel pipe (no copy through
+    Python, no loop wake-up per chunk).  Short streams never pay for a thread or a pipe;
+    long ones pay for one thread start, once."""
+
+    __slots__ = ("relay", "src", "dst", "sfd", "dfd", "head", "buf", "n", "reading", "writing", "done",
+                 "thread")
+
+    def __init__(self, relay, src, dst, first: bytes):
+        self.relay, self.src, self.dst = relay, src, dst
+        self.sfd, self.dfd = src.fileno(), dst.fileno()
+        self.head = memoryview(bytes(first)) if first else None   # bytes to send before reading more
+        self.buf = None
+        self.n = len(first)       # bytes moved
+        self.reading = self.writing = self.done = False
+        self.thread = None
+
+    def start(self):
+        if self.head is not None:
+            self._send_head()
+        else:
+            self._want_read()
+
+    def _want_read(self):
+        if self.writing:
+            self.relay.loop.remove_writer(self.dfd)
+            self.writing = False
+        if not self.reading:
+            self.relay.loop.add_reader(self.sfd, self.on_readable)
+            self.reading = True
+
+    def _want_write(self):
+        if self.reading:
+            self.relay.loop.remove_reader(self.sfd)
+            self.reading = False
+        if not self.writing:
+            self.relay.loop.add_writer(self.dfd, self.on_writable)
+            self.writing = True
+
+    def on_readable(self):
+        if self.n >= BULK_AFTER and _HAVE_SPLICE and self._to_thread():
+            return
+        if self.buf is None:
+            self.buf = bytearray(COPY_BUF)
+        try:
+            k = self.src.recv_into(self.buf)
+        except BlockingIOError:
+            return
+        except OSError:
+            return self.relay.abort()
+        if k == 0:
+            return self._eof()
+        self.n += k
+        self.head = memoryview(self.buf)[:k]
+        self._send_head()
+
+    def on_writable(self):
+        self._send_head()
+
+    def _send_head(self):
+        try:
+            while self.head:
+                self.head = self.head[self.dst.send(self.head):]
+        except BlockingIOError:
+            return self._want_write()
+        except OSError:
+            return self.relay.abort()
+        self.head = None
+        self._want_read()
+
+    def _eof(self):
+        self.stop_watching()
+        try:
+            self.dst.shutdown(socket.SHUT_WR)   # half-close: pass the EOF on, keep the other way open
+        except OSError:
+            pass
+        self.done = True
+        self.relay.check_done()
+
+    def stop_watching(self):
+        loop = self.relay.loop
+        if self.reading:
+            loop.remove_reader(self.sfd)
+            self.reading = False
+        if self.writing:
+            loop.remove_writer(self.dfd)
+            self.writing = False
+
+    # bulk: a thread of its own ------------------------------------------------------------
+    def _to_thread(self) -> bool:
+        try:
+            r, w = os.pipe2(os.O_CLOEXEC)
+        except OSError:
+            return False
         try:
             import fcntl
             fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), BUF)
         except OSError:
             pass
-        sfd, dfd = src.fileno(), dst.fileno()
-        while True:
-            n = os.splice(sfd, w, BUF, flags=getattr(os, "SPLICE_F_MOVE", 1))
-            if n == 0:
-                return
-            counter[idx] += n
-            while n:
-                n -= os.splice(r, dfd, n, flags=getattr(os, "SPLICE_F_MOVE", 1))
-    finally:
-        os.close(r)
-        os.close(w)
-
-
-def _pump_copy(src, dst, counter, idx) -> None:
-    buf = bytearray(256 << 10)
-    view = memoryview(buf)
-    while True:
-        n = src.recv_into(buf)
-        if n == 0:
-            return
-        dst.sendall(view[:n])
-        counter[idx] += n
-
-
-def _pump(src, dst, first: bytes, counter: list, idx: int, on_error) -> None:
-    try:
-        if first:
-            dst.sendall(first)
-            counter[idx] += len(first)
-        if _HAVE_SPLICE:
-            try:
-                _pump_splice(src, dst, counter, idx)
-            except OSError as e:
-                if e.errno in (_errno.EINVAL, _errno.ENOSYS) and counter[idx] == len(first):
-                    _pump_copy(src, dst, counter, idx)    # no splice for these fds: copy
-                else:
-                    raise
-        else:
-            _pump_copy(src, dst, counter, idx)
+        self.stop_watching()
+        self.buf = None
+        self.thread = threading.Thread(target=self._pump, args=(r, w), name="relay-bulk", daemon=True)
         try:
-            dst.shutdown(socket.SHUT_WR)       # half-close: pass the EOF on, keep the other way open
-        except OSError:
-            pass
-    except OSError:
-        on_error()
+            self.thread.start()
+        except RuntimeError:                  # cannot start a thread: stay on the loop
+            self.thread = None
+            os.close(r)
+            os.close(w)
+            self._want_read()
+            return False
+        return True
 
-
-def relay(a: socket.socket, b: socket.socket, a_to_b_first: bytes = b"", b_to_a_first: bytes = b"") -> tuple:
-    """Relay until both directions have ended; always closes both sockets.
-
-    Returns (bytes a->b, bytes b->a). Runs one direction on a helper thread and the other on
-    the calling thread. A reset on either side tears both down."""
-    for s in (a, b):
-        s.settimeout(None)
-        tune(s)
-    counter = [0, 0]
-
-    def abort():
-        for s in (a, b):
+    def _pump(self, r, w):
+        """On the bulk thread: splice src -> pipe -> dst until EOF or an error.  The sockets
+        stay non-blocking (the other direction is on the loop): wait with poll()."""
+        ok = True
+        pin, pout = select.poll(), select.poll()
+        pin.register(self.sfd, select.POLLIN)
+        pout.register(self.dfd, select.POLLOUT)
+        try:
+            while True:
+                try:
+                    k = os.splice(self.sfd, w, BUF, flags=_SPLICE_MOVE)
+                except BlockingIOError:
+                    pin.poll()
+                    continue
+                if k == 0:
+                    break
+                self.n += k
+                while k:
+                    try:
+                        k -= os.splice(r, self.dfd, k, flags=_SPLICE_MOVE)
+                    except BlockingIOError:
+                        pout.poll()
             try:
-                s.shutdown(socket.SHUT_RDWR)
+                self.dst.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+        except OSError:
+            ok = False
+        finally:
+            os.close(r)
+            os.close(w)
+            try:
+                self.relay.loop.call_soon_threadsafe(self._pumped, ok)
+            except RuntimeError:              # the loop is closed: the owner has stopped
+                pass
 
-    t = threading.Thread(target=_pump, args=(b, a, b_to_a_first, counter, 1, abort), daemon=True,
-                         name="relay-back")
-    try:
-        t.start()
-        _pump(a, b, a_to_b_first, counter, 0, abort)
-        t.join()
-    finally:
-        a.close()
-        b.close()
-    return counter[0], counter[1]
+    def _pumped(self, ok):
+        self.thread = None
+        self.done = True
+        if not ok:
+            self.relay.abort()
+        else:
+            self.relay.check_done()
+
+
+class Relay:
+    """Relay a <-> b on the running loop until both directions have ended (or one fails);
+    then both sockets are closed and on_close(bytes a->b, bytes b->a) is called once.
+    A reset on either side tears both down.  Call only on the loop's thread, with sockets
+    that are already non-blocking and tune()d."""
+
+    def __init__(self, loop, a, b, a_to_b_first: bytes = b"", b_to_a_first: bytes = b"", on_close=None):
+        self.loop = loop
+        self.a, self.b = a, b
+        self.on_close = on_close
+        self.closed = self.aborted = False
+        self.ab = _Direction(self, a, b, a_to_b_first)
+        self.ba = _Direction(self, b, a, b_to_a_first)
+        self.ab.start()
+        self.ba.start()
+
+    def check_done(self):
+        if self.ab.done and self.ba.done:
+            self._close()
+
+    def abort(self):
+        """Tear both sides down (a reset, an error, or the owner stopping)."""
+        if not self.aborted:
+            self.aborted = True
+            for s in (self.a, self.b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)   # also ends a bulk thread's splice/poll
+                except OSError:
+                    pass
+        self._close()
+
+    def _close(self):
+        if self.closed or self.ab.thread is not None or self.ba.thread is not None:
+            return                    # a bulk thread still uses the sockets: it calls back when done
+        self.closed = True
+        for d in (self.ab, self.ba):
+            d.stop_watching()
+        self.a.close()
+        self.b.close()
+        if self.on_close is not None:
+            self.on_close(self.ab.n, self.ba.n)

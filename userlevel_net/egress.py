@@ -3,8 +3,9 @@
 Every stream is its own TCP connection from a worker's proxy.  The egress proves and checks
 the run's secret (see _relay's docstring for the handshake), enforces the allow list,
 resolves the destination's name itself (remote DNS), connects, and then relays raw bytes.
-Threads: one accept thread, two threads per open stream (one per direction, moving bytes
-with splice(2): no copy through Python).
+One thread: an asyncio event loop accepts, runs every handshake as a coroutine and relays
+every open stream with non-blocking splice(2) (no copy through Python, no thread per stream;
+see _relay).  Inside a Manager, that thread is the only one the tunnel adds.
 
     eg = Egress(secret, host="0.0.0.0", port=0, allow=["*.cern.ch:1094", "10.0.0.0/8"]).start()
     eg.port, eg.stats
@@ -17,17 +18,17 @@ addresses.  Only allowed addresses are connected to.
 """
 from __future__ import annotations
 
+import asyncio
 import errno as _errno
 import fnmatch
 import ipaddress
 import logging
 import socket
-import threading
 
 from vinehpc.protocol import auth, wire
 
-from ._relay import (CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, ROLE_EGRESS, check_proxy_mac, read_message,
-                     relay, tune)
+from ._relay import (CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, ROLE_EGRESS, Deadline, LoopThread, Reader, Relay,
+                     check_proxy_mac, literal_addrinfo, new_socket, tune)
 
 log = logging.getLogger("vinehpc.tunnel.egress")
 
@@ -126,13 +127,15 @@ class Egress:
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
         self.max_streams = max_streams
-        self._lock = threading.Lock()
-        self._stats = dict(accepted=0, opened=0, active=0, denied=0, refused=0, failed=0, auth_failed=0,
+        # waiting: connections that have not asked for a stream yet (proxies keep a few ready);
+        # active: the others, until closed
+        self._stats = dict(accepted=0, opened=0, active=0, waiting=0, denied=0, refused=0, failed=0, auth_failed=0,
                            bytes_out=0, bytes_in=0)
-        self._socks = set()                # every socket we own while a stream runs
         self._sock = None
-        self._thread = None
-        self._stopping = False
+        self._lt = None
+        self._tasks = set()                # handshakes under way
+        self._relays = set()               # open streams
+        self._paused = False
 
     # ------------------------------------------------------------------------- lifecycle
     def start(self) -> "Egress":
@@ -142,36 +145,42 @@ class Egress:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((self.host, self.port))
             s.listen(1024)
+            s.setblocking(False)
         except BaseException:
             s.close()
             raise
         self._sock = s
         self.port = s.getsockname()[1]
-        self._thread = threading.Thread(target=self._accept_loop, name="egress-accept", daemon=True)
-        self._thread.start()
+        self._lt = LoopThread("egress").start()
+        self._lt.call(self._lt.loop.add_reader, s.fileno(), self._on_accept)
         log.info("egress listening on %s:%d (allow: %s)", self.host, self.port,
                  "all" if self.policy.rules is None else [r.pattern for r in self.policy.rules])
         return self
 
     def stop(self) -> None:
-        """Stop accepting and tear down every open stream (their threads end on their own)."""
-        self._stopping = True
+        """Stop accepting and tear down every open stream and handshake."""
+        lt, self._lt = self._lt, None
+        if lt is None:
+            return
+        try:
+            lt.call(self._shutdown)
+        except (RuntimeError, TimeoutError):
+            pass
+        lt.stop()
+
+    def _shutdown(self):
         s, self._sock = self._sock, None
         if s is not None:
-            try:
-                s.shutdown(socket.SHUT_RDWR)   # wakes accept()
-            except OSError:
-                pass
+            if not self._paused:
+                self._lt_loop().remove_reader(s.fileno())
             s.close()
-        with self._lock:
-            socks = list(self._socks)
-        for c in socks:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5)
+        for r in list(self._relays):
+            r.abort()
+        for t in list(self._tasks):
+            t.cancel()
+
+    def _lt_loop(self):
+        return asyncio.get_running_loop()
 
     def __enter__(self):
         return self.start() if self._sock is None else self
@@ -181,93 +190,100 @@ class Egress:
 
     @property
     def stats(self) -> dict:
-        with self._lock:
-            return dict(self._stats)
+        return dict(self._stats)
 
     def _count(self, key, n=1):
-        with self._lock:
-            self._stats[key] += n
+        self._stats[key] += n
 
     # ------------------------------------------------------------------------- streams
-    def _accept_loop(self):
+    def _on_accept(self):
+        loop = asyncio.get_running_loop()
         listener = self._sock
-        while not self._stopping:
+        for _ in range(64):
             try:
                 c, peer = listener.accept()
+            except BlockingIOError:
+                return
             except OSError as e:
-                if self._stopping or e.errno in (_errno.EBADF, _errno.EINVAL):
-                    return
                 if e.errno in (_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM):
                     log.warning("accept: %s (out of descriptors/memory); backing off", e)
-                    threading.Event().wait(0.1)
-                continue
-            with self._lock:
-                self._stats["accepted"] += 1
-                busy = self._stats["active"] >= self.max_streams
-                if not busy:
-                    self._stats["active"] += 1
-                    self._socks.add(c)
-            if busy:
+                    loop.remove_reader(listener.fileno())
+                    self._paused = True
+                    loop.call_later(0.1, self._resume_accept)
+                return
+            self._stats["accepted"] += 1
+            if self._stats["active"] + self._stats["waiting"] >= self.max_streams:
                 log.warning("stream from %s:%d refused: %d streams open (max_streams)", peer[0], peer[1],
                             self.max_streams)
                 c.close()
                 self._count("failed")
                 continue
-            try:
-                threading.Thread(target=self._stream, args=(c, peer), name="egress-stream", daemon=True).start()
-            except RuntimeError:            # cannot start a thread
-                self._forget(c)
-                c.close()
-                self._count("failed")
+            self._stats["waiting"] += 1
+            c.setblocking(False)
+            tune(c)
+            t = loop.create_task(self._stream(c, peer))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
 
-    def _forget(self, *socks):
-        with self._lock:
-            for s in socks:
-                if s in self._socks:
-                    self._socks.discard(s)
-        # (active is decremented by the caller exactly once)
+    def _resume_accept(self):
+        if self._sock is not None and self._paused:
+            self._paused = False
+            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._on_accept)
 
-    def _stream(self, c, peer):
+    async def _stream(self, c, peer):
         d = None
+        state = ["waiting"]
         try:
-            d = self._handshake(c, peer)
-            if d is None:
-                return
-            sock, dest = d
-            out, back = relay(c, sock)
-            with self._lock:
-                self._stats["bytes_out"] += out
-                self._stats["bytes_in"] += back
-                self._socks.discard(sock)
-            log.debug("stream %s:%d -> %s closed: %d bytes out, %d in", peer[0], peer[1], dest, out, back)
+            d = await self._handshake(c, peer, state)
+        except asyncio.CancelledError:
+            pass                         # stopping
         except Exception:
             log.exception("stream from %s:%d", peer[0], peer[1])
-        finally:
+        if d is None:
             c.close()
-            if d is not None:
-                d[0].close()
-            with self._lock:
-                self._socks.discard(c)
-                if d is not None:
-                    self._socks.discard(d[0])
-                self._stats["active"] -= 1
+            self._stats[state[0]] -= 1
+            return
+        sock, dest, first = d
+        r = None
 
-    def _handshake(self, c, peer):
-        """Returns (destination socket, "host:port") for an open stream, None otherwise."""
-        c.settimeout(self.handshake_timeout)
-        tune(c)
+        def closed(out, back):
+            self._relays.discard(r)
+            self._stats["bytes_out"] += out
+            self._stats["bytes_in"] += back
+            self._stats["active"] -= 1
+            log.debug("stream %s:%d -> %s closed: %d bytes out, %d in", peer[0], peer[1], dest, out, back)
+        r = Relay(asyncio.get_running_loop(), c, sock, first, on_close=closed)
+        if not r.closed:
+            self._relays.add(r)
+
+    async def _handshake(self, c, peer, state):
+        """Returns (destination socket, "host:port", bytes for it) for an open stream, else None."""
+        loop = asyncio.get_running_loop()
+        dl = Deadline(loop)
+        dl.set(self.handshake_timeout, "handshake")
         ne = auth.nonce()
         dec = wire.Decoder(max_ctl=wire.PREAUTH_MAX_CTL, allow_frames=False)
         try:
-            c.sendall(wire.encode_bytes("hello", {"v": wire.VERSION, "nonce": ne, "role": "egress"}))
-            m = read_message(c, dec)
-        except (OSError, wire.ProtocolError) as e:
-            log.warning("stream from %s:%d: handshake failed: %s", peer[0], peer[1], e)
+            await loop.sock_sendall(c, wire.encode_bytes("hello", {"v": wire.VERSION, "nonce": ne, "role": "egress"}))
+            m = await Reader(loop, c).message(dec)
+            self._stats["waiting"] -= 1
+            self._stats["active"] += 1
+            state[0] = "active"
+        except (OSError, wire.ProtocolError, asyncio.CancelledError) as e:
+            dl.clear()
+            if isinstance(e, asyncio.CancelledError) and not dl.fired:
+                raise
+            log.warning("stream from %s:%d: handshake failed: %s", peer[0], peer[1],
+                        "no authentication within %.0f s" % self.handshake_timeout if dl.fired else e)
             self._count("auth_failed")
             return None
-        if m is None or m[0] != "auth":
+        dl.clear()
+        if m is None:                   # a proxy closing a connection it kept ready: normal
+            log.debug("stream from %s:%d: closed before asking for a stream", peer[0], peer[1])
+            return None
+        if m[0] != "auth":
             log.warning("stream from %s:%d: %s before authentication; closed", peer[0], peer[1],
-                        "EOF" if m is None else "%r" % m[0])
+                        "%r" % m[0])
             self._count("auth_failed")
             return None
         ctl = m[1]
@@ -283,67 +299,81 @@ class Egress:
         where = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
         mac = auth.mac(self.secret, ROLE_EGRESS, np_, ne)
 
-        def fail(kind, detail, err=None, stat="failed"):
+        async def fail(kind, detail, err=None, stat="failed"):
             self._count(stat)
             log.info("stream from %s:%d to %s: %s (%s)", peer[0], peer[1], where, kind, detail)
             reply = {"mac": mac, "ok": False, "error": kind, "detail": detail}
             if err is not None:
                 reply["errno"] = err
             try:
-                c.sendall(wire.encode_bytes("welcome", reply))
-            except OSError:
-                pass
+                dl.set(self.handshake_timeout, "reply")
+                await loop.sock_sendall(c, wire.encode_bytes("welcome", reply))
+            except (OSError, asyncio.CancelledError) as e:
+                if isinstance(e, asyncio.CancelledError) and not dl.fired:
+                    raise
+            finally:
+                dl.clear()
             return None
 
         if not self.policy.may_try(host, port):
-            return fail("denied", "%s is not in the egress's allow list" % where, stat="denied")
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as e:
-            return fail("dns", "cannot resolve %s: %s" % (host, e.strerror or e))
-        except (OSError, UnicodeError) as e:
-            return fail("dns", "cannot resolve %s: %s" % (host, e))
+            return await fail("denied", "%s is not in the egress's allow list" % where, stat="denied")
+        infos = literal_addrinfo(host, port)
+        if infos is None:
+            try:
+                dl.set(self.connect_timeout, "resolve")
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except socket.gaierror as e:
+                return await fail("dns", "cannot resolve %s: %s" % (host, e.strerror or e))
+            except (OSError, UnicodeError) as e:
+                return await fail("dns", "cannot resolve %s: %s" % (host, e))
+            except asyncio.CancelledError:
+                if not dl.fired:
+                    raise
+                return await fail("dns", "cannot resolve %s: no answer within %.0f s" % (host, self.connect_timeout))
+            finally:
+                dl.clear()
         infos = [i for i in infos if self.policy.allowed(host, port, i[4][0])]
         if not infos:
-            return fail("denied", "%s is not in the egress's allow list" % where, stat="denied")
+            return await fail("denied", "%s is not in the egress's allow list" % where, stat="denied")
         err = None
         for fam, typ, proto, _, addr in infos:
-            s = socket.socket(fam, typ, proto)
-            with self._lock:
-                self._socks.add(s)
+            s = new_socket(fam)
             try:
-                s.settimeout(self.connect_timeout)
-                s.connect(addr)
+                dl.set(self.connect_timeout, "connect")
+                await loop.sock_connect(s, addr)
+            except asyncio.CancelledError:
+                s.close()
+                if not dl.fired:
+                    raise
+                err = TimeoutError()
+                continue
             except OSError as e:
-                with self._lock:
-                    self._socks.discard(s)
                 s.close()
                 err = e
-                if self._stopping:
-                    break
                 continue
+            finally:
+                dl.clear()
             try:
-                c.sendall(wire.encode_bytes("welcome", {"mac": mac, "ok": True}))
-            except OSError as e:
-                log.info("stream from %s:%d: proxy went away: %s", peer[0], peer[1], e)
-                with self._lock:
-                    self._socks.discard(s)
+                dl.set(self.handshake_timeout, "welcome")
+                await loop.sock_sendall(c, wire.encode_bytes("welcome", {"mac": mac, "ok": True}))
+            except (OSError, asyncio.CancelledError) as e:
                 s.close()
+                if isinstance(e, asyncio.CancelledError) and not dl.fired:
+                    raise
+                log.info("stream from %s:%d: proxy went away: %s", peer[0], peer[1], e)
                 return None
+            finally:
+                dl.clear()
             self._count("opened")
-            if dec.buf:              # the proxy sends nothing before the welcome, but be exact
-                try:
-                    s.sendall(bytes(dec.buf))
-                except OSError:
-                    pass
-            return s, where
+            # the proxy sends nothing before the welcome, but be exact
+            return s, where, bytes(dec.buf)
         e = err
         if isinstance(e, (socket.timeout, TimeoutError)):
-            return fail("timeout", "connect to %s timed out after %.0f s" % (where, self.connect_timeout),
-                        _errno.ETIMEDOUT)
+            return await fail("timeout", "connect to %s timed out after %.0f s" % (where, self.connect_timeout),
+                              _errno.ETIMEDOUT)
         if isinstance(e, ConnectionRefusedError):
-            return fail("refused", "connection to %s refused" % where, e.errno, stat="refused")
+            return await fail("refused", "connection to %s refused" % where, e.errno, stat="refused")
         if e is not None and e.errno in (_errno.ENETUNREACH, _errno.EHOSTUNREACH, _errno.EHOSTDOWN,
                                          _errno.ENETDOWN, _errno.EADDRNOTAVAIL):
-            return fail("unreachable", "%s: %s" % (where, e.strerror), e.errno)
-        return fail("failed", "%s: %s" % (where, e), getattr(e, "errno", None))
+            return await fail("unreachable", "%s: %s" % (where, e.strerror), e.errno)
+        return await fail("failed", "%s: %s" % (where, e), getattr(e, "errno", None))

@@ -9,7 +9,8 @@ One port serves both (the first byte tells: 0x05 is SOCKS5, anything else HTTP):
   Proxy-Authorization: Basic, else 407.
 
 Every client stream becomes its own TCP connection to the egress (see _relay), so one slow
-or failing stream never holds up another, and TCP flow control stays end to end.
+or failing stream never holds up another, and TCP flow control stays end to end.  The
+proxy is one event-loop thread: no thread per client, bytes moved by splice(2).
 
     p = start_proxy("head:9200", secret)          # its own process (python -m userlevel_net.proxy)
     subprocess.run(cmd, env={**os.environ, **p.env})
@@ -21,7 +22,9 @@ or the environment); it prints {"port": N} on stdout and exits when its stdin cl
 """
 from __future__ import annotations
 
+import asyncio
 import base64
+import collections
 import hmac
 import json
 import logging
@@ -32,15 +35,17 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 from urllib.parse import urlsplit
 
-from ._relay import CONNECT_TIMEOUT, StreamError, open_stream, parse_hostport, relay
+from ._relay import (CONNECT_TIMEOUT, READY_MAX_AGE, Deadline, LoopThread, Reader, Relay, StaleConn, StreamError, tune,
+                     alive, egress_connect, egress_request, literal_addrinfo, parse_hostport)
 
 log = logging.getLogger("vinehpc.tunnel.proxy")
 
 REQUEST_TIMEOUT = 30.0     # a client has this long to finish its SOCKS/HTTP request
 MAX_HEAD = 64 << 10
+READY = 2                  # connections to the egress kept ready (hello received) while streams are used
+READY_IDLE = 60.0          # ... for this long after the last stream opened
 LOCAL_NO_PROXY = ["localhost", "127.0.0.1", "::1"]
 
 # StreamError kind -> SOCKS5 reply code / HTTP status
@@ -56,7 +61,8 @@ def socks_code(e: StreamError) -> int:
 
 
 class ProxyServer:
-    """The proxy itself (threads). Used inside the child process, or in-process for tests."""
+    """The proxy itself: one asyncio event-loop thread (see _relay).  Used inside the child
+    process, or in-process for tests."""
 
     def __init__(self, egress: tuple, secret: str, user: str, password: str, *, host: str = "127.0.0.1",
                  port: int = 0, connect_timeout: float = CONNECT_TIMEOUT):
@@ -65,67 +71,56 @@ class ProxyServer:
         self.user = user.encode()
         self.password = password.encode()
         self.connect_timeout = connect_timeout
-        self._lock = threading.Lock()
         self.stats = dict(clients=0, opened=0, failed=0, auth_failed=0)
-        self._clients = set()
         self._stopping = False
+        self._tasks = set()
+        self._relays = set()
+        self._egress_addrs = None
+        self._ready = collections.deque()      # EgressConn, oldest first
+        self._filling = 0
+        self._last_open = None
+        self._tick_handle = None
         s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
             s.listen(1024)
+            s.setblocking(False)
         except BaseException:
             s.close()
             raise
         self.sock = s
         self.port = s.getsockname()[1]
-        self._thread = None
+        self._lt = None
 
     def start(self) -> "ProxyServer":
-        self._thread = threading.Thread(target=self.serve_forever, name="proxy-accept", daemon=True)
-        self._thread.start()
+        self._lt = LoopThread("proxy").start()
+        self._lt.call(self._lt.loop.add_reader, self.sock.fileno(), self._on_accept)
         return self
-
-    def serve_forever(self):
-        while not self._stopping:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                if self._stopping:
-                    return
-                threading.Event().wait(0.05)
-                continue
-            with self._lock:
-                self._clients.add(c)
-                self.stats["clients"] += 1
-            try:
-                threading.Thread(target=self._client, args=(c,), name="proxy-client", daemon=True).start()
-            except RuntimeError:
-                self._drop(c)
 
     def stop(self):
         self._stopping = True
+        lt, self._lt = self._lt, None
+        if lt is None:
+            self.sock.close()
+            return
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
+            lt.call(self._shutdown)
+        except (RuntimeError, TimeoutError):
             pass
+        lt.stop()
+
+    def _shutdown(self):
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
         self.sock.close()
-        with self._lock:
-            cs = list(self._clients)
-        for c in cs:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _drop(self, c):
-        with self._lock:
-            self._clients.discard(c)
-        c.close()
-
-    def _count(self, k):
-        with self._lock:
-            self.stats[k] += 1
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        while self._ready:
+            self._ready.popleft().sock.close()
+        for r in list(self._relays):
+            r.abort()
+        for t in list(self._tasks):
+            t.cancel()
 
     def _creds_ok(self, user: bytes, password: bytes) -> bool:
         # both compared, always (no early exit that would tell which one was wrong)
@@ -133,135 +128,250 @@ class ProxyServer:
         b = hmac.compare_digest(password, self.password)
         return a and b
 
-    def _open(self, host, port):
+    def _on_accept(self):
+        loop = asyncio.get_running_loop()
+        for _ in range(64):
+            try:
+                c, _ = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                log.warning("accept: %s; backing off", e)
+                loop.remove_reader(self.sock.fileno())
+                loop.call_later(0.05, self._resume_accept)
+                return
+            self.stats["clients"] += 1
+            c.setblocking(False)
+            tune(c)
+            t = loop.create_task(self._client(c))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    def _resume_accept(self):
+        if not self._stopping:
+            asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_accept)
+
+    async def _egress_addresses(self, loop):
+        if self._egress_addrs is None:
+            host, port = self.egress
+            addrs = literal_addrinfo(host, port)
+            if addrs is None:
+                try:
+                    addrs = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                except (OSError, UnicodeError) as e:
+                    raise StreamError("failed", "cannot resolve the egress's host %s: %s" % (host, e))
+            self._egress_addrs = addrs
+        return self._egress_addrs
+
+    async def _open(self, loop, dl, host, port):
         """(egress socket, leftover) or raises StreamError."""
         try:
-            s = open_stream(self.egress, self.secret, host, port, connect_timeout=self.connect_timeout)
+            try:
+                ec = self._take(loop)
+                if ec is not None:
+                    try:
+                        s = await egress_request(loop, ec, self.secret, host, port, dl)
+                    except StaleConn:
+                        ec = None
+                if ec is None:
+                    ec = await egress_connect(loop, await self._egress_addresses(loop), dl,
+                                              connect_timeout=self.connect_timeout)
+                    try:
+                        s = await egress_request(loop, ec, self.secret, host, port, dl)
+                    except StaleConn:
+                        raise StreamError("failed", "the egress at %s closed the connection during the "
+                                                    "handshake (wrong secret?)" % ec.where) from None
+            finally:
+                self._last_open = loop.time()
+                self._refill(loop)
         except StreamError as e:
-            self._count("failed")
+            self.stats["failed"] += 1
+            if e.kind == "failed" and "egress" in str(e):
+                self._egress_addrs = None       # resolve the egress afresh next time
             log.info("stream to %s:%d: %s", host, port, e)
             raise
-        with self._lock:
-            self._clients.add(s[0])
-            self.stats["opened"] += 1
+        self.stats["opened"] += 1
         return s
 
-    # ------------------------------------------------------------------------- clients
-    def _client(self, c):
-        e_sock = None
+    # ready connections -----------------------------------------------------------------
+    def _take(self, loop):
+        now = loop.time()
+        while self._ready:
+            ec = self._ready.popleft()
+            if now - ec.since < READY_MAX_AGE and alive(ec.sock):
+                return ec
+            ec.sock.close()
+        return None
+
+    def _refill(self, loop):
+        while not self._stopping and len(self._ready) + self._filling < READY:
+            self._filling += 1
+            t = loop.create_task(self._fill_one(loop))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+        if self._tick_handle is None and not self._stopping:
+            self._tick_handle = loop.call_later(READY_MAX_AGE / 4, self._tick, loop)
+
+    async def _fill_one(self, loop):
         try:
-            c.settimeout(REQUEST_TIMEOUT)
-            first = c.recv(1, socket.MSG_PEEK)
-            if not first:
-                return
-            if first[0] == 5:
-                e_sock = self._socks5(c)
+            ec = await egress_connect(loop, await self._egress_addresses(loop), Deadline(loop),
+                                      connect_timeout=self.connect_timeout)
+        except StreamError as e:
+            log.debug("cannot get a ready connection to the egress: %s", e)  # the next stream will say
+        except asyncio.CancelledError:
+            pass
+        else:
+            if self._stopping:
+                ec.sock.close()
             else:
-                e_sock = self._http(c)
+                self._ready.append(ec)
+        finally:
+            self._filling -= 1
+
+    def _tick(self, loop):
+        """Replace ready connections before the egress gives up on them; stop when idle."""
+        self._tick_handle = None
+        now = loop.time()
+        while self._ready and now - self._ready[0].since > READY_MAX_AGE / 2:
+            self._ready.popleft().sock.close()
+        if self._last_open is not None and now - self._last_open < READY_IDLE:
+            self._refill(loop)
+        else:
+            while self._ready:
+                self._ready.popleft().sock.close()
+
+    def _relay(self, loop, c, s, c_first, s_first):
+        r = None
+
+        def closed(_out, _back):
+            self._relays.discard(r)
+        r = Relay(loop, c, s, c_first, s_first, on_close=closed)
+        if not r.closed:
+            self._relays.add(r)
+
+    # ------------------------------------------------------------------------- clients
+    async def _client(self, c):
+        loop = asyncio.get_running_loop()
+        dl = Deadline(loop)
+        dl.set(REQUEST_TIMEOUT, "request")
+        rd = Reader(loop, c)
+        handed_over = False
+        try:
+            await rd.fill()
+            if rd.buf[0] == 5:
+                handed_over = await self._socks5(loop, dl, c, rd)
+            else:
+                handed_over = await self._http(loop, dl, c, rd)
         except (OSError, ValueError, UnicodeError) as e:
             log.debug("client: %s", e)
+        except asyncio.CancelledError:
+            if dl.fired:
+                log.info("client: no complete request within %.0f s; closed", REQUEST_TIMEOUT)
         except Exception:
             log.exception("client")
         finally:
-            self._drop(c)
-            if e_sock is not None:
-                self._drop(e_sock)
+            dl.clear()
+            if not handed_over:
+                c.close()
 
     # SOCKS5 ----------------------------------------------------------------------------
-    def _socks5(self, c):
-        ver, n = _recv_exact(c, 2)
-        methods = _recv_exact(c, n)
+    async def _socks5(self, loop, dl, c, rd) -> bool:
+        ver, n = await rd.exact(2)
+        methods = await rd.exact(n)
         if 2 not in methods:
-            c.sendall(b"\x05\xff")          # no acceptable method: we require user/password
-            self._count("auth_failed")
-            return None
-        c.sendall(b"\x05\x02")
-        sub_ver, ulen = _recv_exact(c, 2)
-        user = _recv_exact(c, ulen)
-        (plen,) = _recv_exact(c, 1)
-        password = _recv_exact(c, plen)
+            await rd.send(b"\x05\xff")      # no acceptable method: we require user/password
+            self.stats["auth_failed"] += 1
+            return False
+        rd.put(b"\x05\x02")    # sent when we wait for more, or with the next reply
+        sub_ver, ulen = await rd.exact(2)
+        user = await rd.exact(ulen)
+        (plen,) = await rd.exact(1)
+        password = await rd.exact(plen)
         if sub_ver != 1 or not self._creds_ok(user, password):
-            c.sendall(b"\x01\x01")
-            self._count("auth_failed")
+            await rd.send(b"\x01\x01")
+            self.stats["auth_failed"] += 1
             log.info("SOCKS5 client: wrong credentials")
-            return None
-        c.sendall(b"\x01\x00")
-        ver, cmd, _, atyp = _recv_exact(c, 4)
+            return False
+        rd.put(b"\x01\x00")
+        ver, cmd, _, atyp = await rd.exact(4)
         if atyp == 1:
-            host = socket.inet_ntop(socket.AF_INET, _recv_exact(c, 4))
+            host = socket.inet_ntop(socket.AF_INET, await rd.exact(4))
         elif atyp == 4:
-            host = socket.inet_ntop(socket.AF_INET6, _recv_exact(c, 16))
+            host = socket.inet_ntop(socket.AF_INET6, await rd.exact(16))
         elif atyp == 3:
-            (ln,) = _recv_exact(c, 1)
-            host = _recv_exact(c, ln).decode("utf-8")    # the egress resolves it (remote DNS)
+            (ln,) = await rd.exact(1)
+            host = (await rd.exact(ln)).decode("utf-8")    # the egress resolves it (remote DNS)
         else:
-            c.sendall(_socks_reply(0x08))
-            return None
-        (port,) = struct.unpack("!H", _recv_exact(c, 2))
+            await rd.send(_socks_reply(0x08))
+            return False
+        (port,) = struct.unpack("!H", await rd.exact(2))
         if ver != 5 or cmd != 1:            # only CONNECT (no BIND, no UDP ASSOCIATE)
-            c.sendall(_socks_reply(0x07))
-            return None
+            await rd.send(_socks_reply(0x07))
+            return False
         try:
-            s, leftover = self._open(host, port)
+            s, leftover = await self._open(loop, dl, host, port)
         except StreamError as e:
-            c.sendall(_socks_reply(socks_code(e)))
-            return None
-        c.sendall(_socks_reply(0))
-        relay(c, s, b"", leftover)
-        return s
+            await rd.send(_socks_reply(socks_code(e)))
+            return False
+        try:
+            await rd.send(_socks_reply(0))
+        except BaseException:
+            s.close()
+            raise
+        self._relay(loop, c, s, bytes(rd.buf), leftover)
+        return True
 
     # HTTP ------------------------------------------------------------------------------
-    def _http(self, c):
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            if len(buf) > MAX_HEAD:
-                _http_error(c, 431, "Request Header Fields Too Large", "request head too large")
-                return None
-            b = c.recv(65536)
-            if not b:
-                return None
-            buf += b
-        head, _, body = buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
+    async def _http(self, loop, dl, c, rd) -> bool:
+        raw = await rd.until(b"\r\n\r\n", MAX_HEAD)
+        if raw is None:
+            await _http_error(loop, c, 431, "Request Header Fields Too Large", "request head too large")
+            return False
+        body = bytes(rd.buf)
+        lines = raw[:-4].decode("latin-1").split("\r\n")
         try:
             method, target, version = lines[0].split(" ")
         except ValueError:
-            _http_error(c, 400, "Bad Request", "malformed request line")
-            return None
+            await _http_error(loop, c, 400, "Bad Request", "malformed request line")
+            return False
         headers = []
         for ln in lines[1:]:
             k, sep, v = ln.partition(":")
             if not sep:
-                _http_error(c, 400, "Bad Request", "malformed header")
-                return None
+                await _http_error(loop, c, 400, "Bad Request", "malformed header")
+                return False
             headers.append((k.strip(), v.strip()))
         if not self._http_auth([v for k, v in headers if k.lower() == "proxy-authorization"]):
-            self._count("auth_failed")
+            self.stats["auth_failed"] += 1
             log.info("HTTP client: missing or wrong proxy credentials")
-            c.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
-                      b"Proxy-Authenticate: Basic realm=\"vinehpc tunnel\"\r\n"
-                      b"Content-Length: 0\r\nConnection: close\r\n\r\n")
-            return None
+            await loop.sock_sendall(c, b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                                       b"Proxy-Authenticate: Basic realm=\"vinehpc tunnel\"\r\n"
+                                       b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+            return False
         if method.upper() == "CONNECT":
             try:
                 host, port = parse_hostport(target)
             except ValueError:
-                _http_error(c, 400, "Bad Request", "CONNECT target must be host:port")
-                return None
+                await _http_error(loop, c, 400, "Bad Request", "CONNECT target must be host:port")
+                return False
             try:
-                s, leftover = self._open(host, port)
+                s, leftover = await self._open(loop, dl, host, port)
             except StreamError as e:
-                _http_stream_error(c, e)
-                return None
-            c.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            relay(c, s, body, leftover)
-            return s
+                await _http_stream_error(loop, c, e)
+                return False
+            try:
+                await loop.sock_sendall(c, b"HTTP/1.1 200 Connection established\r\n\r\n")
+            except BaseException:
+                s.close()
+                raise
+            self._relay(loop, c, s, body, leftover)
+            return True
         # absolute-form request: forward it in origin form, one request per connection
         u = urlsplit(target)
         if u.scheme.lower() != "http" or not u.hostname:
-            _http_error(c, 400, "Bad Request",
-                        "only http://... absolute URLs and CONNECT are supported (use CONNECT for https)")
-            return None
+            await _http_error(loop, c, 400, "Bad Request",
+                              "only http://... absolute URLs and CONNECT are supported (use CONNECT for https)")
+            return False
         host, port = u.hostname, u.port or 80
         path = u.path or "/"
         if u.query:
@@ -279,12 +389,12 @@ class ProxyServer:
             out.append("Host: %s" % u.netloc.rpartition("@")[2])
         out.append("Connection: close")
         try:
-            s, leftover = self._open(host, port)
+            s, leftover = await self._open(loop, dl, host, port)
         except StreamError as e:
-            _http_stream_error(c, e)
-            return None
-        relay(c, s, ("\r\n".join(out) + "\r\n\r\n").encode("latin-1") + body, leftover)
-        return s
+            await _http_stream_error(loop, c, e)
+            return False
+        self._relay(loop, c, s, ("\r\n".join(out) + "\r\n\r\n").encode("latin-1") + body, leftover)
+        return True
 
     def _http_auth(self, values) -> bool:
         for v in values:
@@ -300,29 +410,19 @@ class ProxyServer:
         return False
 
 
-def _recv_exact(c, n) -> bytes:
-    out = b""
-    while len(out) < n:
-        b = c.recv(n - len(out))
-        if not b:
-            raise ConnectionError("client closed the connection")
-        out += b
-    return out
-
-
 def _socks_reply(code: int) -> bytes:
     return bytes([5, code, 0, 1, 0, 0, 0, 0, 0, 0])
 
 
-def _http_error(c, status, reason, detail):
+async def _http_error(loop, c, status, reason, detail):
     body = (detail + "\n").encode("utf-8", "replace")
-    c.sendall(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-              % (status, reason.encode(), len(body)) + body)
+    await loop.sock_sendall(c, b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                               b"Connection: close\r\n\r\n" % (status, reason.encode(), len(body)) + body)
 
 
-def _http_stream_error(c, e: StreamError):
+async def _http_stream_error(loop, c, e: StreamError):
     status, reason = HTTP_STATUS.get(e.kind, (502, "Bad Gateway"))
-    _http_error(c, status, reason, "vinehpc tunnel: %s" % e)
+    await _http_error(loop, c, status, reason, "vinehpc tunnel: %s" % e)
 
 
 # ------------------------------------------------------------------------------ the handle
