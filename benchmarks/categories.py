@@ -32,7 +32,7 @@ def use_memory(mb, seconds):
     return len(b)
 
 
-def run(mode, sizes, guess, hold):
+def run(mode, sizes, guess, hold, one_category=False):
     tmp = tempfile.mkdtemp(prefix="vinehpc-cat-")
     m = Manager(port=0, host="127.0.0.1", run_dir=os.path.join(tmp, "run"))
     env = dict(os.environ, VINEHPC_SECRET=m.secret)
@@ -41,13 +41,14 @@ def run(mode, sizes, guess, hold):
                for _ in range(2)]
     try:
         m.wait_for_workers(2, timeout=60)
-        for cat in ("small", "large"):
+        cats = ("all",) if one_category else ("small", "large")
+        for cat in cats:
             m.set_category_mode(cat, mode)
             if mode != "fixed":
                 m.set_category_max_resources(cat, {"memory": WORKER_MB})
         start = time.perf_counter()
         for kind, mb in sizes:
-            t = PythonTask(use_memory, mb, hold).set_category(kind)
+            t = PythonTask(use_memory, mb, hold).set_category("all" if one_category else kind)
             if mode == "fixed":
                 t.set_memory(guess)           # the user's one guess for every task
             m.submit(t)
@@ -58,7 +59,7 @@ def run(mode, sizes, guess, hold):
                 raise SystemExit("%s: tasks stopped coming back" % mode)
             failed += not t.successful()
         makespan = time.perf_counter() - start
-        stats = [m.stats_category(c) for c in ("small", "large")]
+        stats = [m.stats_category(c) for c in cats]
         s = {"waste x seconds": {"memory": sum(x["waste x seconds"]["memory"] for x in stats)},
              "allocated x seconds": {"memory": sum(x["allocated x seconds"]["memory"] for x in stats)},
              "tasks retried": sum(x["tasks retried"] for x in stats),
@@ -79,16 +80,20 @@ def main():
     ap.add_argument("--modes", default="fixed,max,min-waste,greedy-bucketing,exhaustive-bucketing")
     ap.add_argument("--guess", type=int, default=300, help="the user's guess for `fixed` (MB)")
     ap.add_argument("--hold", type=float, default=0.1, help="seconds each task holds its memory")
+    ap.add_argument("--one-category", action="store_true",
+                    help="both kinds in ONE category (the user does not label them): the mixed distribution "
+                         "bucketing is made for; default: one category per kind")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     r = random.Random(7)
     sizes = [("small", max(5.0, r.gauss(40, 8))) if r.random() < 0.7 else
              ("large", min(WORKER_MB - 40, max(100.0, r.gauss(240, 30)))) for _ in range(a.tasks)]
-    results = [run(mode, sizes, a.guess, a.hold) for mode in a.modes.split(",")]
+    results = [run(mode, sizes, a.guess, a.hold, a.one_category) for mode in a.modes.split(",")]
     if a.json:
         print(json.dumps(results, indent=2))
         return
     base = next((x for x in results if x["mode"] == "max"), None)
+    print("%d tasks, %s" % (a.tasks, "one category for both kinds" if a.one_category else "one category per kind"))
     print("%-22s %12s %10s %9s %8s %s" % ("mode", "waste MB*s", "vs max", "makespan", "retried", "buckets (MB)"))
     for x in results:
         rel = "%.0f%%" % (100 * x["waste_mb_s"] / base["waste_mb_s"]) if base and base["waste_mb_s"] else "-"

@@ -15,7 +15,8 @@ task's allocation by its mode:
                         given the bucket's top; after an exhaustion it goes to the next bucket up.
 Before SAMPLES completed tasks, a task gets the category's first guess (default: a whole worker).
 A task that exhausts its allocation is retried with a larger one (the next bucket, else twice the
-allocation or the largest peak seen), up to the category's max, without spending its retries.
+allocation or the largest peak seen, and at least 1/8 above what it was seen using), up to the
+category's max, without spending its retries; what it was seen using counts at once for `max`.
 Pure logic: no I/O, no clock; the caller passes times and a random number generator.
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Category:
         self.wall_n = 0
         self.exhaustions = 0
         self.retried = set()
+        self.at_least = {k: 0.0 for k in LEARNED}  # the most an exhausted attempt was seen using (a lower bound)
         self.allocated_time = {k: 0.0 for k in LEARNED}   # sum of allocation x wall
         self.used_time = {k: 0.0 for k in LEARNED}        # sum of peak x wall
 
@@ -66,6 +68,13 @@ class Category:
             if self.mode.endswith("bucketing") and (self.n_done <= 20 or self.n_done % 10 == 0):
                 self.buckets = {k: _buckets(self.peaks[k], exhaustive=self.mode.startswith("exhaustive"))
                                 for k in LEARNED if self.peaks[k]}
+
+    def exhausted(self, k, used) -> None:
+        """An attempt was stopped for using `used` of `k`: its kind needs at least that much.
+        (It is no sample -- the attempt did not finish -- but `max` and retries take it at once,
+        instead of waiting for such a task to succeed.)"""
+        if used:
+            self.at_least[k] = max(self.at_least[k], float(used))
 
     # -- deciding ------------------------------------------------------------------
     def allocation(self, requested: dict, previous: dict | None = None) -> dict:
@@ -92,7 +101,7 @@ class Category:
         peaks = self.peaks[k]
         top = peaks[-1]
         if self.mode == "max":
-            return _round_up(top)
+            return _round_up(max(top, self.at_least[k]))
         if self.mode in ("min-waste", "max-throughput"):
             memo = self._memo.get(k)
             if memo is not None and memo[0] == self.n_done:
@@ -121,13 +130,15 @@ class Category:
                 return _round_up(b_top)
         return _round_up(buckets[-1][0])
 
-    def larger(self, k, prev) -> float | None:
+    def larger(self, k, prev, used=None) -> float | None:
         """The allocation after an exhaustion of `k` at `prev` (None: nothing larger allowed)."""
-        return self._larger(k, prev)
+        return self._larger(k, prev, used)
 
-    def _larger(self, k, prev) -> float | None:
-        """After an exhaustion at `prev`: the next bucket up, else the largest peak seen if
-        larger, else twice; None (a whole worker) when nothing larger is allowed."""
+    def _larger(self, k, prev, used=None) -> float | None:
+        """After an exhaustion at `prev` (the attempt was seen using `used`): the next bucket
+        up, else the largest peak seen if larger, else twice -- and never less than what the
+        attempt was seen using, plus an eighth; None (a whole worker) when nothing larger is
+        allowed."""
         cands = [b for b, _ in self.buckets.get(k, ()) if b > prev]
         if cands:
             nxt = _round_up(min(cands))
@@ -135,6 +146,8 @@ class Category:
             nxt = _round_up(self.peaks[k][-1])
         else:
             nxt = prev * 2
+        if used and used * 1.125 > nxt:
+            nxt = _round_up(used * 1.125)
         cap = self.max.get(k)
         if cap:
             if prev >= cap:

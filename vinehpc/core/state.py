@@ -113,7 +113,7 @@ class Core:
             c = self.categories[name] = Category(name, "fixed")
         return c
 
-    def _allocate(self, task, exhausted=None):
+    def _allocate(self, task, exhausted=None, used=None):
         """task._res for its next attempt: what it asked for, or what its category decides.
         `exhausted`: the resource its last attempt ran out of (go larger). Returns False when
         nothing larger can be given."""
@@ -123,7 +123,7 @@ class Core:
         if exhausted is not None:
             if exhausted not in LEARNED:
                 return False
-            bigger = cat.larger(exhausted, res[exhausted] or self._largest(exhausted))
+            bigger = cat.larger(exhausted, res[exhausted] or self._largest(exhausted), used)
             if bigger is None or bigger > self._largest(exhausted):
                 return False
             res[exhausted] = int(bigger)
@@ -373,16 +373,20 @@ class Core:
         if status == "resource exhaustion":
             cat.exhaustions += 1
             cat.retried.add(tid)
-            what = (res.get("exhausted") or {}).get("resource")
+            x = res.get("exhausted") or {}
+            what = x.get("resource")
             before = task._res.get(what)
-            if task._exhaustions < 8 and self._allocate(task, exhausted=what):
+            used = x.get("used") if isinstance(x.get("used"), (int, float)) else None
+            if what in LEARNED:
+                cat.exhausted(what, used)
+            if task._exhaustions < 8 and self._allocate(task, exhausted=what, used=used):
                 task._exhaustions += 1
                 task._allocated = True
                 self._log("retry larger", task=tid, worker=wid, resource=what, was=before, now=task._res[what],
                           reason=res.get("reason"))
                 task._wid = None
                 task.state = "ready"
-                self.ready.append(tid)
+                self.ready.appendleft(tid)     # first in line: it has waited, and its kind learns from it
                 return None
         if status == "success":
             c = self.cat[task.category]
@@ -413,7 +417,9 @@ class Core:
             self.counts["done" if ok else "failed"] += 1
         if not resumed:
             self._log("done" if ok else "failed", task=task.id, worker=task._wid, result=result,
-                      exit_code=task.exit_code, reason=reason, wall=task.wall_time, attempts=task.attempts)
+                      exit_code=task.exit_code, reason=reason, wall=task.wall_time, attempts=task.attempts,
+                      category=task.category, allocated={k: v for k, v in task._res.items() if v},
+                      measured=task.resources_measured)
         for f, _ in task.outputs:
             k = self._key(f)
             if not ok and f.kind == "temp":

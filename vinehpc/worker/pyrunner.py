@@ -120,8 +120,24 @@ class Meter:
         return rss, io[0] - self.io0[0], io[1] - self.io0[1]
 
 
+def tame_malloc():
+    """Fixed glibc thresholds: blocks over 1 MB come straight from mmap and go back to the OS
+    when freed, and freed heap over 4 MB is trimmed.  (By default glibc raises its mmap
+    threshold up to 32 MB after the first big free, and then keeps freed heap resident: an
+    interpreter's RSS would carry what earlier tasks left, and a task would be measured --
+    and limited -- with its predecessors' leftovers.)"""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 1 << 20)      # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 4 << 20)      # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tame
+        pass
+
+
 def main(fd=3):
     import signal
+    tame_malloc()
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the worker decides when we stop
     signal.signal(signal.SIGUSR1, lambda *a: None)  # a pilot's walltime warning is not for us
     sock = socket.socket(fileno=fd)
