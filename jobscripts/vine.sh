@@ -14,11 +14,15 @@
 #   VINEHPC_VENV              a venv to activate first             (default: none)
 #   VINEHPC_LAUNCHER          srun | mpiexec                        (default: srun)
 #   VINEHPC_SRUN_MPI          srun's --mpi plugin                   (default: pmi2; Open MPI: pmix)
+#                             (pip's MPICH wheel + pmi2 failing in MPI_Init with "mpi/pmi2: value not
+#                             properly terminated": export MPIR_CVAR_CH4_NETMOD=ofi -- its UCX address breaks pmi2)
 #   VINEHPC_MPIEXEC           the mpiexec to use with LAUNCHER=mpiexec (default: mpiexec)
 #   VINEHPC_WORKERS_PER_NODE  workers per node                      (default: one per rank)
 #   VINEHPC_CORES_PER_WORKER  cores per worker                      (default: the rank's CPUs)
 #   VINEHPC_MANAGER_WORKS=1   also run workers on the manager's node
 #   VINEHPC_GRACE             seconds running tasks get after the walltime warning (default 60)
+#   VINEHPC_MPI_INIT_TIMEOUT  seconds a rank may hang in MPI_Init (wrong --mpi, broken PMI) before it
+#                             exits with its tracebacks ("Timeout (...)!"), instead of idling to the walltime (300)
 #   VINEHPC_RUN_DIR           run directory (keep it to resume)
 #   VINEHPC_IMAGE             environment image (vinehpc sysimage): read once, broadcast to every node,
 #                             unpacked on node-local disk ($VINEHPC_LOCAL_DIR); every task runs inside it

@@ -227,7 +227,20 @@ def read_contact(path):
 
 def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_node_works=False,
          run_dir=None, port=0, grace=None, connect_timeout=300.0, image=None, tunnel=None) -> int:
-    from mpi4py import MPI   # lazily, and only here
+    import faulthandler
+
+    from vinehpc import config
+    # MPI_Init runs in C holding the GIL: only faulthandler's own watchdog thread can end a rank
+    # stuck there (a wrong `srun --mpi=`, a broken PMI), with every thread's traceback, instead of
+    # the allocation hanging silently until its walltime.
+    init_timeout = config.mpi_init_timeout()
+    if init_timeout > 0:
+        faulthandler.dump_traceback_later(init_timeout, exit=True)
+    try:
+        from mpi4py import MPI   # lazily, and only here (importing it runs MPI_Init)
+    finally:
+        if init_timeout > 0:
+            faulthandler.cancel_dump_traceback_later()
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()

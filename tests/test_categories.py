@@ -142,3 +142,35 @@ def test_worker_side_failures_requeue_without_retries_and_block_the_worker():
     core.worker_joined(2, info(host="ok", cores=1), 1.0)
     core.schedule(1.0)
     assert dispatched_task(core) == [t] and t._wid == 2
+
+
+def test_an_exhaustion_teaches_max_mode_at_once_and_the_retry_starts_above_what_was_used():
+    """A big task stopped at a small allocation: its kind needs at least what it was seen using.
+    The retry goes straight above that (not 2x, 4x, ... up a ladder) and first in line, and `max`
+    allocates it to the next tasks of the kind before any big one has succeeded."""
+    core = make_core()
+    core.worker_joined(1, info(memory=10000, cores=8), 0.0)
+    core.category("sim").mode = "max"
+    first = [submit(core, new_task().set_category("sim")) for _ in range(5)]
+    for i, t in enumerate(first):
+        core.schedule(0.0)
+        take(core)
+        done(core, 1, t, memory=60)
+    big, other = (submit(core, new_task().set_category("sim")) for _ in range(2))
+    core.schedule(0.0)
+    take(core)
+    assert big._res["memory"] == _round_up(60)
+    ex = {"exhausted": {"resource": "memory", "used": 300, "allocated": big._res["memory"]}}
+    assert done(core, 1, big, 300, status="resource exhaustion", **ex) is None
+    assert big._res["memory"] >= 300 * 1.125 and big._res["memory"] <= _round_up(300 * 1.125)
+    assert core.ready[0] == big.id                            # first in line
+    later = submit(core, new_task().set_category("sim"))
+    core.schedule(0.0)
+    take(core)
+    assert later._res["memory"] >= 300                        # max learnt from the exhaustion
+    # the log says what each finished task was given and used
+    back = done(core, 1, other, memory=60)
+    assert back is other
+    recs = [c[1] for c in of(take(core), "log") if c[1]["event"] == "done" and c[1]["task"] == other.id]
+    assert recs and recs[0]["category"] == "sim" and recs[0]["measured"]["memory"] == 60
+    assert recs[0]["allocated"]["memory"] == _round_up(60)

@@ -44,3 +44,9 @@ def worker_dir_root() -> str | None:
     """VINEHPC_WORKER_DIR: where a worker makes its cache and sandboxes when not given --workdir
     (default: $TMPDIR or /tmp; local runs use /dev/shm when it has room)."""
     return os.environ.get("VINEHPC_WORKER_DIR") or None
+
+
+def mpi_init_timeout() -> float:
+    """Seconds a pilot rank may spend in MPI_Init before it gives up with tracebacks
+    (a wrong `srun --mpi=` or a broken PMI otherwise hangs the allocation silently); 0: never."""
+    return _float("VINEHPC_MPI_INIT_TIMEOUT", 300.0)
