@@ -49,7 +49,12 @@ class Worker(Running):
         self.own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="vinehpc-worker-", dir=config.worker_dir_root())
         os.makedirs(self.workdir, exist_ok=True)
-        self.total = resources.detect(self.workdir, cores=cores, memory=memory, disk=disk, gpus=gpus)
+        ids = resources.gpu_ids()
+        if gpus is not None:                     # given: those of the detected devices, else 0..gpus-1
+            ids = ids[:gpus] if len(ids) >= gpus else [str(i) for i in range(gpus)]
+        self.total = resources.detect(self.workdir, cores=cores, memory=memory, disk=disk, gpus=len(ids))
+        self.gpu_ids = ids
+        self.gpu_free = list(ids)     # device ids not held by a running task (CUDA_VISIBLE_DEVICES per task)
         self.cache = Cache(os.path.join(self.workdir, "cache"))
         self.sandboxes = os.path.join(self.workdir, "tasks")
         os.makedirs(self.sandboxes, exist_ok=True)
@@ -286,6 +291,7 @@ class Worker(Running):
         self.queue.clear()
         self.presented.clear()
         self.used = dict.fromkeys(RES, 0)
+        self.gpu_free = list(self.gpu_ids)
         self.active.clear()
         if self.conn is not None:
             try:

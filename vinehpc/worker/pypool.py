@@ -23,11 +23,12 @@ RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyrunner.py")
 
 
 class Runner:
-    __slots__ = ("sock", "proc", "tid", "next", "fids", "buf", "image")
+    __slots__ = ("sock", "proc", "tid", "next", "fids", "buf", "image", "devices")
 
-    def __init__(self, sock, proc, image=None):
+    def __init__(self, sock, proc, image=None, devices=None):
         self.sock, self.proc = sock, proc
         self.image = image        # id of the environment image it runs in (None: the worker's own)
+        self.devices = devices    # its CUDA_VISIBLE_DEVICES, fixed at start (None: the worker's)
         self.tid = None
         self.next = None
         self.fids = set()
@@ -43,20 +44,23 @@ class PyPool:
         self.runners = []
         self.last_death = None
 
-    def _spawn(self, image=None):
+    def _spawn(self, image=None, devices=None):
         mine, theirs = socket.socketpair()
         code = "import runpy,sys; sys.argv=['pyrunner',%r]; runpy.run_path(%r, run_name='__main__')" % (
             str(theirs.fileno()), RUNNER)
         env = None
         if image is not None:   # inside the image: its packages, plus cloudpickle for our functions
             env = image.env_for(None, extra_pythonpath=[self._cloudpickle_only()])
+        if devices is not None:
+            # at start: CUDA reads it once per process, so a task's GPUs are its interpreter's
+            env = dict(env if env is not None else os.environ, CUDA_VISIBLE_DEVICES=devices)
         proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),), cwd=self.workdir,
                                 stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         theirs.close()
         if self.guard is not None:
             self.guard.add(proc.pid)
         mine.setblocking(False)
-        r = Runner(mine, proc, image.id if image is not None else None)
+        r = Runner(mine, proc, image.id if image is not None else None, devices)
         self.runners.append(r)
         self.sel.register(mine, selectors.EVENT_READ, ("runner", r))
         return r
@@ -70,19 +74,19 @@ class PyPool:
             os.symlink(os.path.dirname(cloudpickle.__file__), os.path.join(d, "cloudpickle"))
         return d
 
-    def run(self, tid, fid, fbytes, args, cwd, env, after=None, image=None) -> Runner:
-        """Run a task on an idle interpreter (inside `image` if given), or queue it on `after`
-        (busy, same image) to run next."""
+    def run(self, tid, fid, fbytes, args, cwd, env, after=None, image=None, devices=None) -> Runner:
+        """Run a task on an idle interpreter (inside `image` if given, seeing GPUs `devices`), or
+        queue it on `after` (busy, same image and devices) to run next."""
         if after is not None:
             r = after
         else:
             key = image.id if image is not None else None
-            idle = [r for r in self.runners if r.tid is None and r.image == key]
+            idle = [r for r in self.runners if r.tid is None and r.image == key and r.devices == devices]
             r = next((x for x in idle if fid in x.fids), None) or (idle[0] if idle else None)
             if r is None:
                 if len(self.runners) >= self.max:
                     self._retire_idle()
-                r = self._spawn(image)
+                r = self._spawn(image, devices)
         if fid not in r.fids:
             _send(r.sock, ("fn", fid, fbytes))
             r.fids.add(fid)

@@ -23,7 +23,7 @@ RES = ("cores", "memory", "disk", "gpus")
 class Run:
     """One task on this worker."""
     __slots__ = ("id", "spec", "args", "res", "state", "sandbox", "proc", "runner", "started", "deadline",
-                 "waiting_for", "killed", "image", "mon", "exhausted")
+                 "waiting_for", "killed", "image", "mon", "exhausted", "gpus")
 
     def __init__(self, spec, args):
         self.id = spec["id"]
@@ -40,6 +40,7 @@ class Run:
         self.image = None      # cache name of its environment image
         self.mon = None        # its Monitor once it starts (monitor.py)
         self.exhausted = None  # {"resource", "used", "allocated"} if it went over its allocation
+        self.gpus = ()         # the device ids it holds while it runs
 
 
 class Running:
@@ -75,6 +76,9 @@ class Running:
         """r now holds its resources and its clock runs."""
         for k in RES:
             self.used[k] += r.res[k]
+        n = r.res["gpus"]
+        if n:
+            r.gpus, self.gpu_free = tuple(self.gpu_free[:n]), self.gpu_free[n:]
         r.state = "running"
         r.started = time.monotonic()
         if r.mon is None:
@@ -102,12 +106,16 @@ class Running:
             env = spec.get("env") or {}
             if self.task_env:
                 env = dict(self.task_env, **env)
+            # only the GPUs it holds; none for a task that asked for none (on a worker with GPUs)
+            devices = ",".join(r.gpus) if r.res["gpus"] else ("" if self.gpu_ids else None)
             image = self.images.get(r.image) if r.image else self.default_image
             if image is not None:
                 why = image.python_mismatch()
                 if why:
                     return self._finish(r, "failed", why)
             if spec.get("cmd") is not None:
+                if devices is not None:
+                    env = dict(env, CUDA_VISIBLE_DEVICES=devices)
                 if image is not None:
                     env = image.env_for(dict(os.environ, **env))
                 r.proc = CommandProcess(spec["cmd"], r.sandbox.path, env, replace=image is not None)
@@ -119,7 +127,7 @@ class Running:
             else:
                 fid = spec["fid"]
                 r.runner = self.pool.run(r.id, fid, self.fns[fid], r.args, r.sandbox.path if r.sandbox else None, env,
-                                         after=runner, image=image)
+                                         after=runner, image=image, devices=devices)
                 if runner is not None:
                     self.presented[runner] = r
                 if r.mon is None:
@@ -141,7 +149,7 @@ class Running:
         if not q:
             return
         r = q[0]
-        if not r.spec.get("pipe") or r.spec.get("cmd") is not None:
+        if not r.spec.get("pipe") or r.spec.get("cmd") is not None or r.res["gpus"]:
             return
         for runner, tid in self.pool.busy():
             cur = self.runs.get(tid)
@@ -315,6 +323,7 @@ class Running:
         if r.state == "running":
             for k in RES:
                 self.used[k] -= r.res[k]
+            self._release_gpus(r)
         r.state = "done"
         if r.runner is not None:
             self._promote(r.runner)
@@ -348,6 +357,11 @@ class Running:
             self.conn.send("result", ctl, [result_frame] if result_frame is not None else ())
         self._start_queued()
 
+    def _release_gpus(self, r):
+        if r.gpus:
+            self.gpu_free.extend(r.gpus)
+            r.gpus = ()
+
     def _kill(self, r, status, reason):
         """Stop a running task and report it as `status`."""
         r.killed = (status, reason)
@@ -365,6 +379,7 @@ class Running:
         if r.state == "running":
             for k in RES:
                 self.used[k] -= r.res[k]
+            self._release_gpus(r)
         was, r.state = r.state, "done"
         if r.proc is not None:
             r.proc.kill()
