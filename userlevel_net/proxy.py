@@ -46,6 +46,7 @@ REQUEST_TIMEOUT = 30.0     # a client has this long to finish its SOCKS/HTTP req
 MAX_HEAD = 64 << 10
 READY = 2                  # connections to the egress kept ready (hello received) while streams are used
 READY_IDLE = 60.0          # ... for this long after the last stream opened
+REFILL_DELAY = 0.002      # ... replaced this long after one is used (when this stream is under way)
 LOCAL_NO_PROXY = ["localhost", "127.0.0.1", "::1"]
 
 # StreamError kind -> SOCKS5 reply code / HTTP status
@@ -183,7 +184,7 @@ class ProxyServer:
                                                     "handshake (wrong secret?)" % ec.where) from None
             finally:
                 self._last_open = loop.time()
-                self._refill(loop)
+                loop.call_later(REFILL_DELAY, self._refill, loop)   # off the path of this stream
         except StreamError as e:
             self.stats["failed"] += 1
             if e.kind == "failed" and "egress" in str(e):
