@@ -226,6 +226,23 @@ class Reader:
             dec.buf += b
 
 
+async def connect(loop, sock, addr) -> None:
+    """Non-blocking connect; a connection that is already complete when connect() returns
+    (loopback, a fast LAN) costs no loop iteration."""
+    try:
+        sock.connect(addr)
+        return
+    except BlockingIOError:
+        pass
+    _, w, _ = select.select((), (sock,), (), 0)
+    if w:
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+        return
+    await loop.sock_connect(sock, addr)       # (connect() again: EALREADY, then it waits)
+
+
 def new_socket(family: int) -> socket.socket:
     s = socket.socket(family, socket.SOCK_STREAM)
     s.setblocking(False)
@@ -254,7 +271,7 @@ async def egress_connect(loop, egress_addrs: list, deadline: Deadline, *,
         for fam, _, _, _, addr in egress_addrs:
             s = new_socket(fam)
             try:
-                await loop.sock_connect(s, addr)
+                await connect(loop, s, addr)
                 break
             except asyncio.CancelledError:
                 s.close()

@@ -28,7 +28,7 @@ import socket
 from vinehpc.protocol import auth, wire
 
 from ._relay import (CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, ROLE_EGRESS, Deadline, LoopThread, Reader, Relay,
-                     check_proxy_mac, literal_addrinfo, new_socket, tune)
+                     check_proxy_mac, connect, literal_addrinfo, new_socket, tune)
 
 log = logging.getLogger("vinehpc.tunnel.egress")
 
@@ -340,7 +340,7 @@ class Egress:
             s = new_socket(fam)
             try:
                 dl.set(self.connect_timeout, "connect")
-                await loop.sock_connect(s, addr)
+                await connect(loop, s, addr)
             except asyncio.CancelledError:
                 s.close()
                 if not dl.fired:

@@ -87,6 +87,10 @@ class ProxyServer:
             s.bind((host, port))
             s.listen(1024)
             s.setblocking(False)
+            try:   # clients speak first (SOCKS greeting, HTTP request): wake us when they have
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 5)
+            except (AttributeError, OSError):
+                pass
         except BaseException:
             s.close()
             raise
