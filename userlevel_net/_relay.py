@@ -576,6 +576,17 @@ class Relay:
                     pass
         self._close()
 
+    def stop(self, timeout: float = 2.0):
+        """The owner is stopping: abort, wait for bulk threads to notice, close everything now."""
+        self.abort()
+        for d in (self.ab, self.ba):
+            t = d.thread
+            if t is not None:
+                t.join(timeout)
+                if not t.is_alive():
+                    d.thread = None
+        self._close()
+
     def _close(self):
         if self.closed or self.ab.thread is not None or self.ba.thread is not None:
             return                    # a bulk thread still uses the sockets: it calls back when done

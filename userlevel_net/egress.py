@@ -175,7 +175,7 @@ class Egress:
                 self._lt_loop().remove_reader(s.fileno())
             s.close()
         for r in list(self._relays):
-            r.abort()
+            r.stop()
         for t in list(self._tasks):
             t.cancel()
 

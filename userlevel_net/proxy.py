@@ -123,7 +123,7 @@ class ProxyServer:
         while self._ready:
             self._ready.popleft().sock.close()
         for r in list(self._relays):
-            r.abort()
+            r.stop()
         for t in list(self._tasks):
             t.cancel()
 
