@@ -51,6 +51,14 @@ def serve(c):
             if not b:
                 return
             hdr += b
+        if hdr.startswith(b"GET "):       # a tiny HTTP server: 64 bytes, then close
+            while b"\r\n\r\n" not in hdr:
+                b = c.recv(4096)
+                if not b:
+                    return
+                hdr += b
+            c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 64\r\n\r\n" + b"x" * 64)
+            return
         kind, n = hdr[:1], struct.unpack("!Q", hdr[1:])[0]
         if kind == b"D":
             while n:
@@ -136,6 +144,38 @@ class Client:
             s.close()
 
 
+def http_get(data, proxy=None, n=100):
+    """Median time of a plain-HTTP GET of 64 bytes on a new connection (what urllib/requests do
+    for http:// URLs): direct, or through the proxy's HTTP side (absolute-form request)."""
+    import base64
+    times = []
+    url = "http://%s:%d/small" % data
+    for _ in range(n):
+        t0 = time.perf_counter()
+        if proxy is None:
+            s = socket.create_connection(data, timeout=60)
+            req = b"GET /small HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n\r\n" % (data[0].encode(), data[1])
+        else:
+            s = socket.create_connection(("127.0.0.1", proxy.port), timeout=60)
+            cred = proxy.env["HTTP_PROXY"].split("//", 1)[1].rsplit("@", 1)[0]
+            req = (b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nProxy-Authorization: Basic %s\r\n"
+                   b"Connection: close\r\n\r\n" % (url.encode(), data[0].encode(), data[1],
+                                                      base64.b64encode(cred.encode())))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(req)
+        got = b""
+        while True:
+            b = s.recv(4096)
+            if not b:
+                break
+            got += b
+        s.close()
+        times.append(time.perf_counter() - t0)
+        if not got.startswith(b"HTTP/1.0 200") or not got.endswith(b"x" * 64):
+            raise RuntimeError("bad HTTP answer: %r" % got[:200])
+    return statistics.median(times) * 1e3
+
+
 def throughput(client, streams, total):
     per = total // streams
     errors = []
@@ -201,13 +241,14 @@ def loopback_latency(tmp, repeat):
         try:
             data = ("127.0.0.1", port)
             runs = [(latency(Client(data)), latency(Client(data, proxy))) for _ in range(repeat)]
+            gets = [(http_get(data), http_get(data, proxy)) for _ in range(repeat)]
         finally:
             proxy.stop()
     finally:
         for pr in procs:
             pr.terminate()
             pr.wait()
-    return min(runs, key=lambda r: r[1][1] - r[0][1])
+    return min(runs, key=lambda r: r[1][1] - r[0][1]), min(gets, key=lambda g: g[1] - g[0])
 
 
 def main(argv=None) -> int:
@@ -259,8 +300,8 @@ def main(argv=None) -> int:
             res["latency_ms"] = {"direct": t.call_in(t.head, latency, direct),
                                  "tunneled": t.call_in(t.compute, latency, tunneled)}
             proxy.stop()
-            d, tu = loopback_latency(tmp, a.repeat)
-            res["loopback_latency_ms"] = {"direct": d, "tunneled": tu}
+            (d, tu), (gd, gt) = loopback_latency(tmp, a.repeat)
+            res["loopback_latency_ms"] = {"direct": d, "tunneled": tu, "http_get_direct": gd, "http_get_tunneled": gt}
         finally:
             for p in procs:
                 p.terminate()
@@ -283,6 +324,9 @@ def main(argv=None) -> int:
     print("on loopback (best of %d): open stream, 64-byte round trip: added %.3f ms; "
           "new stream + round trip: direct %.3f ms, tunneled %.3f ms (added %.3f ms)"
           % (a.repeat, lt[0] - ld[0], ld[1], lt[1], lt[1] - ld[1]))
+    gd, gt = res["loopback_latency_ms"]["http_get_direct"], res["loopback_latency_ms"]["http_get_tunneled"]
+    print("on loopback (best of %d): plain-HTTP GET of 64 bytes on a new connection (HTTP_PROXY): "
+          "direct %.3f ms, tunneled %.3f ms (added %.3f ms)" % (a.repeat, gd, gt, gt - gd))
     return 0
 
 

@@ -9,7 +9,9 @@ client stream, vinehpc wire messages until the handshake is over, raw bytes afte
     egress -> proxy   welcome {mac: H(secret, "tunnel-egress" | Np | Ne), ok: true}
                    or welcome {mac, ok: false, error: denied|dns|refused|unreachable|timeout|failed,
                                detail, errno?}
-    then (ok only): raw bidirectional relay proxy <-> destination.
+    then (ok only): raw bidirectional relay proxy <-> destination.  The proxy may send bytes for
+    the destination right behind its auth (a plain HTTP request): the egress passes them on once
+    connected, or drops them with the error.
 
 The roles differ from the worker/manager handshake's ("worker"/"manager"), so a MAC from one
 protocol is never accepted by the other; the proxy's MAC covers the destination, so it
@@ -323,8 +325,10 @@ def alive(sock) -> bool:
 
 
 async def egress_request(loop, ec: EgressConn, secret: str, host: str, port: int, deadline: Deadline,
-                         timeout: float = CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT):
-    """Ask for a stream to host:port on a connection from egress_connect().
+                         timeout: float = CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT, early: bytes = b""):
+    """Ask for a stream to host:port on a connection from egress_connect().  `early`: bytes for
+    the destination sent right behind the request (the egress passes them on once connected,
+    and drops them if the stream cannot be opened) -- a plain HTTP request saves a round trip.
 
     Returns (socket, leftover bytes already received from the destination); raises StreamError
     (kind = the egress's error, or "failed" when the egress closes the connection -- wrong
@@ -335,7 +339,7 @@ async def egress_request(loop, ec: EgressConn, secret: str, host: str, port: int
         try:
             await loop.sock_sendall(s, wire.encode_bytes("auth", {
                 "v": wire.VERSION, "nonce": np_, "mac": proxy_mac(secret, ec.nonce, np_, host, port),
-                "dest": {"host": host, "port": port}}))
+                "dest": {"host": host, "port": port}}) + early)
         except OSError:
             raise StaleConn() from None
         try:

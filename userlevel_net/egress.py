@@ -365,7 +365,7 @@ class Egress:
             finally:
                 dl.clear()
             self._count("opened")
-            # the proxy sends nothing before the welcome, but be exact
+            # bytes the proxy sent behind its request (a plain HTTP request) go to the destination first
             return s, where, bytes(dec.buf)
         e = err
         if isinstance(e, (socket.timeout, TimeoutError)):

@@ -168,21 +168,21 @@ class ProxyServer:
             self._egress_addrs = addrs
         return self._egress_addrs
 
-    async def _open(self, loop, dl, host, port):
-        """(egress socket, leftover) or raises StreamError."""
+    async def _open(self, loop, dl, host, port, early=b""):
+        """(egress socket, leftover) or raises StreamError.  early: see egress_request."""
         try:
             try:
                 ec = self._take(loop)
                 if ec is not None:
                     try:
-                        s = await egress_request(loop, ec, self.secret, host, port, dl)
+                        s = await egress_request(loop, ec, self.secret, host, port, dl, early=early)
                     except StaleConn:
                         ec = None
                 if ec is None:
                     ec = await egress_connect(loop, await self._egress_addresses(loop), dl,
                                               connect_timeout=self.connect_timeout)
                     try:
-                        s = await egress_request(loop, ec, self.secret, host, port, dl)
+                        s = await egress_request(loop, ec, self.secret, host, port, dl, early=early)
                     except StaleConn:
                         raise StreamError("failed", "the egress at %s closed the connection during the "
                                                     "handshake (wrong secret?)" % ec.where) from None
@@ -393,12 +393,13 @@ class ProxyServer:
         if not have_host:
             out.append("Host: %s" % u.netloc.rpartition("@")[2])
         out.append("Connection: close")
-        try:
-            s, leftover = await self._open(loop, dl, host, port)
+        request = ("\r\n".join(out) + "\r\n\r\n").encode("latin-1") + body
+        try:       # the request travels with the stream request: no round trip waits for it
+            s, leftover = await self._open(loop, dl, host, port, early=request)
         except StreamError as e:
             await _http_stream_error(loop, c, e)
             return False
-        self._relay(loop, c, s, ("\r\n".join(out) + "\r\n\r\n").encode("latin-1") + body, leftover)
+        self._relay(loop, c, s, b"", leftover)
         return True
 
     def _http_auth(self, values) -> bool:
