@@ -82,6 +82,36 @@ def test_python_task_memory(m):
     assert small.resources_measured["memory"] < 120, small.resources_measured   # the peak is per task
 
 
+def fragment_heap():
+    """Leave 200 MB freed but resident in glibc's heap: one 30 MB free raises its mmap threshold,
+    then 8 x 25 MB blocks come from the heap and are freed under a small block kept alive."""
+    import sys as _s
+    b = bytearray(30 << 20)
+    del b
+    blocks = [bytearray(25 << 20) for _ in range(8)]
+    for x in blocks:
+        x[::4096] = b"x" * len(x[::4096])          # resident
+    _s.modules["__main__"].__dict__.setdefault("_vinehpc_test_keep", []).append(bytearray(4096))
+    del blocks
+    return True
+
+
+def nothing():
+    return True
+
+
+@pytest.mark.timeout(90)
+def test_a_python_task_is_not_charged_what_an_earlier_task_freed(m):
+    """One interpreter (1 core) runs a task that leaves freed memory in the heap, then a task that
+    allocates nothing: the second is measured at the interpreter's baseline, not + 200 MB."""
+    first, second = _run(m, [PythonTask(fragment_heap)])[0], None
+    assert first.result == "success", (first.result, first.reason)
+    assert first.resources_measured["memory"] >= 200, first.resources_measured
+    second = _run(m, [PythonTask(nothing)])[0]
+    assert second.result == "success"
+    assert second.resources_measured["memory"] < 80, second.resources_measured
+
+
 # ------------------------------------------------------------------ limits
 def capped(m, task, **mb):
     """Put `task` in a category whose max is its allocation: an exhaustion comes back as the
