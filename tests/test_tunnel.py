@@ -535,3 +535,113 @@ def test_ready_connections_survive_an_egress_restart_and_bulk_streams_relay_exac
             time.sleep(0.02)
         eg.stop()
         srv.close()
+
+
+def _recording_origin():
+    """A loopback 'origin' that records every byte it receives, answers one HTTP response and
+    closes when the client does."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    got = []
+
+    def serve(c):
+        with c:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                b = c.recv(65536)
+                if not b:
+                    break
+                data += b
+            c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            c.settimeout(2)
+            try:
+                while True:
+                    b = c.recv(65536)
+                    if not b:
+                        break
+                    data += b
+            except OSError:
+                pass
+            got.append(data)
+
+    def accept():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    return srv, got
+
+
+def test_bad_destinations_and_a_second_pipelined_http_request_stay_at_the_proxy(tmp_path):
+    """Port 0 / an empty name are the client's error at the proxy (SOCKS failure, HTTP 400), not
+    'wrong secret' at the egress; after a plain-HTTP request without a body, whatever else the
+    client sends (a second request with its Proxy-Authorization) does not reach the origin; and
+    all of it works in a process holding descriptors above 1024 (no select())."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1500:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]   # every new fd is >= 1100 now
+    srv, got = _recording_origin()
+    eg = Egress(SECRET, host="127.0.0.1").start()
+    p = start_proxy("127.0.0.1:%d" % eg.port, SECRET, in_process=True)
+    try:
+        port = srv.getsockname()[1]
+        assert socks_request(p, "127.0.0.1", 0) == ("reply", 0x01)
+        assert http_connect(p, "127.0.0.1:0") == 400
+        cred = p.env["HTTP_PROXY"].split("//", 1)[1].rsplit("@", 1)[0]
+        auth = "Proxy-Authorization: Basic %s\r\n" % base64.b64encode(cred.encode()).decode()
+        one = "GET http://127.0.0.1:%d/a HTTP/1.1\r\nHost: x\r\n%s\r\n" % (port, auth)
+        two = "GET http://127.0.0.1:%d/b HTTP/1.1\r\nHost: x\r\n%s\r\n" % (port, auth)
+        with socket.create_connection(("127.0.0.1", p.port), timeout=30) as s:
+            assert s.fileno() >= 1100
+            s.sendall((one + two).encode())
+            answer = b""
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    break
+                answer += b
+        assert answer.endswith(b"\r\n\r\nok"), answer
+        deadline = time.monotonic() + 10
+        while not got:
+            assert time.monotonic() < deadline, "the origin saw no request"
+            time.sleep(0.02)
+        seen = got[0]
+        assert seen.startswith(b"GET /a HTTP/1.1\r\n") and b"/b" not in seen, seen
+        assert b"Proxy-Authorization" not in seen and b"Connection: close" in seen, seen
+        st = eg.stats
+        assert st["auth_failed"] == 0 and st["opened"] == 1, st
+    finally:
+        p.stop()
+        eg.stop()
+        srv.close()
+        for fd in filler:
+            os.close(fd)
+
+
+def test_connections_kept_ready_give_way_when_the_egress_is_full():
+    """Proxies keep connections to the egress ready; at the egress's max_streams those give way
+    (the oldest is closed) instead of new streams being refused."""
+    srv = _echo_server()
+    echo_port = srv.getsockname()[1]
+    eg = Egress(SECRET, host="127.0.0.1", max_streams=4).start()
+    proxies = [start_proxy("127.0.0.1:%d" % eg.port, SECRET, in_process=True) for _ in range(4)]
+    try:
+        for round_ in range(2):
+            for i, p in enumerate(proxies):
+                msg = b"r%d-p%d" % (round_, i)
+                assert _socks_echo(p, echo_port, msg) == msg
+        deadline = time.monotonic() + 10
+        while eg.stats["active"]:
+            assert time.monotonic() < deadline, eg.stats
+            time.sleep(0.02)
+        st = eg.stats
+        assert st["opened"] == 8 and st["failed"] == 0 and st["waiting"] <= 4, st
+    finally:
+        for p in proxies:
+            p.stop()
+        eg.stop()
+        srv.close()

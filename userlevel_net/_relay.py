@@ -156,6 +156,7 @@ class Deadline:
 
     def set(self, seconds: float, what: str) -> None:
         self.clear()
+        self.fired = None
         self.what = what
         self.handle = self.loop.call_later(seconds, self._fire)
 
@@ -236,8 +237,9 @@ async def connect(loop, sock, addr) -> None:
         return
     except BlockingIOError:
         pass
-    _, w, _ = select.select((), (sock,), (), 0)
-    if w:
+    po = select.poll()                        # (not select(): descriptors >= 1024 are common here)
+    po.register(sock, select.POLLOUT)
+    if po.poll(0):
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise OSError(err, os.strerror(err))
@@ -268,24 +270,30 @@ async def egress_connect(loop, egress_addrs: list, deadline: Deadline, *,
                          connect_timeout: float = CONNECT_TIMEOUT) -> EgressConn:
     """Connect to the egress (addrs: getaddrinfo tuples) and read its hello.  Raises StreamError."""
     s, err = None, None
-    deadline.set(connect_timeout, "connect to the egress")
     try:
-        for fam, _, _, _, addr in egress_addrs:
-            s = new_socket(fam)
+        for fam, _, _, _, addr in egress_addrs:      # each address gets its own connect timeout
+            deadline.set(connect_timeout, "connect to the egress")
             try:
+                s = new_socket(fam)
                 await connect(loop, s, addr)
                 break
             except asyncio.CancelledError:
-                s.close()
-                if deadline.fired:
-                    raise StreamError("failed", "cannot reach the egress at %s: timed out after %.0f s"
-                                      % (_fmt(addr), connect_timeout)) from None
-                raise
-            except OSError as e:
-                s.close()
-                s, err = None, "cannot reach the egress at %s: %s" % (_fmt(addr), e)
+                if s is not None:
+                    s.close()
+                s = None
+                if not deadline.fired:
+                    raise
+                err = "cannot reach the egress at %s: timed out after %.0f s" % (_fmt(addr), connect_timeout)
+            except BaseException as e:
+                if s is not None:
+                    s.close()
+                s = None
+                if not isinstance(e, OSError):
+                    raise
+                err = "cannot reach the egress at %s: %s" % (_fmt(addr), e)
         if s is None:
             raise StreamError("failed", err or "no address for the egress")
+        deadline.set(connect_timeout, "hello from the egress")
         where = _fmt(addr)
         r = Reader(loop, s)
         dec = wire.Decoder(max_ctl=wire.PREAUTH_MAX_CTL, allow_frames=False)
@@ -342,6 +350,11 @@ async def egress_request(loop, ec: EgressConn, secret: str, host: str, port: int
                 "dest": {"host": host, "port": port}}) + early)
         except OSError:
             raise StaleConn() from None
+        except asyncio.CancelledError:
+            if deadline.fired:
+                raise StreamError("timeout", "the egress at %s took no request within %.0f s"
+                                  % (where, timeout)) from None
+            raise
         try:
             w = await ec.reader.message(ec.dec)
         except ConnectionResetError:
@@ -398,9 +411,10 @@ class _Direction:
     long ones pay for one thread start, once."""
 
     __slots__ = ("relay", "src", "dst", "sfd", "dfd", "head", "buf", "n", "reading", "writing", "done",
-                 "thread")
+                 "thread", "discard")
 
-    def __init__(self, relay, src, dst, first: bytes):
+    def __init__(self, relay, src, dst, first: bytes, discard: bool = False):
+        self.discard = discard    # read and drop what src sends after `first` (see Relay)
         self.relay, self.src, self.dst = relay, src, dst
         self.sfd, self.dfd = src.fileno(), dst.fileno()
         self.head = memoryview(bytes(first)) if first else None   # bytes to send before reading more
@@ -432,6 +446,8 @@ class _Direction:
             self.writing = True
 
     def on_readable(self):
+        if self.discard:
+            return self._drop_input()
         if self.n >= BULK_AFTER and _HAVE_SPLICE and self._to_thread():
             return
         if self.buf is None:
@@ -447,6 +463,18 @@ class _Direction:
         self.n += k
         self.head = memoryview(self.buf)[:k]
         self._send_head()
+
+    def _drop_input(self):
+        try:
+            k = len(self.src.recv(COPY_BUF))
+        except BlockingIOError:
+            return
+        except OSError:
+            return self.relay.abort()
+        if k == 0:                      # src is done: nothing to pass on, the other way goes on
+            self.stop_watching()
+            self.done = True
+            self.relay.check_done()
 
     def on_writable(self):
         self._send_head()
@@ -543,7 +571,7 @@ class _Direction:
     def _pumped(self, ok):
         self.thread = None
         self.done = True
-        if not ok:
+        if not ok or self.relay.aborted:
             self.relay.abort()
         else:
             self.relay.check_done()
@@ -555,15 +583,17 @@ class Relay:
     A reset on either side tears both down.  Call only on the loop's thread, with sockets
     that are already non-blocking and tune()d."""
 
-    def __init__(self, loop, a, b, a_to_b_first: bytes = b"", b_to_a_first: bytes = b"", on_close=None):
+    def __init__(self, loop, a, b, a_to_b_first: bytes = b"", b_to_a_first: bytes = b"", on_close=None,
+                 discard_a_to_b: bool = False):
         self.loop = loop
         self.a, self.b = a, b
         self.on_close = on_close
         self.closed = self.aborted = False
-        self.ab = _Direction(self, a, b, a_to_b_first)
+        self.ab = _Direction(self, a, b, a_to_b_first, discard=discard_a_to_b)
         self.ba = _Direction(self, b, a, b_to_a_first)
         self.ab.start()
-        self.ba.start()
+        if not self.closed:
+            self.ba.start()
 
     def check_done(self):
         if self.ab.done and self.ba.done:
@@ -578,6 +608,10 @@ class Relay:
                     s.shutdown(socket.SHUT_RDWR)   # also ends a bulk thread's splice/poll
                 except OSError:
                     pass
+            for d in (self.ab, self.ba):
+                if d.thread is None:
+                    d.stop_watching()              # (a bulk thread, if any, calls back when it ends)
+                    d.done = True
         self._close()
 
     def stop(self, timeout: float = 2.0):

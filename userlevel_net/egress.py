@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import errno as _errno
 import fnmatch
+import functools
 import ipaddress
 import logging
 import socket
@@ -134,6 +135,7 @@ class Egress:
         self._sock = None
         self._lt = None
         self._tasks = set()                # handshakes under way
+        self._waiting = {}                 # the tasks of connections not yet asking, oldest first
         self._relays = set()               # open streams
         self._paused = False
 
@@ -213,26 +215,41 @@ class Egress:
                 return
             self._stats["accepted"] += 1
             if self._stats["active"] + self._stats["waiting"] >= self.max_streams:
-                log.warning("stream from %s:%d refused: %d streams open (max_streams)", peer[0], peer[1],
-                            self.max_streams)
-                c.close()
-                self._count("failed")
-                continue
+                if self._waiting:
+                    # full: a connection kept ready by some proxy gives way (it opens a fresh one)
+                    oldest = next(iter(self._waiting))
+                    del self._waiting[oldest]
+                    oldest.cancel()
+                else:
+                    log.warning("stream from %s:%d refused: %d streams open (max_streams)", peer[0], peer[1],
+                                self.max_streams)
+                    c.close()
+                    self._count("failed")
+                    continue
             self._stats["waiting"] += 1
             c.setblocking(False)
             tune(c)
-            t = loop.create_task(self._stream(c, peer))
+            state = ["waiting", False]     # [which counter holds it, has its coroutine started]
+            t = loop.create_task(self._stream(c, peer, state))
             self._tasks.add(t)
-            t.add_done_callback(self._tasks.discard)
+            self._waiting[t] = None
+            t.add_done_callback(functools.partial(self._stream_ended, c, state))
+
+    def _stream_ended(self, c, state, t):
+        self._tasks.discard(t)
+        self._waiting.pop(t, None)
+        if not state[1]:                   # cancelled before it ran: account for it here
+            c.close()
+            self._stats[state[0]] -= 1
 
     def _resume_accept(self):
         if self._sock is not None and self._paused:
             self._paused = False
             asyncio.get_running_loop().add_reader(self._sock.fileno(), self._on_accept)
 
-    async def _stream(self, c, peer):
+    async def _stream(self, c, peer, state):
+        state[1] = True
         d = None
-        state = ["waiting"]
         try:
             d = await self._handshake(c, peer, state)
         except asyncio.CancelledError:
@@ -266,6 +283,7 @@ class Egress:
         try:
             await loop.sock_sendall(c, wire.encode_bytes("hello", {"v": wire.VERSION, "nonce": ne, "role": "egress"}))
             m = await Reader(loop, c).message(dec)
+            self._waiting.pop(asyncio.current_task(), None)
             self._stats["waiting"] -= 1
             self._stats["active"] += 1
             state[0] = "active"
@@ -290,14 +308,15 @@ class Egress:
         np_ = ctl.get("nonce")
         dest = ctl.get("dest") if isinstance(ctl.get("dest"), dict) else {}
         host, port = dest.get("host"), dest.get("port")
-        if not (isinstance(np_, str) and len(np_) <= 256 and isinstance(host, str) and 0 < len(host) <= 255
-                and isinstance(port, int) and not isinstance(port, bool) and 0 < port <= 65535
+        if not (isinstance(np_, str) and len(np_) <= 256 and isinstance(host, str) and len(host) <= 1024
+                and isinstance(port, int) and not isinstance(port, bool)
                 and check_proxy_mac(self.secret, ne, np_, host, port, ctl.get("mac"))):
             log.warning("stream from %s:%d: authentication failed (wrong secret); closed", peer[0], peer[1])
             self._count("auth_failed")
             return None
         where = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
         mac = auth.mac(self.secret, ROLE_EGRESS, np_, ne)
+        bad_dest = not (0 < len(host) <= 255 and 0 < port <= 65535)
 
         async def fail(kind, detail, err=None, stat="failed"):
             self._count(stat)
@@ -315,6 +334,8 @@ class Egress:
                 dl.clear()
             return None
 
+        if bad_dest:     # an authenticated proxy asked for no valid destination: its stream fails
+            return await fail("failed", "%r is not a valid destination" % where)
         if not self.policy.may_try(host, port):
             return await fail("denied", "%s is not in the egress's allow list" % where, stat="denied")
         infos = literal_addrinfo(host, port)
@@ -337,7 +358,11 @@ class Egress:
             return await fail("denied", "%s is not in the egress's allow list" % where, stat="denied")
         err = None
         for fam, typ, proto, _, addr in infos:
-            s = new_socket(fam)
+            try:
+                s = new_socket(fam)
+            except OSError as e:             # out of descriptors: this stream fails, nothing else
+                err = e
+                break
             try:
                 dl.set(self.connect_timeout, "connect")
                 await connect(loop, s, addr)
@@ -347,8 +372,10 @@ class Egress:
                     raise
                 err = TimeoutError()
                 continue
-            except OSError as e:
+            except BaseException as e:
                 s.close()
+                if not isinstance(e, OSError):
+                    raise
                 err = e
                 continue
             finally:

@@ -245,12 +245,12 @@ class ProxyServer:
             while self._ready:
                 self._ready.popleft().sock.close()
 
-    def _relay(self, loop, c, s, c_first, s_first):
+    def _relay(self, loop, c, s, c_first, s_first, discard=False):
         r = None
 
         def closed(_out, _back):
             self._relays.discard(r)
-        r = Relay(loop, c, s, c_first, s_first, on_close=closed)
+        r = Relay(loop, c, s, c_first, s_first, on_close=closed, discard_a_to_b=discard)
         if not r.closed:
             self._relays.add(r)
 
@@ -313,6 +313,9 @@ class ProxyServer:
         if ver != 5 or cmd != 1:            # only CONNECT (no BIND, no UDP ASSOCIATE)
             await rd.send(_socks_reply(0x07))
             return False
+        if not host or port == 0:
+            await rd.send(_socks_reply(0x01))
+            return False
         try:
             s, leftover = await self._open(loop, dl, host, port)
         except StreamError as e:
@@ -356,6 +359,8 @@ class ProxyServer:
         if method.upper() == "CONNECT":
             try:
                 host, port = parse_hostport(target)
+                if not host or len(host) > 255 or port == 0:
+                    raise ValueError(target)
             except ValueError:
                 await _http_error(loop, c, 400, "Bad Request", "CONNECT target must be host:port")
                 return False
@@ -377,7 +382,14 @@ class ProxyServer:
             await _http_error(loop, c, 400, "Bad Request",
                               "only http://... absolute URLs and CONNECT are supported (use CONNECT for https)")
             return False
-        host, port = u.hostname, u.port or 80
+        try:
+            host, port = u.hostname, u.port or 80
+        except ValueError:
+            await _http_error(loop, c, 400, "Bad Request", "bad port in %s" % target[:200])
+            return False
+        if len(host) > 255:
+            await _http_error(loop, c, 400, "Bad Request", "host name too long")
+            return False
         path = u.path or "/"
         if u.query:
             path += "?" + u.query
@@ -393,13 +405,22 @@ class ProxyServer:
         if not have_host:
             out.append("Host: %s" % u.netloc.rpartition("@")[2])
         out.append("Connection: close")
+        # One request per connection ("Connection: close" to the origin): once the request and its
+        # body (by Content-Length) are complete, whatever else the client sends (a second request,
+        # with its Proxy-Authorization) is dropped, not passed to the origin. A body that is still
+        # coming, or chunked, is relayed as it comes.
+        clen = next((v.strip() for k, v in headers if k.lower() == "content-length"), "0") or "0"
+        complete = (not any(k.lower() == "transfer-encoding" for k, _ in headers) and clen.isdigit()
+                    and len(body) >= int(clen))
+        if complete:
+            body = body[:int(clen)]
         request = ("\r\n".join(out) + "\r\n\r\n").encode("latin-1") + body
         try:       # the request travels with the stream request: no round trip waits for it
             s, leftover = await self._open(loop, dl, host, port, early=request)
         except StreamError as e:
             await _http_stream_error(loop, c, e)
             return False
-        self._relay(loop, c, s, b"", leftover)
+        self._relay(loop, c, s, b"", leftover, discard=complete)
         return True
 
     def _http_auth(self, values) -> bool:
@@ -519,8 +540,9 @@ def start_proxy(egress: str, secret: str, *, no_proxy=(), log=None, in_process: 
                                       "secret": secret, "user": user, "password": password, "port": port,
                                       "connect_timeout": connect_timeout}) + "\n").encode())
         proc.stdin.flush()
-        r, _, _ = select.select([proc.stdout], [], [], startup_timeout)
-        line = proc.stdout.readline() if r else b""
+        po = select.poll()              # (not select(): a busy worker may hold descriptors >= 1024)
+        po.register(proc.stdout, select.POLLIN)
+        line = proc.stdout.readline() if po.poll(startup_timeout * 1000) else b""
         try:
             got = json.loads(line)
             pport = int(got["port"])
