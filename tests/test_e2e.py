@@ -365,13 +365,17 @@ def test_missing_command_fails_with_127_and_others_go_on(manager):
 def test_time_max_kills_a_long_task_quickly(manager):
     m = manager
     t = Task("sleep 30").set_time_max(1)
+    py = PythonTask(time.sleep, 30).set_time_max(1)
     t0 = time.monotonic()
     m.submit(t)
-    got = wait_all(m, 1, timeout=25)
+    m.submit(py)
+    got = wait_all(m, 2, timeout=25)
     elapsed = time.monotonic() - t0
     assert got[t.id] is t
-    assert t.result == "max wall time", (t.result, t.reason)
-    assert not t.successful()
+    for x in (t, py):
+        assert x.result == "resource exhaustion", (x.result, x.reason)     # over its time allocation
+        assert x.reason.startswith("time: ") and "> 1 s allocated" in x.reason, x.reason
+        assert not x.successful()
     assert 0.9 <= elapsed < 10, elapsed
 
 

@@ -163,7 +163,8 @@ class Task:
         return self
 
     def set_time_max(self, seconds: float) -> "Task":
-        """Wall-time limit: the task is killed and returned as 'max wall time' after it."""
+        """Wall-time limit: past it the task is killed and returned as 'resource exhaustion'
+        (reason: "time: N s used > M s allocated")."""
         self.time_max = float(_positive("time_max (seconds)", seconds))
         return self
 

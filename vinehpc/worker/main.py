@@ -21,7 +21,7 @@ import time
 from ..comm import Closed, Connection, file_chunks
 from ..protocol import ProtocolError, auth, encode, wire
 from .. import config
-from . import resources
+from . import monitor, resources
 from .cache import Cache, check_cachename
 from .pypool import PyPool
 from .process import Guardian
@@ -276,8 +276,11 @@ class Worker(Running):
     def _timers(self):
         now = time.monotonic()
         for r in list(self.runs.values()):
-            if r.deadline is not None and now >= r.deadline and r.state == "running":
-                self._kill(r, "max wall time", "killed after %.1f s: the task's time limit" % r.spec["time_max"])
+            if r.deadline is not None and now >= r.deadline and r.state == "running" and r.killed is None:
+                # over its time allocation: resource exhaustion, naming the resource and by how much
+                r.exhausted = {"resource": "time", "used": round(now - r.started, 1),
+                               "allocated": float(r.spec["time_max"])}
+                self._kill(r, "resource exhaustion", monitor.exhausted_reason(r.exhausted))
         self._sample(now)
         if now - self.last_recv > self.ka[1]:
             raise ManagerGone("no message from the manager for %.0f s" % (now - self.last_recv))

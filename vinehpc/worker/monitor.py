@@ -231,4 +231,6 @@ class Monitor:
 
 
 def exhausted_reason(x) -> str:
+    if x["resource"] == "time":
+        return "time: %.1f s used > %g s allocated (the task's time limit)" % (x["used"], x["allocated"])
     return "%s: {:,} MB used > {:,} MB allocated".format(x["used"], x["allocated"]) % x["resource"]
