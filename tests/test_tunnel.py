@@ -645,3 +645,51 @@ def test_connections_kept_ready_give_way_when_the_egress_is_full():
             p.stop()
         eg.stop()
         srv.close()
+
+
+BLACKHOLE_DNS = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 53))
+print("ready", flush=True)
+while True:
+    s.recvfrom(4096)          # a name server that never answers
+"""
+
+
+@pytest.mark.timeout(120)
+def test_names_nobody_answers_for_do_not_hold_up_other_names(bed, tmp_path):
+    """The head's name server never answers (timeout 1 s): 30 streams to such names are under way
+    at the egress (the gateway process, on its own resolver threads), and a stream to a name from
+    the head's hosts file still opens at once."""
+    t = bed.topo
+    dns = subprocess.Popen(t.argv(t.head, sys.executable, "-c", BLACKHOLE_DNS), stdout=subprocess.PIPE)
+    gw = None
+    try:
+        assert dns.stdout.readline().strip() == b"ready"
+        gw, port = _gateway(t, bed.secret_file, tmp_path / "gw.log", [])
+        p = t.call_in(t.compute, start_proxy, "%s:%d" % (t.head_ip, port), SECRET)
+        try:
+            slow = [None] * 30
+
+            def ask(i):
+                slow[i] = t.call_in(t.compute, socks_request, p, "slow-%d.example" % i, 80)
+            ths = [threading.Thread(target=ask, args=(i,)) for i in range(30)]
+            for th in ths:
+                th.start()
+            time.sleep(0.3)                       # (they are at the egress's resolver by now)
+            t0 = time.monotonic()
+            assert t.call_in(t.compute, socks_request, p, t.data_name, bed.port) == ("reply", 0)
+            took = time.monotonic() - t0
+            for th in ths:
+                th.join(60)
+            assert all(r == ("reply", 0x01) for r in slow), slow          # "dns": general failure
+            assert took < 2.5, "a healthy name waited %.1f s behind names nobody answers for" % took
+        finally:
+            p.stop()
+    finally:
+        dns.kill()
+        dns.wait()
+        if gw is not None:
+            gw.terminate()
+            gw.wait(10)

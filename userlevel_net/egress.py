@@ -19,6 +19,7 @@ addresses.  Only allowed addresses are connected to.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno as _errno
 import fnmatch
 import functools
@@ -34,6 +35,7 @@ from ._relay import (CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, ROLE_EGRESS, Deadline, 
 log = logging.getLogger("vinehpc.tunnel.egress")
 
 MAX_STREAMS = 4096
+RESOLVER_THREADS = 64
 
 
 class Rule:
@@ -136,6 +138,8 @@ class Egress:
         self._lt = None
         self._tasks = set()                # handshakes under way
         self._waiting = {}                 # the tasks of connections not yet asking, oldest first
+        self._resolver = None              # name lookups (see _resolve)
+        self._lookups = {}                 # (host, port) -> the lookup under way
         self._relays = set()               # open streams
         self._paused = False
 
@@ -180,6 +184,8 @@ class Egress:
             r.stop()
         for t in list(self._tasks):
             t.cancel()
+        if self._resolver is not None:       # a lookup in progress cannot be interrupted: do not wait
+            self._resolver.shutdown(wait=False, cancel_futures=True)
 
     def _lt_loop(self):
         return asyncio.get_running_loop()
@@ -241,6 +247,26 @@ class Egress:
         if not state[1]:                   # cancelled before it ran: account for it here
             c.close()
             self._stats[state[0]] -= 1
+
+    async def _resolve(self, loop, host, port):
+        """getaddrinfo on the egress's own resolver threads (RESOLVER_THREADS; asyncio's default
+        executor has min(32, cores + 4): on 2 cores, 6 lookups of names nobody answers for would
+        hold up every other name), one lookup per name at a time however many streams ask."""
+        if self._resolver is None:
+            self._resolver = concurrent.futures.ThreadPoolExecutor(RESOLVER_THREADS, thread_name_prefix="egress-dns")
+        key = (host, port)
+        fut = self._lookups.get(key)
+        if fut is None:
+            fut = loop.run_in_executor(self._resolver, functools.partial(
+                socket.getaddrinfo, host, port, type=socket.SOCK_STREAM))
+            self._lookups[key] = fut
+
+            def done(f):
+                self._lookups.pop(key, None)
+                if not f.cancelled():
+                    f.exception()            # retrieved: no "never retrieved" noise if nobody waits now
+            fut.add_done_callback(done)
+        return await asyncio.shield(fut)     # a stream giving up does not cancel the others' lookup
 
     def _resume_accept(self):
         if self._sock is not None and self._paused:
@@ -342,7 +368,7 @@ class Egress:
         if infos is None:
             try:
                 dl.set(self.connect_timeout, "resolve")
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                infos = await self._resolve(loop, host, port)
             except socket.gaierror as e:
                 return await fail("dns", "cannot resolve %s: %s" % (host, e.strerror or e))
             except (OSError, UnicodeError) as e:
