@@ -442,17 +442,9 @@ def test_manager_tunnel_gives_compute_node_tasks_a_way_out(bed, tmp_path):
 
 
 # ------------------------------------------------------------------------ on loopback
-def _echo_server():
-    """A loopback server: each connection gets back what it sends (until EOF)."""
+def _loopback_server(serve):
+    """A server on 127.0.0.1 running serve(conn) on a thread per connection, until closed."""
     srv = socket.create_server(("127.0.0.1", 0))
-
-    def serve(c):
-        with c:
-            while True:
-                b = c.recv(1 << 16)
-                if not b:
-                    return
-                c.sendall(b)
 
     def accept():
         while True:
@@ -463,6 +455,18 @@ def _echo_server():
             threading.Thread(target=serve, args=(c,), daemon=True).start()
     threading.Thread(target=accept, daemon=True).start()
     return srv
+
+
+def _echo_server():
+    """A loopback server: each connection gets back what it sends (until EOF)."""
+    def serve(c):
+        with c:
+            while True:
+                b = c.recv(1 << 16)
+                if not b:
+                    return
+                c.sendall(b)
+    return _loopback_server(serve)
 
 
 def _socks_echo(p, port, payload: bytes) -> bytes:
@@ -540,7 +544,6 @@ def test_ready_connections_survive_an_egress_restart_and_bulk_streams_relay_exac
 def _recording_origin():
     """A loopback 'origin' that records every byte it receives, answers one HTTP response and
     closes when the client does."""
-    srv = socket.create_server(("127.0.0.1", 0))
     got = []
 
     def serve(c):
@@ -562,16 +565,7 @@ def _recording_origin():
             except OSError:
                 pass
             got.append(data)
-
-    def accept():
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(c,), daemon=True).start()
-    threading.Thread(target=accept, daemon=True).start()
-    return srv, got
+    return _loopback_server(serve), got
 
 
 def test_bad_destinations_and_a_second_pipelined_http_request_stay_at_the_proxy(tmp_path):

@@ -131,6 +131,14 @@ class LoopThread:
         self.loop.call_soon_threadsafe(run)
         return fut.result(timeout)
 
+    def shut(self, fn) -> None:
+        """Run fn (the owner's teardown) on the loop, then stop the loop."""
+        try:
+            self.call(fn)
+        except (RuntimeError, TimeoutError):    # the loop is gone or stuck: stop it all the same
+            pass
+        self.stop()
+
     def stop(self, timeout: float = 5.0) -> None:
         if self.loop.is_closed():
             return
@@ -245,6 +253,26 @@ async def connect(loop, sock, addr) -> None:
             raise OSError(err, os.strerror(err))
         return
     await loop.sock_connect(sock, addr)       # (connect() again: EALREADY, then it waits)
+
+
+def listener(host: str, port: int, defer_accept: bool = False) -> socket.socket:
+    """A non-blocking listening socket on host:port (defer_accept: wake us only once the
+    client has sent something -- for protocols where the client speaks first)."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(1024)
+        s.setblocking(False)
+        if defer_accept:
+            try:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 5)
+            except (AttributeError, OSError):
+                pass
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 
 def new_socket(family: int) -> socket.socket:

@@ -30,7 +30,7 @@ import socket
 from vinehpc.protocol import auth, wire
 
 from ._relay import (CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, ROLE_EGRESS, Deadline, LoopThread, Reader, Relay,
-                     check_proxy_mac, connect, literal_addrinfo, new_socket, tune)
+                     check_proxy_mac, connect, listener, literal_addrinfo, new_socket, tune)
 
 log = logging.getLogger("vinehpc.tunnel.egress")
 
@@ -145,17 +145,7 @@ class Egress:
 
     # ------------------------------------------------------------------------- lifecycle
     def start(self) -> "Egress":
-        fam = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        s = socket.socket(fam, socket.SOCK_STREAM)
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((self.host, self.port))
-            s.listen(1024)
-            s.setblocking(False)
-        except BaseException:
-            s.close()
-            raise
-        self._sock = s
+        s = self._sock = listener(self.host, self.port)
         self.port = s.getsockname()[1]
         self._lt = LoopThread("egress").start()
         self._lt.call(self._lt.loop.add_reader, s.fileno(), self._on_accept)
@@ -166,19 +156,14 @@ class Egress:
     def stop(self) -> None:
         """Stop accepting and tear down every open stream and handshake."""
         lt, self._lt = self._lt, None
-        if lt is None:
-            return
-        try:
-            lt.call(self._shutdown)
-        except (RuntimeError, TimeoutError):
-            pass
-        lt.stop()
+        if lt is not None:
+            lt.shut(self._shutdown)
 
     def _shutdown(self):
         s, self._sock = self._sock, None
         if s is not None:
             if not self._paused:
-                self._lt_loop().remove_reader(s.fileno())
+                asyncio.get_running_loop().remove_reader(s.fileno())
             s.close()
         for r in list(self._relays):
             r.stop()
@@ -186,9 +171,6 @@ class Egress:
             t.cancel()
         if self._resolver is not None:       # a lookup in progress cannot be interrupted: do not wait
             self._resolver.shutdown(wait=False, cancel_futures=True)
-
-    def _lt_loop(self):
-        return asyncio.get_running_loop()
 
     def __enter__(self):
         return self.start() if self._sock is None else self

@@ -37,8 +37,8 @@ import subprocess
 import sys
 from urllib.parse import urlsplit
 
-from ._relay import (CONNECT_TIMEOUT, READY_MAX_AGE, Deadline, LoopThread, Reader, Relay, StaleConn, StreamError, tune,
-                     alive, egress_connect, egress_request, literal_addrinfo, parse_hostport)
+from ._relay import (CONNECT_TIMEOUT, READY_MAX_AGE, Deadline, LoopThread, Reader, Relay, StaleConn, StreamError,
+                     alive, egress_connect, egress_request, listener, literal_addrinfo, parse_hostport, tune)
 
 log = logging.getLogger("vinehpc.tunnel.proxy")
 
@@ -81,21 +81,8 @@ class ProxyServer:
         self._filling = 0
         self._last_open = None
         self._tick_handle = None
-        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host, port))
-            s.listen(1024)
-            s.setblocking(False)
-            try:   # clients speak first (SOCKS greeting, HTTP request): wake us when they have
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 5)
-            except (AttributeError, OSError):
-                pass
-        except BaseException:
-            s.close()
-            raise
-        self.sock = s
-        self.port = s.getsockname()[1]
+        self.sock = listener(host, port, defer_accept=True)   # SOCKS and HTTP clients speak first
+        self.port = self.sock.getsockname()[1]
         self._lt = None
 
     def start(self) -> "ProxyServer":
@@ -108,12 +95,8 @@ class ProxyServer:
         lt, self._lt = self._lt, None
         if lt is None:
             self.sock.close()
-            return
-        try:
-            lt.call(self._shutdown)
-        except (RuntimeError, TimeoutError):
-            pass
-        lt.stop()
+        else:
+            lt.shut(self._shutdown)
 
     def _shutdown(self):
         asyncio.get_running_loop().remove_reader(self.sock.fileno())

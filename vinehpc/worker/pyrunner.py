@@ -69,6 +69,7 @@ class Meter:
             except OSError:
                 pass
         self.io0 = None
+        self.rss0 = self.rss_end = None
 
     def _io(self):
         fd = self.fds.get("io")
@@ -81,81 +82,58 @@ class Meter:
         except (OSError, ValueError):
             return None
 
-    def start(self):
+    def _status(self):
+        """(peak RSS, current RSS) in bytes, from one read of /proc/self/status; None if unknown."""
+        try:
+            b = os.pread(self.fds["status"], 4096, 0)
+            i = b.index(b"VmHWM:") + 6
+            j = b.index(b"VmRSS:") + 6
+            return int(b[i:b.index(b"kB", i)]) << 10, int(b[j:b.index(b"kB", j)]) << 10
+        except (KeyError, OSError, ValueError):
+            return None
+
+    def start(self, slack=16 << 20):
+        st = self._status()
+        self.rss0 = st[1] if st else None
         fd = self.fds.get("clear_refs")
-        if fd is not None and self._hwm_above_rss():
+        # the peak is well above the current RSS: an earlier task's peak, to forget (resetting it
+        # only then keeps the common case of small tasks cheap)
+        if fd is not None and (st is None or st[0] > st[1] + slack):
             try:
                 os.write(fd, b"5")       # reset the peak RSS (VmHWM) to the current RSS
             except OSError:
                 self.fds.pop("clear_refs", None)
         self.io0 = self._io()
 
-    def rss(self):
-        """Current RSS in bytes (None when unknown)."""
-        try:
-            b = os.pread(self.fds["status"], 4096, 0)
-            j = b.index(b"VmRSS:") + 6
-            return int(b[j:b.index(b"kB", j)]) * 1024
-        except (KeyError, OSError, ValueError):
-            return None
-
-    def _hwm_above_rss(self, slack=16 << 10) -> bool:
-        """The peak (VmHWM) is well above the current RSS: an earlier task's peak, to forget.
-        (Resetting it only then keeps the common case of small tasks cheap.)"""
-        try:
-            b = os.pread(self.fds["status"], 4096, 0)
-            i = b.index(b"VmHWM:") + 6
-            hwm = int(b[i:b.index(b"kB", i)])
-            j = b.index(b"VmRSS:") + 6
-            rss = int(b[j:b.index(b"kB", j)])
-            return hwm > rss + slack
-        except (KeyError, OSError, ValueError):
-            return True
-
     def stop(self):
         """(peak rss bytes or None, chars read or None, chars written or None)"""
-        rss = None
-        fd = self.fds.get("status")
-        if fd is not None and "clear_refs" in self.fds:
-            try:
-                b = os.pread(fd, 4096, 0)
-                i = b.index(b"VmHWM:") + 6
-                rss = int(b[i:b.index(b"kB", i)]) * 1024
-            except (OSError, ValueError):
-                pass
+        st = self._status()
+        self.rss_end = st[1] if st else None
+        rss = st[0] if st and "clear_refs" in self.fds else None
         io = self._io()
         if io is None or self.io0 is None:
             return rss, None, None
         return rss, io[0] - self.io0[0], io[1] - self.io0[1]
 
+    def grew(self, slack=4 << 20) -> bool:
+        """Did the interpreter's RSS grow over the task (by more than slack)?"""
+        return self.rss0 is not None and self.rss_end is not None and self.rss_end > self.rss0 + slack
 
-class Trimmer:
-    """After a task that grew this interpreter, give freed heap back to the OS (glibc's
-    malloc_trim), so the next task starts from the interpreter's own baseline and is measured --
-    and limited -- with its own memory, not what earlier tasks freed but glibc kept resident
-    (after one big free glibc raises its mmap threshold up to 32 MB and keeps such blocks in
-    the heap).  glibc's thresholds themselves are left alone: fixing them would make every
-    numpy temporary over the threshold an mmap + page faults (2.6x slower on a loop of 2 MB
-    temporaries here)."""
 
-    def __init__(self, meter):
-        self.meter = meter
-        try:
-            import ctypes
-            self.trim = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):   # not glibc
-            self.trim = None
-        self.rss0 = None
+def _malloc_trim():
+    """glibc's malloc_trim, or None (not glibc).
 
-    def before(self):
-        self.rss0 = self.meter.rss()
-
-    def after(self, slack=4 << 20):
-        if self.trim is None or self.rss0 is None:
-            return
-        rss = self.meter.rss()
-        if rss is not None and rss > self.rss0 + slack:
-            self.trim(0)
+    After a task that grew this interpreter, freed heap goes back to the OS, so the next task
+    starts from the interpreter's own baseline and is measured -- and limited -- with its own
+    memory, not what earlier tasks freed but glibc kept resident (after one big free glibc
+    raises its mmap threshold up to 32 MB and keeps such blocks in the heap).  glibc's
+    thresholds themselves are left alone: fixing them would make every numpy temporary over the
+    threshold an mmap + page faults (2.6x slower on a loop of 2 MB temporaries here)."""
+    try:
+        import ctypes
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def main(fd=3):
@@ -166,7 +144,7 @@ def main(fd=3):
     fns = {}
     base_env = dict(os.environ)
     meter = Meter()
-    trimmer = Trimmer(meter)
+    trim = _malloc_trim()
     while True:
         try:
             msg = recv(sock)
@@ -180,7 +158,6 @@ def main(fd=3):
             return 0
         _, tid, fid, args, cwd, env = msg
         value = a = kw = None
-        trimmer.before()
         meter.start()
         t0, c0 = time.perf_counter(), time.process_time()
         out = io.StringIO()
@@ -210,7 +187,8 @@ def main(fd=3):
             text = text[-MAX_OUT:]
         send(sock, ("done", tid, res, error, text, wall, cpu, rss, rd, wr))
         value = res = a = kw = None      # drop the task's objects before trimming
-        trimmer.after()
+        if trim is not None and meter.grew():
+            trim(0)
 
 
 if __name__ == "__main__":
