@@ -283,6 +283,18 @@ class Manager:
         exhausts this much is returned as "resource exhaustion" instead of retried larger."""
         self._call(lambda: self.core.category(category).max.update(_mb(resources)))
 
+    def set_category_retry_budget(self, category: str, share: float | None) -> None:
+        """The share of tasks of `category` a learnt allocation (min-waste, max-throughput, the
+        bucketing modes) may leave too small, so that they run twice: 0.05 by default (one task
+        in 20). Smaller wastes more memory; None or 1 is no limit (the bucketing modes are then
+        Phung & Thain's method as published, which retries 15-30% of tasks on a mixed category)."""
+        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
+                                  or not 0 <= share <= 1):
+            raise ValueError("retry budget must be a share between 0 and 1 (e.g. 0.05) or None, got %r"
+                             % (share,))
+        budget = None if share is None or share >= 1 else float(share)
+        self._call(lambda: self.core.category(category).set_retry_budget(budget))
+
     def enable_disconnect_slow_workers(self, multiplier: float, category: str | None = None) -> None:
         """Fast abort: a task running longer than `multiplier` x the mean of its category's successful
         runs (after 3 of them) is killed and run again elsewhere; a worker where this happens twice is

@@ -94,6 +94,7 @@ class Task:
         self.attempts = 0
         self.wall_time = None
         self.resources_measured = None
+        self.resources_allocated = None    # what its last attempt was given (memory/disk MB, cores, gpus)
         self._submit_time = None
         self._abytes = None
         self._on_done = None

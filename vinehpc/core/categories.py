@@ -28,6 +28,7 @@ import random
 MODES = ("fixed", "max", "min-waste", "max-throughput", "greedy-bucketing", "exhaustive-bucketing")
 LEARNED = ("memory", "disk")      # resources allocated from history (cores/gpus stay as requested)
 SAMPLES = 5
+RETRY_BUDGET = 0.05   # default: one task in 20 may run twice (None: no limit)
 
 
 class Category:
@@ -39,10 +40,13 @@ class Category:
         self.peaks = {k: [] for k in LEARNED}    # sorted measured peaks of successful tasks
         self.buckets = {}          # resource -> list of (top, weight) for bucketing modes
         self.rng = rng or random.Random(1)
+        self.retry_budget = RETRY_BUDGET   # share of tasks a learnt allocation may send back for a retry
         self._memo = {}            # resource -> (n_done, allocation): min-waste/max-throughput per sample count
         self.n_done = 0
         self.wall_sum = 0.0        # successful runs' wall time (fast abort compares with the mean)
         self.wall_n = 0
+        self.fail_wall_sum = 0.0   # exhausted attempts' wall time (what a too-small allocation costs)
+        self.fail_wall_n = 0
         self.exhaustions = 0
         self.retried = set()
         self.at_least = {k: 0.0 for k in LEARNED}  # the most an exhausted attempt was seen using (a lower bound)
@@ -65,16 +69,36 @@ class Category:
             self.n_done += 1
             self.wall_sum += wall
             self.wall_n += 1
-            if self.mode.endswith("bucketing") and (self.n_done <= 20 or self.n_done % 10 == 0):
-                self.buckets = {k: _buckets(self.peaks[k], exhaustive=self.mode.startswith("exhaustive"))
-                                for k in LEARNED if self.peaks[k]}
+            if self.n_done <= 20 or self.n_done % 10 == 0:
+                self._rebucket()
 
-    def exhausted(self, k, used) -> None:
-        """An attempt was stopped for using `used` of `k`: its kind needs at least that much.
-        (It is no sample -- the attempt did not finish -- but `max` and retries take it at once,
-        instead of waiting for such a task to succeed.)"""
+    def exhausted(self, k, used, wall=None) -> None:
+        """An attempt was stopped after `wall` seconds for using `used` of `k`: its kind needs at
+        least that much. (It is no sample -- the attempt did not finish -- but `max` and retries
+        take it at once, instead of waiting for such a task to succeed.)"""
         if used:
             self.at_least[k] = max(self.at_least[k], float(used))
+        if wall is not None and wall >= 0:
+            self.fail_wall_sum += float(wall)
+            self.fail_wall_n += 1
+
+    def set_retry_budget(self, budget) -> None:
+        self.retry_budget = budget
+        self._memo.clear()
+        self._rebucket()
+
+    def _rebucket(self) -> None:
+        if self.mode.endswith("bucketing"):
+            self.buckets = {k: _buckets(self.peaks[k], exhaustive=self.mode.startswith("exhaustive"),
+                                        retry_budget=self.retry_budget, fail=self.fail_share())
+                            for k in LEARNED if self.peaks[k]}
+
+    def fail_share(self) -> float:
+        """How long an exhausted attempt lasts, as a share of a successful run's mean (1 until 3
+        of each are known): what a too-small allocation costs the run."""
+        if self.fail_wall_n < 3 or self.wall_n < 3 or self.wall_sum <= 0:
+            return 1.0
+        return min(1.0, max(0.05, (self.fail_wall_sum / self.fail_wall_n) / (self.wall_sum / self.wall_n)))
 
     # -- deciding ------------------------------------------------------------------
     def allocation(self, requested: dict, previous: dict | None = None) -> dict:
@@ -106,16 +130,18 @@ class Category:
             memo = self._memo.get(k)
             if memo is not None and memo[0] == self.n_done:
                 return memo[1]
-            best, best_v = top, None
+            best, best_v, fail = top, None, self.fail_share()
             for a in sorted(set(_round_up(p) for p in peaks)):
                 fit = bisect.bisect_right(peaks, a) / len(peaks)
+                if self.retry_budget is not None and 1 - fit > self.retry_budget:
+                    continue
                 if self.mode == "min-waste":
                     # unused memory when it fits; the whole failed attempt plus a retry at top otherwise
-                    v = sum((a - p) if p <= a else (a + top - p) for p in peaks) / len(peaks)
+                    v = sum((a - p) if p <= a else (fail * a + top - p) for p in peaks) / len(peaks)
                     better = best_v is None or v < best_v
                 else:
                     # tasks per unit of memory, each failed attempt costing a second run at the top
-                    v = fit / a + (1 - fit) / (a + top)
+                    v = fit / a + (1 - fit) / (fail * a + top)
                     better = best_v is None or v > best_v
                 if better:
                     best, best_v = a, v
@@ -174,48 +200,58 @@ def check_mode(mode) -> str:
 
 
 def _round_up(v: float) -> float:
-    """Allocations in whole MB, rounded up to 1/32 of their power of two (avoids 1-MB retries)."""
+    """Allocations in whole MB, rounded up to 1/128 of their power of two (0.4-0.8%: coarser
+    steps cost real memory on narrow distributions; a retry is at least 1/8 larger anyway)."""
     if v <= 0:
         return 0
-    step = max(1, 2 ** max(0, int(v).bit_length() - 5))
+    step = max(1, 2 ** max(0, int(v).bit_length() - 7))
     return float(-(-int(v + 0.999) // step) * step)
 
 
-def _cost(values, cut_points) -> float:
-    """Expected allocation per task when a task draws bucket i with probability w_i (its share of
-    the records) and is given its top, climbing bucket by bucket while it does not fit. A task
-    whose value lies in bucket j costs top_i if j <= i, else top_i + ... + top_j. O(buckets^2)."""
+def _cost(values, cut_points, fail=1.0):
+    """(expected allocation per task, share of tasks retried) when a task draws bucket i with
+    probability w_i (its share of the records) and is given its top (rounded up as allocations
+    are: the records up to it are the bucket's), climbing bucket by bucket
+    while it does not fit. A task whose value lies in bucket j costs top_i if j <= i, else
+    top_i + ... + top_j, and is retried. `fail`: how long a failed attempt lasts, as a share of a
+    whole run (its allocation is wasted for that long). O(buckets^2)."""
     n = len(values)
-    tops = [values[c - 1] for c in cut_points]
-    bounds = [0] + list(cut_points)
+    tops = [_round_up(values[c - 1]) for c in cut_points]     # what a task of the bucket is given
+    bounds = [0] + [bisect.bisect_right(values, t) for t in tops[:-1]] + [n]
     w = [(bounds[i + 1] - bounds[i]) / n for i in range(len(tops))]
-    cost = 0.0
+    cost = retried = 0.0
     for i, top_i in enumerate(tops):
         climb = top_i
         for j in range(len(tops)):
             if j > i:
-                climb += tops[j]
+                climb += tops[j] - (1 - fail) * tops[j - 1]
+                retried += w[i] * w[j]
             cost += w[i] * w[j] * (top_i if j <= i else climb)
-    return cost
+    return cost, retried
 
 
-def _buckets(values, exhaustive=False, max_buckets=4):
-    """Split sorted `values` into buckets minimising _cost: [(top, weight)]."""
+def _buckets(values, exhaustive=False, max_buckets=4, retry_budget=None, fail=1.0):
+    """Split sorted `values` into buckets minimising _cost: [(top, weight)]. `retry_budget`: only
+    splits whose expected share of retried tasks stays within it (None: no limit, the paper's
+    method)."""
     if len(values) > 512:              # quantiles are enough to place the cuts
         values = [values[int(i * (len(values) - 1) / 511)] for i in range(512)]
     n = len(values)
     if n < 2:
         return [(values[-1], n)] if values else []
-    cuts = list(range(1, n)) if n <= 33 else sorted({int(i * n / 32) for i in range(1, 32)})
+    limit = 1.0 if retry_budget is None else retry_budget
+    cuts = list(range(1, n)) if n <= 65 else sorted({int(i * n / 64) for i in range(1, 64)})
     best = [n]
-    best_cost = _cost(values, best)
+    best_cost = _cost(values, best, fail)[0]
     if exhaustive:
-        cand = cuts if len(cuts) <= 16 else [cuts[int(i * (len(cuts) - 1) / 15)] for i in range(16)]
+        cand = cuts if len(cuts) <= 24 else [cuts[int(i * (len(cuts) - 1) / 23)] for i in range(24)]
+        if limit < 1.0:                # a tight budget is met by cuts near the top: try those finely
+            cand = sorted(set(cand) | {c for c in cuts if c >= n * (1 - 2 * limit)})
         for k in range(1, max_buckets):
             for chosen in itertools.combinations(cand, k):
                 cp = list(chosen) + [n]
-                c = _cost(values, cp)
-                if c < best_cost - 1e-9:
+                c, r = _cost(values, cp, fail)
+                if r <= limit and c < best_cost - 1e-9:
                     best, best_cost = cp, c
     else:
         while len(best) < max_buckets:      # greedy: add the single best cut, while it helps
@@ -224,8 +260,8 @@ def _buckets(values, exhaustive=False, max_buckets=4):
                 if cut in base:
                     continue
                 cp = sorted(base + [cut])
-                c = _cost(values, cp)
-                if c < best_cost - 1e-9:
+                c, r = _cost(values, cp, fail)
+                if r <= limit and c < best_cost - 1e-9:
                     step, best_cost = cp, c
             if step is None:
                 break

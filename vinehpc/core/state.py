@@ -378,7 +378,7 @@ class Core:
             before = task._res.get(what)
             used = x.get("used") if isinstance(x.get("used"), (int, float)) else None
             if what in LEARNED:
-                cat.exhausted(what, used)
+                cat.exhausted(what, used, task.wall_time)
             if task._exhaustions < 8 and self._allocate(task, exhausted=what, used=used):
                 task._exhaustions += 1
                 task._allocated = True
@@ -411,6 +411,7 @@ class Core:
         task.result = result
         task.reason = reason
         task.state = "done"
+        task.resources_allocated = {k: v for k, v in (getattr(task, "_res", None) or {}).items() if v}
         self.tasks.pop(task.id, None)
         ok = result == "success"
         if task.id >= 0:
@@ -418,7 +419,7 @@ class Core:
         if not resumed:
             self._log("done" if ok else "failed", task=task.id, worker=task._wid, result=result,
                       exit_code=task.exit_code, reason=reason, wall=task.wall_time, attempts=task.attempts,
-                      category=task.category, allocated={k: v for k, v in task._res.items() if v},
+                      category=task.category, allocated=task.resources_allocated,
                       measured=task.resources_measured)
         for f, _ in task.outputs:
             k = self._key(f)
