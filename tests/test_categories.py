@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from vinehpc.core.categories import Category, _buckets, _round_up
+from vinehpc.core.categories import Category, _buckets, _cost, _round_up
 from test_core import INFO, info, make_core, new_task, of, submit, take
 
 
@@ -174,3 +174,89 @@ def test_an_exhaustion_teaches_max_mode_at_once_and_the_retry_starts_above_what_
     recs = [c[1] for c in of(take(core), "log") if c[1]["event"] == "done" and c[1]["task"] == other.id]
     assert recs and recs[0]["category"] == "sim" and recs[0]["measured"]["memory"] == 60
     assert recs[0]["allocated"]["memory"] == _round_up(60)
+    assert other.resources_allocated["memory"] == _round_up(60)      # and so does the task
+
+
+def _retried(vals, buckets):
+    cuts, acc = [], 0
+    for _, w in buckets:
+        acc += w
+        cuts.append(acc)
+    return _cost(vals, cuts)[1]
+
+
+def test_the_retry_budget_bounds_how_many_tasks_a_bucket_split_leaves_too_small():
+    """One category mixing two kinds (70% small): the paper's split draws the small bucket for a
+    big task often (~20% retried); within a 5% budget the split leaves at most 5% too small."""
+    r = random.Random(1)
+    vals = sorted(r.gauss(2000, 300) if r.random() < 0.7 else r.gauss(12000, 1000) for _ in range(400))
+    for exhaustive in (False, True):
+        free = _buckets(vals, exhaustive=exhaustive)
+        tight = _buckets(vals, exhaustive=exhaustive, retry_budget=0.05)
+        assert _retried(vals, free) > 0.15, free
+        assert _retried(vals, tight) <= 0.05, tight
+        assert sum(w for _, w in tight) == len(vals)
+
+
+def test_min_waste_within_the_budget_fits_all_but_the_budget_and_none_lifts_it():
+    r = random.Random(2)
+    peaks = [r.gauss(2000, 300) if r.random() < 0.7 else r.gauss(12000, 1000) for _ in range(200)]
+    allocs = {}
+    for budget in (0.05, None):
+        c = Category("sim", "min-waste")
+        c.set_retry_budget(budget)
+        for p in peaks:
+            c.record({"memory": p}, {"memory": 4000}, 1.0, True)
+        allocs[budget] = c.allocation({})["memory"]
+    fits = sum(p <= allocs[0.05] for p in peaks) / len(peaks)
+    assert fits >= 0.95
+    assert allocs[None] < 4000                    # unconstrained, it gambles on the small kind
+
+
+def test_a_short_lived_exhaustion_makes_a_small_bucket_cheaper_to_try():
+    """What a too-small attempt costs is what it lasted: measured from the category's exhausted
+    attempts (1 = a whole run, until 3 of each are known)."""
+    c = Category("sim", "greedy-bucketing")
+    assert c.fail_share() == 1.0
+    for _ in range(3):
+        c.record({"memory": 100}, {"memory": 200}, 10.0, True)
+        c.exhausted("memory", 150, wall=1.0)
+    assert abs(c.fail_share() - 0.1) < 1e-9
+    vals = sorted([100.0] * 90 + [1000.0] * 10)
+    assert _cost(vals, [90, 100], fail=0.1)[0] < _cost(vals, [90, 100], fail=1.0)[0]
+    c.set_retry_budget(None)
+    assert c.retry_budget is None
+
+
+def test_set_category_retry_budget_refuses_what_is_not_a_share(make_manager):
+    m = make_manager(port=0, host="127.0.0.1")
+    for bad in (-0.1, 1.5, "5%", True):
+        with pytest.raises(ValueError, match="retry budget"):
+            m.set_category_retry_budget("sim", bad)
+    m.set_category_retry_budget("sim", 0.1)
+    m.set_category_retry_budget("sim", 1)           # no limit
+    m.set_category_mode("sim", "greedy-bucketing")
+    assert m.stats_category("sim")["retry budget"] is None
+    m.set_category_retry_budget("sim", 0.02)
+    assert m.stats_category("sim")["retry budget"] == 0.02
+
+
+def test_the_benchmarks_bound_spends_the_retry_budget_where_it_saves_most():
+    """benchmarks/categories.py's bound (what no allocator blind to task contents can beat)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "categories.py")
+    spec = importlib.util.spec_from_file_location("bench_categories", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # 20 tasks of peaks 1..20 MB, 1 s each; 5% = one task may be left too small: allocate 19
+    samples = [("a", float(u), 1.0, 20.0) for u in range(1, 21)]
+    assert bench.oracle(samples, 0.0) == sum(20 - u for u in range(1, 21))
+    assert bench.oracle(samples, 0.05) == sum(19 - u for u in range(1, 20))
+    # a task that ran on the first guess (a whole worker) wastes what it wasted, whatever the budget
+    first = ("a", 10.0, 2.0, float(bench.WORKER_MB))
+    assert bench.oracle(samples + [first], 0.0) == 190 + (bench.WORKER_MB - 10) * 2
+    # two categories, one retry in all: it goes where it saves most (b's outlier)
+    b = [("b", 1.0, 1.0, 20.0)] * 19 + [("b", 100.0, 1.0, 200.0)]
+    assert bench.oracle(b, 0.05) == 0.0
+    assert bench.oracle(samples + b, 0.025) == 190          # a keeps its 20 MB; b drops 19 x 99 MB of waste

@@ -178,6 +178,48 @@ def test_memory_packing(core):
     assert b.state == "ready"
 
 
+def test_a_big_task_lets_small_ones_pass_for_a_while_then_a_worker_is_kept_for_it(core):
+    """Backfill without starvation: small tasks keep both workers full; the big one waits
+    RESERVE_AFTER seconds, then one worker takes nothing new until the big task starts there,
+    while the other keeps taking small tasks."""
+    core.worker_joined(1, INFO, 0.0)
+    core.worker_joined(2, info(host="h2"), 0.0)
+    small = [submit(core, new_task(memory=500)) for _ in range(4)]
+    core.schedule(0.0)
+    running = dict((tid, wid) for wid, tid in dispatched(take(core)))
+    assert len(running) == 4
+    big = submit(core, new_task(memory=900))
+    more = [submit(core, new_task(memory=500)) for _ in range(6)]
+    by_id = {t.id: t for t in small + more}
+    started = []
+
+    def finish_one(now):
+        tid = min(running)                # the oldest running task ends
+        ok(core, running.pop(tid), by_id[tid], now=now)
+        core.schedule(now)
+        cmds = take(core)
+        for w, t in dispatched(cmds):
+            running[t] = w
+            started.append((w, t))
+        return [c[1] for c in of(cmds, "log") if c[1]["event"] == "reserved"]
+
+    finish_one(0.5)                       # within the patience: a small task takes the room
+    assert big.state == "ready" and len(running) == 4
+    now = core_state.RESERVE_AFTER + 1.0
+    del started[:]
+    recs = finish_one(now)                # the patience is over: a worker is kept for the big task
+    assert core.reserved is not None and core.reserved[1] == big.id
+    kept = core.reserved[0]
+    assert recs and recs[0]["task"] == big.id and recs[0]["worker"] == kept
+    while big.state == "ready" and running:
+        now += 0.1
+        finish_one(now)
+    assert big.state == "running" and big._wid == kept and core.reserved is None
+    before_big = started[:started.index((kept, big.id))]
+    assert before_big and all(w != kept for w, _ in before_big)   # the other worker kept backfilling
+    assert len(running) >= 2
+
+
 def test_disk_packing(core):
     a = submit(core, new_task(disk=700))
     b = submit(core, new_task(disk=700))

@@ -187,6 +187,7 @@ class Category:
         return {"category": self.name, "mode": self.mode, "done": self.n_done, "exhaustions": self.exhaustions,
                 "mean wall": (self.wall_sum / self.wall_n) if self.wall_n else None,
                 "tasks retried": len(self.retried), "first guess": dict(self.first), "max": dict(self.max),
+                "retry budget": self.retry_budget,
                 "largest peak": {k: (self.peaks[k][-1] if self.peaks[k] else None) for k in LEARNED},
                 "allocated x seconds": dict(self.allocated_time), "used x seconds": dict(self.used_time),
                 "waste x seconds": waste,

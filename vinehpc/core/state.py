@@ -24,6 +24,7 @@ PREFETCH_FACTOR = 4       # a worker may hold up to this many times its cores of
 SHORT_TASK = 0.05         # x2 for a category faster than this (seconds),
 TINY_TASK = 0.005         # x4 for one faster than this: round trips would idle the worker
 SHORT_SAMPLES = 4
+RESERVE_AFTER = 2.0        # seconds a task no worker has room for lets smaller ones pass before a worker is kept for it
 
 RES = ("cores", "memory", "disk", "gpus")
 
@@ -76,6 +77,7 @@ class Core:
         self.slow_counts = collections.Counter()      # worker -> tasks fast-aborted there
         self.faults = {}                   # worker -> times of its recent worker-side failures
         self.unproduced = {}               # temp cachename -> why its producer failed
+        self.reserved = None               # (wid, tid): a worker kept for a task no worker had room for
         self.counts = collections.Counter()
         self.n_running = 0
         self.draining = False
@@ -490,6 +492,7 @@ class Core:
         n = 0
         skipped = []
         scanned = 0
+        keep = self._reservation(now)
         while self.ready and free and scanned < SCAN_LIMIT:
             tid = self.ready.popleft()
             task = self.tasks.get(tid)
@@ -505,7 +508,7 @@ class Core:
                 if task._allocated != version:
                     self._allocate(task)
                     task._allocated = version
-            cands = [w for w in free if self._fits(w, task)]
+            cands = [w for w in free if (w.wid != keep or tid == self.reserved[1]) and self._fits(w, task)]
             avoid = getattr(task, "_avoid", None)
             if avoid is not None and len(cands) > 1:
                 cands = [w for w in cands if w.wid != avoid] or cands   # elsewhere, if anywhere else
@@ -525,17 +528,60 @@ class Core:
                 if self.workers and self._too_big(task) and not getattr(task, "_warned", False):
                     task._warned = True
                     self._log("warning", task=tid, reason="no connected worker is large enough for %s" % task._res)
+                elif keep is None and holders is None:
+                    since = getattr(task, "_skipped_since", None)
+                    if since is None:
+                        task._skipped_since = now
+                    elif now - since >= RESERVE_AFTER:
+                        keep = self._reserve(task, now)
                 continue
             if not self._resolve(task):
                 continue
             w = self.policy.choose(task, cands)
             self._dispatch(task, w, now)
+            task._skipped_since = None
+            if self.reserved is not None and self.reserved[1] == tid:
+                self.reserved = keep = None
             n += 1
             if w.committed["cores"] >= w.total["cores"] * PREFETCH_FACTOR:
                 free.remove(w)
         if skipped:
             self.ready.extendleft(reversed(skipped))
         return n
+
+    def _reservation(self, now):
+        """The worker kept for a task (None). A task no worker has room for lets smaller ones pass
+        (backfill) for RESERVE_AFTER seconds; then a worker is kept for it: while it drains, nothing
+        else starts there, so a task bigger than what the others leave free (a retry after an
+        exhaustion, a whole-worker guess, a 4-core task among 1-core ones) starts once that worker
+        has room instead of when the queue runs dry. One at a time: the other workers keep
+        backfilling."""
+        if self.reserved is None:
+            return None
+        wid, tid = self.reserved
+        w, task = self.workers.get(wid), self.tasks.get(tid)
+        if (w is None or task is None or task.state != "ready" or self._blocked(w.host, now)
+                or self._blocked(wid, now) or not self._fits_empty(w, task)):
+            self.reserved = None
+            return None
+        return wid
+
+    def _reserve(self, task, now):
+        """Keep the emptiest worker that can hold `task` for it; returns its id (None: none can)."""
+        ws = [w for w in self.workers.values() if self._fits_empty(w, task)
+              and (task._pin is None or w.wid == task._pin)
+              and not self._blocked(w.host, now) and not self._blocked(w.wid, now)]
+        if not ws:
+            return None
+        w = min(ws, key=lambda w: sum(w.committed[k] / w.total[k] for k in RES if w.total[k]))
+        self.reserved = (w.wid, task.id)
+        self._log("reserved", task=task.id, worker=w.wid,
+                  reason="no worker has room for %s now: worker %s takes no other task until it does"
+                  % ({k: v for k, v in task._res.items() if v}, w.wid))
+        return w.wid
+
+    def _fits_empty(self, w, task) -> bool:
+        return all(not task._res[k] or task._res[k] <= w.total[k] for k in RES)
 
     def _temp_gone(self, task) -> bool:
         """A temp input has no copy left anywhere (its workers were lost)."""
