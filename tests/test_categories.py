@@ -260,3 +260,22 @@ def test_the_benchmarks_bound_spends_the_retry_budget_where_it_saves_most():
     b = [("b", 1.0, 1.0, 20.0)] * 19 + [("b", 100.0, 1.0, 200.0)]
     assert bench.oracle(b, 0.05) == 0.0
     assert bench.oracle(samples + b, 0.025) == 190          # a keeps its 20 MB; b drops 19 x 99 MB of waste
+
+
+def test_a_kind_that_writes_nothing_is_not_given_a_whole_workers_disk():
+    """Learnt modes learn "uses no disk" too: 1 MB of it, so such tasks share a worker (a whole
+    worker's disk, as before any sample, let one run per worker)."""
+    for mode in ("max", "greedy-bucketing", "min-waste", "max-throughput"):
+        core = make_core()
+        core.worker_joined(1, info(memory=10000, cores=8), 0.0)
+        core.category("sim").mode = mode
+        for _ in range(5):
+            t = submit(core, new_task().set_category("sim"))
+            core.schedule(0.0)
+            take(core)
+            res = {"status": "success", "exit_code": 0, "wall": 1.0, "measured": {"memory": 100, "disk": 0.0}}
+            assert core.task_done(1, t.id, res, 0.0) is t
+        pair = [submit(core, new_task().set_category("sim")) for _ in range(2)]
+        core.schedule(0.0)
+        assert dispatched_task(core) == pair, mode
+        assert all(t._res["disk"] == 1 and t._res["memory"] >= 100 for t in pair), (mode, pair[0]._res)

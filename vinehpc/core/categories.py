@@ -58,13 +58,14 @@ class Category:
         """A finished attempt: its measured use and what it was given."""
         wall = max(0.0, float(wall or 0.0))
         for k in LEARNED:
-            used = float((measured or {}).get(k) or 0.0)
+            seen = (measured or {}).get(k)
+            used = float(seen or 0.0)
             alloc = float((allocated or {}).get(k) or 0.0)
             if alloc:
                 self.allocated_time[k] += alloc * wall
                 self.used_time[k] += min(used, alloc) * wall if ok else 0.0
-            if ok and used > 0:
-                bisect.insort(self.peaks[k], used)
+            if ok and isinstance(seen, (int, float)) and used >= 0:
+                bisect.insort(self.peaks[k], used)     # 0 too: "uses none" is what is learnt
         if ok:
             self.n_done += 1
             self.wall_sum += wall
@@ -122,6 +123,11 @@ class Category:
         return out
 
     def _learned(self, k) -> float:
+        """At least 1 MB: a kind that used none of `k` is given 1 MB of it (not a whole worker's,
+        which would let one such task run per worker), and retried larger if it ever needs more."""
+        return max(1.0, self._learnt(k))
+
+    def _learnt(self, k) -> float:
         peaks = self.peaks[k]
         top = peaks[-1]
         if self.mode == "max":
@@ -131,7 +137,7 @@ class Category:
             if memo is not None and memo[0] == self.n_done:
                 return memo[1]
             best, best_v, fail = top, None, self.fail_share()
-            for a in sorted(set(_round_up(p) for p in peaks)):
+            for a in sorted(set(max(1.0, _round_up(p)) for p in peaks)):
                 fit = bisect.bisect_right(peaks, a) / len(peaks)
                 if self.retry_budget is not None and 1 - fit > self.retry_budget:
                     continue

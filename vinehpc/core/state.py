@@ -24,7 +24,7 @@ PREFETCH_FACTOR = 4       # a worker may hold up to this many times its cores of
 SHORT_TASK = 0.05         # x2 for a category faster than this (seconds),
 TINY_TASK = 0.005         # x4 for one faster than this: round trips would idle the worker
 SHORT_SAMPLES = 4
-RESERVE_AFTER = 2.0        # seconds a task no worker has room for lets smaller ones pass before a worker is kept for it
+RESERVE_AFTER = 2.0        # seconds a task no worker has room for lets tasks behind it pass before a worker is kept for it
 
 RES = ("cores", "memory", "disk", "gpus")
 
@@ -493,6 +493,7 @@ class Core:
         skipped = []
         scanned = 0
         keep = self._reservation(now)
+        passed = 0                       # skipped[:passed] are known to have been passed over
         while self.ready and free and scanned < SCAN_LIMIT:
             tid = self.ready.popleft()
             task = self.tasks.get(tid)
@@ -529,17 +530,20 @@ class Core:
                     task._warned = True
                     self._log("warning", task=tid, reason="no connected worker is large enough for %s" % task._res)
                 elif keep is None and holders is None:
-                    since = getattr(task, "_skipped_since", None)
-                    if since is None:
-                        task._skipped_since = now
-                    elif now - since >= RESERVE_AFTER:
+                    since = getattr(task, "_passed_since", None)
+                    if since is not None and now - since >= RESERVE_AFTER:
                         keep = self._reserve(task, now)
                 continue
             if not self._resolve(task):
                 continue
             w = self.policy.choose(task, cands)
             self._dispatch(task, w, now)
-            task._skipped_since = None
+            task._passed_since = None
+            for t in skipped[passed:]:   # a task behind them started: they were passed over
+                t = self.tasks.get(t)
+                if t is not None and getattr(t, "_passed_since", None) is None:
+                    t._passed_since = now
+            passed = len(skipped)
             if self.reserved is not None and self.reserved[1] == tid:
                 self.reserved = keep = None
             n += 1
@@ -550,8 +554,8 @@ class Core:
         return n
 
     def _reservation(self, now):
-        """The worker kept for a task (None). A task no worker has room for lets smaller ones pass
-        (backfill) for RESERVE_AFTER seconds; then a worker is kept for it: while it drains, nothing
+        """The worker kept for a task (None). A task no worker has room for lets tasks behind it
+        pass (backfill) for RESERVE_AFTER seconds; then a worker is kept for it: while it drains, nothing
         else starts there, so a task bigger than what the others leave free (a retry after an
         exhaustion, a whole-worker guess, a 4-core task among 1-core ones) starts once that worker
         has room instead of when the queue runs dry. One at a time: the other workers keep
