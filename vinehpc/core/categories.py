@@ -13,6 +13,9 @@ task's allocation by its mode:
   exhaustive-bucketing  or by trying every split into at most 4 buckets) minimising the expected cost;
                         a new task draws a bucket with probability proportional to its records and is
                         given the bucket's top; after an exhaustion it goes to the next bucket up.
+The learnt modes other than `max` leave at most `retry_budget` of the tasks too small (default 5%;
+None: no limit, the paper's method), and price a too-small attempt at what it lasted (the
+category's exhausted attempts vs its successful runs), not a whole run.
 Before SAMPLES completed tasks, a task gets the category's first guess (default: a whole worker).
 A task that exhausts its allocation is retried with a larger one (the next bucket, else twice the
 allocation or the largest peak seen, and at least 1/8 above what it was seen using), up to the
@@ -50,14 +53,18 @@ class Category:
         self.exhaustions = 0
         self.retried = set()
         self.at_least = {k: 0.0 for k in LEARNED}  # the most an exhausted attempt was seen using (a lower bound)
+        self.pending = {k: {} for k in LEARNED}    # task -> what its exhausted attempt used, until it succeeds
+        self._version = 0          # bumped when what allocations are learnt from changes
         self.allocated_time = {k: 0.0 for k in LEARNED}   # sum of allocation x wall
         self.used_time = {k: 0.0 for k in LEARNED}        # sum of peak x wall
 
     # -- learning ------------------------------------------------------------------
-    def record(self, measured: dict, allocated: dict, wall: float, ok: bool) -> None:
-        """A finished attempt: its measured use and what it was given."""
+    def record(self, measured: dict, allocated: dict, wall: float, ok: bool, task=None) -> None:
+        """A finished attempt (of `task`, an id): its measured use and what it was given."""
         wall = max(0.0, float(wall or 0.0))
         for k in LEARNED:
+            if ok:
+                self.pending[k].pop(task, None)
             seen = (measured or {}).get(k)
             used = float(seen or 0.0)
             alloc = float((allocated or {}).get(k) or 0.0)
@@ -67,32 +74,47 @@ class Category:
             if ok and isinstance(seen, (int, float)) and used >= 0:
                 bisect.insort(self.peaks[k], used)     # 0 too: "uses none" is what is learnt
         if ok:
+            self._version += 1
             self.n_done += 1
             self.wall_sum += wall
             self.wall_n += 1
-            if self.n_done <= 20 or self.n_done % 10 == 0:
-                self._rebucket()
+            if self.n_done <= 20 or self.n_done % max(10, self.n_done // 10) == 0:
+                self._rebucket()        # each time the records grew by ~10% (exhaustive: ~20 ms)
 
-    def exhausted(self, k, used, wall=None) -> None:
-        """An attempt was stopped after `wall` seconds for using `used` of `k`: its kind needs at
-        least that much. (It is no sample -- the attempt did not finish -- but `max` and retries
-        take it at once, instead of waiting for such a task to succeed.)"""
+    def exhausted(self, k, used, wall=None, task=None) -> None:
+        """An attempt (of `task`, an id) was stopped after `wall` seconds for using `used` of `k`:
+        its kind needs at least that much. It is no sample -- the attempt did not finish -- but
+        until the task succeeds, what it used counts as a record of its own (so the allocations
+        learn at once that some tasks need more than they were given: they do not wait for a
+        big task to succeed while more big tasks fail), and `max` and retries take it at once."""
         if used:
             self.at_least[k] = max(self.at_least[k], float(used))
+            if task is not None:
+                self.pending[k][task] = max(self.pending[k].get(task, 0.0), float(used))
+                self._version += 1
+                if self.n_done >= SAMPLES:
+                    self._rebucket()
         if wall is not None and wall >= 0:
             self.fail_wall_sum += float(wall)
             self.fail_wall_n += 1
 
     def set_retry_budget(self, budget) -> None:
         self.retry_budget = budget
-        self._memo.clear()
+        self._version += 1
         self._rebucket()
 
     def _rebucket(self) -> None:
         if self.mode.endswith("bucketing"):
-            self.buckets = {k: _buckets(self.peaks[k], exhaustive=self.mode.startswith("exhaustive"),
+            self.buckets = {k: _buckets(self._values(k), exhaustive=self.mode.startswith("exhaustive"),
                                         retry_budget=self.retry_budget, fail=self.fail_share())
                             for k in LEARNED if self.peaks[k]}
+
+    def _values(self, k) -> list:
+        """The sorted records allocations are learnt from: successful peaks, and what tasks still
+        under way were seen using when stopped."""
+        if not self.pending[k]:
+            return self.peaks[k]
+        return sorted(self.peaks[k] + list(self.pending[k].values()))
 
     def fail_share(self) -> float:
         """How long an exhausted attempt lasts, as a share of a successful run's mean (1 until 3
@@ -128,13 +150,13 @@ class Category:
         return max(1.0, self._learnt(k))
 
     def _learnt(self, k) -> float:
-        peaks = self.peaks[k]
+        peaks = self._values(k)
         top = peaks[-1]
         if self.mode == "max":
             return _round_up(max(top, self.at_least[k]))
         if self.mode in ("min-waste", "max-throughput"):
             memo = self._memo.get(k)
-            if memo is not None and memo[0] == self.n_done:
+            if memo is not None and memo[0] == self._version:
                 return memo[1]
             best, best_v, fail = top, None, self.fail_share()
             for a in sorted(set(max(1.0, _round_up(p)) for p in peaks)):
@@ -151,7 +173,7 @@ class Category:
                     better = best_v is None or v > best_v
                 if better:
                     best, best_v = a, v
-            self._memo[k] = (self.n_done, best)
+            self._memo[k] = (self._version, best)
             return best
         buckets = self.buckets.get(k) or [(top, 1)]
         total = sum(w for _, w in buckets)

@@ -363,7 +363,7 @@ class Core:
                 self.replicas[n].add(wid)
         status = res.get("status", "failed")
         cat = self.category(task.category)
-        cat.record(task.resources_measured, task._res, task.wall_time, status == "success")
+        cat.record(task.resources_measured, task._res, task.wall_time, status == "success", task=tid)
         if res.get("worker_fault"):
             self._worker_fault(wid, res.get("reason"), now)
             self._log("requeued", task=tid, reason="worker %s could not run it: %s" % (wid, res.get("reason")))
@@ -380,7 +380,7 @@ class Core:
             before = task._res.get(what)
             used = x.get("used") if isinstance(x.get("used"), (int, float)) else None
             if what in LEARNED:
-                cat.exhausted(what, used, task.wall_time)
+                cat.exhausted(what, used, task.wall_time, task=tid)
             if task._exhaustions < 8 and self._allocate(task, exhausted=what, used=used):
                 task._exhaustions += 1
                 task._allocated = True
@@ -505,7 +505,7 @@ class Core:
                 continue
             if task._allocated is not True:
                 # decided (again) as the category learns, until it is sent; a retry-larger is kept
-                version = self.categories[task.category].n_done if task.category in self.categories else 0
+                version = self.categories[task.category]._version if task.category in self.categories else 0
                 if task._allocated != version:
                     self._allocate(task)
                     task._allocated = version
