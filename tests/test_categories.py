@@ -279,3 +279,15 @@ def test_a_kind_that_writes_nothing_is_not_given_a_whole_workers_disk():
         core.schedule(0.0)
         assert dispatched_task(core) == pair, mode
         assert all(t._res["disk"] == 1 and t._res["memory"] >= 100 for t in pair), (mode, pair[0]._res)
+
+
+def test_buckets_weigh_tasks_by_how_long_they_hold_their_memory():
+    """Waste is memory x time: a split that pays off when all tasks are alike stops paying when
+    the tasks it sends back for a retry are the long ones."""
+    vals = [270.0] * 95 + [296.0] * 5
+    alike = _buckets(vals)
+    long_big = _buckets(vals, walls=[1.0] * 95 + [4.0] * 5)
+    assert len(alike) == 2, alike
+    assert len(long_big) == 1, long_big
+    many = sorted(random.Random(3).gauss(2000, 300) for _ in range(2000))     # > 512: quantiles
+    assert _buckets(many, walls=[1.0] * 2000) == _buckets(many)

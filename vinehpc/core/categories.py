@@ -41,6 +41,7 @@ class Category:
         self.first = {}            # resource -> first guess (absent: a whole worker)
         self.max = {}              # resource -> never allocate more
         self.peaks = {k: [] for k in LEARNED}    # sorted measured peaks of successful tasks
+        self.walls = {k: [] for k in LEARNED}    # their runs' wall times, in the same order
         self.buckets = {}          # resource -> list of (top, weight) for bucketing modes
         self.rng = rng or random.Random(1)
         self.retry_budget = RETRY_BUDGET   # share of tasks a learnt allocation may send back for a retry
@@ -71,8 +72,10 @@ class Category:
             if alloc:
                 self.allocated_time[k] += alloc * wall
                 self.used_time[k] += min(used, alloc) * wall if ok else 0.0
-            if ok and isinstance(seen, (int, float)) and used >= 0:
-                bisect.insort(self.peaks[k], used)     # 0 too: "uses none" is what is learnt
+            if ok and isinstance(seen, (int, float)) and used >= 0:   # 0 too: "uses none" is learnt
+                i = bisect.bisect_right(self.peaks[k], used)
+                self.peaks[k].insert(i, used)
+                self.walls[k].insert(i, wall)
         if ok:
             self._version += 1
             self.n_done += 1
@@ -105,16 +108,22 @@ class Category:
 
     def _rebucket(self) -> None:
         if self.mode.endswith("bucketing"):
-            self.buckets = {k: _buckets(self._values(k), exhaustive=self.mode.startswith("exhaustive"),
-                                        retry_budget=self.retry_budget, fail=self.fail_share())
-                            for k in LEARNED if self.peaks[k]}
+            self.buckets = {}
+            for k in LEARNED:
+                if self.peaks[k]:
+                    values, walls = self._values(k)
+                    self.buckets[k] = _buckets(values, exhaustive=self.mode.startswith("exhaustive"),
+                                               retry_budget=self.retry_budget, fail=self.fail_share(),
+                                               walls=walls)
 
-    def _values(self, k) -> list:
-        """The sorted records allocations are learnt from: successful peaks, and what tasks still
-        under way were seen using when stopped."""
+    def _values(self, k):
+        """The sorted records allocations are learnt from and their runs' wall times: successful
+        peaks, and what tasks still under way were seen using when stopped (as long as the mean)."""
         if not self.pending[k]:
-            return self.peaks[k]
-        return sorted(self.peaks[k] + list(self.pending[k].values()))
+            return self.peaks[k], self.walls[k]
+        mean = self.wall_sum / self.wall_n if self.wall_n else 1.0
+        pairs = sorted(list(zip(self.peaks[k], self.walls[k])) + [(v, mean) for v in self.pending[k].values()])
+        return [v for v, _ in pairs], [w for _, w in pairs]
 
     def fail_share(self) -> float:
         """How long an exhausted attempt lasts, as a share of a successful run's mean (1 until 3
@@ -150,7 +159,7 @@ class Category:
         return max(1.0, self._learnt(k))
 
     def _learnt(self, k) -> float:
-        peaks = self._values(k)
+        peaks, walls = self._values(k)
         top = peaks[-1]
         if self.mode == "max":
             return _round_up(max(top, self.at_least[k]))
@@ -164,8 +173,8 @@ class Category:
                 if self.retry_budget is not None and 1 - fit > self.retry_budget:
                     continue
                 if self.mode == "min-waste":
-                    # unused memory when it fits; the whole failed attempt plus a retry at top otherwise
-                    v = sum((a - p) if p <= a else (fail * a + top - p) for p in peaks) / len(peaks)
+                    # unused memory x time when it fits; the failed attempt plus a retry at top otherwise
+                    v = sum(((a - p) if p <= a else (fail * a + top - p)) * w for p, w in zip(peaks, walls))
                     better = best_v is None or v < best_v
                 else:
                     # tasks per unit of memory, each failed attempt costing a second run at the top
@@ -237,17 +246,22 @@ def _round_up(v: float) -> float:
     return float(-(-int(v + 0.999) // step) * step)
 
 
-def _cost(values, cut_points, fail=1.0):
-    """(expected allocation per task, share of tasks retried) when a task draws bucket i with
-    probability w_i (its share of the records) and is given its top (rounded up as allocations
-    are: the records up to it are the bucket's), climbing bucket by bucket
-    while it does not fit. A task whose value lies in bucket j costs top_i if j <= i, else
-    top_i + ... + top_j, and is retried. `fail`: how long a failed attempt lasts, as a share of a
-    whole run (its allocation is wasted for that long). O(buckets^2)."""
+def _cost(values, cut_points, fail=1.0, tpre=None):
+    """(expected allocation x time per task, share of tasks retried) when a task draws bucket i
+    with probability w_i (its share of the records) and is given its top (rounded up as
+    allocations are: the records up to it are the bucket's), climbing bucket by bucket while it
+    does not fit. A task whose value lies in bucket j costs top_i if j <= i, else
+    fail*top_i + ... + fail*top_(j-1) + top_j, and is retried; `fail`: how long a failed attempt
+    lasts, as a share of a whole run. `tpre`: prefix sums of the records' wall times, so that a
+    bucket of long tasks weighs what it holds memory for (None: every task as long). O(buckets^2)."""
     n = len(values)
     tops = [_round_up(values[c - 1]) for c in cut_points]     # what a task of the bucket is given
     bounds = [0] + [bisect.bisect_right(values, t) for t in tops[:-1]] + [n]
     w = [(bounds[i + 1] - bounds[i]) / n for i in range(len(tops))]
+    if tpre is None or not tpre[-1]:
+        t = w
+    else:
+        t = [(tpre[bounds[i + 1]] - tpre[bounds[i]]) / tpre[-1] for i in range(len(tops))]
     cost = retried = 0.0
     for i, top_i in enumerate(tops):
         climb = top_i
@@ -255,23 +269,29 @@ def _cost(values, cut_points, fail=1.0):
             if j > i:
                 climb += tops[j] - (1 - fail) * tops[j - 1]
                 retried += w[i] * w[j]
-            cost += w[i] * w[j] * (top_i if j <= i else climb)
+            cost += w[i] * t[j] * (top_i if j <= i else climb)
     return cost, retried
 
 
-def _buckets(values, exhaustive=False, max_buckets=4, retry_budget=None, fail=1.0):
+def _buckets(values, exhaustive=False, max_buckets=4, retry_budget=None, fail=1.0, walls=None):
     """Split sorted `values` into buckets minimising _cost: [(top, weight)]. `retry_budget`: only
     splits whose expected share of retried tasks stays within it (None: no limit, the paper's
-    method)."""
+    method). `walls`: each record's wall time (None: all alike)."""
+    if walls is not None:
+        tpre = list(itertools.accumulate(walls, initial=0.0))
     if len(values) > 512:              # quantiles are enough to place the cuts
-        values = [values[int(i * (len(values) - 1) / 511)] for i in range(512)]
+        idx = [int(i * (len(values) - 1) / 511) for i in range(512)]
+        values = [values[i] for i in idx]
+        if walls is not None:          # each kept record stands for the records since the last
+            tpre = [0.0] + [tpre[i + 1] for i in idx]
     n = len(values)
     if n < 2:
         return [(values[-1], n)] if values else []
+    tp = tpre if walls is not None else None
     limit = 1.0 if retry_budget is None else retry_budget
     cuts = list(range(1, n)) if n <= 65 else sorted({int(i * n / 64) for i in range(1, 64)})
     best = [n]
-    best_cost = _cost(values, best, fail)[0]
+    best_cost = _cost(values, best, fail, tp)[0]
     if exhaustive:
         cand = cuts if len(cuts) <= 24 else [cuts[int(i * (len(cuts) - 1) / 23)] for i in range(24)]
         if limit < 1.0:                # a tight budget is met by cuts near the top: try those finely
@@ -279,7 +299,7 @@ def _buckets(values, exhaustive=False, max_buckets=4, retry_budget=None, fail=1.
         for k in range(1, max_buckets):
             for chosen in itertools.combinations(cand, k):
                 cp = list(chosen) + [n]
-                c, r = _cost(values, cp, fail)
+                c, r = _cost(values, cp, fail, tp)
                 if r <= limit and c < best_cost - 1e-9:
                     best, best_cost = cp, c
     else:
@@ -289,7 +309,7 @@ def _buckets(values, exhaustive=False, max_buckets=4, retry_budget=None, fail=1.
                 if cut in base:
                     continue
                 cp = sorted(base + [cut])
-                c, r = _cost(values, cp, fail)
+                c, r = _cost(values, cp, fail, tp)
                 if r <= limit and c < best_cost - 1e-9:
                     step, best_cost = cp, c
             if step is None:
