@@ -32,6 +32,7 @@ MODES = ("fixed", "max", "min-waste", "max-throughput", "greedy-bucketing", "exh
 LEARNED = ("memory", "disk")      # resources allocated from history (cores/gpus stay as requested)
 SAMPLES = 5
 RETRY_BUDGET = 0.05   # default: one task in 20 may run twice (None: no limit)
+MIN_GAIN = 0.03       # a bucket split must promise to cut the expected cost by 3% of one bucket's
 
 
 class Category:
@@ -292,6 +293,7 @@ def _buckets(values, exhaustive=False, max_buckets=4, retry_budget=None, fail=1.
     cuts = list(range(1, n)) if n <= 65 else sorted({int(i * n / 64) for i in range(1, 64)})
     best = [n]
     best_cost = _cost(values, best, fail, tp)[0]
+    margin = MIN_GAIN * best_cost      # a split must promise this much: the model is rough, retries are real
     if exhaustive:
         cand = cuts if len(cuts) <= 24 else [cuts[int(i * (len(cuts) - 1) / 23)] for i in range(24)]
         if limit < 1.0:                # a tight budget is met by cuts near the top: try those finely
@@ -302,6 +304,8 @@ def _buckets(values, exhaustive=False, max_buckets=4, retry_budget=None, fail=1.
                 c, r = _cost(values, cp, fail, tp)
                 if r <= limit and c < best_cost - 1e-9:
                     best, best_cost = cp, c
+        if best_cost > _cost(values, [n], fail, tp)[0] - margin:
+            best = [n]
     else:
         while len(best) < max_buckets:      # greedy: add the single best cut, while it helps
             base, step = best, None
@@ -310,7 +314,7 @@ def _buckets(values, exhaustive=False, max_buckets=4, retry_budget=None, fail=1.
                     continue
                 cp = sorted(base + [cut])
                 c, r = _cost(values, cp, fail, tp)
-                if r <= limit and c < best_cost - 1e-9:
+                if r <= limit and c < best_cost - max(1e-9, margin):
                     step, best_cost = cp, c
             if step is None:
                 break
