@@ -271,7 +271,7 @@ class Manager:
         from the measured peaks of completed tasks; see vinehpc/core/categories.py)."""
         from .core.categories import check_mode
         check_mode(mode)
-        self._call(lambda: setattr(self.core.category(category), "mode", mode))
+        self._call(lambda: self.core.category(category).set_mode(mode))
 
     def set_category_first_allocation_guess(self, category: str, resources: dict) -> None:
         """What tasks of `category` get before enough have completed (default: a whole worker),

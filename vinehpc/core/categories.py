@@ -46,7 +46,8 @@ class Category:
         self.buckets = {}          # resource -> list of (top, weight) for bucketing modes
         self.rng = rng or random.Random(1)
         self.retry_budget = RETRY_BUDGET   # share of tasks a learnt allocation may send back for a retry
-        self._memo = {}            # resource -> (n_done, allocation): min-waste/max-throughput per sample count
+        self.choice = {}           # resource -> allocation chosen by min-waste / max-throughput
+        self._fit_at = 0           # n_done when buckets / choice were last computed
         self.n_done = 0
         self.wall_sum = 0.0        # successful runs' wall time (fast abort compares with the mean)
         self.wall_n = 0
@@ -82,8 +83,8 @@ class Category:
             self.n_done += 1
             self.wall_sum += wall
             self.wall_n += 1
-            if self.n_done <= 20 or self.n_done % max(10, self.n_done // 10) == 0:
-                self._rebucket()        # each time the records grew by ~10% (exhaustive: ~20 ms)
+            if self.n_done <= 20 or self.n_done >= max(self._fit_at + 10, self._fit_at * 1.1):
+                self._refit()           # each time the records grew by ~10% (exhaustive: ~20 ms)
 
     def exhausted(self, k, used, wall=None, task=None) -> None:
         """An attempt (of `task`, an id) was stopped after `wall` seconds for using `used` of `k`:
@@ -96,26 +97,37 @@ class Category:
             if task is not None:
                 self.pending[k][task] = max(self.pending[k].get(task, 0.0), float(used))
                 self._version += 1
-                if self.n_done >= SAMPLES:
-                    self._rebucket()
+                if self.n_done >= SAMPLES and self.peaks[k] and used > self.peaks[k][-1]:
+                    self._refit()       # a new top: the allocations must learn it now
         if wall is not None and wall >= 0:
             self.fail_wall_sum += float(wall)
             self.fail_wall_n += 1
 
+    def set_mode(self, mode) -> None:
+        self.mode = check_mode(mode)
+        self._version += 1
+        self._refit()
+
     def set_retry_budget(self, budget) -> None:
         self.retry_budget = budget
         self._version += 1
-        self._rebucket()
+        self._refit()
 
-    def _rebucket(self) -> None:
-        if self.mode.endswith("bucketing"):
-            self.buckets = {}
-            for k in LEARNED:
-                if self.peaks[k]:
-                    values, walls = self._values(k)
-                    self.buckets[k] = _buckets(values, exhaustive=self.mode.startswith("exhaustive"),
-                                               retry_budget=self.retry_budget, fail=self.fail_share(),
-                                               walls=walls)
+    def _refit(self) -> None:
+        """Recompute the buckets or the single allocation (min-waste, max-throughput) from the
+        records: when they grew by ~10%, when an exhaustion shows a new top, when the budget
+        changes -- not per task (they cost O(records))."""
+        self.buckets, self.choice = {}, {}
+        self._fit_at = self.n_done
+        for k in LEARNED:
+            if not self.peaks[k] or self.mode in ("fixed", "max"):
+                continue
+            values, walls = self._values(k)
+            if self.mode.endswith("bucketing"):
+                self.buckets[k] = _buckets(values, exhaustive=self.mode.startswith("exhaustive"),
+                                           retry_budget=self.retry_budget, fail=self.fail_share(), walls=walls)
+            else:
+                self.choice[k] = _single(values, walls, self.mode, self.retry_budget, self.fail_share())
 
     def _values(self, k):
         """The sorted records allocations are learnt from and their runs' wall times: successful
@@ -160,31 +172,11 @@ class Category:
         return max(1.0, self._learnt(k))
 
     def _learnt(self, k) -> float:
-        peaks, walls = self._values(k)
-        top = peaks[-1]
+        top = self.peaks[k][-1]
         if self.mode == "max":
             return _round_up(max(top, self.at_least[k]))
         if self.mode in ("min-waste", "max-throughput"):
-            memo = self._memo.get(k)
-            if memo is not None and memo[0] == self._version:
-                return memo[1]
-            best, best_v, fail = top, None, self.fail_share()
-            for a in sorted(set(max(1.0, _round_up(p)) for p in peaks)):
-                fit = bisect.bisect_right(peaks, a) / len(peaks)
-                if self.retry_budget is not None and 1 - fit > self.retry_budget:
-                    continue
-                if self.mode == "min-waste":
-                    # unused memory x time when it fits; the failed attempt plus a retry at top otherwise
-                    v = sum(((a - p) if p <= a else (fail * a + top - p)) * w for p, w in zip(peaks, walls))
-                    better = best_v is None or v < best_v
-                else:
-                    # tasks per unit of memory, each failed attempt costing a second run at the top
-                    v = fit / a + (1 - fit) / (fail * a + top)
-                    better = best_v is None or v > best_v
-                if better:
-                    best, best_v = a, v
-            self._memo[k] = (self._version, best)
-            return best
+            return self.choice.get(k) or _round_up(top)
         buckets = self.buckets.get(k) or [(top, 1)]
         total = sum(w for _, w in buckets)
         x = self.rng.random() * total
@@ -247,6 +239,33 @@ def _round_up(v: float) -> float:
     return float(-(-int(v + 0.999) // step) * step)
 
 
+def _single(values, walls, mode, retry_budget, fail) -> float:
+    """min-waste: the allocation minimising the expected waste x time (unused memory when a task
+    fits; the failed attempt, for `fail` of its run, plus a retry at the top otherwise);
+    max-throughput: the one maximising tasks per unit of memory. Among at most ~256 candidate
+    allocations (quantiles), each O(log n) with prefix sums."""
+    n, top = len(values), values[-1]
+    wpre = list(itertools.accumulate(walls, initial=0.0))
+    pwpre = list(itertools.accumulate((v * w for v, w in zip(values, walls)), initial=0.0))
+    step = max(1, n // 256)
+    cands = sorted({max(1.0, _round_up(values[i])) for i in list(range(0, n, step)) + [n - 1]})
+    best, best_v = _round_up(top), None
+    for a in cands:
+        i = bisect.bisect_right(values, a)
+        fit = i / n
+        if retry_budget is not None and 1 - fit > retry_budget:
+            continue
+        if mode == "min-waste":
+            v = (a * wpre[i] - pwpre[i]) + (fail * a + top) * (wpre[n] - wpre[i]) - (pwpre[n] - pwpre[i])
+            better = best_v is None or v < best_v
+        else:
+            v = fit / a + (1 - fit) / (fail * a + top)
+            better = best_v is None or v > best_v
+        if better:
+            best, best_v = a, v
+    return best
+
+
 def _cost(values, cut_points, fail=1.0, tpre=None):
     """(expected allocation x time per task, share of tasks retried) when a task draws bucket i
     with probability w_i (its share of the records) and is given its top (rounded up as
@@ -286,7 +305,7 @@ def _buckets(values, exhaustive=False, max_buckets=4, retry_budget=None, fail=1.
         if walls is not None:          # each kept record stands for the records since the last
             tpre = [0.0] + [tpre[i + 1] for i in idx]
     n = len(values)
-    if n < 2:
+    if n < 2 or values[0] == values[-1]:
         return [(values[-1], n)] if values else []
     tp = tpre if walls is not None else None
     limit = 1.0 if retry_budget is None else retry_budget
