@@ -477,8 +477,7 @@ class Core:
         return True
 
     def _too_big(self, task):
-        r = task._res
-        return all(any(r[k] > w.total[k] for k in RES if r[k]) for w in self.workers.values())
+        return not any(self._fits_empty(w, task) for w in self.workers.values())
 
     # ------------------------------------------------------------------ scheduling
     def schedule(self, now):
