@@ -10,6 +10,7 @@ import pytest
 
 from vinehpc import PythonTask, Task
 from vinehpc.worker import monitor
+from vinehpc.worker.state import exhausted_reason
 
 from conftest import wait_all
 
@@ -193,5 +194,5 @@ def test_disk_usage_ignores_symlinks(tmp_path):
 
 
 def test_exhausted_reason():
-    assert monitor.exhausted_reason({"resource": "memory", "used": 2150, "allocated": 1000}) == \
+    assert exhausted_reason({"resource": "memory", "used": 2150, "allocated": 1000}) == \
         "memory: 2,150 MB used > 1,000 MB allocated"

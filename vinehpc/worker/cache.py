@@ -1,89 +1,72 @@
-"""The worker's content-addressed file cache: cache_dir/<cachename>.
+"""The worker's content-addressed file cache on disk: cache_dir/<cachename>.
 
 Entries arrive by chunks from the manager (put), by fetching a URL, or as a task's temp
-output.  A name is derived from content, so an entry is never stale; "task"-level entries
-are removed when no task uses them any more.
+output.  A name is derived from content, so an entry is never stale.  Which entries exist,
+at which level, who uses them and when one goes: the worker's state machine (state.py)
+decides; this module only does the file work.
 """
 from __future__ import annotations
 
 import os
 import shutil
-import tarfile
 import urllib.parse
 import urllib.request
 
-ORDER = {"task": 0, "workflow": 1, "worker": 2}
-SAFE = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
-
-
-def check_cachename(n) -> str:
-    if not isinstance(n, str) or not n or len(n) > 200 or n.startswith(".") or not set(n) <= SAFE:
-        raise ValueError("bad cache name %r" % (n,))
-    return n
+from ..comm.receive import Incoming, remove_path
+from .events import check_cachename
 
 
 class Cache:
     def __init__(self, root: str):
         self.root = root
         os.makedirs(root, exist_ok=True)
-        self.entries = {}      # cachename -> level ("task"/"workflow"/"worker")
-        self.refs = {}         # cachename -> running/queued tasks using it
-        self.parts = {}        # cachename -> open part file (put in progress)
+        # cachename -> level: what a previous run left is worker-level; from here on the dict
+        # is the state machine's inventory (WorkerState.files), kept there
+        self.entries = {}
+        self.parts = {}        # cachename -> Incoming (a put in progress)
         for n in os.listdir(root):
             if n.startswith("."):
-                _rm(os.path.join(root, n))
+                remove_path(os.path.join(root, n))
             else:
                 self.entries[n] = "worker"
 
     def path(self, n: str) -> str:
         return os.path.join(self.root, check_cachename(n))
 
-    def has(self, n: str) -> bool:
-        return n in self.entries
-
-    # -- arrivals ---------------------------------------------------------------------
-    def put_chunk(self, n: str, data: bytes, last: bool, kind: str, level: str = "workflow", mode: int = 0o444) -> bool:
-        """Write one chunk; returns True when the entry is complete."""
+    def put_chunk(self, n: str, data: bytes, last: bool, kind: str, mode: int = 0o444) -> bool:
+        """Write one chunk; True when this put stored the entry (raises OSError, tarfile.TarError
+        at the last chunk if it could not be stored: nothing stays behind)."""
         check_cachename(n)
         if n in self.entries and n not in self.parts:
-            return last  # already have it (a task-level file sent again): drop the bytes
-        f = self.parts.get(n)
-        if f is None:
-            f = self.parts[n] = open(os.path.join(self.root, ".part-" + n), "wb")
-        f.write(data)
+            return False   # already have it (a task-level file sent again): drop the bytes
+        inc = self.parts.get(n)
+        if inc is None:
+            # read-only, keeping the source's execute bits (an input may be a program)
+            inc = self.parts[n] = Incoming(os.path.join(self.root, n), os.path.join(self.root, ".part-" + n),
+                                           tar=kind == "tar", mode=0o444 | (int(mode) & 0o111))
+        inc.write(data)
         if not last:
             return False
         del self.parts[n]
-        f.close()
-        part = f.name
-        if kind == "tar":
-            d = part + ".d"
-            os.makedirs(d)
-            with tarfile.open(part) as tar:
-                tar.extractall(d, filter="data")
-            os.unlink(part)
-            part = d
-        else:
-            # read-only, keeping the source's execute bits (an input may be a program)
-            os.chmod(part, 0o444 | (int(mode) & 0o111))
-        os.replace(part, os.path.join(self.root, n))
-        self.entries[n] = level if level in ORDER else "workflow"
+        try:
+            inc.finish()
+        except BaseException:
+            inc.abort()
+            raise
         return True
 
-    def abort_part(self, n: str) -> None:
-        f = self.parts.pop(n, None)
-        if f is not None:
-            f.close()
-            _rm(f.name)
-        _rm(os.path.join(self.root, ".part-" + n) + ".d")
+    def abort_parts(self) -> None:
+        """The manager is gone: drop the puts it did not finish."""
+        for inc in self.parts.values():
+            inc.abort()
+        self.parts.clear()
 
-    def adopt(self, n: str, src: str, level: str = "workflow") -> None:
+    def adopt(self, n: str, src: str) -> None:
         """Move a task's temp output into the cache."""
         dst = self.path(n)
         if os.path.isdir(dst):
             shutil.rmtree(dst)
         os.replace(src, dst)
-        self.entries[n] = level
 
     def fetch_url(self, n: str, url: str, timeout: float = 300.0) -> None:
         """Download url into the cache (called on a helper thread)."""
@@ -98,47 +81,5 @@ class Cache:
             raise ValueError("cannot fetch %r: only http, https and file URLs" % url)
         os.replace(part, os.path.join(self.root, n))
 
-    def raise_level(self, n: str, level: str) -> None:
-        """The strongest level any user of an entry asked for wins."""
-        cur = self.entries.get(n)
-        if cur is not None and ORDER.get(level, 0) > ORDER[cur]:
-            self.entries[n] = level
-
-    # -- use --------------------------------------------------------------------------
-    def ref(self, n: str) -> None:
-        self.refs[n] = self.refs.get(n, 0) + 1
-
-    def unref(self, n: str, level: str) -> None:
-        k = self.refs.get(n, 0) - 1
-        if k > 0:
-            self.refs[n] = k
-            return
-        self.refs.pop(n, None)
-        if level == "task" and self.entries.get(n) == "task":
-            self.remove(n)
-
     def remove(self, n: str) -> None:
-        if self.refs.get(n):
-            return
-        self.entries.pop(n, None)
-        _rm(os.path.join(self.root, n))
-
-    def end_of_workflow(self) -> None:
-        """The manager is gone: keep only worker-level entries."""
-        for f in self.parts.values():
-            f.close()
-            _rm(f.name)
-        self.parts.clear()
-        for n, level in list(self.entries.items()):
-            if level != "worker":
-                self.remove(n)
-
-
-def _rm(p):
-    try:
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            os.unlink(p)
-    except FileNotFoundError:
-        pass
+        remove_path(self.path(n))

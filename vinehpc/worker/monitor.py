@@ -229,8 +229,3 @@ class Monitor:
                 "wall": round(wall, 6), "disk": round(self.disk / MB, 3), "read": max(0, rd), "written": max(0, wr),
                 "procs": self.procs}
 
-
-def exhausted_reason(x) -> str:
-    if x["resource"] == "time":
-        return "time: %.1f s used > %g s allocated (the task's time limit)" % (x["used"], x["allocated"])
-    return "%s: {:,} MB used > {:,} MB allocated".format(x["used"], x["allocated"]) % x["resource"]

@@ -165,9 +165,6 @@ class PyPool:
         self._drop(r)
         r.proc.wait()
 
-    def forget_functions(self):
-        pass   # function ids are content hashes: what a runner holds stays valid
-
     def close(self):
         for r in list(self.runners):
             if r.tid is None:

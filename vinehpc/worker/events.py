@@ -1,0 +1,262 @@
+"""What goes into the worker's state machine (events) and what comes out (commands).
+
+Plain dataclasses, no I/O: state.py decides, loop.py carries out.  A task's description
+from the manager is unpacked once, here, into a TaskSpec; nothing else reads the wire dict.
+
+Interpreters (runner) are opaque keys to the state machine: whatever object the loop uses
+for one long-lived Python interpreter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..resources import RES
+
+SAFE = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def check_cachename(n) -> str:
+    """A cache name is a file name in the cache directory: refuse anything that could leave it."""
+    if not isinstance(n, str) or not n or len(n) > 200 or n.startswith(".") or not set(n) <= SAFE:
+        raise ValueError("bad cache name %r" % (n,))
+    return n
+
+
+# ---------------------------------------------------------------- the task description
+@dataclass(frozen=True)
+class Input:
+    cachename: str
+    remote: str          # its name inside the task's sandbox
+    kind: str            # "file", "tar", "buffer", "temp", "url" or "image"
+    level: str           # cache level: "task", "workflow" or "worker"
+    url: str | None      # where a "url" input is fetched from; an image's id
+
+
+@dataclass(frozen=True)
+class Output:
+    remote: str
+    kind: str            # "file": sent back; "temp": kept in the cache as `cachename`
+    cachename: str | None
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    id: int
+    cmd: str | None                 # a command task's shell command, else a Python task
+    fid: str | None                 # a Python task's function id
+    inputs: tuple = ()              # of Input
+    outputs: tuple = ()             # of Output
+    env: dict = field(default_factory=dict)
+    res: dict = field(default_factory=lambda: dict.fromkeys(RES, 0))
+    time_max: float | None = None
+    pipe: bool = False              # short Python task: may be presented to a busy interpreter
+    error: str | None = None        # the inputs could not be understood (the task fails)
+
+    @classmethod
+    def from_ctl(cls, ctl: dict) -> "TaskSpec":
+        """The manager's "task" message. Raises KeyError/TypeError/ValueError on a malformed one
+        (a protocol error); bad input names make a spec whose task fails (`error`)."""
+        tid = ctl["id"]
+        if not isinstance(tid, int):
+            raise TypeError("task id %r is not an integer" % (tid,))
+        inputs, error = (), None
+        try:
+            inputs = tuple(Input(check_cachename(n), remote, kind, level, url)
+                           for n, remote, kind, level, url in ctl.get("inputs", ()))
+        except (ValueError, TypeError) as e:
+            error = "bad input description: %s" % e
+        outputs = tuple(Output(remote, kind, n) for remote, kind, n in ctl.get("outputs", ()))
+        r = ctl.get("res") or {}
+        tm = ctl.get("time_max")
+        env = ctl.get("env") or {}
+        if not isinstance(env, dict):
+            raise TypeError("task environment must be an object")
+        return cls(id=tid, cmd=ctl.get("cmd"), fid=ctl.get("fid"), inputs=inputs, outputs=outputs, env=env,
+                   res={k: int(r.get(k) or 0) for k in RES}, time_max=float(tm) if tm else None,
+                   pipe=bool(ctl.get("pipe")), error=error)
+
+    @property
+    def python(self) -> bool:
+        return self.cmd is None
+
+    @property
+    def needs_sandbox(self) -> bool:
+        return self.cmd is not None or bool(self.inputs) or bool(self.outputs)
+
+
+# ---------------------------------------------------------------- events (in)
+@dataclass
+class TaskReceived:
+    spec: TaskSpec
+    args: bytes | None = None       # a Python task's pickled arguments
+
+
+@dataclass
+class FunctionReceived:
+    fid: str
+
+
+@dataclass
+class FileStored:
+    """A file is complete in the cache (a put, a temp output kept)."""
+    cachename: str
+    level: str
+
+
+@dataclass
+class FileFailed:
+    """A put could not be stored (disk full...): tasks needing it fail as the worker's fault."""
+    cachename: str
+    reason: str
+
+
+@dataclass
+class UnlinkRequested:
+    cachename: str
+
+
+@dataclass
+class InputReady:
+    what: str            # "url" (fetched into the cache) or "image" (unpacked)
+    cachename: str
+
+
+@dataclass
+class InputFailed:
+    what: str
+    cachename: str
+    error: str
+
+
+@dataclass
+class OnInterpreter:
+    """A started Python task runs on this interpreter."""
+    tid: int
+    runner: object
+
+
+@dataclass
+class StartFailed:
+    tid: int
+    reason: str
+    worker_fault: bool = False      # this worker's problem (disk full...), not the task's
+
+
+@dataclass
+class TaskFinished:
+    """A task ended on its own: a command exited, or an interpreter returned the task's result."""
+    tid: int
+    exit_code: int | None = None
+    signal: str | None = None
+    stdout: str | None = None
+    result: bytes | None = None     # a Python task's pickled result
+    error: str | None = None        # a Python task's exception, summarised
+    runner: object = None
+    exhausted: dict | None = None   # measured at the end: over a memory/disk allocation
+
+
+@dataclass
+class InterpreterDied:
+    tid: int | None                 # the task it was running, if any
+    runner: object
+    why: str
+
+
+@dataclass
+class Exhausted:
+    """Sampling found a running task over its memory or disk allocation."""
+    tid: int
+    exhausted: dict
+
+
+@dataclass
+class KillRequested:
+    tid: int
+
+
+@dataclass
+class Tick:
+    """Time passed: time limits."""
+
+
+@dataclass
+class SessionEnded:
+    """The manager is gone: drop every task; keep only worker-level files."""
+
+
+# ---------------------------------------------------------------- commands (out)
+@dataclass
+class FetchURL:
+    cachename: str
+    url: str
+
+
+@dataclass
+class UnpackImage:
+    cachename: str
+    url: str | None
+
+
+@dataclass
+class StartTask:
+    """Start now: a command in its sandbox, or a Python task on an idle interpreter."""
+    spec: TaskSpec
+    args: bytes | None
+    devices: str | None             # CUDA_VISIBLE_DEVICES ("" none; None: leave the worker's)
+    image: str | None               # its environment image (cache name), None: the worker's default
+
+
+@dataclass
+class PresentTask:
+    """Pipelining: hand a Python task to `runner`, busy, to start the moment its task returns."""
+    spec: TaskSpec
+    args: bytes | None
+    devices: str | None
+    image: str | None
+    runner: object
+
+
+@dataclass
+class KillTask:
+    """Stop a running task; its end arrives as TaskFinished/InterpreterDied and is reported."""
+    tid: int
+
+
+@dataclass
+class Requeued:
+    """A presented task will not start on its interpreter (it died): undo what was prepared."""
+    tid: int
+
+
+@dataclass
+class DropTask:
+    """Forget a task without a report; stop=True: kill what runs it now (and reap it)."""
+    tid: int
+    stop: bool
+
+
+@dataclass
+class SendResult:
+    """Report a task's end.  collect: it ended on its own, its outputs are sent/kept first
+    (which may turn the status into "output missing")."""
+    tid: int
+    status: str
+    reason: str | None
+    wall: float
+    collect: bool = False
+    exit_code: int | None = None
+    signal: str | None = None
+    stdout: str | None = None
+    result: bytes | None = None
+    exhausted: dict | None = None
+    worker_fault: bool = False
+
+
+@dataclass
+class SendCached:
+    cachename: str
+
+
+@dataclass
+class Unlink:
+    cachename: str

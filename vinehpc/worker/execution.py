@@ -1,0 +1,271 @@
+"""Carrying out the state machine's task commands: sandboxes, command processes, Python
+interpreters, measuring, collecting outputs, the result message.
+
+Every method that learns something returns the events for the state machine (events.py);
+decisions (what to start, when to kill, what a task's status is) are state.py's.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import tarfile
+import tempfile
+
+from ..comm import file_chunks
+from . import monitor
+from .events import (Exhausted, FileStored, InterpreterDied, OnInterpreter, PresentTask, StartFailed,
+                     TaskFinished, check_cachename)
+from .monitor import Monitor
+from .process import CommandProcess
+from .sandbox import Sandbox, SandboxError
+
+log = logging.getLogger("vinehpc.worker")
+
+
+class Handle:
+    """What carries out one started (or presented) task."""
+    __slots__ = ("spec", "sandbox", "proc", "runner", "mon")
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.sandbox = self.proc = self.runner = self.mon = None
+
+
+class Execution:
+    def __init__(self, sel, pool, cache, guard, *, workdir, hostname, default_image=None):
+        self.sel = sel
+        self.pool = pool
+        self.cache = cache
+        self.guard = guard
+        self.workdir = workdir
+        self.sandboxes = os.path.join(workdir, "tasks")
+        os.makedirs(self.sandboxes, exist_ok=True)
+        self.hostname = hostname
+        self.default_image = default_image   # --image: every task without its own image runs in this one
+        self.images = {}           # image cache name -> unpacked LocalEnv (sysimage_tools.deploy)
+        self.fns = {}              # fid -> the function's bytes
+        self.task_env = {}         # variables every task gets (the tunnel's proxy settings)
+        self.handles = {}          # tid -> Handle
+        self.next_sample = 0.0     # when running tasks are next measured
+        self.table_error = None    # why the process table cannot be read (memory limits not enforced)
+
+    # ---------------------------------------------------------------- start
+    def start(self, c) -> list:
+        """StartTask or PresentTask."""
+        spec = c.spec
+        after = c.runner if isinstance(c, PresentTask) else None
+        h = self.handles[spec.id] = Handle(spec)
+        try:
+            if spec.needs_sandbox:
+                h.sandbox = Sandbox(self.sandboxes, spec.id)
+                for i in spec.inputs:
+                    if i.kind != "image":
+                        h.sandbox.link(self.cache.path(i.cachename), i.remote)
+            env = dict(self.task_env, **spec.env) if self.task_env else spec.env
+            image = self.images.get(c.image) if c.image else self.default_image
+            if image is not None:
+                why = image.python_mismatch()
+                if why:
+                    return self._start_failed(spec.id, why)
+            box = h.sandbox.path if h.sandbox else None
+            if spec.cmd is not None:
+                if c.devices is not None:
+                    env = dict(env, CUDA_VISIBLE_DEVICES=c.devices)
+                if image is not None:
+                    env = image.env_for(dict(os.environ, **env))
+                h.proc = CommandProcess(spec.cmd, box, env, replace=image is not None)
+                h.mon = Monitor(None, box=box)
+                h.mon.attach(h.proc.pid)
+                self.guard.add(h.proc.pid)
+                self.sel.register(h.proc.fileno(), selectors.EVENT_READ, ("proc", h))
+                self.sel.register(h.proc.out_fd, selectors.EVENT_READ, ("out", h))
+                return []
+            h.runner = self.pool.run(spec.id, spec.fid, self.fns[spec.fid], c.args, box, env, after=after,
+                                     image=image, devices=c.devices)
+            h.mon = Monitor(None, box=box, py=True)
+            h.mon.attach(h.runner.proc.pid)
+            return [OnInterpreter(spec.id, h.runner)] if after is None else []
+        except SandboxError as e:
+            return self._start_failed(spec.id, "sandbox: %s" % e)
+        except OSError as e:   # disk full, no processes left...: this worker's problem, not the task's
+            return self._start_failed(spec.id, "cannot start the task on %s: %s" % (self.hostname, e), True)
+
+    def _start_failed(self, tid, reason, worker_fault=False):
+        self.forget(tid)
+        return [StartFailed(tid, reason, worker_fault)]
+
+    # ---------------------------------------------------------------- stop
+    def kill(self, tid) -> None:
+        """SIGKILL what runs the task: its pidfd or its interpreter's socket then reports the end."""
+        h = self.handles.get(tid)
+        if h is None:
+            return
+        if h.proc is not None:
+            h.proc.kill()
+        elif h.runner is not None:
+            self.pool.kill(h.runner)
+
+    def forget(self, tid, stop=False) -> None:
+        """Drop a task's handle and sandbox; stop: kill and reap what runs it first."""
+        h = self.handles.pop(tid, None)
+        if h is None:
+            return
+        if stop and h.proc is not None:
+            h.proc.kill()
+            self._unregister(h.proc.fileno())
+            if h.proc.out_fd is not None:
+                self._unregister(h.proc.out_fd)
+            h.proc.reap()
+            h.proc.output()
+        elif stop and h.runner is not None:
+            self.pool.abandon(h.runner)
+        if h.sandbox is not None:
+            h.sandbox.remove()
+
+    def _unregister(self, fd):
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    # ---------------------------------------------------------------- what the selector reports
+    def proc_output(self, h) -> None:
+        fd = h.proc.out_fd
+        if fd is not None and not h.proc.drain():
+            self._unregister(fd)
+
+    def proc_exited(self, h) -> list:
+        self._unregister(h.proc.fileno())
+        code, sig = h.proc.reap()
+        if h.proc.out_fd is not None:
+            self._unregister(h.proc.out_fd)
+        out = h.proc.output()
+        if self.handles.get(h.spec.id) is not h:
+            return []
+        h.mon.final(rusage=h.proc.rusage)
+        return [TaskFinished(h.spec.id, exit_code=code, signal=sig, stdout=out, exhausted=h.mon.over(h.spec.res))]
+
+    def runner_readable(self, runner) -> list:
+        events = []
+        for tid, payload in self.pool.readable(runner):
+            if payload is None:
+                events.append(InterpreterDied(tid, runner, self.pool.last_death))
+                continue
+            result, error, stdout, wall, cpu = payload[:5]
+            rss, rd, wr = (tuple(payload[5:8]) + (None, None, None))[:3]
+            h = self.handles.get(tid)
+            x = None
+            if h is not None:
+                h.mon.final(py={"wall": wall, "cpu": cpu, "rss": rss, "read": rd, "written": wr})
+                x = h.mon.over(h.spec.res)
+            events.append(TaskFinished(tid, stdout=stdout, result=result, error=error, runner=runner, exhausted=x))
+        return events
+
+    # ---------------------------------------------------------------- measuring (monitor.py)
+    def monitor_due(self, now, running):
+        """Seconds until the next sample of the running tasks is due (None: nothing to sample)."""
+        if not running:
+            return None
+        oldest = min(r.started for r in running)
+        return max(self.next_sample, oldest + monitor.MIN_AGE) - now
+
+    def sample(self, now, running) -> list:
+        """Measure the tasks that have run at least MIN_AGE seconds: Exhausted for any over its allocation."""
+        if not running or now < self.next_sample:
+            return []
+        due = [h for h in (self.handles.get(r.spec.id) for r in running if now - r.started >= monitor.MIN_AGE)
+               if h is not None and h.mon is not None and h.mon.root is not None]
+        if not due:
+            return []
+        self.next_sample = now + monitor.INTERVAL
+        try:
+            table = monitor.proc_table()
+            if self.table_error is not None:
+                log.warning("the process table is readable again: memory limits are enforced")
+                self.table_error = None
+        except OSError as e:
+            # measure what we can (disk) and say loudly that memory is not watched meanwhile
+            if self.table_error is None:
+                log.error("cannot read the process table (%s): memory limits are NOT enforced until it can be", e)
+            self.table_error = str(e)
+            table = {}
+        out = []
+        for h in due:
+            h.mon.sample(table, now)
+            x = h.mon.over(h.spec.res)
+            if x is not None:
+                out.append(Exhausted(h.spec.id, x))
+        return out
+
+    # ---------------------------------------------------------------- the end
+    def report(self, c, conn) -> list:
+        """SendResult: collect outputs if the task ended on its own, clean up, send the result."""
+        h = self.handles.pop(c.tid, None)
+        status, reason, temps = c.status, c.reason, []
+        if c.collect and h is not None:
+            status, reason, temps = self._collect(h, status, reason, conn)
+        if h is not None and h.sandbox is not None:
+            h.sandbox.remove()
+        ctl = {"id": c.tid, "status": status, "wall": round(c.wall, 6)}
+        if reason:
+            ctl["reason"] = reason
+        if c.exit_code is not None:
+            ctl["exit_code"] = c.exit_code
+        if c.signal:
+            ctl["signal"] = c.signal
+        if c.stdout:
+            ctl["stdout"] = c.stdout
+        if temps:
+            ctl["temps"] = temps
+        if h is not None and h.mon is not None:
+            ctl["measured"] = h.mon.measured(c.wall)
+        if c.exhausted:
+            ctl["exhausted"] = c.exhausted
+        if c.worker_fault:
+            ctl["worker_fault"] = True     # the manager runs it elsewhere, without spending its retries
+        conn.send("result", ctl, [c.result] if c.result is not None else ())
+        return [FileStored(n, "workflow") for n in temps]
+
+    def _collect(self, h, status, reason, conn):
+        """Outputs of a task that ended on its own: send files, keep temps in the cache."""
+        temps = []
+        files = []
+        for o in h.spec.outputs:
+            try:
+                p = h.sandbox.existing(o.remote)
+            except SandboxError as e:
+                status, reason = "output missing", str(e)
+                continue
+            if p is None:
+                if status == "success":
+                    status, reason = "output missing", "the task did not create output %r" % o.remote
+                continue
+            if status != "success":
+                continue    # a failed task's outputs are not installed
+            if o.kind == "temp":
+                try:
+                    self.cache.adopt(check_cachename(o.cachename), p)
+                    temps.append(o.cachename)
+                except (OSError, ValueError) as e:
+                    status, reason = "output missing", "cannot keep temp output %r: %s" % (o.remote, e)
+            else:
+                try:
+                    files.append((o.remote, self._open_output(p)))
+                except OSError as e:
+                    status, reason = "output missing", "cannot read output %r: %s" % (o.remote, e)
+        for remote, fh in files:
+            conn.send_stream(file_chunks(fh, "outfile", {"id": h.spec.id, "remote": remote,
+                                                         "tar": getattr(fh, "is_tar", False)}))
+        return status, reason, temps
+
+    def _open_output(self, p):
+        """An open file with the output's bytes; a directory travels as an (unlinked) tar."""
+        if not os.path.isdir(p):
+            return open(p, "rb")
+        fh = tempfile.TemporaryFile(dir=self.workdir)
+        with tarfile.open(fileobj=fh, mode="w", dereference=True) as tar:   # links to inputs become files
+            tar.add(p, arcname=".")
+        fh.seek(0)
+        fh.is_tar = True
+        return fh

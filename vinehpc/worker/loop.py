@@ -1,0 +1,283 @@
+"""The worker's event loop: one selectors loop over the manager connection, the task
+processes (pidfds), the Python interpreters (socketpairs) and a wake-up socket for the
+URL fetches and image unpacks done on helper threads.
+
+What arrives becomes an event for the state machine (state.py); the commands it returns are
+carried out here (messages, background work, files) and by execution.py (tasks).  Nothing
+here decides what runs when.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import logging
+import os
+import selectors
+import socket
+import tarfile
+import time
+
+from ..comm import file_chunks
+from ..protocol import ProtocolError
+from .cache import Cache
+from .events import (DropTask, FetchURL, FileFailed, FileStored, FunctionReceived, InputFailed, InputReady,
+                     KillRequested, KillTask, PresentTask, Requeued, SendCached, SendResult, SessionEnded,
+                     StartTask, TaskReceived, TaskSpec, Tick, Unlink, UnlinkRequested, UnpackImage,
+                     check_cachename)
+from .execution import Execution
+from .process import Guardian
+from .pypool import PyPool
+from .state import WorkerState
+
+log = logging.getLogger("vinehpc.worker")
+
+
+class ManagerGone(Exception):
+    pass
+
+
+class SessionOver(Exception):
+    """The manager ended its workflow; the run goes on (a pilot's next manager)."""
+
+
+class Loop:
+    def __init__(self, *, workdir, total, gpu_ids, hostname, reconnect, default_image=None):
+        self.workdir = workdir
+        self.total = total
+        self.hostname = hostname
+        self.reconnect = reconnect
+        self.sel = selectors.DefaultSelector()
+        self._wr, self._ww = socket.socketpair()
+        self._wr.setblocking(False)
+        self.sel.register(self._wr, selectors.EVENT_READ, ("wake", None))
+        self.cache = Cache(os.path.join(workdir, "cache"))
+        self.guard = Guardian()
+        self.pool = PyPool(self.sel, max_runners=max(1, total["cores"]), workdir=workdir, guard=self.guard)
+        self.fetcher = cf.ThreadPoolExecutor(4, thread_name_prefix="vinehpc-fetch")
+        self.fetched = collections.deque()     # (what, cachename, future) handed over by helper threads
+        self.state = WorkerState(total, gpu_ids, files=self.cache.entries)
+        self.exec = Execution(self.sel, self.pool, self.cache, self.guard, workdir=workdir, hostname=hostname,
+                              default_image=default_image)
+        self.events = collections.deque()      # fed to the state machine in order
+        self.feeding = False
+        self.conn = None           # the manager's Connection, set by the handshake (main.py)
+        self._writing = False      # the connection's socket is registered for writability
+        self.last_recv = self.last_send = 0.0
+        self.exit_requested = False
+        self.ka = (5.0, 30.0)      # keepalive (interval, timeout), the manager's welcome may change it
+
+    # ---------------------------------------------------------------- the state machine
+    def feed(self, event) -> None:
+        """Hand an event to the state machine and carry out its commands; events that carrying
+        them out produces are handled after them, in order."""
+        self.events.append(event)
+        if self.feeding:
+            return
+        self.feeding = True
+        try:
+            while self.events:
+                for c in self.state.handle(self.events.popleft(), time.monotonic()):
+                    self.events.extend(self._DO[type(c)](self, c) or ())
+        finally:
+            self.feeding = False
+
+    def _do_start(self, c):
+        return self.exec.start(c)
+
+    def _do_kill(self, c):
+        self.exec.kill(c.tid)
+
+    def _do_drop(self, c):
+        self.exec.forget(c.tid, stop=c.stop)
+
+    def _do_requeued(self, c):
+        self.exec.forget(c.tid)
+
+    def _do_result(self, c):
+        return self.exec.report(c, self.conn)
+
+    def _do_cached(self, c):
+        if self.conn is not None:
+            self.conn.send("cached", {"cn": c.cachename})
+
+    def _do_unlink(self, c):
+        self.cache.remove(c.cachename)
+
+    def _do_fetch(self, c):
+        self._in_background("url", c.cachename, self.cache.fetch_url, c.cachename, c.url)
+
+    def _do_unpack(self, c):
+        from sysimage_tools.deploy import ensure_local   # only workers that run images need it
+        self._in_background("image", c.cachename, ensure_local, self.cache.path(c.cachename), c.url)
+
+    _DO = {StartTask: _do_start, PresentTask: _do_start, KillTask: _do_kill, DropTask: _do_drop,
+           Requeued: _do_requeued, SendResult: _do_result, SendCached: _do_cached, Unlink: _do_unlink,
+           FetchURL: _do_fetch, UnpackImage: _do_unpack}
+
+    # ---------------------------------------------------------------- background work
+    def _in_background(self, what, n, fn, *args):
+        self.fetcher.submit(fn, *args).add_done_callback(lambda f: self._background_done(what, n, f))
+
+    def _background_done(self, what, n, fut):
+        self.fetched.append((what, n, fut))       # (helper thread) hand over to the loop
+        try:
+            self._ww.send(b"x")
+        except OSError:
+            pass
+
+    def _fetches_done(self):
+        while self.fetched:
+            what, n, fut = self.fetched.popleft()
+            err = fut.exception()
+            if err is not None:
+                self.feed(InputFailed(what, n, str(err)))
+                continue
+            if what == "image":
+                self.exec.images[n] = fut.result()
+            self.feed(InputReady(what, n))
+
+    # ---------------------------------------------------------------- the loop
+    def _serve(self):
+        conn = self.conn
+        # messages that arrived with the welcome
+        for m in conn.dec.feed(b""):
+            self._message(*m)
+        while not self.exit_requested:
+            self._flush()
+            self.guard.flush()
+            for key, ev in self.sel.select(self._next_timer()):
+                what, obj = key.data
+                if what == "manager":
+                    if ev & selectors.EVENT_READ:
+                        msgs = conn.read()
+                        self.last_recv = time.monotonic()
+                        for m in msgs:
+                            self._message(*m)
+                            if self.exit_requested:
+                                return
+                elif what == "proc":
+                    for e in self.exec.proc_exited(obj):
+                        self.feed(e)
+                elif what == "out":
+                    self.exec.proc_output(obj)
+                elif what == "runner":
+                    for e in self.exec.runner_readable(obj):
+                        self.feed(e)
+                elif what == "wake":
+                    try:
+                        self._wr.recv(4096)
+                    except BlockingIOError:
+                        pass
+                    self._fetches_done()
+            self._timers()
+
+    def _flush(self):
+        conn = self.conn
+        if conn is None or conn.closed or not conn.out:
+            return
+        done = conn.flush()
+        self.last_send = time.monotonic()
+        if done == self._writing:        # interest in writability changes: tell epoll
+            self._writing = not done
+            self.sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE if self._writing
+                            else selectors.EVENT_READ, ("manager", None))
+
+    def _next_timer(self):
+        now = time.monotonic()
+        t = self.ka[0]
+        d = self.state.next_deadline()
+        if d is not None:
+            t = min(t, d - now)
+        m = self.exec.monitor_due(now, self.state.running())
+        if m is not None:
+            t = min(t, m)
+        return max(0.0, t)
+
+    def _timers(self):
+        now = time.monotonic()
+        self.feed(Tick())
+        for e in self.exec.sample(now, self.state.running()):
+            self.feed(e)
+        if now - self.last_recv > self.ka[1]:
+            raise ManagerGone("no message from the manager for %.0f s" % (now - self.last_recv))
+        if now - self.last_send > self.ka[0] and now - self.last_recv > self.ka[0]:
+            self.conn.send("ping")
+
+    def _end_session(self):
+        self.events.clear()
+        self.feed(SessionEnded())
+        if self.conn is not None:
+            try:
+                self.sel.unregister(self.conn.sock)
+            except (KeyError, ValueError):
+                pass
+            self.conn.close()
+            self.conn = None
+        self.cache.abort_parts()
+        self.exec.fns.clear()
+
+    def close(self):
+        self.pool.close()
+        self.guard.close()
+        self.fetcher.shutdown(wait=False, cancel_futures=True)
+
+    # ---------------------------------------------------------------- messages from the manager
+    def _message(self, name, ctl, frames):
+        h = self._ON.get(name)
+        if h is None:
+            raise ProtocolError("unexpected message %r from the manager" % name)
+        try:
+            h(self, ctl, frames)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ProtocolError("malformed %s message: %s: %s" % (name, type(e).__name__, e)) from None
+
+    def _on_ping(self, ctl, frames):
+        self.conn.send("pong")
+
+    def _on_pong(self, ctl, frames):
+        pass
+
+    def _on_exit(self, ctl, frames):
+        if ctl.get("final", True) or not self.reconnect:
+            self.exit_requested = True
+        else:
+            raise SessionOver(ctl.get("reason") or "the manager closed")
+
+    def _on_fn(self, ctl, frames):
+        self.exec.fns[ctl["fid"]] = frames[0]
+        self.feed(FunctionReceived(ctl["fid"]))
+
+    def _on_put(self, ctl, frames):
+        n = ctl["cn"]
+        if n in self.state.put_errors:
+            return
+        try:
+            stored = self.cache.put_chunk(n, frames[0] if frames else b"", bool(ctl.get("last")),
+                                          ctl.get("kind", "file"), ctl.get("mode", 0o444))
+        except (OSError, tarfile.TarError) as e:   # disk full, quota: the tasks that need it fail, the worker goes on
+            why = "cannot store input %s on worker %s: %s" % (n, self.hostname, e)
+            log.error("%s", why)
+            return self.feed(FileFailed(n, why))
+        if stored:
+            self.feed(FileStored(n, ctl.get("level", "workflow")))
+
+    def _on_unlink(self, ctl, frames):
+        self.feed(UnlinkRequested(check_cachename(ctl["cn"])))
+
+    def _on_get(self, ctl, frames):
+        n = ctl["cn"]
+        try:
+            fh = open(self.cache.path(n), "rb")
+        except (OSError, ValueError) as e:
+            self.conn.send("error", {"cn": n, "reason": "cannot send %s: %s" % (n, e)})
+            return
+        self.conn.send_stream(file_chunks(fh, "file", {"cn": n}))
+
+    def _on_kill(self, ctl, frames):
+        self.feed(KillRequested(ctl.get("id")))
+
+    def _on_task(self, ctl, frames):
+        self.feed(TaskReceived(TaskSpec.from_ctl(ctl), frames[0] if frames else None))
+
+    _ON = {"ping": _on_ping, "pong": _on_pong, "exit": _on_exit, "fn": _on_fn, "put": _on_put,
+           "unlink": _on_unlink, "get": _on_get, "kill": _on_kill, "task": _on_task}
