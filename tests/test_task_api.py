@@ -232,7 +232,7 @@ def test_cache_tar_with_dotdot_member_writes_nothing_outside(tmp_path):
     assert not (cache_root / "evil").exists()
     new = {p for p in _snapshot(str(tmp_path)) - before if not p.startswith("cache" + os.sep + ".")}
     assert new == set(), new                         # only hidden scratch inside the cache
-    assert not cache.has("dir-abc")
+    assert not os.path.lexists(cache.path("dir-abc"))
 
 
 def test_cache_tar_with_symlink_escape_refused(tmp_path):
@@ -242,7 +242,7 @@ def test_cache_tar_with_symlink_escape_refused(tmp_path):
     with pytest.raises(Exception):
         cache.put_chunk("dir-def", data, True, "tar")
     assert not (tmp_path / "evil").exists()
-    assert not cache.has("dir-def")
+    assert not os.path.lexists(cache.path("dir-def"))
 
 
 def test_cache_tar_round_trip(tmp_path):
@@ -258,7 +258,7 @@ def test_cache_file_put_in_chunks(tmp_path):
     cache = Cache(str(tmp_path / "cache"))
     assert cache.put_chunk("file-1", b"hello ", False, "file") is False
     assert cache.put_chunk("file-1", b"world", True, "file") is True
-    assert cache.has("file-1")
+    assert os.path.isfile(cache.path("file-1"))
     with open(cache.path("file-1"), "rb") as f:
         assert f.read() == b"hello world"
 
@@ -274,11 +274,19 @@ def test_cache_refuses_bad_cachenames(tmp_path, name):
 
 
 def test_cache_task_level_entry_removed_after_last_user(tmp_path):
+    # who references an entry is the state machine's (state.py); the cache does the unlink it decides
+    from vinehpc.worker.events import (FileStored, Input, KillRequested, TaskReceived, TaskSpec, Unlink)
+    from vinehpc.worker.state import WorkerState
     cache = Cache(str(tmp_path / "cache"))
-    cache.put_chunk("file-t", b"x", True, "file", level="task")
-    cache.ref("file-t")
-    cache.ref("file-t")
-    cache.unref("file-t", "task")
-    assert cache.has("file-t")
-    cache.unref("file-t", "task")
-    assert not cache.has("file-t") and not os.path.exists(cache.path("file-t"))
+    assert cache.put_chunk("file-t", b"x", True, "file") is True
+    st = WorkerState({"cores": 1, "memory": 0, "disk": 0, "gpus": 0}, files=cache.entries)
+    st.handle(FileStored("file-t", "task"), 0.0)
+    inp = (Input("file-t", "x", "file", "task", None),)
+    for tid in (1, 2):
+        st.handle(TaskReceived(TaskSpec(tid, "true", None, inputs=inp)), 0.0)
+    assert not [c for c in st.handle(KillRequested(1), 1.0) if isinstance(c, Unlink)]
+    assert "file-t" in cache.entries
+    unlinks = [c for c in st.handle(KillRequested(2), 1.0) if isinstance(c, Unlink)]
+    assert unlinks == [Unlink("file-t")] and "file-t" not in cache.entries
+    cache.remove("file-t")
+    assert not os.path.exists(cache.path("file-t"))

@@ -18,7 +18,8 @@ import threading
 import time
 
 from .comm import Closed, Connection, file_chunks
-from .outputs import Sink, discard, install_output
+from .comm.receive import Incoming
+from .outputs import discard
 from .protocol import ProtocolError, auth, wire
 
 log = logging.getLogger("vinehpc.manager")
@@ -336,42 +337,36 @@ class Server:
                     p.out_errors[tid] = "cannot write output %r: %s" % (dest.source, e)
                 dest.invalidate()
                 return
-            part = "%s.vinehpc-part-%s" % (dest.source, tid)
-            try:
-                d = os.path.dirname(os.path.abspath(dest.source))
-                os.makedirs(d, exist_ok=True)
-                f = p.parts[key] = open(part, "wb")
-            except OSError as e:
-                p.out_errors[tid] = "cannot write output %r: %s" % (dest.source, e)
-                p.parts[key] = f = Sink(dest)
-            f.dest = dest
-            f.is_tar = bool(ctl.get("tar"))
+            f = p.parts[key] = Incoming(dest.source, "%s.vinehpc-part-%s" % (dest.source, tid),
+                                        tar=bool(ctl.get("tar")), parents=True)
+            f.output = dest
         for b in frames:
             f.write(b)
         if ctl.get("last"):
             del p.parts[key]
-            f.close()
-            if not isinstance(f, Sink):
-                try:
-                    install_output(f.name, f.dest.source, f.is_tar)
-                except (OSError, tarfile.TarError) as e:
-                    p.out_errors[tid] = "cannot write output %r: %s" % (f.dest.source, e)
-                f.dest.invalidate()
+            try:
+                f.finish()
+            except (OSError, tarfile.TarError) as e:   # the task is reported as failed ("output missing")
+                p.out_errors[tid] = "cannot write output %r: %s" % (f.dest, e)
+            f.output.invalidate()
 
     def _on_file(self, p, ctl, frames, now):
         n = str(ctl.get("cn"))
         f = p.fetch.get(n)
         if f is None:
             path = os.path.join(self.staging, n)
-            f = p.fetch[n] = open(path + ".part", "wb")
+            f = p.fetch[n] = Incoming(path, path + ".part")
         for b in frames:
             f.write(b)
         if ctl.get("last"):
             del p.fetch[n]
-            f.close()
-            path = os.path.join(self.staging, n)
-            os.replace(path + ".part", path)
-            self.core.file_fetched(n, path)
+            try:
+                f.finish()
+            except OSError as e:    # staging full: say so, and the file may be fetched again (it was a crash)
+                log.error("cannot store %s fetched from worker %s: %s", n, p.wid, e)
+                self.core.fetch_failed(n)
+                return
+            self.core.file_fetched(n, f.dest)
 
     # ---------------------------------------------------------------- commands from the core
     def _run_cmds(self):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 
+from ..resources import RES
 from ..scheduler import make as make_policy
 from .categories import LEARNED, Category
 
@@ -25,8 +26,6 @@ SHORT_TASK = 0.05         # x2 for a category faster than this (seconds),
 TINY_TASK = 0.005         # x4 for one faster than this: round trips would idle the worker
 SHORT_SAMPLES = 4
 RESERVE_AFTER = 2.0        # seconds a task no worker has room for lets tasks behind it pass before a worker is kept for it
-
-RES = ("cores", "memory", "disk", "gpus")
 
 
 class WorkerState:
