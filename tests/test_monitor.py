@@ -196,3 +196,30 @@ def test_disk_usage_ignores_symlinks(tmp_path):
 def test_exhausted_reason():
     assert exhausted_reason({"resource": "memory", "used": 2150, "allocated": 1000}) == \
         "memory: 2,150 MB used > 1,000 MB allocated"
+
+
+def test_unreadable_process_table_is_reported_and_disk_still_enforced(tmp_path, monkeypatch, caplog):
+    """Memory enforcement must not stop silently: the failure is logged (once) and the tasks'
+    disk is still measured and enforced meanwhile."""
+    from vinehpc.worker.events import Exhausted, TaskSpec
+    from vinehpc.worker.execution import Execution, Handle
+    from vinehpc.worker.state import Run
+
+    def broken():
+        raise PermissionError("/proc is not readable")
+    monkeypatch.setattr(monitor, "proc_table", broken)
+    ex = Execution(None, None, None, None, workdir=str(tmp_path), hostname="h")
+    spec = TaskSpec(1, "x", None, res={"cores": 1, "memory": 10, "disk": 1, "gpus": 0})
+    box = tmp_path / "box"
+    box.mkdir()
+    (box / "big").write_bytes(b"x" * (2 << 20))
+    h = ex.handles[1] = Handle(spec)
+    h.mon = monitor.Monitor(box=str(box))
+    h.mon.attach(os.getpid())
+    run = Run(spec, None)
+    run.started = 0.0
+    with caplog.at_level("ERROR", logger="vinehpc.worker"):
+        assert ex.sample(1.0, [run]) == [Exhausted(1, {"resource": "disk", "used": 2, "allocated": 1})]
+        ex.sample(2.0, [run])
+    assert [r.message for r in caplog.records].count(
+        "cannot read the process table (/proc is not readable): memory limits are NOT enforced until it can be") == 1

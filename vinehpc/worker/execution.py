@@ -75,7 +75,7 @@ class Execution:
                 if image is not None:
                     env = image.env_for(dict(os.environ, **env))
                 h.proc = CommandProcess(spec.cmd, box, env, replace=image is not None)
-                h.mon = Monitor(None, box=box)
+                h.mon = Monitor(box=box)
                 h.mon.attach(h.proc.pid)
                 self.guard.add(h.proc.pid)
                 self.sel.register(h.proc.fileno(), selectors.EVENT_READ, ("proc", h))
@@ -83,7 +83,7 @@ class Execution:
                 return []
             h.runner = self.pool.run(spec.id, spec.fid, self.fns[spec.fid], c.args, box, env, after=after,
                                      image=image, devices=c.devices)
-            h.mon = Monitor(None, box=box, py=True)
+            h.mon = Monitor(box=box, py=True)
             h.mon.attach(h.runner.proc.pid)
             return [OnInterpreter(spec.id, h.runner)] if after is None else []
         except SandboxError as e:

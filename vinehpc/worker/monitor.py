@@ -136,11 +136,10 @@ def disk_usage(path) -> int:
 # ---------------------------------------------------------------- one task
 class Monitor:
     """What one task has used so far."""
-    __slots__ = ("started", "root", "pgid", "box", "mem", "cpu", "cpu0", "io", "io0", "procs", "disk",
+    __slots__ = ("root", "pgid", "box", "mem", "cpu", "cpu0", "io", "io0", "procs", "disk",
                  "next_disk", "py")
 
-    def __init__(self, started, box=None, py=False):
-        self.started = started
+    def __init__(self, box=None, py=False):
         self.box = box            # the sandbox's directory, if any
         self.py = py
         self.root = self.pgid = None
