@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
-# The test command: installs vinehpc (editable, with test extras) into this
-# machine's python3 and runs the test suite. Extra arguments go to pytest:
-#   bash tests/run.sh -k protocol -x
-# Works on a fresh Debian machine as root with only python3 + pip.
+# The test command: installs everything the tests need and runs the suite.
+#   bash tests/run.sh                 # the whole suite
+#   bash tests/run.sh -k protocol -x  # extra arguments go to pytest
+# Works on a fresh Debian machine as root with only python3: Debian packages
+# (strace, Slurm, MPI bits, slirp4netns, ...) are apt-installed when missing, and
+# the Python packages go into a FRESH virtual environment made for this run
+# (no system site-packages), so a package the tests import but the test extras
+# do not list fails here, not on a user's machine. The venv is removed at exit.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# No venv on purpose: we test against the machine's python. Debian marks its
-# python "externally managed" (PEP 668); opt out, and silence root warnings.
-# Older pips ignore variables for options they do not know.
-export PIP_BREAK_SYSTEM_PACKAGES=1
 export PIP_ROOT_USER_ACTION=ignore
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # --- System packages ---------------------------------------------------------
-# Later issues add what their tests need here (e.g. strace, slurmctld slurmd
-# slurm-client munge libpmix-dev, openmpi-bin). Nothing is installed while the
-# list is empty.
-SYSTEM_PACKAGES=(strace curl iproute2)   # strace: vinehpc audit (tests/test_audit.py); curl, iproute2: tests/test_tunnel.py
+# What the tests need from Debian (the Slurm test bed installs slurmctld, slurmd,
+# munge & co. itself in tests/slurm/up.sh, when a test first asks for it).
+SYSTEM_PACKAGES=(python3-venv)   # the fresh venv below (Debian's python3 lacks ensurepip without it)
+SYSTEM_PACKAGES+=(strace curl iproute2)   # strace: vinehpc audit (tests/test_audit.py); curl, iproute2: tests/test_tunnel.py
 SYSTEM_PACKAGES+=(slirp4netns uidmap nftables iptables)   # vinehpc net ns (tests/test_userlevel_net.py)
 
 install_system_packages() {
@@ -43,16 +43,26 @@ install_system_packages() {
 
 install_system_packages
 
-# --- Python packages ---------------------------------------------------------
-if ! python3 -m pip --version >/dev/null 2>&1; then
-    echo "tests/run.sh: 'python3 -m pip' is not available; install pip (apt-get install python3-pip)" >&2
+# --- Python packages: a fresh venv per run --------------------------------------
+PY="${PYTHON:-python3}"
+if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    echo "tests/run.sh: $PY cannot make a virtual environment (apt-get install python3-venv, or set PYTHON=)" >&2
     exit 1
 fi
-python3 -m pip install -q -e '.[test]'
+VENV_PARENT="$(mktemp -d "${TMPDIR:-/tmp}/vinehpc-test-venv.XXXXXX")"
+trap 'rm -rf "$VENV_PARENT"' EXIT
+VENV="$VENV_PARENT/venv"
+"$PY" -m venv "$VENV"
+# (this machine's pip.conf names local index folders that may not exist: drop pip's warning about each)
+"$VENV/bin/python" -m pip install -q -e '.[test]' 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'
+# subprocesses (workers, `vinehpc ...`, Slurm jobs, mpiexec ranks) find this venv's python first
+export VIRTUAL_ENV="$VENV"
+export PATH="$VENV/bin:$PATH"
+echo "tests/run.sh: fresh venv $VENV ($("$VENV/bin/python" --version))"
 
 # --- Tests -------------------------------------------------------------------
 rc=0
-python3 -m pytest -q -ra "$@" || rc=$?
+"$VENV/bin/python" -m pytest -q -ra "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "tests/run.sh: FAILED: pytest collected no tests (exit code 5)" >&2
     exit 1

@@ -367,3 +367,183 @@ def test_authenticated_connection_accepts_frames():
     finally:
         a.close()
         b.close()
+
+
+# ---------------------------------------------------------------- typed messages (messages.py)
+from vinehpc.protocol import messages  # noqa: E402
+
+RES0 = {"cores": 1, "memory": 0, "disk": 0, "gpus": 0}
+# every message as today's senders build it: (name, ctl, frames)
+SAMPLES = [
+    ("hello", {"v": 1, "nonce": "ab" * 32, "role": "manager"}, []),
+    ("auth", {"v": 1, "nonce": "cd" * 32, "mac": "ef" * 32}, []),
+    ("auth", {"v": 1, "nonce": "cd" * 32, "mac": "ef" * 32, "dest": {"host": "example.org", "port": 443}}, []),
+    ("welcome", {"mac": "01" * 32, "wid": 3, "keepalive": [5.0, 30.0], "tunnel": {"port": 4000}}, []),
+    ("welcome", {"mac": "01" * 32, "ok": False, "error": "refused", "detail": "connection refused", "errno": 111}, []),
+    ("info", {"cores": 4, "memory": 8000, "disk": 100000, "gpus": 0, "host": "node1", "pid": 1234,
+              "cached": ["file-abc", "url-def"], "workdir": "/tmp/w", "version": 1}, []),
+    ("error", {"cn": "file-abc", "reason": "cannot send file-abc: gone"}, []),
+    ("error", {"reason": "disk full"}, []),
+    ("ping", {}, []),
+    ("pong", {}, []),
+    ("exit", {"reason": "the run is over", "final": True}, []),
+    ("fn", {"fid": "fn-1"}, [b"pickled function"]),
+    ("put", {"cn": "buffer-1", "off": 0, "last": True, "kind": "file", "size": 3, "level": "task"}, [b"abc"]),
+    ("put", {"cn": "dir-1", "kind": "tar", "level": "workflow", "mode": 0o755, "off": 0, "last": False,
+             "size": 1 << 30}, [b"x" * 100]),
+    ("task", {"cmd": "echo hi > out", "id": 7, "inputs": [["file-1", "in.txt", "file", "workflow", None],
+                                                          ["url-2", "data", "url", "task", "https://x/y"]],
+              "outputs": [["out", "file", None], ["t", "temp", "temp-9"]], "env": {"A": "1"}, "res": RES0,
+              "time_max": 60.0, "category": "default"}, []),
+    ("task", {"fid": "fn-1", "id": 8, "inputs": [], "outputs": [], "res": RES0, "category": "short",
+              "pipe": True}, [b"pickled args"]),
+    ("kill", {"id": 7}, []),
+    ("get", {"cn": "temp-9"}, []),
+    ("unlink", {"cn": "temp-9"}, []),
+    ("result", {"id": 7, "status": "success", "wall": 0.25, "exit_code": 0, "stdout": "hi\n", "temps": ["temp-9"],
+                "measured": {"memory": 1.5, "cores": 0.9, "wall": 0.25, "disk": 0.0, "read": 0, "written": 10,
+                             "procs": 2}}, []),
+    ("result", {"id": 8, "status": "resource exhaustion", "wall": 1.0, "reason": "memory: 20 MB used > 10 MB",
+                "signal": "SIGKILL(-9)", "exhausted": {"resource": "memory", "used": 20, "allocated": 10},
+                "worker_fault": True}, [b"pickled result"]),
+    ("outfile", {"id": 7, "remote": "out", "tar": False, "off": 0, "last": True, "size": 3}, [b"abc"]),
+    ("file", {"cn": "temp-9", "off": 0, "last": True, "size": 0}, [b""]),
+    ("cached", {"cn": "url-2"}, []),
+]
+
+
+def test_every_message_has_a_sample():
+    assert {s[0] for s in SAMPLES} == set(messages.BY_NAME)
+
+
+@pytest.mark.parametrize("name,ctl,frames", SAMPLES, ids=[s[0] for s in SAMPLES])
+def test_message_round_trip(name, ctl, frames):
+    m = messages.decode(name, ctl, frames)
+    assert type(m) is messages.BY_NAME[name] and m.NAME == name
+    assert m.to_ctl() == ctl
+    # byte-compatible with today's untyped senders (same bytes when the keys come in wire order;
+    # file_chunks puts off/last/size last: the same JSON object)
+    assert messages.encode(m) == wire.encode(name, m.to_ctl(), frames)
+    assert Decoder().feed(messages.encode_bytes(m)) == Decoder().feed(wire.encode_bytes(name, ctl, frames))
+    assert messages.encode_named(name, ctl, frames) == wire.encode(name, ctl, frames)
+    # through the framing decoder and back
+    (got,) = Decoder().feed(messages.encode_bytes(m))
+    assert messages.decode(*got) == m
+    # built by keywords, the same message
+    kw = dict(ctl)
+    if m.PAYLOAD and frames:
+        kw[m.PAYLOAD] = frames[0]
+    assert type(m)(**kw) == m
+
+
+def test_decoded_fields_are_attributes():
+    t = messages.decode("task", SAMPLES[15][1], [b"args"])
+    assert (t.id, t.fid, t.cmd, t.args, t.pipe, t.time_max, t.env) == (8, "fn-1", None, b"args", True, None, None)
+    r = messages.decode("result", {"id": 1, "status": "failed", "wall": 0}, [])
+    assert r.value is None and r.reason is None and r.worker_fault is None
+
+
+def test_null_counts_as_absent_for_optional_fields():
+    r = messages.decode("result", {"id": 1, "status": "failed", "wall": 0, "reason": None}, [])
+    assert r.reason is None and "reason" not in r.to_ctl()
+
+
+LONG = "x" * (messages.SHORT + 1)
+# name -> [(what is changed, ctl key, bad value)]: wrong type, out of range, too long, bad shape
+BAD = {
+    "hello": [("v", "1"), ("v", 256), ("nonce", ""), ("nonce", LONG), ("role", 5)],
+    "auth": [("nonce", 12), ("mac", LONG), ("mac", None), ("dest", {"host": "h"}), ("dest", {"host": "h", "port": "1"}),
+             ("dest", {"host": "h", "port": 1, "x": 1}), ("dest", ["h", 1])],
+    "welcome": [("mac", b"x".decode() * 300), ("wid", "1"), ("wid", True), ("wid", -2 ** 63), ("keepalive", [5.0]),
+                ("keepalive", [5.0, "30"]), ("keepalive", [0, 30]), ("tunnel", {"port": 0}), ("tunnel", {"other": 1}),
+                ("ok", 1), ("errno", -1)],
+    "info": [("cores", -1), ("cores", 1.5), ("memory", "8000"), ("gpus", True), ("host", LONG), ("pid", -1),
+             ("cached", "file-abc"), ("cached", [1]), ("cached", [""]), ("workdir", None), ("version", 1000)],
+    "error": [("reason", 5), ("cn", ["x"])],
+    "exit": [("final", "yes"), ("reason", 1)],
+    "fn": [("fid", ""), ("fid", 1)],
+    "put": [("off", -1), ("last", 0), ("kind", "dir"), ("size", 2 ** 63), ("level", LONG), ("mode", 0o10000),
+            ("cn", "x" * (messages.NAME + 1))],
+    "task": [("id", "7"), ("id", -2 ** 62 - 1), ("id", 1.0), ("inputs", [["file-1", "in", "file", "task"]]),
+             ("inputs", [["file-1", "in", "file", "task", 3]]), ("inputs", {"a": 1}), ("outputs", [["out", "file"]]),
+             ("outputs", [[1, "file", None]]), ("env", {"A": 1}), ("env", {"": "1"}), ("env", ["A=1"]),
+             ("res", {"cores": 1}), ("res", dict(RES0, cores=-1)), ("res", dict(RES0, other=1)),
+             ("res", dict(RES0, memory=1.5)), ("time_max", -1.0), ("time_max", float("nan")),
+             ("time_max", float("inf")), ("category", 3), ("pipe", "true"), ("cmd", 3)],
+    "kill": [("id", None), ("id", "x")],
+    "get": [("cn", "")],
+    "unlink": [("cn", 3)],
+    "result": [("status", ""), ("status", 0), ("wall", -1), ("wall", "1"), ("exit_code", 2 ** 40),
+               ("stdout", b"x".hex().encode().decode() and 5), ("temps", "temp-9"), ("temps", [None]),
+               ("measured", {"memory": "1"}), ("measured", [1]), ("exhausted", {"resource": "memory"}),
+               ("exhausted", {"resource": "memory", "used": 1, "allocated": 1, "x": 1}), ("worker_fault", 1)],
+    "outfile": [("remote", ""), ("tar", None), ("off", "0"), ("size", -1)],
+    "file": [("last", "yes"), ("size", None)],
+    "cached": [("size", -1), ("cn", None)],
+}
+
+
+def _first_sample(name):
+    return next((c, f) for n, c, f in SAMPLES if n == name and (name != "auth" or "dest" in c))
+
+
+@pytest.mark.parametrize("name,key,bad", [(n, k, v) for n, cases in BAD.items() for k, v in cases],
+                         ids=["%s.%s-%d" % (n, k, i) for n, cases in BAD.items() for i, (k, v) in enumerate(cases)])
+def test_message_rejects_bad_field(name, key, bad):
+    ctl, frames = _first_sample(name)
+    ctl = dict(ctl, **{key: bad})
+    with pytest.raises(ProtocolError) as e:
+        messages.decode(name, ctl, frames)
+    assert str(e.value).startswith("%s message: field %r" % (name, key)), str(e.value)
+
+
+@pytest.mark.parametrize("name", sorted(messages.BY_NAME))
+def test_message_rejects_unknown_field(name):
+    ctl, frames = _first_sample(name)
+    with pytest.raises(ProtocolError, match=r"^%s message: unknown field\(s\) 'surprise'" % name):
+        messages.decode(name, dict(ctl, surprise=1), frames)
+
+
+@pytest.mark.parametrize("name", sorted(messages.BY_NAME))
+def test_message_rejects_missing_required_field(name):
+    cls = messages.BY_NAME[name]
+    required = [k for k, _, req in cls.FIELDS if req]
+    ctl, frames = _first_sample(name)
+    for k in required:
+        with pytest.raises(ProtocolError, match=r"^%s message: field %r is missing" % (name, k)):
+            messages.decode(name, {x: v for x, v in ctl.items() if x != k}, frames)
+
+
+@pytest.mark.parametrize("name", sorted(messages.BY_NAME))
+def test_message_rejects_wrong_number_of_frames(name):
+    cls = messages.BY_NAME[name]
+    ctl, _ = _first_sample(name)
+    bad = [[b"a", b"b"]]
+    if cls.PAYLOAD is None:
+        bad.append([b"a"])
+    elif cls.PAYLOAD_REQUIRED:
+        bad.append([])
+    for frames in bad:
+        with pytest.raises(ProtocolError, match="^%s message: " % name):
+            messages.decode(name, ctl, frames)
+
+
+def test_unknown_message_name():
+    with pytest.raises(ProtocolError, match="unknown message 'status'"):
+        messages.decode("status", {}, [])
+
+
+def test_error_names_message_field_and_value():
+    with pytest.raises(ProtocolError) as e:
+        messages.decode("kill", {"id": "x" * 1000}, [])
+    msg = str(e.value)
+    assert msg.startswith("kill message: field 'id' must be an int in") and "got str 'xxx" in msg and len(msg) < 300
+
+
+def test_building_a_message_with_a_wrong_keyword_fails():
+    with pytest.raises(TypeError, match="idd"):
+        messages.Kill(id=3, idd=3)
+    with pytest.raises(TypeError, match="id"):
+        messages.Kill()
+    with pytest.raises(TypeError, match="data"):
+        messages.Fn(fid="f")

@@ -1,0 +1,430 @@
+"""Typed messages: one class per message that crosses the manager <-> worker wire, validated on decode.
+
+A message's fields are its control part's JSON keys (the wire format is unchanged); the payload
+frame, for the messages that carry one, is one more attribute (`data`, `args`, `value`).
+
+    decode(name, ctl, frames) -> Message     raises ProtocolError naming the message and the field
+    encode(msg) -> [buffers]                 what wire.encode gives for the same control part
+
+Unknown keys are rejected, not ignored: both ends speak exactly one protocol version (the
+header's version byte is checked before anything else), so a key we do not know is a bug or a
+hostile peer, never a newer sender; adding a field means bumping wire.VERSION.  A null value
+counts as absent (optional fields) or wrong (required ones).
+
+Decoding is on the hot path (>10k messages/s): checks are plain closures over `type(v) is ...`
+(a JSON int is exactly int, so bool, a subclass of int, is refused for free), and a message's
+object is filled without calling __init__.
+"""
+from __future__ import annotations
+
+from . import wire
+from .wire import MAX_CTL, ProtocolError
+
+SHORT = 256                 # nonces, MACs, statuses, kinds, cache levels, host names
+NAME = 4096                 # cache names, function ids, remote (sandbox) names, categories, paths
+TEXT = MAX_CTL              # commands, reasons, captured output, URLs, environment values
+ITEMS = 1 << 20             # list and dict lengths (the control part's own limit binds first)
+ID_MIN, ID_MAX = -2 ** 62, 2 ** 63 - 1
+BIG = 2 ** 62               # sizes, offsets, resource amounts
+RES = ("cores", "memory", "disk", "gpus")
+
+
+# ---------------------------------------------------------------- checks
+# A check is a function expr(v, depth) -> the source of a Python expression that is true when the
+# value named v is valid, with .what saying what it wants (for errors).  Each message's decoder is
+# compiled from its fields' expressions once, at import: the checks run inline, as fast as
+# hand-written isinstance tests (decoding is on the hot path).  `depth` names loop variables.
+def _check(what, expr):
+    expr.what = what
+    return expr
+
+
+def Int(lo=0, hi=BIG):
+    return _check("an int in [%s, %s]" % (lo, hi), lambda v, d: "(type(%s) is int and %d <= %s <= %d)" % (v, lo, v, hi))
+
+
+def Num(lo=0.0, hi=1e18):
+    # NaN and infinities (json.loads accepts them) fail the range comparison
+    return _check("a number in [%s, %s]" % (lo, hi), lambda v, d: "((type(%s) is float or type(%s) is int) and %r <= %s <= %r)"
+                  % (v, v, float(lo), v, float(hi)))
+
+
+def Str(maxlen, minlen=0):
+    low = "%d <= " % minlen if minlen else ""
+    return _check("a string of %d to %d characters" % (minlen, maxlen),
+                  lambda v, d: "(type(%s) is str and %slen(%s) <= %d)" % (v, low, v, maxlen))
+
+
+def OneOf(*values):
+    return _check("one of %s" % ", ".join(map(repr, values)), lambda v, d: "(type(%s) is str and %s in %r)" % (v, v, values))
+
+
+def Nullable(check):
+    return _check("null or " + check.what, lambda v, d: "(%s is None or %s)" % (v, check(v, d)))
+
+
+def ListOf(check, maxlen=ITEMS):
+    return _check("a list of at most %d items, each %s" % (maxlen, check.what),
+                  lambda v, d: "(type(%s) is list and len(%s) <= %d and all(%s for x%d in %s))"
+                  % (v, v, maxlen, check("x%d" % d, d + 1), d, v))
+
+
+def Row(*checks):
+    """A JSON list of fixed shape: [check0, check1, ...]."""
+    return _check("[%s]" % ", ".join(c.what for c in checks),
+                  lambda v, d: "(type(%s) is list and len(%s) == %d and %s)"
+                  % (v, v, len(checks), " and ".join(c("%s[%d]" % (v, i), d) for i, c in enumerate(checks))))
+
+
+def DictOf(key, value, maxlen=ITEMS):
+    return _check("an object of at most %d entries, %s: %s" % (maxlen, key.what, value.what),
+                  lambda v, d: "(type(%s) is dict and len(%s) <= %d and all(%s and %s for k%d, x%d in %s.items()))"
+                  % (v, v, maxlen, key("k%d" % d, d + 1), value("x%d" % d, d + 1), d, d, v))
+
+
+def Record(required=None, optional=None):
+    """A JSON object with these keys (each with its check) and no others."""
+    req, opt_ = dict(required or {}), dict(optional or {})
+    keys = "{%s}" % ", ".join(map(repr, list(req) + list(opt_)))
+    what = "an object {%s}" % ", ".join(["%s: %s" % (k, c.what) for k, c in req.items()]
+                                       + ["%s?: %s" % (k, c.what) for k, c in opt_.items()])
+
+    def expr(v, d):
+        # only required keys: the count and their presence exclude any other key
+        known = "len(%s) == %d" % (v, len(req)) if not opt_ else "%s.keys() <= frozenset(%s)" % (v, keys)
+        parts = ["type(%s) is dict" % v, known]
+        parts += ["%r in %s and %s" % (k, v, c("%s[%r]" % (v, k), d)) for k, c in req.items()]
+        parts += ["(%r not in %s or %s)" % (k, v, c("%s[%r]" % (v, k), d)) for k, c in opt_.items()]
+        return "(%s)" % " and ".join(parts)
+    return _check(what, expr)
+
+
+Bool = _check("true or false", lambda v, d: "(type(%s) is bool)" % v)
+Id = Int(ID_MIN, ID_MAX)
+
+
+# ---------------------------------------------------------------- message classes
+class Field:
+    """A field of a message class (a class attribute, replaced by a slot by `message`)."""
+    __slots__ = ("check", "required")
+
+    def __init__(self, check, required=True):
+        self.check, self.required = check, required
+
+
+def opt(check):
+    return Field(check, required=False)
+
+
+class Message:
+    """Base of every message class (see `message`): __init__ takes the fields by keyword."""
+    __slots__ = ()
+    NAME = ""
+    CODE = 0
+    FIELDS = ()           # ((key, check, required), ...) in wire order
+    PAYLOAD = None        # attribute holding the payload frame, or None
+    PAYLOAD_REQUIRED = False
+
+    def to_ctl(self) -> dict:
+        """The control part: every field that is not None, in wire order."""
+        out = {}
+        for k, _, _ in self.FIELDS:
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = v
+        return out
+
+    def frames(self) -> list:
+        if self.PAYLOAD is None:
+            return []
+        v = getattr(self, self.PAYLOAD)
+        return [] if v is None else [v]
+
+    def __eq__(self, other):
+        return (type(other) is type(self) and self.to_ctl() == other.to_ctl()
+                and self.frames() == other.frames())
+
+    def __repr__(self):
+        parts = ["%s=%r" % kv for kv in self.to_ctl().items()]
+        parts += ["%s=<%d bytes>" % (self.PAYLOAD, len(f)) for f in self.frames()]
+        return "%s(%s)" % (type(self).__name__, ", ".join(parts))
+
+
+BY_NAME = {}                 # name -> class
+CODES = wire.CODES           # name -> wire code (the table moves here from wire.py next)
+NAMES = wire.NAMES           # wire code -> name
+_DECODERS = {}               # name -> compiled decoder(ctl, frames)
+
+
+def message(code, name, payload=None, payload_required=False):
+    """Class decorator: the class's Field attributes (in definition order) become its slots and
+    FIELDS; its __init__ and decoder are compiled; it is registered under `name` and `code`."""
+    def make(cls):
+        fields = [(k, v.check, v.required) for k, v in vars(cls).items() if isinstance(v, Field)]
+        body = {k: v for k, v in vars(cls).items() if not isinstance(v, Field) and k not in ("__dict__", "__weakref__")}
+        slots = tuple(k for k, _, _ in fields) + ((payload,) if payload else ())
+        body.update(__slots__=slots, NAME=name, CODE=code, FIELDS=tuple(fields), PAYLOAD=payload,
+                    PAYLOAD_REQUIRED=payload_required)
+        new = type(cls.__name__, cls.__bases__, body)
+        if name in BY_NAME or CODES.get(name) != code:
+            raise ValueError("message %s/%d defined twice or not in the code table" % (name, code))
+        new.__init__, _DECODERS[name] = _compile(new)
+        BY_NAME[name] = new
+        return new
+    return make
+
+
+def _compile(cls):
+    """Source for cls's __init__ (keyword-only fields) and decoder, compiled."""
+    name, fields, p = cls.NAME, cls.FIELDS, cls.PAYLOAD
+    params = ["%s=None" % k for k, _, req in fields if not req] + [k for k, _, req in fields if req]
+    if p:
+        params.insert(0, p if cls.PAYLOAD_REQUIRED else "%s=None" % p)
+    init = ["def __init__(self, *, %s):" % ", ".join(params) if params else "def __init__(self):"]
+    init += ["    self.%s = %s" % (k, k) for k in [f[0] for f in fields] + ([p] if p else [])] or ["    pass"]
+    dec = ["def decode(ctl, frames):", "    m = _new(_cls)", "    seen = 0", "    get = ctl.get"]
+    for k, check, req in fields:
+        dec.append("    v = get(%r)" % k)
+        if req:
+            dec += ["    if v is None: _missing(%r, %r)" % (name, k),
+                    "    if not %s: _bad(%r, %r, v)" % (check("v", 0), name, k),
+                    "    seen += 1"]
+        else:
+            dec += ["    if v is not None:",
+                    "        if not %s: _bad(%r, %r, v)" % (check("v", 0), name, k),
+                    "        seen += 1"]
+        dec.append("    m.%s = v" % k)
+    dec.append("    if seen != len(ctl) and not ctl.keys() <= _keys: _unknown(%r, ctl)" % name)
+    if p is None:
+        dec.append("    if frames: _frames(%r, frames)" % name)
+    elif cls.PAYLOAD_REQUIRED:
+        dec += ["    if len(frames) != 1: _frames(%r, frames)" % name, "    m.%s = frames[0]" % p]
+    else:
+        dec += ["    if len(frames) > 1: _frames(%r, frames)" % name, "    m.%s = frames[0] if frames else None" % p]
+    dec.append("    return m")
+    ns = {"_new": object.__new__, "_cls": cls, "_missing": _missing, "_bad": _bad, "_unknown": _unknown,
+          "_frames": _frames, "_keys": frozenset(f[0] for f in fields)}
+    exec(compile("\n".join(init + dec), "<message %s>" % name, "exec"), ns)
+    return ns["__init__"], ns["decode"]
+
+
+def _missing(name, key):
+    raise ProtocolError("%s message: field %r is missing" % (name, key))
+
+
+def _bad(name, key, v):
+    check = next(c for k, c, _ in BY_NAME[name].FIELDS if k == key)
+    s = repr(v)
+    raise ProtocolError("%s message: field %r must be %s, got %s %s"
+                        % (name, key, check.what, type(v).__name__, s if len(s) <= 80 else s[:77] + "..."))
+
+
+def _unknown(name, ctl):
+    known = {k for k, _, _ in BY_NAME[name].FIELDS}
+    raise ProtocolError("%s message: unknown field(s) %s" % (name, ", ".join(repr(k)[:80] for k in ctl if k not in known)))
+
+
+def _frames(name, frames):
+    cls = BY_NAME[name]
+    want = "no payload" if cls.PAYLOAD is None else "%s one frame (%s)" % (
+        "exactly" if cls.PAYLOAD_REQUIRED else "at most", cls.PAYLOAD)
+    raise ProtocolError("%s message: carries %s, got %d frame(s)" % (name, want, len(frames)))
+
+
+# ---- the handshake (handshake.py drives it; limits before authentication are the Decoder's)
+@message(1, "hello")
+class Hello(Message):
+    """greeter -> answerer (manager -> worker, egress -> tunnel proxy): a fresh nonce."""
+    v = Field(Int(0, 255))
+    nonce = Field(Str(SHORT, 1))
+    role = Field(Str(SHORT))            # "manager" or "egress": who is speaking
+
+
+@message(2, "auth")
+class Auth(Message):
+    """answerer -> greeter: its nonce and its MAC over both nonces (and dest, for the tunnel)."""
+    v = Field(Int(0, 255))
+    nonce = Field(Str(SHORT, 1))
+    mac = Field(Str(SHORT))
+    # a tunnel stream's destination; checked for validity after authentication (the egress
+    # answers a bad one with a failed welcome)
+    dest = opt(Record({"host": Str(1024), "port": Int(ID_MIN, ID_MAX)}))
+
+
+@message(3, "welcome")
+class Welcome(Message):
+    """greeter -> answerer: the greeter's MAC; then what the session needs."""
+    mac = Field(Str(SHORT))
+    wid = opt(Id)                                   # manager: the worker's id
+    keepalive = opt(Row(Num(0.001), Num(0.001)))    # manager: [interval, timeout] seconds
+    tunnel = opt(Record(optional={"port": Int(1, 65535), "egress": Str(NAME, 1)}))
+    ok = opt(Bool)                                  # egress: was the stream opened?
+    error = opt(Str(SHORT))
+    detail = opt(Str(TEXT))
+    errno = opt(Int(0, 1 << 16))
+
+
+# ---- worker -> manager
+@message(4, "info")
+class Info(Message):
+    """The worker's resources and cache, right after the handshake."""
+    cores = Field(Int())
+    memory = Field(Int())
+    disk = Field(Int())
+    gpus = Field(Int())
+    host = Field(Str(SHORT))
+    pid = Field(Int(0, 1 << 32))
+    cached = Field(ListOf(Str(NAME, 1)))
+    workdir = Field(Str(NAME))
+    version = Field(Int(0, 255))
+
+
+@message(5, "error")
+class Error(Message):
+    """A file the manager asked for (get) cannot be sent; or any worker-side trouble to log."""
+    cn = opt(Str(NAME))
+    reason = Field(Str(TEXT))
+
+
+@message(30, "result", payload="value")
+class Result(Message):
+    """A task ended (or failed to start); value: a Python task's pickled (ok, value, traceback)."""
+    id = Field(Id)
+    status = Field(Str(SHORT, 1))
+    wall = Field(Num())
+    reason = opt(Str(TEXT))
+    exit_code = opt(Int(-2 ** 31, 2 ** 31))
+    signal = opt(Str(SHORT))
+    stdout = opt(Str(TEXT))
+    temps = opt(ListOf(Str(NAME, 1)))               # temp outputs now in the worker's cache
+    measured = opt(DictOf(Str(SHORT), Nullable(Num(-1e18))))
+    exhausted = opt(Record({"resource": Str(SHORT), "used": Num(-1e18), "allocated": Num(-1e18)}))
+    worker_fault = opt(Bool)                        # rerun elsewhere without spending a retry
+
+
+@message(31, "outfile", payload="data", payload_required=True)
+class Outfile(Message):
+    """One chunk of a task's output file (a directory travels as a tar)."""
+    id = Field(Id)
+    remote = Field(Str(NAME, 1))
+    tar = Field(Bool)
+    off = Field(Int())
+    last = Field(Bool)
+    size = Field(Int())
+
+
+@message(32, "file", payload="data", payload_required=True)
+class File(Message):
+    """One chunk of a cached file the manager fetched (get)."""
+    cn = Field(Str(NAME, 1))
+    off = Field(Int())
+    last = Field(Bool)
+    size = Field(Int())
+
+
+@message(33, "cached")
+class Cached(Message):
+    """The worker now holds this file (a URL it fetched)."""
+    cn = Field(Str(NAME, 1))
+    size = opt(Int())
+
+
+# ---- both ways
+@message(10, "ping")
+class Ping(Message):
+    """Keepalive: answered by pong."""
+
+
+@message(11, "pong")
+class Pong(Message):
+    """The answer to ping."""
+
+
+# ---- manager -> worker
+@message(12, "exit")
+class Exit(Message):
+    """Leave (final) or wait for the run's next manager."""
+    reason = opt(Str(TEXT))
+    final = opt(Bool)
+
+
+@message(20, "fn", payload="data", payload_required=True)
+class Fn(Message):
+    """A pickled function, sent once per worker before the first task that calls it."""
+    fid = Field(Str(NAME, 1))
+
+
+@message(21, "put", payload="data", payload_required=True)
+class Put(Message):
+    """One chunk of an input file for the worker's cache."""
+    cn = Field(Str(NAME, 1))
+    off = Field(Int())
+    last = Field(Bool)
+    kind = Field(OneOf("file", "tar"))
+    size = Field(Int())
+    level = Field(Str(SHORT))                       # cache level: task, workflow, worker
+    mode = opt(Int(0, 0o7777))
+
+
+@message(22, "task", payload="args")
+class Task(Message):
+    """Run a command (cmd) or a Python function (fid, args: its pickled arguments)."""
+    cmd = opt(Str(TEXT))
+    fid = opt(Str(NAME, 1))
+    id = Field(Id)
+    # [cachename, remote name, kind (file, tar, url, temp, image, buffer), cache level, URL or image id]
+    inputs = Field(ListOf(Row(Str(NAME, 1), Str(NAME, 1), Str(SHORT), Str(SHORT), Nullable(Str(TEXT)))))
+    # [remote name, kind, cachename of a temp output or null]
+    outputs = Field(ListOf(Row(Str(NAME, 1), Str(SHORT), Nullable(Str(NAME, 1)))))
+    env = opt(DictOf(Str(NAME, 1), Str(TEXT)))
+    res = Field(Record({k: Int() for k in RES}))
+    time_max = opt(Num(0.0))
+    category = Field(Str(NAME))
+    pipe = opt(Bool)                                # short: may be pipelined behind a running task
+
+
+@message(23, "kill")
+class Kill(Message):
+    """Stop a task; no result is sent for it."""
+    id = Field(Id)
+
+
+@message(24, "get")
+class Get(Message):
+    """Send this cached file back (answered by file chunks, or error)."""
+    cn = Field(Str(NAME, 1))
+
+
+@message(25, "unlink")
+class Unlink(Message):
+    """Drop this file from the worker's cache."""
+    cn = Field(Str(NAME, 1))
+
+
+# ---------------------------------------------------------------- decode / encode
+def decode(name: str, ctl: dict, frames: list) -> Message:
+    """The typed, validated message for what wire.Decoder returned. Raises ProtocolError."""
+    try:
+        d = _DECODERS[name]
+    except KeyError:
+        raise ProtocolError("unknown message %r" % (name,)) from None
+    return d(ctl, frames)
+
+
+def encode(msg: Message) -> list:
+    """The message as a list of buffers (header+control first, then the payload)."""
+    return wire.encode(msg.NAME, msg.to_ctl(), msg.frames())
+
+
+def encode_bytes(msg: Message) -> bytes:
+    return b"".join(encode(msg))
+
+
+def encode_named(name: str, ctl: dict | None = None, frames=()) -> list:
+    """Untyped form, for senders that still build control dicts: the same buffers as encode()."""
+    return wire.encode(name, ctl, frames)
+
+
+def decoder(**limits) -> wire.Decoder:
+    """A framing decoder that knows these messages' codes."""
+    return wire.Decoder(**limits)
