@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vinehpc.protocol import ProtocolError
+from vinehpc.protocol import ProtocolError, messages
 from vinehpc.worker.events import (DropTask, Exhausted, FetchURL, FileFailed, FileStored, FunctionReceived,
                                    Input, InputFailed, InputReady, InterpreterDied, KillRequested, KillTask,
                                    OnInterpreter, Output, PresentTask, Requeued, SendCached, SendResult,
@@ -334,18 +334,20 @@ def test_task_sent_twice_is_a_protocol_error():
         submit(st, cmd_task(1))
 
 
-def test_spec_from_the_wire():
-    s = TaskSpec.from_ctl({"id": 7, "cmd": "ls", "inputs": [["c1", "in.txt", "file", "task", None]],
-                           "outputs": [["out", "temp", "c2"]], "res": {"cores": 2, "memory": None},
-                           "time_max": 3, "pipe": True})
+def _task_msg(**ctl):
+    base = {"id": 7, "inputs": [], "outputs": [], "res": res(0), "category": "default"}
+    return messages.decode("task", dict(base, **ctl), [])
+
+
+def test_spec_from_the_task_message():
+    s = TaskSpec.from_message(_task_msg(cmd="ls", inputs=[["c1", "in.txt", "file", "task", None]],
+                                        outputs=[["out", "temp", "c2"]], res=res(2), time_max=3, pipe=True))
     assert s.inputs == (Input("c1", "in.txt", "file", "task", None),)
     assert s.outputs == (Output("out", "temp", "c2"),)
     assert s.res == res(2) and s.time_max == 3.0 and s.pipe and not s.python and s.error is None
-    bad = TaskSpec.from_ctl({"id": 8, "fid": "f", "inputs": [["../x", "a", "file", "task", None]]})
+    bad = TaskSpec.from_message(_task_msg(id=8, fid="f", inputs=[["../x", "a", "file", "task", None]]))
     assert bad.error.startswith("bad input description") and bad.inputs == ()
     r = results(submit(worker(), bad))[8]
     assert r.status == "input missing"
-    with pytest.raises((KeyError, TypeError, ValueError)):
-        TaskSpec.from_ctl({"cmd": "ls"})
-    with pytest.raises((KeyError, TypeError, ValueError)):
-        TaskSpec.from_ctl({"id": "1", "cmd": "ls"})
+    with pytest.raises(ProtocolError):
+        _task_msg(id="1", cmd="ls")

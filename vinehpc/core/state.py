@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 
-from ..resources import RES
+from ..protocol.messages import RES
 from ..scheduler import make as make_policy
 from .categories import LEARNED, Category
 

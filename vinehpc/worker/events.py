@@ -1,7 +1,8 @@
 """What goes into the worker's state machine (events) and what comes out (commands).
 
 Plain dataclasses, no I/O: state.py decides, loop.py carries out.  A task's description
-from the manager is unpacked once, here, into a TaskSpec; nothing else reads the wire dict.
+from the manager (protocol.messages.Task, validated on decode) is unpacked once, here, into
+a TaskSpec; nothing else reads its rows.
 
 Interpreters (runner) are opaque keys to the state machine: whatever object the loop uses
 for one long-lived Python interpreter.
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..resources import RES
+from ..protocol import messages
+from ..protocol.messages import RES
 
 SAFE = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
@@ -53,27 +55,18 @@ class TaskSpec:
     error: str | None = None        # the inputs could not be understood (the task fails)
 
     @classmethod
-    def from_ctl(cls, ctl: dict) -> "TaskSpec":
-        """The manager's "task" message. Raises KeyError/TypeError/ValueError on a malformed one
-        (a protocol error); bad input names make a spec whose task fails (`error`)."""
-        tid = ctl["id"]
-        if not isinstance(tid, int):
-            raise TypeError("task id %r is not an integer" % (tid,))
+    def from_message(cls, m: messages.Task) -> "TaskSpec":
+        """The manager's task message (validated on decode). Input names that could leave the
+        cache make a spec whose task fails (`error`), not a protocol error."""
         inputs, error = (), None
         try:
             inputs = tuple(Input(check_cachename(n), remote, kind, level, url)
-                           for n, remote, kind, level, url in ctl.get("inputs", ()))
-        except (ValueError, TypeError) as e:
+                           for n, remote, kind, level, url in m.inputs)
+        except ValueError as e:
             error = "bad input description: %s" % e
-        outputs = tuple(Output(remote, kind, n) for remote, kind, n in ctl.get("outputs", ()))
-        r = ctl.get("res") or {}
-        tm = ctl.get("time_max")
-        env = ctl.get("env") or {}
-        if not isinstance(env, dict):
-            raise TypeError("task environment must be an object")
-        return cls(id=tid, cmd=ctl.get("cmd"), fid=ctl.get("fid"), inputs=inputs, outputs=outputs, env=env,
-                   res={k: int(r.get(k) or 0) for k in RES}, time_max=float(tm) if tm else None,
-                   pipe=bool(ctl.get("pipe")), error=error)
+        return cls(id=m.id, cmd=m.cmd, fid=m.fid, inputs=inputs, outputs=tuple(Output(*o) for o in m.outputs),
+                   env=m.env or {}, res=dict(m.res), time_max=float(m.time_max) if m.time_max else None,
+                   pipe=bool(m.pipe), error=error)
 
     @property
     def python(self) -> bool:

@@ -18,7 +18,7 @@ import tarfile
 import time
 
 from ..comm import file_chunks
-from ..protocol import ProtocolError
+from ..protocol import ProtocolError, messages
 from .cache import Cache
 from .events import (DropTask, FetchURL, FileFailed, FileStored, FunctionReceived, InputFailed, InputReady,
                      KillRequested, KillTask, PresentTask, Requeued, SendCached, SendResult, SessionEnded,
@@ -223,49 +223,49 @@ class Loop:
 
     # ---------------------------------------------------------------- messages from the manager
     def _message(self, name, ctl, frames):
-        h = self._ON.get(name)
+        msg = messages.decode(name, ctl, frames)      # typed and validated, or ProtocolError
+        h = self._ON.get(type(msg))
         if h is None:
             raise ProtocolError("unexpected message %r from the manager" % name)
         try:
-            h(self, ctl, frames)
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise ProtocolError("malformed %s message: %s: %s" % (name, type(e).__name__, e)) from None
+            h(self, msg)
+        except ValueError as e:      # a cache name that could leave the cache
+            raise ProtocolError("%s message: %s" % (name, e)) from None
 
-    def _on_ping(self, ctl, frames):
+    def _on_ping(self, m):
         self.conn.send("pong")
 
-    def _on_pong(self, ctl, frames):
+    def _on_pong(self, m):
         pass
 
-    def _on_exit(self, ctl, frames):
-        if ctl.get("final", True) or not self.reconnect:
+    def _on_exit(self, m):
+        if m.final is not False or not self.reconnect:
             self.exit_requested = True
         else:
-            raise SessionOver(ctl.get("reason") or "the manager closed")
+            raise SessionOver(m.reason or "the manager closed")
 
-    def _on_fn(self, ctl, frames):
-        self.exec.fns[ctl["fid"]] = frames[0]
-        self.feed(FunctionReceived(ctl["fid"]))
+    def _on_fn(self, m):
+        self.exec.fns[m.fid] = m.data
+        self.feed(FunctionReceived(m.fid))
 
-    def _on_put(self, ctl, frames):
-        n = ctl["cn"]
+    def _on_put(self, m):
+        n = m.cn
         if n in self.state.put_errors:
             return
         try:
-            stored = self.cache.put_chunk(n, frames[0] if frames else b"", bool(ctl.get("last")),
-                                          ctl.get("kind", "file"), ctl.get("mode", 0o444))
+            stored = self.cache.put_chunk(n, m.data, m.last, m.kind, 0o444 if m.mode is None else m.mode)
         except (OSError, tarfile.TarError) as e:   # disk full, quota: the tasks that need it fail, the worker goes on
             why = "cannot store input %s on worker %s: %s" % (n, self.hostname, e)
             log.error("%s", why)
             return self.feed(FileFailed(n, why))
         if stored:
-            self.feed(FileStored(n, ctl.get("level", "workflow")))
+            self.feed(FileStored(n, m.level))
 
-    def _on_unlink(self, ctl, frames):
-        self.feed(UnlinkRequested(check_cachename(ctl["cn"])))
+    def _on_unlink(self, m):
+        self.feed(UnlinkRequested(check_cachename(m.cn)))
 
-    def _on_get(self, ctl, frames):
-        n = ctl["cn"]
+    def _on_get(self, m):
+        n = m.cn
         try:
             fh = open(self.cache.path(n), "rb")
         except (OSError, ValueError) as e:
@@ -273,11 +273,12 @@ class Loop:
             return
         self.conn.send_stream(file_chunks(fh, "file", {"cn": n}))
 
-    def _on_kill(self, ctl, frames):
-        self.feed(KillRequested(ctl.get("id")))
+    def _on_kill(self, m):
+        self.feed(KillRequested(m.id))
 
-    def _on_task(self, ctl, frames):
-        self.feed(TaskReceived(TaskSpec.from_ctl(ctl), frames[0] if frames else None))
+    def _on_task(self, m):
+        self.feed(TaskReceived(TaskSpec.from_message(m), m.args))
 
-    _ON = {"ping": _on_ping, "pong": _on_pong, "exit": _on_exit, "fn": _on_fn, "put": _on_put,
-           "unlink": _on_unlink, "get": _on_get, "kill": _on_kill, "task": _on_task}
+    _ON = {messages.Ping: _on_ping, messages.Pong: _on_pong, messages.Exit: _on_exit, messages.Fn: _on_fn,
+           messages.Put: _on_put, messages.Unlink: _on_unlink, messages.Get: _on_get, messages.Kill: _on_kill,
+           messages.Task: _on_task}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 
 from ..protocol import ProtocolError
-from ..resources import RES
+from ..protocol.messages import RES
 from .events import (DropTask, Exhausted, FetchURL, FileFailed, FileStored, FunctionReceived, InputFailed,
                      InputReady, InterpreterDied, KillRequested, KillTask, OnInterpreter, PresentTask, Requeued,
                      SendCached, SendResult, SessionEnded, StartFailed, StartTask, TaskFinished, TaskReceived,
