@@ -91,9 +91,6 @@ class WorkerState:
         """The running tasks not being stopped (for sampling)."""
         return [r for r in self.runs.values() if r.state == "running" and r.killed is None]
 
-    def has(self, cachename) -> bool:
-        return cachename in self.files
-
     # ---------------------------------------------------------------- arrivals
     def _task_received(self, ev: TaskReceived):
         spec = ev.spec
