@@ -20,7 +20,7 @@ import time
 
 from ..comm import Closed, Connection, file_chunks
 from ..protocol import ProtocolError, auth, encode, wire
-from .. import config
+from ..config import Settings      # [layers] the environment is read once, in Settings
 from . import monitor, resources
 from .cache import Cache, check_cachename
 from .pypool import PyPool
@@ -40,14 +40,15 @@ class SessionOver(Exception):
 
 class Worker(Running):
     def __init__(self, address: str, secret: str, *, cores=None, memory=None, disk=None, gpus=None,
-                 workdir=None, connect_timeout=60.0, reconnect=True, exit_on_refused=False, image=None):
+                 workdir=None, connect_timeout=60.0, reconnect=True, exit_on_refused=False, image=None, settings=None):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError("manager address must be HOST:PORT, got %r" % address)
         self.addr = (host.strip("[]"), int(port))
         self.secret = secret
         self.own_workdir = workdir is None
-        self.workdir = workdir or tempfile.mkdtemp(prefix="vinehpc-worker-", dir=config.worker_dir_root())
+        settings = settings or Settings.from_env()     # [layers] given by `vinehpc worker`
+        self.workdir = workdir or tempfile.mkdtemp(prefix="vinehpc-worker-", dir=settings.worker_dir)
         os.makedirs(self.workdir, exist_ok=True)
         ids = resources.gpu_ids()
         if gpus is not None:                     # given: those of the detected devices, else 0..gpus-1
@@ -94,7 +95,7 @@ class Worker(Running):
         self.proxy_egress = None
         self.task_env = {}         # variables every task gets (the tunnel's proxy settings)
         self.ka = (5.0, 30.0)
-        self.hostname = os.environ.get("SLURMD_NODENAME") or socket.gethostname()   # a Slurm node's name
+        self.hostname = settings.slurm.node_name or socket.gethostname()   # a Slurm node's name [layers]
 
     # ---------------------------------------------------------------- life
     def run(self) -> int:
