@@ -268,7 +268,8 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
     total = sum(counts)
     sys.stderr.write("vinehpc pilot: %s, %d ranks on %d node(s), %d worker(s); manager at %s; run dir %s\n"
                      "vinehpc pilot: add workers from another allocation with: vinehpc worker --contact %s\n"
-                     % (slurm.job_label(settings.slurm), size, len(set(nodes)), total, meet["address"], run_dir, contact))
+                     % (slurm.job_label(settings.slurm), size, len(set(nodes)), total, meet["address"], run_dir,
+                        contact))
     ctx = PilotRun(lsock, meet["address"], meet["secret"], run_dir, settings, expected_workers=total,
                    grace=grace if grace is not None else settings.grace, tunnel=tunnel)
     own = _start(n, meet, cores, memory, connect_timeout, local_image)
