@@ -190,13 +190,12 @@ class Manager:
         fails if that worker leaves.  on_done: the finished task is handed to on_done(task)
         instead of coming back from wait() (and does not count for empty()); it is called on
         the manager's I/O thread, so it must be short and must not call the manager."""
-        if worker is not None:
-            task._pin = worker
-        return self._submit(task, on_done)
+        return self._submit(task, on_done, worker)
 
-    def _submit(self, task: Task, on_done) -> int:
+    def _submit(self, task: Task, on_done, worker=None) -> int:
         """submit(); with `on_done`, the finished task goes to on_done(task) (called on the I/O
-        thread: keep it short) instead of wait(), and does not count for empty()."""
+        thread: keep it short) instead of wait(), and does not count for empty(); with `worker`,
+        it runs only on that worker."""
         self._check_open()
         if not isinstance(task, Task):
             raise TypeError("submit needs a Task or PythonTask, got %r" % (task,))
@@ -214,6 +213,8 @@ class Manager:
             for f, remote in task.outputs:
                 f._made_by = (task._key, remote)
         task._on_done = on_done
+        if worker is not None:
+            task._pin = worker
         task.id = self._next_id(count=on_done is None)
         for f, _ in task.outputs:
             f.producer = task.id
