@@ -14,6 +14,7 @@ modules are checked without being listed here.
     vinehpc.worker                        never the manager side
     mpi4py                                inside launcher/ only
     VINEHPC_* / SLURM* variables          read in the config modules only (Settings.from_env)
+    launcher, vinehpc.cli                 the engine's public interface only: no obj._private
 """
 from __future__ import annotations
 
@@ -139,6 +140,16 @@ def env_reads(path: str):
             yield node.lineno, node.left.value
 
 
+def private_uses(path: str):
+    """(line, attribute) for every `obj._name` where obj is not self or cls (dunders aside)."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.endswith("__")
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+            yield node.lineno, node.attr
+
+
 def check(root: str = ROOT) -> list:
     """Every broken rule under root, as "path:line: module imports target: rule"."""
     out = []
@@ -147,6 +158,10 @@ def check(root: str = ROOT) -> list:
         for line, target in imports(root, module, path, is_pkg):
             for rule in _rules(module, target):
                 out.append("%s:%d: %s imports %s: %s" % (rel, line, module, target, rule))
+        if _under(module, ("launcher",) + TOP):
+            for line, attr in private_uses(path):
+                out.append("%s:%d: %s uses .%s: launcher and vinehpc.cli use the engine's public interface only"
+                           % (rel, line, module, attr))
         if module not in CONFIG_MODULES:
             for line, name in env_reads(path):
                 out.append("%s:%d: %s reads $%s: configuration is read in %s only (Settings.from_env)"
@@ -178,6 +193,7 @@ SYNTHETIC = {
                              "e = dict(os.environ)\ne.pop('VINEHPC_SECRET', None)\ns = e.pop('VINEHPC_S')\n",
     "launcher/__init__.py": "",
     "launcher/pilot.py": "from vinehpc.cli import run_script\nfrom mpi4py import MPI\n",
+    "launcher/local.py": "class R:\n    def f(self, m):\n        return self._x, m._closed, m.__class__\n",
     "userlevel_net/__init__.py": "",
     "userlevel_net/probe.py": "def f():\n    from vinehpc.task import PythonTask\n",
     "userlevel_net/egress.py": "from vinehpc.protocol import auth, wire\nimport os\n"
@@ -199,6 +215,7 @@ EXPECTED = [
     ("vinehpc/worker/res.py:2", "$SLURM_CPUS_ON_NODE", "Settings.from_env"),
     ("vinehpc/worker/res.py:6", "$VINEHPC_S", "Settings.from_env"),
     ("launcher/pilot.py:1", "vinehpc.cli", "only vinehpc/__main__.py"),
+    ("launcher/local.py:3", "._closed", "public interface only"),
     ("userlevel_net/probe.py:2", "vinehpc.task", "at most vinehpc.protocol"),
     ("userlevel_net/egress.py:3", "$VINEHPC_G", "Settings.from_env"),
     ("sysimage_tools/selfpack.py:2", "imports vinehpc:", "at most vinehpc.protocol"),
