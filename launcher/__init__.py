@@ -1,4 +1,6 @@
-"""How workers come to life: local processes (local.py), MPI ranks in an allocation, Slurm jobs.
+"""How a tasks.py meets its workers: `vinehpc run` on this machine (local.py), `vinehpc pilot`
+as MPI ranks in an allocation (pilot.py, slurm.py, contact.py).
 
-mpi4py is imported lazily, here only.
+Above the engine: launcher imports vinehpc, and vinehpc never imports launcher (the worker
+processes themselves are started by vinehpc.local).  mpi4py is imported lazily, here only.
 """

@@ -1,77 +1,24 @@
-"""Local workers: `vinehpc run`, Manager(local_workers=N) and Executor() on one machine."""
+"""`vinehpc run`: every Manager()/Executor() of a tasks.py gets local workers.
+
+The workers themselves are vinehpc.local.LocalWorkers (also what Manager(local_workers=N) uses).
+"""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import threading
 import time
 
-
-class LocalWorkers:
-    """N worker processes on this machine, each in its own session (Ctrl-C goes to us, not them)."""
-
-    def __init__(self, n: int, *, cores: int = 1, memory: int | None = None, disk: int | None = None):
-        if n < 1:
-            raise ValueError("number of workers must be at least 1, got %r" % n)
-        if cores < 1:
-            raise ValueError("cores per worker must be at least 1, got %r" % cores)
-        self.n, self.cores, self.memory, self.disk = n, cores, memory, disk
-        self.procs = []
-
-    def start(self, address: str, secret: str) -> None:
-        env = dict(os.environ, VINEHPC_SECRET=secret)
-        if "VINEHPC_WORKER_DIR" not in env and _roomy_shm():
-            env["VINEHPC_WORKER_DIR"] = "/dev/shm"     # local workers: cache and sandboxes in memory
-        for _ in range(self.n):
-            cmd = [sys.executable, "-m", "vinehpc", "worker", address, "--cores", str(self.cores),
-                   "--connect-timeout", "30", "--no-reconnect"]
-            if self.memory is not None:
-                cmd += ["--memory", str(self.memory)]
-            if self.disk is not None:
-                cmd += ["--disk", str(self.disk)]
-            self.procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True))
-
-    def pids(self) -> list:
-        return [p.pid for p in self.procs]
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Wait for the workers to leave (the manager told them to), then kill what remains."""
-        deadline = time.monotonic() + timeout
-        for p in self.procs:
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for p in self.procs:
-            try:
-                p.wait(3)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-
-
-def _roomy_shm(need=4 << 30) -> bool:
-    """/dev/shm exists, is writable and has `need` bytes free (a local run's cache fits)."""
-    try:
-        st = os.statvfs("/dev/shm")
-    except OSError:
-        return False
-    return os.access("/dev/shm", os.W_OK) and st.f_bavail * st.f_frsize >= need
+from vinehpc._context import ManagerOptions
+from vinehpc.local import LocalWorkers
 
 
 class LocalRun:
     """The context of `vinehpc run`: every Manager() created by the script gets local workers."""
 
-    def __init__(self, workers: int, cores_per_worker: int = 1, *, progress: bool = False, tunnel: bool = False):
+    def __init__(self, workers: int, cores_per_worker: int, settings, *, progress: bool = False,
+                 tunnel: bool = False):
         self.workers = workers
+        self.settings = settings
         self.tunnel = tunnel
         self.cores = cores_per_worker
         self.managers = {}       # manager -> LocalWorkers
@@ -88,11 +35,11 @@ class LocalRun:
                 self._stdout, sys.stdout = sys.stdout, _ClearingStream(sys.stdout, self)
 
     # context protocol (see vinehpc/_context.py)
-    def manager_options(self) -> dict:
-        return {"host": "127.0.0.1", "tunnel": self.tunnel or None}
+    def manager_options(self) -> ManagerOptions:
+        return ManagerOptions(host="127.0.0.1", tunnel=self.tunnel or None, settings=self.settings)
 
     def manager_started(self, manager) -> None:
-        lw = LocalWorkers(self.workers, cores=self.cores)
+        lw = LocalWorkers(self.workers, cores=self.cores, worker_dir=self.settings.worker_dir)
         lw.start("127.0.0.1:%d" % manager.port, manager.secret)
         with self.lock:
             self.managers[manager] = lw
@@ -100,7 +47,7 @@ class LocalRun:
     def open_manager(self):
         """The most recent open Manager of this run (an Executor() shares it), or None."""
         with self.lock:
-            ms = [m for m in self.managers if not m._closed]
+            ms = [m for m in self.managers if not m.closed]
         return ms[-1] if ms else None
 
     def manager_closed(self, manager) -> None:
@@ -144,8 +91,8 @@ class LocalRun:
             tot = {"done": 0, "failed": 0, "running": 0, "waiting": 0, "workers": 0}
             for m in ms:
                 try:
-                    s = m.core.stats()
-                except Exception:
+                    s = m.stats
+                except Exception:      # closing, or its I/O thread is busy: the next turn shows it
                     continue
                 for k in tot:
                     tot[k] += s.get(k, 0)

@@ -17,30 +17,30 @@ the same job again runs only what is left.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
-import time
+
+from vinehpc._context import ManagerOptions
+from vinehpc.local import start_workers, stop_workers
 
 from . import slurm
+from .contact import write_contact
 
 _HELD = []              # the run directory's lock, held for the life of rank 0
 RESUMABLE = 75          # EX_TEMPFAIL: "try again" - the job stopped early and can be resumed
 log = logging.getLogger("vinehpc.pilot")
 
 
-def contact_host(env=os.environ) -> str:
-    """An address of this node that other hosts can reach: $VINEHPC_MANAGER_HOST, else the
-    hostname's address, else (it maps to loopback, as Debian's 127.0.1.1 does) the first
-    non-loopback IPv4 address of this node's interfaces."""
-    h = env.get("VINEHPC_MANAGER_HOST")
-    if h:
-        return h
+def contact_host(settings) -> str:
+    """An address of this node that other hosts can reach: settings.manager_host
+    ($VINEHPC_MANAGER_HOST), else the hostname's address, else (it maps to loopback, as
+    Debian's 127.0.1.1 does) the first non-loopback IPv4 address of this node's interfaces."""
+    if settings.manager_host:
+        return settings.manager_host
     name = socket.gethostname()
     try:
         addr = socket.gethostbyname(name)
@@ -72,25 +72,12 @@ def plan_workers(rank, nodes, *, workers_per_node=None, manager_node_works=False
     return (workers_per_node if rank == worker_ranks[0] else 0), ranks_on_node
 
 
-def start_workers(n, address, secret, *, cores, memory, connect_timeout, image=None):
-    env = dict(os.environ, VINEHPC_SECRET=secret)
-    procs = []
-    for _ in range(n):
-        cmd = [sys.executable, "-m", "vinehpc", "worker", address, "--cores", str(cores),
-               "--connect-timeout", str(connect_timeout), "--exit-on-refused"]
-        if memory is not None:
-            cmd += ["--memory", str(memory)]
-        if image is not None:
-            cmd += ["--image", image]
-        procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True))
-    return procs
-
-
 class PilotRun:
     """The run context of rank 0 (see vinehpc/_context.py)."""
 
-    def __init__(self, lsock, address, secret, run_dir, *, expected_workers, grace, tunnel=None):
+    def __init__(self, lsock, address, secret, run_dir, settings, *, expected_workers, grace, tunnel=None):
         self.lsock = lsock
+        self.settings = settings
         self.address = address
         self.secret = secret
         self.run_dir = run_dir
@@ -105,7 +92,7 @@ class PilotRun:
 
     def open_manager(self):
         with self.lock:
-            ms = [m for m in self.managers if not m._closed]
+            ms = [m for m in self.managers if not m.closed]
         return ms[-1] if ms else None
 
     def manager_options(self):
@@ -115,8 +102,9 @@ class PilotRun:
         with self.lock:
             d = os.path.join(self.run_dir, "manager-%d" % self.n_managers)
             self.n_managers += 1
-        return {"sock": self.lsock, "secret": self.secret, "address": self.address, "run_dir": d,
-                "final_exit": False, "resume": True, "write_secret": False, "tunnel": self.tunnel}
+        return ManagerOptions(sock=self.lsock, secret=self.secret, address=self.address, run_dir=d,
+                              final_exit=False, resume=True, write_secret=False, tunnel=self.tunnel,
+                              settings=self.settings)
 
     def manager_started(self, m):
         with self.lock:
@@ -128,7 +116,7 @@ class PilotRun:
         with self.lock:
             if m in self.managers:
                 self.managers.remove(m)
-            self.last_connected = len(m.core.workers)
+            self.last_connected = len(m.workers())
 
     def on_walltime(self, signum, frame):
         """SIGUSR1/SIGTERM: stop dispatching, let running tasks finish within the grace."""
@@ -151,26 +139,12 @@ class PilotRun:
                 pass
 
     def release_workers(self, timeout=5.0):
-        """Tell the workers that come back (between managers they reconnect) to exit.
-
-        Those that do not come back within `timeout` (still starting, or lost) find the
-        listening socket closed afterwards, and a pilot's worker exits on a refused connection."""
-        from vinehpc.core import Core
-        from vinehpc.journal import Journal
-        from vinehpc.server import Server
+        """Tell the workers that come back (between managers they reconnect) to exit."""
         # the workers of the last manager come back at once; lost ones never do (and one still
         # starting finds the socket closed afterwards and exits)
         expected = self.expected if self.last_connected is None else self.last_connected
-        srv = Server(Core(), host="", port=0, secret=self.secret, journal=Journal(None), staging=self.run_dir,
-                     keepalive_interval=5.0, keepalive_timeout=30.0, sock=self.lsock, release=True)
-        srv.start()
-        deadline = time.monotonic() + timeout
-        with srv.cond:
-            while srv.released < expected and time.monotonic() < deadline:
-                srv.cond.wait(min(1.0, max(0.0, deadline - time.monotonic())))
-        srv.post("stop", "pilot over")
-        srv.stopped.wait(10)
-        return srv.released
+        from vinehpc.release import release_workers    # rank 0 only, at the end
+        return release_workers(self.lsock, self.secret, expected, staging=self.run_dir, timeout=timeout)
 
 
 def share_image(comm, MPI, rank, nodes, image, unpack):
@@ -207,33 +181,15 @@ def share_image(comm, MPI, rank, nodes, image, unpack):
     return local
 
 
-def write_contact(run_dir, address, secret):
-    from vinehpc.protocol.auth import create_private
-    path = os.path.join(run_dir, "contact.json")
-    with create_private(path + ".tmp") as f:
-        json.dump({"address": address, "secret": secret, "job": os.environ.get("SLURM_JOB_ID"),
-                   "pid": os.getpid(), "started": time.time()}, f)
-    os.replace(path + ".tmp", path)
-    return path
-
-
-def read_contact(path):
-    """(address, secret) from a pilot's contact file (which must not be readable by others)."""
-    from vinehpc.protocol.auth import open_private
-    with open_private(path, "contact file") as f:
-        d = json.load(f)
-    return d["address"], d["secret"]
-
-
-def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_node_works=False,
+def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None, manager_node_works=False,
          run_dir=None, port=0, grace=None, connect_timeout=300.0, image=None, tunnel=None) -> int:
+    """A pilot rank; `settings`: the environment's vinehpc.config.Settings."""
     import faulthandler
 
-    from vinehpc import config
     # MPI_Init runs in C holding the GIL: only faulthandler's own watchdog thread can end a rank
     # stuck there (a wrong `srun --mpi=`, a broken PMI), with every thread's traceback, instead of
     # the allocation hanging silently until its walltime.
-    init_timeout = config.mpi_init_timeout()
+    init_timeout = settings.mpi_init_timeout
     if init_timeout > 0:
         faulthandler.dump_traceback_later(init_timeout, exit=True)
     try:
@@ -244,7 +200,7 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    node = slurm.node_name() or MPI.Get_processor_name()
+    node = settings.slurm.node_name or MPI.Get_processor_name()
     nodes = comm.allgather(node)
     hosts = comm.allgather(socket.gethostname())
     if rank == 0 and size == 1 and not manager_node_works:
@@ -271,9 +227,9 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
         from vinehpc.protocol import auth
         lsock = socket.create_server(("", port), backlog=1024)
         port = lsock.getsockname()[1]
-        contact = "%s:%d" % (contact_host(), port)
+        contact = "%s:%d" % (contact_host(settings), port)
         # all ranks on this host: they meet on loopback; the contact file has the routable address
-        one_host = len(set(hosts)) == 1 and not os.environ.get("VINEHPC_MANAGER_HOST")
+        one_host = len(set(hosts)) == 1 and not settings.manager_host
         address = "127.0.0.1:%d" % port if one_host else contact
         secret = auth.new_secret()
         meet = {"address": address, "secret": secret, "contact": contact}
@@ -284,11 +240,11 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
         return 0 if rank else 2
     n, ranks_on_node = plan_workers(rank, nodes, workers_per_node=workers_per_node,
                                     manager_node_works=manager_node_works)
-    cpus = slurm.cpus_for_rank(ranks_on_node=ranks_on_node)
+    cpus = slurm.cpus_for_rank(settings.slurm, ranks_on_node=ranks_on_node)
     if rank == 0 and n:
         cpus = max(1, cpus - 1) if cpus > 1 else 1    # leave the manager a core where there is one
     cores = cores_per_worker or max(1, cpus // max(1, n))
-    memory = slurm.memory_for_rank(ranks_on_node=ranks_on_node, cpus=cpus)
+    memory = slurm.memory_for_rank(settings.slurm, ranks_on_node=ranks_on_node, cpus=cpus)
     if memory is not None and n:
         memory //= n
     counts = comm.gather(n, root=0)
@@ -304,25 +260,23 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
     # a walltime warning must not kill workers or idle ranks (their default action would)
     signal.signal(signal.SIGUSR1, lambda *a: None)
     if rank != 0:
-        procs = start_workers(n, meet["address"], meet["secret"], cores=cores, memory=memory,
-                              connect_timeout=connect_timeout, image=local_image)
-        return _wait_workers(procs)
+        stop_workers(_start(n, meet, cores, memory, connect_timeout, local_image), timeout=None, kill_after=5.0)
+        return 0     # a lost worker is not a failed job
 
-    from vinehpc.cli import run_script
-    contact = write_contact(run_dir, meet["contact"], meet["secret"])
+    from vinehpc.script import run_script       # rank 0 only: the other ranks never run the script
+    contact = write_contact(run_dir, meet["contact"], meet["secret"], job_id=settings.slurm.job_id)
     total = sum(counts)
     sys.stderr.write("vinehpc pilot: %s, %d ranks on %d node(s), %d worker(s); manager at %s; run dir %s\n"
                      "vinehpc pilot: add workers from another allocation with: vinehpc worker --contact %s\n"
-                     % (slurm.job_label(), size, len(set(nodes)), total, meet["address"], run_dir, contact))
-    ctx = PilotRun(lsock, meet["address"], meet["secret"], run_dir, expected_workers=total,
-                   grace=grace if grace is not None else float(os.environ.get("VINEHPC_GRACE", "60")),
-                   tunnel=tunnel)
-    own = start_workers(n, meet["address"], meet["secret"], cores=cores, memory=memory,
-                        connect_timeout=connect_timeout, image=local_image) if n else []
+                     % (slurm.job_label(settings.slurm), size, len(set(nodes)), total, meet["address"], run_dir,
+                        contact))
+    ctx = PilotRun(lsock, meet["address"], meet["secret"], run_dir, settings, expected_workers=total,
+                   grace=grace if grace is not None else settings.grace, tunnel=tunnel)
+    own = _start(n, meet, cores, memory, connect_timeout, local_image)
     signal.signal(signal.SIGUSR1, ctx.on_walltime)
     code = run_script(script, argv, ctx, sigterm=ctx.on_walltime)
     released = ctx.release_workers()
-    _wait_workers(own, timeout=15)
+    stop_workers(own, timeout=15, kill_after=5.0)
     lsock.close()
     try:
         os.unlink(contact)
@@ -337,17 +291,8 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
     return code
 
 
-def _wait_workers(procs, timeout=None):
-    """Wait for our workers; ranks other than 0 always exit 0 (a lost worker is not a failed job)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.terminate()
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-    return 0
+def _start(n, meet, cores, memory, connect_timeout, image):
+    """This rank's `n` workers; a pilot's worker exits when the manager's socket refuses it
+    (the run is over), and reconnects otherwise (the script's next manager)."""
+    return start_workers(n, meet["address"], meet["secret"], cores=cores, memory=memory, image=image,
+                         connect_timeout=connect_timeout, exit_on_refused=True) if n else []

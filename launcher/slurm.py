@@ -1,35 +1,18 @@
-"""What the allocation gives this process: read from Slurm's environment (psutil otherwise).
+"""What the allocation gives this process, from Slurm's environment as read into
+vinehpc.config.Slurm (Settings.slurm), psutil/affinity otherwise.
 
-Pure functions of an environment mapping, so they are testable without Slurm.
+Pure functions of a Slurm record, so they are testable without Slurm.
 """
 from __future__ import annotations
 
 import os
 
 
-def _int(env, name):
-    v = env.get(name, "")
-    head = v.split("(")[0].split(",")[0]     # "2(x3),1" -> "2"
-    try:
-        return int(head)
-    except ValueError:
-        return None
-
-
-def in_allocation(env=os.environ) -> bool:
-    return bool(env.get("SLURM_JOB_ID"))
-
-
-def node_name(env=os.environ) -> str | None:
-    return env.get("SLURMD_NODENAME") or None
-
-
-def cpus_for_rank(env=os.environ, ranks_on_node: int = 1) -> int:
+def cpus_for_rank(alloc, ranks_on_node: int = 1) -> int:
     """Cores this rank may use: --cpus-per-task, else the node's CPUs shared by its ranks."""
-    per_task = _int(env, "SLURM_CPUS_PER_TASK")
-    if per_task:
-        return per_task
-    on_node = _int(env, "SLURM_CPUS_ON_NODE") or _int(env, "SLURM_JOB_CPUS_PER_NODE")
+    if alloc.cpus_per_task:
+        return alloc.cpus_per_task
+    on_node = alloc.cpus_on_node or alloc.job_cpus_per_node
     if on_node is None:
         try:
             on_node = len(os.sched_getaffinity(0))
@@ -38,17 +21,14 @@ def cpus_for_rank(env=os.environ, ranks_on_node: int = 1) -> int:
     return max(1, on_node // max(1, ranks_on_node))
 
 
-def memory_for_rank(env=os.environ, ranks_on_node: int = 1, cpus: int = 1) -> int | None:
+def memory_for_rank(alloc, ranks_on_node: int = 1, cpus: int = 1) -> int | None:
     """MB this rank may use: --mem-per-cpu x cpus, else --mem shared by the node's ranks, else None."""
-    per_cpu = _int(env, "SLURM_MEM_PER_CPU")
-    if per_cpu:
-        return per_cpu * cpus
-    per_node = _int(env, "SLURM_MEM_PER_NODE")
-    if per_node:
-        return per_node // max(1, ranks_on_node)
+    if alloc.mem_per_cpu:
+        return alloc.mem_per_cpu * cpus
+    if alloc.mem_per_node:
+        return alloc.mem_per_node // max(1, ranks_on_node)
     return None
 
 
-def job_label(env=os.environ) -> str:
-    jid = env.get("SLURM_JOB_ID")
-    return "job %s (%s)" % (jid, env.get("SLURM_JOB_NAME", "?")) if jid else "no Slurm job"
+def job_label(alloc) -> str:
+    return "job %s (%s)" % (alloc.job_id, alloc.job_name or "?") if alloc.job_id else "no Slurm job"

@@ -5,11 +5,14 @@
   2. unpack the payload (vinehpc + cloudpickle, psutil, zstandard, byte-compiled) once per node
      into the node-local cache, with sysimage_tools.deploy's lock (one process unpacks, the
      others wait; never on $HOME unless VINEHPC_LOCAL_DIR says so);
-  3. run vinehpc from that copy, with PYTHONPATH pointing at it so the processes vinehpc starts
-     (Python task interpreters, the pilot's workers) use it too.
+  3. run vinehpc from that copy (the manifest's "entry" module as __main__, i.e. `python -m
+     vinehpc`), with PYTHONPATH pointing at it so the processes vinehpc starts (Python task
+     interpreters, the pilot's workers) use it too.
+It names the entry module instead of importing vinehpc: sysimage_tools is a leaf below the engine.
 """
 import json
 import os
+import runpy
 import sys
 
 MANIFEST = "_vinehpc_pyz/manifest.json"
@@ -51,9 +54,8 @@ def main():
             del sys.modules[name]
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = root + (os.pathsep + old if old else "")
-    from vinehpc.cli import main as cli_main
     sys.argv[0] = pyz
-    sys.exit(cli_main(sys.argv[1:]))
+    runpy.run_module(man["entry"], run_name="__main__")     # its __main__ exits with the status
 
 
 if __name__ == "__main__":

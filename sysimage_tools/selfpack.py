@@ -2,8 +2,9 @@
 
 The archive is a zipapp:
 
-    __main__.py                  sysimage_tools/pyz_main.py: ABI check, node-local unpack, run
-    _vinehpc_pyz/manifest.json   python ABI, payload id, every payload file's sha256/size/mode
+    __main__.py                  sysimage_tools/pyz_main.py: ABI check, node-local unpack, run ENTRY
+    _vinehpc_pyz/manifest.json   python ABI, payload id, every payload file's sha256/size/mode,
+                                 the entry module (`python -m vinehpc`)
     payload/                     vinehpc, launcher, userlevel_net, sysimage_tools and the
                                  dependencies (cloudpickle, psutil, zstandard, + --include),
                                  byte-compiled with unchecked-hash pycs for this interpreter
@@ -15,6 +16,7 @@ pyrunner.py) and other interpreters that must find vinehpc through PYTHONPATH.  
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.metadata as md
 import importlib.util
@@ -28,6 +30,7 @@ import zipapp
 from . import image, pyenv
 
 PACKAGES = ("vinehpc", "launcher", "userlevel_net", "sysimage_tools")
+ENTRY = "vinehpc"           # run as __main__ (named, not imported: sysimage_tools is below the engine)
 DEPENDENCIES = ("cloudpickle", "psutil", "zstandard")
 # zstandard's cffi backend (12 MB) is only a fallback for when its C backend cannot load; it would
 # also need cffi, which is not packed
@@ -46,7 +49,7 @@ def build(out: str, *, include=(), command=None, log=None) -> dict:
             if spec is None or not spec.submodule_search_locations:
                 raise image.ImageError("cannot find the %s package to pack" % name)
             pyenv.copy_tree(list(spec.submodule_search_locations)[0], os.path.join(payload, name))
-        version = _vinehpc_version()
+        version = _version(os.path.join(payload, ENTRY, "__init__.py"))
         info_dir = os.path.join(payload, "vinehpc-%s.dist-info" % version)
         os.makedirs(info_dir)
         with open(os.path.join(info_dir, "METADATA"), "w") as f:
@@ -76,7 +79,7 @@ def build(out: str, *, include=(), command=None, log=None) -> dict:
         payload_id = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
         info = pyenv.python_info()
         manifest = {
-            "format": "vinehpc-pyz", "format_version": 1, "id": payload_id,
+            "format": "vinehpc-pyz", "format_version": 1, "id": payload_id, "entry": ENTRY,
             "created": pyenv._now(), "created_by": "vinehpc " + version, "command": list(command or sys.argv),
             "python": {k: info[k] for k in ("implementation", "version", "cache_tag", "soabi", "platform",
                                             "machine")},
@@ -100,6 +103,11 @@ def build(out: str, *, include=(), command=None, log=None) -> dict:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _vinehpc_version() -> str:
-    import vinehpc
-    return vinehpc.__version__
+def _version(init_py: str) -> str:
+    """The `__version__ = "..."` of the packed code itself (read, not imported)."""
+    with open(init_py, encoding="utf-8") as f:
+        for node in ast.parse(f.read(), init_py).body:
+            if (isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__version__"]
+                    and isinstance(node.value, ast.Constant)):
+                return str(node.value.value)
+    raise image.ImageError("%s has no __version__ to record" % init_py)

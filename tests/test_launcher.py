@@ -1,6 +1,7 @@
-"""Unit tests of the pilot's pure parts (no MPI, no Slurm): launcher/slurm.py reads the
-allocation from an environment mapping, launcher.pilot.plan_workers lays workers out over
-the ranks, and the contact file carries the run's secret (0600 only)."""
+"""Unit tests of the pilot's pure parts (no MPI, no Slurm): vinehpc.config.Slurm reads the
+allocation from an environment mapping and launcher/slurm.py sizes ranks from it,
+launcher.pilot.plan_workers lays workers out over the ranks, and the contact file
+(launcher/contact.py) carries the run's secret (0600 only)."""
 from __future__ import annotations
 
 import ipaddress
@@ -13,7 +14,8 @@ import sys
 
 import pytest
 
-from launcher import pilot, slurm
+from launcher import contact as contact_file, pilot, slurm
+from vinehpc.config import Settings, Slurm
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -34,13 +36,13 @@ AFFINITY = len(os.sched_getaffinity(0))
     ({"SLURM_CPUS_PER_TASK": "", "SLURM_CPUS_ON_NODE": "6"}, 2, 3),            # empty = unset
 ])
 def test_cpus_for_rank(env, ranks, want):
-    assert slurm.cpus_for_rank(env, ranks_on_node=ranks) == want
+    assert slurm.cpus_for_rank(Slurm.from_env(env), ranks_on_node=ranks) == want
 
 
 @pytest.mark.parametrize("env", [{}, {"SLURM_CPUS_ON_NODE": "lots"}, {"SLURM_CPUS_PER_TASK": "0"}])
 def test_cpus_for_rank_outside_an_allocation_uses_the_affinity(env):
-    assert slurm.cpus_for_rank(env) == AFFINITY
-    assert slurm.cpus_for_rank(env, ranks_on_node=AFFINITY * 4) == 1
+    assert slurm.cpus_for_rank(Slurm.from_env(env)) == AFFINITY
+    assert slurm.cpus_for_rank(Slurm.from_env(env), ranks_on_node=AFFINITY * 4) == 1
 
 
 # ------------------------------------------------------------------ memory_for_rank
@@ -54,15 +56,15 @@ def test_cpus_for_rank_outside_an_allocation_uses_the_affinity(env):
     ({"SLURM_MEM_PER_NODE": "0"}, 1, 1, None),
 ])
 def test_memory_for_rank(env, ranks, cpus, want):
-    assert slurm.memory_for_rank(env, ranks_on_node=ranks, cpus=cpus) == want
+    assert slurm.memory_for_rank(Slurm.from_env(env), ranks_on_node=ranks, cpus=cpus) == want
 
 
 def test_node_name_and_job_label():
-    assert slurm.node_name({"SLURMD_NODENAME": "n2"}) == "n2"
-    assert slurm.node_name({}) is None and slurm.node_name({"SLURMD_NODENAME": ""}) is None
-    assert slurm.in_allocation({"SLURM_JOB_ID": "17"}) and not slurm.in_allocation({})
-    assert slurm.job_label({"SLURM_JOB_ID": "17", "SLURM_JOB_NAME": "vinehpc"}) == "job 17 (vinehpc)"
-    assert slurm.job_label({}) == "no Slurm job"
+    assert Slurm.from_env({"SLURMD_NODENAME": "n2"}).node_name == "n2"
+    assert Slurm.from_env({}).node_name is None and Slurm.from_env({"SLURMD_NODENAME": ""}).node_name is None
+    assert Slurm.from_env({"SLURM_JOB_ID": "17"}).job_id == "17" and Slurm.from_env({}).job_id is None
+    assert slurm.job_label(Slurm.from_env({"SLURM_JOB_ID": "17", "SLURM_JOB_NAME": "vinehpc"})) == "job 17 (vinehpc)"
+    assert slurm.job_label(Slurm.from_env({})) == "no Slurm job"
 
 
 # ------------------------------------------------------------------ plan_workers
@@ -114,12 +116,11 @@ def test_plan_single_rank():
 
 
 # ------------------------------------------------------------------ contact file
-def test_contact_file_round_trip_is_0600(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLURM_JOB_ID", "42")
-    path = pilot.write_contact(str(tmp_path), "10.0.0.5:9123", "s3cret")
+def test_contact_file_round_trip_is_0600(tmp_path):
+    path = contact_file.write_contact(str(tmp_path), "10.0.0.5:9123", "s3cret", job_id="42")
     assert path == str(tmp_path / "contact.json")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert pilot.read_contact(path) == ("10.0.0.5:9123", "s3cret")
+    assert contact_file.read_contact(path) == ("10.0.0.5:9123", "s3cret")
     with open(path) as f:
         d = json.load(f)
     assert d["job"] == "42" and d["pid"] == os.getpid()
@@ -128,14 +129,14 @@ def test_contact_file_round_trip_is_0600(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
 def test_read_contact_refuses_a_file_others_can_read(tmp_path, mode):
-    path = pilot.write_contact(str(tmp_path), "10.0.0.5:9123", "s3cret")
+    path = contact_file.write_contact(str(tmp_path), "10.0.0.5:9123", "s3cret")
     os.chmod(path, mode)
     with pytest.raises(PermissionError, match=r"readable by others \(mode %o\): chmod 600" % mode):
-        pilot.read_contact(path)
+        contact_file.read_contact(path)
 
 
 def test_worker_cli_refuses_a_readable_contact_file(tmp_path):
-    path = pilot.write_contact(str(tmp_path), "127.0.0.1:1", "s3cret")
+    path = contact_file.write_contact(str(tmp_path), "127.0.0.1:1", "s3cret")
     os.chmod(path, 0o644)
     r = subprocess.run([sys.executable, "-m", "vinehpc", "worker", "--contact", path, "--connect-timeout", "1"],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30)
@@ -147,19 +148,19 @@ def test_contact_file_is_0600_even_over_a_leftover_tmp_file(tmp_path):
     leftover = tmp_path / "contact.json.tmp"
     leftover.write_text("")
     os.chmod(leftover, 0o644)
-    path = pilot.write_contact(str(tmp_path), "10.0.0.5:9123", "s3cret")
+    path = contact_file.write_contact(str(tmp_path), "10.0.0.5:9123", "s3cret")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
 # ------------------------------------------------------------------ contact_host
 def test_contact_host_override():
-    assert pilot.contact_host({"VINEHPC_MANAGER_HOST": "10.1.2.3"}) == "10.1.2.3"
+    assert pilot.contact_host(Settings.from_env({"VINEHPC_MANAGER_HOST": "10.1.2.3"})) == "10.1.2.3"
 
 
 def test_contact_host_is_never_loopback(monkeypatch):
     monkeypatch.setattr(socket, "gethostname", lambda: "node7")
     monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
-    host = pilot.contact_host({})
+    host = pilot.contact_host(Settings.from_env({}))
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:

@@ -168,7 +168,7 @@ def test_cli_probe_json(listening):
     assert r.returncode == 2 and "HOST:PORT" in r.stderr
 
 
-# ------------------------------------------------------------------ probe_workers (fake manager)
+# ------------------------------------------------------------------ vinehpc.netprobe.probe_workers (fake manager)
 class _FakeTask:
     def __init__(self, t, host, fail=False):
         self.id, self.hostname, self._t, self._fail = None, host, t, fail
@@ -181,8 +181,8 @@ class _FakeTask:
 
 
 class FakeManager:
-    """_submit_pinned(task, worker_id, on_done=...) as the engine provides it: runs the task
-    "on" that worker (here: a thread) and hands it to on_done; worker 3 never answers."""
+    """submit(task, worker=ID, on_done=...) as Manager provides it: runs the task "on" that
+    worker (here: a thread) and hands it to on_done; worker 3 never answers."""
 
     def __init__(self):
         self.pinned, self.cancelled, self._n = [], [], 0
@@ -190,7 +190,8 @@ class FakeManager:
     def workers(self):
         return [{"id": "w1", "host": "n1"}, {"id": "w2", "host": "n2"}, {"id": "w3", "host": "n3"}]
 
-    def _submit_pinned(self, task, worker_id, on_done=None):
+    def submit(self, task, *, worker=None, on_done=None):
+        worker_id = worker
         self._n += 1
         self.pinned.append((task, worker_id))
         ft = _FakeTask(task, {"w1": "n1", "w2": "n2", "w3": "n3"}[worker_id], fail=worker_id == "w2")
@@ -205,9 +206,10 @@ class FakeManager:
 
 def test_probe_workers_pins_one_task_per_worker(listening):
     from vinehpc import PythonTask
+    from vinehpc.netprobe import probe_workers
     m = FakeManager()
     t0 = time.monotonic()
-    rows = P.probe_workers(m, ["127.0.0.1:%d" % listening], timeout=1.0, deadline=2.0)
+    rows = probe_workers(m, ["127.0.0.1:%d" % listening], timeout=1.0, deadline=2.0)
     assert time.monotonic() - t0 < 5
     assert [w for _, w in m.pinned] == ["w1", "w2", "w3"]
     assert all(isinstance(t, PythonTask) and t.fn is P.probe for t, _ in m.pinned)

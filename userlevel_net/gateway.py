@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
 
 from vinehpc.protocol import auth
 
+from . import config
 from ._relay import parse_hostport
 
 
@@ -53,7 +53,7 @@ def main(args) -> int:
         print("vinehpc net gateway: --listen: %s" % e, file=sys.stderr)
         return 2
     try:
-        secret = auth.read_secret(args.secret_file) if args.secret_file else os.environ.pop("VINEHPC_SECRET", "")
+        secret = auth.read_secret(args.secret_file) if args.secret_file else config.take_secret()
     except (OSError, ValueError) as e:
         print("vinehpc net gateway: %s" % e, file=sys.stderr)
         return 2

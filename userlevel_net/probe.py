@@ -1,7 +1,8 @@
 """Outbound-access probe: what can this node reach, and which remedies can it use?
 
 `probe()` runs on one node (locally for `vinehpc net probe`, or as a PythonTask on every worker
-through `probe_workers()`); it needs only the standard library and returns a JSON-able dict.
+through Manager.probe_network(), see vinehpc/netprobe.py); it needs only the standard library
+and returns a JSON-able dict.
 `render_table()` turns a list of such dicts (one per node) into an aligned table.
 """
 from __future__ import annotations
@@ -314,65 +315,4 @@ def render_table(results: list) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------ on every worker
-def probe_workers(manager, targets=(), *, timeout: float = 3.0, deadline: float | None = None) -> list:
-    """Run probe(targets) once on each connected worker; returns one dict per worker (with
-    "worker" and "host" added), in the order of manager.workers().
-
-    Needs manager._submit_pinned(task, worker_id, on_done=callback): the task runs only on that
-    worker and, like _submit(task, on_done), comes back through the callback (never through
-    wait()). A task that fails, or does not return within `deadline` seconds (default: a margin
-    over the probe's own worst case), is reported as a row with "error" and is cancelled."""
-    from vinehpc.task import PythonTask   # here, not at module level: workers import this module
-    targets = [t if isinstance(t, str) else "%s:%d" % tuple(t) for t in targets]
-    for t in targets:
-        parse_target(t)   # bad targets fail here, not once per worker
-    if deadline is None:
-        deadline = 3 * timeout + 30.0
-    workers = list(manager.workers())
-    cond = threading.Condition()
-    finished = {}
-
-    def on_done(task):   # on the manager's I/O thread: keep it short
-        with cond:
-            finished[task.id] = task
-            cond.notify_all()
-    pending = {}
-    rows = {}
-    for w in workers:
-        t = PythonTask(probe, targets, timeout=timeout)
-        try:
-            pending[manager._submit_pinned(t, w["id"], on_done=on_done)] = w
-        except Exception as e:
-            rows[w["id"]] = {"worker": w["id"], "host": w.get("host"), "node": w.get("host"),
-                             "error": "cannot submit the probe: %s" % e}
-    end = time.monotonic() + deadline
-    with cond:
-        while len(finished.keys() & pending.keys()) < len(pending):
-            left = end - time.monotonic()
-            if left <= 0:
-                break
-            cond.wait(left)
-        done = {tid: finished[tid] for tid in pending if tid in finished}
-    for tid, w in pending.items():
-        base = {"worker": w["id"], "host": w.get("host")}
-        t = done.get(tid)
-        if t is None:
-            try:
-                manager.cancel(tid)
-            except Exception:
-                pass
-            rows[w["id"]] = dict(base, node=w.get("host"),
-                                 error="no answer from the worker within %g s (probe cancelled)" % deadline)
-            continue
-        exc = t.exception
-        if exc is None and isinstance(t.output, dict):
-            rows[w["id"]] = dict(t.output, **base)
-        else:
-            cause = exc.__cause__ if exc is not None and exc.__cause__ is not None else exc
-            rows[w["id"]] = dict(base, node=t.hostname or w.get("host"),
-                                 error="probe failed: %s" % (cause if cause is not None else t.output))
-    return [rows[w["id"]] for w in workers if w["id"] in rows]
-
-
-__all__ = ["probe", "probe_workers", "render_table", "parse_target", "mask_credentials", "verdict"]
+__all__ = ["probe", "render_table", "parse_target", "mask_credentials", "verdict"]

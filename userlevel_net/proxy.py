@@ -37,6 +37,7 @@ import subprocess
 import sys
 from urllib.parse import urlsplit
 
+from . import config
 from ._relay import (CONNECT_TIMEOUT, READY_MAX_AGE, Deadline, LoopThread, Reader, Relay, StaleConn, StreamError,
                      alive, egress_connect, egress_request, listener, literal_addrinfo, parse_hostport, tune)
 
@@ -540,7 +541,7 @@ def start_proxy(egress: str, secret: str, *, no_proxy=(), log=None, in_process: 
 
 
 def _child_main() -> int:
-    logging.basicConfig(level=os.environ.get("VINEHPC_TUNNEL_LOGLEVEL", "INFO"),
+    logging.basicConfig(level=config.tunnel_loglevel(),
                         format="%(asctime)s tunnel-proxy[%(process)d] %(levelname)s %(message)s")
     cfg = json.loads(sys.stdin.buffer.readline())
     srv = ProxyServer(parse_hostport(cfg["egress"]), cfg["secret"], cfg["user"], cfg["password"],

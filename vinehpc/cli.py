@@ -1,4 +1,7 @@
-"""The `vinehpc` command: run, worker. Each subcommand parses and calls a library function."""
+"""The `vinehpc` command: run, pilot, worker (+ audit, sysimage, net from the leaves).
+
+On top of everything: nothing imports this module but vinehpc/__main__.py.  Each subcommand
+parses, reads the environment once (config.Settings.from_env) and calls a library function."""
 from __future__ import annotations
 
 import argparse
@@ -114,28 +117,44 @@ def main(argv=None) -> int:
     return {"run": cmd_run, "worker": cmd_worker, "pilot": cmd_pilot}[args.command](args)
 
 
+def _settings(command):
+    """The environment's Settings, or None after saying what is wrong with it."""
+    from .config import Settings
+    try:
+        return Settings.from_env()
+    except ValueError as e:
+        print("vinehpc %s: %s" % (command, e), file=sys.stderr)
+        return None
+
+
 def cmd_pilot(args) -> int:
     import importlib.util
     if importlib.util.find_spec("mpi4py") is None:
         print("vinehpc pilot: mpi4py is not installed: pip install mpi4py (and an MPI: pip install mpich, "
               "or your site's module)", file=sys.stderr)
         return 2
+    settings = _settings("pilot")
+    if settings is None:
+        return 2
     from launcher import pilot
     logging.basicConfig(level=logging.WARNING, format="vinehpc pilot: %(message)s")
-    return pilot.main(args.script, args.args, workers_per_node=args.workers_per_node,
+    return pilot.main(args.script, args.args, settings, workers_per_node=args.workers_per_node,
                       cores_per_worker=args.cores_per_worker, manager_node_works=args.manager_node_works,
                       run_dir=args.run_dir, port=args.port, grace=args.grace, image=args.image,
                       tunnel=args.tunnel_gateway or args.tunnel or None)
 
 
 def cmd_worker(args) -> int:
-    from . import config
     from .protocol import auth
     from .worker.main import main as worker_main
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="vinehpc worker %(process)d: %(message)s")
+    settings = _settings("worker")
+    if settings is None:
+        return 2
+    os.environ.pop("VINEHPC_SECRET", None)      # the tasks this worker starts must not inherit the secret
     if args.contact:
-        from launcher.pilot import read_contact
+        from launcher.contact import read_contact
         try:
             address, secret = read_contact(args.contact)
         except (OSError, ValueError, KeyError) as e:
@@ -153,7 +172,7 @@ def cmd_worker(args) -> int:
             print("vinehpc worker: cannot read the secret: %s" % e, file=sys.stderr)
             return 2
     else:
-        secret = config.secret(take=True)
+        secret = settings.secret
         if not secret:
             print("vinehpc worker: no secret: pass --secret-file FILE (the manager writes it to its run directory, "
                   "vine-run-info/<run>/secret) or set VINEHPC_SECRET", file=sys.stderr)
@@ -162,7 +181,7 @@ def cmd_worker(args) -> int:
         return worker_main(args.address, secret, cores=args.cores, memory=args.memory, disk=args.disk,
                            gpus=args.gpus, workdir=args.workdir, connect_timeout=args.connect_timeout,
                            reconnect=not args.no_reconnect, exit_on_refused=args.exit_on_refused,
-                           image=args.image)
+                           image=args.image, settings=settings)
     except ValueError as e:
         print("vinehpc worker: %s" % e, file=sys.stderr)
         return 2
@@ -172,61 +191,19 @@ def cmd_worker(args) -> int:
 
 def cmd_run(args) -> int:
     from launcher.local import LocalRun
-    from . import config
+    from .script import run_script
     script = args.script
     if not os.path.isfile(script):
         print("vinehpc run: no such file: %s" % script, file=sys.stderr)
         return 2
-    mode = args.progress or config.progress()
+    settings = _settings("run")
+    if settings is None:
+        return 2
+    mode = args.progress or settings.progress
     progress = mode == "always" or (mode == "auto" and sys.stderr.isatty())
     workers = args.workers or len(os.sched_getaffinity(0))
-    return run_script(script, args.args, LocalRun(workers, args.cores_per_worker, progress=progress,
+    return run_script(script, args.args, LocalRun(workers, args.cores_per_worker, settings, progress=progress,
                                                   tunnel=args.tunnel))
-
-
-def run_script(script: str, argv: list, ctx, sigterm=None) -> int:
-    """Run `script` as __main__ inside the run context `ctx`; returns the exit status."""
-    import runpy
-    import signal
-    import traceback
-    from . import _context, task
-
-    script_dir = os.path.dirname(os.path.abspath(script))
-    task.pickle_by_value_under(script_dir)
-    prev = _context.set_current(ctx)
-    old_argv, old_path = sys.argv, list(sys.path)
-    sys.argv = [script] + list(argv)
-    sys.path.insert(0, script_dir)
-    old_term = signal.signal(signal.SIGTERM, sigterm or _raise_sigterm)
-    code = 0
-    try:
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if e.code is not None and not isinstance(e.code, int):
-            print(e.code, file=sys.stderr)
-    except KeyboardInterrupt:
-        print("\nvinehpc run: interrupted; stopping workers", file=sys.stderr)
-        code = 130
-    except task.Resumable as e:
-        print("vinehpc: %s" % e, file=sys.stderr)
-        code = 75
-    except BaseException:
-        traceback.print_exc()
-        print("vinehpc run: %s raised an exception (above); workers stopped" % script, file=sys.stderr)
-        code = 1
-    finally:
-        try:
-            ctx.shutdown()
-        finally:
-            signal.signal(signal.SIGTERM, old_term)
-            _context.set_current(prev)
-            sys.argv, sys.path[:] = old_argv, old_path
-    return code
-
-
-def _raise_sigterm(signum, frame):
-    raise SystemExit(143)
 
 
 if __name__ == "__main__":

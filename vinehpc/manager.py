@@ -9,10 +9,13 @@ import sys
 import threading
 import time
 
-from . import _context, config
+from . import _context
+from ._context import ManagerOptions
+from .config import Settings
 from .core import Core
 from .file import URL, Buffer, File, Temp, url_validators
 from .journal import Journal
+from .local import LocalWorkers
 from .resume import Resume, task_key
 from .protocol import auth
 from .server import Server
@@ -49,38 +52,42 @@ class Manager:
     what makes two tasks the same).  tunnel=True: tasks reach the outside through this
     manager (an egress beside it; `tunnel_allow` limits destinations, host patterns with
     optional :port); tunnel="HOST:PORT": through a `vinehpc net gateway` there.
+    settings: the environment's configuration (vinehpc.config.Settings; default: the
+    launcher's, else read from the environment now).
     """
 
     def __init__(self, port: int | None = None, *, host: str | None = None, secret: str | None = None,
                  run_dir: str | None = None, local_workers: int | None = None,
                  cores_per_worker: int | None = None, scheduler: str = "files",
                  keepalive_interval: float | None = None, keepalive_timeout: float | None = None,
-                 resume: bool | None = None, tunnel=None, tunnel_allow=None):
+                 resume: bool | None = None, tunnel=None, tunnel_allow=None, settings: Settings | None = None):
         ctx = _context.current()
-        opts = ctx.manager_options() if ctx is not None and port is None and local_workers is None else {}
-        self._ctx = ctx if opts else None
+        launched = ctx is not None and port is None and local_workers is None
+        opts = ctx.manager_options() if launched else ManagerOptions()
+        self._ctx = ctx if launched else None
         if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
             raise ValueError("port must be an integer between 0 and 65535, got %r" % (port,))
         if local_workers is not None and (isinstance(local_workers, bool) or not isinstance(local_workers, int)
                                           or local_workers < 0):
             raise ValueError("local_workers must be a non-negative integer, got %r" % (local_workers,))
-        self.secret = secret or opts.get("secret") or config.secret() or auth.new_secret()
+        self.settings = settings = settings or opts.settings or Settings.from_env()
+        self.secret = secret or opts.secret or settings.secret or auth.new_secret()
         if host is None:
-            host = opts.get("host") or ("127.0.0.1" if local_workers else "0.0.0.0")
+            host = opts.host or ("127.0.0.1" if local_workers else "0.0.0.0")
         if run_dir:
             self.run_dir = os.path.abspath(run_dir)
-        elif opts.get("run_dir"):
-            self.run_dir = opts["run_dir"]        # a launcher's (stable across resubmissions)
+        elif opts.run_dir:
+            self.run_dir = opts.run_dir        # a launcher's (stable across resubmissions)
         else:
-            self.run_dir = _new_run_dir(config.run_dir_root())
+            self.run_dir = _new_run_dir(settings.run_dir_root)
         os.makedirs(self.run_dir, exist_ok=True)
         staging = os.path.join(self.run_dir, "staging")
         os.makedirs(staging, exist_ok=True)
-        self.resume = Resume(self.run_dir) if (resume if resume is not None else opts.get("resume", False)) else None
+        self.resume = Resume(self.run_dir) if (resume if resume is not None else opts.resume) else None
         self.journal = Journal(os.path.join(self.run_dir, "transactions.jsonl"))
         self.core = Core(policy=scheduler)
         self._egress = None
-        tunnel = tunnel if tunnel is not None else opts.get("tunnel")
+        tunnel = tunnel if tunnel is not None else opts.tunnel
         tunnel_info = None
         if tunnel is True:
             from userlevel_net.egress import Egress   # lazily: only runs that tunnel need it
@@ -90,12 +97,12 @@ class Manager:
             tunnel_info = {"egress": tunnel}
         elif tunnel not in (None, False):
             raise ValueError("tunnel must be True, False or a gateway's HOST:PORT, got %r" % (tunnel,))
-        ka_i = keepalive_interval or config.keepalive_interval()
-        ka_t = keepalive_timeout or config.keepalive_timeout()
+        ka_i = keepalive_interval or settings.keepalive_interval
+        ka_t = keepalive_timeout or settings.keepalive_timeout
         try:
             self._server = Server(self.core, host=host, port=port or 0, secret=self.secret, journal=self.journal,
                                   staging=staging, keepalive_interval=ka_i, keepalive_timeout=ka_t,
-                                  sock=opts.get("sock"), final_exit=opts.get("final_exit", True),
+                                  sock=opts.sock, final_exit=opts.final_exit,
                                   resume=self.resume, tunnel=tunnel_info)
         except OSError as e:
             raise OSError(e.errno, "cannot listen on %s:%s: %s (choose another port, or 0 for any)"
@@ -103,9 +110,9 @@ class Manager:
         self.port = self._server.port
         self.host = host
         contact = host if host not in ("0.0.0.0", "::", "") else socket.gethostname()
-        self.address = opts.get("address") or "%s:%d" % (contact, self.port)
+        self.address = opts.address or "%s:%d" % (contact, self.port)
         self.secret_file = None
-        if opts.get("write_secret", True):
+        if opts.write_secret:
             self.secret_file = os.path.join(self.run_dir, "secret")
             auth.write_secret(self.secret_file, self.secret)
         self.journal.write({"event": "manager started", "address": self.address, "pid": os.getpid(),
@@ -118,10 +125,9 @@ class Manager:
         if self._ctx is not None:
             self._ctx.manager_started(self)
         elif local_workers:
-            from launcher.local import LocalWorkers   # lazily: vinehpc never imports launcher up front
-            self._local = LocalWorkers(local_workers, cores=cores_per_worker or 1)
+            self._local = LocalWorkers(local_workers, cores=cores_per_worker or 1, worker_dir=settings.worker_dir)
             self._local.start("127.0.0.1:%d" % self.port, self.secret)
-        elif not opts:
+        else:
             log.warning("vinehpc manager listening on %s; add workers with: vinehpc worker %s --secret-file %s",
                         self.address, self.address, self.secret_file)
 
@@ -177,13 +183,19 @@ class Manager:
         return URL(url, cache, url_validators(url))
 
     # ---------------------------------------------------------------- tasks
-    def submit(self, task: Task) -> int:
-        """Queue a task; returns its id. Errors in the task (bad pickles, missing inputs) raise here."""
-        return self._submit(task, None)
+    def submit(self, task: Task, *, worker=None, on_done=None) -> int:
+        """Queue a task; returns its id. Errors in the task (bad pickles, missing inputs) raise here.
 
-    def _submit(self, task: Task, on_done) -> int:
+        worker: the id of a connected worker (see workers()): the task may run only there, and
+        fails if that worker leaves.  on_done: the finished task is handed to on_done(task)
+        instead of coming back from wait() (and does not count for empty()); it is called on
+        the manager's I/O thread, so it must be short and must not call the manager."""
+        return self._submit(task, on_done, worker)
+
+    def _submit(self, task: Task, on_done, worker=None) -> int:
         """submit(); with `on_done`, the finished task goes to on_done(task) (called on the I/O
-        thread: keep it short) instead of wait(), and does not count for empty()."""
+        thread: keep it short) instead of wait(), and does not count for empty(); with `worker`,
+        it runs only on that worker."""
         self._check_open()
         if not isinstance(task, Task):
             raise TypeError("submit needs a Task or PythonTask, got %r" % (task,))
@@ -201,6 +213,8 @@ class Manager:
             for f, remote in task.outputs:
                 f._made_by = (task._key, remote)
         task._on_done = on_done
+        if worker is not None:
+            task._pin = worker
         task.id = self._next_id(count=on_done is None)
         for f, _ in task.outputs:
             f.producer = task.id
@@ -341,14 +355,8 @@ class Manager:
         direct TCP to each HOST:PORT target, proxy variables, user namespaces, slirp4netns.
         One dict per worker, within `timeout` seconds; userlevel_net.probe.render_table()
         makes a table of them."""
-        from userlevel_net.probe import probe_workers
+        from .netprobe import probe_workers      # lazily: it imports userlevel_net
         return probe_workers(self, list(targets), timeout=3.0, deadline=timeout)
-
-    def _submit_pinned(self, task: Task, worker_id: int, on_done=None) -> int:
-        """Submit a task that may run only on worker `worker_id` (fails if that worker leaves);
-        with `on_done`, it goes there instead of to wait() (see _submit)."""
-        task._pin = worker_id
-        return self._submit(task, on_done)
 
     def wait_for_workers(self, n: int, timeout: float = 60.0) -> int:
         """Block until `n` workers are connected; returns how many are. Raises TimeoutError."""
@@ -367,6 +375,11 @@ class Manager:
         return self._server.cpu if self._server.stopped.is_set() else self._call(lambda: time.thread_time())
 
     # ---------------------------------------------------------------- life cycle
+    @property
+    def closed(self) -> bool:
+        """True once close() was called."""
+        return self._closed
+
     def _check_open(self):
         if self._closed:
             raise RuntimeError("this manager is closed; create a new Manager")

@@ -98,7 +98,7 @@ class Task:
         self._submit_time = None
         self._abytes = None
         self._on_done = None
-        self._pin = None        # a worker id this task may only run on (Manager._submit_pinned)
+        self._pin = None        # a worker id this task may only run on (Manager.submit(worker=))
 
     def __repr__(self):
         return "<%s %s %s>" % (type(self).__name__, self.id, self.state)

@@ -18,7 +18,7 @@ import time
 from ..comm import Closed, Connection
 from ..protocol import ProtocolError, auth, wire
 from ..protocol.wire import encode_bytes as encode_b   # the handshake's name for it
-from .. import config
+from ..config import Settings      # the environment is read once, in Settings
 from . import resources
 from .loop import Loop, ManagerGone, SessionOver
 
@@ -27,14 +27,15 @@ log = logging.getLogger("vinehpc.worker")
 
 class Worker(Loop):
     def __init__(self, address: str, secret: str, *, cores=None, memory=None, disk=None, gpus=None,
-                 workdir=None, connect_timeout=60.0, reconnect=True, exit_on_refused=False, image=None):
+                 workdir=None, connect_timeout=60.0, reconnect=True, exit_on_refused=False, image=None, settings=None):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError("manager address must be HOST:PORT, got %r" % address)
         self.addr = (host.strip("[]"), int(port))
         self.secret = secret
         self.own_workdir = workdir is None
-        workdir = workdir or tempfile.mkdtemp(prefix="vinehpc-worker-", dir=config.worker_dir_root())
+        settings = settings or Settings.from_env()     # given by `vinehpc worker`
+        workdir = workdir or tempfile.mkdtemp(prefix="vinehpc-worker-", dir=settings.worker_dir)
         os.makedirs(workdir, exist_ok=True)
         ids = resources.gpu_ids()
         if gpus is not None:                     # given: those of the detected devices, else 0..gpus-1
@@ -53,7 +54,7 @@ class Worker(Loop):
         self.refused = False
         self.proxy = None          # the local tunnel proxy (userlevel_net.proxy), when the manager offers one
         self.proxy_egress = None
-        self.hostname = os.environ.get("SLURMD_NODENAME") or socket.gethostname()   # a Slurm node's name
+        self.hostname = settings.slurm.node_name or socket.gethostname()   # a Slurm node's name
         super().__init__(workdir=workdir, total=total, gpu_ids=ids, hostname=self.hostname, reconnect=reconnect,
                          default_image=default_image)
 
