@@ -11,9 +11,12 @@ header's version byte is checked before anything else), so a key we do not know 
 hostile peer, never a newer sender; adding a field means bumping wire.VERSION.  A null value
 counts as absent (optional fields) or wrong (required ones).
 
-Decoding is on the hot path (>10k messages/s): checks are plain closures over `type(v) is ...`
-(a JSON int is exactly int, so bool, a subclass of int, is refused for free), and a message's
-object is filled without calling __init__.
+Decoding is on the hot path (>10k messages/s): each class's decoder is compiled at import from
+its fields' checks into straight-line `type(v) is ...` tests (a JSON int is exactly int, so
+bool, a subclass of int, is refused for free) and fills the object without calling __init__.
+
+At a dispatch point:  msg = decode(name, ctl, frames); then read msg.id, msg.status, msg.value...
+To send:              conn.send_msg(Result(id=7, status="success", wall=0.1, value=pickled))
 """
 from __future__ import annotations
 
