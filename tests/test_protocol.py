@@ -180,7 +180,7 @@ def test_deeply_nested_control_is_a_protocol_error():
 
 # ---------------------------------------------------------------- handshake (auth.py)
 def _exchange(secret_m, secret_w):
-    """The three-step handshake of auth.py's docstring; returns (manager ok, worker ok)."""
+    """The three MACs of handshake.py's docstring, by hand; returns (manager ok, worker ok)."""
     nonce_m, nonce_w = auth.nonce(), auth.nonce()
     worker_mac = auth.mac(secret_w, "worker", nonce_m, nonce_w)
     m_ok = auth.check(secret_m, "worker", nonce_m, nonce_w, worker_mac)
