@@ -274,7 +274,7 @@ class Server:
         p.state = "welcomed"
         self.dirty.add(p)
         rest, p.hs = p.hs.rest, None
-        return p.conn.dec.feed(rest)
+        return p.conn.feed(rest)
 
     def _join(self, p, name, ctl, now):
         """The first message after the handshake: the worker's info."""

@@ -120,6 +120,10 @@ class Connection:
         """Read what is available; return the complete messages. Raises Closed on EOF."""
         return self.dec.feed(self.recv())
 
+    def feed(self, data: bytes) -> list:
+        """Bytes read elsewhere (the handshake's leftover): the messages now complete."""
+        return self.dec.feed(data)
+
     def recv(self) -> bytes:
         """Read what is available (b"" if nothing is). Raises Closed on EOF."""
         try:
