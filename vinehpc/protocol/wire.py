@@ -94,8 +94,8 @@ class Decoder:
 
     def next_message(self):
         """The next complete message in the buffer, or None.  Taking one at a time lets the
-        caller change the limits between messages (handshake.py does so before
-        authentication: nothing behind the handshake is decoded with its limits)."""
+        handshake (handshake.py) stop at its last message: what follows is left in `buf` for
+        the authenticated connection, never decoded with the pre-auth limits."""
         buf = self.buf
         if self._need is None:
             if len(buf) < HEADER.size:
