@@ -22,7 +22,7 @@ import pytest
 
 import vinehpc
 from vinehpc import PythonTask, RemoteTraceback, Task, TaskError
-from vinehpc.protocol import auth, wire
+from vinehpc.protocol import auth, messages, wire
 
 from conftest import (assert_no_survivors, close_and_check, diagnose, poll, process_tree, read_journal,
                       wait_all, worker_cmd)
@@ -262,15 +262,15 @@ def _connect(m):
 
 
 def _read_hello(s):
-    dec = wire.Decoder(max_ctl=wire.PREAUTH_MAX_CTL, allow_frames=False)
+    dec = messages.decoder(max_ctl=wire.PREAUTH_MAX_CTL, allow_frames=False)
     while True:
-        msgs = dec.feed(b"")
-        if msgs:
-            assert msgs[0][0] == "hello"
-            return msgs[0][1]
+        m = dec.next_message()
+        if m:
+            assert m[0] == "hello"
+            return m[1]
         b = s.recv(4096)
         assert b, "the manager closed the connection before its hello"
-        dec.buf += b
+        dec.push(b)
 
 
 def _closed_by_manager(s):
@@ -302,8 +302,8 @@ def test_bad_clients_are_rejected_while_the_run_goes_on(manager, spawned):
     s = _connect(m)
     peers["bad mac"] = "%s:%d" % s.getsockname()[:2]
     hello = _read_hello(s)
-    s.sendall(wire.encode_bytes("auth", {"v": wire.VERSION, "nonce": auth.nonce(),
-                                          "mac": auth.mac("not the secret", "worker", hello["nonce"], "x")}))
+    s.sendall(messages.encode_bytes(messages.Auth(v=wire.VERSION, nonce=auth.nonce(),
+                                                  mac=auth.mac("not the secret", "worker", hello["nonce"], "x"))))
     assert _closed_by_manager(s) == (True, b""), "bad MAC: no welcome, and the connection is closed"
     # garbage bytes
     s = _connect(m)
@@ -314,7 +314,7 @@ def test_bad_clients_are_rejected_while_the_run_goes_on(manager, spawned):
     s = _connect(m)
     peers["oversized"] = "%s:%d" % s.getsockname()[:2]
     _read_hello(s)
-    s.sendall(wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.CODES["auth"], 0, 2 << 30))
+    s.sendall(wire.HEADER.pack(wire.MAGIC, wire.VERSION, messages.CODES["auth"], 0, 2 << 30))
     assert _closed_by_manager(s) == (True, b""), "oversized: connection stayed open"
     # a real worker with the wrong secret
     env = dict(os.environ, VINEHPC_SECRET="definitely-not-the-secret")

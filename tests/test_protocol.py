@@ -1,4 +1,4 @@
-"""Wire format, handshake helpers and Connection over a socketpair. No worker processes."""
+"""Wire format, typed messages, the handshake and Connection over a socketpair. No worker processes."""
 import os
 import select
 import socket
@@ -8,11 +8,18 @@ import time
 import pytest
 
 from vinehpc.comm import Closed, Connection
-from vinehpc.protocol import auth, wire
-from vinehpc.protocol.wire import HEADER, MAGIC, VERSION, Decoder, ProtocolError, encode, encode_bytes
+from vinehpc.protocol import auth, messages, wire
+from vinehpc.protocol.wire import HEADER, MAGIC, VERSION, ProtocolError
+
+Decoder = messages.decoder          # the framing decoder, given the messages' code table
+encode = messages.encode_named      # (name, ctl, frames) -> buffers, as the untyped senders do
 
 
-def header(code=wire.CODES["task"], nframes=0, ctl_len=0, magic=MAGIC, version=VERSION):
+def encode_bytes(name, ctl=None, frames=()):
+    return b"".join(encode(name, ctl, frames))
+
+
+def header(code=messages.CODES["task"], nframes=0, ctl_len=0, magic=MAGIC, version=VERSION):
     return HEADER.pack(magic, version, code, nframes, ctl_len)
 
 
@@ -41,7 +48,7 @@ def test_round_trip_empty_control():
 
 
 def test_zero_length_control_decodes_as_empty_object():
-    assert Decoder().feed(raw(wire.CODES["exit"], b"")) == [("exit", {}, [])]
+    assert Decoder().feed(raw(messages.CODES["exit"], b"")) == [("exit", {}, [])]
 
 
 def test_encode_keeps_frames_as_separate_buffers():
@@ -71,19 +78,20 @@ def test_several_messages_in_one_feed():
 
 
 def test_partial_message_completes_on_later_feed():
-    msg = encode_bytes("status", {"k": "v"}, [b"z" * 100])
+    msg = encode_bytes("file", {"k": "v"}, [b"z" * 100])
     d = Decoder()
     assert d.feed(msg[:50]) == []
-    assert d.feed(msg[50:] + msg) == [("status", {"k": "v"}, [b"z" * 100])] * 2
+    assert d.feed(msg[50:] + msg) == [("file", {"k": "v"}, [b"z" * 100])] * 2
 
 
-def test_decoder_stops_after_handshake_message_until_fed_again():
-    # limits change after the handshake: the decoder must not read past it with old limits
+def test_next_message_takes_one_at_a_time():
+    # the handshake decodes with pre-auth limits one message at a time: what follows is left alone
     d = Decoder(max_ctl=wire.PREAUTH_MAX_CTL, allow_frames=False)
-    msgs = d.feed(encode_bytes("welcome", {"wid": 1}) + encode_bytes("fn", {"fid": "f"}, [b"pickle"]))
-    assert msgs == [("welcome", {"wid": 1}, [])]
-    d.set_limits(max_ctl=wire.MAX_CTL, max_frame=wire.MAX_FRAME, allow_frames=True)
-    assert d.feed(b"") == [("fn", {"fid": "f"}, [b"pickle"])]
+    behind = encode_bytes("fn", {"fid": "f"}, [b"pickle"])
+    d.push(encode_bytes("welcome", {"wid": 1}) + behind)
+    assert d.next_message() == ("welcome", {"wid": 1}, [])
+    assert bytes(d.buf) == behind                   # not decoded (its frame would be refused)
+    assert Decoder().feed(bytes(d.buf)) == [("fn", {"fid": "f"}, [b"pickle"])]
 
 
 # ---------------------------------------------------------------- rejections
@@ -98,7 +106,7 @@ def test_wrong_version():
 
 
 def test_unknown_code():
-    assert 99 not in wire.NAMES
+    assert 99 not in messages.NAMES
     with pytest.raises(ProtocolError, match="unknown message code 99"):
         Decoder().feed(header(code=99))
 
@@ -138,41 +146,41 @@ def test_too_many_frames():
 def test_frames_refused_before_authentication():
     d = Decoder(max_ctl=wire.PREAUTH_MAX_CTL, allow_frames=False)
     with pytest.raises(ProtocolError, match="before authentication"):
-        d.feed(header(code=wire.CODES["auth"], nframes=1, ctl_len=2))
+        d.feed(header(code=messages.CODES["auth"], nframes=1, ctl_len=2))
 
 
 def test_preauth_control_limit():
     d = Decoder(max_ctl=wire.PREAUTH_MAX_CTL, allow_frames=False)
     with pytest.raises(ProtocolError, match="control part"):
-        d.feed(header(code=wire.CODES["auth"], ctl_len=wire.PREAUTH_MAX_CTL + 1))
+        d.feed(header(code=messages.CODES["auth"], ctl_len=wire.PREAUTH_MAX_CTL + 1))
 
 
 def test_non_json_control():
     with pytest.raises(ProtocolError, match="not JSON"):
-        Decoder().feed(raw(wire.CODES["info"], b"{not json"))
+        Decoder().feed(raw(messages.CODES["info"], b"{not json"))
 
 
 def test_non_utf8_control():
     with pytest.raises(ProtocolError, match="not JSON"):
-        Decoder().feed(raw(wire.CODES["info"], b'{"a":"\xff\xfe"}'))
+        Decoder().feed(raw(messages.CODES["info"], b'{"a":"\xff\xfe"}'))
 
 
 @pytest.mark.parametrize("body", [b"[1,2]", b'"text"', b"3", b"null"])
 def test_json_control_that_is_not_an_object(body):
     with pytest.raises(ProtocolError, match="JSON object"):
-        Decoder().feed(raw(wire.CODES["info"], body))
+        Decoder().feed(raw(messages.CODES["info"], body))
 
 
 def test_deeply_nested_control_is_a_protocol_error():
     d = Decoder(max_ctl=wire.PREAUTH_MAX_CTL, allow_frames=False)
     body = b"[" * 4000
     with pytest.raises(ProtocolError):
-        d.feed(raw(wire.CODES["auth"], body))
+        d.feed(raw(messages.CODES["auth"], body))
 
 
 # ---------------------------------------------------------------- handshake (auth.py)
 def _exchange(secret_m, secret_w):
-    """The three-step handshake of auth.py's docstring; returns (manager ok, worker ok)."""
+    """The three MACs of handshake.py's docstring, by hand; returns (manager ok, worker ok)."""
     nonce_m, nonce_w = auth.nonce(), auth.nonce()
     worker_mac = auth.mac(secret_w, "worker", nonce_m, nonce_w)
     m_ok = auth.check(secret_m, "worker", nonce_m, nonce_w, worker_mac)
@@ -261,7 +269,7 @@ def pair():
     # "flush returns False" checks depend on the socket filling up
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 << 10)
     b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 << 10)
-    ca, cb = Connection(a, preauth=False), Connection(b, preauth=False)
+    ca, cb = Connection(a), Connection(b)
     yield ca, cb
     ca.close()
     cb.close()
@@ -345,25 +353,12 @@ def test_read_raises_closed_on_eof(pair):
             time.sleep(0.01)
 
 
-def test_preauth_connection_rejects_frames():
+def test_connection_starts_with_the_handshakes_leftover():
     s1, s2 = socket.socketpair()
-    a, b = Connection(s1, preauth=False), Connection(s2)   # b has not authenticated a yet
+    a, b = Connection(s1), Connection(s2, encode_bytes("ping"))
     try:
-        a.send("auth", {"nonce": "n"}, [b"pickle"])
-        with pytest.raises(ProtocolError, match="before authentication"):
-            pump(a, b, 1, timeout=2.0)
-    finally:
-        a.close()
-        b.close()
-
-
-def test_authenticated_connection_accepts_frames():
-    s1, s2 = socket.socketpair()
-    a, b = Connection(s1, preauth=False), Connection(s2)
-    try:
-        b.authenticated()
-        a.send("fn", {"fid": "f"}, [b"pickle"])
-        assert pump(a, b, 1) == [("fn", {"fid": "f"}, [b"pickle"])]
+        a.send_msg(messages.Fn(fid="f", data=b"pickle"))
+        assert pump(a, b, 2) == [("ping", {}, []), ("fn", {"fid": "f"}, [b"pickle"])]
     finally:
         a.close()
         b.close()
@@ -423,9 +418,9 @@ def test_message_round_trip(name, ctl, frames):
     assert m.to_ctl() == ctl
     # byte-compatible with today's untyped senders (same bytes when the keys come in wire order;
     # file_chunks puts off/last/size last: the same JSON object)
-    assert messages.encode(m) == wire.encode(name, m.to_ctl(), frames)
-    assert Decoder().feed(messages.encode_bytes(m)) == Decoder().feed(wire.encode_bytes(name, ctl, frames))
-    assert messages.encode_named(name, ctl, frames) == wire.encode(name, ctl, frames)
+    assert messages.encode(m) == wire.encode(messages.CODES[name], m.to_ctl(), frames)
+    assert Decoder().feed(messages.encode_bytes(m)) == Decoder().feed(encode_bytes(name, ctl, frames))
+    assert messages.encode_named(name, ctl, frames) == wire.encode(messages.CODES[name], ctl, frames)
     # through the framing decoder and back
     (got,) = Decoder().feed(messages.encode_bytes(m))
     assert messages.decode(*got) == m

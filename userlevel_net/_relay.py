@@ -1,7 +1,8 @@
-"""Shared pieces of the tunnel: the egress handshake (both sides) and the byte relay.
+"""Shared pieces of the tunnel: the egress handshake's proxy side and the byte relay.
 
 Tunnel stream protocol -- one new TCP connection from a worker's proxy to the egress per
-client stream, vinehpc wire messages until the handshake is over, raw bytes after it:
+client stream, vinehpc wire messages until the handshake is over, raw bytes after it (the
+handshake is vinehpc.protocol.handshake's, with its TUNNEL roles):
 
     egress -> proxy   hello   {v, nonce: Ne, role: "egress"}
     proxy  -> egress  auth    {v, nonce: Np, dest: {host, port},
@@ -26,7 +27,7 @@ import select
 import socket
 import threading
 
-from vinehpc.protocol import auth, wire
+from vinehpc.protocol import ProtocolError, handshake
 
 HANDSHAKE_TIMEOUT = 30.0       # the egress waits this long for the proxy's auth (a ready connection waits)
 READY_MAX_AGE = 20.0           # the proxy uses a ready connection only this long after its hello
@@ -34,8 +35,6 @@ CONNECT_TIMEOUT = 10.0         # the egress's connect() to the destination
 BUF = 1 << 20                  # relay chunk / pipe size
 BULK_AFTER = 1 << 20           # a stream direction moves to its own splicing thread after this many bytes
 COPY_BUF = 64 << 10            # recv/send buffer before that
-ROLE_PROXY = "tunnel-proxy"
-ROLE_EGRESS = "tunnel-egress"
 ERRORS = ("denied", "dns", "refused", "unreachable", "timeout", "failed")
 
 _HAVE_SPLICE = hasattr(os, "splice") and hasattr(socket, "SHUT_WR")
@@ -49,14 +48,6 @@ class StreamError(Exception):
         self.kind = kind if kind in ERRORS else "failed"
         self.detail = detail
         self.errno = errno
-
-
-def proxy_mac(secret: str, nonce_e: str, nonce_p: str, host: str, port: int) -> str:
-    return auth.mac(secret, ROLE_PROXY, nonce_e, "%s|%s|%d" % (nonce_p, host, port))
-
-
-def check_proxy_mac(secret, nonce_e, nonce_p, host, port, got) -> bool:
-    return auth.check(secret, ROLE_PROXY, nonce_e, "%s|%s|%d" % (nonce_p, host, port), got)
 
 
 def tune(sock: socket.socket) -> None:
@@ -224,17 +215,16 @@ class Reader:
                 return None
             await self.fill()
 
-    async def message(self, dec: wire.Decoder):
-        """One vinehpc wire message (pre-auth limits are the decoder's); None on EOF."""
+    async def handshake(self, hs):
+        """Feed the handshake (vinehpc.protocol.handshake) until it returns a message; None on EOF."""
+        data, self.buf = bytes(self.buf), bytearray()
         while True:
-            msgs = dec.feed(bytes(self.buf))
-            self.buf.clear()
-            if msgs:
-                return msgs[0]
-            b = await self.loop.sock_recv(self.sock, 65536)
-            if not b:
+            m = hs.receive_data(data)
+            if m is not None:
+                return m
+            data = await self.loop.sock_recv(self.sock, 65536)
+            if not data:
                 return None
-            dec.buf += b
 
 
 async def connect(loop, sock, addr) -> None:
@@ -287,14 +277,13 @@ class EgressConn:
     ask for one stream.  The proxy keeps a few of these ready (see proxy.py) so that opening
     a stream costs one round trip to the egress, not three."""
 
-    __slots__ = ("sock", "where", "reader", "dec", "nonce", "since")
+    __slots__ = ("sock", "where", "reader", "hs", "since")
 
-    def __init__(self, sock, where, reader, dec, nonce, since):
-        self.sock, self.where, self.reader, self.dec, self.nonce, self.since = \
-            sock, where, reader, dec, nonce, since
+    def __init__(self, sock, where, reader, hs, since):
+        self.sock, self.where, self.reader, self.hs, self.since = sock, where, reader, hs, since
 
 
-async def egress_connect(loop, egress_addrs: list, deadline: Deadline, *,
+async def egress_connect(loop, secret: str, egress_addrs: list, deadline: Deadline, *,
                          connect_timeout: float = CONNECT_TIMEOUT) -> EgressConn:
     """Connect to the egress (addrs: getaddrinfo tuples) and read its hello.  Raises StreamError."""
     s, err = None, None
@@ -324,10 +313,10 @@ async def egress_connect(loop, egress_addrs: list, deadline: Deadline, *,
         deadline.set(connect_timeout, "hello from the egress")
         where = _fmt(addr)
         r = Reader(loop, s)
-        dec = wire.Decoder(max_ctl=wire.PREAUTH_MAX_CTL, allow_frames=False)
+        hs = handshake.Answerer(secret, handshake.TUNNEL)
         try:
-            hello = await r.message(dec)
-        except (OSError, wire.ProtocolError) as e:
+            hello = await r.handshake(hs)
+        except (OSError, ProtocolError) as e:
             s.close()
             raise StreamError("failed", "handshake with the egress at %s: %s" % (where, e))
         except asyncio.CancelledError:
@@ -336,10 +325,10 @@ async def egress_connect(loop, egress_addrs: list, deadline: Deadline, *,
                 raise StreamError("timeout", "the egress at %s sent no hello within %.0f s"
                                   % (where, connect_timeout)) from None
             raise
-        if hello is None or hello[0] != "hello" or not isinstance(hello[1].get("nonce"), str):
+        if hello is None:
             s.close()
             raise StreamError("failed", "the egress at %s sent no hello" % where)
-        return EgressConn(s, where, r, dec, hello[1]["nonce"], loop.time())
+        return EgressConn(s, where, r, hs, loop.time())
     finally:
         deadline.clear()
 
@@ -360,7 +349,7 @@ def alive(sock) -> bool:
         return False
 
 
-async def egress_request(loop, ec: EgressConn, secret: str, host: str, port: int, deadline: Deadline,
+async def egress_request(loop, ec: EgressConn, host: str, port: int, deadline: Deadline,
                          timeout: float = CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT, early: bytes = b""):
     """Ask for a stream to host:port on a connection from egress_connect().  `early`: bytes for
     the destination sent right behind the request (the egress passes them on once connected,
@@ -369,13 +358,11 @@ async def egress_request(loop, ec: EgressConn, secret: str, host: str, port: int
     Returns (socket, leftover bytes already received from the destination); raises StreamError
     (kind = the egress's error, or "failed" when the egress closes the connection -- wrong
     secret -- or does not prove it knows the secret), or StaleConn."""
-    s, where, np_ = ec.sock, ec.where, auth.nonce()
+    s, where = ec.sock, ec.where
     deadline.set(timeout, "stream request to the egress")
     try:
         try:
-            await loop.sock_sendall(s, wire.encode_bytes("auth", {
-                "v": wire.VERSION, "nonce": np_, "mac": proxy_mac(secret, ec.nonce, np_, host, port),
-                "dest": {"host": host, "port": port}}) + early)
+            await loop.sock_sendall(s, ec.hs.auth(dest={"host": host, "port": port}) + early)
         except OSError:
             raise StaleConn() from None
         except asyncio.CancelledError:
@@ -384,10 +371,12 @@ async def egress_request(loop, ec: EgressConn, secret: str, host: str, port: int
                                   % (where, timeout)) from None
             raise
         try:
-            w = await ec.reader.message(ec.dec)
+            w = await ec.reader.handshake(ec.hs)
         except ConnectionResetError:
             raise StaleConn() from None
-        except (OSError, wire.ProtocolError) as e:
+        except handshake.AuthFailed:
+            raise StreamError("failed", "the egress at %s did not prove it knows the secret" % where) from None
+        except (OSError, ProtocolError) as e:
             raise StreamError("failed", "handshake with the egress at %s: %s" % (where, e))
         except asyncio.CancelledError:
             if deadline.fired:
@@ -396,14 +385,9 @@ async def egress_request(loop, ec: EgressConn, secret: str, host: str, port: int
             raise
         if w is None:       # closed: a ready one may have died while it waited (the egress restarted);
             raise StaleConn()   # the caller retries on a fresh connection, where this means a wrong secret
-        name, ctl, _ = w
-        if name != "welcome" or not auth.check(secret, ROLE_EGRESS, np_, ec.nonce, ctl.get("mac")):
-            raise StreamError("failed", "the egress at %s did not prove it knows the secret" % where)
-        if not ctl.get("ok"):
-            e = ctl.get("errno")
-            raise StreamError(str(ctl.get("error")), str(ctl.get("detail", ""))[:500],
-                              e if isinstance(e, int) else None)
-        return s, bytes(ec.dec.buf)
+        if not w.ok:
+            raise StreamError(str(w.error), (w.detail or "")[:500], w.errno)
+        return s, ec.hs.rest
     except BaseException:
         s.close()
         raise

@@ -27,10 +27,10 @@ import ipaddress
 import logging
 import socket
 
-from vinehpc.protocol import auth, wire
+from vinehpc.protocol import ProtocolError, handshake
 
-from ._relay import (CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, ROLE_EGRESS, Deadline, LoopThread, Reader, Relay,
-                     check_proxy_mac, connect, listener, literal_addrinfo, new_socket, tune)
+from ._relay import (CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, Deadline, LoopThread, Reader, Relay, connect, listener,
+                     literal_addrinfo, new_socket, tune)
 
 log = logging.getLogger("vinehpc.tunnel.egress")
 
@@ -286,55 +286,37 @@ class Egress:
         loop = asyncio.get_running_loop()
         dl = Deadline(loop)
         dl.set(self.handshake_timeout, "handshake")
-        ne = auth.nonce()
-        dec = wire.Decoder(max_ctl=wire.PREAUTH_MAX_CTL, allow_frames=False)
+        hs = handshake.Greeter(self.secret, handshake.TUNNEL)
         try:
-            await loop.sock_sendall(c, wire.encode_bytes("hello", {"v": wire.VERSION, "nonce": ne, "role": "egress"}))
-            m = await Reader(loop, c).message(dec)
+            await loop.sock_sendall(c, hs.hello())
+            m = await Reader(loop, c).handshake(hs)
             self._waiting.pop(asyncio.current_task(), None)
             self._stats["waiting"] -= 1
             self._stats["active"] += 1
             state[0] = "active"
-        except (OSError, wire.ProtocolError, asyncio.CancelledError) as e:
+        except (OSError, ProtocolError, asyncio.CancelledError) as e:
             dl.clear()
             if isinstance(e, asyncio.CancelledError) and not dl.fired:
                 raise
-            log.warning("stream from %s:%d: handshake failed: %s", peer[0], peer[1],
-                        "no authentication within %.0f s" % self.handshake_timeout if dl.fired else e)
+            log.warning("stream from %s:%d: %s; closed", peer[0], peer[1],
+                        "handshake failed: no authentication within %.0f s" % self.handshake_timeout if dl.fired
+                        else e if isinstance(e, handshake.AuthFailed) else "handshake failed: %s" % e)
             self._count("auth_failed")
             return None
         dl.clear()
         if m is None:                   # a proxy closing a connection it kept ready: normal
             log.debug("stream from %s:%d: closed before asking for a stream", peer[0], peer[1])
             return None
-        if m[0] != "auth":
-            log.warning("stream from %s:%d: %s before authentication; closed", peer[0], peer[1],
-                        "%r" % m[0])
-            self._count("auth_failed")
-            return None
-        ctl = m[1]
-        np_ = ctl.get("nonce")
-        dest = ctl.get("dest") if isinstance(ctl.get("dest"), dict) else {}
-        host, port = dest.get("host"), dest.get("port")
-        if not (isinstance(np_, str) and len(np_) <= 256 and isinstance(host, str) and len(host) <= 1024
-                and isinstance(port, int) and not isinstance(port, bool)
-                and check_proxy_mac(self.secret, ne, np_, host, port, ctl.get("mac"))):
-            log.warning("stream from %s:%d: authentication failed (wrong secret); closed", peer[0], peer[1])
-            self._count("auth_failed")
-            return None
+        host, port = m.dest["host"], m.dest["port"]
         where = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
-        mac = auth.mac(self.secret, ROLE_EGRESS, np_, ne)
         bad_dest = not (0 < len(host) <= 255 and 0 < port <= 65535)
 
         async def fail(kind, detail, err=None, stat="failed"):
             self._count(stat)
             log.info("stream from %s:%d to %s: %s (%s)", peer[0], peer[1], where, kind, detail)
-            reply = {"mac": mac, "ok": False, "error": kind, "detail": detail}
-            if err is not None:
-                reply["errno"] = err
             try:
                 dl.set(self.handshake_timeout, "reply")
-                await loop.sock_sendall(c, wire.encode_bytes("welcome", reply))
+                await loop.sock_sendall(c, hs.welcome(ok=False, error=kind, detail=detail, errno=err))
             except (OSError, asyncio.CancelledError) as e:
                 if isinstance(e, asyncio.CancelledError) and not dl.fired:
                     raise
@@ -390,7 +372,7 @@ class Egress:
                 dl.clear()
             try:
                 dl.set(self.handshake_timeout, "welcome")
-                await loop.sock_sendall(c, wire.encode_bytes("welcome", {"mac": mac, "ok": True}))
+                await loop.sock_sendall(c, hs.welcome(ok=True))
             except (OSError, asyncio.CancelledError) as e:
                 s.close()
                 if isinstance(e, asyncio.CancelledError) and not dl.fired:
@@ -401,7 +383,7 @@ class Egress:
                 dl.clear()
             self._count("opened")
             # bytes the proxy sent behind its request (a plain HTTP request) go to the destination first
-            return s, where, bytes(dec.buf)
+            return s, where, hs.rest
         e = err
         if isinstance(e, (socket.timeout, TimeoutError)):
             return await fail("timeout", "connect to %s timed out after %.0f s" % (where, self.connect_timeout),

@@ -159,14 +159,14 @@ class ProxyServer:
                 ec = self._take(loop)
                 if ec is not None:
                     try:
-                        s = await egress_request(loop, ec, self.secret, host, port, dl, early=early)
+                        s = await egress_request(loop, ec, host, port, dl, early=early)
                     except StaleConn:
                         ec = None
                 if ec is None:
-                    ec = await egress_connect(loop, await self._egress_addresses(loop), dl,
+                    ec = await egress_connect(loop, self.secret, await self._egress_addresses(loop), dl,
                                               connect_timeout=self.connect_timeout)
                     try:
-                        s = await egress_request(loop, ec, self.secret, host, port, dl, early=early)
+                        s = await egress_request(loop, ec, host, port, dl, early=early)
                     except StaleConn:
                         raise StreamError("failed", "the egress at %s closed the connection during the "
                                                     "handshake (wrong secret?)" % ec.where) from None
@@ -203,7 +203,7 @@ class ProxyServer:
 
     async def _fill_one(self, loop):
         try:
-            ec = await egress_connect(loop, await self._egress_addresses(loop), Deadline(loop),
+            ec = await egress_connect(loop, self.secret, await self._egress_addresses(loop), Deadline(loop),
                                       connect_timeout=self.connect_timeout)
         except StreamError as e:
             log.debug("cannot get a ready connection to the egress: %s", e)  # the next stream will say

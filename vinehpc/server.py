@@ -20,20 +20,20 @@ import time
 from .comm import Closed, Connection, file_chunks
 from .comm.receive import Incoming
 from .outputs import discard
-from .protocol import ProtocolError, auth, wire
+from .protocol import ProtocolError, handshake
 
 log = logging.getLogger("vinehpc.manager")
 HANDSHAKE_TIMEOUT = 10.0
 
 
 class Peer:
-    __slots__ = ("conn", "wid", "nonce", "state", "since", "last_recv", "last_send", "parts", "fetch",
+    __slots__ = ("conn", "wid", "hs", "state", "since", "last_recv", "last_send", "parts", "fetch",
                  "out_errors", "writing")
 
-    def __init__(self, conn, now):
+    def __init__(self, conn, now, hs):
         self.conn = conn
         self.wid = None
-        self.nonce = auth.nonce()
+        self.hs = hs             # the handshake (handshake.Greeter) until the worker is authenticated
         self.state = "hello"     # hello -> welcomed -> joined
         self.since = now
         self.last_recv = now
@@ -208,10 +208,10 @@ class Server:
                 log.warning("accept failed: %s", e)
                 return
             now = time.monotonic()
-            p = Peer(Connection(sock), now)
+            p = Peer(Connection(sock), now, handshake.Greeter(self.secret, handshake.WORKER))
             self.all.add(p)
             self.sel.register(sock, selectors.EVENT_READ, p)
-            p.conn.send("hello", {"v": wire.VERSION, "nonce": p.nonce, "role": "manager"})
+            p.conn.send_bytes(p.hs.hello())
             self.dirty.add(p)
 
     def _drop(self, p, reason):
@@ -237,16 +237,16 @@ class Server:
 
     def _readable(self, p):
         try:
-            msgs = p.conn.read()
+            if p.hs is not None:
+                msgs = self._handshake(p, p.conn.recv())
+            else:
+                msgs = p.conn.read()
             now = time.monotonic()
             p.last_recv = now
-            while msgs:
-                for name, ctl, frames in msgs:
-                    self._message(p, name, ctl, frames, now)
-                    if p.conn.closed:
-                        return
-                # the decoder stops after a handshake message: continue with post-auth limits
-                msgs = p.conn.dec.feed(b"") if p.conn.dec.buf else []
+            for name, ctl, frames in msgs:
+                self._message(p, name, ctl, frames, now)
+                if p.conn.closed:
+                    return
         except Closed as e:
             self._drop(p, str(e))
         except ProtocolError as e:
@@ -254,28 +254,32 @@ class Server:
 
     def _message(self, p, name, ctl, frames, now):
         if p.state != "joined":
-            return self._handshake(p, name, ctl, now)
+            return self._join(p, name, ctl, now)
         h = getattr(self, "_on_" + name, None)
         if h is None:
             raise ProtocolError("unexpected message %r from a worker" % name)
         h(p, ctl, frames, now)
 
-    def _handshake(self, p, name, ctl, now):
-        if p.state == "hello" and name == "auth":
-            theirs = ctl.get("nonce")
-            if not isinstance(theirs, str) or len(theirs) > 256 or not auth.check(self.secret, "worker", p.nonce, theirs, ctl.get("mac")):
-                self.journal.write({"event": "rejected", "peer": p.conn.peer, "reason": "wrong secret"})
-                return self._drop(p, "authentication failed (wrong secret)")
-            p.wid = next(self.wids)
-            welcome = {"mac": auth.mac(self.secret, "manager", theirs, p.nonce), "wid": p.wid,
-                       "keepalive": [self.ka_interval, self.ka_timeout]}
-            if self.tunnel:
-                welcome["tunnel"] = self.tunnel
-            p.conn.send("welcome", welcome)
-            p.conn.authenticated()
-            p.state = "welcomed"
-            self.dirty.add(p)
-        elif p.state == "welcomed" and name == "info" and self.release:
+    def _handshake(self, p, data):
+        """Bytes from a peer not yet authenticated; returns the messages that came behind its auth."""
+        try:
+            if p.hs.receive_data(data) is None:
+                return []
+        except handshake.AuthFailed as e:
+            self.journal.write({"event": "rejected", "peer": p.conn.peer, "reason": "wrong secret"})
+            self._drop(p, str(e))
+            return []
+        p.wid = next(self.wids)
+        p.conn.send_bytes(p.hs.welcome(wid=p.wid, keepalive=[self.ka_interval, self.ka_timeout],
+                                       tunnel=self.tunnel or None))
+        p.state = "welcomed"
+        self.dirty.add(p)
+        rest, p.hs = p.hs.rest, None
+        return p.conn.feed(rest)
+
+    def _join(self, p, name, ctl, now):
+        """The first message after the handshake: the worker's info."""
+        if p.state == "welcomed" and name == "info" and self.release:
             p.conn.send("exit", {"reason": "the run is over", "final": True})
             p.state = "released"
             self.released += 1
@@ -289,7 +293,7 @@ class Server:
             ctl["addr"] = p.conn.peer
             self.core.worker_joined(p.wid, ctl, now)
         else:
-            raise ProtocolError("expected the handshake, got %r" % name)
+            raise ProtocolError("expected the worker's info, got %r" % name)
 
     # ---------------------------------------------------------------- messages from workers
     def _on_pong(self, p, ctl, frames, now):

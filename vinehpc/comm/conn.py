@@ -11,7 +11,7 @@ import collections
 import os
 import socket
 
-from ..protocol import wire
+from ..protocol import messages, wire
 
 IOV_MAX = 512
 
@@ -21,14 +21,18 @@ class Closed(Exception):
 
 
 class Connection:
-    def __init__(self, sock: socket.socket, *, preauth: bool = True):
+    """An authenticated connection (handshake.py runs before it, with its own limits).
+    `leftover`: bytes the handshake read past its last message."""
+
+    def __init__(self, sock: socket.socket, leftover: bytes = b""):
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass  # unix socketpair in tests
         self.sock = sock
-        self.dec = wire.Decoder(max_ctl=wire.PREAUTH_MAX_CTL, allow_frames=False) if preauth else wire.Decoder()
+        self.dec = messages.decoder()
+        self.dec.push(leftover)
         self.out = collections.deque()
         self.closed = False
         self.peer = _peer(sock)
@@ -36,12 +40,17 @@ class Connection:
     def fileno(self):
         return self.sock.fileno()
 
-    def authenticated(self) -> None:
-        self.dec.set_limits(max_ctl=wire.MAX_CTL, max_frame=wire.MAX_FRAME, allow_frames=True)
-
     # ---- sending -------------------------------------------------------------------
+    def send_msg(self, msg: messages.Message) -> None:
+        self.out.extend(messages.encode(msg))
+
     def send(self, name: str, ctl: dict | None = None, frames=()) -> None:
-        self.out.extend(wire.encode(name, ctl, frames))
+        """Untyped form of send_msg (a control dict): the same bytes."""
+        self.out.extend(messages.encode_named(name, ctl, frames))
+
+    def send_bytes(self, data: bytes) -> None:
+        """Already encoded bytes (the handshake's)."""
+        self.out.append(data)
 
     def send_stream(self, it) -> None:
         """Queue an iterator of encoded messages (lists of buffers), pulled lazily."""
@@ -109,16 +118,24 @@ class Connection:
     # ---- receiving -----------------------------------------------------------------
     def read(self) -> list:
         """Read what is available; return the complete messages. Raises Closed on EOF."""
+        return self.dec.feed(self.recv())
+
+    def feed(self, data: bytes) -> list:
+        """Bytes read elsewhere (the handshake's leftover): the messages now complete."""
+        return self.dec.feed(data)
+
+    def recv(self) -> bytes:
+        """Read what is available (b"" if nothing is). Raises Closed on EOF."""
         try:
             # a big frame on its way (a file): take it in large reads; else small ones
             data = self.sock.recv(min(max(self.dec.missing(), 1 << 18), 8 << 20))
         except (BlockingIOError, InterruptedError):
-            return []
+            return b""
         except OSError as e:
             raise Closed(str(e)) from None
         if not data:
             raise Closed("connection closed by peer")
-        return self.dec.feed(data)
+        return data
 
     def close(self) -> None:
         if not self.closed:
@@ -141,6 +158,7 @@ def file_chunks(fh, name: str, ctl: dict):
     """Encoded `name` messages carrying an open file's bytes in CHUNK-sized frames, for
     Connection.send_stream. Each carries ctl plus off/last (and size); the payload goes by
     sendfile where the file allows it. The file is closed at the end."""
+    code = messages.CODES[name]
     try:
         fd = fh.fileno()
         size = os.fstat(fd).st_size
@@ -148,7 +166,7 @@ def file_chunks(fh, name: str, ctl: dict):
         while True:
             n = max(0, min(wire.CHUNK, size - off))
             last = off + n >= size
-            head = wire.encode_head(name, dict(ctl, off=off, last=last, size=size), [n])
+            head = wire.encode_head(code, dict(ctl, off=off, last=last, size=size), [n])
             yield [head, FileRange(fd, off, n)] if n else [head]
             off += n
             if last:

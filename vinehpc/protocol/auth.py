@@ -1,12 +1,5 @@
-"""Mutual HMAC challenge-response on the run's secret.
-
-    manager -> worker   hello   {v, nonce_m, role: "manager"}
-    worker  -> manager  auth    {v, nonce_w, mac: H(secret, "worker"  | nonce_m | nonce_w)}
-    manager -> worker   welcome {mac: H(secret, "manager" | nonce_w | nonce_m), wid, ...}
-
-Both sides prove knowledge of the secret, so a worker never runs pickles from a fake manager
-and a manager never unpickles results from a stranger.  Nonces are fresh per connection,
-so a recorded exchange cannot be replayed.
+"""The run's secret: HMACs over nonces (handshake.py runs the challenge-response with them),
+fresh nonces, and secret files readable only by their owner.
 """
 from __future__ import annotations
 

@@ -11,9 +11,12 @@ header's version byte is checked before anything else), so a key we do not know 
 hostile peer, never a newer sender; adding a field means bumping wire.VERSION.  A null value
 counts as absent (optional fields) or wrong (required ones).
 
-Decoding is on the hot path (>10k messages/s): checks are plain closures over `type(v) is ...`
-(a JSON int is exactly int, so bool, a subclass of int, is refused for free), and a message's
-object is filled without calling __init__.
+Decoding is on the hot path (>10k messages/s): each class's decoder is compiled at import from
+its fields' checks into straight-line `type(v) is ...` tests (a JSON int is exactly int, so
+bool, a subclass of int, is refused for free) and fills the object without calling __init__.
+
+At a dispatch point:  msg = decode(name, ctl, frames); then read msg.id, msg.status, msg.value...
+To send:              conn.send_msg(Result(id=7, status="success", wall=0.1, value=pickled))
 """
 from __future__ import annotations
 
@@ -30,76 +33,98 @@ RES = ("cores", "memory", "disk", "gpus")
 
 
 # ---------------------------------------------------------------- checks
-# A check is a function expr(v, depth) -> the source of a Python expression that is true when the
-# value named v is valid, with .what saying what it wants (for errors).  Each message's decoder is
-# compiled from its fields' expressions once, at import: the checks run inline, as fast as
-# hand-written isinstance tests (decoding is on the hot path).  `depth` names loop variables.
-def _check(what, expr):
-    expr.what = what
-    return expr
+# A check writes source code: code(v, depth, fail) -> lines that run the statement `fail` (which
+# raises) when the value named v is invalid; .what says what it wants, for errors.  Each message's
+# decoder is compiled from its fields' checks once, at import, so checks run inline as plain
+# `type(v) is ...` tests and for-loops (decoding is on the hot path).  `depth` names loop variables.
+class Check:
+    __slots__ = ("what", "cond", "code")
+
+    def __init__(self, what, cond=None, code=None):
+        """cond(v) -> an expression true when v is valid; or code(v, depth, fail) -> lines."""
+        self.what, self.cond = what, cond
+        self.code = code or (lambda v, d, fail: ["if not %s: %s" % (cond(v), fail)])
+
+
+def _indent(lines):
+    return ["    " + x for x in lines]
 
 
 def Int(lo=0, hi=BIG):
-    return _check("an int in [%s, %s]" % (lo, hi), lambda v, d: "(type(%s) is int and %d <= %s <= %d)" % (v, lo, v, hi))
+    return Check("an int in [%s, %s]" % (lo, hi), lambda v: "(type(%s) is int and %d <= %s <= %d)" % (v, lo, v, hi))
 
 
 def Num(lo=0.0, hi=1e18):
     # NaN and infinities (json.loads accepts them) fail the range comparison
-    return _check("a number in [%s, %s]" % (lo, hi), lambda v, d: "((type(%s) is float or type(%s) is int) and %r <= %s <= %r)"
-                  % (v, v, float(lo), v, float(hi)))
+    return Check("a number in [%s, %s]" % (lo, hi), lambda v: "((type(%s) is float or type(%s) is int) and %r <= %s <= %r)"
+                 % (v, v, float(lo), v, float(hi)))
 
 
 def Str(maxlen, minlen=0):
     low = "%d <= " % minlen if minlen else ""
-    return _check("a string of %d to %d characters" % (minlen, maxlen),
-                  lambda v, d: "(type(%s) is str and %slen(%s) <= %d)" % (v, low, v, maxlen))
+    return Check("a string of %d to %d characters" % (minlen, maxlen),
+                 lambda v: "(type(%s) is str and %slen(%s) <= %d)" % (v, low, v, maxlen))
 
 
 def OneOf(*values):
-    return _check("one of %s" % ", ".join(map(repr, values)), lambda v, d: "(type(%s) is str and %s in %r)" % (v, v, values))
+    return Check("one of %s" % ", ".join(map(repr, values)), lambda v: "(type(%s) is str and %s in %r)" % (v, v, values))
 
 
 def Nullable(check):
-    return _check("null or " + check.what, lambda v, d: "(%s is None or %s)" % (v, check(v, d)))
+    if check.cond is not None:
+        return Check("null or " + check.what, lambda v: "(%s is None or %s)" % (v, check.cond(v)))
+    return Check("null or " + check.what,
+                 code=lambda v, d, fail: ["if %s is not None:" % v] + _indent(check.code(v, d, fail)))
 
 
 def ListOf(check, maxlen=ITEMS):
-    return _check("a list of at most %d items, each %s" % (maxlen, check.what),
-                  lambda v, d: "(type(%s) is list and len(%s) <= %d and all(%s for x%d in %s))"
-                  % (v, v, maxlen, check("x%d" % d, d + 1), d, v))
+    def code(v, d, fail):
+        x = "x%d" % d
+        return (["if type(%s) is not list or len(%s) > %d: %s" % (v, v, maxlen, fail), "for %s in %s:" % (x, v)]
+                + _indent(check.code(x, d + 1, fail)))
+    return Check("a list of at most %d items, each %s" % (maxlen, check.what), code=code)
 
 
 def Row(*checks):
     """A JSON list of fixed shape: [check0, check1, ...]."""
-    return _check("[%s]" % ", ".join(c.what for c in checks),
-                  lambda v, d: "(type(%s) is list and len(%s) == %d and %s)"
-                  % (v, v, len(checks), " and ".join(c("%s[%d]" % (v, i), d) for i, c in enumerate(checks))))
+    def code(v, d, fail):
+        items = ["r%d_%d" % (d, i) for i in range(len(checks))]
+        lines = ["if type(%s) is not list or len(%s) != %d: %s" % (v, v, len(checks), fail),
+                 "%s, = %s" % (", ".join(items), v)]
+        for x, c in zip(items, checks):
+            lines += c.code(x, d + 1, fail)
+        return lines
+    return Check("[%s]" % ", ".join(c.what for c in checks), code=code)
 
 
 def DictOf(key, value, maxlen=ITEMS):
-    return _check("an object of at most %d entries, %s: %s" % (maxlen, key.what, value.what),
-                  lambda v, d: "(type(%s) is dict and len(%s) <= %d and all(%s and %s for k%d, x%d in %s.items()))"
-                  % (v, v, maxlen, key("k%d" % d, d + 1), value("x%d" % d, d + 1), d, d, v))
+    def code(v, d, fail):
+        k, x = "k%d" % d, "x%d" % d
+        return (["if type(%s) is not dict or len(%s) > %d: %s" % (v, v, maxlen, fail),
+                 "for %s, %s in %s.items():" % (k, x, v)]
+                + _indent(key.code(k, d + 1, fail) + value.code(x, d + 1, fail)))
+    return Check("an object of at most %d entries, %s: %s" % (maxlen, key.what, value.what), code=code)
 
 
 def Record(required=None, optional=None):
     """A JSON object with these keys (each with its check) and no others."""
     req, opt_ = dict(required or {}), dict(optional or {})
-    keys = "{%s}" % ", ".join(map(repr, list(req) + list(opt_)))
     what = "an object {%s}" % ", ".join(["%s: %s" % (k, c.what) for k, c in req.items()]
                                        + ["%s?: %s" % (k, c.what) for k, c in opt_.items()])
 
-    def expr(v, d):
-        # only required keys: the count and their presence exclude any other key
-        known = "len(%s) == %d" % (v, len(req)) if not opt_ else "%s.keys() <= frozenset(%s)" % (v, keys)
-        parts = ["type(%s) is dict" % v, known]
-        parts += ["%r in %s and %s" % (k, v, c("%s[%r]" % (v, k), d)) for k, c in req.items()]
-        parts += ["(%r not in %s or %s)" % (k, v, c("%s[%r]" % (v, k), d)) for k, c in opt_.items()]
-        return "(%s)" % " and ".join(parts)
-    return _check(what, expr)
+    def code(v, d, fail):
+        # as many keys as the required ones plus the optional ones present: no other key
+        count = " + ".join(["%d" % len(req)] + ["(%r in %s)" % (k, v) for k in opt_])
+        lines = ["if type(%s) is not dict or len(%s) != %s: %s" % (v, v, count, fail)]
+        for k, c in req.items():
+            lines += ["if %r not in %s: %s" % (k, v, fail)] + c.code("%s[%r]" % (v, k), d, fail)
+        for k, c in opt_.items():
+            lines += ["if %r in %s:" % (k, v)] + _indent(c.code("%s[%r]" % (v, k), d, fail))
+        return lines
+    return Check(what, code=code)
 
 
-Bool = _check("true or false", lambda v, d: "(type(%s) is bool)" % v)
+Bool = Check("true or false", lambda v: "(type(%s) is bool)" % v)
 Id = Int(ID_MIN, ID_MAX)
 
 
@@ -151,8 +176,8 @@ class Message:
 
 
 BY_NAME = {}                 # name -> class
-CODES = wire.CODES           # name -> wire code (the table moves here from wire.py next)
-NAMES = wire.NAMES           # wire code -> name
+CODES = {}                   # name -> wire code
+NAMES = {}                   # wire code -> name (what wire.Decoder is given)
 _DECODERS = {}               # name -> compiled decoder(ctl, frames)
 
 
@@ -166,10 +191,10 @@ def message(code, name, payload=None, payload_required=False):
         body.update(__slots__=slots, NAME=name, CODE=code, FIELDS=tuple(fields), PAYLOAD=payload,
                     PAYLOAD_REQUIRED=payload_required)
         new = type(cls.__name__, cls.__bases__, body)
-        if name in BY_NAME or CODES.get(name) != code:
-            raise ValueError("message %s/%d defined twice or not in the code table" % (name, code))
+        if name in BY_NAME or code in NAMES:
+            raise ValueError("message %s/%d defined twice" % (name, code))
         new.__init__, _DECODERS[name] = _compile(new)
-        BY_NAME[name] = new
+        BY_NAME[name], CODES[name], NAMES[code] = new, code, name
         return new
     return make
 
@@ -185,14 +210,11 @@ def _compile(cls):
     dec = ["def decode(ctl, frames):", "    m = _new(_cls)", "    seen = 0", "    get = ctl.get"]
     for k, check, req in fields:
         dec.append("    v = get(%r)" % k)
+        lines = check.code("v", 0, "_bad(%r, %r, v)" % (name, k)) + ["seen += 1"]
         if req:
-            dec += ["    if v is None: _missing(%r, %r)" % (name, k),
-                    "    if not %s: _bad(%r, %r, v)" % (check("v", 0), name, k),
-                    "    seen += 1"]
+            dec += ["    if v is None: _missing(%r, %r)" % (name, k)] + _indent(lines)
         else:
-            dec += ["    if v is not None:",
-                    "        if not %s: _bad(%r, %r, v)" % (check("v", 0), name, k),
-                    "        seen += 1"]
+            dec += ["    if v is not None:"] + _indent(_indent(lines))
         dec.append("    m.%s = v" % k)
     dec.append("    if seen != len(ctl) and not ctl.keys() <= _keys: _unknown(%r, ctl)" % name)
     if p is None:
@@ -413,7 +435,7 @@ def decode(name: str, ctl: dict, frames: list) -> Message:
 
 def encode(msg: Message) -> list:
     """The message as a list of buffers (header+control first, then the payload)."""
-    return wire.encode(msg.NAME, msg.to_ctl(), msg.frames())
+    return wire.encode(msg.CODE, msg.to_ctl(), msg.frames())
 
 
 def encode_bytes(msg: Message) -> bytes:
@@ -422,9 +444,9 @@ def encode_bytes(msg: Message) -> bytes:
 
 def encode_named(name: str, ctl: dict | None = None, frames=()) -> list:
     """Untyped form, for senders that still build control dicts: the same buffers as encode()."""
-    return wire.encode(name, ctl, frames)
+    return wire.encode(CODES[name], ctl, frames)
 
 
 def decoder(**limits) -> wire.Decoder:
     """A framing decoder that knows these messages' codes."""
-    return wire.Decoder(**limits)
+    return wire.Decoder(NAMES, **limits)

@@ -7,7 +7,8 @@
 
 Every length is checked against the decoder's limits *before* anything is buffered for it,
 so a peer cannot make us allocate more than the limits allow.  Pickles are never touched
-here: frames are opaque bytes.
+here: frames are opaque bytes.  This layer knows codes, not message names or meanings: the
+code -> name table is messages.py's, handed to the Decoder.
 """
 from __future__ import annotations
 
@@ -17,15 +18,6 @@ import struct
 MAGIC = b"VN"
 VERSION = 1
 HEADER = struct.Struct("!2sBBHI")
-
-# message codes (names kept in one table so logs can say what arrived)
-CODES = {
-    "hello": 1, "auth": 2, "welcome": 3, "info": 4, "error": 5,
-    "ping": 10, "pong": 11, "exit": 12,
-    "fn": 20, "put": 21, "task": 22, "kill": 23, "get": 24, "unlink": 25,
-    "result": 30, "outfile": 31, "file": 32, "cached": 33, "status": 34,
-}
-NAMES = {v: k for k, v in CODES.items()}
 
 MAX_CTL = 1 << 20            # 1 MiB of JSON control per message
 MAX_FRAME = 1 << 30          # 1 GiB per payload frame
@@ -41,11 +33,11 @@ class ProtocolError(Exception):
 _json = json.JSONEncoder(separators=(",", ":")).encode   # built once: json.dumps(..., separators) builds one per call
 
 
-def encode(name: str, ctl: dict | None = None, frames=()) -> list:
+def encode(code: int, ctl: dict | None = None, frames=()) -> list:
     """Return the message as a list of buffers (header+lengths+ctl first, then the frames)."""
     body = _json(ctl).encode() if ctl else b"{}"
     n = len(frames)
-    head = HEADER.pack(MAGIC, VERSION, CODES[name], n, len(body))
+    head = HEADER.pack(MAGIC, VERSION, code, n, len(body))
     if n:
         head += struct.pack("!%dQ" % n, *[len(f) for f in frames])
     out = [head + body]
@@ -53,55 +45,57 @@ def encode(name: str, ctl: dict | None = None, frames=()) -> list:
     return out
 
 
-def encode_head(name: str, ctl: dict, lengths) -> bytes:
+def encode_head(code: int, ctl: dict, lengths) -> bytes:
     """Header, frame lengths and control part of a message whose frames are sent separately."""
     body = _json(ctl).encode() if ctl else b"{}"
-    head = HEADER.pack(MAGIC, VERSION, CODES[name], len(lengths), len(body))
+    head = HEADER.pack(MAGIC, VERSION, code, len(lengths), len(body))
     if lengths:
         head += struct.pack("!%dQ" % len(lengths), *lengths)
     return head + body
 
 
-def encode_bytes(name: str, ctl: dict | None = None, frames=()) -> bytes:
-    return b"".join(encode(name, ctl, frames))
+def encode_bytes(code: int, ctl: dict | None = None, frames=()) -> bytes:
+    return b"".join(encode(code, ctl, frames))
 
 
 class Decoder:
     """Incremental decoder: feed() bytes as they arrive, get complete messages back.
 
-    A message is a tuple (name, ctl_dict, [frame bytes...]).  Raises ProtocolError on any
-    violation; the caller then closes the connection.
+    A message is a tuple (name, ctl_dict, [frame bytes...]), `name` looked up in `names`
+    (code -> name; an unknown code is refused from the header alone).  Raises ProtocolError
+    on any violation; the caller then closes the connection.
     """
 
-    def __init__(self, max_ctl: int = MAX_CTL, max_frame: int = MAX_FRAME, allow_frames: bool = True):
+    def __init__(self, names: dict, max_ctl: int = MAX_CTL, max_frame: int = MAX_FRAME, allow_frames: bool = True):
+        self.names = names
         self.buf = bytearray()
         self.max_ctl = max_ctl
         self.max_frame = max_frame
         self.allow_frames = allow_frames
         self._need = None   # (name, nframes, ctl_len, frame_lengths, total) of the message being read
 
-    def set_limits(self, *, max_ctl: int, max_frame: int, allow_frames: bool) -> None:
-        self.max_ctl, self.max_frame, self.allow_frames = max_ctl, max_frame, allow_frames
-
     def missing(self) -> int:
         """Bytes still needed to complete the message being read (0 if unknown)."""
         return self._need[4] - len(self.buf) if self._need is not None else 0
 
     def feed(self, data) -> list:
+        """Take `data`; return every message now complete."""
         self.buf += data
         out = []
         while True:
-            msg = self._next()
+            msg = self.next_message()
             if msg is None:
                 return out
             out.append(msg)
-            # limits may change after a message (handshake): the caller re-feeds nothing,
-            # it changes limits between feed() calls; pre-auth peers send one message at a time.
-            if msg[0] in ("hello", "auth", "welcome") and len(self.buf):
-                # do not decode past the handshake with pre-auth limits
-                return out
 
-    def _next(self):
+    def push(self, data) -> None:
+        """Take `data` without decoding (see next_message)."""
+        self.buf += data
+
+    def next_message(self):
+        """The next complete message in the buffer, or None.  Taking one at a time lets the
+        handshake (handshake.py) stop at its last message: what follows is left in `buf` for
+        the authenticated connection, never decoded with the pre-auth limits."""
         buf = self.buf
         if self._need is None:
             if len(buf) < HEADER.size:
@@ -111,7 +105,7 @@ class Decoder:
                 raise ProtocolError("bad magic %r: not a vinehpc peer" % bytes(magic))
             if version != VERSION:
                 raise ProtocolError("protocol version %d, expected %d: upgrade vinehpc on both sides" % (version, VERSION))
-            name = NAMES.get(code)
+            name = self.names.get(code)
             if name is None:
                 raise ProtocolError("unknown message code %d" % code)
             if ctl_len > self.max_ctl:

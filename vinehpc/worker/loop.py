@@ -140,7 +140,7 @@ class Loop:
     def _serve(self):
         conn = self.conn
         # messages that arrived with the welcome
-        for m in conn.dec.feed(b""):
+        for m in conn.feed(b""):
             self._message(*m)
         while not self.exit_requested:
             self._flush()

@@ -16,8 +16,7 @@ import tempfile
 import time
 
 from ..comm import Closed, Connection
-from ..protocol import ProtocolError, auth, wire
-from ..protocol.wire import encode_bytes as encode_b   # the handshake's name for it
+from ..protocol import ProtocolError, handshake, wire
 from ..config import Settings      # the environment is read once, in Settings
 from . import resources
 from .loop import Loop, ManagerGone, SessionOver
@@ -123,39 +122,33 @@ class Worker(Loop):
                 delay = min(delay * 2, 5.0)
 
     def _handshake(self, sock):
-        sock.settimeout(15)
-        dec = wire.Decoder(max_ctl=wire.PREAUTH_MAX_CTL, allow_frames=False)
+        hs = handshake.Answerer(self.secret, handshake.WORKER)
 
-        def expect(name):
+        def step(data=b""):
+            """Feed the handshake until it has a message for us."""
             while True:
-                for m in dec.feed(b""):
-                    if m[0] != name:
-                        raise ProtocolError("expected %s, got %s" % (name, m[0]))
-                    return m[1]
-                b = sock.recv(65536)
-                if not b:
+                m = hs.receive_data(data)
+                if m is not None:
+                    return m
+                data = sock.recv(65536)
+                if not data:
                     raise Closed("manager closed the connection during the handshake (wrong secret?)")
-                dec.buf += b
 
         # a pilot's workers may connect before the script creates its Manager: wait for the hello
         sock.settimeout(max(15.0, self.connect_timeout))
-        hello = expect("hello")
+        step()
         sock.settimeout(15)
-        theirs = hello.get("nonce")
-        if not isinstance(theirs, str):
-            raise ProtocolError("hello without a nonce")
-        mine = auth.nonce()
-        sock.sendall(encode_b("auth", {"v": wire.VERSION, "nonce": mine, "mac": auth.mac(self.secret, "worker", theirs, mine)}))
-        welcome = expect("welcome")
-        if not auth.check(self.secret, "manager", mine, theirs, welcome.get("mac")):
+        sock.sendall(hs.auth())
+        try:
+            welcome = step()
+        except handshake.AuthFailed:
             raise PermissionError("the manager at %s:%d did not prove it knows the secret: refusing to run its tasks"
-                                  % self.addr)
-        self.wid = welcome.get("wid")
-        self._tunnel(welcome.get("tunnel"))
-        ka = welcome.get("keepalive") or self.ka
-        self.ka = (float(ka[0]), float(ka[1]))
-        conn = Connection(sock, preauth=False)
-        conn.dec.buf = dec.buf       # whatever followed the welcome
+                                  % self.addr) from None
+        self.wid = welcome.wid
+        self._tunnel(welcome.tunnel)
+        if welcome.keepalive:
+            self.ka = (float(welcome.keepalive[0]), float(welcome.keepalive[1]))
+        conn = Connection(sock, hs.rest)       # with whatever followed the welcome
         self.conn = conn
         info = dict(self.total, host=self.hostname, pid=os.getpid(), cached=sorted(self.cache.entries),
                     workdir=self.workdir, version=wire.VERSION)
