@@ -60,7 +60,11 @@ class Sim:
         return self(WorkerJoined(wid, info(**kw)), now)
 
     def schedule(self, now=0.0) -> int:
-        return len(of(self(SCHEDULE, now), SendTask))
+        return len(of(self.pass_(now), SendTask))
+
+    def pass_(self, now=0.0) -> list:
+        """One scheduling pass: its commands."""
+        return self(SCHEDULE, now)
 
     def result(self, wid, task, now=0.0, **res):
         return self(TaskResult(wid, task.id, res), now)

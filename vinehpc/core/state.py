@@ -152,9 +152,8 @@ class Core:
 
     # ------------------------------------------------------------------ the one requeue
     def _requeue(self, ts, front, avoid=None):
-        """A running task goes back to the queue: its worker's share is released and a whole-worker
-        resource is decided again where it lands (not kept at the last worker's size)."""
-        self._release(ts)
+        """A task whose attempt ended (released) goes back to the queue: a whole-worker resource is
+        decided again where it lands, not kept at the last worker's size."""
         ts.wid = None
         for k in ts.whole:
             ts.res[k] = 0
@@ -167,6 +166,7 @@ class Core:
             self.ready.append(ts.tid)
 
     def _release(self, ts):
+        """The attempt running on ts.wid ended (result, kill, worker lost): give its share back."""
         self.n_running -= 1
         w = self.workers.get(ts.wid)
         if w is None:
@@ -315,6 +315,7 @@ class Core:
                     del self.replicas[n]
         requeue = [self.tasks[t] for t in sorted(w.tasks) if t in self.tasks]
         for ts in reversed(requeue):   # keep their order at the front of the queue
+            self._release(ts)
             self._requeue(ts, front=True)
             self._log("requeued", task=ts.tid, reason="worker %s lost: %s" % (wid, e.reason))
 
@@ -358,6 +359,7 @@ class Core:
             self._log("stale result", task=tid, worker=wid)
             return
         w = self.workers.get(wid)
+        self._release(ts)
         ts.host = w.host if w else None
         ts.worker = wid
         ts.exit_code = res.get("exit_code")
@@ -398,7 +400,6 @@ class Core:
             c[0] += 1
             wall = float(ts.wall or 0.0)
             c[1] = wall if c[0] == 1 else 0.8 * c[1] + 0.2 * wall
-            self._release(ts)
             self._finish(ts, "success", res.get("reason"))
             return
         if ts.tries < ts.task.retries:
@@ -407,7 +408,6 @@ class Core:
                       attempt=ts.tries, of=ts.task.retries)
             self._requeue(ts, front=False)
             return
-        self._release(ts)
         self._finish(ts, status, res.get("reason"))
 
     def _tick(self, e, now):
@@ -427,6 +427,7 @@ class Core:
             wid = ts.wid
             w = self.workers.get(wid)
             self.out.append(KillTask(wid, ts.tid))
+            self._release(ts)
             self._requeue(ts, front=True, avoid=wid)
             self._log("fast abort", task=ts.tid, worker=wid, ran=round(now - started, 3), mean=round(mean, 3),
                       multiplier=mult)
