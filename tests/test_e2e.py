@@ -483,6 +483,29 @@ def test_executor_as_completed_yields_in_completion_order(executor):
     assert slow.result() == 1000 * 1000
 
 
+@pytest.mark.timeout(60)
+def test_executor_future_runs_when_dispatched_and_then_cannot_be_cancelled(executor):
+    running = [executor.submit(sleepy_square, i, 2.0) for i in range(2)]     # one per worker
+    poll(lambda: all(f.running() for f in running), 20, "the futures to be RUNNING", m=executor.manager)
+    assert not any(f.done() for f in running)              # running, not finished
+    assert [f.cancel() for f in running] == [False, False]
+    assert [f.result(timeout=30) for f in running] == [0, 1]
+
+
+@pytest.mark.timeout(60)
+def test_executor_cancel_of_a_pending_future_withdraws_its_task(executor):
+    m = executor.manager
+    busy = [executor.submit(sleepy_square, i, 2.0) for i in range(2)]        # both workers taken
+    poll(lambda: all(f.running() for f in busy), 20, "both workers to be busy", m=m)
+    pending = executor.submit(sleepy_square, 7, 0.0)
+    assert not pending.running() and pending.cancel() and pending.cancelled()
+    recs = poll(lambda: [r for r in read_journal(m, "failed") if r.get("result") == "cancelled"], 20,
+                "the withdrawn task in the journal", m=m)
+    assert len(recs) == 1
+    assert [f.result(timeout=30) for f in busy] == [0, 1]
+    assert not [r for r in read_journal(m, "dispatched") if r["task"] == recs[0]["task"]]   # never ran
+
+
 # ====================================================================== 8. standalone workers
 @pytest.mark.timeout(60)
 def test_standalone_worker_joins_and_runs_tasks(make_manager, spawned):
