@@ -26,7 +26,7 @@ class PutFile:
 class SendTask:
     wid: int
     tid: int
-    spec: dict                   # the wire task message
+    spec: dict                   # the wire task message (shares the core's dicts: encode it, do not keep it)
     payload: bytes | None        # a PythonTask's pickled arguments
     outputs: list                # [(File, remote)]: where the outputs that come back go
 

@@ -196,7 +196,7 @@ def task_message(task, ts, pipe) -> dict:
     spec["outputs"] = [[remote, f.kind, f.cachename() if f.kind == "temp" else None] for f, remote in task.outputs]
     if task.env:
         spec["env"] = task.env
-    spec["res"] = dict(ts.res)
+    spec["res"] = ts.res      # not copied: the server encodes the message as soon as handle() returns
     if task.time_max:
         spec["time_max"] = task.time_max
     spec["category"] = task.category
