@@ -140,7 +140,7 @@ class Manager:
             raise TypeError("declare_file needs a path, got %r" % (path,))
         f = File(os.path.abspath(os.fspath(path)), cache)
         if f.exists():
-            f.cachename()   # its identity is its content as declared (re-checked by stat when it is sent)
+            f.cachename()   # its identity is its content as declared (checked again by stat when a task using it is submitted)
         return f
 
     def declare_image(self, path, cache="worker") -> File:

@@ -460,6 +460,7 @@ class Server:
             self.journal.write(self.resume.record(t))
 
     def _drained(self, c):
+        self._hand_over()       # the tasks it cancelled reach wait() before it raises Resumable
         with self.cond:
             self.drained = True
             self.cond.notify_all()
