@@ -12,7 +12,7 @@ from vinehpc.core import Core, InvalidTransition, TaskState, TRANSITIONS, input_
 from vinehpc.core import placement
 from vinehpc.core.commands import GetFile, KillTask, Log, PutFile, ResolveFile, SendFunction, SendTask, TaskFinished
 from vinehpc.core.commands import TaskStarted
-from vinehpc.core.events import (SCHEDULE, TICK, BlockHost, Cancel, FileFetched, FileResolved, Submit, TaskResult,
+from vinehpc.core.events import (SCHEDULE, Cancel, FileFetched, FileResolved, Submit, TaskResult,
                                  WorkerJoined, WorkerLost)
 from vinehpc.core.tasks import transition
 from vinehpc.file import Buffer, File, Temp

@@ -140,7 +140,7 @@ class Manager:
             raise TypeError("declare_file needs a path, got %r" % (path,))
         f = File(os.path.abspath(os.fspath(path)), cache)
         if f.exists():
-            f.cachename()   # its identity is its content as declared (checked again by stat when a task using it is submitted)
+            f.cachename()   # its identity is its content as declared (stat-checked again when a task is submitted)
         return f
 
     def declare_image(self, path, cache="worker") -> File:
