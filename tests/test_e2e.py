@@ -441,6 +441,22 @@ def test_retries_are_journaled_for_a_failing_command(manager):
     assert by_task(recs, "failed")[t.id] == 1
 
 
+@pytest.mark.timeout(60)
+def test_drain_returns_what_it_cancelled_then_wait_raises_resumable(make_manager):
+    m = make_manager(local_workers=1)
+    m.wait_for_workers(1, timeout=30)
+    running = m.submit(Task("sleep 30"))
+    m.submit(Task("true"))                       # never starts: the only core is taken
+    poll(lambda: read_journal(m, "dispatched"), 20, "the sleep to start", m=m)
+    m.drain(0.5)
+    t = m.wait(timeout=20)
+    assert t is not None and t.id == running and t.result == "cancelled" and "walltime" in t.reason
+    with pytest.raises(vinehpc.Resumable, match="1 task"):
+        m.wait(timeout=20)
+    drained = poll(lambda: read_journal(m, "drained"), 10, "the drained record", m=m)
+    assert drained[0]["not run"] == 1 and drained[0]["cancelled"] == [running]
+
+
 # ====================================================================== 7. Executor
 @pytest.fixture
 def executor(tmp_path):
