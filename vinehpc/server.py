@@ -140,6 +140,8 @@ class Server:
                 if self.resume is not None:
                     self.resume.flush()     # results before the journal records that point at them
                 self.journal.flush()
+                if self.n_workers != len(self.peers):
+                    self._publish_workers()     # after the flush: a waiter finds the join in the journal
                 if self.stopping and not any(p.conn.wants_write() for p in self.all):
                     break
         except BaseException as e:   # the I/O thread must never die silently
@@ -181,7 +183,7 @@ class Server:
         if cmds:
             self._carry(cmds)
 
-    def _workers_changed(self):
+    def _publish_workers(self):
         with self.cond:
             self.n_workers = len(self.peers)
             self.cond.notify_all()
@@ -221,7 +223,6 @@ class Server:
         if p.wid is not None and self.peers.get(p.wid) is p:
             del self.peers[p.wid]
             self._feed(WorkerLost(p.wid, reason), now)
-            self._workers_changed()
         elif p.state != "released":
             self.journal.write({"event": "connection closed", "peer": p.conn.peer, "reason": reason})
             log.warning("closed connection from %s: %s", p.conn.peer, reason)
@@ -278,13 +279,9 @@ class Server:
             self.peers[p.wid] = p
             ctl.setdefault("host", p.conn.peer.rsplit(":", 1)[0])
             ctl["addr"] = p.conn.peer
-            self._worker_joined(p.wid, ctl, now)
+            self._feed(WorkerJoined(p.wid, ctl), now)
         else:
             raise ProtocolError("expected the handshake, got %r" % name)
-
-    def _worker_joined(self, wid, info, now):
-        self._feed(WorkerJoined(wid, info), now)
-        self._workers_changed()
 
     # ---------------------------------------------------------------- messages from workers
     def _on_pong(self, p, ctl, frames, now):
