@@ -391,7 +391,7 @@ class Manager:
         if self._closed:
             return
         self._closed = True
-        self._server.post(("stop", reason))
+        self._server.stop(reason)
         self._server.stopped.wait(15)
         with self._server.cond:
             self._server.cond.notify_all()

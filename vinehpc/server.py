@@ -106,6 +106,10 @@ class Server:
             except OSError:
                 pass
 
+    def stop(self, reason):
+        """Tell the workers to exit (or come back, see final_exit) and end the loop."""
+        self.post(("stop", reason))
+
     # ---------------------------------------------------------------- loop
     def _run(self):
         t0 = time.thread_time()
