@@ -20,6 +20,7 @@ from .placement import schedule
 from .tasks import TaskState, transition
 from .workers import RES, Blocklist, WorkerState
 
+
 def task_resources(task) -> dict:
     r = task.resources
     return {"cores": r["cores"] or 1, "memory": r["memory"] or 0, "disk": r["disk"] or 0, "gpus": r["gpus"] or 0}
@@ -62,6 +63,7 @@ class Core:
         self.counts = collections.Counter()
         self.n_running = 0
         self.drain_deadline = None         # set by Drain: dispatch stopped, running tasks get until then
+        self._drain_grace = None
         self.drained = False
         self._recovery_ids = -1
         self._recovery_of = {}             # id of a hidden re-run of a producer -> the producer's id
@@ -77,6 +79,7 @@ class Core:
         }
 
     def handle(self, event, now) -> list:
+        """Take one event at time `now` (monotonic seconds); return the commands it leads to."""
         self._handlers[type(event)](event, now)
         out = self.out
         if out:
