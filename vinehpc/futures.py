@@ -32,8 +32,9 @@ class Executor(cf.Executor):
     Under `vinehpc run`/`pilot` it shares the run's open Manager (and so its workers), or
     creates one; alone it starts `max_workers` local workers (default: one per core).  Pass
     `manager=` to share a Manager of yours: the executor's tasks never come out of your
-    `manager.wait()`.  Futures are standard concurrent.futures.Future objects; a remote
-    exception is re-raised as itself with the remote traceback as __cause__.
+    `manager.wait()`.  Futures are concurrent.futures.Future objects, RUNNING once their call
+    is sent to a worker (cancel() then fails; cancelling a pending one withdraws its task); a
+    remote exception is re-raised as itself with the remote traceback as __cause__.
     """
 
     def __init__(self, max_workers: int | None = None, *, manager=None, **manager_kwargs):
