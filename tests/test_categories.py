@@ -4,17 +4,28 @@ import random
 import pytest
 
 from vinehpc.core.categories import Category, _buckets, _cost, _round_up
-from test_core import INFO, info, make_core, new_task, of, submit, take
+from vinehpc.core.commands import KillTask, SendTask
+from vinehpc.core.events import TICK, BlockHost, SlowMultiplier, UnblockHost
+from test_core import Sim, done as returned, logs, new_task, of
 
 
-def done(core, wid, task, memory, status="success", wall=1.0, **extra):
+def done(sim, wid, task, memory, status="success", wall=1.0, **extra):
+    """The worker's result; returns the task if it came back (None: requeued)."""
     res = {"status": status, "exit_code": 0, "wall": wall, "measured": {"memory": memory, "disk": 1}}
     res.update(extra)
-    return core.task_done(wid, task.id, res, 0.0)
+    back = returned(sim.result(wid, task, **res))
+    return back[0] if back else None
 
 
-def dispatched_task(core):
-    return [c[2] for c in of(take(core), "task")]
+def dispatched_task(sim):
+    """The tasks sent since the last look, with the resources each was sent with."""
+    sent = of(sim.take(), SendTask)
+    tasks = {t.task.id: t.task for t in sim.core.tasks.values()}
+    return [tasks[c.tid] for c in sent]
+
+
+def sent_res(sim, task):
+    return sim.ts(task).res
 
 
 def test_bucketing_finds_the_two_kinds_of_task():
@@ -26,53 +37,53 @@ def test_bucketing_finds_the_two_kinds_of_task():
 
 
 def test_max_mode_allocates_the_largest_peak_after_enough_samples():
-    core = make_core()
-    core.worker_joined(1, info(memory=10000, cores=8), 0.0)
-    core.category("sim").mode = "max"
-    first = [submit(core, new_task().set_category("sim")) for _ in range(5)]
-    core.schedule(0.0)
-    sent = dispatched_task(core)
-    assert len(sent) == 1 and sent[0]._res["memory"] == 10000    # no samples yet: a whole worker
+    sim = Sim()
+    sim.join(1, memory=10000, cores=8)
+    sim.core.category("sim").mode = "max"
+    first = [sim.submit(new_task().set_category("sim")) for _ in range(5)]
+    sim.schedule()
+    sent = dispatched_task(sim)
+    assert len(sent) == 1 and sent_res(sim, sent[0])["memory"] == 10000    # no samples yet: a whole worker
     for i, t in enumerate(first):
-        core.schedule(0.0)
-        take(core)
-        done(core, 1, t, memory=100 * (i + 1))
-    t = submit(core, new_task().set_category("sim"))
-    core.schedule(0.0)                                # decided when it is about to run
-    assert dispatched_task(core) == [t] and t._res["memory"] == _round_up(500)
+        sim.schedule()
+        sim.take()
+        done(sim, 1, t, memory=100 * (i + 1))
+    t = sim.submit(new_task().set_category("sim"))
+    sim.schedule()                                    # decided when it is about to run
+    assert dispatched_task(sim) == [t] and sent_res(sim, t)["memory"] == _round_up(500)
 
 
 def test_exhaustion_is_retried_larger_without_spending_retries_then_gives_up_at_the_max():
-    core = make_core()
-    core.worker_joined(1, INFO, 0.0)
-    t = submit(core, new_task(memory=100))
-    core.schedule(0.0)
-    take(core)
+    sim = Sim()
+    sim.join(1)
+    t = sim.submit(new_task(memory=100))
+    sim.schedule()
+    sim.take()
     ex = {"exhausted": {"resource": "memory", "used": 150, "allocated": 100}}
-    assert done(core, 1, t, 150, status="resource exhaustion", **ex) is None     # requeued
-    assert t._res["memory"] == 200 and t._tries == 0
-    recs = [c[1] for c in of(take(core), "log") if c[1]["event"] == "retry larger"]
+    assert done(sim, 1, t, 150, status="resource exhaustion", **ex) is None     # requeued
+    assert sent_res(sim, t)["memory"] == 200 and sim.ts(t).tries == 0
+    recs = logs(sim.take(), "retry larger")
     assert recs and recs[0]["was"] == 100 and recs[0]["now"] == 200
-    core.category("default").max["memory"] = 200
-    core.schedule(0.0)
-    take(core)
-    back = done(core, 1, t, 250, status="resource exhaustion", **ex)
+    sim.core.category("default").max["memory"] = 200
+    sim.schedule()
+    sim.take()
+    back = done(sim, 1, t, 250, status="resource exhaustion", **ex)
     assert back is t and t.result == "resource exhaustion"
 
 
 def test_a_whole_worker_guess_waits_for_an_idle_worker():
-    core = make_core()
-    core.worker_joined(1, info(cores=4, memory=4000), 0.0)
-    core.category("big").mode = "greedy-bucketing"
-    small = submit(core, new_task(memory=500))
-    core.schedule(0.0)
-    assert dispatched_task(core) == [small]
-    whole = submit(core, new_task().set_category("big"))
-    core.schedule(0.0)
-    assert dispatched_task(core) == []                 # memory is taken: not a whole worker's worth
-    done(core, 1, small, 400)
-    core.schedule(0.0)
-    assert dispatched_task(core) == [whole] and whole._res["memory"] == 4000
+    sim = Sim()
+    sim.join(1, cores=4, memory=4000)
+    sim.core.category("big").mode = "greedy-bucketing"
+    small = sim.submit(new_task(memory=500))
+    sim.schedule()
+    assert dispatched_task(sim) == [small]
+    whole = sim.submit(new_task().set_category("big"))
+    sim.schedule()
+    assert dispatched_task(sim) == []                  # memory is taken: not a whole worker's worth
+    done(sim, 1, small, 400)
+    sim.schedule()
+    assert dispatched_task(sim) == [whole] and sent_res(sim, whole)["memory"] == 4000
 
 
 def test_stats_report_waste_as_allocated_minus_used_times_seconds():
@@ -91,87 +102,88 @@ def test_unknown_mode_is_refused_with_the_choices():
 
 # ------------------------------------------------------------------ stragglers and sick workers
 def test_fast_abort_requeues_a_straggler_elsewhere_and_blocks_a_repeat_offender():
-    core = make_core()
-    core.worker_joined(1, info(host="slow", cores=1), 0.0)
-    core.worker_joined(2, info(host="fast", cores=1), 0.0)
-    core.slow_multiplier[None] = 3.0
-    quick = [submit(core, new_task()) for _ in range(4)]
+    sim = Sim()
+    sim.join(1, host="slow", cores=1)
+    sim.join(2, host="fast", cores=1)
+    sim(SlowMultiplier(None, 3.0))
+    quick = [sim.submit(new_task()) for _ in range(4)]
     for t in quick:                                   # mean wall 1 s
-        core.schedule(0.0)
-        take(core)
-        wid = t._wid
-        done(core, wid, t, 10, wall=1.0)
-    s1 = submit(core, new_task())
-    core.schedule(10.0)
-    take(core)
-    first = s1._wid
-    core.tick(12.0)                                   # 2 s: within 3 x mean
-    assert of(take(core), "kill") == []
-    core.tick(14.0)                                   # 4 s > 3 x 1 s: aborted, requeued, not failed
-    cmds = take(core)
-    assert of(cmds, "kill") == [("kill", first, s1.id)] and s1.state == "ready" and s1._tries == 0
-    assert any(c[1]["event"] == "fast abort" for c in of(cmds, "log"))
-    core.schedule(14.0)
-    take(core)
-    assert s1._wid != first                           # run again on the other worker
+        sim.schedule()
+        sim.take()
+        done(sim, sim.ts(t).wid, t, 10, wall=1.0)
+    s1 = sim.submit(new_task())
+    sim.schedule(10.0)
+    sim.take()
+    first = sim.ts(s1).wid
+    sim(TICK, 12.0)                                   # 2 s: within 3 x mean
+    assert of(sim.take(), KillTask) == []
+    sim(TICK, 14.0)                                   # 4 s > 3 x 1 s: aborted, requeued, not failed
+    cmds = sim.take()
+    assert of(cmds, KillTask) == [KillTask(first, s1.id)] and sim.state(s1) == "ready" and sim.ts(s1).tries == 0
+    assert logs(cmds, "fast abort")
+    sim.schedule(14.0)
+    sim.take()
+    assert sim.ts(s1).wid != first                    # run again on the other worker
 
 
 def test_block_host_keeps_tasks_away_until_unblocked():
-    core = make_core()
-    core.worker_joined(1, info(host="sick"), 0.0)
-    core.block_host("sick", 0.0, seconds=0)
-    t = submit(core, new_task())
-    core.schedule(1.0)
-    assert dispatched_task(core) == []
-    core.unblock_host("sick")
-    core.schedule(2.0)
-    assert dispatched_task(core) == [t]
+    sim = Sim()
+    sim.join(1, host="sick")
+    sim(BlockHost("sick", 0))
+    t = sim.submit(new_task())
+    sim.schedule(1.0)
+    assert dispatched_task(sim) == []
+    sim(UnblockHost("sick"))
+    sim.schedule(2.0)
+    assert dispatched_task(sim) == [t]
 
 
 def test_worker_side_failures_requeue_without_retries_and_block_the_worker():
-    core = make_core()
-    core.worker_joined(1, info(host="full-disk", cores=1), 0.0)
-    t = submit(core, new_task())
+    sim = Sim()
+    sim.join(1, host="full-disk", cores=1)
+    t = sim.submit(new_task())
     for i in range(3):
-        core.schedule(0.0)
-        assert dispatched_task(core) == [t]           # the only worker, so it goes back there
-        assert core.task_done(1, t.id, {"status": "input missing", "worker_fault": True,
-                                        "reason": "No space left on device"}, 0.0) is None
-        assert t.state == "ready" and t._tries == 0   # the task is not at fault
-    assert core._blocked(1, 1.0) and not core._blocked("full-disk", 1.0)   # that worker, not its host
-    core.worker_joined(2, info(host="ok", cores=1), 1.0)
-    core.schedule(1.0)
-    assert dispatched_task(core) == [t] and t._wid == 2
+        sim.schedule()
+        assert dispatched_task(sim) == [t]            # the only worker, so it goes back there
+        assert returned(sim.result(1, t, status="input missing", worker_fault=True,
+                                   reason="No space left on device")) == []
+        assert sim.state(t) == "ready" and sim.ts(t).tries == 0   # the task is not at fault
+    blocked = logs(sim.take(), "host blocked")
+    assert [r["host"] for r in blocked] == [1]        # that worker, not its host
+    sim.join(2, 1.0, host="ok", cores=1)
+    sim.schedule(1.0)
+    assert dispatched_task(sim) == [t] and sim.ts(t).wid == 2
 
 
 def test_an_exhaustion_teaches_max_mode_at_once_and_the_retry_starts_above_what_was_used():
     """A big task stopped at a small allocation: its kind needs at least what it was seen using.
     The retry goes straight above that (not 2x, 4x, ... up a ladder) and first in line, and `max`
     allocates it to the next tasks of the kind before any big one has succeeded."""
-    core = make_core()
-    core.worker_joined(1, info(memory=10000, cores=8), 0.0)
-    core.category("sim").mode = "max"
-    first = [submit(core, new_task().set_category("sim")) for _ in range(5)]
+    sim = Sim()
+    sim.join(1, memory=10000, cores=8)
+    sim.core.category("sim").mode = "max"
+    first = [sim.submit(new_task().set_category("sim")) for _ in range(5)]
     for i, t in enumerate(first):
-        core.schedule(0.0)
-        take(core)
-        done(core, 1, t, memory=60)
-    big, other = (submit(core, new_task().set_category("sim")) for _ in range(2))
-    core.schedule(0.0)
-    take(core)
-    assert big._res["memory"] == _round_up(60)
-    ex = {"exhausted": {"resource": "memory", "used": 300, "allocated": big._res["memory"]}}
-    assert done(core, 1, big, 300, status="resource exhaustion", **ex) is None
-    assert big._res["memory"] >= 300 * 1.125 and big._res["memory"] <= _round_up(300 * 1.125)
-    assert core.ready[0] == big.id                            # first in line
-    later = submit(core, new_task().set_category("sim"))
-    core.schedule(0.0)
-    take(core)
-    assert later._res["memory"] >= 300                        # max learnt from the exhaustion
+        sim.schedule()
+        sim.take()
+        done(sim, 1, t, memory=60)
+    big, other = (sim.submit(new_task().set_category("sim")) for _ in range(2))
+    sim.schedule()
+    sim.take()
+    assert sent_res(sim, big)["memory"] == _round_up(60)
+    ex = {"exhausted": {"resource": "memory", "used": 300, "allocated": sent_res(sim, big)["memory"]}}
+    assert done(sim, 1, big, 300, status="resource exhaustion", **ex) is None
+    grown = sent_res(sim, big)["memory"]
+    assert grown >= 300 * 1.125 and grown <= _round_up(300 * 1.125)
+    assert sim.core.ready[0] == big.id                        # first in line
+    later = sim.submit(new_task().set_category("sim"))
+    sim.schedule()
+    sim.take()
+    assert sent_res(sim, later)["memory"] >= 300              # max learnt from the exhaustion
     # the log says what each finished task was given and used
-    back = done(core, 1, other, memory=60)
+    back = done(sim, 1, other, memory=60)
     assert back is other
-    recs = [c[1] for c in of(take(core), "log") if c[1]["event"] == "done" and c[1]["task"] == other.id]
+    recs = [r for r in logs(sim.take(), "done") if r["task"] == other.id]
     assert recs and recs[0]["category"] == "sim" and recs[0]["measured"]["memory"] == 60
     assert recs[0]["allocated"]["memory"] == _round_up(60)
     assert other.resources_allocated["memory"] == _round_up(60)      # and so does the task
@@ -266,19 +278,19 @@ def test_a_kind_that_writes_nothing_is_not_given_a_whole_workers_disk():
     """Learnt modes learn "uses no disk" too: 1 MB of it, so such tasks share a worker (a whole
     worker's disk, as before any sample, let one run per worker)."""
     for mode in ("max", "greedy-bucketing", "min-waste", "max-throughput"):
-        core = make_core()
-        core.worker_joined(1, info(memory=10000, cores=8), 0.0)
-        core.category("sim").mode = mode
+        sim = Sim()
+        sim.join(1, memory=10000, cores=8)
+        sim.core.category("sim").mode = mode
         for _ in range(5):
-            t = submit(core, new_task().set_category("sim"))
-            core.schedule(0.0)
-            take(core)
+            t = sim.submit(new_task().set_category("sim"))
+            sim.schedule()
+            sim.take()
             res = {"status": "success", "exit_code": 0, "wall": 1.0, "measured": {"memory": 100, "disk": 0.0}}
-            assert core.task_done(1, t.id, res, 0.0) is t
-        pair = [submit(core, new_task().set_category("sim")) for _ in range(2)]
-        core.schedule(0.0)
-        assert dispatched_task(core) == pair, mode
-        assert all(t._res["disk"] == 1 and t._res["memory"] >= 100 for t in pair), (mode, pair[0]._res)
+            assert returned(sim.result(1, t, **res)) == [t]
+        pair = [sim.submit(new_task().set_category("sim")) for _ in range(2)]
+        sim.schedule()
+        assert dispatched_task(sim) == pair, mode
+        assert all(sent_res(sim, t)["disk"] == 1 and sent_res(sim, t)["memory"] >= 100 for t in pair), mode
 
 
 def test_buckets_weigh_tasks_by_how_long_they_hold_their_memory():

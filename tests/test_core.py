@@ -1,27 +1,24 @@
-"""The manager core as a state machine: events in, commands out (habits 5 and 6).
+"""The manager core as a state machine: events in, commands out.
 
-No sockets, no threads, no clock: fake workers join with a resource dict, tasks are
-submitted with ids we assign (as Manager.submit does), and the tests read `core.cmds`.
+No sockets, no threads, no clock: a Sim feeds events to `Core.handle` (fake workers join
+with a resource dict, tasks are prepared as Manager.submit prepares them) and the tests read
+the typed commands that come out.
 """
 import itertools
 
 import pytest
 
-from vinehpc.core import Core
-from vinehpc.core import state as core_state
-from vinehpc.file import File, Temp
+from vinehpc.core import Core, InvalidTransition, TaskState, TRANSITIONS, input_names
+from vinehpc.core import placement
+from vinehpc.core.commands import KillTask, Log, SendTask, TaskFinished
+from vinehpc.core.commands import TaskStarted
+from vinehpc.core.events import SCHEDULE, Cancel, Submit, TaskResult, WorkerJoined, WorkerLost
+from vinehpc.core.tasks import transition
+from vinehpc.file import File
 from vinehpc.task import PythonTask, Task
 
 INFO = {"cores": 2, "memory": 1000, "disk": 1000, "gpus": 0, "host": "h1"}
 _ids = itertools.count(1)
-
-
-def fake_names(f):
-    return ("file-%d" % f.id, 100)
-
-
-def make_core(policy="files"):
-    return Core(policy=policy, names=fake_names)
 
 
 def info(**kw):
@@ -30,15 +27,62 @@ def info(**kw):
     return d
 
 
-def submit(core, task, now=0.0):
-    """What Manager.submit does before posting the task to the core."""
-    task._check()
-    task.id = next(_ids)
-    for f, _ in task.outputs:
-        f.producer = task.id
-    task.state = "submitted"
-    core.submit(task, now)
-    return task
+class Sim:
+    """A Core and the commands it returned since the last take()."""
+
+    def __init__(self, policy="files"):
+        self.core = Core(policy=policy)
+        self.cmds = []
+
+    def __call__(self, event, now=0.0):
+        out = self.core.handle(event, now)
+        self.cmds.extend(out)
+        return out
+
+    def take(self):
+        out, self.cmds = self.cmds, []
+        return out
+
+    # events
+    def submit(self, task, now=0.0, **kw):
+        """What Manager.submit does before posting the task to the core."""
+        task._check()
+        inputs = input_names(task)
+        task.id = next(_ids)
+        for f, _ in task.outputs:
+            f.producer = task.id
+        task.state = "submitted"
+        self(Submit(task, inputs, **kw), now)
+        return task
+
+    def join(self, wid, now=0.0, **kw):
+        return self(WorkerJoined(wid, info(**kw)), now)
+
+    def schedule(self, now=0.0) -> int:
+        return len(of(self.pass_(now), SendTask))
+
+    def pass_(self, now=0.0) -> list:
+        """One scheduling pass: its commands."""
+        return self(SCHEDULE, now)
+
+    def result(self, wid, task, now=0.0, **res):
+        return self(TaskResult(wid, task.id, res), now)
+
+    def ok(self, wid, task, now=0.0, **extra):
+        res = {"status": "success", "exit_code": 0, "wall": 0.01}
+        res.update(extra)
+        return self.result(wid, task, now, **res)
+
+    def fail(self, wid, task, reason="exit code 1", now=0.0):
+        return self.result(wid, task, now, status="failed", exit_code=1, reason=reason, wall=0.01)
+
+    # the core's view of a task
+    def ts(self, task) -> TaskState:
+        return self.core.tasks[task.id]
+
+    def state(self, task) -> str:
+        ts = self.core.tasks.get(task.id)
+        return "done" if ts is None else ts.state
 
 
 def new_task(cmd="true", **res):
@@ -48,641 +92,489 @@ def new_task(cmd="true", **res):
     return t
 
 
-def take(core):
-    out = list(core.cmds)
-    core.cmds.clear()
-    return out
-
-
 def of(cmds, kind):
-    return [c for c in cmds if c[0] == kind]
+    return [c for c in cmds if type(c) is kind]
 
 
 def dispatched(cmds):
-    """[(wid, tid)] of the 'task' commands."""
-    return [(c[1], c[2].id) for c in of(cmds, "task")]
+    """[(wid, tid)] of the SendTask commands."""
+    return [(c.wid, c.tid) for c in of(cmds, SendTask)]
 
 
 def logs(cmds, event):
-    return [c[1] for c in of(cmds, "log") if c[1]["event"] == event]
+    return [c.record for c in of(cmds, Log) if c.record["event"] == event]
 
 
 def done(cmds):
-    return [c[1] for c in of(cmds, "done")]
-
-
-def ok(core, wid, task, now=0.0, **extra):
-    res = {"status": "success", "exit_code": 0, "wall": 0.01}
-    res.update(extra)
-    return core.task_done(wid, task.id, res, now)
-
-
-def fail(core, wid, task, reason="exit code 1", now=0.0):
-    return core.task_done(wid, task.id, {"status": "failed", "exit_code": 1, "reason": reason,
-                                         "wall": 0.01}, now)
+    return [c.task for c in of(cmds, TaskFinished)]
 
 
 @pytest.fixture
-def core():
-    return make_core()
+def sim():
+    return Sim()
 
 
-@pytest.fixture
-def infile(tmp_path):
-    """A real file on the manager side (add_input checks existence); its name is faked."""
-    def make(cache=True, name="in.txt"):
+def infile_factory(tmp_path):
+    """make() -> a real file on the manager side (named by its content at submit, as Manager.submit does)."""
+    def make(cache=True, name="in.txt", data="data"):
         p = tmp_path / name
-        p.write_text("data")
+        p.write_text(data)
         return File(str(p), cache)
     return make
 
 
+@pytest.fixture
+def infile(tmp_path):
+    return infile_factory(tmp_path)
+
+
+# ---------------------------------------------------------------- the transition table
+def test_every_state_but_done_can_end_and_done_is_final():
+    assert all("done" in TRANSITIONS[s] for s in TRANSITIONS if s != "done") and TRANSITIONS["done"] == ()
+
+
+@pytest.mark.parametrize("frm, to", [("new", "running"), ("waiting", "running"), ("running", "waiting"),
+                                     ("done", "ready"), ("done", "done")])
+def test_an_illegal_transition_raises(frm, to):
+    ts = TaskState(new_task(), [], {}, 0.0)
+    ts.state = frm
+    with pytest.raises(InvalidTransition, match="%s -> %s" % (frm, to)):
+        transition(ts, to)
+
+
+def test_results_reach_the_users_task_only_when_it_is_returned(sim):
+    t = sim.submit(new_task())
+    sim.join(1)
+    sim.schedule()
+    assert t.state == "submitted" and t.attempts == 0 and sim.state(t) == "running"
+    sim.ok(1, t, stdout="hi\n", wall=0.5)
+    assert done(sim.take()) == [t]
+    assert t.state == "done" and t.successful() and t.hostname == "h1" and t.worker == 1
+    assert t.std_output == "hi\n" and t.wall_time == 0.5 and t.attempts == 1
+    assert t.resources_allocated == {"cores": 1}
+    assert sim.core.stats()["done"] == 1 and not vars(t).keys() & {"_res", "_wid", "_whole", "_tries"}
+
+
 # ---------------------------------------------------------------- packing
-def test_worker_runs_as_many_tasks_as_cores(core):
-    ts = [submit(core, new_task()) for _ in range(5)]
-    core.worker_joined(1, INFO, 0.0)
-    assert core.schedule(0.0) == 2
-    assert dispatched(take(core)) == [(1, ts[0].id), (1, ts[1].id)]
-    assert core.schedule(0.0) == 0
+def test_worker_runs_as_many_tasks_as_cores(sim):
+    ts = [sim.submit(new_task()) for _ in range(5)]
+    sim.join(1)
+    assert sim.schedule() == 2
+    assert dispatched(sim.take()) == [(1, ts[0].id), (1, ts[1].id)]
+    assert sim.schedule() == 0
 
 
-def test_finished_task_frees_its_core(core):
-    ts = [submit(core, new_task()) for _ in range(3)]
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    take(core)
-    ok(core, 1, ts[0], wall=1.0)
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(1, ts[2].id)]
+def test_finished_task_frees_its_core(sim):
+    ts = [sim.submit(new_task()) for _ in range(3)]
+    sim.join(1)
+    sim.schedule()
+    sim.take()
+    sim.ok(1, ts[0], wall=1.0)
+    sim.schedule()
+    assert dispatched(sim.take()) == [(1, ts[2].id)]
 
 
-def test_multicore_task_takes_its_cores(core):
-    big = submit(core, new_task(cores=2))
-    small = submit(core, new_task())
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(1, big.id)]
-    assert small.state == "ready"
+def test_multicore_task_takes_its_cores(sim):
+    big = sim.submit(new_task(cores=2))
+    small = sim.submit(new_task())
+    sim.join(1)
+    sim.schedule()
+    assert dispatched(sim.take()) == [(1, big.id)]
+    assert sim.state(small) == "ready"
 
 
-def _run_fast(core, wid, n, category="default", wall=0.01):
+def _run_fast(sim, wid, n, category="default", wall=0.01):
     """Run n tasks of a category to completion on worker wid, one schedule at a time."""
     for _ in range(n):
-        t = submit(core, new_task(category=category))
-        core.schedule(0.0)
-        assert dispatched(take(core)) == [(wid, t.id)]
-        ok(core, wid, t, wall=wall)
-        take(core)
+        t = sim.submit(new_task(category=category))
+        sim.schedule()
+        assert dispatched(sim.take()) == [(wid, t.id)]
+        sim.ok(wid, t, wall=wall)
+        sim.take()
 
 
-def test_prefetch_after_fast_tasks_up_to_twice_cores(core):
-    core.worker_joined(1, INFO, 0.0)
-    _run_fast(core, 1, core_state.SHORT_SAMPLES)
+def test_prefetch_after_fast_tasks_up_to_twice_cores(sim):
+    sim.join(1)
+    _run_fast(sim, 1, placement.SHORT_SAMPLES)
     for _ in range(6):
-        submit(core, new_task())
-    assert core.schedule(0.0) == 2 * INFO["cores"]
+        sim.submit(new_task())
+    assert sim.schedule() == 2 * INFO["cores"]
 
 
-def test_no_prefetch_before_enough_samples(core):
-    core.worker_joined(1, INFO, 0.0)
-    _run_fast(core, 1, core_state.SHORT_SAMPLES - 1)
+def test_short_tasks_are_sent_pipelined(sim):
+    sim.join(1)
+    t = sim.submit(new_task())
+    sim.schedule()
+    assert "pipe" not in of(sim.take(), SendTask)[0].spec
+    sim.ok(1, t)
+    _run_fast(sim, 1, placement.SHORT_SAMPLES - 1)
+    sim.submit(new_task())
+    sim.schedule()
+    assert of(sim.take(), SendTask)[0].spec["pipe"] is True
+
+
+def test_no_prefetch_before_enough_samples(sim):
+    sim.join(1)
+    _run_fast(sim, 1, placement.SHORT_SAMPLES - 1)
     for _ in range(6):
-        submit(core, new_task())
-    assert core.schedule(0.0) == INFO["cores"]
+        sim.submit(new_task())
+    assert sim.schedule() == INFO["cores"]
 
 
-def test_no_prefetch_for_slow_category(core):
-    core.worker_joined(1, INFO, 0.0)
-    _run_fast(core, 1, core_state.SHORT_SAMPLES, wall=1.0)
+def test_no_prefetch_for_slow_category(sim):
+    sim.join(1)
+    _run_fast(sim, 1, placement.SHORT_SAMPLES, wall=1.0)
     for _ in range(6):
-        submit(core, new_task())
-    assert core.schedule(0.0) == INFO["cores"]
+        sim.submit(new_task())
+    assert sim.schedule() == INFO["cores"]
 
 
-def test_prefetch_is_per_category(core):
-    core.worker_joined(1, INFO, 0.0)
-    _run_fast(core, 1, core_state.SHORT_SAMPLES, category="fast")
+def test_prefetch_is_per_category(sim):
+    sim.join(1)
+    _run_fast(sim, 1, placement.SHORT_SAMPLES, category="fast")
     for _ in range(6):
-        submit(core, new_task(category="slow"))
-    assert core.schedule(0.0) == INFO["cores"]
+        sim.submit(new_task(category="slow"))
+    assert sim.schedule() == INFO["cores"]
 
 
-def test_memory_packing(core):
-    a = submit(core, new_task(memory=600))
-    b = submit(core, new_task(memory=600))
-    c = submit(core, new_task(memory=400))
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
+def test_memory_packing(sim):
+    a = sim.submit(new_task(memory=600))
+    b = sim.submit(new_task(memory=600))
+    c = sim.submit(new_task(memory=400))
+    sim.join(1)
+    sim.schedule()
     # a fits, b does not (1200 > 1000) and waits; c fills the rest
-    assert dispatched(take(core)) == [(1, a.id), (1, c.id)]
-    assert b.state == "ready"
+    assert dispatched(sim.take()) == [(1, a.id), (1, c.id)]
+    assert sim.state(b) == "ready"
 
 
-def test_a_big_task_lets_small_ones_pass_for_a_while_then_a_worker_is_kept_for_it(core):
+def test_a_big_task_lets_small_ones_pass_for_a_while_then_a_worker_is_kept_for_it(sim):
     """Backfill without starvation: small tasks keep both workers full; the big one waits
     RESERVE_AFTER seconds, then one worker takes nothing new until the big task starts there,
     while the other keeps taking small tasks."""
-    core.worker_joined(1, INFO, 0.0)
-    core.worker_joined(2, info(host="h2"), 0.0)
-    small = [submit(core, new_task(memory=500)) for _ in range(4)]
-    core.schedule(0.0)
-    running = dict((tid, wid) for wid, tid in dispatched(take(core)))
+    sim.join(1)
+    sim.join(2, host="h2")
+    small = [sim.submit(new_task(memory=500)) for _ in range(4)]
+    sim.schedule()
+    running = dict((tid, wid) for wid, tid in dispatched(sim.take()))
     assert len(running) == 4
-    big = submit(core, new_task(memory=900))
-    more = [submit(core, new_task(memory=500)) for _ in range(6)]
+    big = sim.submit(new_task(memory=900))
+    more = [sim.submit(new_task(memory=500)) for _ in range(6)]
     by_id = {t.id: t for t in small + more}
     started = []
 
     def finish_one(now):
         tid = min(running)                # the oldest running task ends
-        ok(core, running.pop(tid), by_id[tid], now=now)
-        core.schedule(now)
-        cmds = take(core)
+        sim.ok(running.pop(tid), by_id[tid], now=now)
+        sim.schedule(now)
+        cmds = sim.take()
         for w, t in dispatched(cmds):
             running[t] = w
             started.append((w, t))
-        return [c[1] for c in of(cmds, "log") if c[1]["event"] == "reserved"]
+        return logs(cmds, "reserved")
 
     finish_one(0.5)                       # within the patience: a small task takes the room
-    assert big.state == "ready" and len(running) == 4
-    now = core_state.RESERVE_AFTER + 1.0
+    assert sim.state(big) == "ready" and len(running) == 4
+    now = placement.RESERVE_AFTER + 1.0
     del started[:]
     recs = finish_one(now)                # the patience is over: a worker is kept for the big task
-    assert core.reserved is not None and core.reserved[1] == big.id
-    kept = core.reserved[0]
+    assert sim.core.reserved is not None and sim.core.reserved[1] == big.id
+    kept = sim.core.reserved[0]
     assert recs and recs[0]["task"] == big.id and recs[0]["worker"] == kept
-    while big.state == "ready" and running:
+    while sim.state(big) == "ready" and running:
         now += 0.1
         finish_one(now)
-    assert big.state == "running" and big._wid == kept and core.reserved is None
+    assert sim.state(big) == "running" and sim.ts(big).wid == kept and sim.core.reserved is None
     before_big = started[:started.index((kept, big.id))]
     assert before_big and all(w != kept for w, _ in before_big)   # the other worker kept backfilling
     assert len(running) >= 2
 
 
-def test_disk_packing(core):
-    a = submit(core, new_task(disk=700))
-    b = submit(core, new_task(disk=700))
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(1, a.id)]
-    ok(core, 1, a, wall=1.0)
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(1, b.id)]
+def test_disk_packing(sim):
+    a = sim.submit(new_task(disk=700))
+    b = sim.submit(new_task(disk=700))
+    sim.join(1)
+    sim.schedule()
+    assert dispatched(sim.take()) == [(1, a.id)]
+    sim.ok(1, a, wall=1.0)
+    sim.schedule()
+    assert dispatched(sim.take()) == [(1, b.id)]
 
 
-def test_gpu_packing(core):
-    a = submit(core, new_task(gpus=1))
-    b = submit(core, new_task(gpus=1))
-    core.worker_joined(1, info(gpus=0), 0.0)
-    core.schedule(0.0)
-    assert dispatched(take(core)) == []              # no gpus on worker 1
-    core.worker_joined(2, info(gpus=1, host="h2"), 0.0)
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(2, a.id)]
-    assert b.state == "ready"
+def test_gpu_packing(sim):
+    a = sim.submit(new_task(gpus=1))
+    b = sim.submit(new_task(gpus=1))
+    sim.join(1, gpus=0)
+    sim.schedule()
+    assert dispatched(sim.take()) == []              # no gpus on worker 1
+    sim.join(2, gpus=1, host="h2")
+    sim.schedule()
+    assert dispatched(sim.take()) == [(2, a.id)]
+    assert sim.state(b) == "ready"
 
 
-def test_too_big_task_waits_and_warns_once(core):
-    t = submit(core, new_task(cores=4))
-    core.worker_joined(1, INFO, 0.0)
+def test_too_big_task_waits_and_warns_once(sim):
+    t = sim.submit(new_task(cores=4))
+    sim.join(1)
     for _ in range(3):
-        assert core.schedule(0.0) == 0
-    cmds = take(core)
+        assert sim.schedule() == 0
+    cmds = sim.take()
     assert dispatched(cmds) == []
     warnings = logs(cmds, "warning")
     assert len(warnings) == 1 and warnings[0]["task"] == t.id
     assert "large enough" in warnings[0]["reason"]
-    assert t.state == "ready"
+    assert sim.state(t) == "ready"
 
 
-def test_too_big_task_runs_when_big_worker_joins(core):
-    t = submit(core, new_task(cores=4))
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    core.worker_joined(2, info(cores=8, host="big"), 0.0)
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(2, t.id)]
+def test_too_big_task_runs_when_big_worker_joins(sim):
+    t = sim.submit(new_task(cores=4))
+    sim.join(1)
+    sim.schedule()
+    sim.join(2, cores=8, host="big")
+    sim.schedule()
+    assert dispatched(sim.take()) == [(2, t.id)]
 
 
-def test_big_task_does_not_block_smaller_ones(core):
-    big = submit(core, new_task(cores=4))
-    small = submit(core, new_task())
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(1, small.id)]
-    assert core.ready[0] == big.id                    # still first in line
+def test_big_task_does_not_block_smaller_ones(sim):
+    big = sim.submit(new_task(cores=4))
+    small = sim.submit(new_task())
+    sim.join(1)
+    sim.schedule()
+    assert dispatched(sim.take()) == [(1, small.id)]
+    assert sim.core.ready[0] == big.id                # still first in line
+
+
+def test_a_pinned_task_runs_only_on_its_worker_and_fails_when_it_is_gone(sim):
+    sim.join(1)
+    sim.join(2, host="h2")
+    t = sim.submit(new_task(), pin=2)
+    sim.schedule()
+    assert dispatched(sim.take()) == [(2, t.id)]
+    sim(WorkerLost(2, "gone"))
+    sim.schedule()
+    cmds = sim.take()
+    assert dispatched(cmds) == [] and done(cmds) == [t]
+    assert t.result == "failed" and "only one this task may run on" in t.reason
+
+
+def test_on_start_is_asked_for_at_dispatch(sim):
+    def cb(task):
+        pass
+    t = sim.submit(new_task(), on_start=cb)
+    quiet = sim.submit(new_task())
+    sim.join(1)
+    sim.schedule()
+    started = of(sim.take(), TaskStarted)
+    assert [(c.task, c.on_start) for c in started] == [(t, cb)] and quiet is not t
 
 
 # ---------------------------------------------------------------- worker loss
-def test_worker_loss_requeues_at_front(core):
-    ts = [submit(core, new_task()) for _ in range(4)]
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    take(core)
-    core.worker_lost(1, "connection reset", 1.0)
-    assert list(core.ready) == [t.id for t in ts]
-    assert all(t.state == "ready" for t in ts)
-    assert sorted(r["task"] for r in logs(take(core), "requeued")) == [ts[0].id, ts[1].id]
-    assert core.stats()["running"] == 0
+def test_worker_loss_requeues_at_front(sim):
+    ts = [sim.submit(new_task()) for _ in range(4)]
+    sim.join(1)
+    sim.schedule()
+    sim.take()
+    sim(WorkerLost(1, "connection reset"), 1.0)
+    assert list(sim.core.ready) == [t.id for t in ts]
+    assert all(sim.state(t) == "ready" for t in ts)
+    assert sorted(r["task"] for r in logs(sim.take(), "requeued")) == [ts[0].id, ts[1].id]
+    assert sim.core.stats()["running"] == 0
 
 
-def test_worker_loss_requeued_tasks_run_elsewhere(core):
-    ts = [submit(core, new_task()) for _ in range(3)]
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    take(core)
-    core.worker_lost(1, "gone", 1.0)
-    core.worker_joined(2, info(cores=1, host="h2"), 1.0)
-    core.schedule(1.0)
-    assert dispatched(take(core)) == [(2, ts[0].id)]
-    assert ts[0].attempts == 2
+def test_worker_loss_requeued_tasks_run_elsewhere(sim):
+    ts = [sim.submit(new_task()) for _ in range(3)]
+    sim.join(1)
+    sim.schedule()
+    sim.take()
+    sim(WorkerLost(1, "gone"), 1.0)
+    sim.join(2, 1.0, cores=1, host="h2")
+    sim.schedule(1.0)
+    assert dispatched(sim.take()) == [(2, ts[0].id)]
+    assert sim.ts(ts[0]).attempts == 2
 
 
-def test_worker_loss_does_not_spend_retries(core):
-    t = submit(core, new_task(retries=1))
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    core.worker_lost(1, "gone", 1.0)
-    core.worker_joined(2, INFO, 1.0)
-    core.schedule(1.0)
-    take(core)
-    assert fail(core, 2, t) is None                  # the one retry is still there
-    core.schedule(1.0)
-    assert dispatched(take(core)) == [(2, t.id)]
+def test_worker_loss_does_not_spend_retries(sim):
+    t = sim.submit(new_task(retries=1))
+    sim.join(1)
+    sim.schedule()
+    sim(WorkerLost(1, "gone"), 1.0)
+    sim.join(2, 1.0)
+    sim.schedule(1.0)
+    sim.take()
+    assert done(sim.fail(2, t)) == []                # the one retry is still there
+    sim.schedule(1.0)
+    assert dispatched(sim.take()) == [(2, t.id)]
 
 
-def test_worker_loss_of_unknown_worker_is_ignored(core):
-    core.worker_lost(42, "never joined", 0.0)
-    assert take(core) == []
+def test_worker_loss_of_unknown_worker_is_ignored(sim):
+    assert sim(WorkerLost(42, "never joined")) == []
 
 
-def test_stale_result_from_lost_worker_ignored(core):
-    t = submit(core, new_task())
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    core.worker_lost(1, "gone", 1.0)
-    core.worker_joined(2, INFO, 1.0)
-    core.schedule(1.0)
-    take(core)
-    assert ok(core, 1, t) is None
-    cmds = take(core)
+def test_stale_result_from_lost_worker_ignored(sim):
+    t = sim.submit(new_task())
+    sim.join(1)
+    sim.schedule()
+    sim(WorkerLost(1, "gone"), 1.0)
+    sim.join(2, 1.0)
+    sim.schedule(1.0)
+    sim.take()
+    cmds = sim.ok(1, t)
     assert done(cmds) == [] and len(logs(cmds, "stale result")) == 1
-    assert t.state == "running" and t._wid == 2
-    assert ok(core, 2, t) is t
-    assert done(take(core)) == [t] and t.worker == 2
+    assert sim.state(t) == "running" and sim.ts(t).wid == 2
+    assert done(sim.ok(2, t)) == [t] and t.worker == 2
 
 
-def test_result_for_unknown_task_is_stale(core):
-    core.worker_joined(1, INFO, 0.0)
-    core.task_done(1, 999, {"status": "success"}, 0.0)
-    assert len(logs(take(core), "stale result")) == 1
+def test_result_for_unknown_task_is_stale(sim):
+    sim.join(1)
+    assert len(logs(sim(TaskResult(1, 999, {"status": "success"})), "stale result")) == 1
 
 
 # ---------------------------------------------------------------- retries and results
-def test_success_returns_task_with_worker_details(core):
-    t = submit(core, new_task())
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    take(core)
-    ok(core, 1, t, stdout="hi\n", wall=0.5)
-    assert done(take(core)) == [t]
-    assert t.successful() and t.hostname == "h1" and t.worker == 1
-    assert t.std_output == "hi\n" and t.wall_time == 0.5 and t.attempts == 1
-    assert core.stats()["done"] == 1
-
-
-def test_nonzero_exit_is_a_failure_with_its_exit_code(core):
-    t = submit(core, new_task())
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    take(core)
-    core.task_done(1, t.id, {"status": "failed", "exit_code": 3, "reason": "exit code 3", "wall": 0.01}, 0.0)
-    assert done(take(core)) == [t]
+def test_nonzero_exit_is_a_failure_with_its_exit_code(sim):
+    t = sim.submit(new_task())
+    sim.join(1)
+    sim.schedule()
+    sim.result(1, t, status="failed", exit_code=3, reason="exit code 3", wall=0.01)
+    assert done(sim.take()) == [t]
     assert t.result == "failed" and t.exit_code == 3 and t.reason == "exit code 3" and not t.successful()
-    assert core.stats()["failed"] == 1
+    assert sim.core.stats()["failed"] == 1
 
 
-def test_retries_then_failed_with_reason(core):
-    t = submit(core, new_task(retries=2))
-    core.worker_joined(1, INFO, 0.0)
+def test_retries_then_failed_with_reason(sim):
+    t = sim.submit(new_task(retries=2))
+    sim.join(1)
     n_dispatch = 0
     for attempt in range(3):
-        core.schedule(0.0)
-        cmds = take(core)
-        assert dispatched(cmds) == [(1, t.id)]
+        sim.schedule()
+        assert dispatched(sim.take()) == [(1, t.id)]
         n_dispatch += 1
-        back = fail(core, 1, t, reason="boom %d" % attempt)
+        back = sim.fail(1, t, reason="boom %d" % attempt)
         if attempt < 2:
-            assert back is None and done(take(core)) == []
-    cmds = take(core)
-    assert done(cmds) == [t]
+            assert done(back) == []
+    assert done(back) == [t]
     assert n_dispatch == 3 and t.attempts == 3
     assert t.result == "failed" and t.reason == "boom 2"
-    assert core.schedule(0.0) == 0
+    assert sim.schedule() == 0
 
 
-# ---------------------------------------------------------------- files
-def test_cached_file_put_once_per_worker(core, infile):
-    f = infile(cache=True)
-    a = submit(core, new_task().add_input(f, "in"))
-    b = submit(core, new_task().add_input(f, "in"))
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    cmds = take(core)
-    assert [(c[1], c[2], c[3]) for c in of(cmds, "put")] == [(1, f, "file-%d" % f.id)]
-    assert dispatched(cmds) == [(1, a.id), (1, b.id)]
-    # the put is queued before the task that needs it
-    assert cmds.index(of(cmds, "put")[0]) < cmds.index(of(cmds, "task")[0])
+def test_a_python_tasks_result_bytes_reach_the_task(sim):
+    t = sim.submit(PythonTask(divmod, 7, 2))
+    sim.join(1)
+    sim.schedule()
+    sim(TaskResult(1, t.id, {"status": "success", "wall": 0.01}, b"pickled"))
+    assert t._result == b"pickled"
 
 
-def test_cached_file_not_put_again_for_later_task(core, infile):
-    f = infile(cache=True)
-    a = submit(core, new_task().add_input(f, "in"))
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    take(core)
-    ok(core, 1, a, wall=1.0)
-    submit(core, new_task().add_input(f, "in"))
-    core.schedule(0.0)
-    cmds = take(core)
-    assert len(dispatched(cmds)) == 1 and of(cmds, "put") == []
-
-
-def test_cached_file_put_to_each_worker(core, infile):
-    f = infile(cache=True)
-    submit(core, new_task(cores=2).add_input(f, "in"))
-    submit(core, new_task(cores=2).add_input(f, "in"))
-    core.worker_joined(1, INFO, 0.0)
-    core.worker_joined(2, info(host="h2"), 0.0)
-    core.schedule(0.0)
-    assert sorted(c[1] for c in of(take(core), "put")) == [1, 2]
-
-
-def test_task_level_file_put_again(core, infile):
-    f = infile(cache=False)
-    a = submit(core, new_task().add_input(f, "in"))
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    assert len(of(take(core), "put")) == 1
-    ok(core, 1, a, wall=1.0)
-    submit(core, new_task().add_input(f, "in"))
-    core.schedule(0.0)
-    assert len(of(take(core), "put")) == 1
-
-
-def test_file_reported_cached_at_join_not_put(core, infile):
-    f = infile(cache=True)
-    submit(core, new_task().add_input(f, "in"))
-    core.worker_joined(1, info(cached=["file-%d" % f.id]), 0.0)
-    core.schedule(0.0)
-    cmds = take(core)
-    assert len(dispatched(cmds)) == 1 and of(cmds, "put") == []
-
-
-def test_unreadable_input_returned_as_input_missing(tmp_path):
-    p = tmp_path / "gone.txt"
-    p.write_text("x")
-    f = File(str(p), True)
-
-    def names(f):
-        raise FileNotFoundError(2, "No such file", f.source)
-
-    core = Core(names=names)
-    t = submit(core, new_task().add_input(f, "in"))
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    cmds = take(core)
-    assert dispatched(cmds) == [] and done(cmds) == [t]
-    assert t.result == "input missing" and str(p) in t.reason
-
-
-def test_python_function_sent_once_per_worker(core):
-    a = submit(core, PythonTask(divmod, 7, 2))
-    b = submit(core, PythonTask(divmod, 9, 2))
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    cmds = take(core)
-    fns = of(cmds, "fn")
-    assert len(fns) == 1 and fns[0][1] == 1 and fns[0][2] == a._fid and fns[0][3] == a._fbytes
-    assert cmds.index(fns[0]) < cmds.index(of(cmds, "task")[0])
-    assert dispatched(cmds) == [(1, a.id), (1, b.id)]
-
-
-# ---------------------------------------------------------------- temps
-def producer_consumer(core):
-    t = Temp()
-    p = submit(core, new_task("make").add_output(t, "out"))
-    c = submit(core, new_task("use").add_input(t, "in"))
-    return t, p, c
-
-
-def test_temp_consumer_waits_for_producer(core):
-    t, p, c = producer_consumer(core)
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(1, p.id)]
-    assert c.state == "waiting"
-
-
-def test_temp_consumer_runs_where_temp_is(core):
-    t, p, c = producer_consumer(core)
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    take(core)
-    other = submit(core, new_task())                 # keeps worker 1 busier than worker 2
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(1, other.id)]
-    core.worker_joined(2, info(host="h2"), 0.0)
-    ok(core, 1, p, temps=[t.cachename()])
-    assert c.state == "ready"
-    core.schedule(0.0)
-    cmds = take(core)
-    assert dispatched(cmds) == [(1, c.id)]
-    assert of(cmds, "put") == [] and of(cmds, "get") == []
-    assert other.state == "running"
-
-
-def test_temp_fetched_via_manager_when_holder_is_full(core):
-    t, p, c = producer_consumer(core)
-    core.worker_joined(1, info(cores=1), 0.0)
-    core.schedule(0.0)
-    take(core)
-    blocker = submit(core, new_task())               # queued ahead of the consumer
-    ok(core, 1, p, temps=[t.cachename()], wall=1.0)
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(1, blocker.id)]
-    core.worker_joined(2, info(host="h2"), 0.0)
-    core.schedule(0.0)
-    cmds = take(core)
-    assert dispatched(cmds) == [] and of(cmds, "get") == [("get", 1, t.cachename())]
-    core.schedule(0.0)
-    assert of(take(core), "get") == []               # one fetch at a time
-    core.file_fetched(t.cachename(), "/manager/copy")
-    core.schedule(0.0)
-    cmds = take(core)
-    assert dispatched(cmds) == [(2, c.id)]
-    assert [(x[1], x[3]) for x in of(cmds, "put")] == [(2, t.cachename())]
-
-
-def test_temp_lost_reruns_producer_for_new_consumer(core):
-    t = Temp()
-    p = submit(core, new_task("make").add_output(t, "out"))
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    ok(core, 1, p, temps=[t.cachename()])
-    assert done(take(core)) == [p]
-    core.worker_lost(1, "gone", 1.0)
-    core.worker_joined(2, info(host="h2"), 1.0)
-    c = submit(core, new_task("use").add_input(t, "in"), 1.0)
-    assert c.state == "waiting"
-    core.schedule(1.0)
-    cmds = take(core)
-    [(wid, rid)] = dispatched(cmds)
-    assert wid == 2 and rid < 0
-    rec = of(cmds, "task")[0][2]
-    assert rec.command == "make" and rec is not p and p.id > 0
-    assert logs(cmds, "recreate")[0]["task"] == p.id
-    ok(core, 2, rec, temps=[t.cachename()])
-    cmds = take(core)
-    assert done(cmds) == []                          # the recovery task is not shown to the user
-    core.schedule(1.0)
-    assert dispatched(take(core)) == [(2, c.id)]
-    ok(core, 2, c)
-    assert done(take(core)) == [c]
-
-
-def test_temp_lost_with_running_consumer_reruns_producer(core):
-    t, p, c = producer_consumer(core)
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    take(core)
-    ok(core, 1, p, temps=[t.cachename()])
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(1, c.id)]
-    core.worker_lost(1, "gone", 1.0)                 # consumer and the only copy of the temp die
-    core.worker_joined(2, info(host="h2"), 1.0)
-    core.schedule(1.0)
-    recovery = [tid for _, tid in dispatched(take(core))]
-    assert len(recovery) == 1 and recovery[0] < 0
-
-
-def test_temp_lost_with_ready_consumer_reruns_producer(core):
-    t, p, c = producer_consumer(core)
-    core.worker_joined(1, info(cores=1), 0.0)
-    core.schedule(0.0)
-    blocker = submit(core, new_task())
-    ok(core, 1, p, temps=[t.cachename()], wall=1.0)
-    take(core)
-    assert c.state == "ready"
-    core.worker_lost(1, "gone", 1.0)
-    core.worker_joined(2, info(host="h2"), 1.0)
-    core.schedule(1.0)
-    assert any(tid < 0 for _, tid in dispatched(take(core)))
-    assert blocker.state == "running"
-
-
-def test_consumer_of_failed_producer_is_input_missing(core):
-    t, p, c = producer_consumer(core)
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    take(core)
-    fail(core, 1, p, reason="exit code 2")
-    cmds = take(core)
-    assert set(done(cmds)) == {p, c}
-    assert p.result == "failed"
-    assert c.result == "input missing" and "not produced" in c.reason and "exit code 2" in c.reason
-    core.schedule(0.0)
-    assert dispatched(take(core)) == []
-
-
-def test_late_consumer_of_failed_producer_is_input_missing(core):
-    t = Temp()
-    p = submit(core, new_task("make").add_output(t, "out"))
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    fail(core, 1, p)
-    take(core)
-    c = submit(core, new_task("use").add_input(t, "in"))
-    assert done(take(core)) == [c] and c.result == "input missing"
-
-
-def test_file_output_consumer_waits_for_producer(core, infile):
-    f = infile(cache=True, name="made.txt")
-    p = submit(core, new_task("make").add_output(f, "out"))
-    c = submit(core, new_task("use").add_input(f, "in"))
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(1, p.id)]
-    ok(core, 1, p)
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(1, c.id)]
-
-
-# ---------------------------------------------------------------- cancel
-def test_cancel_waiting_task(core):
-    t = submit(core, new_task())
-    assert core.cancel(t.id) is True
-    cmds = take(core)
-    assert done(cmds) == [t] and of(cmds, "kill") == []
+# ---------------------------------------------------------------- cancel and drain
+def test_cancel_waiting_task(sim):
+    t = sim.submit(new_task())
+    cmds = sim(Cancel(t.id))
+    assert done(cmds) == [t] and of(cmds, KillTask) == []
     assert t.result == "cancelled"
-    core.worker_joined(1, INFO, 0.0)
-    assert core.schedule(0.0) == 0
+    sim.join(1)
+    assert sim.schedule() == 0
 
 
-def test_cancel_running_task_kills_it_and_frees_the_core(core):
-    a = submit(core, new_task(cores=2))
-    b = submit(core, new_task(cores=2))
-    core.worker_joined(1, INFO, 0.0)
-    core.schedule(0.0)
-    take(core)
-    assert core.cancel(a.id)
-    cmds = take(core)
-    assert of(cmds, "kill") == [("kill", 1, a.id)]
+def test_cancel_running_task_kills_it_and_frees_the_core(sim):
+    a = sim.submit(new_task(cores=2))
+    b = sim.submit(new_task(cores=2))
+    sim.join(1)
+    sim.schedule()
+    sim.take()
+    cmds = sim(Cancel(a.id))
+    assert of(cmds, KillTask) == [KillTask(1, a.id)]
     assert done(cmds) == [a] and a.result == "cancelled"
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(1, b.id)]
-    assert ok(core, 1, a) is None                    # its late result is stale
-    assert core.stats()["running"] == 1
+    sim.schedule()
+    assert dispatched(sim.take()) == [(1, b.id)]
+    assert done(sim.ok(1, a)) == []                  # its late result is stale
+    assert sim.core.stats()["running"] == 1
 
 
-def test_cancel_unknown_task(core):
-    assert core.cancel(12345) is False
+def test_cancel_unknown_task(sim):
+    assert sim(Cancel(12345)) == []
 
 
-# ---------------------------------------------------------------- policies
-def test_files_policy_prefers_worker_with_input_cached(core, infile):
-    f = infile(cache=True)
-    core.worker_joined(1, INFO, 0.0)                 # first: wins ties
-    core.worker_joined(2, info(host="h2", cached=["file-%d" % f.id]), 0.0)
-    t = submit(core, new_task().add_input(f, "in"))
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(2, t.id)]
+def test_drain_starts_nothing_and_ends_when_nothing_runs(sim):
+    from vinehpc.core.commands import Drained
+    from vinehpc.core.events import Drain
+    a = sim.submit(new_task(cores=2))
+    b = sim.submit(new_task())
+    sim.join(1)
+    sim.schedule()
+    sim.take()
+    sim(Drain(10.0), 1.0)
+    sim.ok(1, a, now=2.0)
+    cmds = sim(SCHEDULE, 2.0)
+    assert dispatched(cmds) == [] and of(cmds, Drained) == [Drained()]
+    assert logs(cmds, "drained")[0]["not run"] == 1 and sim.state(b) == "ready"
 
 
-@pytest.mark.parametrize("policy, expected", [("files", 1), ("fcfs", 2)],
-                         ids=["files_prefers_cached_over_less_loaded", "fcfs_spreads_to_least_loaded"])
-def test_policy_with_a_cached_input_on_a_busy_worker(infile, policy, expected):
-    core = make_core(policy)
-    f = infile(cache=True)
-    core.worker_joined(1, info(host="h1", cached=["file-%d" % f.id]), 0.0)
-    core.worker_joined(2, info(host="h2"), 0.0)
-    busy = submit(core, new_task())
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(1, busy.id)]
-    t = submit(core, new_task().add_input(f, "in"))
-    core.schedule(0.0)
-    assert dispatched(take(core)) == [(expected, t.id)]
+def test_drain_cancels_what_still_runs_when_the_grace_ends(sim):
+    from vinehpc.core.commands import Drained
+    from vinehpc.core.events import Drain
+    a = sim.submit(new_task())
+    sim.join(1)
+    sim.schedule()
+    sim(Drain(5.0), 1.0)
+    assert of(sim(SCHEDULE, 5.9), Drained) == []     # still within the grace
+    cmds = sim(SCHEDULE, 6.0)
+    assert of(cmds, KillTask) == [KillTask(1, a.id)] and done(cmds) == [a] and "walltime" in a.reason
+    assert logs(cmds, "drained")[0]["cancelled"] == [a.id] and of(cmds, Drained)
+    assert sim(SCHEDULE, 7.0) == []                  # once
+
+
+# ---------------------------------------------------------------- policies (mock workers)
+class MockWorker:
+    def __init__(self, wid, outstanding=0, cached=()):
+        self.wid, self.outstanding, self.cached = wid, outstanding, set(cached)
+
+
+class MockTS:
+    def __init__(self, inputs):
+        self.inputs = inputs
+
+
+def choose(policy, ts, workers):
+    from vinehpc.scheduler import make
+    return make(policy).choose(ts, workers).wid
+
+
+def test_files_policy_prefers_the_worker_holding_more_input_bytes():
+    ts = MockTS([("a", 100, False), ("b", 10, False)])
+    assert choose("files", ts, [MockWorker(1, cached=["b"]), MockWorker(2, cached=["a"])]) == 2
+
+
+def test_files_policy_counts_a_temp_double():
+    ts = MockTS([("big", 100, False), ("t", 60, True)])
+    assert choose("files", ts, [MockWorker(1, cached=["big"]), MockWorker(2, cached=["t"])]) == 2
+
+
+def test_files_policy_ties_go_to_the_least_loaded():
+    assert choose("files", MockTS([]), [MockWorker(1, 3), MockWorker(2, 1), MockWorker(3, 2)]) == 2
+
+
+def test_files_policy_prefers_cached_over_less_loaded():
+    ts = MockTS([("a", 1, False)])
+    assert choose("files", ts, [MockWorker(1, 5, cached=["a"]), MockWorker(2, 0)]) == 1
+
+
+def test_fcfs_policy_takes_the_least_loaded_whatever_is_cached():
+    ts = MockTS([("a", 1, False)])
+    assert choose("fcfs", ts, [MockWorker(1, 5, cached=["a"]), MockWorker(2, 0)]) == 2
+
+
+def test_fcfs_policy_first_among_equals():
+    assert choose("fcfs", MockTS([]), [MockWorker(1), MockWorker(2)]) == 1
 
 
 def test_fcfs_policy_alternates_workers():
-    core = make_core("fcfs")
-    core.worker_joined(1, INFO, 0.0)
-    core.worker_joined(2, info(host="h2"), 0.0)
+    sim = Sim("fcfs")
+    sim.join(1)
+    sim.join(2, host="h2")
     for _ in range(4):
-        submit(core, new_task())
-    core.schedule(0.0)
-    assert [w for w, _ in dispatched(take(core))] == [1, 2, 1, 2]
+        sim.submit(new_task())
+    sim.schedule()
+    assert [w for w, _ in dispatched(sim.take())] == [1, 2, 1, 2]
 
 
 def test_unknown_policy_named_in_error():

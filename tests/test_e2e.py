@@ -441,6 +441,22 @@ def test_retries_are_journaled_for_a_failing_command(manager):
     assert by_task(recs, "failed")[t.id] == 1
 
 
+@pytest.mark.timeout(60)
+def test_drain_returns_what_it_cancelled_then_wait_raises_resumable(make_manager):
+    m = make_manager(local_workers=1)
+    m.wait_for_workers(1, timeout=30)
+    running = m.submit(Task("sleep 30"))
+    m.submit(Task("true"))                       # never starts: the only core is taken
+    poll(lambda: read_journal(m, "dispatched"), 20, "the sleep to start", m=m)
+    m.drain(0.5)
+    t = m.wait(timeout=20)
+    assert t is not None and t.id == running and t.result == "cancelled" and "walltime" in t.reason
+    with pytest.raises(vinehpc.Resumable, match="1 task"):
+        m.wait(timeout=20)
+    drained = poll(lambda: read_journal(m, "drained"), 10, "the drained record", m=m)
+    assert drained[0]["not run"] == 1 and drained[0]["cancelled"] == [running]
+
+
 # ====================================================================== 7. Executor
 @pytest.fixture
 def executor(tmp_path):
@@ -481,6 +497,29 @@ def test_executor_as_completed_yields_in_completion_order(executor):
     assert order.index(slow) >= 10, order.index(slow)
     assert [f.result() for f in fast] == [i * i for i in range(20)]
     assert slow.result() == 1000 * 1000
+
+
+@pytest.mark.timeout(60)
+def test_executor_future_runs_when_dispatched_and_then_cannot_be_cancelled(executor):
+    running = [executor.submit(sleepy_square, i, 2.0) for i in range(2)]     # one per worker
+    poll(lambda: all(f.running() for f in running), 20, "the futures to be RUNNING", m=executor.manager)
+    assert not any(f.done() for f in running)              # running, not finished
+    assert [f.cancel() for f in running] == [False, False]
+    assert [f.result(timeout=30) for f in running] == [0, 1]
+
+
+@pytest.mark.timeout(60)
+def test_executor_cancel_of_a_pending_future_withdraws_its_task(executor):
+    m = executor.manager
+    busy = [executor.submit(sleepy_square, i, 2.0) for i in range(2)]        # both workers taken
+    poll(lambda: all(f.running() for f in busy), 20, "both workers to be busy", m=m)
+    pending = executor.submit(sleepy_square, 7, 0.0)
+    assert not pending.running() and pending.cancel() and pending.cancelled()
+    recs = poll(lambda: [r for r in read_journal(m, "failed") if r.get("result") == "cancelled"], 20,
+                "the withdrawn task in the journal", m=m)
+    assert len(recs) == 1
+    assert [f.result(timeout=30) for f in busy] == [0, 1]
+    assert not [r for r in read_journal(m, "dispatched") if r["task"] == recs[0]["task"]]   # never ran
 
 
 # ====================================================================== 8. standalone workers

@@ -10,14 +10,31 @@ from . import _context
 from .task import PythonTask, Resumable, TaskError
 
 
+class _Future(cf.Future):
+    """A Future whose cancel() while pending also withdraws its task from the manager."""
+
+    def __init__(self, withdraw):
+        super().__init__()
+        self._withdraw = withdraw
+        self.tid = None
+
+    def cancel(self):
+        if not super().cancel():
+            return False        # running or done: too late, as concurrent.futures says
+        if self.tid is not None:
+            self._withdraw(self.tid)
+        return True
+
+
 class Executor(cf.Executor):
     """A concurrent.futures.Executor whose calls run as PythonTasks.
 
     Under `vinehpc run`/`pilot` it shares the run's open Manager (and so its workers), or
     creates one; alone it starts `max_workers` local workers (default: one per core).  Pass
     `manager=` to share a Manager of yours: the executor's tasks never come out of your
-    `manager.wait()`.  Futures are standard concurrent.futures.Future objects; a remote
-    exception is re-raised as itself with the remote traceback as __cause__.
+    `manager.wait()`.  Futures are concurrent.futures.Future objects, RUNNING once their call
+    is sent to a worker (cancel() then fails; cancelling a pending one withdraws its task); a
+    remote exception is re-raised as itself with the remote traceback as __cause__.
     """
 
     def __init__(self, max_workers: int | None = None, *, manager=None, **manager_kwargs):
@@ -47,10 +64,18 @@ class Executor(cf.Executor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             task = PythonTask(fn, *args, **kwargs)
-            fut = cf.Future()
-            self.manager._submit(task, self._deliver)
+            fut = _Future(self.manager.cancel)
+            # on_start marks the future RUNNING when the task is sent (cancel() fails from then on)
+            fut.tid = self.manager.submit(task, on_start=self._started, on_done=self._deliver)
             self._futures[task.id] = (fut, task)
         return fut
+
+    def _started(self, task):
+        # on the manager's I/O thread; a future cancelled meanwhile has withdrawn its task (Cancel follows)
+        with self._lock:
+            fut, _ = self._futures.get(task.id, (None, None))
+        if fut is not None and not fut.running():
+            fut.set_running_or_notify_cancel()
 
     def _deliver(self, task):
         # called on the manager's I/O thread: hand over, do the unpickling on our thread
@@ -59,15 +84,15 @@ class Executor(cf.Executor):
             self._cv.notify()
 
     def _collect(self):
-        srv = self.manager._server
+        m = self.manager
         while True:
             with self._cv:
                 while not self._done:
-                    if srv.error is not None:
-                        return self._fail_all(TaskError("the manager failed: %r" % (srv.error,)))
-                    if srv.drained:
+                    if m.error is not None:
+                        return self._fail_all(TaskError("the manager failed: %r" % (m.error,)))
+                    if m.drained:
                         return self._fail_all(Resumable("the run stopped for the walltime before this task ran"))
-                    if self.manager._closed or srv.stopped.is_set():
+                    if m.closed:
                         return self._fail_all(TaskError("the manager was closed before this task finished"))
                     with self._lock:
                         if self._shutdown and not self._futures:
@@ -76,7 +101,7 @@ class Executor(cf.Executor):
                 task = self._done.popleft()
             with self._lock:
                 fut, _ = self._futures.pop(task.id, (None, None))
-            if fut is None or not fut.set_running_or_notify_cancel():
+            if fut is None or fut.done() or not (fut.running() or fut.set_running_or_notify_cancel()):
                 continue
             exc = task.exception
             if exc is None:
@@ -88,7 +113,7 @@ class Executor(cf.Executor):
         with self._lock:
             items, self._futures = list(self._futures.values()), {}
         for fut, task in items:
-            if fut.set_running_or_notify_cancel():
+            if fut.running() or fut.set_running_or_notify_cancel():
                 fut.set_exception(exc)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -96,8 +121,7 @@ class Executor(cf.Executor):
             self._shutdown = True
             pending = list(self._futures.items()) if cancel_futures else []
         for tid, (fut, task) in pending:
-            if fut.cancel():
-                self.manager.cancel(tid)
+            fut.cancel()                    # a pending one withdraws its task
         with self._cv:
             self._cv.notify()
         if wait:

@@ -12,7 +12,8 @@ import time
 from . import _context
 from ._context import ManagerOptions
 from .config import Settings
-from .core import Core
+from .core import Core, input_names
+from .core.events import BlockHost, Cancel, Drain, Resumed, SlowMultiplier, Submit, UnblockHost
 from .file import URL, Buffer, File, Temp, url_validators
 from .journal import Journal
 from .local import LocalWorkers
@@ -145,7 +146,7 @@ class Manager:
             raise TypeError("declare_file needs a path, got %r" % (path,))
         f = File(os.path.abspath(os.fspath(path)), cache)
         if f.exists():
-            f.cachename()   # its identity is its content as declared (re-checked by stat when it is sent)
+            f.cachename()   # its identity is its content as declared (stat-checked again when a task is submitted)
         return f
 
     def declare_image(self, path, cache="worker") -> File:
@@ -183,19 +184,17 @@ class Manager:
         return URL(url, cache, url_validators(url))
 
     # ---------------------------------------------------------------- tasks
-    def submit(self, task: Task, *, worker=None, on_done=None) -> int:
+    def submit(self, task: Task, *, worker=None, on_start=None, on_done=None) -> int:
         """Queue a task; returns its id. Errors in the task (bad pickles, missing inputs) raise here.
 
         worker: the id of a connected worker (see workers()): the task may run only there, and
-        fails if that worker leaves.  on_done: the finished task is handed to on_done(task)
-        instead of coming back from wait() (and does not count for empty()); it is called on
-        the manager's I/O thread, so it must be short and must not call the manager."""
-        return self._submit(task, on_done, worker)
+        fails if that worker leaves.  on_done(task): the finished task goes there instead of to
+        wait(), and does not count for empty().  on_start(task): called when the task is first
+        sent to a worker.  Both are called on the manager's I/O thread: keep them short and do
+        not call the Manager back."""
+        return self._submit(task, on_done, on_start=on_start, pin=worker)
 
-    def _submit(self, task: Task, on_done, worker=None) -> int:
-        """submit(); with `on_done`, the finished task goes to on_done(task) (called on the I/O
-        thread: keep it short) instead of wait(), and does not count for empty(); with `worker`,
-        it runs only on that worker."""
+    def _submit(self, task: Task, on_done, on_start=None, pin=None) -> int:
         self._check_open()
         if not isinstance(task, Task):
             raise TypeError("submit needs a Task or PythonTask, got %r" % (task,))
@@ -207,14 +206,11 @@ class Manager:
                 if not f.exists():
                     raise FileNotFoundError("input %r of the task does not exist (it would be %r in the sandbox)"
                                             % (f.source, remote))
-                f.cachename()   # hash here, on the caller's thread (once; the I/O thread then only stats)
+        inputs = input_names(task)   # hashed here, on the caller's thread: the core does no I/O
         if self.resume is not None:
             task._key = task_key(task)
             for f, remote in task.outputs:
                 f._made_by = (task._key, remote)
-        task._on_done = on_done
-        if worker is not None:
-            task._pin = worker
         task.id = self._next_id(count=on_done is None)
         for f, _ in task.outputs:
             f.producer = task.id
@@ -222,9 +218,9 @@ class Manager:
         rec = self.resume.lookup(task) if self.resume is not None else None
         if rec is not None:
             self.resume.restore(task, rec)
-            self._server.post("resumed", task)
+            self._server.post(Resumed(task, on_done))
         else:
-            self._server.post("submit", task)
+            self._server.post(Submit(task, inputs, on_start=on_start, on_done=on_done, pin=pin))
         return task.id
 
     _ids = itertools.count(1)
@@ -267,7 +263,7 @@ class Manager:
     def drain(self, grace: float) -> None:
         """Stop dispatching; give running tasks `grace` seconds, then cancel them. Afterwards
         wait() raises vinehpc.Resumable once the finished tasks are collected (walltime)."""
-        self._server.post("drain", float(grace))
+        self._server.post(Drain(float(grace)))
 
     def empty(self) -> bool:
         """True when every submitted task has been returned by wait()."""
@@ -276,7 +272,7 @@ class Manager:
     def cancel(self, task) -> None:
         """Cancel a task (or task id): it comes back from wait() with result 'cancelled'."""
         tid = task.id if isinstance(task, Task) else task
-        self._server.post("cancel", tid)
+        self._server.post(Cancel(tid))
 
     # ---------------------------------------------------------------- categories
     def set_category_mode(self, category: str, mode: str) -> None:
@@ -315,25 +311,25 @@ class Manager:
         blocked for 5 minutes. `category`: only that one (default: every category). 0 turns it off."""
         if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or multiplier < 0:
             raise ValueError("multiplier must be a non-negative number, got %r" % (multiplier,))
-        self._call(lambda: self.core.slow_multiplier.__setitem__(category, float(multiplier)))
+        self._server.post(SlowMultiplier(category, float(multiplier)))
 
     def block_host(self, host: str, seconds: float = 0) -> None:
         """Send no more tasks to workers on `host` (for `seconds`; 0: until unblock_host)."""
-        self._call(lambda: self.core.block_host(host, time.monotonic(), seconds=seconds))
+        self._server.post(BlockHost(host, seconds))
 
     def unblock_host(self, host: str) -> None:
-        self._call(lambda: self.core.unblock_host(host))
+        self._server.post(UnblockHost(host))
 
     def stats_category(self, category: str) -> dict:
         """Allocations, measured use, exhaustions and waste (allocated minus used, times seconds)."""
         return self._call(lambda: self.core.category(category).stats())
 
     def _call(self, fn, timeout=10.0):
-        """Run fn() on the I/O thread (consistent view of the core) and return its value."""
+        """Run fn() on the I/O thread (the only thread that touches the core) and return its value."""
         if self._server.stopped.is_set():
             return fn()
         box, ev = [], threading.Event()
-        self._server.post("call", fn, box, ev)
+        self._server.post(("call", fn, box, ev))
         if not ev.wait(timeout):
             raise TimeoutError("the manager's I/O thread did not answer within %s s" % timeout)
         return box[0]
@@ -345,10 +341,7 @@ class Manager:
 
     def workers(self) -> list:
         """One dict per connected worker: id, host, resources, running tasks, cached files."""
-        def snap():
-            return [{"id": w.wid, "host": w.host, "resources": dict(w.total), "running": len(w.tasks),
-                     "cached": len(w.cached)} for w in self.core.workers.values()]
-        return self._call(snap)
+        return self._call(self.core.worker_list)
 
     def probe_network(self, targets=(), timeout: float = 60.0) -> list:
         """Run the outbound-access probe (userlevel_net.probe) on every connected worker: DNS,
@@ -360,26 +353,36 @@ class Manager:
 
     def wait_for_workers(self, n: int, timeout: float = 60.0) -> int:
         """Block until `n` workers are connected; returns how many are. Raises TimeoutError."""
-        deadline = time.monotonic() + timeout
-        while True:
-            k = len(self.core.workers)
-            if k >= n:
-                return k
-            if time.monotonic() > deadline:
-                raise TimeoutError("%d of %d workers connected after %.0f s (see %s)" % (k, n, timeout, self.run_dir))
-            time.sleep(0.02)
+        srv = self._server
+        with srv.cond:
+            if not srv.cond.wait_for(lambda: srv.n_workers >= n or srv.error is not None, timeout):
+                raise TimeoutError("%d of %d workers connected after %.0f s (see %s)"
+                                   % (srv.n_workers, n, timeout, self.run_dir))
+            self._check_open()
+            return srv.n_workers
 
     @property
     def manager_cpu_seconds(self) -> float:
         """CPU time the I/O thread used so far (complete after close())."""
         return self._server.cpu if self._server.stopped.is_set() else self._call(lambda: time.thread_time())
 
-    # ---------------------------------------------------------------- life cycle
+    # ---------------------------------------------------------------- state, for Executors and launchers
     @property
     def closed(self) -> bool:
-        """True once close() was called."""
-        return self._closed
+        """close() was called, or the manager stopped."""
+        return self._closed or self._server.stopped.is_set()
 
+    @property
+    def drained(self) -> bool:
+        """A drain (walltime) ended: tasks not returned yet will not run in this run."""
+        return self._server.drained
+
+    @property
+    def error(self):
+        """The exception that stopped the manager's I/O thread, or None."""
+        return self._server.error
+
+    # ---------------------------------------------------------------- life cycle
     def _check_open(self):
         if self._closed:
             raise RuntimeError("this manager is closed; create a new Manager")
@@ -391,7 +394,7 @@ class Manager:
         if self._closed:
             return
         self._closed = True
-        self._server.post("stop", reason)
+        self._server.stop(reason)
         self._server.stopped.wait(15)
         with self._server.cond:
             self._server.cond.notify_all()

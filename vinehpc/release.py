@@ -25,6 +25,6 @@ def release_workers(sock, secret: str, expected: int, *, staging: str, timeout: 
     with srv.cond:
         while srv.released < expected and time.monotonic() < deadline:
             srv.cond.wait(min(1.0, max(0.0, deadline - time.monotonic())))
-    srv.post("stop", "pilot over")
+    srv.stop("pilot over")
     srv.stopped.wait(10)
     return srv.released

@@ -1,9 +1,10 @@
 """The manager's I/O thread: one selectors loop that owns every socket.
 
-It accepts and authenticates workers, feeds what arrives into the core (worker joined,
-result, worker lost, timers) and carries out the commands the core returns.  User threads
-talk to it only through `post()` (a queue plus a wake-up socket) and the done queue, so
-time spent in user code between waits never idles the workers.
+It accepts and authenticates workers, turns what arrives into core events (worker joined,
+result, worker lost, timers), and carries out the commands the core returns: sockets,
+files and timers only, every decision is the core's.  User threads talk to it only through
+`post()` (a queue plus a wake-up socket) and the done queue, so time spent in user code
+between waits never idles the workers.
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ import time
 
 from .comm import Closed, Connection, file_chunks
 from .comm.receive import Incoming
+from .core import commands as cmd
+from .core.events import (SCHEDULE, TICK, FetchFailed, FileCached, FileFetched, FileResolved, PutFailed, TaskResult,
+                          WorkerJoined, WorkerLost)
 from .outputs import discard
 from .protocol import ProtocolError, handshake
 
@@ -64,8 +68,9 @@ class Server:
         self.release = release      # only tell every worker that joins to exit (a pilot's end)
         self.tunnel = tunnel        # {"port": P} (an egress beside us) or {"egress": "host:port"} (a gateway)
         self.released = 0
-        self.drained = False
-        self.drain_deadline = None
+        self.drained = False      # the core ended a drain: nothing more will run
+        self.n_workers = 0        # joined workers (published for Manager.wait_for_workers, under cond)
+        self.sent = {}            # tid -> (wid, outputs) of the attempt in flight: where its outputs go
         self.port = self.lsock.getsockname()[1]
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.lsock, selectors.EVENT_READ, "accept")
@@ -78,6 +83,7 @@ class Server:
         self.all = set()          # every Peer, joined or not
         self.dirty = set()
         self.done = collections.deque()
+        self._returned = []       # tasks handed back during this loop turn (one notify for all)
         self.cond = threading.Condition()
         self.wids = itertools.count(1)
         self.tars = {}            # dir cachename -> tar path in staging
@@ -91,7 +97,8 @@ class Server:
     def start(self):
         self.thread.start()
 
-    def post(self, *op):
+    def post(self, op):
+        """`op`: a core event, or ("call", fn, box, done_event) / ("stop", reason) for this thread."""
         self.inbox.append(op)
         if not self._woken:
             self._woken = True
@@ -99,6 +106,10 @@ class Server:
                 self._ww.send(b"x")
             except OSError:
                 pass
+
+    def stop(self, reason):
+        """Tell the workers to exit (or come back, see final_exit) and end the loop."""
+        self.post(("stop", reason))
 
     # ---------------------------------------------------------------- loop
     def _run(self):
@@ -128,14 +139,14 @@ class Server:
                 if now >= next_timer:
                     self._timers(now)
                     next_timer = now + 1.0
-                if self.drain_deadline is not None and not self.drained:
-                    self._check_drain(now)
-                self.core.schedule(now)
-                self._run_cmds()
+                self._feed(SCHEDULE, now)
+                self._hand_over()
                 self._flush()
                 if self.resume is not None:
                     self.resume.flush()     # results before the journal records that point at them
                 self.journal.flush()
+                if self.n_workers != len(self.peers):
+                    self._publish_workers()     # after the flush: a waiter finds the join in the journal
                 if self.stopping and not any(p.conn.wants_write() for p in self.all):
                     break
         except BaseException as e:   # the I/O thread must never die silently
@@ -155,36 +166,11 @@ class Server:
             self.journal.flush()
             self.stopped.set()
 
-    def _check_drain(self, now):
-        if self.core.n_running and now < self.drain_deadline:
-            return
-        left = [t for t in self.core.tasks.values() if t.state == "running"]
-        for t in left:
-            self.core.cancel(t.id, now, reason="cancelled at the walltime: still running when the %.0f s grace ended"
-                             % self.drain_grace)
-        self._run_cmds()
-        self.journal.write({"event": "drained", "cancelled": [t.id for t in left],
-                            "not run": len(self.core.tasks)})
-        self.drained = True
-        with self.cond:
-            self.cond.notify_all()
-
     def _op(self, op, now):
+        if type(op) is not tuple:
+            return self._feed(op, now)
         kind = op[0]
-        if kind == "submit":
-            self.core.submit(op[1], now)
-        elif kind == "resumed":
-            self.core.submit_resumed(op[1], now)
-        elif kind == "drain":
-            if self.drain_deadline is None:
-                self.core.draining = True
-                self.drain_grace = op[1]
-                self.drain_deadline = now + op[1]
-                self.journal.write({"event": "draining", "grace": op[1], "running": self.core.n_running,
-                                    "waiting": len(self.core.tasks) - self.core.n_running})
-        elif kind == "cancel":
-            self.core.cancel(op[1], now)
-        elif kind == "call":
+        if kind == "call":
             fn, box, ev = op[1], op[2], op[3]
             try:
                 box.append(fn())
@@ -196,6 +182,16 @@ class Server:
                 p.conn.send("exit", {"reason": op[1], "final": self.final_exit})
                 self.dirty.add(p)
             self._stop_deadline = now + 5.0
+
+    def _feed(self, event, now):
+        cmds = self.core.handle(event, now)
+        if cmds:
+            self._carry(cmds)
+
+    def _publish_workers(self):
+        with self.cond:
+            self.n_workers = len(self.peers)
+            self.cond.notify_all()
 
     # ---------------------------------------------------------------- connections
     def _accept(self):
@@ -226,11 +222,12 @@ class Server:
         p.conn.close()
         for f in list(p.parts.values()) + list(p.fetch.values()):
             discard(f)
+        now = time.monotonic()
         for n in p.fetch:
-            self.core.fetch_failed(n)
+            self._feed(FetchFailed(n), now)
         if p.wid is not None and self.peers.get(p.wid) is p:
             del self.peers[p.wid]
-            self.core.worker_lost(p.wid, reason, time.monotonic())
+            self._feed(WorkerLost(p.wid, reason), now)
         elif p.state != "released":
             self.journal.write({"event": "connection closed", "peer": p.conn.peer, "reason": reason})
             log.warning("closed connection from %s: %s", p.conn.peer, reason)
@@ -291,7 +288,7 @@ class Server:
             self.peers[p.wid] = p
             ctl.setdefault("host", p.conn.peer.rsplit(":", 1)[0])
             ctl["addr"] = p.conn.peer
-            self.core.worker_joined(p.wid, ctl, now)
+            self._feed(WorkerJoined(p.wid, ctl), now)
         else:
             raise ProtocolError("expected the worker's info, got %r" % name)
 
@@ -304,32 +301,32 @@ class Server:
         self.dirty.add(p)
 
     def _on_cached(self, p, ctl, frames, now):
-        self.core.file_cached(p.wid, str(ctl.get("cn")), ctl.get("size", 0))
+        self._feed(FileCached(p.wid, str(ctl.get("cn")), ctl.get("size", 0)), now)
 
     def _on_error(self, p, ctl, frames, now):
         self.journal.write({"event": "worker error", "worker": p.wid, "reason": ctl.get("reason")})
         if ctl.get("cn"):
-            self.core.fetch_failed(ctl["cn"])
+            self._feed(FetchFailed(ctl["cn"]), now)
 
     def _on_result(self, p, ctl, frames, now):
         tid = ctl.get("id")
-        task = self.core.tasks.get(tid)
-        if task is not None and task._wid == p.wid:
-            task._result = frames[0] if frames else None
+        sent = self.sent.get(tid)
+        if sent is not None and sent[0] == p.wid:
+            del self.sent[tid]
             err = p.out_errors.pop(tid, None)
             if err and ctl.get("status") == "success":
                 ctl["status"], ctl["reason"] = "output missing", err
-        self.core.task_done(p.wid, tid, ctl, now)
+        self._feed(TaskResult(p.wid, tid, ctl, frames[0] if frames else None), now)
 
     def _on_outfile(self, p, ctl, frames, now):
         tid, remote = ctl.get("id"), ctl.get("remote")
-        task = self.core.tasks.get(tid)
+        sent = self.sent.get(tid)
         key = (tid, remote)
         f = p.parts.get(key)
         if f is None:
-            if task is None or task._wid != p.wid:
+            if sent is None or sent[0] != p.wid:
                 return   # stale: its task went elsewhere
-            dest = next((fl for fl, r in task.outputs if r == remote and fl.kind == "file"), None)
+            dest = next((fl for fl, r in sent[1] if r == remote and fl.kind == "file"), None)
             if dest is None:
                 raise ProtocolError("output %r is not an output of task %s" % (remote, tid))
             if ctl.get("last") and not ctl.get("tar") and len(frames) == 1:
@@ -368,69 +365,52 @@ class Server:
                 f.finish()
             except OSError as e:    # staging full: say so, and the file may be fetched again (it was a crash)
                 log.error("cannot store %s fetched from worker %s: %s", n, p.wid, e)
-                self.core.fetch_failed(n)
+                self._feed(FetchFailed(n), now)
                 return
-            self.core.file_fetched(n, f.dest)
+            self._feed(FileFetched(n, f.dest), now)
 
     # ---------------------------------------------------------------- commands from the core
-    def _run_cmds(self):
-        cmds = self.core.cmds
-        if not cmds:
-            return
-        self.core.cmds = []
-        done = []
+    def _carry(self, cmds):
+        do = self._do
         for c in cmds:
-            kind = c[0]
-            if kind == "log":
-                self.journal.write(c[1])
-            elif kind == "done":
-                t = c[1]
-                cb = getattr(t, "_on_done", None)
-                if cb is not None:
-                    cb(t)
-                else:
-                    done.append(t)
-                if self.resume is not None and t.result == "success" and not t.resumed:
-                    self.journal.write(self.resume.record(t))
-            else:
-                p = self.peers.get(c[1])
-                if p is None:
-                    continue
-                try:
-                    getattr(self, "_cmd_" + kind)(p, *c[2:])
-                except Exception as e:   # one bad file or task must not stop the manager
-                    self._cmd_failed(p, c, e)
-                    continue
-                self.dirty.add(p)
-        if done:
-            with self.cond:
-                self.done.extend(done)
-                self.cond.notify_all()
+            do[type(c)](self, c)
+
+    def _to_worker(self, c, send):
+        p = self.peers.get(c.wid)
+        if p is None:
+            return          # gone: the core hears of it as WorkerLost
+        try:
+            send(self, p, c)
+        except Exception as e:   # one bad file or task must not stop the manager
+            self._cmd_failed(p, c, e)
+            return
+        self.dirty.add(p)
 
     def _cmd_failed(self, p, c, e):
-        kind = c[0]
+        kind = type(c).__name__
         why = "%s: %s" % (type(e).__name__, e)
         self.journal.write({"event": "error", "worker": p.wid, "command": kind, "reason": why})
-        if kind == "put":
+        if isinstance(c, cmd.PutFile):
             # the file could not be read: the worker will not have it
-            self.core.put_failed(p.wid, c[3])
-        elif kind == "task":
-            task = c[2]
-            self.core.task_done(p.wid, task.id, {"status": "failed", "reason": "could not send the task: " + why},
-                                time.monotonic())
+            self._feed(PutFailed(p.wid, c.cachename), time.monotonic())
+        elif isinstance(c, cmd.SendTask):
+            self.sent.pop(c.tid, None)
+            self._feed(TaskResult(p.wid, c.tid, {"status": "failed", "reason": "could not send the task: " + why}),
+                       time.monotonic())
         if not isinstance(e, OSError):
             log.error("manager could not carry out %s for worker %s: %s", kind, p.wid, why)
 
-    def _cmd_fn(self, p, fid, data):
-        p.conn.send("fn", {"fid": fid}, [data])
+    def _send_function(self, p, c):
+        p.conn.send("fn", {"fid": c.fid}, [c.data])
 
-    def _cmd_put(self, p, f, n):
+    def _put(self, p, c):
+        f, n = c.file, c.cachename
         if f.kind == "buffer":
             p.conn.send("put", {"cn": n, "off": 0, "last": True, "kind": "file", "size": len(f.data),
                                 "level": f.cache}, [f.data])
             return
         if f.kind == "temp":
-            path, kind = self.core.manager_copy[n], "file"
+            path, kind = c.path, "file"
         elif f.is_dir():
             path, kind = self._tar(f, n), "tar"
         else:
@@ -449,28 +429,61 @@ class Server:
             self.tars[n] = path
         return path
 
-    def _cmd_task(self, p, task):
-        spec = task._spec()
-        spec["id"] = task.id
-        spec["inputs"] = [[n, remote, "image" if f.image else f.kind, f.cache,
-                           f.source if f.kind == "url" else f.image]
-                          for (f, remote), (n, _, _) in zip(task.inputs, task._input_names)]
-        spec["outputs"] = [[remote, f.kind, f.cachename() if f.kind == "temp" else None] for f, remote in task.outputs]
-        if task.env:
-            spec["env"] = task.env
-        spec["res"] = task._res
-        if task.time_max:
-            spec["time_max"] = task.time_max
-        spec["category"] = task.category
-        if self.core.short(task.category):
-            spec["pipe"] = True
-        p.conn.send("task", spec, [task._abytes] if task._abytes is not None else ())
+    def _send_task(self, p, c):
+        self.sent[c.tid] = (p.wid, c.outputs)
+        p.conn.send("task", c.spec, [c.payload] if c.payload is not None else ())
 
-    def _cmd_kill(self, p, tid):
-        p.conn.send("kill", {"id": tid})
+    def _kill(self, p, c):
+        self.sent.pop(c.tid, None)      # outputs still coming from that attempt are stale
+        p.conn.send("kill", {"id": c.tid})
 
-    def _cmd_get(self, p, n):
-        p.conn.send("get", {"cn": n})
+    def _get(self, p, c):
+        p.conn.send("get", {"cn": c.cachename})
+
+    def _resolve(self, c):
+        """Name a file a task made (read and hashed here, on the I/O side, never in the core)."""
+        f = c.file
+        try:
+            ev = FileResolved(f.id, f.cachename(), f.size())
+        except OSError as e:
+            ev = FileResolved(f.id, None, error="input file %r cannot be read: %s" % (f.source, e))
+        self._feed(ev, time.monotonic())
+
+    def _finished(self, c):
+        t = c.task
+        self.sent.pop(t.id, None)
+        if c.on_done is not None:
+            c.on_done(t)
+        else:
+            self._returned.append(t)
+        if self.resume is not None and t.result == "success" and not t.resumed:
+            self.journal.write(self.resume.record(t))
+
+    def _drained(self, c):
+        self._hand_over()       # the tasks it cancelled reach wait() before it raises Resumable
+        with self.cond:
+            self.drained = True
+            self.cond.notify_all()
+
+    def _hand_over(self):
+        if self._returned:
+            done, self._returned = self._returned, []
+            with self.cond:
+                self.done.extend(done)
+                self.cond.notify_all()
+
+    _do = {
+        cmd.Log: lambda self, c: self.journal.write(c.record),
+        cmd.TaskFinished: _finished,
+        cmd.TaskStarted: lambda self, c: c.on_start(c.task),
+        cmd.Drained: _drained,
+        cmd.ResolveFile: _resolve,
+        cmd.SendFunction: lambda self, c: self._to_worker(c, Server._send_function),
+        cmd.PutFile: lambda self, c: self._to_worker(c, Server._put),
+        cmd.SendTask: lambda self, c: self._to_worker(c, Server._send_task),
+        cmd.KillTask: lambda self, c: self._to_worker(c, Server._kill),
+        cmd.GetFile: lambda self, c: self._to_worker(c, Server._get),
+    }
 
     # ---------------------------------------------------------------- writing, timers
     def _flush(self):
@@ -497,7 +510,7 @@ class Server:
                     pass
 
     def _timers(self, now):
-        self.core.tick(now)
+        self._feed(TICK, now)
         for p in list(self.all):
             if p.state != "joined":
                 if now - p.since > HANDSHAKE_TIMEOUT:

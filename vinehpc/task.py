@@ -95,10 +95,7 @@ class Task:
         self.wall_time = None
         self.resources_measured = None
         self.resources_allocated = None    # what its last attempt was given (memory/disk MB, cores, gpus)
-        self._submit_time = None
-        self._abytes = None
-        self._on_done = None
-        self._pin = None        # a worker id this task may only run on (Manager.submit(worker=))
+        self._abytes = None     # a PythonTask's pickled arguments (the core's state of a task is its TaskState)
 
     def __repr__(self):
         return "<%s %s %s>" % (type(self).__name__, self.id, self.state)

@@ -9,7 +9,7 @@ class PreferCachedFiles:
     name = "files"
 
     def choose(self, task, candidates):
-        inputs = task._input_names
+        inputs = task.inputs      # a TaskState: [(cachename, size, is_temp)]
         best, best_key = None, None
         for w in candidates:
             cached = 0

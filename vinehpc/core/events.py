@@ -1,0 +1,119 @@
+"""What happens to the manager, as the core hears it: one dataclass per event.
+
+The server (sockets, timers) and the Manager (user calls, through the server's inbox) turn
+what they see into these and pass them to `Core.handle(event, now)`.  Slotted: results and
+schedule passes are the hot path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Submit:
+    task: object                 # the user's Task (id, outputs and function already set by Manager.submit)
+    inputs: list                 # per input: (cachename, size, is_temp), or None (made by a task: resolved later)
+    on_start: object = None      # called (on the I/O thread) with the task when it is dispatched
+    on_done: object = None       # called with the finished task instead of handing it to wait()
+    pin: int | None = None       # the only worker it may run on
+
+
+@dataclass(slots=True)
+class Resumed:
+    task: object                 # completed in an earlier run: known (its temps can be re-made), not run
+    on_done: object = None
+
+
+@dataclass(slots=True)
+class Cancel:
+    tid: int
+    reason: str = "cancelled by the user"
+
+
+@dataclass(slots=True)
+class Drain:
+    grace: float                 # seconds running tasks get before they are cancelled
+
+
+@dataclass(slots=True)
+class WorkerJoined:
+    wid: int
+    info: dict                   # cores, memory, disk, gpus, host, cached, pid...
+
+
+@dataclass(slots=True)
+class WorkerLost:
+    wid: int
+    reason: str
+
+
+@dataclass(slots=True)
+class TaskResult:
+    wid: int
+    tid: int
+    info: dict                   # status, exit_code, reason, wall, stdout, measured, temps, worker_fault, exhausted
+    output: bytes | None = None  # a PythonTask's pickled result
+
+
+@dataclass(slots=True)
+class FileCached:
+    wid: int
+    cachename: str
+    size: int = 0
+
+
+@dataclass(slots=True)
+class FileFetched:
+    cachename: str
+    path: str                    # the manager's copy
+
+
+@dataclass(slots=True)
+class FileResolved:
+    file_id: int                 # a file made by a task, named on the I/O side after ResolveFile
+    cachename: str | None
+    size: int = 0
+    error: str | None = None     # it could not be read
+
+
+@dataclass(slots=True)
+class PutFailed:
+    wid: int
+    cachename: str
+
+
+@dataclass(slots=True)
+class FetchFailed:
+    cachename: str
+
+
+@dataclass(slots=True)
+class BlockHost:
+    host: object                 # a host name, or a worker id
+    seconds: float | None = None  # None: the default; 0: until UnblockHost
+    why: str = "blocked by the user"
+
+
+@dataclass(slots=True)
+class UnblockHost:
+    host: object
+
+
+@dataclass(slots=True)
+class SlowMultiplier:
+    category: str | None         # None: every category
+    multiplier: float
+
+
+@dataclass(slots=True)
+class Tick:
+    """Once a second: fast abort."""
+
+
+@dataclass(slots=True)
+class Schedule:
+    """After each batch of events: dispatch what can start, and end a drain that is over."""
+
+
+TICK = Tick()
+SCHEDULE = Schedule()

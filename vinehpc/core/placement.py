@@ -1,0 +1,239 @@
+"""Scheduling passes of the core: which ready task starts on which worker, and what that sends.
+
+Functions of the Core (state.py) rather than methods so that each file holds one idea: the
+core's events there, placement here.  Only Core.handle calls them (a Schedule event).
+"""
+from __future__ import annotations
+
+from .commands import GetFile, PutFile, SendFunction, SendTask, TaskStarted
+from .tasks import transition
+from .workers import RES
+
+SCAN_LIMIT = 256          # tasks looked at per scheduling pass (keeps a pass O(workers))
+PREFETCH_FACTOR = 4       # a worker may hold up to this many times its cores of *short* tasks:
+SHORT_TASK = 0.05         # x2 for a category faster than this (seconds),
+TINY_TASK = 0.005         # x4 for one faster than this: round trips would idle the worker
+SHORT_SAMPLES = 4
+RESERVE_AFTER = 2.0        # seconds a task no worker has room for lets tasks behind it pass before a worker is kept for it
+
+
+def short(core, category) -> bool:
+    """Tasks of this category finish fast: worth sending ahead (prefetch, pipelining)."""
+    c = core.cat.get(category)
+    return bool(c and c[0] >= SHORT_SAMPLES and c[1] < SHORT_TASK)
+
+
+def _factor(core, category) -> int:
+    c = core.cat.get(category)
+    if not c or c[0] < SHORT_SAMPLES or c[1] >= SHORT_TASK:
+        return 1
+    return PREFETCH_FACTOR if c[1] < TINY_TASK else 2
+
+
+def _fits(w, ts, factor):
+    r = ts.res
+    tot, com = w.total, w.committed
+    for k in ts.whole:
+        if com[k]:
+            return False         # a whole worker's worth: only where none of it is taken
+    for k in RES:
+        need = r[k]
+        if need and (need > tot[k] or com[k] + need > tot[k] * factor):
+            return False
+    return True
+
+
+def fits_empty(w, ts) -> bool:
+    r = ts.res
+    return all(not r[k] or r[k] <= w.total[k] for k in RES)
+
+
+def schedule(core, now) -> int:
+    """Dispatch ready tasks to workers with room. Returns how many were dispatched."""
+    if not core.ready or not core.workers or core.drain_deadline is not None:
+        return 0
+    blocked = core.blocked
+    free = [w for w in core.workers.values() if w.committed["cores"] < w.total["cores"] * PREFETCH_FACTOR
+            and not blocked(w, now)]
+    if not free:
+        return 0
+    n = 0
+    skipped = []
+    scanned = 0
+    keep = _reservation(core, now)
+    passed = 0                       # skipped[:passed] are known to have been passed over
+    tasks = core.tasks
+    while core.ready and free and scanned < SCAN_LIMIT:
+        tid = core.ready.popleft()
+        ts = tasks.get(tid)
+        if ts is None or ts.state != "ready":
+            continue
+        scanned += 1
+        task = ts.task
+        if _temp_gone(core, task):
+            core._make_ready_or_wait(ts)   # waits for (and re-runs) the temp's producer
+            continue
+        if not ts.grown:
+            # decided (again) as the category learns, until it is sent; a retry-larger is kept
+            c = core.categories.get(task.category)
+            version = c._version if c is not None else 0
+            if ts.alloc_version != version:
+                core._allocate(ts)
+                ts.alloc_version = version
+        factor = _factor(core, task.category)
+        cands = [w for w in free if (w.wid != keep or tid == core.reserved[1]) and _fits(w, ts, factor)]
+        if ts.avoid is not None and len(cands) > 1:
+            cands = [w for w in cands if w.wid != ts.avoid] or cands   # elsewhere, if anywhere else
+        if ts.pin is not None:
+            if ts.pin not in core.workers:
+                core._finish(ts, "failed", "worker %s, the only one this task may run on, is gone" % ts.pin)
+                continue
+            cands = [w for w in cands if w.wid == ts.pin]
+        holders = _temp_holders(core, task)
+        if holders is not None:
+            near = [w for w in cands if w.wid in holders]
+            if not near and cands:
+                _fetch_temps(core, task)
+            cands = near
+        if not cands:
+            skipped.append(tid)
+            if not ts.warned and not any(fits_empty(w, ts) for w in core.workers.values()):
+                ts.warned = True
+                core._log("warning", task=tid, reason="no connected worker is large enough for %s" % ts.res)
+            elif keep is None and holders is None:
+                since = ts.passed_since
+                if since is not None and now - since >= RESERVE_AFTER:
+                    keep = _reserve(core, ts, now)
+            continue
+        w = core.policy.choose(ts, cands)
+        _dispatch(core, ts, w, now)
+        ts.passed_since = None
+        for t in skipped[passed:]:   # a task behind them started: they were passed over
+            t = tasks.get(t)
+            if t is not None and t.passed_since is None:
+                t.passed_since = now
+        passed = len(skipped)
+        if core.reserved is not None and core.reserved[1] == tid:
+            core.reserved = keep = None
+        n += 1
+        if w.committed["cores"] >= w.total["cores"] * PREFETCH_FACTOR:
+            free.remove(w)
+    if skipped:
+        core.ready.extendleft(reversed(skipped))
+    return n
+
+
+def _reservation(core, now):
+    """The worker kept for a task (None). A task no worker has room for lets tasks behind it
+    pass (backfill) for RESERVE_AFTER seconds; then a worker is kept for it: while it drains, nothing
+    else starts there, so a task bigger than what the others leave free (a retry after an
+    exhaustion, a whole-worker guess, a 4-core task among 1-core ones) starts once that worker
+    has room instead of when the queue runs dry. One at a time: the other workers keep
+    backfilling."""
+    if core.reserved is None:
+        return None
+    wid, tid = core.reserved
+    w, ts = core.workers.get(wid), core.tasks.get(tid)
+    if w is None or ts is None or ts.state != "ready" or core.blocked(w, now) or not fits_empty(w, ts):
+        core.reserved = None
+        return None
+    return wid
+
+
+def _reserve(core, ts, now):
+    """Keep the emptiest worker that can hold the task for it; returns its id (None: none can)."""
+    ws = [w for w in core.workers.values() if fits_empty(w, ts) and (ts.pin is None or w.wid == ts.pin)
+          and not core.blocked(w, now)]
+    if not ws:
+        return None
+    w = min(ws, key=lambda w: sum(w.committed[k] / w.total[k] for k in RES if w.total[k]))
+    core.reserved = (w.wid, ts.tid)
+    core._log("reserved", task=ts.tid, worker=w.wid,
+              reason="no worker has room for %s now: worker %s takes no other task until it does"
+              % ({k: v for k, v in ts.res.items() if v}, w.wid))
+    return w.wid
+
+
+def _temp_gone(core, task) -> bool:
+    """A temp input has no copy left anywhere (its workers were lost)."""
+    for f, _ in task.inputs:
+        if f.kind == "temp" and not core._available(f):
+            return True
+    return False
+
+
+def _temp_holders(core, task):
+    """Workers that hold every temp input without a manager copy (None: no constraint)."""
+    holders = None
+    for f, _ in task.inputs:
+        if f.kind == "temp":
+            n = f.cachename()
+            if n in core.manager_copy:
+                continue
+            s = core.replicas.get(n, set())
+            holders = set(s) if holders is None else holders & s
+    return holders
+
+
+def _fetch_temps(core, task):
+    for f, _ in task.inputs:
+        if f.kind == "temp":
+            n = f.cachename()
+            if n in core.manager_copy or n in core.fetching or not core.replicas.get(n):
+                continue
+            core.fetching.add(n)
+            src = next(iter(core.replicas[n]))
+            core.out.append(GetFile(src, n))
+            core._log("fetch temp", file=n, worker=src, task=task.id)
+
+
+def task_message(task, ts, pipe) -> dict:
+    """The wire 'task' message for this attempt."""
+    spec = task._spec()
+    spec["id"] = task.id
+    spec["inputs"] = [[n[0], remote, "image" if f.image else f.kind, f.cache, f.source if f.kind == "url" else f.image]
+                      for (f, remote), n in zip(task.inputs, ts.inputs)]
+    spec["outputs"] = [[remote, f.kind, f.cachename() if f.kind == "temp" else None] for f, remote in task.outputs]
+    if task.env:
+        spec["env"] = task.env
+    spec["res"] = ts.res      # not copied: the server encodes the message as soon as handle() returns
+    if task.time_max:
+        spec["time_max"] = task.time_max
+    spec["category"] = task.category
+    if pipe:
+        spec["pipe"] = True
+    return spec
+
+
+def _dispatch(core, ts, w, now):
+    task = ts.task
+    out = core.out
+    ts.dispatched_at = now
+    for k in ts.whole:
+        ts.res[k] = w.total[k]
+    for (f, remote), (n, size, _) in zip(task.inputs, ts.inputs):
+        if n not in w.cached:
+            if f.kind == "url":
+                core._log("fetch url", worker=w.wid, file=n, url=f.source, task=task.id)
+            else:
+                out.append(PutFile(w.wid, f, n, core.manager_copy.get(n) if f.kind == "temp" else None))
+                core._log("put", worker=w.wid, file=n, size=size, task=task.id)
+            if f.cache != "task":
+                w.cached.add(n)
+    fid = getattr(task, "_fid", None)
+    if fid is not None and fid not in w.fns:
+        w.fns.add(fid)
+        out.append(SendFunction(w.wid, fid, task._fbytes))
+    ts.wid = w.wid
+    transition(ts, "running")
+    ts.attempts += 1
+    w.tasks.add(task.id)
+    core.n_running += 1
+    w.outstanding += 1
+    for k in RES:
+        w.committed[k] += ts.res[k]
+    out.append(SendTask(w.wid, task.id, task_message(task, ts, short(core, task.category)), task._abytes,
+                        task.outputs))
+    if ts.on_start is not None:
+        out.append(TaskStarted(task, ts.on_start))
+    core._log("dispatched", task=task.id, worker=w.wid, host=w.host, attempt=ts.attempts)

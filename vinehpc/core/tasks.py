@@ -1,0 +1,66 @@
+"""The core's record of one task, and the one function that moves it between states.
+
+The user's Task is only read here (what it asks for); what the core decides and learns
+about it lives in a TaskState, and the results are copied onto the Task when it is
+returned.  Like distributed's scheduler, a move the table does not allow raises: a bug
+shows where it happens instead of as a task that hangs or runs twice.
+
+    waiting  inputs not available yet (made by a task not finished, a lost temp, a name
+             being resolved)
+    ready    in the queue
+    running  sent to a worker (its inputs, function and task queued on that connection)
+    done     handed back (success, failure, cancelled); the record is dropped
+"""
+from __future__ import annotations
+
+TRANSITIONS = {
+    "new": ("waiting", "ready", "done"),
+    "waiting": ("ready", "waiting", "done"),
+    "ready": ("running", "waiting", "done"),
+    "running": ("ready", "done"),
+    "done": (),
+}
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+class TaskState:
+    __slots__ = ("task", "tid", "state", "wid", "res", "whole", "alloc_version", "grown", "tries", "exhaustions",
+                 "avoid", "passed_since", "warned", "inputs", "dispatched_at", "pin", "on_start", "on_done",
+                 "attempts", "worker", "host", "exit_code", "stdout", "wall", "measured", "output", "submitted_at")
+
+    def __init__(self, task, inputs, res, now, pin=None, on_start=None, on_done=None):
+        self.task = task
+        self.tid = task.id
+        self.state = "new"
+        self.wid = None              # the worker it runs on
+        self.res = res               # what its current (or next) attempt gets: cores, memory, disk, gpus
+        self.whole = set()           # resources it gets a whole worker's worth of (no learnt guess yet)
+        self.alloc_version = None    # the category version `res` was decided at (decided again as it learns)
+        self.grown = False           # res was enlarged after an exhaustion: kept, not decided again
+        self.tries = 0               # failed attempts spent of task.retries
+        self.exhaustions = 0
+        self.avoid = None            # a worker it failed on for the worker's sake: elsewhere if possible
+        self.passed_since = None     # when a task behind it first started before it
+        self.warned = False          # "no worker is large enough" said once
+        self.inputs = inputs         # [(cachename, size, is_temp) or None], in task.inputs order
+        self.dispatched_at = None
+        self.pin = pin
+        self.on_start = on_start
+        self.on_done = on_done
+        self.attempts = 0
+        self.worker = self.host = None    # where its last result came from
+        self.exit_code = self.stdout = self.wall = self.measured = self.output = None
+        self.submitted_at = now
+
+    def __repr__(self):
+        return "<TaskState %s %s on %s>" % (self.tid, self.state, self.wid)
+
+
+def transition(ts, to):
+    """The only place a task's state changes."""
+    if to not in TRANSITIONS[ts.state]:
+        raise InvalidTransition("task %s: %s -> %s is not allowed" % (ts.tid, ts.state, to))
+    ts.state = to
