@@ -8,6 +8,8 @@ import sys
 import threading
 import time
 
+from vinehpc import config, drain
+
 
 class LocalWorkers:
     """N worker processes on this machine, each in its own session (Ctrl-C goes to us, not them)."""
@@ -75,6 +77,7 @@ class LocalRun:
         self.tunnel = tunnel
         self.cores = cores_per_worker
         self.managers = {}       # manager -> LocalWorkers
+        self.watchers = {}       # manager -> its drain watcher (`vinehpc drain RUN_DIR`)
         self.lock = threading.Lock()
         self._progress = None
         self._stop = threading.Event()
@@ -94,8 +97,11 @@ class LocalRun:
     def manager_started(self, manager) -> None:
         lw = LocalWorkers(self.workers, cores=self.cores)
         lw.start("127.0.0.1:%d" % manager.port, manager.secret)
+        watcher = drain.Watcher(manager.run_dir, manager.secret,
+                                lambda grace, why: manager.drain(drain.grace_for(why, grace, config.grace())))
         with self.lock:
             self.managers[manager] = lw
+            self.watchers[manager] = watcher.start()
 
     def open_manager(self):
         """The most recent open Manager of this run (an Executor() shares it), or None."""
@@ -106,6 +112,9 @@ class LocalRun:
     def manager_closed(self, manager) -> None:
         with self.lock:
             lw = self.managers.pop(manager, None)
+            watcher = self.watchers.pop(manager, None)
+        if watcher is not None:
+            watcher.stop()
         if lw is not None:
             lw.stop()
 

@@ -9,13 +9,15 @@ an MPI abort of the whole job.
 Rank 0 runs tasks.py as __main__; every Manager()/Executor() it creates gets the pilot's
 workers.  The other ranks start workers sized from the allocation and wait for them.  When
 tasks.py ends the workers are told to exit and every rank exits 0 (rank 0 exits with the
-script's status).  On the walltime warning (SIGUSR1, from `#SBATCH --signal=B:USR1@secs`
-forwarded by jobscripts/vine.sh) or SIGTERM, the managers stop dispatching, give running
-tasks a grace period, record what completed and rank 0 exits with RESUMABLE (75): submitting
-the same job again runs only what is left.
+script's status).  On a drain request (RUN_DIR/drain-request: jobscripts/vine.sh writes one
+on the walltime warning, see vinehpc/drain.py), or SIGUSR1/SIGTERM sent to rank 0 itself, the
+managers stop dispatching, give running tasks a grace period, record what completed and rank 0
+exits with RESUMABLE (75): submitting the same job again runs only what is left.  No rank dies
+from SIGUSR1 (handled from the first line of main(), MPI_Init included).
 """
 from __future__ import annotations
 
+import collections
 import ipaddress
 import json
 import logging
@@ -27,10 +29,13 @@ import sys
 import threading
 import time
 
+from vinehpc import drain
+
 from . import slurm
 
 _HELD = []              # the run directory's lock, held for the life of rank 0
 RESUMABLE = 75          # EX_TEMPFAIL: "try again" - the job stopped early and can be resumed
+_EARLY = collections.deque()   # signals that came before rank 0's drain watcher existed
 log = logging.getLogger("vinehpc.pilot")
 
 
@@ -102,6 +107,7 @@ class PilotRun:
         self.last_connected = None     # workers connected when the last manager closed
         self.walltime = None
         self.lock = threading.Lock()
+        self.watcher = None        # the drain watcher (vinehpc/drain.py), set by main()
 
     def open_manager(self):
         with self.lock:
@@ -121,7 +127,8 @@ class PilotRun:
     def manager_started(self, m):
         with self.lock:
             self.managers.append(m)
-        if self.walltime is not None:
+            late = self.walltime is not None
+        if late:
             m.drain(0.0)
 
     def manager_closed(self, m):
@@ -131,15 +138,23 @@ class PilotRun:
             self.last_connected = len(m.core.workers)
 
     def on_walltime(self, signum, frame):
-        """SIGUSR1/SIGTERM: stop dispatching, let running tasks finish within the grace."""
-        name = signal.Signals(signum).name
-        grace = self.grace if signum == signal.SIGUSR1 else min(self.grace, 5.0)
-        if self.walltime is None:
-            self.walltime = name
-            sys.stderr.write("vinehpc pilot: %s received (walltime): no new tasks; running ones get %.0f s\n"
-                             % (name, grace))
+        """SIGUSR1/SIGTERM sent to rank 0 itself: handed to the drain watcher (a handler takes no lock)."""
+        self.watcher.notify(signal.Signals(signum).name)
+
+    def drain(self, grace, why):
+        """The drain watcher's call: stop dispatching, let running tasks finish within the grace."""
+        grace = drain.grace_for(why, grace, self.grace)
         with self.lock:
+            first = self.walltime is None
+            if first:
+                self.walltime = why
             ms = list(self.managers)
+        if first and ms:
+            sys.stderr.write("vinehpc pilot: drain requested (%s): no new tasks; running ones get %g s\n"
+                             % (why, grace))
+        elif first:
+            sys.stderr.write("vinehpc pilot: drain requested (%s) before the run was up: no task will run; "
+                             "the job stops RESUMABLE\n" % why)
         for m in ms:
             m.drain(grace)
 
@@ -230,6 +245,9 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
     import faulthandler
 
     from vinehpc import config
+    started = time.time()      # a drain request without a job counts only if made after this
+    # before MPI_Init too: SIGUSR1's default action would kill the rank (rank 0 acts on it later)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: _EARLY.append(signal.Signals(signum).name))
     # MPI_Init runs in C holding the GIL: only faulthandler's own watchdog thread can end a rank
     # stuck there (a wrong `srun --mpi=`, a broken PMI), with every thread's traceback, instead of
     # the allocation hanging silently until its walltime.
@@ -262,7 +280,8 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
             os.makedirs(run_dir, exist_ok=True)
             try:
                 _HELD.append(lock_run_dir(run_dir))     # held until this process ends
-            except RunDirInUse as e:
+                drain_key = drain.ensure_key(run_dir)
+            except (RunDirInUse, OSError) as e:
                 err = str(e)
         if err:
             comm.bcast({"error": err}, root=0)
@@ -301,8 +320,6 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
             return 2 if rank == 0 else 0
     MPI.Finalize()    # from here on, plain processes: a lost rank cannot abort the others
 
-    # a walltime warning must not kill workers or idle ranks (their default action would)
-    signal.signal(signal.SIGUSR1, lambda *a: None)
     if rank != 0:
         procs = start_workers(n, meet["address"], meet["secret"], cores=cores, memory=memory,
                               connect_timeout=connect_timeout, image=local_image)
@@ -319,8 +336,12 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
                    tunnel=tunnel)
     own = start_workers(n, meet["address"], meet["secret"], cores=cores, memory=memory,
                         connect_timeout=connect_timeout, image=local_image) if n else []
+    ctx.watcher = drain.Watcher(run_dir, drain_key, ctx.drain, job=slurm.job_id(), since=started).start()
     signal.signal(signal.SIGUSR1, ctx.on_walltime)
+    while _EARLY:
+        ctx.watcher.notify(_EARLY.popleft())
     code = run_script(script, argv, ctx, sigterm=ctx.on_walltime)
+    ctx.watcher.stop()
     released = ctx.release_workers()
     _wait_workers(own, timeout=15)
     lsock.close()

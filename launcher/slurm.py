@@ -20,6 +20,10 @@ def in_allocation(env=os.environ) -> bool:
     return bool(env.get("SLURM_JOB_ID"))
 
 
+def job_id(env=os.environ) -> str | None:
+    return env.get("SLURM_JOB_ID") or None
+
+
 def node_name(env=os.environ) -> str | None:
     return env.get("SLURMD_NODENAME") or None
 

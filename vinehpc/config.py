@@ -35,6 +35,11 @@ def keepalive_timeout() -> float:
     return _float("VINEHPC_KEEPALIVE_TIMEOUT", 30.0)
 
 
+def grace() -> float:
+    """VINEHPC_GRACE: seconds running tasks get after a drain request or the walltime warning (60)."""
+    return _float("VINEHPC_GRACE", 60.0)
+
+
 def progress() -> str:
     """VINEHPC_PROGRESS: 'auto' (a terminal), 'always' or 'never'."""
     return os.environ.get("VINEHPC_PROGRESS", "auto")

@@ -159,10 +159,10 @@ class Server:
             return
         left = [t for t in self.core.tasks.values() if t.state == "running"]
         for t in left:
-            self.core.cancel(t.id, now, reason="cancelled at the walltime: still running when the %.0f s grace ended"
-                             % self.drain_grace)
+            self.core.cut(t.id, now, reason="cut by the walltime: still running when the %g s grace ended"
+                          % self.drain_grace)
         self._run_cmds()
-        self.journal.write({"event": "drained", "cancelled": [t.id for t in left],
+        self.journal.write({"event": "drained", "cut": [t.id for t in left],
                             "not run": len(self.core.tasks)})
         self.drained = True
         with self.cond:

@@ -291,6 +291,21 @@ class Core:
         self._finish(task, "cancelled", reason)
         return True
 
+    def cut(self, tid, now, reason):
+        """Stop a running task without a result (the walltime's grace ended): it goes back to the
+        queue, which a draining core never dispatches from, so it is "not run" like the tasks that
+        never started -- not returned by wait(), run by a resubmission -- never a user failure."""
+        task = self.tasks.get(tid)
+        if task is None or task.state != "running":
+            return False
+        self.cmds.append(("kill", task._wid, tid))
+        self._log("not run", task=tid, worker=task._wid, reason=reason)
+        self._release(task)
+        task._wid = None
+        task.state = "ready"
+        self.ready.appendleft(tid)
+        return True
+
     def worker_joined(self, wid, info, now):
         w = self.workers[wid] = WorkerState(wid, info, now)
         for n in w.cached:
