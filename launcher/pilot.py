@@ -336,10 +336,11 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
                    tunnel=tunnel)
     own = start_workers(n, meet["address"], meet["secret"], cores=cores, memory=memory,
                         connect_timeout=connect_timeout, image=local_image) if n else []
-    ctx.watcher = drain.Watcher(run_dir, drain_key, ctx.drain, job=slurm.job_id(), since=started).start()
+    ctx.watcher = drain.Watcher(run_dir, drain_key, ctx.drain, job=slurm.job_id(), since=started)
     signal.signal(signal.SIGUSR1, ctx.on_walltime)
     while _EARLY:
         ctx.watcher.notify(_EARLY.popleft())
+    ctx.watcher.start()     # acts on what already waits before the script makes its first manager
     code = run_script(script, argv, ctx, sigterm=ctx.on_walltime)
     ctx.watcher.stop()
     released = ctx.release_workers()

@@ -250,3 +250,126 @@ def test_vinehpc_run_drained_by_hand_lets_the_running_task_finish(tmp_path):
     assert len(done) >= 1 and "returned %d success" % done[0] in out, out
     assert not [r for r in recs if r.get("event") in ("failed", "not run")], journal_tail(d)
     assert "resumable: the manager stopped for the walltime; %d task(s) not run" % (3 - len(done)) in out, out
+
+
+# ------------------------------------------------------------------ 3. the Slurm test bed
+from slurm_fixture import require  # noqa: E402  (registered by conftest)
+from test_pilot import (WORKLOAD, BackgroundPilot, assert_no_strays, events, job_env, journal_of,  # noqa: E402
+                        manager_address, sessions, submit_pilot, tail, workload_line)
+
+LAUNCHERS = ["srun", "mpiexec"]
+
+
+def launcher_env(launcher, mpi, **extra):
+    env = job_env(**extra)
+    if launcher == "mpiexec":
+        env.update(VINEHPC_LAUNCHER="mpiexec", VINEHPC_MPIEXEC=mpi)
+    return env
+
+
+def signal_batch_shell(jobid):
+    """What `#SBATCH --signal=B:USR1@N` delivers: USR1 to the batch shell only."""
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(jobid)], check=True, timeout=30)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_warning_lets_running_tasks_finish_and_resubmission_runs_the_rest(slurm_cluster, mpi, tmp_path,
+                                                                         launcher):
+    outdir = tmp_path / "wl"
+    n, n_cmd, sleep = 5, 1, 8
+    total = n + n_cmd
+    args = [str(outdir), "--n", n, "--cmd", n_cmd, "--sleep", sleep]
+    # two workers of one core on n2: a PythonTask and the command task run when the warning comes
+    env = launcher_env(launcher, mpi, VINEHPC_GRACE=40, VINEHPC_WORKERS_PER_NODE=2, VINEHPC_CORES_PER_WORKER=1)
+    with BackgroundPilot(slurm_cluster, tmp_path, WORKLOAD, *args, env=env, timeout=120) as bg:
+        bg.wait_journal(lambda rs: len(events(rs, "dispatched")) >= 2, 90, "two tasks running")
+        signal_batch_shell(bg.jobid())
+        t_signal = time.monotonic()
+        bg.wait_journal(lambda rs: events(rs, "draining"), 30, "the manager to drain")
+        t_draining = time.monotonic()
+        job1 = bg.result(120)
+        t_end = time.monotonic()
+    sys.stderr.write("walltime[%s]: warning -> draining %.2f s, -> job end %.1f s\n"
+                     % (launcher, t_draining - t_signal, t_end - t_signal))
+    assert job1.rc == 75 and "RESUMABLE" in job1.out, job1
+    assert "USR1 received" in job1.out and "asking the manager to drain" in job1.out, job1
+    assert "drain requested (USR1)" in job1.out, job1
+    recs = journal_of(job1.run_dir)
+    draining = events(recs, "draining")
+    assert len(draining) == 1 and draining[0]["grace"] == 40 and draining[0]["running"] == 2, tail(recs)
+    at = recs.index(draining[0])
+    running = ({r["task"] for r in events(recs[:at], "dispatched")}
+               - {r["task"] for r in events(recs[:at], "done")})
+    assert len(running) == 2, tail(recs)
+    # they ran to their end within the grace and are recorded completed; nothing failed or was cut
+    done = {r["task"]: r for r in events(recs[at:], "done")}
+    assert set(done) == running, tail(recs)
+    assert all(r["result"] == "success" and r["wall"] >= sleep - 0.5 for r in done.values()), done
+    assert {r["task"] for r in events(recs, "completed")} >= running, tail(recs)
+    assert not events(recs, "failed") and not events(recs, "not run"), tail(recs)
+    assert not events(recs, "worker lost"), tail(recs)
+    assert events(recs, "drained")[0]["cut"] == [], tail(recs)
+    assert not set(r["task"] for r in events(recs[at:], "dispatched")), "dispatched after the warning"
+    completed1 = {r["key"] for r in events(recs, "completed")}
+    assert 2 <= len(completed1) < total
+    assert_no_strays(job1.jobid, [manager_address(recs), str(tmp_path)])
+
+    t2 = time.monotonic()
+    job2 = submit_pilot(slurm_cluster, tmp_path, WORKLOAD, *args, env=env, timeout=150)
+    sys.stderr.write("walltime[%s]: resubmission %.1f s\n" % (launcher, time.monotonic() - t2))
+    assert job2.rc == 0, job2
+    line = workload_line(job2.out)
+    assert line["ok"] and line["tasks"] == total and line["resumed"] == len(completed1), job2
+    s2 = sessions(journal_of(job2.run_dir))[-1]
+    dispatched2 = {r["task"] for r in events(s2, "dispatched")}
+    assert len(dispatched2) == total - len(completed1), tail(s2)
+    assert {r["key"] for r in events(s2, "resumed")} == completed1, tail(s2)
+    assert not {r["key"] for r in events(s2, "completed")} & completed1, tail(s2)
+
+
+GATE_PY = """#!/bin/sh
+# VINEHPC_PYTHON for the early-warning test: `... pilot ...` waits until the test opens the gate
+case " $* " in *" pilot "*)
+    touch "$WALLTIME_GATE.waiting"
+    i=0
+    while [ ! -e "$WALLTIME_GATE.open" ]; do
+        i=$((i + 1)); [ $i -gt 1200 ] && exit 3       # 60 s
+        sleep 0.05
+    done ;;
+esac
+exec %s "$@"
+"""
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_warning_before_the_pilot_is_up_drains_it_at_once(slurm_cluster, mpi, tmp_path, launcher):
+    gate = str(tmp_path / "gate")
+    wrapper = tmp_path / "gate-python"
+    wrapper.write_text(GATE_PY % PY)
+    wrapper.chmod(0o755)
+    env = launcher_env(launcher, mpi, VINEHPC_GRACE=40, WALLTIME_GATE=gate)
+    env["VINEHPC_PYTHON"] = str(wrapper)
+    outdir = tmp_path / "wl"
+    with BackgroundPilot(slurm_cluster, tmp_path, WORKLOAD, str(outdir), "--n", 4, env=env, timeout=120) as bg:
+        # the ranks are launched but held before `vinehpc pilot` runs: the run is not up
+        deadline = time.monotonic() + 90
+        while not os.path.exists(gate + ".waiting"):
+            assert bg.running() and time.monotonic() < deadline, "the pilot was never launched: %r" % (
+                bg.result(1) if not bg.running() else "timeout")
+            time.sleep(0.05)
+        signal_batch_shell(bg.jobid())
+        request = os.path.join(bg.run_dir, drain.REQUEST)
+        poll(lambda: os.path.exists(request) or not bg.running(), 30, "vine.sh's drain request")
+        assert bg.running()
+        open(gate + ".open", "w").close()
+        job = bg.result(120)
+    assert job.rc == 75 and "RESUMABLE" in job.out, job
+    assert "drain requested (USR1) before the run was up: no task will run" in job.out, job
+    assert "Traceback" not in job.out and "User defined signal" not in job.out, job
+    recs = journal_of(job.run_dir)
+    assert [r["grace"] for r in events(recs, "draining")] == [0.0], tail(recs)
+    assert events(recs, "drained") and not events(recs, "dispatched"), tail(recs)
+    assert not os.path.exists(request)
+    assert_no_strays(job.jobid, [manager_address(recs), str(tmp_path)])

@@ -180,6 +180,9 @@ class Watcher:
         self._thread = threading.Thread(target=self._run, name="vinehpc-drain", daemon=True)
 
     def start(self) -> "Watcher":
+        """A request or signal that is already waiting is acted on here, before start() returns
+        (a pilot then drains its first manager at once: nothing runs)."""
+        self.check()
         self._thread.start()
         return self
 
