@@ -97,7 +97,7 @@ class LocalRun:
     def manager_started(self, manager) -> None:
         lw = LocalWorkers(self.workers, cores=self.cores)
         lw.start("127.0.0.1:%d" % manager.port, manager.secret)
-        watcher = drain.Watcher(manager.run_dir, manager.secret,
+        watcher = drain.Watcher(manager.run_dir, drain.ensure_key(manager.run_dir),
                                 lambda grace, why: manager.drain(drain.grace_for(why, grace, config.grace())))
         with self.lock:
             self.managers[manager] = lw

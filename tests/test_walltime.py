@@ -198,6 +198,8 @@ def test_task_running_past_the_grace_is_cut_not_run_and_not_returned(make_manage
             got = m.wait(10)
             assert got is None or got.id not in (t.id, waiting.id), (got.result, got.reason)
             assert time.monotonic() - t0 < 20, journal_tail(m)
+    # the I/O thread flushes the journal at the end of the loop turn that woke us
+    poll(lambda: read_journal(m, "drained"), 10, "the drained record", m=m)
     recs = read_journal(m)
     cut = [r for r in recs if r.get("event") == "not run"]
     assert [r["task"] for r in cut] == [t.id], journal_tail(m)

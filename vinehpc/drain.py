@@ -14,9 +14,9 @@ warning can come while the pilot starts, before any socket exists), and the run 
 the one thing both vine.sh and the pilot know from the start.  It is authenticated because a
 run directory may sit in a shared project directory:
   - the request is a regular file (not a symlink) owned by our uid, mode 0600;
-  - it carries an HMAC-SHA256, with the run directory's key (RUN_DIR/secret, 0600, made by
-    whichever of the pilot and `vinehpc drain` comes first; a `vinehpc run` manager's own
-    secret), over its fields, which name the run directory;
+  - it carries an HMAC-SHA256, with the run directory's key (RUN_DIR/drain-key, 0600, kept
+    across resubmissions and made by whichever of the run and `vinehpc drain` comes first: the
+    key must exist before the run does), over its fields, which name the run directory;
   - it names the Slurm job it is for (vine.sh passes its own), or, without one, it counts only
     for a run that had already started when it was made: a request left behind by an earlier
     job never drains the next one;
@@ -37,7 +37,7 @@ import time
 from .protocol import auth
 
 REQUEST = "drain-request"
-KEY = "secret"
+KEY = "drain-key"     # not RUN_DIR/secret: a pilot's workers authenticate with another (contact.json)
 CONSUMED = "drain-consumed"
 TERM_GRACE = 5.0      # SIGTERM means the end is near (scancel, preemption): at most this much grace
 POLL = 0.2            # seconds between looks at the request file
@@ -65,7 +65,7 @@ def _check_own_private(path: str, st) -> None:
 
 
 def ensure_key(run_dir: str) -> str:
-    """RUN_DIR/secret, made now if it does not exist (by link(): of two makers, one wins and both
+    """RUN_DIR/drain-key, made now if it does not exist (by link(): of two makers, one wins and both
     read the winner's key)."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, KEY)
