@@ -330,6 +330,32 @@ def test_warning_lets_running_tasks_finish_and_resubmission_runs_the_rest(slurm_
     assert not {r["key"] for r in events(s2, "completed")} & completed1, tail(s2)
 
 
+@pytest.mark.timeout(240)
+def test_real_walltime_signal_lets_running_tasks_finish(slurm_cluster, mpi, tmp_path):
+    """Slurm's own warning, `--signal=B:USR1@80` on a 2 minute job: due 40 s into the run, it
+    comes up to 30 s before (slurmctld checks the limits periodically: seen 10 s into a run with
+    @100), while 15 s tasks run back to back."""
+    outdir = tmp_path / "wl"
+    env = job_env(VINEHPC_GRACE=60, VINEHPC_WORKERS_PER_NODE=2, VINEHPC_CORES_PER_WORKER=1)
+    job = submit_pilot(slurm_cluster, tmp_path, WORKLOAD, str(outdir), "--n", 30, "--sleep", 15, env=env,
+                       timeout=180, extra=["--time=2", "--signal=B:USR1@80"])
+    assert job.rc == 75 and "USR1 received" in job.out and "RESUMABLE" in job.out, job
+    recs = journal_of(job.run_dir)
+    draining = events(recs, "draining")
+    assert len(draining) == 1 and draining[0]["running"] == 2, tail(recs)
+    at = recs.index(draining[0])
+    sys.stderr.write("walltime[--signal]: the warning came %.1f s after the manager started\n"
+                     % (draining[0]["time"] - recs[0]["time"]))
+    running = ({r["task"] for r in events(recs[:at], "dispatched")}
+               - {r["task"] for r in events(recs[:at], "done")})
+    done = {r["task"]: r for r in events(recs[at:], "done")}
+    assert set(done) == running and all(r["result"] == "success" and r["wall"] >= 14.5
+                                        for r in done.values()), tail(recs)
+    assert running <= {r["task"] for r in events(recs, "completed")}, tail(recs)
+    assert events(recs, "drained")[0]["cut"] == [] and not events(recs, "failed"), tail(recs)
+    assert_no_strays(job.jobid, [manager_address(recs), str(tmp_path)])
+
+
 GATE_PY = """#!/bin/sh
 # VINEHPC_PYTHON for the early-warning test: `... pilot ...` waits until the test opens the gate
 case " $* " in *" pilot "*)
