@@ -281,7 +281,7 @@ def main(script, argv, *, workers_per_node=None, cores_per_worker=None, manager_
             try:
                 _HELD.append(lock_run_dir(run_dir))     # held until this process ends
                 drain_key = drain.ensure_key(run_dir)
-            except (RunDirInUse, OSError) as e:
+            except (RunDirInUse, OSError, ValueError) as e:    # ValueError: a bad RUN_DIR/drain-key
                 err = str(e)
         if err:
             comm.bcast({"error": err}, root=0)

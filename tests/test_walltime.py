@@ -19,6 +19,7 @@ import sys
 import textwrap
 import time
 
+import cloudpickle
 import pytest
 
 import vinehpc
@@ -26,9 +27,11 @@ from vinehpc import drain
 from vinehpc.protocol import auth
 
 from conftest import assert_no_survivors, journal_tail, poll, process_tree, read_journal
+from test_pilot import (WORKLOAD, BackgroundPilot, assert_no_strays, events, job_env, journal_of, manager_address,
+                        sessions, submit_pilot, tail, workload_line)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+cloudpickle.register_pickle_by_value(sys.modules[__name__])    # workers cannot import this module
+
 PY = sys.executable
 
 
@@ -212,6 +215,31 @@ def test_task_running_past_the_grace_is_cut_not_run_and_not_returned(make_manage
     assert_no_survivors(sleeps, timeout=10, what="the cut task's process")
 
 
+def nap(started, seconds):
+    open(started, "w").close()
+    time.sleep(seconds)
+    return seconds
+
+
+def test_usr1_sent_to_a_worker_and_its_interpreters_kills_nothing(make_manager, tmp_path):
+    """What the old vine.sh did to every process of the step: the worker and the interpreter
+    running a PythonTask catch USR1 and go on (command tasks keep the default: README). Sent once
+    the task runs: an interpreter still starting up has no handler yet (nothing sends it USR1 now)."""
+    import signal
+    m = make_manager(local_workers=1)
+    started = str(tmp_path / "started")
+    m.submit(vinehpc.PythonTask(nap, started, 2))
+    poll(lambda: os.path.exists(started), 30, "the task to start", m=m)
+    tree = process_tree(m._local.pids())
+    assert len(tree) >= 2, tree          # the worker and at least its Python interpreter
+    for p in tree:
+        p.send_signal(signal.SIGUSR1)
+    got = m.wait(30)
+    assert got is not None and got.result == "success" and got.output == 2, (got and (got.result, got.reason))
+    assert all(p.is_running() for p in tree if p.pid in m._local.pids())
+    assert not read_journal(m, "worker lost"), journal_tail(m)
+
+
 RUN_SCRIPT = textwrap.dedent("""
     import sys, vinehpc
     m = vinehpc.Manager(run_dir=sys.argv[1])
@@ -255,10 +283,6 @@ def test_vinehpc_run_drained_by_hand_lets_the_running_task_finish(tmp_path):
 
 
 # ------------------------------------------------------------------ 3. the Slurm test bed
-from slurm_fixture import require  # noqa: E402  (registered by conftest)
-from test_pilot import (WORKLOAD, BackgroundPilot, assert_no_strays, events, job_env, journal_of,  # noqa: E402
-                        manager_address, sessions, submit_pilot, tail, workload_line)
-
 LAUNCHERS = ["srun", "mpiexec"]
 
 
