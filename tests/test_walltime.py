@@ -81,6 +81,14 @@ def test_changed_field_is_refused(run_dir):
     _refused(d, key, "HMAC")
 
 
+def test_malformed_request_is_refused(run_dir):
+    d, key = run_dir
+    for text in ("not json", json.dumps({"grace": 1}), json.dumps(dict.fromkeys(drain.FIELDS, 3))):
+        with auth.create_private(os.path.join(d, drain.REQUEST)) as f:
+            f.write(text)
+        _refused(d, key, "not a drain request")
+
+
 def test_request_readable_or_writable_by_others_is_refused(run_dir):
     d, key = run_dir
     for mode in (0o644, 0o620, 0o606):

@@ -87,9 +87,12 @@ def read_key(run_dir: str) -> str:
     return auth.read_secret(path)
 
 
-def _mac(key: str, fields: dict) -> str:
-    body = json.dumps(fields, sort_keys=True, separators=(",", ":"))
-    return auth.mac(key, "drain", fields["nonce"], body)
+FIELDS = ("run_dir", "grace", "why", "job", "nonce", "created")
+
+
+def _body(fields: dict) -> str:
+    """What the HMAC covers: every field, in one canonical form."""
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
 
 def write_request(run_dir: str, key: str, *, grace=None, why="user", job=None) -> dict:
@@ -100,9 +103,16 @@ def write_request(run_dir: str, key: str, *, grace=None, why="user", job=None) -
     path = os.path.join(run_dir, REQUEST)
     tmp = "%s.%s.tmp" % (path, fields["nonce"][:16])
     with auth.create_private(tmp) as f:
-        json.dump(dict(fields, mac=_mac(key, fields)), f)
+        json.dump(dict(fields, mac=auth.mac(key, "drain", fields["nonce"], _body(fields))), f)
     os.replace(tmp, path)
     return fields
+
+
+def _well_formed(f: dict) -> bool:
+    number = (int, float)
+    return (isinstance(f["run_dir"], str) and isinstance(f["why"], str) and isinstance(f["nonce"], str)
+            and isinstance(f["created"], number) and (f["grace"] is None or isinstance(f["grace"], number))
+            and (f["job"] is None or isinstance(f["job"], str)))
 
 
 def _consumed(run_dir: str) -> set:
@@ -124,21 +134,20 @@ def take_request(run_dir: str, key: str, *, job=None, since: float = 0.0):
     except FileNotFoundError:
         return None
     try:
-        fd = os.open(taken, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as e:
-        os.unlink(taken)
-        raise RequestRefused("%s: %s" % (path, e)) from None
-    try:
+        try:
+            fd = os.open(taken, os.O_RDONLY | os.O_NOFOLLOW)     # a symlink fails here (ELOOP)
+        except OSError as e:
+            raise RequestRefused("%s: %s" % (path, e)) from None
         with os.fdopen(fd) as f:
             _check_own_private(path, os.fstat(f.fileno()))
             try:
                 d = json.load(f)
-                fields = {k: d[k] for k in ("run_dir", "grace", "why", "job", "nonce", "created")}
-                ok = isinstance(fields["nonce"], str) and auth.check(key, "drain", fields["nonce"], json.dumps(
-                    fields, sort_keys=True, separators=(",", ":")), d.get("mac"))
+                fields = {k: d[k] for k in FIELDS}
+                if not _well_formed(fields):
+                    raise TypeError
             except (ValueError, KeyError, TypeError):
                 raise RequestRefused("%s is not a drain request" % path) from None
-        if not ok:
+        if not auth.check(key, "drain", fields["nonce"], _body(fields), d.get("mac")):
             raise RequestRefused("%s: its HMAC does not match the run's key (%s)" % (path, os.path.join(run_dir, KEY)))
         if fields["run_dir"] != run_dir:
             raise RequestRefused("%s was made for %s" % (path, fields["run_dir"]))
@@ -164,8 +173,9 @@ def take_request(run_dir: str, key: str, *, job=None, since: float = 0.0):
 
 
 class Watcher:
-    """A thread that acts on RUN_DIR/drain-request and on signals handed to it: each one calls
-    on_drain(grace or None, why) once (later ones are logged: the run already drains)."""
+    """A thread that acts on RUN_DIR/drain-request and on signals handed to it: each accepted
+    request and each signal calls on_drain(grace or None, why) (a run that already drains keeps
+    its first grace)."""
 
     def __init__(self, run_dir: str, key: str, on_drain, *, job=None, since: float | None = None,
                  poll: float = POLL):
