@@ -23,7 +23,7 @@
 #   VINEHPC_GRACE             seconds running tasks get after the walltime warning (default 60)
 #   VINEHPC_MPI_INIT_TIMEOUT  seconds a rank may hang in MPI_Init (wrong --mpi, broken PMI) before it
 #                             exits with its tracebacks ("Timeout (...)!"), instead of idling to the walltime (300)
-#   VINEHPC_RUN_DIR           run directory (keep it to resume)
+#   VINEHPC_RUN_DIR           run directory (keep it to resume; default as above)
 #   VINEHPC_IMAGE             environment image (vinehpc sysimage): read once, broadcast to every node,
 #                             unpacked on node-local disk ($VINEHPC_LOCAL_DIR); every task runs inside it
 #   VINEHPC_TUNNEL=1          tasks reach the outside through the manager's node (compute nodes without
@@ -34,10 +34,20 @@
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --time=01:00:00
-# Slurm sends USR1 to this script 120 s before the walltime: the manager stops dispatching,
-# lets running tasks finish within VINEHPC_GRACE, records what completed and exits RESUMABLE (75).
+# Slurm sends USR1 to this script (B: this shell only) 120 s before the walltime. This script
+# passes NO signal on: it asks the manager to drain with `vinehpc drain RUN_DIR` (an authenticated
+# request file in the run directory, which you can also write by hand). The manager stops
+# dispatching, lets running tasks finish within VINEHPC_GRACE, records what completed and exits
+# RESUMABLE (75). A warning that comes before the pilot is up waits in the run directory: the
+# pilot then runs nothing and exits 75. TERM (scancel, preemption) does the same with at most 5 s
+# of grace. Who handles USR1 if someone sends it anyway: the pilot's ranks and its workers (and
+# the worker's Python interpreters that run PythonTasks) catch it and go on; command tasks keep
+# the default action (it ends them), so never use --signal=USR1@N without B: with vinehpc.
 #SBATCH --signal=B:USR1@120
 
+warned=""                 # the warning is remembered from the first command on
+trap 'warned=${warned:-USR1}' USR1
+trap 'warned=${warned:-TERM}' TERM
 set -uo pipefail
 export VINEHPC_JOB_T0=${VINEHPC_JOB_T0:-$(date +%s.%N)}   # when the job started (for timings)
 
@@ -55,7 +65,12 @@ opts=()
 [ -n "${VINEHPC_WORKERS_PER_NODE:-}" ] && opts+=(--workers-per-node "$VINEHPC_WORKERS_PER_NODE")
 [ -n "${VINEHPC_CORES_PER_WORKER:-}" ] && opts+=(--cores-per-worker "$VINEHPC_CORES_PER_WORKER")
 [ "${VINEHPC_MANAGER_WORKS:-0}" = 1 ] && opts+=(--manager-node-works)
-[ -n "${VINEHPC_RUN_DIR:-}" ] && opts+=(--run-dir "$VINEHPC_RUN_DIR")
+# the run directory is fixed here (the same default as `vinehpc pilot`), so that a drain request
+# can be written there before the pilot is up
+script_name=$(basename -- "$1")
+RUN_DIR=${VINEHPC_RUN_DIR:-vine-run-info/pilot-${script_name%.*}}
+case $RUN_DIR in /*) ;; *) RUN_DIR=$PWD/$RUN_DIR ;; esac
+opts+=(--run-dir "$RUN_DIR")
 [ -n "${VINEHPC_GRACE:-}" ] && opts+=(--grace "$VINEHPC_GRACE")
 [ -n "${VINEHPC_IMAGE:-}" ] && opts+=(--image "$VINEHPC_IMAGE")
 case "${VINEHPC_TUNNEL:-0}" in
@@ -71,13 +86,23 @@ case "${VINEHPC_LAUNCHER:-srun}" in
     *) echo "vinehpc: VINEHPC_LAUNCHER must be srun or mpiexec, got '$VINEHPC_LAUNCHER'" >&2; exit 2 ;;
 esac
 
-# One launch line. It runs in the background so that this script can pass the walltime
-# warning (USR1, which Slurm sends to this batch shell only) on to rank 0.
+# the drain request for a warning (USR1) or TERM; only the first one counts
+requested=""
+request_drain() {
+    [ -n "$requested" ] && return
+    requested=$1
+    echo "vinehpc: $1 received ($(date -Is)): asking the manager to drain (vinehpc drain $RUN_DIR)"
+    "$PY" -m vinehpc drain "$RUN_DIR" --job "${SLURM_JOB_ID:-}" --why "$1" \
+        || echo "vinehpc: the drain request failed (above): the job runs until Slurm ends it"
+}
+trap 'request_drain USR1' USR1
+trap 'request_drain TERM' TERM
+[ -n "$warned" ] && request_drain "$warned"    # came before the traps above: the request waits for the pilot
+
+# One launch line. It runs in the background so that this script can act on the warning
+# while the pilot runs.
 "${launch[@]}" "$PY" -m vinehpc pilot "${opts[@]}" "$@" &
 step=$!
-forward() { echo "vinehpc: $1 received, passing it to the pilot"; kill -s "$1" "$step" 2>/dev/null; }
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
 rc=0
 while :; do
     wait "$step"; rc=$?

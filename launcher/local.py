@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 
+from vinehpc import drain
 from vinehpc._context import ManagerOptions
 from vinehpc.local import LocalWorkers
 
@@ -22,6 +23,7 @@ class LocalRun:
         self.tunnel = tunnel
         self.cores = cores_per_worker
         self.managers = {}       # manager -> LocalWorkers
+        self.watchers = {}       # manager -> its drain watcher (`vinehpc drain RUN_DIR`)
         self.lock = threading.Lock()
         self._progress = None
         self._stop = threading.Event()
@@ -41,8 +43,11 @@ class LocalRun:
     def manager_started(self, manager) -> None:
         lw = LocalWorkers(self.workers, cores=self.cores, worker_dir=self.settings.worker_dir)
         lw.start("127.0.0.1:%d" % manager.port, manager.secret)
+        watcher = drain.Watcher(manager.run_dir, drain.ensure_key(manager.run_dir),
+                                lambda grace, why: manager.drain(drain.grace_for(why, grace, self.settings.grace)))
         with self.lock:
             self.managers[manager] = lw
+            self.watchers[manager] = watcher.start()
 
     def open_manager(self):
         """The most recent open Manager of this run (an Executor() shares it), or None."""
@@ -53,6 +58,9 @@ class LocalRun:
     def manager_closed(self, manager) -> None:
         with self.lock:
             lw = self.managers.pop(manager, None)
+            watcher = self.watchers.pop(manager, None)
+        if watcher is not None:
+            watcher.stop()
         if lw is not None:
             lw.stop()
 

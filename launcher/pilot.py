@@ -9,13 +9,15 @@ an MPI abort of the whole job.
 Rank 0 runs tasks.py as __main__; every Manager()/Executor() it creates gets the pilot's
 workers.  The other ranks start workers sized from the allocation and wait for them.  When
 tasks.py ends the workers are told to exit and every rank exits 0 (rank 0 exits with the
-script's status).  On the walltime warning (SIGUSR1, from `#SBATCH --signal=B:USR1@secs`
-forwarded by jobscripts/vine.sh) or SIGTERM, the managers stop dispatching, give running
-tasks a grace period, record what completed and rank 0 exits with RESUMABLE (75): submitting
-the same job again runs only what is left.
+script's status).  On a drain request (RUN_DIR/drain-request: jobscripts/vine.sh writes one
+on the walltime warning, see vinehpc/drain.py), or SIGUSR1/SIGTERM sent to rank 0 itself, the
+managers stop dispatching, give running tasks a grace period, record what completed and rank 0
+exits with RESUMABLE (75): submitting the same job again runs only what is left.  No rank dies
+from SIGUSR1 (handled from the first line of main(), MPI_Init included).
 """
 from __future__ import annotations
 
+import collections
 import ipaddress
 import logging
 import os
@@ -23,15 +25,19 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 from vinehpc._context import ManagerOptions
 from vinehpc.local import start_workers, stop_workers
+
+from vinehpc import drain
 
 from . import slurm
 from .contact import write_contact
 
 _HELD = []              # the run directory's lock, held for the life of rank 0
 RESUMABLE = 75          # EX_TEMPFAIL: "try again" - the job stopped early and can be resumed
+_EARLY = collections.deque()   # signals that came before rank 0's drain watcher existed
 log = logging.getLogger("vinehpc.pilot")
 
 
@@ -89,6 +95,7 @@ class PilotRun:
         self.last_connected = None     # workers connected when the last manager closed
         self.walltime = None
         self.lock = threading.Lock()
+        self.watcher = None        # the drain watcher (vinehpc/drain.py), set by main()
 
     def open_manager(self):
         with self.lock:
@@ -109,7 +116,8 @@ class PilotRun:
     def manager_started(self, m):
         with self.lock:
             self.managers.append(m)
-        if self.walltime is not None:
+            late = self.walltime is not None
+        if late:
             m.drain(0.0)
 
     def manager_closed(self, m):
@@ -119,15 +127,23 @@ class PilotRun:
             self.last_connected = len(m.workers())
 
     def on_walltime(self, signum, frame):
-        """SIGUSR1/SIGTERM: stop dispatching, let running tasks finish within the grace."""
-        name = signal.Signals(signum).name
-        grace = self.grace if signum == signal.SIGUSR1 else min(self.grace, 5.0)
-        if self.walltime is None:
-            self.walltime = name
-            sys.stderr.write("vinehpc pilot: %s received (walltime): no new tasks; running ones get %.0f s\n"
-                             % (name, grace))
+        """SIGUSR1/SIGTERM sent to rank 0 itself: handed to the drain watcher (a handler takes no lock)."""
+        self.watcher.notify(signal.Signals(signum).name)
+
+    def drain(self, grace, why):
+        """The drain watcher's call: stop dispatching, let running tasks finish within the grace."""
+        grace = drain.grace_for(why, grace, self.grace)
         with self.lock:
+            first = self.walltime is None
+            if first:
+                self.walltime = why
             ms = list(self.managers)
+        if first and ms:
+            sys.stderr.write("vinehpc pilot: drain requested (%s): no new tasks; running ones get %g s\n"
+                             % (why, grace))
+        elif first:
+            sys.stderr.write("vinehpc pilot: drain requested (%s) before the run was up: no task will run; "
+                             "the job stops RESUMABLE\n" % why)
         for m in ms:
             m.drain(grace)
 
@@ -186,6 +202,9 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
     """A pilot rank; `settings`: the environment's vinehpc.config.Settings."""
     import faulthandler
 
+    started = time.time()      # a drain request without a job counts only if made after this
+    # before MPI_Init too: SIGUSR1's default action would kill the rank (rank 0 acts on it later)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: _EARLY.append(signal.Signals(signum).name))
     # MPI_Init runs in C holding the GIL: only faulthandler's own watchdog thread can end a rank
     # stuck there (a wrong `srun --mpi=`, a broken PMI), with every thread's traceback, instead of
     # the allocation hanging silently until its walltime.
@@ -218,7 +237,8 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
             os.makedirs(run_dir, exist_ok=True)
             try:
                 _HELD.append(lock_run_dir(run_dir))     # held until this process ends
-            except RunDirInUse as e:
+                drain_key = drain.ensure_key(run_dir)
+            except (RunDirInUse, OSError, ValueError) as e:    # ValueError: a bad RUN_DIR/drain-key
                 err = str(e)
         if err:
             comm.bcast({"error": err}, root=0)
@@ -257,8 +277,6 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
             return 2 if rank == 0 else 0
     MPI.Finalize()    # from here on, plain processes: a lost rank cannot abort the others
 
-    # a walltime warning must not kill workers or idle ranks (their default action would)
-    signal.signal(signal.SIGUSR1, lambda *a: None)
     if rank != 0:
         stop_workers(_start(n, meet, cores, memory, connect_timeout, local_image), timeout=None, kill_after=5.0)
         return 0     # a lost worker is not a failed job
@@ -273,8 +291,13 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
     ctx = PilotRun(lsock, meet["address"], meet["secret"], run_dir, settings, expected_workers=total,
                    grace=grace if grace is not None else settings.grace, tunnel=tunnel)
     own = _start(n, meet, cores, memory, connect_timeout, local_image)
+    ctx.watcher = drain.Watcher(run_dir, drain_key, ctx.drain, job=settings.slurm.job_id, since=started)
     signal.signal(signal.SIGUSR1, ctx.on_walltime)
+    while _EARLY:
+        ctx.watcher.notify(_EARLY.popleft())
+    ctx.watcher.start()     # acts on what already waits before the script makes its first manager
     code = run_script(script, argv, ctx, sigterm=ctx.on_walltime)
+    ctx.watcher.stop()
     released = ctx.release_workers()
     stop_workers(own, timeout=15, kill_after=5.0)
     lsock.close()

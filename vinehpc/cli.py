@@ -87,6 +87,15 @@ def parser() -> argparse.ArgumentParser:
                    help="exit at once when the manager refuses connections (a pilot's workers: the run is over)")
     w.add_argument("-v", "--verbose", action="store_true")
 
+    d = sub.add_parser("drain", help="ask a run to stop dispatching and exit resumable (what the walltime warning does)",
+                       description="Stop dispatching, give running tasks a grace, record what completed, exit "
+                                   "RESUMABLE (75). Authenticated through the run directory (see vinehpc/drain.py).")
+    d.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (a pilot's: vine-run-info/pilot-<script>)")
+    d.add_argument("--grace", type=float, metavar="S", help="seconds running tasks get (default: the run's)")
+    d.add_argument("--job", metavar="ID", help="the Slurm job it is for: the request waits for that job's manager "
+                                               "(vine.sh passes its own); without it, only a run already going acts")
+    d.add_argument("--why", default="user", help="said in the run's output (vine.sh: the signal's name)")
+
     from sysimage_tools.audit.cli import add_parser as add_audit_parser
     add_audit_parser(sub)
 
@@ -114,6 +123,9 @@ def main(argv=None) -> int:
     if args.command == "net":
         from userlevel_net.cli import main as cmd_net
         return cmd_net(args)
+    if args.command == "drain":
+        from .drain import cli as cmd_drain
+        return cmd_drain(args.run_dir, grace=args.grace, job=args.job, why=args.why)
     return {"run": cmd_run, "worker": cmd_worker, "pilot": cmd_pilot}[args.command](args)
 
 

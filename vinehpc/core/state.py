@@ -229,11 +229,19 @@ class Core:
             return
         left = [ts for ts in self.tasks.values() if ts.state == "running"]
         for ts in left:
-            self._cancel(ev.Cancel(ts.tid, "cancelled at the walltime: still running when the %.0f s grace ended"
-                                   % self._drain_grace), now)
-        self._log("drained", cancelled=[ts.tid for ts in left], **{"not run": len(self.tasks)})
+            self._cut(ts, "cut by the walltime: still running when the %g s grace ended" % self._drain_grace)
+        self._log("drained", cut=[ts.tid for ts in left], **{"not run": len(self.tasks)})
         self.drained = True
         self.out.append(Drained())
+
+    def _cut(self, ts, reason):
+        """Stop a running task without a result (the walltime's grace ended): it goes back to the
+        queue, which a draining core never dispatches from, so it is "not run" like the tasks that
+        never started -- not returned by wait(), run by a resubmission -- never a user failure."""
+        self.out.append(KillTask(ts.wid, ts.tid))
+        self._log("not run", task=ts.tid, worker=ts.wid, reason=reason)
+        self._release(ts)
+        self._requeue(ts, front=True)
 
     def _block_host(self, e, now):
         self.blocked.block(e.host, now, seconds=e.seconds, why=e.why)
