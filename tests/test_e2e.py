@@ -22,7 +22,7 @@ import pytest
 
 import vinehpc
 from vinehpc import PythonTask, RemoteTraceback, Task, TaskError
-from vinehpc.protocol import auth, messages, wire
+from vinehpc.protocol import auth, handshake, messages, wire
 
 from conftest import (assert_no_survivors, close_and_check, diagnose, poll, process_tree, read_journal,
                       wait_all, worker_cmd)
@@ -344,6 +344,47 @@ def test_bad_clients_are_rejected_while_the_run_goes_on(manager, spawned):
     assert len(rejected) == 2, rejected                      # bad MAC + wrong-secret worker
     assert len([r for r in recs if r.get("event") == "worker joined"]) == 2
     assert not [r for r in during_run(recs) if r.get("event") in ("worker lost", "requeued")]
+
+
+def _joined_raw_worker(m):
+    """A raw socket that passes the real handshake and joins with valid info (a worker that sends
+    whatever a test wants next)."""
+    s = _connect(m)
+    hs = handshake.Answerer(m.secret, handshake.WORKER)
+    got = b""
+    while hs.receive_data(got) is None:
+        got = s.recv(4096)
+    s.sendall(hs.auth())
+    got = b""
+    while hs.receive_data(got) is None:
+        got = s.recv(4096)
+    s.sendall(messages.encode_bytes(messages.Info(cores=0, memory=0, disk=0, gpus=0, host="raw", pid=1, cached=[],
+                                                  workdir="/nonexistent", version=wire.VERSION)))
+    return s
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name, ctl, why", [
+    ("result", {"id": [1], "status": "success", "wall": 0.1}, "field 'id'"),
+    ("cached", {"cn": "x", "size": "12"}, "field 'size'"),
+    ("result", {"id": 1, "status": "success", "wall": 0.1, "measured": [[1]]}, "field 'measured'"),
+    ("error", {"reason": "r", "surprise": 1}, "unknown field"),
+    ("file", {"cn": "../../escape", "off": 0, "last": True, "size": 1}, "plain file name"),
+])
+def test_malformed_message_from_an_authenticated_worker_drops_only_it(manager, name, ctl, why):
+    m = manager
+    expect = {m.submit(PythonTask(square, i)): i * i for i in range(40)}
+    s = _joined_raw_worker(m)
+    m.wait_for_workers(3, timeout=20)
+    frames = [b"x"] if name == "file" else []
+    s.sendall(wire.encode_bytes(messages.CODES[name], ctl, frames))
+    assert _closed_by_manager(s)[0], "the manager kept a connection that sent a malformed %s" % name
+    got = wait_all(m, len(expect), timeout=60)
+    assert {tid: t.output for tid, t in got.items()} == expect
+    recs = close_and_check(m)
+    lost = [r for r in recs if r.get("event") == "worker lost" and r.get("host") == "raw"]
+    assert lost and "protocol error" in lost[0]["reason"] and why in lost[0]["reason"], lost
+    assert not os.path.exists(os.path.join(m.run_dir, "escape"))
 
 
 # ====================================================================== 6. failures are data

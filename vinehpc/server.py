@@ -24,7 +24,7 @@ from .core import commands as cmd
 from .core.events import (SCHEDULE, TICK, FetchFailed, FileCached, FileFetched, FileResolved, PutFailed, TaskResult,
                           WorkerJoined, WorkerLost)
 from .outputs import discard
-from .protocol import ProtocolError, handshake
+from .protocol import ProtocolError, handshake, messages
 
 log = logging.getLogger("vinehpc.manager")
 HANDSHAKE_TIMEOUT = 10.0
@@ -250,12 +250,17 @@ class Server:
             self._drop(p, "protocol error: %s" % e)
 
     def _message(self, p, name, ctl, frames, now):
+        """Every message after the handshake is decoded and validated (protocol/messages.py) before
+        anything acts on it: a peer that sends an invalid one is dropped (ProtocolError), the run
+        goes on.  Handlers get the typed message, and its control dict (validated) for the ones
+        that hand it on whole."""
+        msg = messages.decode(name, ctl, frames)
         if p.state != "joined":
-            return self._join(p, name, ctl, now)
-        h = getattr(self, "_on_" + name, None)
+            return self._join(p, msg, ctl, now)
+        h = self._handlers.get(type(msg))
         if h is None:
             raise ProtocolError("unexpected message %r from a worker" % name)
-        h(p, ctl, frames, now)
+        h(self, p, msg, ctl, now)
 
     def _handshake(self, p, data):
         """Bytes from a peer not yet authenticated; returns the messages that came behind its auth."""
@@ -274,52 +279,52 @@ class Server:
         rest, p.hs = p.hs.rest, None
         return p.conn.feed(rest)
 
-    def _join(self, p, name, ctl, now):
+    def _join(self, p, msg, ctl, now):
         """The first message after the handshake: the worker's info."""
-        if p.state == "welcomed" and name == "info" and self.release:
+        if p.state == "welcomed" and type(msg) is messages.Info and self.release:
             p.conn.send("exit", {"reason": "the run is over", "final": True})
             p.state = "released"
             self.released += 1
             self.dirty.add(p)
             with self.cond:
                 self.cond.notify_all()
-        elif p.state == "welcomed" and name == "info":
+        elif p.state == "welcomed" and type(msg) is messages.Info:
             p.state = "joined"
             self.peers[p.wid] = p
             ctl.setdefault("host", p.conn.peer.rsplit(":", 1)[0])
             ctl["addr"] = p.conn.peer
             self._feed(WorkerJoined(p.wid, ctl), now)
         else:
-            raise ProtocolError("expected the worker's info, got %r" % name)
+            raise ProtocolError("expected the worker's info, got %r" % msg.NAME)
 
     # ---------------------------------------------------------------- messages from workers
-    def _on_pong(self, p, ctl, frames, now):
+    def _on_pong(self, p, msg, ctl, now):
         pass
 
-    def _on_ping(self, p, ctl, frames, now):
-        p.conn.send("pong")
+    def _on_ping(self, p, msg, ctl, now):
+        p.conn.send_msg(messages.Pong())
         self.dirty.add(p)
 
-    def _on_cached(self, p, ctl, frames, now):
-        self._feed(FileCached(p.wid, str(ctl.get("cn")), ctl.get("size", 0)), now)
+    def _on_cached(self, p, msg, ctl, now):
+        self._feed(FileCached(p.wid, msg.cn, msg.size or 0), now)
 
-    def _on_error(self, p, ctl, frames, now):
-        self.journal.write({"event": "worker error", "worker": p.wid, "reason": ctl.get("reason")})
-        if ctl.get("cn"):
-            self._feed(FetchFailed(ctl["cn"]), now)
+    def _on_error(self, p, msg, ctl, now):
+        self.journal.write({"event": "worker error", "worker": p.wid, "reason": msg.reason})
+        if msg.cn:
+            self._feed(FetchFailed(msg.cn), now)
 
-    def _on_result(self, p, ctl, frames, now):
-        tid = ctl.get("id")
+    def _on_result(self, p, msg, ctl, now):
+        tid = msg.id
         sent = self.sent.get(tid)
         if sent is not None and sent[0] == p.wid:
             del self.sent[tid]
             err = p.out_errors.pop(tid, None)
-            if err and ctl.get("status") == "success":
+            if err and msg.status == "success":
                 ctl["status"], ctl["reason"] = "output missing", err
-        self._feed(TaskResult(p.wid, tid, ctl, frames[0] if frames else None), now)
+        self._feed(TaskResult(p.wid, tid, ctl, msg.value), now)
 
-    def _on_outfile(self, p, ctl, frames, now):
-        tid, remote = ctl.get("id"), ctl.get("remote")
+    def _on_outfile(self, p, msg, ctl, now):
+        tid, remote = msg.id, msg.remote
         sent = self.sent.get(tid)
         key = (tid, remote)
         f = p.parts.get(key)
@@ -329,21 +334,20 @@ class Server:
             dest = next((fl for fl, r in sent[1] if r == remote and fl.kind == "file"), None)
             if dest is None:
                 raise ProtocolError("output %r is not an output of task %s" % (remote, tid))
-            if ctl.get("last") and not ctl.get("tar") and len(frames) == 1:
+            if msg.last and not msg.tar:
                 # the whole file in one chunk: one write in place, no temporary file and rename
                 try:
                     with open(dest.source, "wb") as out:
-                        out.write(frames[0])
+                        out.write(msg.data)
                 except OSError as e:
                     p.out_errors[tid] = "cannot write output %r: %s" % (dest.source, e)
                 dest.invalidate()
                 return
             f = p.parts[key] = Incoming(dest.source, "%s.vinehpc-part-%s" % (dest.source, tid),
-                                        tar=bool(ctl.get("tar")), parents=True)
+                                        tar=msg.tar, parents=True)
             f.output = dest
-        for b in frames:
-            f.write(b)
-        if ctl.get("last"):
+        f.write(msg.data)
+        if msg.last:
             del p.parts[key]
             try:
                 f.finish()
@@ -351,15 +355,16 @@ class Server:
                 p.out_errors[tid] = "cannot write output %r: %s" % (f.dest, e)
             f.output.invalidate()
 
-    def _on_file(self, p, ctl, frames, now):
-        n = str(ctl.get("cn"))
+    def _on_file(self, p, msg, ctl, now):
+        n = msg.cn
         f = p.fetch.get(n)
         if f is None:
+            if "/" in n or n.startswith("."):    # a cache name is one plain file name in staging
+                raise ProtocolError("file message: cache name %r is not a plain file name" % n[:80])
             path = os.path.join(self.staging, n)
             f = p.fetch[n] = Incoming(path, path + ".part")
-        for b in frames:
-            f.write(b)
-        if ctl.get("last"):
+        f.write(msg.data)
+        if msg.last:
             del p.fetch[n]
             try:
                 f.finish()
@@ -368,6 +373,10 @@ class Server:
                 self._feed(FetchFailed(n), now)
                 return
             self._feed(FileFetched(n, f.dest), now)
+
+    _handlers = {messages.Pong: _on_pong, messages.Ping: _on_ping, messages.Cached: _on_cached,
+                 messages.Error: _on_error, messages.Result: _on_result, messages.Outfile: _on_outfile,
+                 messages.File: _on_file}
 
     # ---------------------------------------------------------------- commands from the core
     def _carry(self, cmds):
