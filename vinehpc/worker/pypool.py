@@ -90,7 +90,10 @@ class PyPool:
         if fid not in r.fids:
             _send(r.sock, ("fn", fid, fbytes))
             r.fids.add(fid)
-        if after is None:
+        if after is None or r.tid is None:
+            # (an interpreter presented with a task may have returned its current one in the same
+            # read that the loop is still handing to the state: it is idle, so the task starts now;
+            # queued as `next` it would leave the interpreter marked busy for ever)
             r.tid = tid
         else:
             r.next = tid
