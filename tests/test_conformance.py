@@ -159,3 +159,24 @@ def test_conformance(mode, request, tmp_path):
     assert len(joined) == 2 and all(r["resources"]["cores"] == 1 for r in joined), joined
     assert_no_strays(res.jobid, [manager_address(res.recs), str(tmp_path)], what="(%s)" % mode)
     sys.stderr.write("conformance[%s]: %s checks, %.1f s wall\n" % (mode, ok.group(1), wall))
+
+
+BROKEN = """
+import runpy, sys
+from vinehpc.task import PythonTask
+PythonTask.output = property(lambda self: "not the value")     # the contract broken on the manager's side
+sys.argv = [%r]
+runpy.run_path(%r, run_name="__main__")
+""" % (SUITE, SUITE)
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 60)
+def test_suite_reports_a_broken_contract(tmp_path):
+    """The suite checks results itself: a wrong PythonTask value makes it fail, naming the check."""
+    script = tmp_path / "broken.py"
+    script.write_text(BROKEN)
+    r = _run([PY, "-m", "vinehpc", "run", "-n", "2", str(script)], cwd=tmp_path,
+             env=_env(VINEHPC_RUN_DIR=str(tmp_path / "runs")))
+    assert r.returncode == 1, r.stdout
+    assert re.search(r"^CONFORMANCE FAILED: PythonTask 0 output \| 'not the value'$", r.stdout, re.M), r.stdout
+    assert not OK_LINE.search(r.stdout), r.stdout
