@@ -127,6 +127,16 @@ def process_tree(pids) -> list:
     return list(procs.values())
 
 
+def tree_running(pids, name: str, count: int = 1):
+    """The process tree of `pids` once it holds `count` processes called `name`, else None."""
+    tree = process_tree(pids)
+    try:
+        n = sum(1 for p in tree if p.name() == name)
+    except psutil.NoSuchProcess:
+        return None
+    return tree if n >= count else None
+
+
 def _alive(p: psutil.Process) -> bool:
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE

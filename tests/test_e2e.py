@@ -25,7 +25,7 @@ from vinehpc import PythonTask, RemoteTraceback, Task, TaskError
 from vinehpc.protocol import auth, handshake, messages, wire
 
 from conftest import (assert_no_survivors, close_and_check, diagnose, poll, process_tree, read_journal,
-                      wait_all, worker_cmd)
+                      tree_running, wait_all, worker_cmd)
 
 # Workers cannot import this test module: send its functions by value (what `vinehpc run`
 # does for the user's script directory).
@@ -51,16 +51,6 @@ def during_run(records):
     """Records up to the last task result (workers leaving at close() come after it)."""
     last = max((i for i, r in enumerate(records) if r.get("event") in ("done", "failed")), default=-1)
     return records[:last + 1]
-
-
-def tree_running(pid, name, count=1):
-    """The process tree of `pid` once it holds `count` processes called `name`, else None."""
-    tree = process_tree([pid])
-    try:
-        n = sum(1 for p in tree if p.name() == name)
-    except psutil.NoSuchProcess:
-        return None
-    return tree if n >= count else None
 
 
 def by_task(records, event):
@@ -241,7 +231,7 @@ def test_kill9_of_a_worker_leaves_no_task_process_behind(manager):
     rec = poll(lambda: read_journal(m, "dispatched"), 20, "the task to be dispatched", m=m)
     wid = rec[0]["worker"]
     pid = next(r["pid"] for r in read_journal(m, "worker joined") if r["worker"] == wid)
-    tree = poll(lambda: tree_running(pid, "sleep"), 20, "the worker to start sleep", m=m)
+    tree = poll(lambda: tree_running([pid], "sleep"), 20, "the worker to start sleep", m=m)
     children = [p for p in tree if p.pid != pid]
     names = set()
     for p in children:                      # read before the kill: afterwards they may be gone
@@ -756,7 +746,7 @@ def test_ctrl_c_stops_run_with_130_and_leaves_no_process(tmp_path):
         poll(dispatched, 30, "a dispatched task in %s" % runs)
         assert p.poll() is None, p.communicate()
 
-        tree = poll(lambda: tree_running(p.pid, "sleep", 2), 30, "two running sleep tasks")
+        tree = poll(lambda: tree_running([p.pid], "sleep", 2), 30, "two running sleep tasks")
         names = collections.Counter(q.name() for q in tree)
         assert names["sleep"] == 2 and len(tree) >= 5, names      # run, 2 workers, (2 sh,) 2 sleep
         os.killpg(os.getpgid(p.pid), signal.SIGINT)

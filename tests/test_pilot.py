@@ -624,12 +624,12 @@ def _walltime_past_grace(mpi, tmp_path, mark):
     p = _mpiexec_popen(mpi, tmp_path, WORKLOAD, tmp_path / "wl", "--n", 4, "--sleep", 2,
                        opts=["--manager-node-works", "--grace", "0.5"], env={"VINEHPC_TEST_MARK": mark})
     try:
+        # "once two run": both workers have started their task's interpreter (spawned per task)
         deadline = time.monotonic() + 30
-        while len(events(journal_of(run_dir), "dispatched")) < 2:
-            assert p.poll() is None and time.monotonic() < deadline, "no 2 tasks dispatched\n%s" % (
+        while len(_task_interpreters(mark)) < 2:
+            assert p.poll() is None and time.monotonic() < deadline, "no 2 tasks running\n%s" % (
                 p.communicate()[0] if p.poll() is not None else tail(journal_of(run_dir)))
             time.sleep(0.05)
-        time.sleep(0.3)
         with open(os.path.join(run_dir, "contact.json")) as f:
             os.kill(json.load(f)["pid"], signal.SIGUSR1)       # rank 0, as vine.sh forwards it
         out, _ = p.communicate(timeout=30)
@@ -649,6 +649,18 @@ def _marked_processes(mark) -> list:
         except psutil.Error:
             pass
     return left
+
+
+def _task_interpreters(mark) -> list:
+    """The pilot's running Python task interpreters (vinehpc/worker/pyrunner.py)."""
+    found = []
+    for p in _marked_processes(mark):
+        try:
+            if "pyrunner" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
 
 
 @pytest.mark.timeout(120)

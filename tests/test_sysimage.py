@@ -26,12 +26,13 @@ import time
 import zipfile
 
 import cloudpickle
+import psutil
 import pytest
 
 from sysimage_tools import analyze, deploy, image, julia, pyenv
 from vinehpc import PythonTask, Task
 
-from conftest import wait_all
+from conftest import poll, process_tree, wait_all
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -365,7 +366,8 @@ def test_waiters_block_on_the_unpacker_and_time_out_clearly(tmp_path, pure_image
     local = tmp_path / "local"
     iid = image.image_id(pure_image)
     root = deploy.cache_root(str(local))
-    fd = os.open(os.path.join(root, iid + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    lockpath = os.path.join(root, iid + ".lock")
+    fd = os.open(lockpath, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)       # we are "the unpacker" now
     try:
         p = run(vinehpc_cmd("sysimage", "run", pure_image, "--", "true"),
@@ -373,8 +375,10 @@ def test_waiters_block_on_the_unpacker_and_time_out_clearly(tmp_path, pure_image
         assert p.returncode == 2 and "timed out after 1 s waiting for another process" in p.stderr, p.stderr
         w = subprocess.Popen(vinehpc_cmd("sysimage", "run", pure_image, "--", PY, "-c", "import six; print('ok')"),
                              env=env_with(local), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(1.5)
+        poll(lambda: _has_open(w.pid, lockpath) or w.poll() is not None, 30, "the run to reach the lock")
+        time.sleep(0.5)         # not synchronisation: a window in which it must NOT go on past the lock
         assert w.poll() is None, "did not wait for the lock holder"
+        assert deploy.unpack_log(str(local)) == [] and not any(e.startswith(".tmp-") for e in cache_entries(local))
         os.makedirs(os.path.join(root, ".tmp-%s-deadbeef" % iid, "site"))    # a dead unpacker's leftovers
     finally:
         os.close(fd)
@@ -382,6 +386,18 @@ def test_waiters_block_on_the_unpacker_and_time_out_clearly(tmp_path, pure_image
     assert w.returncode == 0 and out.strip() == "ok", err
     assert [e for e in cache_entries(local) if e.startswith(".tmp-")] == []
     assert len(deploy.unpack_log(str(local))) == 1
+
+
+def _has_open(pid, path) -> bool:
+    """Whether process `pid` (or a descendant) has `path` open."""
+    path = os.path.realpath(path)
+    for p in process_tree([pid]):
+        try:
+            if any(os.path.realpath(f.path) == path for f in p.open_files()):
+                return True
+        except psutil.Error:
+            pass
+    return False
 
 
 def test_ensure_local_api_for_the_worker(tmp_path, pure_image):

@@ -18,6 +18,7 @@ import base64
 
 import pytest
 
+from conftest import poll
 from slurm_fixture import require
 import netns_topo
 from userlevel_net.egress import Egress, Policy, Rule
@@ -307,17 +308,19 @@ def test_wrong_secret_refused_by_egress(bed):
         time.sleep(0.05)
 
 
-def test_failures_map_to_errors_while_other_streams_go_on(bed, proxy):
+def test_failures_map_to_errors_while_other_streams_go_on(bed, proxy, tmp_path):
     t = bed.topo
     results = {}
+    files = [tmp_path / ("big-%d" % i) for i in range(4)]
 
     def download(i):
-        results[i] = _curl(bed, proxy, "-x", proxy.env["ALL_PROXY"], _url(bed, "big"))
+        results[i] = _curl(bed, proxy, "-o", str(files[i]), "-x", proxy.env["ALL_PROXY"], _url(bed, "big"))
     ths = [threading.Thread(target=download, args=(i,)) for i in range(4)]
     for th in ths:
         th.start()
     try:
-        time.sleep(0.3)
+        # the 4 streams are under way: bytes of each have come through the tunnel
+        poll(lambda: all(f.exists() and f.stat().st_size > 0 for f in files) or results, 60, "the downloads to start")
         # closed port on data: refused (SOCKS 0x05, HTTP 502)
         assert t.call_in(t.compute, socks_request, proxy, t.data_ip, 1) == ("reply", 0x05)
         assert t.call_in(t.compute, http_connect, proxy, "%s:1" % t.data_ip) == 502
@@ -331,9 +334,9 @@ def test_failures_map_to_errors_while_other_streams_go_on(bed, proxy):
         for th in ths:
             th.join(150)
     for i in range(4):
-        rc, out, err = results[i]
+        rc, _, err = results[i]
         assert rc == 0, err
-        assert hashlib.sha256(out).hexdigest() == bed.sha["big"]
+        assert hashlib.sha256(files[i].read_bytes()).hexdigest() == bed.sha["big"]
 
 
 def test_allow_list_denies_at_the_egress(bed, egress):
@@ -647,7 +650,12 @@ s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("127.0.0.1", 53))
 print("ready", flush=True)
 while True:
-    s.recvfrom(4096)          # a name server that never answers
+    q, _ = s.recvfrom(4096)   # a name server that never answers; it says which name it was asked
+    i, labels = 12, []
+    while i < len(q) and q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode("ascii", "replace"))
+        i += 1 + q[i]
+    print(".".join(labels), flush=True)
 """
 
 
@@ -668,10 +676,14 @@ def test_names_nobody_answers_for_do_not_hold_up_other_names(bed, tmp_path):
 
             def ask(i):
                 slow[i] = t.call_in(t.compute, socks_request, p, "slow-%d.example" % i, 80)
+            asked = set()
+            threading.Thread(target=lambda: asked.update(line.strip().decode() for line in dns.stdout),
+                             daemon=True).start()
             ths = [threading.Thread(target=ask, args=(i,)) for i in range(30)]
             for th in ths:
                 th.start()
-            time.sleep(0.3)                       # (they are at the egress's resolver by now)
+            # all 30 lookups are under way at the egress's resolver: the name server was asked each name
+            poll(lambda: all("slow-%d.example" % i in asked for i in range(30)), 30, "the 30 lookups")
             t0 = time.monotonic()
             assert t.call_in(t.compute, socks_request, p, t.data_name, bed.port) == ("reply", 0)
             took = time.monotonic() - t0

@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from conftest import assert_no_survivors, process_tree
 from slurm_fixture import require
 from userlevel_net import ns, probe as P
 
@@ -135,7 +136,7 @@ def test_probe_verdicts(listening):
 
 def test_probe_timeout_is_bounded(monkeypatch):
     def slow(*a, **kw):
-        time.sleep(5)
+        time.sleep(5)       # not synchronisation: the resolver that does not answer (the probe must not wait)
     monkeypatch.setattr(socket, "getaddrinfo", slow)
     t0 = time.monotonic()
     r = P.resolve("hangs.example", 80, timeout=0.3)
@@ -310,15 +311,15 @@ def test_ns_exit_code_and_signals(netns):
                          stderr=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "ready"
+        tree = process_tree([p.pid])            # slirp4netns and the command, while they run
+        assert any(q.name() == "slirp4netns" for q in tree), [q.cmdline() for q in tree]
         p.send_signal(signal.SIGTERM)
         assert p.wait(20) == 77
     finally:
         if p.poll() is None:
             p.kill()
     # and slirp4netns is gone with it
-    time.sleep(0.2)
-    left = subprocess.run(["pgrep", "-P", str(p.pid)], stdout=subprocess.PIPE, text=True).stdout.split()
-    assert left == []
+    assert_no_survivors(tree, timeout=10, what="processes of `vinehpc net ns`")
 
 
 def test_ns_tunnel_allows_only_the_proxy(netns, http_server):

@@ -27,7 +27,7 @@ import vinehpc
 from vinehpc import drain
 from vinehpc.protocol import auth
 
-from conftest import assert_no_survivors, journal_tail, poll, process_tree, read_journal
+from conftest import assert_no_survivors, journal_tail, poll, process_tree, read_journal, tree_running
 from test_pilot import (WORKLOAD, BackgroundPilot, assert_no_strays, events, job_env, journal_of, manager_address,
                         sessions, submit_pilot, tail, workload_line)
 
@@ -201,8 +201,8 @@ def test_task_running_past_the_grace_is_cut_not_run_and_not_returned(make_manage
     m.submit(t)
     waiting = vinehpc.Task("true")
     m.submit(waiting)
-    poll(lambda: read_journal(m, "dispatched"), 30, "the task to start", m=m)
-    tree = process_tree(m._local.pids())
+    tree = poll(lambda: tree_running(m._local.pids(), "sleep"), 30, "the task's sleep to start", m=m)
+    sleeps = [p for p in tree if _name(p) == "sleep"]      # read while it runs: a dead process has no name
     m.drain(0.3)
     t0 = time.monotonic()
     with pytest.raises(vinehpc.Resumable, match="2 task"):
@@ -220,7 +220,6 @@ def test_task_running_past_the_grace_is_cut_not_run_and_not_returned(make_manage
     assert drained == [dict(drained[0], cut=[t.id], **{"not run": 2})], drained
     assert not [r for r in recs if r.get("event") in ("failed", "done")], journal_tail(m)
     # the task's process was killed (its worker lives on)
-    sleeps = [p for p in tree if "sleep" in _cmdline(p)]
     assert_no_survivors(sleeps, timeout=10, what="the cut task's process")
 
 
@@ -249,9 +248,9 @@ def test_usr1_sent_to_a_worker_and_its_interpreters_kills_nothing(make_manager, 
     assert not read_journal(m, "worker lost"), journal_tail(m)
 
 
-def _cmdline(p) -> str:
+def _name(p) -> str:
     try:
-        return " ".join(p.cmdline())
+        return p.name()
     except psutil.Error:       # gone since process_tree() listed it
         return ""
 
