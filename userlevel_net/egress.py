@@ -206,7 +206,9 @@ class Egress:
                 if self._waiting:
                     # full: a connection kept ready by some proxy gives way (it opens a fresh one)
                     oldest = next(iter(self._waiting))
-                    del self._waiting[oldest]
+                    gone = self._waiting.pop(oldest)
+                    self._stats[gone[0]] -= 1      # now: the new stream takes its place at once
+                    gone[0] = None                 # (counted off here, not again when it ends)
                     oldest.cancel()
                 else:
                     log.warning("stream from %s:%d refused: %d streams open (max_streams)", peer[0], peer[1],
@@ -217,10 +219,10 @@ class Egress:
             self._stats["waiting"] += 1
             c.setblocking(False)
             tune(c)
-            state = ["waiting", False]     # [which counter holds it, has its coroutine started]
+            state = ["waiting", False]     # [which counter holds it (None: none), has its coroutine started]
             t = loop.create_task(self._stream(c, peer, state))
             self._tasks.add(t)
-            self._waiting[t] = None
+            self._waiting[t] = state
             t.add_done_callback(functools.partial(self._stream_ended, c, state))
 
     def _stream_ended(self, c, state, t):
@@ -228,7 +230,8 @@ class Egress:
         self._waiting.pop(t, None)
         if not state[1]:                   # cancelled before it ran: account for it here
             c.close()
-            self._stats[state[0]] -= 1
+            if state[0] is not None:
+                self._stats[state[0]] -= 1
 
     async def _resolve(self, loop, host, port):
         """getaddrinfo on the egress's own resolver threads (RESOLVER_THREADS; asyncio's default
@@ -266,7 +269,8 @@ class Egress:
             log.exception("stream from %s:%d", peer[0], peer[1])
         if d is None:
             c.close()
-            self._stats[state[0]] -= 1
+            if state[0] is not None:
+                self._stats[state[0]] -= 1
             return
         sock, dest, first = d
         r = None
