@@ -542,3 +542,27 @@ def test_building_a_message_with_a_wrong_keyword_fails():
         messages.Kill()
     with pytest.raises(TypeError, match="data"):
         messages.Fn(fid="f")
+
+
+def test_recv_bytes_is_recv_without_a_fresh_buffer_per_read():
+    # the reused per-thread buffer must never leak one read's bytes into another's result
+    from vinehpc.comm.conn import SCRATCH, recv_bytes
+    a, b = socket.socketpair()
+    try:
+        a.sendall(b"x" * 1000)
+        assert recv_bytes(b, 1 << 18) == b"x" * 1000
+        a.sendall(b"yz")
+        first = recv_bytes(b, 1 << 18)
+        assert first == b"yz" and isinstance(first, bytes)
+        a.sendall(b"0123456789")
+        assert recv_bytes(b, 4) == b"0123"                     # never more than asked
+        assert recv_bytes(b, SCRATCH + 1) == b"456789"         # a large read: plain recv
+        assert first == b"yz"                                  # results are copies, not views
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            recv_bytes(b, 1 << 18)
+        a.close()
+        assert recv_bytes(b, 1 << 18) == b""                  # EOF as recv reports it
+    finally:
+        a.close()
+        b.close()

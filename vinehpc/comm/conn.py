@@ -10,10 +10,31 @@ from __future__ import annotations
 import collections
 import os
 import socket
+import threading
 
 from ..protocol import messages, wire
 
 IOV_MAX = 512
+SCRATCH = 1 << 20       # reads up to this size go through recv_bytes' reused buffer
+
+
+def recv_bytes(sock: socket.socket, size: int) -> bytes:
+    """sock.recv(size) (same result, same exceptions, b"" on EOF) without a fresh `size`-byte
+    allocation per call.  Why: recv(n) allocates n bytes and shrinks them to what arrived; for
+    n >= 128 KiB glibc serves that with mmap, so each read also cost an mmap, page faults, an
+    mremap and a munmap, a large share of the worker's CPU per task on short tasks (whether it
+    happened depended on the allocator's history).  Reads up to SCRATCH land in one buffer per
+    thread, reused, and only what arrived is copied out."""
+    if size > SCRATCH:
+        return sock.recv(size)      # a large file's chunk: one allocation per megabytes is fine
+    view = getattr(_scratch, "view", None)
+    if view is None:
+        view = _scratch.view = memoryview(bytearray(SCRATCH))
+    n = sock.recv_into(view, size)
+    return view[:n].tobytes()
+
+
+_scratch = threading.local()    # per thread: the manager's I/O thread and a worker's loop read at once
 
 
 class Closed(Exception):
@@ -128,7 +149,7 @@ class Connection:
         """Read what is available (b"" if nothing is). Raises Closed on EOF."""
         try:
             # a big frame on its way (a file): take it in large reads; else small ones
-            data = self.sock.recv(min(max(self.dec.missing(), 1 << 18), 8 << 20))
+            data = recv_bytes(self.sock, min(max(self.dec.missing(), 1 << 18), 8 << 20))
         except (BlockingIOError, InterruptedError):
             return b""
         except OSError as e:

@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 
+from ..comm.conn import recv_bytes
 from .process import signal_name
 
 LEN = struct.Struct("!I")
@@ -119,7 +120,7 @@ class PyPool:
     def readable(self, r) -> list:
         """(tid, (result, stdout, wall, cpu)) for finished tasks; (tid, None) if the interpreter died."""
         try:
-            data = r.sock.recv(1 << 20)
+            data = recv_bytes(r.sock, 1 << 20)
         except (BlockingIOError, InterruptedError):
             return []
         except OSError:
