@@ -189,8 +189,17 @@ class PyPool:
 
 def _send(sock, obj):
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    data = LEN.pack(len(data)) + data
+    # a task's message nearly always fits the socket's buffer: try once without blocking, and
+    # pay the two mode switches (two syscalls) only for what did not fit
+    try:
+        n = sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        n = 0
+    if n == len(data):
+        return
     sock.setblocking(True)
     try:
-        sock.sendall(LEN.pack(len(data)) + data)
+        sock.sendall(memoryview(data)[n:])
     finally:
         sock.setblocking(False)

@@ -34,11 +34,12 @@ def exhausted_reason(x) -> str:
 
 class Run:
     """One task on this worker."""
-    __slots__ = ("spec", "args", "state", "started", "deadline", "waiting_for", "killed", "image", "exhausted",
-                 "gpus", "runner")
+    __slots__ = ("spec", "res", "args", "state", "started", "deadline", "waiting_for", "killed", "image",
+                 "exhausted", "gpus", "runner")
 
     def __init__(self, spec, args):
         self.spec = spec
+        self.res = spec.res        # read ~20 times per task on the hot path: a slot, not a property
         self.args = args
         self.state = "waiting"     # waiting -> queued (-> presented) -> running -> done
         self.started = None
@@ -49,10 +50,6 @@ class Run:
         self.exhausted = None      # {"resource", "used", "allocated"} if it went over its allocation
         self.gpus = ()             # the device ids it holds while it runs
         self.runner = None         # the interpreter it runs on / is presented to
-
-    @property
-    def res(self):
-        return self.spec.res
 
 
 class WorkerState:
@@ -171,7 +168,12 @@ class WorkerState:
 
     def _fits(self, r) -> bool:
         # a task larger than the whole worker still runs, alone (the manager sized it)
-        return all(not r.res[k] or self.used[k] + r.res[k] <= self.total[k] or self.used[k] == 0 for k in RES)
+        res, used, total = r.res, self.used, self.total
+        for k in RES:      # a plain loop: this runs for every queued task on every start attempt
+            n = res[k]
+            if n and used[k] and used[k] + n > total[k]:
+                return False
+        return True
 
     def _start_queued(self):
         q = self.queue
