@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""CPU per task on each side: the workers, their Python interpreters, the manager's I/O thread
+and the manager's whole process, for N no-op PythonTasks through standalone worker processes.
+
+    python benchmarks/per_task_cpu.py [--workers 2] [--tasks 3000]
+
+Run by hand (not a test). To compare two checkouts, alternate runs of each with PYTHONPATH set
+to the checkout (the workers inherit it):
+
+    PYTHONPATH=/path/to/old python /path/to/old/benchmarks/per_task_cpu.py
+    PYTHONPATH=$PWD python benchmarks/per_task_cpu.py
+
+Absolute figures are noise on a shared 2-core machine; compare runs made one after the other.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+
+from vinehpc import Manager, PythonTask
+
+
+def noop(i):
+    return i
+
+
+def _cpu(procs):
+    return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--tasks", type=int, default=3000)
+    a = ap.parse_args()
+    run_dir = tempfile.mkdtemp(prefix="vinehpc-cpu-")
+    m = Manager(port=0, host="127.0.0.1", run_dir=run_dir)
+    env = dict(os.environ, VINEHPC_SECRET=m.secret)
+    ws = [subprocess.Popen([sys.executable, "-m", "vinehpc", "worker", "127.0.0.1:%d" % m.port, "--cores", "1",
+                            "--no-reconnect"], env=env) for _ in range(a.workers)]
+    try:
+        m.wait_for_workers(a.workers, 60)
+        for i in range(20):                       # warm-up: interpreters started, function sent
+            m.submit(PythonTask(noop, i))
+        for _ in range(20):
+            m.wait(30)
+        workers = [psutil.Process(w.pid) for w in ws]
+        kids = [k for w in workers for k in w.children(recursive=True)]
+        w0, k0, io0, p0 = _cpu(workers), _cpu(kids), m.manager_cpu_seconds, time.process_time()
+        t0 = time.perf_counter()
+        for i in range(a.tasks):
+            m.submit(PythonTask(noop, i))
+        n = 0
+        deadline = time.monotonic() + 600
+        while n < a.tasks and time.monotonic() < deadline:
+            if m.wait(10) is not None:
+                n += 1
+        dt = time.perf_counter() - t0
+        us = 1e6 / a.tasks
+        print("%d tasks, %d workers: %.0f tasks/s; CPU per task: workers %.0f us, interpreters %.0f us, "
+              "manager I/O thread %.0f us, manager process %.0f us"
+              % (n, a.workers, n / dt, (_cpu(workers) - w0) * us, (_cpu(kids) - k0) * us,
+                 (m.manager_cpu_seconds - io0) * us, (time.process_time() - p0) * us))
+    finally:
+        m.close()
+        for w in ws:
+            try:
+                w.wait(20)
+            except subprocess.TimeoutExpired:
+                w.kill()
+
+
+if __name__ == "__main__":
+    main()
