@@ -23,7 +23,6 @@ from .comm.receive import Incoming
 from .core import commands as cmd
 from .core.events import (SCHEDULE, TICK, FetchFailed, FileCached, FileFetched, FileResolved, PutFailed, TaskResult,
                           WorkerJoined, WorkerLost)
-from .outputs import discard
 from .protocol import ProtocolError, handshake, messages
 
 log = logging.getLogger("vinehpc.manager")
@@ -221,7 +220,7 @@ class Server:
             pass
         p.conn.close()
         for f in list(p.parts.values()) + list(p.fetch.values()):
-            discard(f)
+            f.abort()           # a file that was arriving (comm.receive.Incoming): nothing of it stays
         now = time.monotonic()
         for n in p.fetch:
             self._feed(FetchFailed(n), now)
