@@ -136,7 +136,7 @@ def test_every_state_but_done_can_end_and_done_is_final():
 @pytest.mark.parametrize("frm, to", [("new", "running"), ("waiting", "running"), ("running", "waiting"),
                                      ("done", "ready"), ("done", "done")])
 def test_an_illegal_transition_raises(frm, to):
-    ts = TaskState(new_task(), [], {}, 0.0)
+    ts = TaskState(new_task(), [], {})
     ts.state = frm
     with pytest.raises(InvalidTransition, match="%s -> %s" % (frm, to)):
         transition(ts, to)

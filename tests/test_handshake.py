@@ -1,7 +1,7 @@
 """The sans-I/O handshake (vinehpc/protocol/handshake.py): both sides in memory, no sockets."""
 import pytest
 
-from vinehpc.protocol import ProtocolError, auth, handshake, messages, wire
+from vinehpc.protocol import ProtocolError, auth, messages, wire
 from vinehpc.protocol.handshake import TUNNEL, WORKER, Answerer, AuthFailed, Greeter
 
 DEST = {"host": "example.org", "port": 443}

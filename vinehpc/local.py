@@ -1,7 +1,7 @@
 """Worker processes on this machine: the one way the engine and the launchers start and stop them.
 
-Manager(local_workers=N) uses LocalWorkers; `vinehpc run` (launcher/local.py) and `vinehpc
-pilot` (launcher/pilot.py) use start_workers/stop_workers.  Here, in the engine, because the
+Manager(local_workers=N) and `vinehpc run` (launcher/local.py) use LocalWorkers; `vinehpc pilot`
+(launcher/pilot.py) uses start_workers/stop_workers.  Here, in the engine, because the
 engine never imports launcher/.
 """
 from __future__ import annotations

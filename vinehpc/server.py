@@ -41,8 +41,8 @@ class Peer:
         self.since = now
         self.last_recv = now
         self.last_send = now
-        self.parts = {}          # (tid, remote) -> open file for an output being received
-        self.fetch = {}          # cachename -> open file for a temp being fetched
+        self.parts = {}          # (tid, remote) -> comm.receive.Incoming: an output being received
+        self.fetch = {}          # cachename -> comm.receive.Incoming: a temp being fetched
         self.out_errors = {}     # tid -> why an output could not be written
         self.writing = False     # registered for EVENT_WRITE (the socket was full)
 

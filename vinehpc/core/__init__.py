@@ -2,7 +2,7 @@
 
     cmds = core.handle(event, now)      # events.py in, commands.py out
 
-state.py holds the Core and its events, placement.py the scheduling pass, tasks.py the
+state.py holds the Core and its event handlers, placement.py the scheduling pass, tasks.py the
 per-task record and its transition table, workers.py the per-worker record and the blocklist.
 """
 from . import commands, events

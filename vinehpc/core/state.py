@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import copy
 
-from ..protocol.messages import RES
 from ..scheduler import make as make_policy
 from . import events as ev
 from .categories import LEARNED, Category
@@ -183,7 +182,7 @@ class Core:
     # ------------------------------------------------------------------ user events
     def _submit(self, e, now, front=False):
         task = e.task
-        ts = self.tasks[task.id] = TaskState(task, e.inputs, task_resources(task), now, pin=e.pin,
+        ts = self.tasks[task.id] = TaskState(task, e.inputs, task_resources(task), pin=e.pin,
                                              on_start=e.on_start, on_done=e.on_done)
         if task.id >= 0:
             self.counts["submitted"] += 1
@@ -200,7 +199,7 @@ class Core:
 
     def _resumed(self, e, now):
         task = e.task
-        ts = self.tasks[task.id] = TaskState(task, [], task_resources(task), now, on_done=e.on_done)
+        ts = self.tasks[task.id] = TaskState(task, [], task_resources(task), on_done=e.on_done)
         self.counts["submitted"] += 1
         for f, _ in task.outputs:
             if f.kind == "temp":
@@ -306,7 +305,7 @@ class Core:
 
     # ------------------------------------------------------------------ worker events
     def _worker_joined(self, e, now):
-        w = self.workers[e.wid] = WorkerState(e.wid, e.info, now)
+        w = self.workers[e.wid] = WorkerState(e.wid, e.info)
         for n in w.cached:
             if n.startswith("temp-"):
                 self.replicas[n].add(e.wid)

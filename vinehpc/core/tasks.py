@@ -29,9 +29,9 @@ class InvalidTransition(RuntimeError):
 class TaskState:
     __slots__ = ("task", "tid", "state", "wid", "res", "whole", "alloc_version", "grown", "tries", "exhaustions",
                  "avoid", "passed_since", "warned", "inputs", "dispatched_at", "pin", "on_start", "on_done",
-                 "attempts", "worker", "host", "exit_code", "stdout", "wall", "measured", "output", "submitted_at")
+                 "attempts", "worker", "host", "exit_code", "stdout", "wall", "measured", "output")
 
-    def __init__(self, task, inputs, res, now, pin=None, on_start=None, on_done=None):
+    def __init__(self, task, inputs, res, pin=None, on_start=None, on_done=None):
         self.task = task
         self.tid = task.id
         self.state = "new"
@@ -53,7 +53,6 @@ class TaskState:
         self.attempts = 0
         self.worker = self.host = None    # where its last result came from
         self.exit_code = self.stdout = self.wall = self.measured = self.output = None
-        self.submitted_at = now
 
     def __repr__(self):
         return "<TaskState %s %s on %s>" % (self.tid, self.state, self.wid)

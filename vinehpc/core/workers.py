@@ -7,10 +7,10 @@ from ..protocol.messages import RES   # defined once, for both sides
 
 
 class WorkerState:
-    __slots__ = ("wid", "host", "total", "committed", "tasks", "cached", "fns", "joined",
+    __slots__ = ("wid", "host", "total", "committed", "tasks", "cached", "fns",
                  "outstanding", "info", "warned")
 
-    def __init__(self, wid, info, now):
+    def __init__(self, wid, info):
         self.wid = wid
         self.info = info
         self.host = info.get("host", "?")
@@ -19,7 +19,6 @@ class WorkerState:
         self.tasks = set()
         self.cached = set(info.get("cached") or ())
         self.fns = set()
-        self.joined = now
         self.outstanding = 0
         self.warned = False
 

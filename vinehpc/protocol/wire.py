@@ -35,12 +35,7 @@ _json = json.JSONEncoder(separators=(",", ":")).encode   # built once: json.dump
 
 def encode(code: int, ctl: dict | None = None, frames=()) -> list:
     """Return the message as a list of buffers (header+lengths+ctl first, then the frames)."""
-    body = _json(ctl).encode() if ctl else b"{}"
-    n = len(frames)
-    head = HEADER.pack(MAGIC, VERSION, code, n, len(body))
-    if n:
-        head += struct.pack("!%dQ" % n, *[len(f) for f in frames])
-    out = [head + body]
+    out = [encode_head(code, ctl, [len(f) for f in frames])]
     out.extend(frames)
     return out
 

@@ -15,7 +15,7 @@ import tempfile
 from ..comm import file_chunks
 from . import monitor
 from .events import (Exhausted, FileStored, InterpreterDied, OnInterpreter, PresentTask, StartFailed,
-                     TaskFinished, check_cachename)
+                     TaskFinished)
 from .monitor import Monitor
 from .process import CommandProcess
 from .sandbox import Sandbox, SandboxError
@@ -245,7 +245,7 @@ class Execution:
                 continue    # a failed task's outputs are not installed
             if o.kind == "temp":
                 try:
-                    self.cache.adopt(check_cachename(o.cachename), p)
+                    self.cache.adopt(o.cachename, p)   # adopt checks the name
                     temps.append(o.cachename)
                 except (OSError, ValueError) as e:
                     status, reason = "output missing", "cannot keep temp output %r: %s" % (o.remote, e)

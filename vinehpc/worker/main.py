@@ -144,7 +144,6 @@ class Worker(Loop):
         except handshake.AuthFailed:
             raise PermissionError("the manager at %s:%d did not prove it knows the secret: refusing to run its tasks"
                                   % self.addr) from None
-        self.wid = welcome.wid
         self._tunnel(welcome.tunnel)
         if welcome.keepalive:
             self.ka = (float(welcome.keepalive[0]), float(welcome.keepalive[1]))
