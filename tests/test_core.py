@@ -344,6 +344,48 @@ def test_big_task_does_not_block_smaller_ones(sim):
     assert sim.core.ready[0] == big.id                # still first in line
 
 
+def test_every_too_big_task_is_warned_about_once(sim):
+    ts = [sim.submit(new_task(cores=4)) for _ in range(3)]
+    sim.join(1)
+    for _ in range(2):
+        sim.schedule()
+    assert sorted(w["task"] for w in logs(sim.take(), "warning")) == [t.id for t in ts]
+
+
+def _count_fits(monkeypatch):
+    calls = []
+    real = placement._fits
+    monkeypatch.setattr(placement, "_fits", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_a_pass_skips_full_workers_without_trying_the_queue(sim, monkeypatch):
+    """Thousands of queued tasks behind full workers: a pass looks at no worker for them."""
+    sim.join(1, cores=1)
+    sim.join(2, cores=1)
+    tasks = [sim.submit(new_task()) for _ in range(1000)]
+    first = dict((tid, wid) for wid, tid in dispatched(sim.pass_()))
+    assert sorted(first) == [tasks[0].id, tasks[1].id]
+    calls = _count_fits(monkeypatch)
+    assert sim.schedule() == 0
+    assert calls == []
+    sim.ok(first[tasks[0].id], tasks[0])
+    assert dispatched(sim.pass_()) == [(first[tasks[0].id], tasks[2].id)]     # room again: the next one goes
+
+
+def test_tasks_of_a_shape_that_fit_nowhere_are_tried_once_per_pass(sim, monkeypatch):
+    """Cores free but memory full: the first of 200 alike tasks is tried on each worker, the
+    others are passed over as its shape; a smaller task behind them still starts (backfill)."""
+    sim.join(1, cores=8, memory=1000)
+    first = sim.submit(new_task(memory=900))
+    for _ in range(200):
+        sim.submit(new_task(memory=600))
+    small = sim.submit(new_task(memory=50))
+    calls = _count_fits(monkeypatch)
+    assert dispatched(sim.take() + sim.pass_()) == [(1, first.id), (1, small.id)]
+    assert len(calls) == 3
+
+
 def test_a_pinned_task_runs_only_on_its_worker_and_fails_when_it_is_gone(sim):
     sim.join(1)
     sim.join(2, host="h2")

@@ -30,6 +30,14 @@ def _factor(core, category) -> int:
     return PREFETCH_FACTOR if c[1] < TINY_TASK else 2
 
 
+def _top_factor(core) -> int:
+    """The largest factor any ready task can have: a worker with that many times its cores
+    committed has room for none (every task takes a core), so a pass does not look at it."""
+    if len(core.cat) > 64:
+        return PREFETCH_FACTOR      # not worth the walk: the bound that always holds
+    return max((_factor(core, c) for c in core.cat), default=1)
+
+
 def _fits(w, ts, factor):
     r = ts.res
     tot, com = w.total, w.committed
@@ -53,8 +61,8 @@ def schedule(core, now) -> int:
     if not core.ready or not core.workers or core.drain_deadline is not None:
         return 0
     blocked = core.blocked
-    free = [w for w in core.workers.values() if w.committed["cores"] < w.total["cores"] * PREFETCH_FACTOR
-            and not blocked(w, now)]
+    top = _top_factor(core)
+    free = [w for w in core.workers.values() if w.committed["cores"] < w.total["cores"] * top and not blocked(w, now)]
     if not free:
         return 0
     n = 0
@@ -62,6 +70,11 @@ def schedule(core, now) -> int:
     scanned = 0
     keep = _reservation(core, now)
     passed = 0                       # skipped[:passed] are known to have been passed over
+    # Task shapes (category, request, pin-free, no temps) that fit no free worker in this pass ->
+    # "too big for every worker": within a pass room only shrinks, so the next task of a known
+    # shape is passed over without trying every worker again (a queue of thousands of alike tasks
+    # behind full workers was tried task by task on every loop turn).
+    misses = {}
     tasks = core.tasks
     while core.ready and free and scanned < SCAN_LIMIT:
         tid = core.ready.popleft()
@@ -74,36 +87,51 @@ def schedule(core, now) -> int:
             core._make_ready_or_wait(ts)   # waits for (and re-runs) the temp's producer
             continue
         if not ts.grown:
-            # decided (again) as the category learns, until it is sent; a retry-larger is kept
+            # decided (again) as the category learns, until it is sent; a retry-larger is kept.
+            # A fixed category learns nothing: its version moves with every result, its allocation never.
             c = core.categories.get(task.category)
-            version = c._version if c is not None else 0
+            version = c._version if c is not None and c.mode != "fixed" else 0
             if ts.alloc_version != version:
                 core._allocate(ts)
                 ts.alloc_version = version
-        factor = _factor(core, task.category)
-        cands = [w for w in free if (w.wid != keep or tid == core.reserved[1]) and _fits(w, ts, factor)]
-        if ts.avoid is not None and len(cands) > 1:
-            cands = [w for w in cands if w.wid != ts.avoid] or cands   # elsewhere, if anywhere else
-        if ts.pin is not None:
-            if ts.pin not in core.workers:
-                core._finish(ts, "failed", "worker %s, the only one this task may run on, is gone" % ts.pin)
-                continue
-            cands = [w for w in cands if w.wid == ts.pin]
         holders = _temp_holders(core, task)
-        if holders is not None:
-            near = [w for w in cands if w.wid in holders]
-            if not near and cands:
-                _fetch_temps(core, task)
-            cands = near
+        shape = None
+        if holders is None and ts.pin is None and ts.avoid is None and (keep is None or tid != core.reserved[1]):
+            r = ts.res
+            shape = (task.category, r["cores"], r["memory"], r["disk"], r["gpus"], tuple(ts.whole))
+        too_big = misses.get(shape)
+        if too_big is None:
+            factor = _factor(core, task.category)
+            cands = [w for w in free if (w.wid != keep or tid == core.reserved[1]) and _fits(w, ts, factor)]
+            if ts.avoid is not None and len(cands) > 1:
+                cands = [w for w in cands if w.wid != ts.avoid] or cands   # elsewhere, if anywhere else
+            if ts.pin is not None:
+                if ts.pin not in core.workers:
+                    core._finish(ts, "failed", "worker %s, the only one this task may run on, is gone" % ts.pin)
+                    continue
+                cands = [w for w in cands if w.wid == ts.pin]
+            if holders is not None:
+                near = [w for w in cands if w.wid in holders]
+                if not near and cands:
+                    _fetch_temps(core, task)
+                cands = near
+            if not cands:
+                too_big = not any(fits_empty(w, ts) for w in core.workers.values())
+                if shape is not None:
+                    misses[shape] = too_big
+        else:
+            cands = None       # a task of the same shape fit nowhere in this pass: neither does this one
         if not cands:
             skipped.append(tid)
-            if not ts.warned and not any(fits_empty(w, ts) for w in core.workers.values()):
+            if not ts.warned and too_big:
                 ts.warned = True
                 core._log("warning", task=tid, reason="no connected worker is large enough for %s" % ts.res)
             elif keep is None and holders is None:
                 since = ts.passed_since
                 if since is not None and now - since >= RESERVE_AFTER:
                     keep = _reserve(core, ts, now)
+                    if keep is not None:
+                        misses.clear()      # that worker is now closed to the others
             continue
         w = core.policy.choose(ts, cands)
         _dispatch(core, ts, w, now)
@@ -115,8 +143,9 @@ def schedule(core, now) -> int:
         passed = len(skipped)
         if core.reserved is not None and core.reserved[1] == tid:
             core.reserved = keep = None
+            misses.clear()                  # the kept worker is open to every task again
         n += 1
-        if w.committed["cores"] >= w.total["cores"] * PREFETCH_FACTOR:
+        if w.committed["cores"] >= w.total["cores"] * top:
             free.remove(w)
     if skipped:
         core.ready.extendleft(reversed(skipped))
