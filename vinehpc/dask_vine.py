@@ -13,6 +13,7 @@ dask is imported here only, inside get(): vinehpc imports without it.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import queue
@@ -136,7 +137,7 @@ class DaskVine(Manager):
     its __cause__; the graph's other tasks are cancelled.
     """
 
-    _graphs = 0
+    _graph_ids = itertools.count(1)     # names each get()'s directory of values brought back
 
     def get(self, dsk, keys, *, resources=None, resources_mode=None, environment=None, extra_files=None,
             env_vars=None, worker_transfers=True, lazy_transfers=True, checkpoint_fn=None, retries=5,
@@ -154,10 +155,9 @@ class DaskVine(Manager):
         if isinstance(environment, (str, os.PathLike)):
             environment = self.declare_image(environment)
         graph, targets, dependents, ordered = _plan(dsk, keys)
-        DaskVine._graphs += 1
         files_dir = None
         if not (worker_transfers and lazy_transfers) or checkpoint_fn is not None:
-            files_dir = os.path.join(self.run_dir, "dask", str(DaskVine._graphs))
+            files_dir = os.path.join(self.run_dir, "dask", str(next(DaskVine._graph_ids)))
             os.makedirs(files_dir, exist_ok=True)
 
         from dask.utils import key_split
