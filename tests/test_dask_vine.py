@@ -94,6 +94,15 @@ def test_legacy_dict_graph_single_and_nested_keys(m):
         m.get(dsk, "nope")
 
 
+@pytest.mark.timeout(180)
+def test_a_graph_of_a_thousand_tasks(m):
+    level = [delayed(inc)(i) for i in range(1000)]
+    while len(level) > 1:
+        level = [delayed(sum)(level[i:i + 10]) for i in range(0, len(level), 10)]
+    assert dask.compute(level[0], scheduler=m.get) == (sum(range(1, 1001)),)
+    assert m.get({"x": 1}, []) == ()
+
+
 @pytest.mark.timeout(120)
 def test_a_raising_key_raises_from_get_with_the_remote_traceback(m):
     a = delayed(inc)(1)

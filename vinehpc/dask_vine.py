@@ -95,6 +95,8 @@ def _plan(dsk, keys):
     if not isinstance(dsk, Mapping):
         dsk = dsk.__dask_graph__()      # what dask.compute passes: an expression
     targets = list(flatten(keys)) if isinstance(keys, list) else [keys]
+    if not targets:
+        return {}, set(), {}, []
     dsk = convert_legacy_graph(dict(dsk))
     missing = [k for k in targets if k not in dsk]
     if missing:
