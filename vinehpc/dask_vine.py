@@ -29,7 +29,7 @@ from .task import PythonTask, RemoteTraceback, Resumable, TaskError
 OUT = "out"     # a key's value in its task's sandbox (the temp its dependents read)
 
 # TaskVine's DaskVine.get() arguments that have no effect here, accepted so that ported calls run
-# (docs-pending/dask.md says why each one does nothing)
+# (the README's DaskVine rows of the TaskVine table say why each one does nothing)
 NO_EFFECT = frozenset({"low_memory_mode", "submit_per_cycle", "lib_extra_functions", "lib_resources", "lib_command",
                        "lib_modules", "hoisting_modules", "import_modules", "env_per_task", "progress_disable",
                        "progress_label", "wrapper_proc", "prune_files"})
@@ -46,20 +46,19 @@ def _run_key(node_blob, inputs, keep, back):
     the task failed, else None.  An error is a value, (False, (exception, traceback text)): the
     dependents of a failed key pass it on without running, and the engine's retries stay for
     tasks that could not run (a raising function would raise again)."""
-    values = {}
-    result = None
-    for key, name in inputs:
-        with open(name, "rb") as f:
-            ok, v = pickle.load(f)
-        if not ok:
-            result = (False, v)
-            break
-        values[key] = v
-    if result is None:
-        try:
+    try:
+        values = {}
+        for key, name in inputs:
+            with open(name, "rb") as f:
+                ok, v = pickle.load(f)
+            if not ok:
+                result = (False, v)
+                break
+            values[key] = v
+        else:
             result = (True, pickle.loads(node_blob)(values))
-        except BaseException as e:  # noqa: B902 - as dask's schedulers do: the key's failure, raised by get()
-            result = (False, (e, traceback.format_exc()))
+    except BaseException as e:  # noqa: B902 - as dask's schedulers do: the key's failure, raised by get()
+        result = (False, (e, traceback.format_exc()))
     blob = _encode(result)
     if keep:
         with open(OUT, "wb") as f:
@@ -222,7 +221,11 @@ class DaskVine(Manager):
                     raise TaskError("dask key %r: task %s %s: %s" % (key, t.id, t.result, t.reason)) from t.exception
                 if t.output is None:
                     continue
-                ok, value = pickle.loads(t.output)
+                try:
+                    ok, value = pickle.loads(t.output)
+                except Exception as e:
+                    raise TaskError("dask key %r: its value cannot be unpickled here: %s: %s"
+                                    % (key, type(e).__name__, e)) from e
                 if not ok:
                     exc, tb = value
                     exc.__cause__ = RemoteTraceback("\n[dask key %r: task %s on worker %s, host %s]\n%s"
