@@ -133,6 +133,20 @@ def test_a_raising_key_raises_from_get_with_the_remote_traceback(m):
     assert dask.compute(delayed(inc)(41), scheduler=m.get) == (42,)
 
 
+def die(_):
+    os._exit(3)
+
+
+@pytest.mark.timeout(120)
+def test_a_task_that_cannot_finish_is_a_task_error_after_its_retries(m):
+    dead = delayed(die)(delayed(inc)(1))
+    with pytest.raises(TaskError, match=r"dask key 'die-.*failed") as ei:
+        dask.compute(delayed(inc)(dead), scheduler=m.get, retries=2)
+    assert "interpreter" in str(ei.value) or "exit" in str(ei.value)
+    tid = int(str(ei.value).split("task ")[1].split()[0])
+    assert len([r for r in read_journal(m, "retry") if r.get("task") == tid]) == 1     # 2 attempts in all
+
+
 @pytest.mark.timeout(120)
 def test_unpicklable_value_is_the_keys_failure(m):
     import threading as th
