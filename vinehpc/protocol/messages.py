@@ -390,7 +390,8 @@ class Put(Message):
 
 @message(22, "task", payload="args")
 class Task(Message):
-    """Run a command (cmd) or a Python function (fid, args: its pickled arguments)."""
+    """Run a command (cmd) or a Python function (fid, args: its pickled arguments; a library's
+    fid for a FunctionCall, whose function name is the first argument)."""
     cmd = opt(Str(TEXT))
     fid = opt(Str(NAME, 1))
     id = Field(Id)
@@ -403,6 +404,7 @@ class Task(Message):
     time_max = opt(Num(0.0))
     category = Field(Str(NAME))
     pipe = opt(Bool)                                # short: may be pipelined behind a running task
+    slots = opt(Int(1, 1 << 20))                    # a library call: at most this many of its library's at once
 
 
 @message(23, "kill")

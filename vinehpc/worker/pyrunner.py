@@ -14,10 +14,14 @@ import struct
 import sys
 import time
 import traceback
+import types
 from contextlib import redirect_stderr, redirect_stdout
 
 LEN = struct.Struct("!I")
 MAX_OUT = 1 << 20
+# where vinehpc.serverless.load_variable_from_library finds the running library's context values
+LIBRARY_VARS = sys.modules.setdefault("_vinehpc_library_vars", types.ModuleType("_vinehpc_library_vars"))
+LIBRARY_VARS.vars = None
 
 
 def send(sock, obj):
@@ -136,6 +140,72 @@ def _malloc_trim():
         return None
 
 
+def library_call(lib, a):
+    """(function, its arguments, fork?) for a call of library `lib` (vinehpc.serverless);
+    the library is made ready in this interpreter at its first call: its hoisted modules
+    imported, its context function run (in this first call's working directory)."""
+    if "vars" not in lib:
+        import importlib
+        for name in lib["hoist"]:
+            top = name.split(".")[0]
+            importlib.import_module(name)
+            mod = sys.modules[top]
+            for f in lib["functions"].values():
+                g = getattr(f, "__globals__", None)
+                if g is not None:
+                    g.setdefault(top, mod)
+        ctx = lib["context"]
+        values = None
+        if ctx is not None:
+            values = ctx[0](*ctx[1], **ctx[2])
+            if not isinstance(values, dict):
+                raise TypeError("the library's context function must return a dict of values for "
+                                "load_variable_from_library, it returned %r" % type(values).__name__)
+        lib["vars"] = values
+    LIBRARY_VARS.vars = lib["vars"]
+    name, a = a[0], a[1:]
+    return lib["functions"][name], a, lib["mode"] == "fork"
+
+
+def forked(fn, a, kw, sock):
+    """Run fn in a fork of this interpreter: (pickled result, error, its output)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                     # the child: never returns
+        code = 1
+        try:
+            os.close(r)
+            os.close(sock.detach())  # the worker's socket is the parent's alone
+            out = io.StringIO()
+            try:
+                with redirect_stdout(out), redirect_stderr(out):
+                    value = fn(*a, **kw)
+                res, error = dump_result(True, value, None), None
+            except BaseException as e:  # noqa: B902 - the call's failure, reported like a task's
+                res = dump_result(False, e, traceback.format_exc())
+                error = "raised %s: %s" % (type(e).__name__, str(e)[:500])
+            data = memoryview(pickle.dumps((res, error, out.getvalue()[-MAX_OUT:]), protocol=pickle.HIGHEST_PROTOCOL))
+            while data:
+                data = data[os.write(w, data):]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    with os.fdopen(r, "rb") as f:
+        while True:
+            b = f.read(1 << 20)
+            if not b:
+                break
+            chunks.append(b)
+    _, status = os.waitpid(pid, 0)
+    if not chunks or os.waitstatus_to_exitcode(status) != 0:
+        code = os.waitstatus_to_exitcode(status)
+        why = "killed by signal %d" % -code if code < 0 else "exit code %d" % code
+        raise RuntimeError("the forked call died before returning (%s)" % why)
+    return pickle.loads(b"".join(chunks))
+
+
 def main(fd=3):
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the worker decides when we stop
@@ -170,9 +240,16 @@ def main(fd=3):
             if isinstance(fn, bytes):
                 fn = fns[fid] = pickle.loads(fn)
             a, kw = pickle.loads(args)
-            with redirect_stdout(out), redirect_stderr(out):
-                value = fn(*a, **kw)
-            res, error = dump_result(True, value, None), None
+            fork = False
+            if isinstance(fn, dict):        # a library: the call's first argument names the function
+                fn, a, fork = library_call(fn, a)
+            if fork:
+                res, error, text = forked(fn, a, kw, sock)
+                out.write(text)
+            else:
+                with redirect_stdout(out), redirect_stderr(out):
+                    value = fn(*a, **kw)
+                res, error = dump_result(True, value, None), None
         except BaseException as e:  # noqa: B902 - a task's SystemExit/KeyboardInterrupt is its failure
             res = dump_result(False, e, traceback.format_exc())
             error = "raised %s: %s" % (type(e).__name__, str(e)[:500])
