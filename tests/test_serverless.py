@@ -43,6 +43,11 @@ def hoisted_sqrt(x):
     return math.sqrt(x)
 
 
+def imported_names():
+    # bound only by the library's `imports` (TaskVine's older form), not by this module
+    return m.sqrt(4), unif(1, 1), path_mod.basename("/a/b")   # noqa: F821
+
+
 def context(a, y=1):
     return {"base": a ** y, "pid": os.getpid()}
 
@@ -105,6 +110,9 @@ def test_library_is_sent_once_per_worker_and_hoisted_modules_are_usable(manager)
     assert {t.output for t in calls} == {4.0}
     fid = lib._bytes()[0]
     assert {t._fid for t in calls} == {fid}
+    install(m, "lib2", imported_names, imports={"math": "m", "random": {"uniform": "unif"}, "os.path": "path_mod"})
+    t, = run(m, [FunctionCall("lib2", "imported_names")])
+    assert t.output == (2.0, 1.0, "b")
 
 
 @pytest.mark.timeout(60)

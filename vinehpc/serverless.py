@@ -193,6 +193,23 @@ def _per_call(lib) -> dict:
     return out
 
 
+def _imports(spec) -> list:
+    """TaskVine's `imports` dict as [(module, [(global name, attribute of the module or None)])]."""
+    out = []
+    for mod, what in dict(spec).items():
+        if not isinstance(mod, str) or not mod:
+            raise TypeError("imports maps module names to aliases or names, got key %r" % (mod,))
+        if not what:                                   # import math
+            out.append((mod, [(mod.split(".")[0], None)]))
+        elif isinstance(what, str):                    # import numpy as np
+            out.append((mod, [(what, None)]))
+        elif isinstance(what, dict):                   # from time import sleep as time_sleep
+            out.append((mod, [(alias or attr, attr) for attr, alias in what.items()]))
+        else:                                          # from random import uniform
+            out.append((mod, [(attr, attr) for attr in what]))
+    return out
+
+
 def installed(name):
     """The LibraryTask installed under `name` by a manager still open, or None."""
     with _lock:
@@ -207,12 +224,13 @@ class LibraryMixin:
     """Manager methods for libraries (mixed into vinehpc.Manager)."""
 
     def create_library_from_functions(self, library_name, *function_list, poncho_env=None, init_command=None,
-                                      add_env=True, hoisting_modules=None, import_modules=None, exec_mode="fork",
-                                      library_context_info=None, **ignored) -> LibraryTask:
+                                      add_env=True, hoisting_modules=None, import_modules=None, imports=None,
+                                      exec_mode="fork", library_context_info=None, **ignored) -> LibraryTask:
         """A LibraryTask holding `function_list` (called by their __name__), to install_library().
 
         hoisting_modules (or import_modules): modules imported once per interpreter before the
-        first call.  exec_mode: "fork" (default, each call in a fork of the warm library) or
+        first call; imports (TaskVine's older form): {"numpy": "np", "math": "", "random":
+        ["uniform"], "time": {"sleep": "time_sleep"}} -- each name bound in the functions' globals.  exec_mode: "fork" (default, each call in a fork of the warm library) or
         "direct" (in the library's interpreter itself).  library_context_info=[fn, args, kwargs]:
         fn(*args, **kwargs) runs once per interpreter and returns a dict whose values the
         functions read with load_variable_from_library(name).  add_env is accepted and has no
@@ -241,7 +259,8 @@ class LibraryMixin:
             mname = mod.__name__ if isinstance(mod, types.ModuleType) else mod
             if not isinstance(mname, str) or not mname:
                 raise TypeError("hoisting_modules takes modules (or their names), got %r" % (mod,))
-            lib.hoisting_modules.append(mname)
+            lib.hoisting_modules.append((mname, [(mname.split(".")[0], None)]))
+        lib.hoisting_modules.extend(_imports(imports or {}))
         if library_context_info is not None:
             try:
                 fn, args, kwargs = library_context_info

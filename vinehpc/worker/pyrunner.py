@@ -146,14 +146,18 @@ def library_call(lib, a):
     imported, its context function run (in this first call's working directory)."""
     if "vars" not in lib:
         import importlib
-        for name in lib["hoist"]:
+        for name, binds in lib["hoist"]:        # [(global name, attribute or None: the module)]
+            mod = importlib.import_module(name)
             top = name.split(".")[0]
-            importlib.import_module(name)
-            mod = sys.modules[top]
-            for f in lib["functions"].values():
-                g = getattr(f, "__globals__", None)
-                if g is not None:
-                    g.setdefault(top, mod)
+            for gname, attr in binds:
+                if attr:                    # from mod import attr as gname
+                    value = getattr(mod, attr)
+                else:                       # import a.b binds a; import a.b as x binds a.b
+                    value = sys.modules[top] if gname == top else mod
+                for f in lib["functions"].values():
+                    g = getattr(f, "__globals__", None)
+                    if g is not None:
+                        g.setdefault(gname, value)
         ctx = lib["context"]
         values = None
         if ctx is not None:
@@ -242,7 +246,8 @@ def main(fd=3):
             a, kw = pickle.loads(args)
             fork = False
             if isinstance(fn, dict):        # a library: the call's first argument names the function
-                fn, a, fork = library_call(fn, a)
+                with redirect_stdout(out), redirect_stderr(out):     # (what its context prints)
+                    fn, a, fork = library_call(fn, a)
             if fork:
                 res, error, text = forked(fn, a, kw, sock)
                 out.write(text)
