@@ -62,6 +62,14 @@ def span(seconds):
     return t0, time.time()
 
 
+def load_token():
+    return {"token": os.urandom(8).hex()}
+
+
+def token():
+    return vinehpc.load_variable_from_library("token")
+
+
 def die():
     os._exit(3)
 
@@ -167,6 +175,31 @@ def test_remove_library_refuses_later_calls_and_it_can_be_installed_again(manage
     install(m, "lib", add, counter)
     again, = run(m, [FunctionCall("lib", "add", 3, 4)])
     assert (first.output, again.output) == (3, 7)
+
+
+@pytest.mark.timeout(60)
+def test_remove_library_makes_interpreters_drop_its_loaded_state(make_manager):
+    m = make_manager(local_workers=1)         # one core: one interpreter runs every call
+    m.wait_for_workers(1, timeout=30)
+    make = lambda: install(m, "lib", token, exec_mode="direct", library_context_info=[load_token, [], {}])
+    make()
+    before = {t.output for t in run(m, [FunctionCall("lib", "token") for _ in range(3)])}
+    m.remove_library("lib")
+    make()                                    # the same content: the same library id, sent again
+    after = {t.output for t in run(m, [FunctionCall("lib", "token") for _ in range(3)])}
+    assert len(before) == 1 and len(after) == 1 and before != after     # its context ran again
+
+
+def test_core_forget_function_reaches_the_workers_that_have_it():
+    from vinehpc.core import Core
+    from vinehpc.core import events as ev
+    from vinehpc.core.commands import DropFunction
+    core = Core()
+    for wid in (1, 2):
+        core.handle(ev.WorkerJoined(wid, {"cores": 1, "memory": 100, "disk": 100, "gpus": 0, "host": "h"}), 0.0)
+    core.workers[1].fns.add("lib-1")
+    assert core.handle(ev.ForgetFunction("lib-1"), 1.0) == [DropFunction(1, "lib-1")]
+    assert "lib-1" in core.workers[1].fns       # its bytes stay there
 
 
 @pytest.mark.timeout(60)

@@ -26,6 +26,7 @@ import weakref
 
 import cloudpickle
 
+from .core.events import ForgetFunction
 from .task import PythonTask, Task, _dumps, _register_by_value
 
 MODES = ("fork", "direct")
@@ -284,12 +285,14 @@ class LibraryMixin:
             _installed[task.library_name] = (weakref.ref(self), task)
 
     def remove_library(self, name: str) -> None:
-        """FunctionCalls to `name` submitted from now on fail; those already submitted still run."""
+        """FunctionCalls to `name` submitted from now on fail; those already submitted still run.
+        Workers' interpreters drop what they loaded of it (functions, context state)."""
         with _lock:
             hit = _installed.get(name)
             if hit is None or hit[0]() is not self:
                 raise KeyError("library %r is not installed on this manager" % (name,))
             del _installed[name]
+        self._server.post(ForgetFunction(hit[1]._bytes()[0]))
 
     def check_library_exists(self, name: str) -> bool:
         with _lock:

@@ -376,6 +376,12 @@ class Fn(Message):
     fid = Field(Str(NAME, 1))
 
 
+@message(26, "forget")
+class Forget(Message):
+    """Interpreters drop a removed library they loaded (the worker keeps its bytes)."""
+    fid = Field(Str(NAME, 1))
+
+
 @message(21, "put", payload="data", payload_required=True)
 class Put(Message):
     """One chunk of an input file for the worker's cache."""

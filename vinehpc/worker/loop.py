@@ -276,9 +276,12 @@ class Loop:
     def _on_kill(self, m):
         self.feed(KillRequested(m.id))
 
+    def _on_forget(self, m):
+        self.pool.forget(m.fid)
+
     def _on_task(self, m):
         self.feed(TaskReceived(TaskSpec.from_message(m), m.args))
 
     _ON = {messages.Ping: _on_ping, messages.Pong: _on_pong, messages.Exit: _on_exit, messages.Fn: _on_fn,
            messages.Put: _on_put, messages.Unlink: _on_unlink, messages.Get: _on_get, messages.Kill: _on_kill,
-           messages.Task: _on_task}
+           messages.Task: _on_task, messages.Forget: _on_forget}

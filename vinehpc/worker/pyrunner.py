@@ -228,6 +228,13 @@ def main(fd=3):
         if kind == "fn":
             fns[msg[1]] = msg[2]      # kept as bytes until first use
             continue
+        if kind == "forget":          # a removed library: free its functions and context now
+            fns.pop(msg[1], None)
+            if trim is not None:
+                import gc
+                gc.collect()
+                trim(0)
+            continue
         if kind == "exit":
             return 0
         _, tid, fid, args, cwd, env = msg
