@@ -2,7 +2,10 @@
 
 Started by the worker with one end of a socketpair on fd 3.  Functions arrive once (by
 content id) and stay deserialized, and modules they import stay imported, so neither is
-paid again for the next task.  Messages are length-prefixed pickles between this process
+paid again for the next task.  A serverless library (vinehpc/serverless.py) arrives the same
+way, as a dict of functions: loaded at its first call (hoisted imports, context function),
+its calls run here ("direct") or in a fork of this process ("fork"), and "forget" drops it.
+Messages are length-prefixed pickles between this process
 and its own worker (which authenticated the manager before forwarding anything).
 Stdlib + cloudpickle only, so it runs from a packed image.
 """
