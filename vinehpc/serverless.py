@@ -31,6 +31,7 @@ from .task import PythonTask, Task, _dumps, _register_by_value
 
 MODES = ("fork", "direct")
 MARK = "vinehpc-library"     # the key that tells an interpreter a function blob is a library
+LIBRARY_ID = "lib-"          # a library's content id starts so (worker/pyrunner.py: its calls are not measured)
 VARS_MODULE = "_vinehpc_library_vars"   # where an interpreter puts the running library's context values
 
 # Libraries installed by live managers, by name.  A FunctionCall is checked against this at
@@ -124,7 +125,7 @@ class LibraryTask(Task):
             except Exception as e:
                 raise TypeError("cannot send library %r to workers: it cannot be pickled (%s: %s)"
                                 % (self.library_name, type(e).__name__, e)) from e
-            self._blob = ("lib-" + hashlib.blake2b(data, digest_size=16).hexdigest(), data)
+            self._blob = (LIBRARY_ID + hashlib.blake2b(data, digest_size=16).hexdigest(), data)
         return self._blob
 
 

@@ -25,6 +25,7 @@ MAX_OUT = 1 << 20
 # where vinehpc.serverless.load_variable_from_library finds the running library's context values
 LIBRARY_VARS = sys.modules.setdefault("_vinehpc_library_vars", types.ModuleType("_vinehpc_library_vars"))
 LIBRARY_VARS.vars = None
+LIBRARY_ID = "lib-"        # how vinehpc.serverless names a library's content id (function ids are "fn-")
 
 
 def send(sock, obj):
@@ -143,35 +144,42 @@ def _malloc_trim():
         return None
 
 
-def library_call(lib, a):
+def library_call(lib, a, out):
     """(function, its arguments, fork?) for a call of library `lib` (vinehpc.serverless);
     the library is made ready in this interpreter at its first call: its hoisted modules
-    imported, its context function run (in this first call's working directory)."""
+    imported, its context function run (in this first call's working directory, printing to
+    the call's output `out`)."""
     if "vars" not in lib:
-        import importlib
-        for name, binds in lib["hoist"]:        # [(global name, attribute or None: the module)]
-            mod = importlib.import_module(name)
-            top = name.split(".")[0]
-            for gname, attr in binds:
-                if attr:                    # from mod import attr as gname
-                    value = getattr(mod, attr)
-                else:                       # import a.b binds a; import a.b as x binds a.b
-                    value = sys.modules[top] if gname == top else mod
-                for f in lib["functions"].values():
-                    g = getattr(f, "__globals__", None)
-                    if g is not None:
-                        g.setdefault(gname, value)
-        ctx = lib["context"]
-        values = None
-        if ctx is not None:
-            values = ctx[0](*ctx[1], **ctx[2])
-            if not isinstance(values, dict):
-                raise TypeError("the library's context function must return a dict of values for "
-                                "load_variable_from_library, it returned %r" % type(values).__name__)
-        lib["vars"] = values
+        with redirect_stdout(out), redirect_stderr(out):
+            load_library(lib)
     LIBRARY_VARS.vars = lib["vars"]
     name, a = a[0], a[1:]
     return lib["functions"][name], a, lib["mode"] == "fork"
+
+
+def load_library(lib):
+    """Import its hoisted modules (bound in its functions' globals); run its context function."""
+    import importlib
+    for name, binds in lib["hoist"]:        # [(global name, attribute or None: the module)]
+        mod = importlib.import_module(name)
+        top = name.split(".")[0]
+        for gname, attr in binds:
+            if attr:                    # from mod import attr as gname
+                value = getattr(mod, attr)
+            else:                       # import a.b binds a; import a.b as x binds a.b
+                value = sys.modules[top] if gname == top else mod
+            for f in lib["functions"].values():
+                g = getattr(f, "__globals__", None)
+                if g is not None:
+                    g.setdefault(gname, value)
+    ctx = lib["context"]
+    values = None
+    if ctx is not None:
+        values = ctx[0](*ctx[1], **ctx[2])
+        if not isinstance(values, dict):
+            raise TypeError("the library's context function must return a dict of values for "
+                            "load_variable_from_library, it returned %r" % type(values).__name__)
+    lib["vars"] = values
 
 
 def forked(fn, a, kw, sock):
@@ -242,7 +250,11 @@ def main(fd=3):
             return 0
         _, tid, fid, args, cwd, env = msg
         value = a = kw = None
-        meter.start()
+        # a library's call is not measured on its own (nor is it in TaskVine): four /proc reads
+        # would be most of a short call's cost; a long one is still sampled by the worker
+        measured = not fid.startswith(LIBRARY_ID)
+        if measured:
+            meter.start()
         t0, c0 = time.perf_counter(), time.process_time()
         out = io.StringIO()
         try:
@@ -256,8 +268,7 @@ def main(fd=3):
             a, kw = pickle.loads(args)
             fork = False
             if isinstance(fn, dict):        # a library: the call's first argument names the function
-                with redirect_stdout(out), redirect_stderr(out):     # (what its context prints)
-                    fn, a, fork = library_call(fn, a)
+                fn, a, fork = library_call(fn, a, out)
             if fork:
                 res, error, text = forked(fn, a, kw, sock)
                 out.write(text)
@@ -273,13 +284,13 @@ def main(fd=3):
                 os.environ.clear()
                 os.environ.update(base_env)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        rss, rd, wr = meter.stop()
+        rss, rd, wr = meter.stop() if measured else (None, None, None)
         text = out.getvalue()
         if len(text) > MAX_OUT:
             text = text[-MAX_OUT:]
         send(sock, ("done", tid, res, error, text, wall, cpu, rss, rd, wr))
         value = res = a = kw = None      # drop the task's objects before trimming
-        if trim is not None and meter.grew():
+        if trim is not None and measured and meter.grew():
             trim(0)
 
 
