@@ -70,6 +70,15 @@ def token():
     return vinehpc.load_variable_from_library("token")
 
 
+def read_model(path):
+    with open(path) as f:
+        return {"model": f.read()}
+
+
+def model_says(x):
+    return "%s %s" % (vinehpc.load_variable_from_library("model"), x)
+
+
 def die():
     os._exit(3)
 
@@ -133,6 +142,16 @@ def test_an_exception_in_a_call_is_its_failure_with_the_remote_traceback(manager
     assert isinstance(bad.exception, ZeroDivisionError)
     assert isinstance(bad.exception.__cause__, RemoteTraceback) and "divide" in str(bad.exception.__cause__)
     assert good.output == 0.25
+
+
+@pytest.mark.timeout(60)
+def test_library_inputs_go_with_its_calls_for_its_context_to_read(manager):
+    m = manager
+    lib = m.create_library_from_functions("lib", model_says, library_context_info=[read_model, ["model.txt"], {}])
+    lib.add_input(m.declare_buffer("hello", cache=True), "model.txt")
+    m.install_library(lib)
+    calls = run(m, [FunctionCall("lib", "model_says", i) for i in range(4)])
+    assert [t.output for t in calls] == ["hello %d" % i for i in range(4)]
 
 
 @pytest.mark.timeout(60)
@@ -240,8 +259,8 @@ def test_library_task_setters_and_resources_shared_by_slots():
     with pytest.raises(ValueError):
         lib.set_exec_mode("thread")
     assert lib.get_library_provided() == "lib"
-    from vinehpc.serverless import _per_call
-    assert _per_call(lib) == {"cores": 2, "memory": 500}
+    from vinehpc.serverless import per_call
+    assert per_call(lib) == {"cores": 2, "memory": 500}
 
 
 # ---------------------------------------------------------------- the worker's function slots, by events
@@ -318,3 +337,14 @@ def test_remote_map_pair_tree_reduce_run_as_function_calls(manager):
     assert m.remote_tree_reduce("biggest", [4, 9, 1], "lib", "x") == 9
     assert isinstance(m.remote_map("inverse", [0], "lib")[0], ZeroDivisionError)
     assert len([r for r in read_journal(m, "dispatched")]) >= 7
+
+
+@pytest.mark.timeout(60)
+def test_a_call_gets_the_librarys_resources_shared_by_its_slots_unless_it_sets_its_own(manager):
+    m = manager
+    lib = m.create_library_from_functions("lib", add).set_memory(200).set_function_slots(2)
+    m.install_library(lib)
+    shared, own = FunctionCall("lib", "add", 1), FunctionCall("lib", "add", 2).set_memory(50)
+    run(m, [shared, own])
+    assert (shared.resources["memory"], own.resources["memory"]) == (100, 50)
+    assert (shared.output, own.output) == (1, 2)

@@ -79,6 +79,7 @@ class LibraryTask(Task):
         self.exec_mode = "fork"
         self.function_slots = None
         self._blob = None
+        self._per_call = {}
 
     # -- TaskVine's setters ---------------------------------------------------------
     def set_function_slots(self, nslots: int) -> "LibraryTask":
@@ -169,7 +170,7 @@ class FunctionCall(PythonTask):
         self._abytes = _dumps(((self.function_name,) + tuple(self.args), self.kwargs),
                               "an argument of %s" % self.fn)
         self._slots = lib.function_slots
-        for k, v in _per_call(lib).items():
+        for k, v in lib._per_call.items():
             if self.resources[k] is None:
                 self.resources[k] = v
         have = {id(f) for f, _ in self.inputs}
@@ -185,7 +186,7 @@ class FunctionCall(PythonTask):
         return spec
 
 
-def _per_call(lib) -> dict:
+def per_call(lib) -> dict:
     """A library instance's resources shared by its slots: what one call gets by default."""
     n = lib.function_slots or 1
     out = {}
@@ -282,6 +283,7 @@ class LibraryMixin:
                             % (task,))
         self._check_open()
         task._bytes()          # a library that cannot be pickled fails here, not at its first call
+        task._per_call = per_call(task)     # as installed (TaskVine, too, takes the library as it is then)
         with _lock:
             _installed[task.library_name] = (weakref.ref(self), task)
 
