@@ -30,7 +30,6 @@ from .core.events import ForgetFunction
 from .task import PythonTask, Task, _dumps, _register_by_value
 
 MODES = ("fork", "direct")
-MARK = "vinehpc-library"     # the key that tells an interpreter a function blob is a library
 LIBRARY_ID = "lib-"          # a library's content id starts so (worker/pyrunner.py: its calls are not measured)
 VARS_MODULE = "_vinehpc_library_vars"   # where an interpreter puts the running library's context values
 
@@ -119,7 +118,8 @@ class LibraryTask(Task):
         if self._blob is None:
             for f in self.functions.values():
                 _register_by_value(f)
-            lib = {MARK: self.library_name, "functions": self.functions, "hoist": list(self.hoisting_modules),
+            # a dict, where a PythonTask's blob is a function: how its interpreter tells them apart
+            lib = {"name": self.library_name, "functions": self.functions, "hoist": list(self.hoisting_modules),
                    "context": self.context, "mode": self.exec_mode}
             try:
                 data = cloudpickle.dumps(lib, protocol=pickle.HIGHEST_PROTOCOL)
@@ -173,11 +173,13 @@ class FunctionCall(PythonTask):
         for k, v in lib._per_call.items():
             if self.resources[k] is None:
                 self.resources[k] = v
-        have = {id(f) for f, _ in self.inputs}
-        self.inputs.extend((f, r) for f, r in lib.inputs if id(f) not in have)
-        if lib.environment is not None and self.environment is None:
-            self.environment = lib.environment
-        self.env = dict(lib.env, **self.env)
+        if lib.inputs:             # (the common library has none: a call stays as cheap as it can be)
+            have = {id(f) for f, _ in self.inputs}
+            self.inputs.extend((f, r) for f, r in lib.inputs if id(f) not in have)
+            if lib.environment is not None and self.environment is None:
+                self.environment = lib.environment
+        if lib.env:
+            self.env = dict(lib.env, **self.env)
 
     def _spec(self) -> dict:
         spec = {"fid": self._fid}
