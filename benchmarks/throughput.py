@@ -227,10 +227,11 @@ class Vine:
         return out, paths
 
     def run(self, w, rep):
+        make = self.call if w in VINE_ONLY else lambda i: self.vinehpc.PythonTask(noop, i)
         if w in ("W1", "F1"):
-            return self._timed(lambda: self.w1(self.call if w == "F1" else lambda i: self.vinehpc.PythonTask(noop, i)))
+            return self._timed(lambda: self.w1(make))
         if w in ("W4", "F4"):
-            return self._timed(lambda: self.w4(self.call if w == "F4" else lambda i: self.vinehpc.PythonTask(noop, i)))
+            return self._timed(lambda: self.w4(make))
         if w == "W2":
             box = []
             res = self._timed(lambda: (box.append(self.w2(COUNTS["W2"], time.perf_counter() + self.timeout)),

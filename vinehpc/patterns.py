@@ -46,7 +46,7 @@ def _check_size(chunksize, least=1):
 class PatternsMixin:
     """Manager methods map / pair / tree_reduce / remote_map / remote_pair / remote_tree_reduce."""
 
-    def _run_all(self, tasks, what) -> list:
+    def _pattern_run(self, tasks, what) -> list:
         """Submit `tasks` and wait until every one is back (checking the manager once a second)."""
         done = queue.SimpleQueue()
         for t in tasks:
@@ -65,7 +65,7 @@ class PatternsMixin:
         return tasks
 
     @staticmethod
-    def _values(t, n) -> list:
+    def _pattern_values(t, n) -> list:
         """The list a chunk task returned, or its failure in each of its n places."""
         exc = t.exception
         return [exc] * n if exc is not None else list(t.output)
@@ -75,8 +75,8 @@ class PatternsMixin:
         _check_size(chunksize)
         job = functools.partial(_each, fn)      # one function object: pickled and sent once per worker
         chunks = list(_chunks(seq, chunksize))
-        tasks = self._run_all([PythonTask(job, c) for c in chunks], "map")
-        return [v for t, c in zip(tasks, chunks) for v in self._values(t, len(c))]
+        tasks = self._pattern_run([PythonTask(job, c) for c in chunks], "map")
+        return [v for t, c in zip(tasks, chunks) for v in self._pattern_values(t, len(c))]
 
     def pair(self, fn, seq1, seq2, chunksize=1, env=None) -> list:
         """[fn((a, b)) for a, b in itertools.product(seq1, seq2)]; env: an environment image."""
@@ -87,20 +87,20 @@ class PatternsMixin:
         if env is not None:
             for t in tasks:
                 t.add_environment(env)
-        self._run_all(tasks, "pair")
-        return [v for t, c in zip(tasks, chunks) for v in self._values(t, len(c))]
+        self._pattern_run(tasks, "pair")
+        return [v for t, c in zip(tasks, chunks) for v in self._pattern_values(t, len(c))]
 
     def tree_reduce(self, fn, seq, chunksize=2):
         """Reduce seq to one value: fn(list of up to `chunksize` values) on each level, level by level."""
         _check_size(chunksize, 2)
-        return self._reduce(lambda c: PythonTask(fn, c), seq, chunksize, "tree_reduce")
+        return self._pattern_reduce(lambda c: PythonTask(fn, c), seq, chunksize, "tree_reduce")
 
-    def _reduce(self, make, seq, chunksize, what):
+    def _pattern_reduce(self, make, seq, chunksize, what):
         seq = list(seq)
         if not seq:
             raise ValueError("%s of an empty sequence" % what)
         while len(seq) > 1:
-            tasks = self._run_all([make(c) for c in _chunks(seq, chunksize)], what)
+            tasks = self._pattern_run([make(c) for c in _chunks(seq, chunksize)], what)
             for t in tasks:
                 if t.exception is not None:
                     raise t.exception
@@ -113,22 +113,22 @@ class PatternsMixin:
         chunksize is accepted and not needed; `name`, TaskVine's JSON event key, is not used:
         arguments travel pickled)."""
         _check_size(chunksize)
-        tasks = self._run_all([FunctionCall(library, fn, x) for x in seq], "remote_map")
-        return [self._value(t) for t in tasks]
+        tasks = self._pattern_run([FunctionCall(library, fn, x) for x in seq], "remote_map")
+        return [self._pattern_value(t) for t in tasks]
 
     def remote_pair(self, fn, seq1, seq2, library, name=None, chunksize=1) -> list:
         """[library.fn((a, b)) for a, b in itertools.product(seq1, seq2)] as FunctionCalls."""
         _check_size(chunksize)
-        tasks = self._run_all([FunctionCall(library, fn, p) for p in itertools.product(seq1, seq2)],
+        tasks = self._pattern_run([FunctionCall(library, fn, p) for p in itertools.product(seq1, seq2)],
                               "remote_pair")
-        return [self._value(t) for t in tasks]
+        return [self._pattern_value(t) for t in tasks]
 
     def remote_tree_reduce(self, fn, seq, library, name=None, chunksize=2):
         """tree_reduce with library.fn(list of values) as FunctionCalls."""
         _check_size(chunksize, 2)
-        return self._reduce(lambda c: FunctionCall(library, fn, c), seq, chunksize, "remote_tree_reduce")
+        return self._pattern_reduce(lambda c: FunctionCall(library, fn, c), seq, chunksize, "remote_tree_reduce")
 
     @staticmethod
-    def _value(t):
+    def _pattern_value(t):
         exc = t.exception
         return exc if exc is not None else t.output

@@ -235,8 +235,9 @@ class LibraryMixin:
 
         hoisting_modules (or import_modules): modules imported once per interpreter before the
         first call; imports (TaskVine's older form): {"numpy": "np", "math": "", "random":
-        ["uniform"], "time": {"sleep": "time_sleep"}} -- each name bound in the functions' globals.  exec_mode: "fork" (default, each call in a fork of the warm library) or
-        "direct" (in the library's interpreter itself).  library_context_info=[fn, args, kwargs]:
+        ["uniform"], "time": {"sleep": "time_sleep"}} -- each name bound in the functions' globals.
+        exec_mode: "fork" (default, each call in a fork of the warm library) or "direct" (in the
+        library's interpreter itself).  library_context_info=[fn, args, kwargs]:
         fn(*args, **kwargs) runs once per interpreter and returns a dict whose values the
         functions read with load_variable_from_library(name).  add_env is accepted and has no
         effect: calls run in the worker's Python (or the library's add_environment image).
