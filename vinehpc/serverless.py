@@ -230,7 +230,7 @@ class LibraryMixin:
 
     def create_library_from_functions(self, library_name, *function_list, poncho_env=None, init_command=None,
                                       add_env=True, hoisting_modules=None, import_modules=None, imports=None,
-                                      exec_mode="fork", library_context_info=None, **ignored) -> LibraryTask:
+                                      exec_mode="fork", library_context_info=None) -> LibraryTask:
         """A LibraryTask holding `function_list` (called by their __name__), to install_library().
 
         hoisting_modules (or import_modules): modules imported once per interpreter before the
@@ -247,9 +247,6 @@ class LibraryMixin:
             raise NotImplementedError("poncho_env and init_command are not supported: build an environment image "
                                       "with `vinehpc sysimage python ...` and give it to the library with "
                                       "lib.add_environment(m.declare_image(path))")
-        if ignored:
-            raise TypeError("create_library_from_functions() got unexpected keyword argument(s): %s"
-                            % ", ".join(sorted(ignored)))
         lib = LibraryTask(library_name)
         lib.set_exec_mode(exec_mode)
         if not function_list:
