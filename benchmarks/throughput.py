@@ -12,6 +12,10 @@ other, each warmed up first.  Workloads:
       (vinehpc: a fresh input per repeat, declared cache=True; it must cross to each
       worker exactly once, i.e. 2 transfers)
   W4  200 sequential round trips of one no-op call (median and p90 latency)
+  F1  W1 as serverless FunctionCalls to a library (exec_mode "direct"), vinehpc only
+  F4  W4 as serverless FunctionCalls, vinehpc only
+      (F1/F4 are compared with TaskVine's serverless direct mode measured on this machine,
+      TASKVINE_DIRECT, and with vinehpc's own W1/W4 rows of the same run)
 Speed ratios are vinehpc / peer (>1: vinehpc faster); for W4 the speed is 1/median.
 See benchmarks/README.md.
 """
@@ -31,9 +35,14 @@ import sys
 import tempfile
 import time
 
-COUNTS = {"W1": 2000, "W2": 500, "W3": 200, "W4": 200}
+COUNTS = {"W1": 2000, "W2": 500, "W3": 200, "W4": 200, "F1": 2000, "F4": 200}
 TITLES = {"W1": "W1 2000 no-op Python calls", "W2": "W2 500 `echo x > out.txt`",
-          "W3": "W3 200 reads of one 50 MiB input", "W4": "W4 200 sequential round trips"}
+          "W3": "W3 200 reads of one 50 MiB input", "W4": "W4 200 sequential round trips",
+          "F1": "F1 2000 no-op FunctionCalls", "F4": "F4 200 sequential FunctionCalls"}
+VINE_ONLY = ("F1", "F4")          # serverless: no ProcessPool or Dask equivalent
+# TaskVine 7's serverless direct mode, 2 workers on this machine (not installed here: fixed numbers)
+TASKVINE_DIRECT = {"rate": 600.0, "median_ms": 1.9}
+LATENCY = ("W4", "F4")
 INPUT_BYTES = 50 * 1024 * 1024
 WARMUP = 20
 SYSTEMS = ("vinehpc", "processpool", "dask")
@@ -173,14 +182,37 @@ class Vine:
         self._collect(WARMUP, dl, "warm-up tasks")
         if "W2" in workloads:
             self.w2(5, dl)
+        if set(VINE_ONLY) & set(workloads):
+            self.m.install_library(self.m.create_library_from_functions("bench", noop, exec_mode="direct"))
+            for i in range(WARMUP):
+                self.m.submit(self.call(i))
+            self._collect(WARMUP, dl, "warm-up calls")
 
-    def w1(self):
+    def call(self, i):
+        return self.vinehpc.FunctionCall("bench", "noop", i)
+
+    def w1(self, make):
         n, dl = COUNTS["W1"], time.perf_counter() + self.timeout
         for i in range(n):
-            self.m.submit(self.vinehpc.PythonTask(noop, i))
+            self.m.submit(make(i))
         got = self._collect(n, dl, "no-op tasks")
         check_same(sorted(t.output for t in got), list(range(n)))
         return {"n": n}
+
+    def w4(self, make):
+        n = COUNTS["W4"]
+        lat = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            self.m.submit(make(i))
+            t = self.m.wait(self.timeout)
+            lat.append(time.perf_counter() - t0)
+            if t is None:
+                raise BenchError("timeout: round trip %d got no task within %ss" % (i, self.timeout))
+            if not t.successful() or t.output != i:
+                raise BenchError("round trip %d: %s %s" % (i, t.result, t.reason))
+        self.tasks_total += n
+        return latency_result(lat)
 
     def w2(self, n, dl):
         out = tempfile.mkdtemp(prefix="w2-", dir=self.tmp)
@@ -195,8 +227,11 @@ class Vine:
         return out, paths
 
     def run(self, w, rep):
-        if w == "W1":
-            return self._timed(self.w1)
+        make = self.call if w in VINE_ONLY else lambda i: self.vinehpc.PythonTask(noop, i)
+        if w in ("W1", "F1"):
+            return self._timed(lambda: self.w1(make))
+        if w in ("W4", "F4"):
+            return self._timed(lambda: self.w4(make))
         if w == "W2":
             box = []
             res = self._timed(lambda: (box.append(self.w2(COUNTS["W2"], time.perf_counter() + self.timeout)),
@@ -227,23 +262,6 @@ class Vine:
             res["transfers"] = None
             self.w3.append((f.cachename(), res))
             return res
-        if w == "W4":
-            n = COUNTS["W4"]
-
-            def go():
-                lat = []
-                for i in range(n):
-                    t0 = time.perf_counter()
-                    self.m.submit(self.vinehpc.PythonTask(noop, i))
-                    t = self.m.wait(self.timeout)
-                    lat.append(time.perf_counter() - t0)
-                    if t is None:
-                        raise BenchError("timeout: round trip %d got no task within %ss" % (i, self.timeout))
-                    if not t.successful() or t.output != i:
-                        raise BenchError("round trip %d: %s %s" % (i, t.result, t.reason))
-                self.tasks_total += n
-                return latency_result(lat)
-            return self._timed(go)
         raise ValueError(w)
 
     def close(self):
@@ -417,12 +435,14 @@ def best(runs, w):
     ok = [r for r in runs if "error" not in r]
     if not ok:
         return None
-    if w == "W4":
+    if w in LATENCY:
         return min(ok, key=lambda r: r["median_ms"])
     return max(ok, key=lambda r: r["rate"])
 
 
 def bench_system(cls, tmp, workloads, repeat, timeout):
+    if cls is not Vine:
+        workloads = [w for w in workloads if w not in VINE_ONLY]
     out = {w: [] for w in workloads}
     extra = {}
     progress("%s: starting" % cls.name)
@@ -485,7 +505,7 @@ def fmt_run(w, r):
         return "-"
     if "error" in r:
         return "ERROR"
-    if w == "W4":
+    if w in LATENCY:
         return "%.2f ms (p90 %.2f)" % (r["median_ms"], r["p90_ms"])
     return "{:,.0f}/s".format(r["rate"])
 
@@ -493,7 +513,7 @@ def fmt_run(w, r):
 def speed(w, r):
     if r is None or "error" in r:
         return None
-    return 1.0 / r["median_ms"] if w == "W4" else r["rate"]
+    return 1.0 / r["median_ms"] if w in LATENCY else r["rate"]
 
 
 def ratio(w, a, b):
@@ -517,6 +537,12 @@ def evaluate(w, vh, pp, dk, have_dask):
                 ("input sent 2x", None if tr is None else tr == 2)]
     if w == "W4":
         return [("median <=1.0 ms", None if vh is None or "error" in vh else vh["median_ms"] <= 1.0)]
+    if w == "F1":
+        return [(">=5x TaskVine direct (%.0f/s)" % TASKVINE_DIRECT["rate"],
+                 None if v is None else v >= 5 * TASKVINE_DIRECT["rate"])]
+    if w == "F4":
+        return [("median <=1/3 TaskVine direct (%.2f ms)" % (TASKVINE_DIRECT["median_ms"] / 3),
+                 None if vh is None or "error" in vh else vh["median_ms"] <= TASKVINE_DIRECT["median_ms"] / 3)]
     return []
 
 
@@ -542,7 +568,7 @@ def table(rows, header):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workloads", default="W1,W2,W3,W4", help="comma-separated subset of W1,W2,W3,W4")
+    ap.add_argument("--workloads", default="W1,W2,W3,W4,F1,F4", help="comma-separated subset of " + ",".join(COUNTS))
     ap.add_argument("--repeat", type=int, default=1, help="run each workload K times per system, keep the best")
     ap.add_argument("--no-dask", action="store_true", help="skip Dask even if dask.distributed is importable")
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
@@ -584,8 +610,8 @@ def main(argv=None):
     import vinehpc
     summary = []
     for w in workloads:
-        vh, pp = best(results["vinehpc"][w], w), best(results["processpool"][w], w)
-        dk = best(results["dask"][w], w) if have_dask else None
+        vh, pp = best(results["vinehpc"][w], w), best(results["processpool"].get(w, []), w)
+        dk = best(results["dask"].get(w, []), w) if have_dask else None
         checks = evaluate(w, vh, pp, dk, have_dask)
         summary.append({"workload": w, "title": TITLES[w], "n": COUNTS[w],
                         "best": {"vinehpc": vh, "processpool": pp, "dask": dk},
@@ -629,6 +655,18 @@ def main(argv=None):
                 hook = [x.get("transfers_hook") for x in vruns if "transfers_hook" in x]
                 if hook:
                     print("   (cross-check, manager put commands counted in-process: %s)" % hook)
+    for f, w in (("F1", "W1"), ("F4", "W4")):
+        sf = next((x for x in summary if x["workload"] == f), None)
+        if sf is None or speed(f, sf["best"]["vinehpc"]) is None:
+            continue
+        fv = sf["best"]["vinehpc"]
+        tv = TASKVINE_DIRECT["median_ms" if f in LATENCY else "rate"]
+        vs_tv = tv / fv["median_ms"] if f in LATENCY else fv["rate"] / tv
+        own = next((x["best"]["vinehpc"] for x in summary if x["workload"] == w), None)
+        ours = "" if speed(w, own) is None else ", %.2fx our PythonTask %s (%s)" % (
+            speed(f, fv) / speed(w, own), w, fmt_run(w, own))
+        print("serverless %s: %s = %.2fx TaskVine direct (%s)%s" % (
+            f, fmt_run(f, fv), vs_tv, "%.1f ms" % tv if f in LATENCY else "%.0f/s" % tv, ours))
     if vx.get("tasks_total"):
         print("vinehpc manager I/O thread CPU: %.2f s for %d tasks incl. warm-up = %.3f s per 1,000 tasks"
               % (vx["manager_cpu_s"], vx["tasks_total"], vx["manager_cpu_s"] / vx["tasks_total"] * 1000))

@@ -392,7 +392,10 @@ SAMPLES = [
               "time_max": 60.0, "category": "default"}, []),
     ("task", {"fid": "fn-1", "id": 8, "inputs": [], "outputs": [], "res": RES0, "category": "short",
               "pipe": True}, [b"pickled args"]),
+    ("task", {"fid": "lib-1", "id": 9, "inputs": [], "outputs": [], "res": RES0, "category": "default",
+              "slots": 4}, [b"pickled name and args"]),
     ("kill", {"id": 7}, []),
+    ("forget", {"fid": "lib-1"}, []),
     ("get", {"cn": "temp-9"}, []),
     ("unlink", {"cn": "temp-9"}, []),
     ("result", {"id": 7, "status": "success", "wall": 0.25, "exit_code": 0, "stdout": "hi\n", "temps": ["temp-9"],
@@ -434,6 +437,7 @@ def test_message_round_trip(name, ctl, frames):
 def test_decoded_fields_are_attributes():
     t = messages.decode("task", SAMPLES[15][1], [b"args"])
     assert (t.id, t.fid, t.cmd, t.args, t.pipe, t.time_max, t.env) == (8, "fn-1", None, b"args", True, None, None)
+    assert t.slots is None and messages.decode("task", SAMPLES[16][1], [b"args"]).slots == 4
     r = messages.decode("result", {"id": 1, "status": "failed", "wall": 0}, [])
     assert r.value is None and r.reason is None and r.worker_fault is None
 
@@ -464,10 +468,12 @@ BAD = {
              ("outputs", [[1, "file", None]]), ("env", {"A": 1}), ("env", {"": "1"}), ("env", ["A=1"]),
              ("res", {"cores": 1}), ("res", dict(RES0, cores=-1)), ("res", dict(RES0, other=1)),
              ("res", dict(RES0, memory=1.5)), ("time_max", -1.0), ("time_max", float("nan")),
-             ("time_max", float("inf")), ("category", 3), ("pipe", "true"), ("cmd", 3)],
+             ("time_max", float("inf")), ("category", 3), ("pipe", "true"), ("cmd", 3), ("slots", 0),
+             ("slots", 1.5), ("slots", "4")],
     "kill": [("id", None), ("id", "x")],
     "get": [("cn", "")],
     "unlink": [("cn", 3)],
+    "forget": [("fid", ""), ("fid", 3), ("fid", "x" * (messages.NAME + 1))],
     "result": [("status", ""), ("status", 0), ("wall", -1), ("wall", "1"), ("exit_code", 2 ** 40),
                ("stdout", b"x".hex().encode().decode() and 5), ("temps", "temp-9"), ("temps", [None]),
                ("measured", {"memory": "1"}), ("measured", [1]), ("exhausted", {"resource": "memory"}),

@@ -5,11 +5,11 @@ Public names are imported on first use (PEP 562), so `python -m vinehpc worker` 
 """
 __version__ = "0.1.0"
 __all__ = ["Manager", "Task", "PythonTask", "Executor", "File", "TaskError", "RemoteTraceback", "Resumable",
-           "DaskVine", "__version__"]
+           "DaskVine", "FunctionCall", "LibraryTask", "load_variable_from_library", "__version__"]
 
 _where = {"Manager": "manager", "Executor": "futures", "File": "file", "Task": "task", "PythonTask": "task",
-          "TaskError": "task", "RemoteTraceback": "task", "Resumable": "task",
-          "DaskVine": "dask_vine"}
+          "TaskError": "task", "RemoteTraceback": "task", "Resumable": "task", "DaskVine": "dask_vine",
+          "FunctionCall": "serverless", "LibraryTask": "serverless", "load_variable_from_library": "serverless"}
 
 
 def __getattr__(name):

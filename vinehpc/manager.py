@@ -19,6 +19,8 @@ from .journal import Journal
 from .local import LocalWorkers
 from .resume import Resume, task_key
 from .protocol import auth
+from .patterns import PatternsMixin
+from .serverless import LibraryMixin
 from .server import Server
 from .task import PythonTask, Resumable, Task
 
@@ -37,7 +39,7 @@ def _new_run_dir(root: str) -> str:
             continue
 
 
-class Manager:
+class Manager(LibraryMixin, PatternsMixin):
     """Runs tasks on workers that connect to it over TCP.
 
     Under `vinehpc run` (or `vinehpc pilot`) a Manager() gets that run's workers with no

@@ -441,6 +441,9 @@ class Server:
         self.sent[c.tid] = (p.wid, c.outputs)
         p.conn.send("task", c.spec, [c.payload] if c.payload is not None else ())
 
+    def _forget(self, p, c):
+        p.conn.send("forget", {"fid": c.fid})
+
     def _kill(self, p, c):
         self.sent.pop(c.tid, None)      # outputs still coming from that attempt are stale
         p.conn.send("kill", {"id": c.tid})
@@ -490,6 +493,7 @@ class Server:
         cmd.PutFile: lambda self, c: self._to_worker(c, Server._put),
         cmd.SendTask: lambda self, c: self._to_worker(c, Server._send_task),
         cmd.KillTask: lambda self, c: self._to_worker(c, Server._kill),
+        cmd.DropFunction: lambda self, c: self._to_worker(c, Server._forget),
         cmd.GetFile: lambda self, c: self._to_worker(c, Server._get),
     }
 

@@ -32,6 +32,12 @@ class SendTask:
 
 
 @dataclass(slots=True)
+class DropFunction:
+    wid: int
+    fid: str
+
+
+@dataclass(slots=True)
 class KillTask:
     wid: int
     tid: int

@@ -100,6 +100,13 @@ class UnblockHost:
 
 
 @dataclass(slots=True)
+class ForgetFunction:
+    """A library was removed (Manager.remove_library): workers' interpreters drop what they loaded
+    of it; its bytes stay on the workers, so calls already submitted still run."""
+    fid: str
+
+
+@dataclass(slots=True)
 class SlowMultiplier:
     category: str | None         # None: every category
     multiplier: float

@@ -15,7 +15,7 @@ import copy
 from ..scheduler import make as make_policy
 from . import events as ev
 from .categories import LEARNED, Category
-from .commands import Drained, KillTask, Log, ResolveFile, TaskFinished
+from .commands import DropFunction, Drained, KillTask, Log, ResolveFile, TaskFinished
 from .placement import schedule
 from .tasks import TaskState, transition
 from .workers import RES, Blocklist, WorkerState
@@ -75,7 +75,7 @@ class Core:
             ev.FetchFailed: self._fetch_failed, ev.BlockHost: self._block_host,
             ev.UnblockHost: lambda e, now: self.blocked.unblock(e.host),
             ev.SlowMultiplier: lambda e, now: self.slow_multiplier.__setitem__(e.category, e.multiplier),
-            ev.Tick: self._tick, ev.Schedule: self._schedule,
+            ev.ForgetFunction: self._forget_function, ev.Tick: self._tick, ev.Schedule: self._schedule,
         }
 
     def handle(self, event, now) -> list:
@@ -311,6 +311,12 @@ class Core:
                 self.replicas[n].add(e.wid)
         self._log("worker joined", worker=e.wid, host=w.host, resources=w.total, pid=e.info.get("pid"),
                   cached=len(w.cached))
+
+    def _forget_function(self, e, now):
+        # w.fns keeps the fid: the worker keeps the bytes and reloads them if a call comes again
+        for w in self.workers.values():
+            if e.fid in w.fns:
+                self.out.append(DropFunction(w.wid, e.fid))
 
     def _worker_lost(self, e, now):
         wid = e.wid

@@ -376,6 +376,12 @@ class Fn(Message):
     fid = Field(Str(NAME, 1))
 
 
+@message(26, "forget")
+class Forget(Message):
+    """Interpreters drop a removed library they loaded (the worker keeps its bytes)."""
+    fid = Field(Str(NAME, 1))
+
+
 @message(21, "put", payload="data", payload_required=True)
 class Put(Message):
     """One chunk of an input file for the worker's cache."""
@@ -390,7 +396,8 @@ class Put(Message):
 
 @message(22, "task", payload="args")
 class Task(Message):
-    """Run a command (cmd) or a Python function (fid, args: its pickled arguments)."""
+    """Run a command (cmd) or a Python function (fid, args: its pickled arguments; a library's
+    fid for a FunctionCall, whose function name is the first argument)."""
     cmd = opt(Str(TEXT))
     fid = opt(Str(NAME, 1))
     id = Field(Id)
@@ -403,6 +410,7 @@ class Task(Message):
     time_max = opt(Num(0.0))
     category = Field(Str(NAME))
     pipe = opt(Bool)                                # short: may be pipelined behind a running task
+    slots = opt(Int(1, 1 << 20))                    # a library call: at most this many of its library's at once
 
 
 @message(23, "kill")

@@ -52,6 +52,7 @@ class TaskSpec:
     res: dict = field(default_factory=lambda: dict.fromkeys(RES, 0))
     time_max: float | None = None
     pipe: bool = False              # short Python task: may be presented to a busy interpreter
+    slots: int | None = None        # a library call: at most this many calls of library `fid` run at once
     error: str | None = None        # the inputs could not be understood (the task fails)
 
     @classmethod
@@ -66,7 +67,7 @@ class TaskSpec:
             error = "bad input description: %s" % e
         return cls(id=m.id, cmd=m.cmd, fid=m.fid, inputs=inputs, outputs=tuple(Output(*o) for o in m.outputs),
                    env=m.env or {}, res=dict(m.res), time_max=float(m.time_max) if m.time_max else None,
-                   pipe=bool(m.pipe), error=error)
+                   pipe=bool(m.pipe), slots=m.slots, error=error)
 
     @property
     def python(self) -> bool:

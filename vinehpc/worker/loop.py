@@ -188,16 +188,20 @@ class Loop:
         d = self.state.next_deadline()
         if d is not None:
             t = min(t, d - now)
-        m = self.exec.monitor_due(now, self.state.running())
-        if m is not None:
-            t = min(t, m)
+        running = self.state.running()
+        if running:
+            t = min(t, self.exec.monitor_due(now, running))
         return max(0.0, t)
 
     def _timers(self):
         now = time.monotonic()
-        self.feed(Tick())
-        for e in self.exec.sample(now, self.state.running()):
-            self.feed(e)
+        d = self.state.next_deadline()
+        if d is not None and now >= d:      # (Tick is the state's time limits: fed only when one is due)
+            self.feed(Tick())
+        running = self.state.running()
+        if running:
+            for e in self.exec.sample(now, running):
+                self.feed(e)
         if now - self.last_recv > self.ka[1]:
             raise ManagerGone("no message from the manager for %.0f s" % (now - self.last_recv))
         if now - self.last_send > self.ka[0] and now - self.last_recv > self.ka[0]:
@@ -276,9 +280,12 @@ class Loop:
     def _on_kill(self, m):
         self.feed(KillRequested(m.id))
 
+    def _on_forget(self, m):
+        self.pool.forget(m.fid)
+
     def _on_task(self, m):
         self.feed(TaskReceived(TaskSpec.from_message(m), m.args))
 
     _ON = {messages.Ping: _on_ping, messages.Pong: _on_pong, messages.Exit: _on_exit, messages.Fn: _on_fn,
            messages.Put: _on_put, messages.Unlink: _on_unlink, messages.Get: _on_get, messages.Kill: _on_kill,
-           messages.Task: _on_task}
+           messages.Task: _on_task, messages.Forget: _on_forget}

@@ -113,6 +113,17 @@ class PyPool:
                 r.proc.wait()
                 return
 
+    def forget(self, fid):
+        """Interpreters drop what they loaded of function `fid` (a removed library: its context's
+        state goes with it); the bytes are sent again if a task calls it later."""
+        for r in self.runners:
+            if fid in r.fids:
+                r.fids.discard(fid)
+                try:
+                    _send(r.sock, ("forget", fid))
+                except OSError:
+                    pass        # a dead interpreter: its socket reports the death
+
     def busy(self):
         """(runner, tid) for interpreters running a task."""
         return [(r, r.tid) for r in self.runners if r.tid is not None]

@@ -2,7 +2,10 @@
 
 Started by the worker with one end of a socketpair on fd 3.  Functions arrive once (by
 content id) and stay deserialized, and modules they import stay imported, so neither is
-paid again for the next task.  Messages are length-prefixed pickles between this process
+paid again for the next task.  A serverless library (vinehpc/serverless.py) arrives the same
+way, as a dict of functions: loaded at its first call (hoisted imports, context function),
+its calls run here ("direct") or in a fork of this process ("fork"), and "forget" drops it.
+Messages are length-prefixed pickles between this process
 and its own worker (which authenticated the manager before forwarding anything).
 Stdlib + cloudpickle only, so it runs from a packed image.
 """
@@ -14,10 +17,15 @@ import struct
 import sys
 import time
 import traceback
+import types
 from contextlib import redirect_stderr, redirect_stdout
 
 LEN = struct.Struct("!I")
 MAX_OUT = 1 << 20
+# where vinehpc.serverless.load_variable_from_library finds the running library's context values
+LIBRARY_VARS = sys.modules.setdefault("_vinehpc_library_vars", types.ModuleType("_vinehpc_library_vars"))
+LIBRARY_VARS.vars = None
+LIBRARY_ID = "lib-"        # how vinehpc.serverless names a library's content id (function ids are "fn-")
 
 
 def send(sock, obj):
@@ -136,6 +144,83 @@ def _malloc_trim():
         return None
 
 
+def library_call(lib, a, out):
+    """(function, its arguments, fork?) for a call of library `lib` (vinehpc.serverless);
+    the library is made ready in this interpreter at its first call: its hoisted modules
+    imported, its context function run (in this first call's working directory, printing to
+    the call's output `out`)."""
+    if "vars" not in lib:
+        with redirect_stdout(out), redirect_stderr(out):
+            load_library(lib)
+    LIBRARY_VARS.vars = lib["vars"]
+    name, a = a[0], a[1:]
+    return lib["functions"][name], a, lib["mode"] == "fork"
+
+
+def load_library(lib):
+    """Import its hoisted modules (bound in its functions' globals); run its context function."""
+    import importlib
+    for name, binds in lib["hoist"]:        # [(global name, attribute or None: the module)]
+        mod = importlib.import_module(name)
+        top = name.split(".")[0]
+        for gname, attr in binds:
+            if attr:                    # from mod import attr as gname
+                value = getattr(mod, attr)
+            else:                       # import a.b binds a; import a.b as x binds a.b
+                value = sys.modules[top] if gname == top else mod
+            for f in lib["functions"].values():
+                g = getattr(f, "__globals__", None)
+                if g is not None:
+                    g.setdefault(gname, value)
+    ctx = lib["context"]
+    values = None
+    if ctx is not None:
+        values = ctx[0](*ctx[1], **ctx[2])
+        if not isinstance(values, dict):
+            raise TypeError("the library's context function must return a dict of values for "
+                            "load_variable_from_library, it returned %r" % type(values).__name__)
+    lib["vars"] = values
+
+
+def forked(fn, a, kw, sock):
+    """Run fn in a fork of this interpreter: (pickled result, error, its output)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                     # the child: never returns
+        code = 1
+        try:
+            os.close(r)
+            os.close(sock.detach())  # the worker's socket is the parent's alone
+            out = io.StringIO()
+            try:
+                with redirect_stdout(out), redirect_stderr(out):
+                    value = fn(*a, **kw)
+                res, error = dump_result(True, value, None), None
+            except BaseException as e:  # noqa: B902 - the call's failure, reported like a task's
+                res = dump_result(False, e, traceback.format_exc())
+                error = "raised %s: %s" % (type(e).__name__, str(e)[:500])
+            data = memoryview(pickle.dumps((res, error, out.getvalue()[-MAX_OUT:]), protocol=pickle.HIGHEST_PROTOCOL))
+            while data:
+                data = data[os.write(w, data):]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    with os.fdopen(r, "rb") as f:
+        while True:
+            b = f.read(1 << 20)
+            if not b:
+                break
+            chunks.append(b)
+    _, status = os.waitpid(pid, 0)
+    if not chunks or os.waitstatus_to_exitcode(status) != 0:
+        code = os.waitstatus_to_exitcode(status)
+        why = "killed by signal %d" % -code if code < 0 else "exit code %d" % code
+        raise RuntimeError("the forked call died before returning (%s)" % why)
+    return pickle.loads(b"".join(chunks))
+
+
 def main(fd=3):
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the worker decides when we stop
@@ -154,11 +239,22 @@ def main(fd=3):
         if kind == "fn":
             fns[msg[1]] = msg[2]      # kept as bytes until first use
             continue
+        if kind == "forget":          # a removed library: free its functions and context now
+            fns.pop(msg[1], None)
+            if trim is not None:
+                import gc
+                gc.collect()
+                trim(0)
+            continue
         if kind == "exit":
             return 0
         _, tid, fid, args, cwd, env = msg
         value = a = kw = None
-        meter.start()
+        # a library's call is not measured on its own (nor is it in TaskVine): four /proc reads
+        # would be most of a short call's cost; a long one is still sampled by the worker
+        measured = not fid.startswith(LIBRARY_ID)
+        if measured:
+            meter.start()
         t0, c0 = time.perf_counter(), time.process_time()
         out = io.StringIO()
         try:
@@ -170,9 +266,16 @@ def main(fd=3):
             if isinstance(fn, bytes):
                 fn = fns[fid] = pickle.loads(fn)
             a, kw = pickle.loads(args)
-            with redirect_stdout(out), redirect_stderr(out):
-                value = fn(*a, **kw)
-            res, error = dump_result(True, value, None), None
+            fork = False
+            if isinstance(fn, dict):        # a library: the call's first argument names the function
+                fn, a, fork = library_call(fn, a, out)
+            if fork:
+                res, error, text = forked(fn, a, kw, sock)
+                out.write(text)
+            else:
+                with redirect_stdout(out), redirect_stderr(out):
+                    value = fn(*a, **kw)
+                res, error = dump_result(True, value, None), None
         except BaseException as e:  # noqa: B902 - a task's SystemExit/KeyboardInterrupt is its failure
             res = dump_result(False, e, traceback.format_exc())
             error = "raised %s: %s" % (type(e).__name__, str(e)[:500])
@@ -181,13 +284,13 @@ def main(fd=3):
                 os.environ.clear()
                 os.environ.update(base_env)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        rss, rd, wr = meter.stop()
+        rss, rd, wr = meter.stop() if measured else (None, None, None)
         text = out.getvalue()
         if len(text) > MAX_OUT:
             text = text[-MAX_OUT:]
         send(sock, ("done", tid, res, error, text, wall, cpu, rss, rd, wr))
         value = res = a = kw = None      # drop the task's objects before trimming
-        if trim is not None and meter.grew():
+        if trim is not None and measured and meter.grew():
             trim(0)
 
 

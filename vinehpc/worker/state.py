@@ -69,6 +69,7 @@ class WorkerState:
         self.presented = {}        # busy interpreter -> the Run it starts next (None: that Run was dropped)
         self.used = dict.fromkeys(RES, 0)
         self.gpu_free = list(self.gpu_ids)
+        self.lib_running = {}      # library fid -> its calls running (limited by their spec.slots)
         self._out = []
         self._now = 0.0
 
@@ -182,7 +183,7 @@ class WorkerState:
             r = q.popleft()
             if r.state != "queued":
                 continue
-            if not self._fits(r):
+            if not self._fits(r) or (r.spec.slots and self.lib_running.get(r.spec.fid, 0) >= r.spec.slots):
                 blocked.append(r)
                 continue
             self._begin(r)
@@ -198,6 +199,8 @@ class WorkerState:
         n = r.res["gpus"]
         if n:
             r.gpus, self.gpu_free = tuple(self.gpu_free[:n]), self.gpu_free[n:]
+        if r.spec.slots:
+            self.lib_running[r.spec.fid] = self.lib_running.get(r.spec.fid, 0) + 1
         r.state = "running"
         r.started = self._now
         r.deadline = self._now + r.spec.time_max if r.spec.time_max else None
@@ -219,8 +222,11 @@ class WorkerState:
             return
         for cur in self.runs.values():
             x = cur.runner
+            # (a call of a library with slots only takes over from a call of the same library: its
+            # library's count of running calls stays the same)
             if (cur.state == "running" and x is not None and cur.killed is None and x not in self.presented
-                    and cur.image == r.image and all(r.res[k] <= cur.res[k] for k in RES)):
+                    and cur.image == r.image and all(r.res[k] <= cur.res[k] for k in RES)
+                    and (not r.spec.slots or cur.spec.fid == r.spec.fid)):
                 q.popleft()
                 r.state, r.runner = "presented", x
                 self.presented[x] = r
@@ -333,6 +339,8 @@ class WorkerState:
                 self.used[k] -= r.res[k]
             self.gpu_free.extend(r.gpus)
             r.gpus = ()
+            if r.spec.slots:
+                self.lib_running[r.spec.fid] -= 1
         if result is not None:
             self._out.append(result)
             if r.runner is not None:
@@ -375,6 +383,7 @@ class WorkerState:
         self.presented.clear()
         self.used = dict.fromkeys(RES, 0)
         self.gpu_free = list(self.gpu_ids)
+        self.lib_running.clear()
         self.refs.clear()
         for n, level in list(self.files.items()):
             if level != "worker":
