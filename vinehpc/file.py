@@ -25,7 +25,9 @@ def cache_level(cache) -> str:
         return "task"
     if cache in CACHE_LEVELS:
         return cache
-    raise ValueError("cache must be True, False or one of %s, got %r" % (", ".join(CACHE_LEVELS), cache))
+    if cache == "forever":
+        return "worker"     # TaskVine's "beyond the worker's life": a vinehpc cache ends with its worker
+    raise ValueError("cache must be True, False, \"forever\" or one of %s, got %r" % (", ".join(CACHE_LEVELS), cache))
 
 
 class File:

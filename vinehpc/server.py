@@ -49,9 +49,10 @@ class Peer:
 
 class Server:
     def __init__(self, core, *, host, port, secret, journal, staging, keepalive_interval, keepalive_timeout,
-                 sock=None, final_exit=True, resume=None, release=False, tunnel=None):
+                 sock=None, final_exit=True, resume=None, release=False, tunnel=None, also=None):
         """`sock`: an already listening socket (a pilot keeps one for all its managers; it is
-        not closed here).  `final_exit`: on stop, tell workers to exit (True) or to come back
+        not closed here).  `also`: one more listening socket, owned and closed here (the port a
+        TaskVine-style `Manager(9123)` asked for under a run, beside the run's own socket).  `final_exit`: on stop, tell workers to exit (True) or to come back
         for the next manager of the same run (False)."""
         self.core = core
         self.secret = secret
@@ -73,6 +74,10 @@ class Server:
         self.port = self.lsock.getsockname()[1]
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.lsock, selectors.EVENT_READ, "accept")
+        self.also = also
+        if also is not None:
+            also.setblocking(False)
+            self.sel.register(also, selectors.EVENT_READ, "accept")
         self._wr, self._ww = socket.socketpair()
         self._wr.setblocking(False)
         self.sel.register(self._wr, selectors.EVENT_READ, "wake")
@@ -120,7 +125,7 @@ class Server:
                 for key, ev in self.sel.select(timeout):
                     what = key.data
                     if what == "accept":
-                        self._accept()
+                        self._accept(key.fileobj)
                     elif what == "wake":
                         try:
                             self._wr.recv(4096)
@@ -160,6 +165,8 @@ class Server:
             self.sel.close()
             if self.own_lsock:
                 self.lsock.close()
+            if self.also is not None:
+                self.also.close()
             for s in (self._wr, self._ww):
                 s.close()
             self.journal.flush()
@@ -193,10 +200,10 @@ class Server:
             self.cond.notify_all()
 
     # ---------------------------------------------------------------- connections
-    def _accept(self):
+    def _accept(self, lsock):
         while True:
             try:
-                sock, addr = self.lsock.accept()
+                sock, addr = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -413,9 +420,9 @@ class Server:
 
     def _put(self, p, c):
         f, n = c.file, c.cachename
-        if f.kind == "buffer":
+        if f.kind == "buffer":       # executable, as in TaskVine: a buffer may be the `./script.sh` a task runs
             p.conn.send("put", {"cn": n, "off": 0, "last": True, "kind": "file", "size": len(f.data),
-                                "level": f.cache}, [f.data])
+                                "level": f.cache, "mode": 0o755}, [f.data])
             return
         if f.kind == "temp":
             path, kind = c.path, "file"
@@ -445,6 +452,9 @@ class Server:
         self.sent.pop(c.tid, None)      # outputs still coming from that attempt are stale
         p.conn.send("kill", {"id": c.tid})
 
+    def _unlink(self, p, c):
+        p.conn.send("unlink", {"cn": c.cachename})
+
     def _get(self, p, c):
         p.conn.send("get", {"cn": c.cachename})
 
@@ -464,7 +474,7 @@ class Server:
             c.on_done(t)
         else:
             self._returned.append(t)
-        if self.resume is not None and t.result == "success" and not t.resumed:
+        if self.resume is not None and t.successful() and not t.resumed:
             self.journal.write(self.resume.record(t))
 
     def _drained(self, c):
@@ -472,6 +482,10 @@ class Server:
         with self.cond:
             self.drained = True
             self.cond.notify_all()
+
+    def handing(self) -> list:
+        """Tasks finished during this loop turn, not yet in `done` (for a call on this thread)."""
+        return self._returned
 
     def _hand_over(self):
         if self._returned:
@@ -491,6 +505,7 @@ class Server:
         cmd.SendTask: lambda self, c: self._to_worker(c, Server._send_task),
         cmd.KillTask: lambda self, c: self._to_worker(c, Server._kill),
         cmd.GetFile: lambda self, c: self._to_worker(c, Server._get),
+        cmd.UnlinkFile: lambda self, c: self._to_worker(c, Server._unlink),
     }
 
     # ---------------------------------------------------------------- writing, timers

@@ -1,0 +1,240 @@
+"""TaskVine's Manager methods that vinehpc's own Manager did not have (a mixin of Manager).
+
+Each is written on the Manager's public machinery (submit, _call on the I/O thread, posting
+core events), so a ported TaskVine script runs with only its import changed.  What TaskVine
+does that vinehpc does not do yet is refused by name (NotImplementedError) or, for a tuning
+knob, warned about -- never silently different.  See docs-pending/compat.md for the table.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tarfile
+import threading
+import urllib.request
+import warnings
+
+from .core.events import Cancel, SlowMultiplier, Undeclare
+from .file import File
+
+log = logging.getLogger("vinehpc.manager")
+
+# Manager.tune(): TaskVine's names that vinehpc has a setting for, and those it has none for
+TUNABLE = ("keepalive-interval", "keepalive-timeout", "disconnect-slow-workers-factor")
+NOT_TUNABLE = ("attempt-schedule-depth", "category-steady-n-tasks", "default-transfer-rate", "hungry-minimum",
+               "hungry-minimum-factor", "immediate-recovery", "long-timeout", "max-retrievals",
+               "min-transfer-timeout", "monitor-interval", "prefer-dispatch", "proportional-resources",
+               "proportional-whole-tasks", "ramp-down-heuristic", "resource-submit-multiplier", "short-timeout",
+               "transfer-outlier-factor", "transfer-replica-per-cycle", "transfer-temps-recovery",
+               "transient-error-interval", "wait-for-workers", "wait-retrieve-many", "worker-retrievals",
+               "temp-replica-count", "max-library-retries", "watch-library-logfiles",
+               "file-source-max-transfers", "worker-source-max-transfers")
+# TaskVine's scheduler constants (VINE_SCHEDULE_FCFS, VINE_SCHEDULE_FILES) and names -> vinehpc's policies
+SCHEDULERS = {1: "fcfs", 2: "files", "fcfs": "fcfs", "files": "files"}
+FETCH_TIMEOUT = 300.0
+
+
+class TaskVineAPI:
+    """TaskVine's Manager methods on top of vinehpc's Manager (mixed into vinehpc.Manager)."""
+
+    peer_transfers = True
+
+    # ---------------------------------------------------------------- settings
+    def set_name(self, name: str) -> None:
+        """The project name (journal, stats, `vinehpc status`)."""
+        self.name = _check_name(name)
+        self.journal.write({"event": "name", "name": self.name})
+
+    def enable_peer_transfers(self) -> None:
+        """Accepted: vinehpc does not move files between workers yet (inputs come from the
+        manager; a temp another worker needs goes through the manager)."""
+        self.peer_transfers = True
+
+    def disable_peer_transfers(self) -> None:
+        """Accepted (see enable_peer_transfers)."""
+        self.peer_transfers = False
+
+    def tune(self, name: str, value) -> int:
+        """TaskVine's advanced settings: keepalive-interval, keepalive-timeout and
+        disconnect-slow-workers-factor are vinehpc settings too (0 returned); TaskVine's other
+        names have no vinehpc setting: warned about, -1 returned (TaskVine's failure code)."""
+        if name in ("keepalive-interval", "keepalive-timeout"):
+            v = float(value)
+            if v <= 0:
+                raise ValueError("%s must be a positive number of seconds, got %r" % (name, value))
+            attr = "ka_interval" if name == "keepalive-interval" else "ka_timeout"
+            self._call(lambda: setattr(self._server, attr, v))
+            return 0
+        if name == "disconnect-slow-workers-factor":
+            # TaskVine: below 1 turns it off
+            self._server.post(SlowMultiplier(None, float(value) if float(value) >= 1 else 0.0))
+            return 0
+        if name in NOT_TUNABLE:
+            warnings.warn("Manager.tune(%r): vinehpc has no such setting; ignored (settings: %s)"
+                          % (name, ", ".join(TUNABLE)), stacklevel=2)
+            return -1
+        raise ValueError("unknown tune() setting %r (vinehpc's: %s)" % (name, ", ".join(TUNABLE)))
+
+    def set_scheduler(self, scheduler) -> None:
+        """Which worker a task goes to among those it fits: "files" (most input bytes cached,
+        the default; TaskVine's VINE_SCHEDULE_FILES) or "fcfs" (VINE_SCHEDULE_FCFS)."""
+        name = SCHEDULERS.get(scheduler.lower() if isinstance(scheduler, str) else scheduler)
+        if name is None:
+            raise ValueError("scheduler %r is not supported: vinehpc has 'files' (VINE_SCHEDULE_FILES) and 'fcfs' "
+                             "(VINE_SCHEDULE_FCFS)" % (scheduler,))
+        from .scheduler import make
+        policy = make(name)
+        self._call(lambda: setattr(self.core, "policy", policy))
+
+    # ---------------------------------------------------------------- waiting
+    def wait_for_tag(self, tag, timeout=None) -> Task | None:
+        """Like wait(), but only a task whose tag is `tag` (None: any task)."""
+        tag = None if tag is None else str(tag)
+        return self._wait(None if tag is None else (lambda t: t.tag == tag), timeout)
+
+    def wait_for_task_id(self, task_id, timeout=None) -> Task | None:
+        """Like wait(), but only the task `task_id` (-1: any task); None at once if that task is
+        not outstanding (unknown, or already returned)."""
+        if task_id == -1 or task_id is None:
+            return self._wait(None, timeout)
+        tid = int(task_id)
+        if not self._call(lambda: tid in self.core.tasks or any(t.id == tid for t in self._server.handing())):
+            with self._server.cond:
+                if not any(t.id == tid for t in self._server.done):
+                    return None
+        return self._wait(lambda t: t.id == tid, timeout)
+
+    # ---------------------------------------------------------------- cancelling
+    def cancel_by_task_id(self, task_id) -> int:
+        """Cancel one task: 1 if it was outstanding, else 0. It comes back with result "cancelled"."""
+        return self._cancel_where(lambda t: t.id == task_id)
+
+    def cancel_by_task_tag(self, tag) -> int:
+        """Cancel the outstanding tasks tagged `tag`; returns how many."""
+        tag = str(tag)
+        return self._cancel_where(lambda t: t.tag == tag)
+
+    def cancel_by_category(self, category) -> int:
+        """Cancel the outstanding tasks of `category`; returns how many."""
+        return self._cancel_where(lambda t: t.category == category)
+
+    def cancel_all(self) -> int:
+        """Cancel every outstanding task; returns how many."""
+        return self._cancel_where(lambda t: True)
+
+    def _cancel_where(self, match) -> int:
+        # chosen on the I/O thread (the only one that reads the core), cancelled there at once
+        def pick():
+            tids = [tid for tid, ts in self.core.tasks.items() if tid >= 0 and match(ts.task)]
+            for tid in tids:
+                self._server.post(Cancel(tid, "cancelled by the user"))
+            return len(tids)
+        return self._call(pick)
+
+    # ---------------------------------------------------------------- files
+    def undeclare_file(self, file: File) -> None:
+        """The workers drop their copies of `file` (a task that needs it later gets it again)."""
+        if not isinstance(file, File):
+            raise TypeError("undeclare_file needs a file from Manager.declare_*(), got %r" % (file,))
+        if file.kind == "file" and not file.exists():
+            return      # never named, never sent
+        self._server.post(Undeclare(file.cachename()))
+
+    remove_file = undeclare_file     # TaskVine's older name
+
+    def fetch_file(self, file: File, timeout: float = FETCH_TIMEOUT) -> str:
+        """The contents of a file as a str (TaskVine's): a local file or buffer is read here, a
+        URL fetched by the manager, a temp brought back from the worker holding it. Bytes that
+        are not UTF-8 are kept as surrogate escapes (str.encode(errors="surrogateescape"))."""
+        if not isinstance(file, File):
+            raise TypeError("fetch_file needs a file from Manager.declare_*(), got %r" % (file,))
+        if file.kind == "buffer":
+            data = file.data
+        elif file.kind == "url":
+            with urllib.request.urlopen(file.source, timeout=timeout) as r:
+                data = r.read()
+        elif file.kind == "temp":
+            data = self._fetch_temp(file, timeout)
+        else:
+            with open(file.source, "rb") as f:
+                data = f.read()
+        return data.decode("utf-8", errors="surrogateescape")
+
+    def _fetch_temp(self, temp: File, timeout: float) -> bytes:
+        """A task that copies the temp into a manager-side output; not returned by wait()."""
+        from .task import Task
+        dest = os.path.join(self.staging_directory, "fetch-%s" % temp.cachename())
+        t = Task("cp -R -L in out")
+        t.add_input(temp, "in")
+        t.add_output(self.declare_file(dest), "out")
+        done = threading.Event()
+        self._submit(t, lambda task: done.set())
+        if not done.wait(timeout):
+            self.cancel(t)
+            raise TimeoutError("fetch_file: the temp did not come back within %s s" % timeout)
+        if not t.successful():
+            raise OSError("fetch_file: cannot bring the temp back: %s (%s)" % (t.result, t.reason))
+        try:
+            with open(dest, "rb") as f:
+                return f.read()
+        finally:
+            os.unlink(dest)
+
+    def declare_untar(self, tarball: File, cache=False, peer_transfer=True) -> File:
+        """A directory made by unpacking `tarball` (a declared file, buffer or URL; tar, tar.gz,
+        tar.bz2, tar.xz).  vinehpc unpacks it once on the manager's side and it travels as a
+        directory (sent to each worker once, unpacked there); a URL is fetched by the manager."""
+        if not isinstance(tarball, File):
+            raise TypeError("declare_untar needs a file from Manager.declare_*(), got %r" % (tarball,))
+        if tarball.kind == "temp":
+            raise NotImplementedError("declare_untar of a temp (a task's output) is not supported yet: declare "
+                                      "the tarball as a file, buffer or URL, or untar it in the consuming task")
+        dest = os.path.join(self.staging_directory, "untar-" + tarball.cachename())
+        if not os.path.isdir(dest):
+            src = tarball.source
+            if tarball.kind in ("buffer", "url"):
+                src = dest + ".tar"
+                if tarball.kind == "buffer":
+                    with open(src, "wb") as f:
+                        f.write(tarball.data)
+                else:
+                    with urllib.request.urlopen(tarball.source, timeout=FETCH_TIMEOUT) as r, open(src, "wb") as f:
+                        shutil.copyfileobj(r, f, 1 << 20)
+            _unpack(src, dest)
+            if src != tarball.source:
+                os.unlink(src)
+        return self.declare_file(dest, cache=cache)
+
+    def declare_poncho(self, package, cache=False, peer_transfer=True) -> File:
+        """Not supported: poncho packs a conda environment; vinehpc's environments are images built
+        with `vinehpc sysimage python ...` and given to tasks with declare_image/add_environment."""
+        raise NotImplementedError("declare_poncho: poncho (conda) packages are not supported; build a vinehpc "
+                                  "environment image with `vinehpc sysimage python ... -o env.vimg` and use "
+                                  "m.declare_image('env.vimg') with task.add_environment()")
+
+    def declare_starch(self, starch, cache=False, peer_transfer=True) -> File:
+        """Not supported (see declare_poncho): starch packages are not vinehpc images."""
+        raise NotImplementedError("declare_starch: starch packages are not supported; build a vinehpc environment "
+                                  "image with `vinehpc sysimage` and use m.declare_image() with task.add_environment()")
+
+
+def _unpack(src: str, dest: str) -> None:
+    """Unpack a tarball into `dest` atomically (a .part directory renamed), refusing members
+    that would land outside it (tarfile's "data" filter)."""
+    part = dest + ".part"
+    shutil.rmtree(part, ignore_errors=True)
+    os.makedirs(part)
+    try:
+        with tarfile.open(src, "r:*") as tar:
+            tar.extractall(part, filter="data")
+        os.replace(part, dest)
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+
+
+def _check_name(name) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError("the project name must be a non-empty string, got %r" % (name,))
+    return name
