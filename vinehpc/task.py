@@ -238,6 +238,11 @@ class Task:
         return self.result == "success" and not self.exit_code
 
     @property
+    def output(self):
+        """A command's std_output (TaskVine's name; a PythonTask's is the function's value)."""
+        return self.std_output
+
+    @property
     def result_string(self) -> str | None:
         """The result word (older TaskVine scripts read it under this name)."""
         return self.result
