@@ -17,19 +17,19 @@ import pytest
 import vinehpc
 from vinehpc import PythonTask, PythonTaskNoResult, Task, TaskError
 from vinehpc import _context
-from vinehpc.file import Buffer, Temp
+from vinehpc.file import Buffer, File, Temp
 from vinehpc.manager import _ports
-from conftest import read_journal, wait_all, worker_cmd
+from conftest import poll, read_journal, wait_all, worker_cmd
 
 
 # ---------------------------------------------------------------- Task(command, **task_info)
 def test_task_info_keys_call_the_setters(tmp_path):
-    f, out = Buffer(b"x"), Temp()
+    f, out = Buffer(b"x"), File(str(tmp_path / "o"))
     t = Task("cat in", cores=2, memory=100, disk=50, gpus=0, tag="t1", category="c", retries=3, time_max=5,
              env={"A": "1"}, inputs={f: "in"}, outputs={out: {"remote_name": "o", "watch": True}})
     assert t.resources == {"cores": 2, "memory": 100, "disk": 50, "gpus": 0}
     assert (t.tag, t.category, t.retries, t.time_max, t.env) == ("t1", "c", 3, 5.0, {"A": "1"})
-    assert t.inputs == [(f, "in")] and t.outputs == [(out, "o")]
+    assert t.inputs == [(f, "in")] and t.outputs == [(out, "o")] and t.watched == ["o"]
 
 
 def test_task_info_refuses_what_it_does_not_do():
@@ -262,6 +262,7 @@ def test_undeclare_file_drops_worker_copies(manager):
     cached = sum(w["cached"] for w in m.workers())
     m.undeclare_file(f)
     assert sum(w["cached"] for w in m.workers()) == cached - 1
+    poll(lambda: read_journal(m, "undeclared"), 10, "the undeclare in the journal", m=m)
     assert [r["file"] for r in read_journal(m, "undeclared")] == [f.cachename()]
     t2 = Task("cat f").add_input(f, "f")       # needed again: sent again
     m.submit(t2)
@@ -278,3 +279,24 @@ def test_cancelled_python_task_output_is_no_result(manager):
     assert m.wait_for_task_id(t.id, 30) is t and t.result == "cancelled"
     assert isinstance(t.output, PythonTaskNoResult)
     assert m.cancel_by_task_id(t.id) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_watched_output_grows_at_the_manager_while_the_task_runs(manager, tmp_path):
+    m = manager
+    log_file = tmp_path / "progress.log"
+    go = tmp_path / "go"           # the task ends once the test has seen its first line arrive
+    t = Task("echo first > log.txt; while [ ! -e %s ]; do sleep 0.05; done; echo second >> log.txt" % go)
+    t.add_output(m.declare_file(log_file), "log.txt", watch=True)
+    m.submit(t)
+    poll(lambda: log_file.exists() and log_file.read_text() == "first\n", 20, "the first line to stream back", m=m)
+    assert m.wait(0) is None                              # still running
+    go.touch()
+    wait_all(m, 1, timeout=30)
+    assert t.successful(), (t.result, t.reason)
+    assert log_file.read_text() == "first\nsecond\n"      # the final copy replaces the streamed one
+
+
+def test_only_a_manager_file_can_be_watched():
+    with pytest.raises(ValueError, match="watched"):
+        Task("true").add_output(Temp(), "o", watch=True)

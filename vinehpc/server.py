@@ -361,6 +361,25 @@ class Server:
                 p.out_errors[tid] = "cannot write output %r: %s" % (f.dest, e)
             f.output.invalidate()
 
+    def _on_watch(self, p, msg, ctl, now):
+        """New bytes of a watched output of a running task: written in place at their offset (off
+        0: a new attempt starts the file again); the final outfile replaces the whole file."""
+        sent = self.sent.get(msg.id)
+        if sent is None or sent[0] != p.wid:
+            return   # stale: its task went elsewhere or ended
+        dest = next((fl for fl, r in sent[1] if r == msg.remote and fl.kind == "file"), None)
+        if dest is None:
+            raise ProtocolError("output %r is not an output of task %s" % (msg.remote, msg.id))
+        try:
+            fd = os.open(dest.source, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if msg.off == 0 else 0), 0o644)
+            try:
+                os.pwrite(fd, msg.data, msg.off)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            log.warning("cannot write watched output %r: %s", dest.source, e)
+        dest.invalidate()
+
     def _on_file(self, p, msg, ctl, now):
         n = msg.cn
         f = p.fetch.get(n)
@@ -382,7 +401,7 @@ class Server:
 
     _handlers = {messages.Pong: _on_pong, messages.Ping: _on_ping, messages.Cached: _on_cached,
                  messages.Error: _on_error, messages.Result: _on_result, messages.Outfile: _on_outfile,
-                 messages.File: _on_file}
+                 messages.Watch: _on_watch, messages.File: _on_file}
 
     # ---------------------------------------------------------------- commands from the core
     def _carry(self, cmds):

@@ -87,6 +87,7 @@ class Task:
         self.id = None
         self.inputs = []        # (File, remote_name)
         self.outputs = []       # (File, remote_name)
+        self.watched = []       # remote names of outputs streamed back while the task runs
         self.env = {}
         self.environment = None  # an environment image (Manager.declare_image) the task runs in
         self.resources = {"cores": None, "memory": None, "disk": None, "gpus": None}
@@ -136,8 +137,9 @@ class Task:
                    success_only=None) -> "Task":
         """Collect `remote_name` from the sandbox into `file` when the task ends.
 
-        watch=True (TaskVine: stream a growing file back while the task runs) is accepted, but
-        the file arrives once, when the task ends.  failure_only/success_only are not supported."""
+        watch=True (a declare_file output): what the task writes to it reaches the manager's file
+        while the task runs (looked at once a second); the complete file still replaces it when
+        the task ends.  failure_only/success_only are not supported."""
         if failure_only or success_only:
             raise NotImplementedError("add_output(failure_only=/success_only=) is not supported: vinehpc collects "
                                       "every output of a task that ran to its end")
@@ -146,7 +148,11 @@ class Task:
         if file.kind not in ("file", "temp"):
             raise ValueError("outputs must be declare_file() or declare_temp() files, got a %s" % file.kind)
         check_remote_name(remote_name)
+        if watch and file.kind != "file":
+            raise ValueError("only a declare_file() output can be watched (a temp stays on the worker)")
         self.outputs.append((file, remote_name))
+        if watch:
+            self.watched.append(remote_name)
         return self
 
     def add_environment(self, image: File) -> "Task":

@@ -52,6 +52,7 @@ class TaskSpec:
     res: dict = field(default_factory=lambda: dict.fromkeys(RES, 0))
     time_max: float | None = None
     pipe: bool = False              # short Python task: may be presented to a busy interpreter
+    watch: tuple = ()               # remote names of outputs streamed to the manager while it runs
     error: str | None = None        # the inputs could not be understood (the task fails)
 
     @classmethod
@@ -66,7 +67,7 @@ class TaskSpec:
             error = "bad input description: %s" % e
         return cls(id=m.id, cmd=m.cmd, fid=m.fid, inputs=inputs, outputs=tuple(Output(*o) for o in m.outputs),
                    env=m.env or {}, res=dict(m.res), time_max=float(m.time_max) if m.time_max else None,
-                   pipe=bool(m.pipe), error=error)
+                   pipe=bool(m.pipe), watch=tuple(m.watch or ()), error=error)
 
     @property
     def python(self) -> bool:

@@ -188,9 +188,9 @@ class Loop:
         d = self.state.next_deadline()
         if d is not None:
             t = min(t, d - now)
-        m = self.exec.monitor_due(now, self.state.running())
-        if m is not None:
-            t = min(t, m)
+        for due in (self.exec.monitor_due(now, self.state.running()), self.exec.watch_due(now)):
+            if due is not None:
+                t = min(t, due)
         return max(0.0, t)
 
     def _timers(self):
@@ -198,6 +198,7 @@ class Loop:
         self.feed(Tick())
         for e in self.exec.sample(now, self.state.running()):
             self.feed(e)
+        self.exec.stream_watched(now, self.conn)
         if now - self.last_recv > self.ka[1]:
             raise ManagerGone("no message from the manager for %.0f s" % (now - self.last_recv))
         if now - self.last_send > self.ka[0] and now - self.last_recv > self.ka[0]:
