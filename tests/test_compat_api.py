@@ -300,3 +300,17 @@ def test_a_watched_output_grows_at_the_manager_while_the_task_runs(manager, tmp_
 def test_only_a_manager_file_can_be_watched():
     with pytest.raises(ValueError, match="watched"):
         Task("true").add_output(Temp(), "o", watch=True)
+
+
+def test_taskvine_names_for_existing_settings(manager):
+    m = manager
+    assert m.set_keepalive_timeout(90) == 0 and m._server.ka_timeout == 90.0
+    assert m.enable_monitoring() == 1
+    m.set_category_resources_max("big", {"memory": 100})
+    assert m._call(lambda: m.core.category("big").max["memory"]) == 100.0
+    m.enable_disconnect_slow_workers_category("big", 3)
+    m.block_host_with_timeout("no-such-host", 5)
+    m.log_txn_app("hello from the app")
+    assert m.logging_directory == m.run_dir
+    poll(lambda: read_journal(m, "application"), 10, "the application's line in the journal", m=m)
+    assert read_journal(m, "application")[0]["entry"] == "hello from the app"

@@ -87,6 +87,36 @@ class TaskVineAPI:
         policy = make(name)
         self._call(lambda: setattr(self.core, "policy", policy))
 
+    def set_keepalive_interval(self, interval) -> int:
+        return self.tune("keepalive-interval", interval)
+
+    def set_keepalive_timeout(self, timeout) -> int:
+        return self.tune("keepalive-timeout", timeout)
+
+    def enable_monitoring(self, watchdog=True, time_series=False) -> int:
+        """Accepted: vinehpc always measures tasks (resources_measured) and enforces what they
+        were given; there is no time series."""
+        return 1
+
+    def enable_disconnect_slow_workers_category(self, name: str, multiplier: float) -> None:
+        self.enable_disconnect_slow_workers(multiplier if multiplier >= 1 else 0, category=name)
+
+    def set_category_resources_max(self, category: str, rmd: dict) -> None:
+        """TaskVine's name for set_category_max_resources (memory and disk, MB)."""
+        if rmd:
+            self.set_category_max_resources(category, rmd)
+
+    def block_host_with_timeout(self, host: str, timeout: float) -> None:
+        self.block_host(host, timeout if timeout >= 1 else 0)
+
+    def log_txn_app(self, entry) -> None:
+        """A line of the application's own in the run's journal (transactions.jsonl)."""
+        self.journal.write({"event": "application", "entry": str(entry)})
+
+    @property
+    def logging_directory(self) -> str:
+        return self.run_dir
+
     # ---------------------------------------------------------------- waiting
     def wait_for_tag(self, tag, timeout=None) -> Task | None:
         """Like wait(), but only a task whose tag is `tag` (None: any task)."""

@@ -55,6 +55,7 @@ class Execution:
         self.handles = {}          # tid -> Handle
         self.next_sample = 0.0     # when running tasks are next measured
         self.next_watch = 0.0      # when watched outputs are next looked at
+        self.watching = set()      # tids of handles with watched outputs (none: no look at all)
         self.table_error = None    # why the process table cannot be read (memory limits not enforced)
 
     # ---------------------------------------------------------------- start
@@ -63,6 +64,8 @@ class Execution:
         spec = c.spec
         after = c.runner if isinstance(c, PresentTask) else None
         h = self.handles[spec.id] = Handle(spec)
+        if h.watched:
+            self.watching.add(spec.id)
         try:
             if spec.needs_sandbox:
                 h.sandbox = Sandbox(self.sandboxes, spec.id)
@@ -116,6 +119,7 @@ class Execution:
     def forget(self, tid, stop=False) -> None:
         """Drop a task's handle and sandbox; stop: kill and reap what runs it first."""
         h = self.handles.pop(tid, None)
+        self.watching.discard(tid)
         if h is None:
             return
         if stop and h.proc is not None:
@@ -208,18 +212,19 @@ class Execution:
     # ---------------------------------------------------------------- watched outputs
     def watch_due(self, now):
         """Seconds until watched outputs should be looked at, or None if no task has any."""
-        if not any(h.watched for h in self.handles.values()):
+        if not self.watching:
             return None
         return max(0.0, self.next_watch - now)
 
     def stream_watched(self, now, conn) -> None:
         """Send what the watched outputs of started tasks gained since the last look (Task
         add_output(watch=True)): the manager appends it to its file as the task runs."""
-        if now < self.next_watch:
+        if not self.watching or now < self.next_watch:
             return
         self.next_watch = now + WATCH_INTERVAL
-        for h in self.handles.values():
-            if not h.watched or h.sandbox is None:
+        for tid in self.watching:
+            h = self.handles[tid]
+            if h.sandbox is None:
                 continue
             for remote, off in h.watched.items():
                 data, off = _grown(h.sandbox, remote, off)
@@ -231,6 +236,7 @@ class Execution:
     def report(self, c, conn) -> list:
         """SendResult: collect outputs if the task ended on its own, clean up, send the result."""
         h = self.handles.pop(c.tid, None)
+        self.watching.discard(c.tid)
         status, reason, temps = c.status, c.reason, []
         if c.collect and h is not None:
             status, reason, temps = self._collect(h, status, reason, conn)
