@@ -314,3 +314,15 @@ def test_taskvine_names_for_existing_settings(manager):
     assert m.logging_directory == m.run_dir
     poll(lambda: read_journal(m, "application"), 10, "the application's line in the journal", m=m)
     assert read_journal(m, "application")[0]["entry"] == "hello from the app"
+
+
+def test_file_contents_len_and_truth(tmp_path):
+    p = tmp_path / "empty"
+    p.write_bytes(b"")
+    f = File(str(p))
+    assert len(f) == 0 and bool(f) and f.contents() == b""
+    b = Buffer(b"abc")
+    assert len(b) == 3 and b.contents() == b"abc"
+    assert len(Temp()) == 0
+    with pytest.raises(ValueError, match="fetch_file"):
+        Temp().contents()
