@@ -52,8 +52,9 @@ class Server:
                  sock=None, final_exit=True, resume=None, release=False, tunnel=None, also=None):
         """`sock`: an already listening socket (a pilot keeps one for all its managers; it is
         not closed here).  `also`: one more listening socket, owned and closed here (the port a
-        TaskVine-style `Manager(9123)` asked for under a run, beside the run's own socket).  `final_exit`: on stop, tell workers to exit (True) or to come back
-        for the next manager of the same run (False)."""
+        TaskVine-style `Manager(9123)` asked for under a run, beside the run's own socket).
+        `final_exit`: on stop, tell workers to exit (True) or to come back for the next manager
+        of the same run (False)."""
         self.core = core
         self.secret = secret
         self.journal = journal
