@@ -201,8 +201,8 @@ def test_tune_and_set_scheduler_refuse_what_they_do_not_know(manager):
         m.tune("no-such-knob", 1)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        assert m.tune("wait-for-workers", 2) == -1
-    assert "wait-for-workers" in str(w[0].message)
+        assert m.tune("hungry-minimum", 2) == -1
+    assert "hungry-minimum" in str(w[0].message)
     assert m.tune("keepalive-interval", 30) == 0 and m._server.ka_interval == 30.0
     with pytest.raises(ValueError, match="fcfs"):
         m.set_scheduler("worst")
@@ -326,3 +326,25 @@ def test_file_contents_len_and_truth(tmp_path):
     assert len(Temp()) == 0
     with pytest.raises(ValueError, match="fetch_file"):
         Temp().contents()
+
+
+@pytest.mark.timeout(90)
+def test_wait_for_workers_holds_dispatch_until_enough_joined(manager):
+    m = manager                                   # 2 workers connected
+    assert m.tune("wait-for-workers", 3) == 0
+    t = Task("true", scheduler=vinehpc.VINE_SCHEDULE_FILES)
+    m.submit(t)
+    assert m.wait(1.0) is None and m.stats["running"] == 0
+    extra = subprocess.Popen(worker_cmd(m), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert m.wait(30) is t and t.successful()
+    finally:
+        m.close()
+        extra.wait(timeout=30)
+
+
+def test_taskvine_constants():
+    assert vinehpc.VINE_RESULT_SUCCESS == "success" and vinehpc.VINE_DEFAULT_PORT == 9123
+    Task("true").set_scheduler(vinehpc.VINE_SCHEDULE_FCFS).set_scheduler("files")
+    with pytest.raises(ValueError):
+        Task("true").set_scheduler(5)

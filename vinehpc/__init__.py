@@ -7,6 +7,16 @@ __version__ = "0.1.0"
 __all__ = ["Manager", "Task", "PythonTask", "PythonTaskNoResult", "Executor", "File", "TaskError",
            "RemoteTraceback", "Resumable", "__version__"]
 
+# TaskVine's constants that scripts compare with or pass (`vine.VINE_SCHEDULE_FILES`): result words
+# are strings, as TaskVine's Python Task.result is
+VINE_DEFAULT_PORT = 9123
+VINE_SCHEDULE_FCFS, VINE_SCHEDULE_FILES = 1, 2
+VINE_RESULT_SUCCESS = "success"
+VINE_RESULT_INPUT_MISSING = "input missing"
+VINE_RESULT_OUTPUT_MISSING = "output missing"
+VINE_RESULT_RESOURCE_EXHAUSTION = "resource exhaustion"
+VINE_RESULT_CANCELLED = "cancelled"
+
 _where = {"Manager": "manager", "Executor": "futures", "File": "file", "Task": "task", "PythonTask": "task",
           "PythonTaskNoResult": "task", "TaskError": "task", "RemoteTraceback": "task", "Resumable": "task"}
 

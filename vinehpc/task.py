@@ -220,6 +220,16 @@ class Task:
         self.tag = str(tag)
         return self
 
+    def set_scheduler(self, scheduler) -> "Task":
+        """Accepted (TaskVine's per-task scheduler, e.g. VINE_SCHEDULE_FILES): the manager's
+        scheduler (Manager.set_scheduler) places every task; "files" already prefers the
+        worker holding most of a task's inputs."""
+        from .taskvine_api import SCHEDULERS
+        if SCHEDULERS.get(scheduler.lower() if isinstance(scheduler, str) else scheduler) is None:
+            raise ValueError("scheduler %r is not supported: 'files' (VINE_SCHEDULE_FILES) or 'fcfs' "
+                             "(VINE_SCHEDULE_FCFS)" % (scheduler,))
+        return self
+
     def set_key(self, key: str) -> "Task":
         """Your identity for this task when a run is resumed (default: derived from its command or
         function, arguments, environment and input contents; see vinehpc/resume.py)."""
@@ -265,8 +275,9 @@ class Task:
 # TaskVine's task_info keys -> the setter each calls; keys TaskVine knows and vinehpc does not do
 # (yet) are refused by name rather than silently dropped
 TASK_INFO = {"cores": "set_cores", "memory": "set_memory", "disk": "set_disk", "gpus": "set_gpus",
-             "tag": "set_tag", "category": "set_category", "retries": "set_retries", "time_max": "set_time_max"}
-TASK_INFO_UNSUPPORTED = ("library_required", "library_provided", "scheduler", "snapshot_file", "priority",
+             "tag": "set_tag", "category": "set_category", "retries": "set_retries", "time_max": "set_time_max",
+             "scheduler": "set_scheduler"}
+TASK_INFO_UNSUPPORTED = ("library_required", "library_provided", "snapshot_file", "priority",
                          "time_end", "time_start", "time_min", "monitor_output", "features")
 
 

@@ -21,13 +21,13 @@ from .file import File
 log = logging.getLogger("vinehpc.manager")
 
 # Manager.tune(): TaskVine's names that vinehpc has a setting for, and those it has none for
-TUNABLE = ("keepalive-interval", "keepalive-timeout", "disconnect-slow-workers-factor")
+TUNABLE = ("keepalive-interval", "keepalive-timeout", "disconnect-slow-workers-factor", "wait-for-workers")
 NOT_TUNABLE = ("attempt-schedule-depth", "category-steady-n-tasks", "default-transfer-rate", "hungry-minimum",
                "hungry-minimum-factor", "immediate-recovery", "long-timeout", "max-retrievals",
                "min-transfer-timeout", "monitor-interval", "prefer-dispatch", "proportional-resources",
                "proportional-whole-tasks", "ramp-down-heuristic", "resource-submit-multiplier", "short-timeout",
                "transfer-outlier-factor", "transfer-replica-per-cycle", "transfer-temps-recovery",
-               "transient-error-interval", "wait-for-workers", "wait-retrieve-many", "worker-retrievals",
+               "transient-error-interval", "wait-retrieve-many", "worker-retrievals",
                "temp-replica-count", "max-library-retries", "watch-library-logfiles",
                "file-source-max-transfers", "worker-source-max-transfers")
 # TaskVine's scheduler constants (VINE_SCHEDULE_FCFS, VINE_SCHEDULE_FILES) and names -> vinehpc's policies
@@ -56,9 +56,10 @@ class TaskVineAPI:
         self.peer_transfers = False
 
     def tune(self, name: str, value) -> int:
-        """TaskVine's advanced settings: keepalive-interval, keepalive-timeout and
-        disconnect-slow-workers-factor are vinehpc settings too (0 returned); TaskVine's other
-        names have no vinehpc setting: warned about, -1 returned (TaskVine's failure code)."""
+        """TaskVine's advanced settings: keepalive-interval, keepalive-timeout,
+        disconnect-slow-workers-factor and wait-for-workers (dispatch nothing before that many
+        workers joined) are vinehpc settings too (0 returned); TaskVine's other names have no
+        vinehpc setting: warned about, -1 returned (TaskVine's failure code)."""
         if name in ("keepalive-interval", "keepalive-timeout"):
             v = float(value)
             if v <= 0:
@@ -69,6 +70,12 @@ class TaskVineAPI:
         if name == "disconnect-slow-workers-factor":
             # TaskVine: below 1 turns it off
             self._server.post(SlowMultiplier(None, float(value) if float(value) >= 1 else 0.0))
+            return 0
+        if name == "wait-for-workers":
+            n = int(value)
+            if n < 0:
+                raise ValueError("wait-for-workers must be a non-negative number of workers, got %r" % (value,))
+            self._call(lambda: setattr(self.core, "wait_for_workers", n))
             return 0
         if name in NOT_TUNABLE:
             warnings.warn("Manager.tune(%r): vinehpc has no such setting; ignored (settings: %s)"

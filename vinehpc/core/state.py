@@ -56,6 +56,7 @@ class Core:
         self.cat = collections.defaultdict(lambda: [0, 0.0])   # category -> [n, ema wall]
         self.categories = {}               # name -> Category (allocations learnt from measured use)
         self.slow_multiplier = {}          # category (None: every one) -> fast-abort multiplier
+        self.wait_for_workers = 0          # dispatch nothing before this many workers joined (tune)
         self.blocked = Blocklist(self._log)
         self.slow_counts = collections.Counter()      # worker -> tasks fast-aborted there
         self.unproduced = {}               # temp cachename -> why its producer failed
@@ -467,6 +468,8 @@ class Core:
             if not self.drained:
                 self._end_drain(now)
             return
+        if len(self.workers) < self.wait_for_workers:
+            return      # TaskVine's "wait-for-workers": dispatch nothing before that many joined
         schedule(self, now)
 
     # ------------------------------------------------------------------ handing back
