@@ -118,6 +118,7 @@ def test_taskvine_constructor_arguments(tmp_path, caplog):
         assert m.staging_directory == str(tmp_path / "stage" / "vine-staging")
         assert "not encrypted" in caplog.text
         m.set_name("other")
+        assert m.stats["name"] == "other"
     finally:
         m.close()
     names = [r.get("name") for r in read_journal(m) if r.get("event") in ("manager started", "name")]

@@ -389,8 +389,8 @@ class Manager(TaskVineAPI):
 
     @property
     def stats(self) -> dict:
-        """Counts: submitted, waiting, running, done, failed, workers."""
-        return self._call(self.core.stats)
+        """Counts: submitted, waiting, running, done, failed, workers; and the project name."""
+        return dict(self._call(self.core.stats), name=self.name)
 
     def workers(self) -> list:
         """One dict per connected worker: id, host, resources, running tasks, cached files."""
