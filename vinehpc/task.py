@@ -10,6 +10,7 @@ import weakref
 import cloudpickle
 
 from .file import File
+from .scheduler import policy_name
 
 
 class TaskError(Exception):
@@ -74,8 +75,8 @@ class Task:
     MiB), reason (a sentence), hostname, addrport, worker, attempts.
 
     `Task(command, **task_info)` sets what TaskVine's task_info keys name: cores, memory,
-    disk, gpus, tag, category, retries, time_max, env {name: value}, inputs and outputs
-    {file: remote_name}; see TASK_INFO.
+    disk, gpus, tag, category, retries, time_max, scheduler, env {name: value}, inputs and
+    outputs {file: remote_name}; see TASK_INFO.
     """
 
     def __init__(self, command: str | None = None, **task_info):
@@ -224,10 +225,7 @@ class Task:
         """Accepted (TaskVine's per-task scheduler, e.g. VINE_SCHEDULE_FILES): the manager's
         scheduler (Manager.set_scheduler) places every task; "files" already prefers the
         worker holding most of a task's inputs."""
-        from .taskvine_api import SCHEDULERS
-        if SCHEDULERS.get(scheduler.lower() if isinstance(scheduler, str) else scheduler) is None:
-            raise ValueError("scheduler %r is not supported: 'files' (VINE_SCHEDULE_FILES) or 'fcfs' "
-                             "(VINE_SCHEDULE_FCFS)" % (scheduler,))
+        policy_name(scheduler)
         return self
 
     def set_key(self, key: str) -> "Task":

@@ -17,6 +17,7 @@ import warnings
 
 from .core.events import Cancel, SlowMultiplier, Undeclare
 from .file import File
+from .scheduler import make as make_policy, policy_name
 
 log = logging.getLogger("vinehpc.manager")
 
@@ -30,8 +31,6 @@ NOT_TUNABLE = ("attempt-schedule-depth", "category-steady-n-tasks", "default-tra
                "transient-error-interval", "wait-retrieve-many", "worker-retrievals",
                "temp-replica-count", "max-library-retries", "watch-library-logfiles",
                "file-source-max-transfers", "worker-source-max-transfers")
-# TaskVine's scheduler constants (VINE_SCHEDULE_FCFS, VINE_SCHEDULE_FILES) and names -> vinehpc's policies
-SCHEDULERS = {1: "fcfs", 2: "files", "fcfs": "fcfs", "files": "files"}
 FETCH_TIMEOUT = 300.0
 
 
@@ -86,12 +85,7 @@ class TaskVineAPI:
     def set_scheduler(self, scheduler) -> None:
         """Which worker a task goes to among those it fits: "files" (most input bytes cached,
         the default; TaskVine's VINE_SCHEDULE_FILES) or "fcfs" (VINE_SCHEDULE_FCFS)."""
-        name = SCHEDULERS.get(scheduler.lower() if isinstance(scheduler, str) else scheduler)
-        if name is None:
-            raise ValueError("scheduler %r is not supported: vinehpc has 'files' (VINE_SCHEDULE_FILES) and 'fcfs' "
-                             "(VINE_SCHEDULE_FCFS)" % (scheduler,))
-        from .scheduler import make
-        policy = make(name)
+        policy = make_policy(policy_name(scheduler))
         self._call(lambda: setattr(self.core, "policy", policy))
 
     def set_keepalive_interval(self, interval) -> int:
