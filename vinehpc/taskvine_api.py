@@ -7,7 +7,6 @@ knob, warned about -- never silently different.  See docs-pending/compat.md for 
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tarfile
@@ -18,8 +17,8 @@ import warnings
 from .core.events import Cancel, SlowMultiplier, Undeclare
 from .file import File
 from .scheduler import make as make_policy, policy_name
+from .task import Task
 
-log = logging.getLogger("vinehpc.manager")
 
 # Manager.tune(): TaskVine's names that vinehpc has a setting for, and those it has none for
 TUNABLE = ("keepalive-interval", "keepalive-timeout", "disconnect-slow-workers-factor", "wait-for-workers")
@@ -194,7 +193,6 @@ class TaskVineAPI:
 
     def _fetch_temp(self, temp: File, timeout: float) -> bytes:
         """A task that copies the temp into a manager-side output; not returned by wait()."""
-        from .task import Task
         dest = os.path.join(self.staging_directory, "fetch-%s" % temp.cachename())
         t = Task("cp -R -L in out")
         t.add_input(temp, "in")
