@@ -348,3 +348,16 @@ def test_taskvine_constants():
     Task("true").set_scheduler(vinehpc.VINE_SCHEDULE_FCFS).set_scheduler("files")
     with pytest.raises(ValueError):
         Task("true").set_scheduler(5)
+
+
+@pytest.mark.timeout(60)
+def test_hungry_counts_down_as_tasks_wait(manager):
+    m = manager                                   # 2 workers x 1 core: TaskVine's minimum of 10 applies
+    assert m.hungry() == 10
+    assert m.tune("wait-for-workers", 3) == 0     # nothing dispatched: what is submitted waits
+    for _ in range(4):
+        m.submit(Task("true"))
+    assert m.hungry() == 6
+    assert m.tune("wait-for-workers", 0) == 0
+    wait_all(m, 4, timeout=30)
+    assert m.hungry() == 10

@@ -31,6 +31,7 @@ NOT_TUNABLE = ("attempt-schedule-depth", "category-steady-n-tasks", "default-tra
                "temp-replica-count", "max-library-retries", "watch-library-logfiles",
                "file-source-max-transfers", "worker-source-max-transfers")
 FETCH_TIMEOUT = 300.0
+HUNGRY_MINIMUM = 10     # hungry(): TaskVine's default "hungry-minimum"
 
 
 class TaskVineAPI:
@@ -116,6 +117,14 @@ class TaskVineAPI:
     @property
     def logging_directory(self) -> str:
         return self.run_dir
+
+    def hungry(self) -> int:
+        """How many more tasks to submit now (0: enough are waiting): TaskVine's measure, enough
+        waiting tasks to keep every connected core busy twice over, and at least HUNGRY_MINIMUM."""
+        def count():
+            cores = sum(w.total["cores"] for w in self.core.workers.values())
+            return max(HUNGRY_MINIMUM, 2 * cores) - (len(self.core.tasks) - self.core.n_running)
+        return max(0, self._call(count))
 
     # ---------------------------------------------------------------- waiting
     def wait_for_tag(self, tag, timeout=None) -> Task | None:
