@@ -314,11 +314,29 @@ def pickle_by_value_under(directory: str) -> None:
 
 
 def _register_by_value(fn) -> None:
-    if not _by_value_roots:
+    """The module of `fn`, if it is the user's (see pickle_by_value_under), travels by value."""
+    if _by_value_roots:
+        _register_module(sys.modules.get(getattr(fn, "__module__", None) or ""))
+
+
+def _register_script_modules() -> None:
+    """Every module of the user's imported so far travels by value: a class of a helper module
+    next to the script, passed as an argument, reaches workers that cannot import it.  Scans
+    sys.modules only when it grew."""
+    global _modules_seen
+    if not _by_value_roots or len(sys.modules) == _modules_seen:
         return
-    mod = sys.modules.get(getattr(fn, "__module__", None) or "")
+    _modules_seen = len(sys.modules)
+    for mod in list(sys.modules.values()):
+        _register_module(mod)
+
+
+_modules_seen = 0
+
+
+def _register_module(mod) -> None:
     f = getattr(mod, "__file__", None)
-    if mod is None or not f or mod.__name__ == "__main__":
+    if mod is None or not f or mod.__name__ == "__main__" or mod.__name__.encode() in _by_value_names:
         return
     f = os.path.abspath(f)
     if any(f.startswith(r + os.sep) for r in _by_value_roots) and "site-packages" not in f:
@@ -326,9 +344,7 @@ def _register_by_value(fn) -> None:
             cloudpickle.register_pickle_by_value(mod)
         except (ValueError, AttributeError):
             return
-        name = mod.__name__.encode()
-        if name not in _by_value_names:
-            _by_value_names.append(name)
+        _by_value_names.append(mod.__name__.encode())
 
 
 def _dumps(args: tuple, kwargs: dict, what: str) -> bytes:
@@ -338,6 +354,7 @@ def _dumps(args: tuple, kwargs: dict, what: str) -> bytes:
     times faster -- and cloudpickle when its bytes name such a module (a false hit on a string
     that merely contains the name only costs the slower path)."""
     obj = (args, kwargs)
+    _register_script_modules()
     try:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         if b"__main__" not in data and not any(n in data for n in _by_value_names):
