@@ -129,20 +129,17 @@ class Manager(TaskVineAPI):
             except OSError as e:
                 log.warning("vinehpc: cannot also listen on port %s (%s); the run's workers are used", port, e)
             ports = [0]
-        for i, p in enumerate(ports):
-            try:
-                self._server = Server(self.core, host=host, port=p, secret=self.secret, journal=self.journal,
-                                      staging=staging, keepalive_interval=ka_i, keepalive_timeout=ka_t,
-                                      sock=opts.sock, final_exit=opts.final_exit,
-                                      resume=self.resume, tunnel=tunnel_info, also=also)
-                break
-            except OSError as e:
-                if i + 1 < len(ports):
-                    continue
-                if also is not None:
-                    also.close()
-                raise OSError(e.errno, "cannot listen on %s:%s: %s (choose another port, or 0 for any)"
-                              % (host, port, e.strerror)) from None
+        try:
+            lsock = opts.sock or _listen(host, ports)
+        except OSError as e:
+            if also is not None:
+                also.close()
+            raise OSError(e.errno, "cannot listen on %s:%s: %s (choose another port, or 0 for any)"
+                          % (host, port, e.strerror)) from None
+        self._server = Server(self.core, host=host, port=0, secret=self.secret, journal=self.journal, staging=staging,
+                              keepalive_interval=ka_i, keepalive_timeout=ka_t, sock=lsock,
+                              own_sock=opts.sock is None, final_exit=opts.final_exit, resume=self.resume,
+                              tunnel=tunnel_info, also=also)
         self.port = also.getsockname()[1] if also is not None else self._server.port
         self.host = host
         contact = host if host not in ("0.0.0.0", "::", "") else socket.gethostname()

@@ -49,10 +49,11 @@ class Peer:
 
 class Server:
     def __init__(self, core, *, host, port, secret, journal, staging, keepalive_interval, keepalive_timeout,
-                 sock=None, final_exit=True, resume=None, release=False, tunnel=None, also=None):
+                 sock=None, own_sock=False, final_exit=True, resume=None, release=False, tunnel=None, also=None):
         """`sock`: an already listening socket (a pilot keeps one for all its managers; it is
-        not closed here).  `also`: one more listening socket, owned and closed here (the port a
-        TaskVine-style `Manager(9123)` asked for under a run, beside the run's own socket).
+        not closed here unless `own_sock`).  `also`: one more listening socket, owned and
+        closed here (the port a TaskVine-style `Manager(9123)` asked for under a run, beside
+        the run's own socket).
         `final_exit`: on stop, tell workers to exit (True) or to come back for the next manager
         of the same run (False)."""
         self.core = core
@@ -61,7 +62,7 @@ class Server:
         self.staging = staging
         self.ka_interval = keepalive_interval
         self.ka_timeout = keepalive_timeout
-        self.own_lsock = sock is None
+        self.own_lsock = sock is None or own_sock
         self.lsock = socket.create_server((host, port), backlog=512) if sock is None else sock
         self.lsock.setblocking(False)
         self.final_exit = final_exit

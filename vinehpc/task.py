@@ -306,7 +306,7 @@ _by_value_names = []    # encoded names of the script's modules registered to pi
 
 
 def pickle_by_value_under(directory: str) -> None:
-    """Pickle functions of modules under `directory` (the user's script dir) by value:
+    """Pickle functions and classes of modules under `directory` (the user's script dir) by value:
     workers need not have the user's helper modules on their path."""
     d = os.path.abspath(directory)
     if d not in _by_value_roots:
