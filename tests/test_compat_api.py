@@ -361,3 +361,18 @@ def test_hungry_counts_down_as_tasks_wait(manager):
     assert m.tune("wait-for-workers", 0) == 0
     wait_all(m, 4, timeout=30)
     assert m.hungry() == 10
+
+
+@pytest.mark.timeout(60)
+def test_declare_untar_of_a_temp_unpacks_it_on_the_worker(manager):
+    m = manager
+    tarball = m.declare_temp()
+    make = Task("mkdir d && echo inside > d/f.txt && tar -czf t.tgz -C d .")
+    make.add_output(tarball, "t.tgz")
+    m.submit(make)
+    d = m.declare_untar(tarball)
+    use = Task("cat dir/f.txt").add_input(d, "dir")
+    m.submit(use)
+    got = wait_all(m, 2, timeout=30)               # the unpacking task is not returned by wait()
+    assert set(got) == {make.id, use.id}
+    assert use.successful() and use.std_output == "inside\n", (use.result, use.reason, use.std_output)

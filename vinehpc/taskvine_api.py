@@ -220,14 +220,14 @@ class TaskVineAPI:
             os.unlink(dest)
 
     def declare_untar(self, tarball: File, cache=False, peer_transfer=True) -> File:
-        """A directory made by unpacking `tarball` (a declared file, buffer or URL; tar, tar.gz,
-        tar.bz2, tar.xz).  vinehpc unpacks it once on the manager's side and it travels as a
-        directory (sent to each worker once, unpacked there); a URL is fetched by the manager."""
+        """A directory made by unpacking `tarball` (tar, tar.gz, tar.bz2, tar.xz).  A declared
+        file, buffer or URL is unpacked once on the manager's side and travels as a directory
+        (sent to each worker once; a URL is fetched by the manager); a temp (a task's output) is
+        unpacked where it is, by a task on that worker, into a temp directory."""
         if not isinstance(tarball, File):
             raise TypeError("declare_untar needs a file from Manager.declare_*(), got %r" % (tarball,))
         if tarball.kind == "temp":
-            raise NotImplementedError("declare_untar of a temp (a task's output) is not supported yet: declare "
-                                      "the tarball as a file, buffer or URL, or untar it in the consuming task")
+            return self._untar_on_a_worker(tarball)
         dest = os.path.join(self.staging_directory, "untar-" + tarball.cachename())
         if not os.path.isdir(dest):
             src = tarball.source
@@ -243,6 +243,16 @@ class TaskVineAPI:
             if src != tarball.source:
                 os.unlink(src)
         return self.declare_file(dest, cache=cache)
+
+    def _untar_on_a_worker(self, tarball: File) -> File:
+        """A temp tarball stays on its worker: a task there unpacks it into a temp directory (not
+        returned by wait(); if it fails, tasks using the directory fail "input missing" saying why)."""
+        out = self.declare_temp()
+        t = Task("mkdir untarred && tar -xf tarball -C untarred")
+        t.add_input(tarball, "tarball")
+        t.add_output(out, "untarred")
+        self._submit(t, lambda task: None)
+        return out
 
     def declare_poncho(self, package, cache=False, peer_transfer=True) -> File:
         """Not supported: poncho packs a conda environment; vinehpc's environments are images built
