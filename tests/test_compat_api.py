@@ -376,3 +376,14 @@ def test_declare_untar_of_a_temp_unpacks_it_on_the_worker(manager):
     got = wait_all(m, 2, timeout=30)               # the unpacking task is not returned by wait()
     assert set(got) == {make.id, use.id}
     assert use.successful() and use.std_output == "inside\n", (use.result, use.reason, use.std_output)
+
+
+@pytest.mark.timeout(60)
+def test_declare_minitask_makes_a_temp(manager):
+    m = manager
+    f = m.declare_minitask(Task("echo made > out.txt"), "out.txt")
+    use = Task("cat in.txt").add_input(f, "in.txt")
+    m.submit(use)
+    wait_all(m, 1, timeout=30)
+    assert use.successful() and use.std_output == "made\n", (use.result, use.reason)
+    assert m.fetch_file(f) == "made\n"

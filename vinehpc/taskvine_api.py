@@ -245,13 +245,19 @@ class TaskVineAPI:
         return self.declare_file(dest, cache=cache)
 
     def _untar_on_a_worker(self, tarball: File) -> File:
-        """A temp tarball stays on its worker: a task there unpacks it into a temp directory (not
-        returned by wait(); if it fails, tasks using the directory fail "input missing" saying why)."""
-        out = self.declare_temp()
         t = Task("mkdir untarred && tar -xf tarball -C untarred")
         t.add_input(tarball, "tarball")
-        t.add_output(out, "untarred")
-        self._submit(t, lambda task: None)
+        return self.declare_minitask(t, "untarred")
+
+    def declare_minitask(self, minitask: Task, source: str, cache=False, peer_transfer=True) -> File:
+        """A file made by running `minitask` on a worker: its `source` becomes a temp.  vinehpc runs
+        the mini-task at once (TaskVine: when a task first needs the file), not returned by
+        wait(); if it fails, tasks using the file fail "input missing" saying why."""
+        if not isinstance(minitask, Task):
+            raise TypeError("declare_minitask needs a Task, got %r" % (minitask,))
+        out = self.declare_temp()
+        minitask.add_output(out, source)
+        self._submit(minitask, lambda task: None)
         return out
 
     def declare_poncho(self, package, cache=False, peer_transfer=True) -> File:
