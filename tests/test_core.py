@@ -472,14 +472,25 @@ def test_result_for_unknown_task_is_stale(sim):
 
 
 # ---------------------------------------------------------------- retries and results
-def test_nonzero_exit_is_a_failure_with_its_exit_code(sim):
+def test_nonzero_exit_is_completed_but_not_successful(sim):
+    # TaskVine's result: the command ran to its end ("success"), its code is in exit_code
     t = sim.submit(new_task())
     sim.join(1)
     sim.schedule()
     sim.result(1, t, status="failed", exit_code=3, reason="exit code 3", wall=0.01)
     assert done(sim.take()) == [t]
-    assert t.result == "failed" and t.exit_code == 3 and t.reason == "exit code 3" and not t.successful()
-    assert sim.core.stats()["failed"] == 1
+    assert t.result == "success" and t.exit_code == 3 and t.reason == "exit code 3"
+    assert t.completed() and not t.successful()
+    assert sim.core.stats()["failed"] == 1      # counted (and journaled) as not successful
+
+
+def test_a_failure_without_an_exit_code_stays_failed(sim):
+    t = sim.submit(new_task())
+    sim.join(1)
+    sim.schedule()
+    sim.result(1, t, status="failed", reason="killed by SIGKILL", exit_code=-9, signal="SIGKILL", wall=0.01)
+    assert done(sim.take()) == [t]
+    assert t.result == "failed" and not t.completed() and not t.successful()
 
 
 def test_retries_then_failed_with_reason(sim):
@@ -495,7 +506,8 @@ def test_retries_then_failed_with_reason(sim):
             assert done(back) == []
     assert done(back) == [t]
     assert n_dispatch == 3 and t.attempts == 3
-    assert t.result == "failed" and t.reason == "boom 2"
+    # retries are spent on a non-zero exit too; the last attempt's code is the task's (TaskVine's "success")
+    assert t.result == "success" and t.exit_code == 1 and not t.successful() and t.reason == "boom 2"
     assert sim.schedule() == 0
 
 

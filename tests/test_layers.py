@@ -37,7 +37,7 @@ CONFIG_MODULES = ("vinehpc.config", "sysimage_tools.config", "userlevel_net.conf
 ENV_PREFIXES = ("VINEHPC_", "SLURM")
 # `from vinehpc import Manager` loads vinehpc.manager (vinehpc/__init__.py imports on first use)
 REEXPORTS = {"vinehpc": {"Manager": "manager", "Executor": "futures", "File": "file", "Task": "task",
-                         "PythonTask": "task", "TaskError": "task", "RemoteTraceback": "task",
+                         "PythonTask": "task", "PythonTaskNoResult": "task", "TaskError": "task", "RemoteTraceback": "task",
                          "Resumable": "task"}}
 
 

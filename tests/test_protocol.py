@@ -389,7 +389,7 @@ SAMPLES = [
     ("task", {"cmd": "echo hi > out", "id": 7, "inputs": [["file-1", "in.txt", "file", "workflow", None],
                                                           ["url-2", "data", "url", "task", "https://x/y"]],
               "outputs": [["out", "file", None], ["t", "temp", "temp-9"]], "env": {"A": "1"}, "res": RES0,
-              "time_max": 60.0, "category": "default"}, []),
+              "time_max": 60.0, "category": "default", "watch": ["out"]}, []),
     ("task", {"fid": "fn-1", "id": 8, "inputs": [], "outputs": [], "res": RES0, "category": "short",
               "pipe": True}, [b"pickled args"]),
     ("task", {"fid": "lib-1", "id": 9, "inputs": [], "outputs": [], "res": RES0, "category": "default",
@@ -405,6 +405,7 @@ SAMPLES = [
                 "signal": "SIGKILL(-9)", "exhausted": {"resource": "memory", "used": 20, "allocated": 10},
                 "worker_fault": True}, [b"pickled result"]),
     ("outfile", {"id": 7, "remote": "out", "tar": False, "off": 0, "last": True, "size": 3}, [b"abc"]),
+    ("watch", {"id": 7, "remote": "log.txt", "off": 3}, [b"def"]),
     ("file", {"cn": "temp-9", "off": 0, "last": True, "size": 0}, [b""]),
     ("cached", {"cn": "url-2"}, []),
 ]
@@ -469,7 +470,7 @@ BAD = {
              ("res", {"cores": 1}), ("res", dict(RES0, cores=-1)), ("res", dict(RES0, other=1)),
              ("res", dict(RES0, memory=1.5)), ("time_max", -1.0), ("time_max", float("nan")),
              ("time_max", float("inf")), ("category", 3), ("pipe", "true"), ("cmd", 3), ("slots", 0),
-             ("slots", 1.5), ("slots", "4")],
+             ("slots", 1.5), ("slots", "4"), ("watch", "out"), ("watch", [""])],
     "kill": [("id", None), ("id", "x")],
     "get": [("cn", "")],
     "unlink": [("cn", 3)],
@@ -479,6 +480,7 @@ BAD = {
                ("measured", {"memory": "1"}), ("measured", [1]), ("exhausted", {"resource": "memory"}),
                ("exhausted", {"resource": "memory", "used": 1, "allocated": 1, "x": 1}), ("worker_fault", 1)],
     "outfile": [("remote", ""), ("tar", None), ("off", "0"), ("size", -1)],
+    "watch": [("remote", ""), ("off", "0"), ("id", None)],
     "file": [("last", "yes"), ("size", None)],
     "cached": [("size", -1), ("cn", None)],
 }

@@ -138,7 +138,12 @@ def test_file_cachename_follows_content(tmp_path):
 
 def test_cache_level_validation():
     with pytest.raises(ValueError, match="cache must be"):
-        File("/x", cache="forever")
+        File("/x", cache="sometimes")
+
+
+def test_cache_forever_is_the_workers_level():
+    # TaskVine's "forever" (beyond the worker's life): a vinehpc cache ends with its worker
+    assert File("/x", cache="forever").cache == "worker"
 
 
 # ---------------------------------------------------------------- worker sandbox

@@ -4,11 +4,23 @@ Public names are imported on first use (PEP 562), so `python -m vinehpc worker` 
 `vinehpc sysimage run` do not pay for the manager side.
 """
 __version__ = "0.1.0"
-__all__ = ["Manager", "Task", "PythonTask", "Executor", "File", "TaskError", "RemoteTraceback", "Resumable",
-           "DaskVine", "FunctionCall", "LibraryTask", "load_variable_from_library", "__version__"]
+__all__ = ["Manager", "Task", "PythonTask", "PythonTaskNoResult", "Executor", "File", "TaskError",
+           "RemoteTraceback", "Resumable", "DaskVine", "FunctionCall", "LibraryTask", "load_variable_from_library",
+           "__version__"]
+
+# TaskVine's constants that scripts compare with or pass (`vine.VINE_SCHEDULE_FILES`): result words
+# are strings, as TaskVine's Python Task.result is
+VINE_DEFAULT_PORT = 9123
+VINE_SCHEDULE_FCFS, VINE_SCHEDULE_FILES = 1, 2
+VINE_RESULT_SUCCESS = "success"
+VINE_RESULT_INPUT_MISSING = "input missing"
+VINE_RESULT_OUTPUT_MISSING = "output missing"
+VINE_RESULT_RESOURCE_EXHAUSTION = "resource exhaustion"
+VINE_RESULT_CANCELLED = "cancelled"
 
 _where = {"Manager": "manager", "Executor": "futures", "File": "file", "Task": "task", "PythonTask": "task",
-          "TaskError": "task", "RemoteTraceback": "task", "Resumable": "task", "DaskVine": "dask_vine",
+          "PythonTaskNoResult": "task", "TaskError": "task", "RemoteTraceback": "task", "Resumable": "task",
+          "DaskVine": "dask_vine",
           "FunctionCall": "serverless", "LibraryTask": "serverless", "load_variable_from_library": "serverless"}
 
 

@@ -25,7 +25,9 @@ def cache_level(cache) -> str:
         return "task"
     if cache in CACHE_LEVELS:
         return cache
-    raise ValueError("cache must be True, False or one of %s, got %r" % (", ".join(CACHE_LEVELS), cache))
+    if cache == "forever":
+        return "worker"     # TaskVine's "beyond the worker's life": a vinehpc cache ends with its worker
+    raise ValueError("cache must be True, False, \"forever\" or one of %s, got %r" % (", ".join(CACHE_LEVELS), cache))
 
 
 class File:
@@ -74,6 +76,24 @@ class File:
     def invalidate(self) -> None:
         with self._lock:
             self._memo = None
+
+    # -- TaskVine's File methods ---------------------------------------------------------
+    def __bool__(self):
+        return True          # an empty file (len 0) is still a file
+
+    def __len__(self):
+        """Size in bytes of a manager-side file or buffer (0 for temps, URLs, directories and
+        files not made yet)."""
+        return self.size() if self.kind in ("file", "buffer") and self.exists() else 0
+
+    def contents(self) -> bytes:
+        """The bytes of a manager-side file or buffer (a temp: Manager.fetch_file(temp))."""
+        if self.kind == "buffer":
+            return self.data
+        if self.kind != "file":
+            raise ValueError("a %s has no contents at the manager: use Manager.fetch_file(f)" % self.kind)
+        with open(self.source, "rb") as f:
+            return f.read()
 
 
 class Buffer(File):

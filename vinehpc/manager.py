@@ -23,6 +23,7 @@ from .patterns import PatternsMixin
 from .serverless import LibraryMixin
 from .server import Server
 from .task import PythonTask, Resumable, Task
+from .taskvine_api import TaskVineAPI, _check_name
 
 log = logging.getLogger("vinehpc.manager")
 _run_seq = itertools.count()
@@ -39,13 +40,22 @@ def _new_run_dir(root: str) -> str:
             continue
 
 
-class Manager(LibraryMixin, PatternsMixin):
+class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
     """Runs tasks on workers that connect to it over TCP.
 
     Under `vinehpc run` (or `vinehpc pilot`) a Manager() gets that run's workers with no
-    configuration.  Alone, it listens on `port` (0: any free port) and waits for workers
-    started with `vinehpc worker HOST:PORT --secret-file FILE` (the command is logged and
-    written to the run directory), or starts `local_workers` processes itself.
+    configuration; given a port too (`Manager(9123)`, as TaskVine scripts start), it also
+    listens there (if that port is taken, it says so and goes on with the run's workers).
+    Alone, it listens on `port` (0: any free port; (low, high): the first free one of a
+    range) and waits for workers started with `vinehpc worker HOST:PORT --secret-file FILE`
+    (the command is logged and written to the run directory), or starts `local_workers`
+    processes itself.
+
+    TaskVine's arguments: name (the project name, in stats and the journal), run_info_path
+    (where run directories go; run_info_template names this run's), staging_path, init_fn
+    (called with the new manager), ssl (accepted, NOT yet encrypting: connections are
+    authenticated with the run's secret but not encrypted), shutdown and
+    status_display_interval (accepted; workers always exit with the manager, no widget).
 
     Keyword arguments: host (address to bind, default all interfaces, or loopback for local
     runs), secret (default: VINEHPC_SECRET or a fresh one), run_dir (default
@@ -59,32 +69,42 @@ class Manager(LibraryMixin, PatternsMixin):
     launcher's, else read from the environment now).
     """
 
-    def __init__(self, port: int | None = None, *, host: str | None = None, secret: str | None = None,
+    def __init__(self, port=None, name: str | None = None, shutdown: bool = False, run_info_path: str | None = None,
+                 staging_path: str | None = None, ssl=None, init_fn=None, status_display_interval=None, *,
+                 run_info_template: str | None = None, host: str | None = None, secret: str | None = None,
                  run_dir: str | None = None, local_workers: int | None = None,
                  cores_per_worker: int | None = None, scheduler: str = "files",
                  keepalive_interval: float | None = None, keepalive_timeout: float | None = None,
                  resume: bool | None = None, tunnel=None, tunnel_allow=None, settings: Settings | None = None):
+        ports = _ports(port)
         ctx = _context.current()
-        launched = ctx is not None and port is None and local_workers is None
+        launched = ctx is not None and local_workers is None
         opts = ctx.manager_options() if launched else ManagerOptions()
         self._ctx = ctx if launched else None
-        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
-            raise ValueError("port must be an integer between 0 and 65535, got %r" % (port,))
+        self.name = None if name is None else _check_name(name)
+        if ssl:
+            log.warning("vinehpc: Manager(ssl=...) is accepted but connections are not encrypted yet (they are "
+                        "authenticated with the run's secret); see the README")
+        self.using_ssl = False
         if local_workers is not None and (isinstance(local_workers, bool) or not isinstance(local_workers, int)
                                           or local_workers < 0):
             raise ValueError("local_workers must be a non-negative integer, got %r" % (local_workers,))
         self.settings = settings = settings or opts.settings or Settings.from_env()
         self.secret = secret or opts.secret or settings.secret or auth.new_secret()
+        asked_host = host
         if host is None:
             host = opts.host or ("127.0.0.1" if local_workers else "0.0.0.0")
         if run_dir:
             self.run_dir = os.path.abspath(run_dir)
         elif opts.run_dir:
             self.run_dir = opts.run_dir        # a launcher's (stable across resubmissions)
+        elif run_info_path and run_info_template:
+            self.run_dir = os.path.abspath(os.path.join(run_info_path, run_info_template))
         else:
-            self.run_dir = _new_run_dir(settings.run_dir_root)
+            self.run_dir = _new_run_dir(os.path.abspath(run_info_path) if run_info_path else settings.run_dir_root)
         os.makedirs(self.run_dir, exist_ok=True)
-        staging = os.path.join(self.run_dir, "staging")
+        staging = os.path.join(staging_path, "vine-staging") if staging_path else os.path.join(self.run_dir, "staging")
+        self.staging_directory = staging = os.path.abspath(staging)
         os.makedirs(staging, exist_ok=True)
         self.resume = Resume(self.run_dir) if (resume if resume is not None else opts.resume) else None
         self.journal = Journal(os.path.join(self.run_dir, "transactions.jsonl"))
@@ -102,15 +122,27 @@ class Manager(LibraryMixin, PatternsMixin):
             raise ValueError("tunnel must be True, False or a gateway's HOST:PORT, got %r" % (tunnel,))
         ka_i = keepalive_interval or settings.keepalive_interval
         ka_t = keepalive_timeout or settings.keepalive_timeout
+        also = None
+        if launched and ports != [0]:
+            # TaskVine scripts name a port: under a run, workers come through the run's own socket,
+            # and the port asked for is one more way in (a busy one costs nothing but a warning)
+            try:
+                also = _listen(asked_host or "0.0.0.0", ports)
+            except OSError as e:
+                log.warning("vinehpc: cannot also listen on port %s (%s); the run's workers are used", port, e)
+            ports = [0]
         try:
-            self._server = Server(self.core, host=host, port=port or 0, secret=self.secret, journal=self.journal,
-                                  staging=staging, keepalive_interval=ka_i, keepalive_timeout=ka_t,
-                                  sock=opts.sock, final_exit=opts.final_exit,
-                                  resume=self.resume, tunnel=tunnel_info)
+            lsock = opts.sock or _listen(host, ports)
         except OSError as e:
+            if also is not None:
+                also.close()
             raise OSError(e.errno, "cannot listen on %s:%s: %s (choose another port, or 0 for any)"
                           % (host, port, e.strerror)) from None
-        self.port = self._server.port
+        self._server = Server(self.core, host=host, port=0, secret=self.secret, journal=self.journal, staging=staging,
+                              keepalive_interval=ka_i, keepalive_timeout=ka_t, sock=lsock,
+                              own_sock=opts.sock is None, final_exit=opts.final_exit, resume=self.resume,
+                              tunnel=tunnel_info, also=also)
+        self.port = also.getsockname()[1] if also is not None else self._server.port
         self.host = host
         contact = host if host not in ("0.0.0.0", "::", "") else socket.gethostname()
         self.address = opts.address or "%s:%d" % (contact, self.port)
@@ -119,7 +151,7 @@ class Manager(LibraryMixin, PatternsMixin):
             self.secret_file = os.path.join(self.run_dir, "secret")
             auth.write_secret(self.secret_file, self.secret)
         self.journal.write({"event": "manager started", "address": self.address, "pid": os.getpid(),
-                            "python": sys.version.split()[0],
+                            "python": sys.version.split()[0], "name": self.name,
                             "resumable": len(self.resume.completed) if self.resume else None})
         self._submitted = self._returned = 0
         self._closed = False
@@ -133,16 +165,20 @@ class Manager(LibraryMixin, PatternsMixin):
         else:
             log.warning("vinehpc manager listening on %s; add workers with: vinehpc worker %s --secret-file %s",
                         self.address, self.address, self.secret_file)
+        if init_fn is not None:
+            init_fn(self)
 
     def __repr__(self):
         return "<vinehpc.Manager %s %s>" % (self.address, self.run_dir)
 
     # ---------------------------------------------------------------- files
-    def declare_file(self, path, cache=False) -> File:
+    def declare_file(self, path, cache=False, peer_transfer=True, unlink_when_done=False) -> File:
         """A file or directory on the manager's side, as an input or an output of tasks.
 
         cache: False/"task" (removed from the worker after the task), True/"workflow" (kept
-        for this manager's life), "worker" (kept on the worker after the manager ends).
+        for this manager's life), "worker" or "forever" (kept on the worker after the manager
+        ends; vinehpc keeps no cache beyond a worker's life, so both mean the worker's).
+        peer_transfer, unlink_when_done (TaskVine's): accepted; the manager's file is never deleted.
         """
         if not isinstance(path, (str, os.PathLike)) or not str(path):
             raise TypeError("declare_file needs a path, got %r" % (path,))
@@ -167,8 +203,11 @@ class Manager(LibraryMixin, PatternsMixin):
             raise ValueError("%r is not a usable environment image: %s" % (f.source, e)) from None
         return f
 
-    def declare_buffer(self, data, cache=False) -> File:
-        """Bytes from memory, written to a file in the task's sandbox."""
+    def declare_buffer(self, data=None, cache=False, peer_transfer=True) -> File:
+        """Bytes from memory, written to a file in the task's sandbox (executable, as in TaskVine).
+        None: an empty file."""
+        if data is None:
+            data = b""
         if isinstance(data, str):
             data = data.encode()
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -179,8 +218,8 @@ class Manager(LibraryMixin, PatternsMixin):
         """A file produced by one task and consumed by later ones; it stays on the worker."""
         return Temp()
 
-    def declare_url(self, url: str, cache=False) -> File:
-        """Fetched by the worker itself (http, https, file)."""
+    def declare_url(self, url: str, cache=False, peer_transfer=True) -> File:
+        """Fetched by the worker itself (http, https, file); executable there, as in TaskVine."""
         if not isinstance(url, str) or not url.split(":", 1)[0] in ("http", "https", "file"):
             raise ValueError("declare_url needs an http://, https:// or file:// URL, got %r" % (url,))
         return URL(url, cache, url_validators(url))
@@ -238,12 +277,24 @@ class Manager(LibraryMixin, PatternsMixin):
     def _outstanding(self):
         return self._submitted - self._returned
 
-    def wait(self, timeout: float | None = 5) -> Task | None:
-        """The next finished task, or None if none finished within `timeout` seconds (None: forever)."""
+    def wait(self, timeout=None) -> Task | None:
+        """The next finished task, or None if none finished within `timeout` seconds.
+
+        As in TaskVine, the default (None, "wait_forever" or a negative number) waits until a
+        task finishes -- and returns None at once when no task is outstanding."""
+        return self._wait(None, timeout)
+
+    def _wait(self, match, timeout) -> Task | None:
+        """The first finished task `match` accepts (None: any), within `timeout` (see wait)."""
         srv = self._server
+        if timeout == "wait_forever" or (isinstance(timeout, (int, float)) and timeout < 0):
+            timeout = None
         deadline = None if timeout is None else time.monotonic() + timeout
         with srv.cond:
-            while not srv.done:
+            while True:
+                task = _take(srv.done, match)
+                if task is not None:
+                    break
                 if srv.drained:
                     raise Resumable("the manager stopped for the walltime; %d task(s) not run: submit the same "
                                     "job again to run them (completed tasks are not run again)" % self._outstanding)
@@ -258,7 +309,6 @@ class Manager(LibraryMixin, PatternsMixin):
                     if left <= 0:
                         return None
                     srv.cond.wait(left)
-            task = srv.done.popleft()
             self._returned += 1
         return task
 
@@ -338,8 +388,8 @@ class Manager(LibraryMixin, PatternsMixin):
 
     @property
     def stats(self) -> dict:
-        """Counts: submitted, waiting, running, done, failed, workers."""
-        return self._call(self.core.stats)
+        """Counts: submitted, waiting, running, done, failed, workers; and the project name."""
+        return dict(self._call(self.core.stats), name=self.name)
 
     def workers(self) -> list:
         """One dict per connected worker: id, host, resources, running tasks, cached files."""
@@ -424,6 +474,42 @@ class Manager(LibraryMixin, PatternsMixin):
                 self.close("manager garbage-collected")
         except Exception:
             pass
+
+
+def _take(done, match):
+    """Remove and return the first task of the deque `done` that `match` accepts (None: the first)."""
+    if not done:
+        return None
+    if match is None:
+        return done.popleft()
+    for i, t in enumerate(done):
+        if match(t):
+            del done[i]
+            return t
+    return None
+
+
+def _ports(port) -> list:
+    """The ports a Manager may listen on: [0] (any), [p], or a TaskVine (low, high) range."""
+    if port is None:
+        return [0]
+    if isinstance(port, (tuple, list)) and len(port) == 2:
+        low, high = port
+        if all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in port) and low <= high:
+            return list(range(low, high + 1))
+    elif isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535:
+        return [port]
+    raise ValueError("port must be an integer between 0 and 65535 or a (low, high) range, got %r" % (port,))
+
+
+def _listen(host: str, ports: list) -> socket.socket:
+    """A listening socket on the first port of `ports` that is free (the last error if none is)."""
+    for i, p in enumerate(ports):
+        try:
+            return socket.create_server((host, p), backlog=512)
+        except OSError:
+            if i + 1 == len(ports):
+                raise
 
 
 def _mb(resources) -> dict:

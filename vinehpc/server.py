@@ -49,17 +49,20 @@ class Peer:
 
 class Server:
     def __init__(self, core, *, host, port, secret, journal, staging, keepalive_interval, keepalive_timeout,
-                 sock=None, final_exit=True, resume=None, release=False, tunnel=None):
+                 sock=None, own_sock=False, final_exit=True, resume=None, release=False, tunnel=None, also=None):
         """`sock`: an already listening socket (a pilot keeps one for all its managers; it is
-        not closed here).  `final_exit`: on stop, tell workers to exit (True) or to come back
-        for the next manager of the same run (False)."""
+        not closed here unless `own_sock`).  `also`: one more listening socket, owned and
+        closed here (the port a TaskVine-style `Manager(9123)` asked for under a run, beside
+        the run's own socket).
+        `final_exit`: on stop, tell workers to exit (True) or to come back for the next manager
+        of the same run (False)."""
         self.core = core
         self.secret = secret
         self.journal = journal
         self.staging = staging
         self.ka_interval = keepalive_interval
         self.ka_timeout = keepalive_timeout
-        self.own_lsock = sock is None
+        self.own_lsock = sock is None or own_sock
         self.lsock = socket.create_server((host, port), backlog=512) if sock is None else sock
         self.lsock.setblocking(False)
         self.final_exit = final_exit
@@ -73,6 +76,10 @@ class Server:
         self.port = self.lsock.getsockname()[1]
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.lsock, selectors.EVENT_READ, "accept")
+        self.also = also
+        if also is not None:
+            also.setblocking(False)
+            self.sel.register(also, selectors.EVENT_READ, "accept")
         self._wr, self._ww = socket.socketpair()
         self._wr.setblocking(False)
         self.sel.register(self._wr, selectors.EVENT_READ, "wake")
@@ -120,7 +127,7 @@ class Server:
                 for key, ev in self.sel.select(timeout):
                     what = key.data
                     if what == "accept":
-                        self._accept()
+                        self._accept(key.fileobj)
                     elif what == "wake":
                         try:
                             self._wr.recv(4096)
@@ -160,6 +167,8 @@ class Server:
             self.sel.close()
             if self.own_lsock:
                 self.lsock.close()
+            if self.also is not None:
+                self.also.close()
             for s in (self._wr, self._ww):
                 s.close()
             self.journal.flush()
@@ -193,10 +202,10 @@ class Server:
             self.cond.notify_all()
 
     # ---------------------------------------------------------------- connections
-    def _accept(self):
+    def _accept(self, lsock):
         while True:
             try:
-                sock, addr = self.lsock.accept()
+                sock, addr = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -354,6 +363,25 @@ class Server:
                 p.out_errors[tid] = "cannot write output %r: %s" % (f.dest, e)
             f.output.invalidate()
 
+    def _on_watch(self, p, msg, ctl, now):
+        """New bytes of a watched output of a running task: written in place at their offset (off
+        0: a new attempt starts the file again); the final outfile replaces the whole file."""
+        sent = self.sent.get(msg.id)
+        if sent is None or sent[0] != p.wid:
+            return   # stale: its task went elsewhere or ended
+        dest = next((fl for fl, r in sent[1] if r == msg.remote and fl.kind == "file"), None)
+        if dest is None:
+            raise ProtocolError("output %r is not an output of task %s" % (msg.remote, msg.id))
+        try:
+            fd = os.open(dest.source, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if msg.off == 0 else 0), 0o644)
+            try:
+                os.pwrite(fd, msg.data, msg.off)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            log.warning("cannot write watched output %r: %s", dest.source, e)
+        dest.invalidate()
+
     def _on_file(self, p, msg, ctl, now):
         n = msg.cn
         f = p.fetch.get(n)
@@ -375,7 +403,7 @@ class Server:
 
     _handlers = {messages.Pong: _on_pong, messages.Ping: _on_ping, messages.Cached: _on_cached,
                  messages.Error: _on_error, messages.Result: _on_result, messages.Outfile: _on_outfile,
-                 messages.File: _on_file}
+                 messages.Watch: _on_watch, messages.File: _on_file}
 
     # ---------------------------------------------------------------- commands from the core
     def _carry(self, cmds):
@@ -413,9 +441,9 @@ class Server:
 
     def _put(self, p, c):
         f, n = c.file, c.cachename
-        if f.kind == "buffer":
+        if f.kind == "buffer":       # executable, as in TaskVine: a buffer may be the `./script.sh` a task runs
             p.conn.send("put", {"cn": n, "off": 0, "last": True, "kind": "file", "size": len(f.data),
-                                "level": f.cache}, [f.data])
+                                "level": f.cache, "mode": 0o755}, [f.data])
             return
         if f.kind == "temp":
             path, kind = c.path, "file"
@@ -448,6 +476,9 @@ class Server:
         self.sent.pop(c.tid, None)      # outputs still coming from that attempt are stale
         p.conn.send("kill", {"id": c.tid})
 
+    def _unlink(self, p, c):
+        p.conn.send("unlink", {"cn": c.cachename})
+
     def _get(self, p, c):
         p.conn.send("get", {"cn": c.cachename})
 
@@ -467,7 +498,7 @@ class Server:
             c.on_done(t)
         else:
             self._returned.append(t)
-        if self.resume is not None and t.result == "success" and not t.resumed:
+        if self.resume is not None and t.successful() and not t.resumed:
             self.journal.write(self.resume.record(t))
 
     def _drained(self, c):
@@ -475,6 +506,10 @@ class Server:
         with self.cond:
             self.drained = True
             self.cond.notify_all()
+
+    def handing(self) -> list:
+        """Tasks finished during this loop turn, not yet in `done` (for a call on this thread)."""
+        return self._returned
 
     def _hand_over(self):
         if self._returned:
@@ -495,6 +530,7 @@ class Server:
         cmd.KillTask: lambda self, c: self._to_worker(c, Server._kill),
         cmd.DropFunction: lambda self, c: self._to_worker(c, Server._forget),
         cmd.GetFile: lambda self, c: self._to_worker(c, Server._get),
+        cmd.UnlinkFile: lambda self, c: self._to_worker(c, Server._unlink),
     }
 
     # ---------------------------------------------------------------- writing, timers

@@ -167,7 +167,7 @@ class FunctionCall(PythonTask):
                              % (self.library_name, self.function_name, ", ".join(sorted(lib.functions))))
         self._fid, self._fbytes = lib._bytes()
         # the function's name travels first among the arguments: the interpreter takes it off
-        self._abytes = _dumps(((self.function_name,) + tuple(self.args), self.kwargs),
+        self._abytes = _dumps((self.function_name,) + tuple(self.args), self.kwargs,
                               "an argument of %s" % self.fn)
         self._slots = lib.function_slots
         for k, v in lib._per_call.items():

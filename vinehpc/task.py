@@ -10,10 +10,16 @@ import weakref
 import cloudpickle
 
 from .file import File
+from .scheduler import policy_name
 
 
 class TaskError(Exception):
     """A PythonTask did not produce a value (it raised, or the task failed)."""
+
+
+class PythonTaskNoResult(TaskError):
+    """What `PythonTask.output` is when the task produced no value at all (it never ran to its
+    end: lost, cancelled, over its resources...), as in TaskVine; `reason` says why."""
 
 
 class Resumable(BaseException):
@@ -62,18 +68,27 @@ class Task:
     """A command line run by /bin/sh in its own sandbox directory on a worker.
 
     Inputs are linked into the sandbox under their remote names; outputs are collected from
-    it when the command ends.  Results: successful(), exit_code, std_output (stdout and
-    stderr merged, last MiB), result (a word: "success", "failed", "missing output", ...),
-    reason (a sentence), hostname, worker, attempts.
+    it when the command ends.  Results (TaskVine's): result (a word: "success" when the
+    command ran to its end -- whatever its exit code --, "failed", "output missing",
+    "resource exhaustion", "cancelled", ...), exit_code, completed() (result is "success"),
+    successful() (completed with exit code 0), std_output (stdout and stderr merged, last
+    MiB), reason (a sentence), hostname, addrport, worker, attempts.
+
+    `Task(command, **task_info)` sets what TaskVine's task_info keys name: cores, memory,
+    disk, gpus, tag, category, retries, time_max, scheduler, env {name: value}, inputs and
+    outputs {file: remote_name}; see TASK_INFO.
     """
 
-    def __init__(self, command: str | None = None):
+    def __init__(self, command: str | None = None, **task_info):
+        if isinstance(command, dict):
+            raise TypeError("command must be a string, got a dict: did you mean Task(command, **info)?")
         if command is not None and not isinstance(command, str):
             raise TypeError("command must be a string, got %r" % (command,))
         self.command = command
         self.id = None
         self.inputs = []        # (File, remote_name)
         self.outputs = []       # (File, remote_name)
+        self.watched = []       # remote names of outputs streamed back while the task runs
         self.env = {}
         self.environment = None  # an environment image (Manager.declare_image) the task runs in
         self.resources = {"cores": None, "memory": None, "disk": None, "gpus": None}
@@ -90,19 +105,26 @@ class Task:
         self.exit_code = None
         self.std_output = None
         self.hostname = None
+        self.addrport = None    # the worker's address as the manager saw its connection (host:port)
         self.worker = None
         self.attempts = 0
         self.wall_time = None
         self.resources_measured = None
         self.resources_allocated = None    # what its last attempt was given (memory/disk MB, cores, gpus)
         self._abytes = None     # a PythonTask's pickled arguments (the core's state of a task is its TaskState)
+        if task_info:
+            _apply_task_info(self, task_info)
 
     def __repr__(self):
         return "<%s %s %s>" % (type(self).__name__, self.id, self.state)
 
     # -- building ------------------------------------------------------------------
-    def add_input(self, file: File, remote_name: str) -> "Task":
-        """Link `file` into the sandbox as `remote_name` before the task runs."""
+    def add_input(self, file: File, remote_name: str, strict_input: bool = False,
+                  mount_symlink: bool = False) -> "Task":
+        """Link `file` into the sandbox as `remote_name` before the task runs.
+
+        strict_input, mount_symlink (TaskVine's): accepted; every input is staged to the worker
+        that runs the task (a strict input never makes a task fail for want of a cached copy)."""
         if not isinstance(file, File):
             raise TypeError("add_input needs a file from Manager.declare_*(), got %r" % (file,))
         check_remote_name(remote_name)
@@ -112,14 +134,26 @@ class Task:
         self.inputs.append((file, remote_name))
         return self
 
-    def add_output(self, file: File, remote_name: str) -> "Task":
-        """Collect `remote_name` from the sandbox into `file` when the task ends."""
+    def add_output(self, file: File, remote_name: str, watch: bool = False, failure_only=None,
+                   success_only=None) -> "Task":
+        """Collect `remote_name` from the sandbox into `file` when the task ends.
+
+        watch=True (a declare_file output): what the task writes to it reaches the manager's file
+        while the task runs (looked at once a second); the complete file still replaces it when
+        the task ends.  failure_only/success_only are not supported."""
+        if failure_only or success_only:
+            raise NotImplementedError("add_output(failure_only=/success_only=) is not supported: vinehpc collects "
+                                      "every output of a task that ran to its end")
         if not isinstance(file, File):
             raise TypeError("add_output needs a file from Manager.declare_file/temp(), got %r" % (file,))
         if file.kind not in ("file", "temp"):
             raise ValueError("outputs must be declare_file() or declare_temp() files, got a %s" % file.kind)
         check_remote_name(remote_name)
+        if watch and file.kind != "file":
+            raise ValueError("only a declare_file() output can be watched (a temp stays on the worker)")
         self.outputs.append((file, remote_name))
+        if watch:
+            self.watched.append(remote_name)
         return self
 
     def add_environment(self, image: File) -> "Task":
@@ -132,10 +166,20 @@ class Task:
         self.inputs.append((image, IMAGE_INPUT))   # it travels like any input; never linked into the sandbox
         return self
 
-    def set_env_var(self, name: str, value: str) -> "Task":
+    def set_env_var(self, name: str, value: str | None = None) -> "Task":
+        """Set `name` in the task's environment (value None: drop a value set earlier)."""
         if not isinstance(name, str) or not name or "=" in name or "\0" in name:
             raise ValueError("environment variable name must be a non-empty string without '=', got %r" % (name,))
-        self.env[name] = str(value)
+        if value is None:
+            self.env.pop(name, None)
+        else:
+            self.env[name] = str(value)
+        return self
+
+    def set_command(self, command: str) -> "Task":
+        if not isinstance(command, str) or not command:
+            raise TypeError("command must be a non-empty string, got %r" % (command,))
+        self.command = command
         return self
 
     def set_cores(self, cores: int) -> "Task":
@@ -177,6 +221,13 @@ class Task:
         self.tag = str(tag)
         return self
 
+    def set_scheduler(self, scheduler) -> "Task":
+        """Accepted (TaskVine's per-task scheduler, e.g. VINE_SCHEDULE_FILES): the manager's
+        scheduler (Manager.set_scheduler) places every task; "files" already prefers the
+        worker holding most of a task's inputs."""
+        policy_name(scheduler)
+        return self
+
     def set_key(self, key: str) -> "Task":
         """Your identity for this task when a run is resumed (default: derived from its command or
         function, arguments, environment and input contents; see vinehpc/resume.py)."""
@@ -192,12 +243,23 @@ class Task:
         return self
 
     # -- results --------------------------------------------------------------------
-    def successful(self) -> bool:
-        """The task ran to completion: exit code 0 (or the function returned) and outputs collected."""
+    def completed(self) -> bool:
+        """The task ran to its end (result "success"), whatever its exit code (TaskVine's meaning)."""
         return self.result == "success"
 
-    def completed(self) -> bool:
-        return self.state == "done"
+    def successful(self) -> bool:
+        """Completed with exit code 0 (or the function returned) and outputs collected."""
+        return self.result == "success" and not self.exit_code
+
+    @property
+    def output(self):
+        """A command's std_output (TaskVine's name; a PythonTask's is the function's value)."""
+        return self.std_output
+
+    @property
+    def result_string(self) -> str | None:
+        """The result word (older TaskVine scripts read it under this name)."""
+        return self.result
 
     # -- wire -----------------------------------------------------------------------
     def _check(self):
@@ -208,12 +270,43 @@ class Task:
         return {"cmd": self.command}
 
 
+# TaskVine's task_info keys -> the setter each calls; keys TaskVine knows and vinehpc does not do
+# (yet) are refused by name rather than silently dropped
+TASK_INFO = {"cores": "set_cores", "memory": "set_memory", "disk": "set_disk", "gpus": "set_gpus",
+             "tag": "set_tag", "category": "set_category", "retries": "set_retries", "time_max": "set_time_max",
+             "scheduler": "set_scheduler"}
+TASK_INFO_UNSUPPORTED = ("library_required", "library_provided", "snapshot_file", "priority",
+                         "time_end", "time_start", "time_min", "monitor_output", "features")
+
+
+def _apply_task_info(task, info: dict) -> None:
+    for key, value in info.items():
+        if key in TASK_INFO:
+            getattr(task, TASK_INFO[key])(value)
+        elif key == "env":
+            for name, v in dict(value).items():
+                task.set_env_var(name, v)
+        elif key in ("inputs", "outputs"):
+            add = task.add_input if key == "inputs" else task.add_output
+            for f, where in dict(value).items():
+                if isinstance(where, dict):
+                    add(f, **where)
+                else:
+                    add(f, where)
+        elif key in TASK_INFO_UNSUPPORTED:
+            raise NotImplementedError("Task(..., %s=) is not supported by vinehpc yet (supported: %s)"
+                                      % (key, ", ".join(sorted(TASK_INFO) + ["env", "inputs", "outputs"])))
+        else:
+            raise TypeError("Task() got an unknown task_info key %r" % (key,))
+
+
 _fn_cache = weakref.WeakKeyDictionary()
 _by_value_roots = []
+_by_value_names = []    # encoded names of the script's modules registered to pickle by value
 
 
 def pickle_by_value_under(directory: str) -> None:
-    """Pickle functions of modules under `directory` (the user's script dir) by value:
+    """Pickle functions and classes of modules under `directory` (the user's script dir) by value:
     workers need not have the user's helper modules on their path."""
     d = os.path.abspath(directory)
     if d not in _by_value_roots:
@@ -221,23 +314,51 @@ def pickle_by_value_under(directory: str) -> None:
 
 
 def _register_by_value(fn) -> None:
-    if not _by_value_roots:
+    """The module of `fn`, if it is the user's (see pickle_by_value_under), travels by value."""
+    if _by_value_roots:
+        _register_module(sys.modules.get(getattr(fn, "__module__", None) or ""))
+
+
+def _register_script_modules() -> None:
+    """Every module of the user's imported so far travels by value: a class of a helper module
+    next to the script, passed as an argument, reaches workers that cannot import it.  Scans
+    sys.modules only when it grew."""
+    global _modules_seen
+    if not _by_value_roots or len(sys.modules) == _modules_seen:
         return
-    mod = sys.modules.get(getattr(fn, "__module__", None) or "")
+    _modules_seen = len(sys.modules)
+    for mod in list(sys.modules.values()):
+        _register_module(mod)
+
+
+_modules_seen = 0
+
+
+def _register_module(mod) -> None:
     f = getattr(mod, "__file__", None)
-    if mod is None or not f or mod.__name__ == "__main__":
+    if mod is None or not f or mod.__name__ == "__main__" or mod.__name__.encode() in _by_value_names:
         return
     f = os.path.abspath(f)
     if any(f.startswith(r + os.sep) for r in _by_value_roots) and "site-packages" not in f:
         try:
             cloudpickle.register_pickle_by_value(mod)
         except (ValueError, AttributeError):
-            pass
+            return
+        _by_value_names.append(mod.__name__.encode())
 
 
-def _dumps(obj, what: str) -> bytes:
+def _dumps(args: tuple, kwargs: dict, what: str) -> bytes:
+    """Arguments travel by value like the function (cloudpickle): a function, class or instance
+    defined in the user's script must not be pickled as a reference to a `__main__` (or a helper
+    module of the script) that the worker lacks.  Plain pickle first -- the common case, several
+    times faster -- and cloudpickle when its bytes name such a module (a false hit on a string
+    that merely contains the name only costs the slower path)."""
+    obj = (args, kwargs)
+    _register_script_modules()
     try:
-        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        if b"__main__" not in data and not any(n in data for n in _by_value_names):
+            return data
     except Exception:
         pass
     try:
@@ -273,9 +394,11 @@ class PythonTask(Task):
     """fn(*args, **kwargs) run in a long-lived Python interpreter on a worker.
 
     The function is pickled by value (cloudpickle) once and sent once per worker; the
-    arguments are pickled at submit, so an unpicklable one is an error there.  After the
-    task returns, `output` is the value, or raises TaskError with the remote exception as
-    __cause__ (whose __cause__ is the remote traceback); `exception` gives it without raising.
+    arguments are pickled by value too, at submit, so an unpicklable one is an error there.
+    After the task returns, `output` is (as in TaskVine) the value, or the exception the
+    function raised (its __cause__ is the remote traceback), or a PythonTaskNoResult when the
+    task produced nothing; `exception` is that exception or None; `output_or_raise()` returns
+    the value or raises TaskError with the exception as __cause__.
     """
 
     def __init__(self, fn, *args, **kwargs):
@@ -291,7 +414,7 @@ class PythonTask(Task):
 
     def _check(self):
         self._fid, self._fbytes = function_bytes(self.fn)
-        self._abytes = _dumps((self.args, self.kwargs),
+        self._abytes = _dumps(self.args, self.kwargs,
                               "an argument of %s" % getattr(self.fn, "__qualname__", self.fn))
 
     def _spec(self) -> dict:
@@ -301,7 +424,8 @@ class PythonTask(Task):
         if self._loaded is None:
             name = getattr(self.fn, "__qualname__", repr(self.fn))
             if self._result is None:
-                err = TaskError("task %s (%s) failed: %s" % (self.id, name, self.reason or self.result))
+                err = PythonTaskNoResult("task %s (%s) produced no result: %s" % (self.id, name,
+                                                                               self.reason or self.result))
                 self._loaded = (False, err)
             else:
                 try:
@@ -316,6 +440,11 @@ class PythonTask(Task):
 
     @property
     def output(self):
+        """The function's value; the exception it raised; PythonTaskNoResult if none came back."""
+        return self._load()[1]
+
+    def output_or_raise(self):
+        """The function's value, or raise TaskError (the remote exception as its __cause__)."""
         ok, value = self._load()
         if ok:
             return value

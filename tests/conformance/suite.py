@@ -183,8 +183,9 @@ def failures(m, data):
         m.submit(t)
     collect(m, [cmd, py, slow_cmd, slow_py])
     elapsed = time.monotonic() - t0
-    # a failing command: data, not an exception
-    check(not cmd.successful() and cmd.result == "failed", "a failing command is 'failed'", cmd.result)
+    # a failing command: data, not an exception; TaskVine's result: it ran to its end ("success")
+    check(not cmd.successful() and cmd.completed() and cmd.result == "success",
+          "a command exiting non-zero is completed, not successful", cmd.result)
     check(cmd.exit_code == 3, "its exit code comes back", cmd.exit_code)
     check("about to fail" in cmd.std_output, "its output comes back", cmd.std_output)
     check(cmd.attempts == 2, "a failing command used its retries", cmd.attempts)
@@ -197,12 +198,13 @@ def failures(m, data):
     check(isinstance(tb, RemoteTraceback) and "raise_value_error" in str(tb)
           and "ValueError" in str(tb), "the remote traceback is the exception's cause", tb)
     check(("task %s" % py.id) in str(tb) and py.hostname in str(tb), "the traceback names task and host", str(tb))
+    check(py.output is exc, "output of a raising PythonTask is the exception (TaskVine)", py.output)
     try:
-        py.output
+        py.output_or_raise()
     except TaskError as e:
-        check(e.__cause__ is exc, "output raises TaskError from the remote exception", e.__cause__)
+        check(e.__cause__ is exc, "output_or_raise raises TaskError from the remote exception", e.__cause__)
     else:
-        raise Failed("output of a raising PythonTask did not raise")
+        raise Failed("output_or_raise of a raising PythonTask did not raise")
     # over time_max: killed, reported as exhaustion, soon
     for t in (slow_cmd, slow_py):
         check(t.result == "resource exhaustion", "a task over time_max is 'resource exhaustion'", t.result)

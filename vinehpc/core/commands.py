@@ -50,6 +50,12 @@ class GetFile:
 
 
 @dataclass(slots=True)
+class UnlinkFile:
+    wid: int
+    cachename: str               # drop this file from the worker's cache (Manager.undeclare_file)
+
+
+@dataclass(slots=True)
 class ResolveFile:
     file: object                 # name this task-made file (answered by FileResolved)
 

@@ -88,6 +88,11 @@ class FetchFailed:
 
 
 @dataclass(slots=True)
+class Undeclare:
+    cachename: str               # the user is done with this file: workers drop their copies
+
+
+@dataclass(slots=True)
 class BlockHost:
     host: object                 # a host name, or a worker id
     seconds: float | None = None  # None: the default; 0: until UnblockHost

@@ -225,6 +225,8 @@ def task_message(task, ts, pipe) -> dict:
     spec["outputs"] = [[remote, f.kind, f.cachename() if f.kind == "temp" else None] for f, remote in task.outputs]
     if task.env:
         spec["env"] = task.env
+    if task.watched:
+        spec["watch"] = task.watched
     spec["res"] = ts.res      # not copied: the server encodes the message as soon as handle() returns
     if task.time_max:
         spec["time_max"] = task.time_max

@@ -15,7 +15,7 @@ import copy
 from ..scheduler import make as make_policy
 from . import events as ev
 from .categories import LEARNED, Category
-from .commands import DropFunction, Drained, KillTask, Log, ResolveFile, TaskFinished
+from .commands import DropFunction, Drained, KillTask, Log, ResolveFile, TaskFinished, UnlinkFile
 from .placement import schedule
 from .tasks import TaskState, transition
 from .workers import RES, Blocklist, WorkerState
@@ -56,6 +56,7 @@ class Core:
         self.cat = collections.defaultdict(lambda: [0, 0.0])   # category -> [n, ema wall]
         self.categories = {}               # name -> Category (allocations learnt from measured use)
         self.slow_multiplier = {}          # category (None: every one) -> fast-abort multiplier
+        self.wait_for_workers = 0          # dispatch nothing before this many workers joined (tune)
         self.blocked = Blocklist(self._log)
         self.slow_counts = collections.Counter()      # worker -> tasks fast-aborted there
         self.unproduced = {}               # temp cachename -> why its producer failed
@@ -76,6 +77,7 @@ class Core:
             ev.UnblockHost: lambda e, now: self.blocked.unblock(e.host),
             ev.SlowMultiplier: lambda e, now: self.slow_multiplier.__setitem__(e.category, e.multiplier),
             ev.ForgetFunction: self._forget_function, ev.Tick: self._tick, ev.Schedule: self._schedule,
+            ev.Undeclare: self._undeclare,
         }
 
     def handle(self, event, now) -> list:
@@ -215,6 +217,17 @@ class Core:
             self.out.append(KillTask(ts.wid, ts.tid))
             self._release(ts)
         self._finish(ts, "cancelled", e.reason)
+
+    def _undeclare(self, e, now):
+        """Forget every worker's copy of a file and tell them to drop it (a task that still
+        needs it gets it sent again)."""
+        n = e.cachename
+        self.replicas.pop(n, None)
+        for w in self.workers.values():
+            if n in w.cached:
+                w.cached.discard(n)
+                self.out.append(UnlinkFile(w.wid, n))
+        self._log("undeclared", file=n)
 
     def _drain(self, e, now):
         if self.drain_deadline is None:
@@ -378,6 +391,7 @@ class Core:
         w = self.workers.get(wid)
         self._release(ts)
         ts.host = w.host if w else None
+        ts.addr = w.info.get("addr") if w else None
         ts.worker = wid
         ts.exit_code = res.get("exit_code")
         ts.stdout = res.get("stdout")
@@ -425,6 +439,10 @@ class Core:
                       attempt=ts.tries, of=ts.task.retries)
             self._requeue(ts, front=False)
             return
+        if status == "failed" and ts.exit_code is not None and not res.get("signal"):
+            # TaskVine's result: the command ran to its end ("success"); its code is in exit_code and
+            # successful() is False. Retries were spent on it above all the same (vinehpc's choice).
+            status = "success"
         self._finish(ts, status, res.get("reason"))
 
     def _tick(self, e, now):
@@ -457,6 +475,8 @@ class Core:
             if not self.drained:
                 self._end_drain(now)
             return
+        if len(self.workers) < self.wait_for_workers:
+            return      # TaskVine's "wait-for-workers": dispatch nothing before that many joined
         schedule(self, now)
 
     # ------------------------------------------------------------------ handing back
@@ -472,6 +492,7 @@ class Core:
             task.hostname = ts.host
             task.worker = ts.worker
             task.exit_code = ts.exit_code
+            task.addrport = ts.addr
             task.std_output = ts.stdout
             task.wall_time = ts.wall
             task.resources_measured = ts.measured
@@ -479,7 +500,7 @@ class Core:
             if ts.output is not None:
                 task._result = ts.output
         self.tasks.pop(ts.tid, None)
-        ok = result == "success"
+        ok = result == "success" and not ts.exit_code     # Task.successful(): the journal's "done"
         if ts.tid >= 0:
             self.counts["done" if ok else "failed"] += 1
         if not resumed:

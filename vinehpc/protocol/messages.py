@@ -335,6 +335,15 @@ class Outfile(Message):
     size = Field(Int())
 
 
+@message(34, "watch", payload="data", payload_required=True)
+class Watch(Message):
+    """New bytes of a watched output while its task runs, written at `off` of the manager's file
+    (off 0 starts the file again: a new attempt); the final file still comes as outfile."""
+    id = Field(Id)
+    remote = Field(Str(NAME, 1))
+    off = Field(Int())
+
+
 @message(32, "file", payload="data", payload_required=True)
 class File(Message):
     """One chunk of a cached file the manager fetched (get)."""
@@ -411,6 +420,7 @@ class Task(Message):
     category = Field(Str(NAME))
     pipe = opt(Bool)                                # short: may be pipelined behind a running task
     slots = opt(Int(1, 1 << 20))                    # a library call: at most this many of its library's at once
+    watch = opt(ListOf(Str(NAME, 1)))               # output remote names streamed while it runs (watch)
 
 
 @message(23, "kill")

@@ -15,3 +15,16 @@ def make(name: str):
         return POLICIES[name]()
     except KeyError:
         raise ValueError("unknown scheduler %r: choose one of %s" % (name, ", ".join(sorted(POLICIES)))) from None
+
+
+# TaskVine's scheduler constants (VINE_SCHEDULE_FCFS = 1, VINE_SCHEDULE_FILES = 2) -> our policies
+TASKVINE = {1: "fcfs", 2: "files"}
+
+
+def policy_name(scheduler) -> str:
+    """The policy a scheduler names: "files"/"fcfs" (any case) or TaskVine's constant."""
+    name = scheduler.lower() if isinstance(scheduler, str) else TASKVINE.get(scheduler)
+    if name not in POLICIES:
+        raise ValueError("scheduler %r is not supported: 'files' (VINE_SCHEDULE_FILES) or 'fcfs' (VINE_SCHEDULE_FCFS)"
+                         % (scheduler,))
+    return name

@@ -79,6 +79,7 @@ class Cache:
                 shutil.copyfileobj(r, f, 1 << 20)
         else:
             raise ValueError("cannot fetch %r: only http, https and file URLs" % url)
+        os.chmod(part, 0o555)      # executable, as in TaskVine: a URL may be the `./script.sh` a task runs
         os.replace(part, os.path.join(self.root, n))
 
     def remove(self, n: str) -> None:

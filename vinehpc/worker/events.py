@@ -53,6 +53,7 @@ class TaskSpec:
     time_max: float | None = None
     pipe: bool = False              # short Python task: may be presented to a busy interpreter
     slots: int | None = None        # a library call: at most this many calls of library `fid` run at once
+    watch: tuple = ()               # remote names of outputs streamed to the manager while it runs
     error: str | None = None        # the inputs could not be understood (the task fails)
 
     @classmethod
@@ -67,7 +68,7 @@ class TaskSpec:
             error = "bad input description: %s" % e
         return cls(id=m.id, cmd=m.cmd, fid=m.fid, inputs=inputs, outputs=tuple(Output(*o) for o in m.outputs),
                    env=m.env or {}, res=dict(m.res), time_max=float(m.time_max) if m.time_max else None,
-                   pipe=bool(m.pipe), slots=m.slots, error=error)
+                   pipe=bool(m.pipe), slots=m.slots, watch=tuple(m.watch or ()), error=error)
 
     @property
     def python(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import selectors
+import stat
 import tarfile
 import tempfile
 
@@ -23,13 +24,18 @@ from .sandbox import Sandbox, SandboxError
 log = logging.getLogger("vinehpc.worker")
 
 
+WATCH_INTERVAL = 1.0        # how often watched outputs are looked at
+WATCH_CHUNK = 1 << 20       # most bytes of one watched output sent per look (the rest at the next)
+
+
 class Handle:
     """What carries out one started (or presented) task."""
-    __slots__ = ("spec", "sandbox", "proc", "runner", "mon")
+    __slots__ = ("spec", "sandbox", "proc", "runner", "mon", "watched")
 
     def __init__(self, spec):
         self.spec = spec
         self.sandbox = self.proc = self.runner = self.mon = None
+        self.watched = dict.fromkeys(spec.watch, 0)    # watched output -> bytes already sent
 
 
 class Execution:
@@ -48,6 +54,8 @@ class Execution:
         self.task_env = {}         # variables every task gets (the tunnel's proxy settings)
         self.handles = {}          # tid -> Handle
         self.next_sample = 0.0     # when running tasks are next measured
+        self.next_watch = 0.0      # when watched outputs are next looked at
+        self.watching = set()      # tids of handles with watched outputs (none: no look at all)
         self.table_error = None    # why the process table cannot be read (memory limits not enforced)
 
     # ---------------------------------------------------------------- start
@@ -56,6 +64,8 @@ class Execution:
         spec = c.spec
         after = c.runner if isinstance(c, PresentTask) else None
         h = self.handles[spec.id] = Handle(spec)
+        if h.watched:
+            self.watching.add(spec.id)
         try:
             if spec.needs_sandbox:
                 h.sandbox = Sandbox(self.sandboxes, spec.id)
@@ -109,6 +119,7 @@ class Execution:
     def forget(self, tid, stop=False) -> None:
         """Drop a task's handle and sandbox; stop: kill and reap what runs it first."""
         h = self.handles.pop(tid, None)
+        self.watching.discard(tid)
         if h is None:
             return
         if stop and h.proc is not None:
@@ -198,10 +209,34 @@ class Execution:
                 out.append(Exhausted(h.spec.id, x))
         return out
 
+    # ---------------------------------------------------------------- watched outputs
+    def watch_due(self, now):
+        """Seconds until watched outputs should be looked at, or None if no task has any."""
+        if not self.watching:
+            return None
+        return max(0.0, self.next_watch - now)
+
+    def stream_watched(self, now, conn) -> None:
+        """Send what the watched outputs of started tasks gained since the last look (Task
+        add_output(watch=True)): the manager appends it to its file as the task runs."""
+        if not self.watching or now < self.next_watch:
+            return
+        self.next_watch = now + WATCH_INTERVAL
+        for tid in self.watching:
+            h = self.handles[tid]
+            if h.sandbox is None:
+                continue
+            for remote, off in h.watched.items():
+                data, off = _grown(h.sandbox, remote, off)
+                if data:
+                    conn.send("watch", {"id": h.spec.id, "remote": remote, "off": off}, [data])
+                    h.watched[remote] = off + len(data)
+
     # ---------------------------------------------------------------- the end
     def report(self, c, conn) -> list:
         """SendResult: collect outputs if the task ended on its own, clean up, send the result."""
         h = self.handles.pop(c.tid, None)
+        self.watching.discard(c.tid)
         status, reason, temps = c.status, c.reason, []
         if c.collect and h is not None:
             status, reason, temps = self._collect(h, status, reason, conn)
@@ -269,3 +304,21 @@ class Execution:
         fh.seek(0)
         fh.is_tar = True
         return fh
+
+
+def _grown(sandbox, remote: str, off: int):
+    """(bytes of a plain file `remote` past `off`, the offset they start at); a file that shrank
+    is sent again from 0.  Never follows a link: a task's link must not read the worker's files."""
+    try:
+        fd = os.open(sandbox.existing(remote) or "", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except (OSError, SandboxError):
+        return b"", off
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == off:
+            return b"", off
+        if st.st_size < off:
+            off = 0
+        return os.pread(fd, WATCH_CHUNK, off), off
+    finally:
+        os.close(fd)

@@ -191,6 +191,9 @@ class Loop:
         running = self.state.running()
         if running:
             t = min(t, self.exec.monitor_due(now, running))
+        due = self.exec.watch_due(now)
+        if due is not None:
+            t = min(t, due)
         return max(0.0, t)
 
     def _timers(self):
@@ -202,6 +205,7 @@ class Loop:
         if running:
             for e in self.exec.sample(now, running):
                 self.feed(e)
+        self.exec.stream_watched(now, self.conn)
         if now - self.last_recv > self.ka[1]:
             raise ManagerGone("no message from the manager for %.0f s" % (now - self.last_recv))
         if now - self.last_send > self.ka[0] and now - self.last_recv > self.ka[0]:

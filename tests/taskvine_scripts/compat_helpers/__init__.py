@@ -1,0 +1,1 @@
+"""Helper module of compat_helper_types.py: workers cannot import it (it is not on their path)."""
