@@ -4,11 +4,11 @@ Public names are imported on first use (PEP 562), so `python -m vinehpc worker` 
 `vinehpc sysimage run` do not pay for the manager side.
 """
 __version__ = "0.1.0"
-__all__ = ["Manager", "Task", "PythonTask", "Executor", "File", "TaskError", "RemoteTraceback", "Resumable",
-           "__version__"]
+__all__ = ["Manager", "Task", "PythonTask", "Executor", "FuturesExecutor", "FuturePythonTask", "File", "TaskError",
+           "RemoteTraceback", "Resumable", "__version__"]
 
-_where = {"Manager": "manager", "Executor": "futures", "File": "file", "Task": "task", "PythonTask": "task",
-          "TaskError": "task", "RemoteTraceback": "task", "Resumable": "task"}
+_where = {"Manager": "manager", "Executor": "futures", "FuturesExecutor": "futures_vine", "FuturePythonTask": "futures",
+          "File": "file", "Task": "task", "PythonTask": "task", "TaskError": "task", "RemoteTraceback": "task", "Resumable": "task"}
 
 
 def __getattr__(name):
