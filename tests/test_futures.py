@@ -171,6 +171,17 @@ def test_interpreter_exit_finishes_pending_calls_and_leaves_no_worker(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_an_executor_left_at_once_exits_at_once_and_quietly(tmp_path):
+    # its worker may still be starting when the manager closes: it must leave, not retry and complain
+    env = dict(os.environ, PYTHONPATH=ROOT, VINEHPC_RUN_DIR=str(tmp_path / "runs"))
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", "import vinehpc; ex = vinehpc.Executor(max_workers=1)"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.timeout(60)
 def test_keywords_named_fn_or_self_reach_the_call_and_max_workers_is_checked(ex):
     assert ex.submit(add, x=1, y=2).result(timeout=30) == 3
     assert ex.submit(dict, self=1, fn=2).result(timeout=30) == {"self": 1, "fn": 2}
@@ -211,6 +222,8 @@ def test_futures_as_arguments_are_dependencies_and_submit_does_not_block(ex, tmp
 def test_a_failed_or_cancelled_dependency_fails_the_dependent_call(ex, tmp_path):
     bad = ex.submit(fail, "dep")
     child = ex.submit(add, bad, 1)
+    grandchild = ex.submit(add, 1, y=child)         # a failure travels down a chain
+    assert isinstance(grandchild.exception(timeout=30), KeyError)
     assert isinstance(child.exception(timeout=30), KeyError)
     gate = str(tmp_path / "gate")
     a = ex.submit(wait_for_file, gate)
@@ -232,7 +245,7 @@ def test_future_task_is_a_configurable_python_task(ex):
     t.set_cores(1)
     t.set_tag("tailored")
     f = ex.submit(t)
-    assert f is t.future and f.result(timeout=30) == 15
+    assert f.result(timeout=30) == 15 and f is t.future
     with pytest.raises(ValueError, match="already submitted"):
         ex.submit(t)
 

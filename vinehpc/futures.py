@@ -248,11 +248,9 @@ class Executor(cf.Executor):
             self._retire(fut)
 
     def _fail(self, fut, exc):
-        with self._lock:
-            if fut.cancelled():
-                return
-            if _start(fut):
-                fut.set_exception(exc)
+        # no lock held: set_exception runs the done-callbacks, among them dependents' dep_done
+        if _start(fut):
+            fut.set_exception(exc)
         self._retire(fut)
 
     def _retire(self, fut):
@@ -298,7 +296,6 @@ class Executor(cf.Executor):
 
     def _complete(self, task):
         fut = task.future
-        task.future = None
         try:
             if not _start(fut):
                 return              # a withdrawn (cancelled) call: its waiters are told now
