@@ -170,6 +170,28 @@ def test_interpreter_exit_finishes_pending_calls_and_leaves_no_worker(tmp_path):
     assert_no_survivors(pids, timeout=5, what="workers of an executor after interpreter exit")
 
 
+@pytest.mark.timeout(90)
+def test_under_vinehpc_run_the_scripts_end_lets_pending_calls_finish(tmp_path):
+    script = tmp_path / "pending.py"
+    script.write_text(textwrap.dedent('''
+        import time
+        import vinehpc as vine
+
+        def slow(x):
+            time.sleep(0.3)
+            print("pending call ran", x)
+
+        ex = vine.FuturesExecutor()
+        for i in range(3):
+            ex.submit(slow, i)
+    '''))
+    env = dict(os.environ, PYTHONPATH=ROOT, VINEHPC_RUN_DIR=str(tmp_path / "runs"))
+    r = subprocess.run([sys.executable, "-m", "vinehpc", "run", "-n", "1", str(script)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r
+    assert sorted(r.stdout.splitlines()) == ["pending call ran %d" % i for i in range(3)], r
+
+
 @pytest.mark.timeout(60)
 def test_an_executor_left_at_once_exits_at_once_and_quietly(tmp_path):
     # its worker may still be starting when the manager closes: it must leave, not retry and complain

@@ -29,12 +29,18 @@ _live = weakref.WeakSet()      # executors whose collector still runs: the exit 
 _exiting = False
 
 
+def shutdown_all() -> None:
+    """Shut down every executor still collecting, with wait=True: what the end of the program
+    means for them (the interpreter's exit, or a script's end under `vinehpc run`/`pilot`)."""
+    for ex in list(_live):
+        ex.shutdown(wait=True)
+
+
 def _at_exit():
     # like concurrent.futures' own hook: pending calls finish, later submits are refused
     global _exiting
     _exiting = True
-    for ex in list(_live):
-        ex.shutdown(wait=True)
+    shutdown_all()
 
 
 # The hook the standard executors use (concurrent/futures/thread.py): it runs when the main
