@@ -118,12 +118,13 @@ def _arity(fn) -> int:
     return max(2, n)
 
 
-def gather(futures, combine) -> cf.Future:
-    """A future of combine([f.result() for f in futures]), or of the first exception among them."""
-    out = cf.Future()
-    out.set_running_or_notify_cancel()
-    futures = list(futures)
-    left = [len(set(futures))]
+def _when_all(futures, then) -> None:
+    """then() once every future in `futures` is done, on the thread that completes the last
+    (at once when there is none): nothing blocks meanwhile."""
+    fs = set(futures)
+    if not fs:
+        return then()
+    left = [len(fs)]
     lock = threading.Lock()
 
     def one_done(_):
@@ -131,15 +132,25 @@ def gather(futures, combine) -> cf.Future:
             left[0] -= 1
             if left[0]:
                 return
+        then()
+
+    for f in fs:
+        f.add_done_callback(one_done)
+
+
+def gather(futures, combine) -> cf.Future:
+    """A future of combine([f.result() for f in futures]), or of the first exception among them."""
+    out = cf.Future()
+    out.set_running_or_notify_cancel()
+    futures = list(futures)
+
+    def settle():
         try:
             out.set_result(combine([f.result(timeout=0) for f in futures]))
         except BaseException as e:  # noqa: B902 - a cancelled or failed part is the whole's failure
             out.set_exception(e)
 
-    if not futures:
-        out.set_result(combine([]))
-    for f in set(futures):
-        f.add_done_callback(one_done)
+    _when_all(futures, settle)
     return out
 
 
@@ -212,18 +223,8 @@ class Executor(cf.Executor):
                 self._retire(fut)
                 raise               # a bad pickle or a closed manager: an error of submit(), as before
             return fut
-        # a dependency's done-callback sends the call: no thread of ours blocks meanwhile
-        left = [len(set(deps))]
-
-        def dep_done(_):
-            with self._lock:
-                left[0] -= 1
-                if left[0]:
-                    return
-            self._resolve(task, fut)
-
-        for d in set(deps):
-            d.add_done_callback(dep_done)
+        # the last dependency's done-callback sends the call: no thread of ours blocks meanwhile
+        _when_all(deps, lambda: self._resolve(task, fut))
         return fut
 
     def _resolve(self, task, fut):
@@ -235,26 +236,30 @@ class Executor(cf.Executor):
             self._fail(fut, e)
 
     def _send(self, task, fut):
+        if fut.done():
+            return              # cancelled while it waited for its dependencies, or failed with the manager
+        # on_start marks the future RUNNING when the task is sent (cancel() fails from then on).
+        # Submitting (pickling, hashing inputs) holds no lock: other threads submit meanwhile
+        tid = self.manager.submit(task, on_start=self._started, on_done=self._deliver)
         with self._lock:
-            if fut.cancelled():
-                return              # cancelled while it waited for its dependencies (_withdraw retired it)
-            # on_start marks the future RUNNING when the task is sent (cancel() fails from then on)
-            fut.tid = self.manager.submit(task, on_start=self._started, on_done=self._deliver)
+            fut.tid = tid
+            withdrawn = fut.cancelled()
+        if withdrawn:
+            self.manager.cancel(tid)        # cancelled while it was being submitted
 
     def _withdraw(self, fut):
         """fut was just cancelled: take its task back from the manager (its return then notifies
         the waiters), or, not submitted yet, notify them now."""
         with self._lock:
             tid = fut.tid
-            if tid is None:
-                _start(fut)
         if tid is not None:
             self.manager.cancel(tid)
         else:
+            _start(fut)
             self._retire(fut)
 
     def _fail(self, fut, exc):
-        # no lock held: set_exception runs the done-callbacks, among them dependents' dep_done
+        # no lock held: set_exception runs the done-callbacks, which may send dependent calls
         if _start(fut):
             fut.set_exception(exc)
         self._retire(fut)
