@@ -102,8 +102,8 @@ _assert_python_ok = cpython.assert_python_ok
 def _child_python_ok(*args, **env):
     """The tests' assert_python_ok('-c', SCRIPT): SCRIPT runs unchanged after the boot line."""
     assert args[0] == "-c", args
-    run_dir = tempfile.mkdtemp(prefix="vinehpc-cf-child-")
-    return _assert_python_ok("-c", _BOOT % (HERE, ROOT, run_dir) + args[1], *args[2:], **env)
+    with tempfile.TemporaryDirectory(prefix="vinehpc-cf-child-") as run_dir:
+        return _assert_python_ok("-c", _BOOT % (HERE, ROOT, run_dir) + args[1], *args[2:], **env)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -186,6 +186,7 @@ class Executor(cf.Executor):
         self._done = collections.deque()
         self._cv = threading.Condition()
         self._shutdown = False
+        self._libraries = {}        # future_funcall's functions: library name -> {function name: function}
         self._collector = threading.Thread(target=self._collect, name="vinehpc-executor", daemon=True)
         self._collector.start()
         _live.add(self)
@@ -408,8 +409,7 @@ class Executor(cf.Executor):
     def create_library_from_functions(self, name, *functions, **options):
         """Name a library of functions that future_funcall() can call (TaskVine's signature;
         the Manager's own library support builds the library when it has one)."""
-        libs = self.__dict__.setdefault("_libraries", {})
-        libs[name] = {f.__name__: f for f in functions}
+        self._libraries[name] = {f.__name__: f for f in functions}
         make = getattr(self.manager, "create_library_from_functions", None)
         return make(name, *functions, **options) if make is not None else name
 
@@ -424,7 +424,7 @@ class Executor(cf.Executor):
         as a PythonTask of that function (same result and errors; no warm library state)."""
         if isinstance(fn, str):
             try:
-                fn = self.__dict__.get("_libraries", {})[library_name][fn]
+                fn = self._libraries[library_name][fn]
             except KeyError:
                 raise ValueError("library %r has no function %r: create it with create_library_from_functions()"
                                  % (library_name, fn)) from None
