@@ -181,6 +181,10 @@ def test_under_vinehpc_run_the_scripts_end_lets_pending_calls_finish(tmp_path):
             time.sleep(0.3)
             print("pending call ran", x)
 
+        first = vine.FuturesExecutor()
+        assert first.submit(abs, -1).result(timeout=30) == 1
+        first.shutdown()
+        assert first.manager.closed     # made for it, closed with it (a pilot runs one Manager at a time)
         ex = vine.FuturesExecutor()
         for i in range(3):
             ex.submit(slow, i)

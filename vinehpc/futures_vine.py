@@ -61,7 +61,8 @@ class FuturesExecutor(Executor):
             cores = self.opts.get("cores", 1)
             manager = _listen(port, **({"local_workers": n, "cores_per_worker": cores} if local else {}))
         super().__init__(manager=manager)
-        self._owns = own            # read when the collector ends: made here, closed with the executor
+        if own:
+            self._owns = True       # made here, closed with the executor (read when the collector ends)
         self.port = self.manager.port
         if manager_name and hasattr(self.manager, "set_name"):
             self.manager.set_name(manager_name)
