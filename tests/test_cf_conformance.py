@@ -1,11 +1,12 @@
 """CPython's own concurrent.futures executor tests, run against vinehpc.Executor.
 
 The tests are not copied here: they are imported from the interpreter's test package
-(`test.test_concurrent_futures`, 3.11's single-file layout), or, when this interpreter's test
-package lacks them (pyenv builds, Debian's python3 without libpython3.X-testsuite), loaded
-from Debian's copy /usr/lib/python3.X/test/test_concurrent_futures.py (tests/run.sh installs
-libpython3.11-testsuite).  Four of its generic test classes run unchanged with one adapter,
-VineMixin, in place of ThreadPoolMixin/ProcessPool*Mixin:
+(`test.test_concurrent_futures`: one module up to 3.11, a package from 3.12), or, when this
+interpreter's test package lacks them (pyenv builds, Debian's python3 without
+libpython3.X-testsuite, which tests/run.sh installs), loaded from Debian's copy in
+/usr/lib/python3.X/test/.  CPYTHON_CF_TESTS=PATH (a test_concurrent_futures.py, or the package
+directory) runs another version's copy instead, to compare.  Four of their generic test
+classes run unchanged with one adapter, VineMixin, in place of ThreadPoolMixin/ProcessPool*Mixin:
 
     ExecutorTest, ExecutorShutdownTest, WaitTests, AsCompletedTests
 
@@ -13,9 +14,9 @@ What the adapter does, and why:
 - its executor_type makes a vinehpc.Executor on ONE Manager shared by the whole module, with
   one local worker of 5 cores (the tests' worker_count), so each test does not pay for
   starting workers;
-- the test module's functions and classes (mul, sleep_and_print, MyObject, ...) travel by
-  value (cloudpickle.register_pickle_by_value): the workers cannot import a test module
-  that was loaded from a file path;
+- the tests' functions and classes (mul, sleep_and_print, MyObject, ...) travel by value
+  (cloudpickle.register_pickle_by_value): the workers cannot import test modules that were
+  loaded from a file path;
 - the three interpreter-exit tests run a `python -I -c SCRIPT` child that does
   `from concurrent.futures import VineExecutor` and imports test.test_concurrent_futures: the
   child is given one line before SCRIPT that makes both resolvable (install()), and a
@@ -42,25 +43,44 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 NAME = "test.test_concurrent_futures"
 CLASSES = ("ExecutorTest", "ExecutorShutdownTest", "WaitTests", "AsCompletedTests")
-DEBIAN_COPY = "/usr/lib/python%d.%d/test/test_concurrent_futures.py" % sys.version_info[:2]
+# the module of each class: one module up to 3.11; from 3.12 a package of modules
+PARTS = {"ExecutorTest": "executor", "ExecutorShutdownTest": "test_shutdown", "WaitTests": "test_wait",
+         "AsCompletedTests": "test_as_completed", "ExecutorMixin": "util", "BaseTestCase": "util"}
+DEBIAN_COPY = "/usr/lib/python%d.%d/test/test_concurrent_futures" % sys.version_info[:2]    # .py, or a package
+SOURCE = os.environ.get("CPYTHON_CF_TESTS")     # another copy (a .py file or a package directory), to compare
 _shared = None      # the module's Manager (None in the interpreter-exit children: each makes its own)
 
 
-def load_cpython_tests():
-    """CPython's test module, imported, or loaded from Debian's copy; None when neither exists."""
-    try:
-        import test.test_concurrent_futures as mod
-        if all(hasattr(mod, c) for c in CLASSES):
-            return mod
-    except ImportError:
-        pass
-    if not os.path.isfile(DEBIAN_COPY):
-        return None
-    spec = importlib.util.spec_from_file_location(NAME, DEBIAN_COPY)
+def _load_from(path):
+    """CPython's tests from `path` (their .py file, or their package directory), imported as NAME."""
+    if os.path.isdir(path):
+        spec = importlib.util.spec_from_file_location(NAME, os.path.join(path, "__init__.py"),
+                                                      submodule_search_locations=[path])
+    else:
+        spec = importlib.util.spec_from_file_location(NAME, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[NAME] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_cpython_tests(source=None):
+    """{name: the module defining it} for CPython's test classes: from `source`, else the interpreter's
+    own test package, else Debian's copy; None when there is none."""
+    mod = sys.modules.get(NAME)
+    if mod is None and source:
+        mod = _load_from(source)
+    if mod is None:
+        try:
+            import test.test_concurrent_futures as mod
+        except ImportError:
+            found = [p for p in (DEBIAN_COPY + ".py", DEBIAN_COPY) if os.path.exists(p)]
+            if not found:
+                return None
+            mod = _load_from(found[0])
+    if hasattr(mod, "__path__"):
+        return {name: importlib.import_module(NAME + "." + part) for name, part in PARTS.items()}
+    return {name: mod for name in PARTS}
 
 
 class VineExecutor(vinehpc.Executor):
@@ -75,42 +95,42 @@ class VineExecutor(vinehpc.Executor):
             super().__init__(max_workers, local_workers=1, cores_per_worker=max_workers or 2)
 
 
-def install():
-    """Make `from concurrent.futures import VineExecutor` and the test module resolvable, and the
-    test module's functions travel by value (this process and, through the boot line, the
-    tests' child interpreters)."""
-    mod = sys.modules.get(NAME) or load_cpython_tests()
-    if mod is not None:
+def install(source=None):
+    """Make `from concurrent.futures import VineExecutor` and the tests' modules resolvable, and
+    their functions travel by value (in this process and, through the boot line, in the
+    tests' child interpreters).  Returns load_cpython_tests()."""
+    where = load_cpython_tests(source)
+    for mod in set((where or {}).values()):
         cloudpickle.register_pickle_by_value(mod)
     concurrent.futures.VineExecutor = VineExecutor
-    return mod
+    return where
 
 
-cpython = install()
-if cpython is None:
+where = install(SOURCE)
+if where is None:
     if os.environ.get("CI") == "true":
         raise RuntimeError("CPython's %s is missing: apt-get install libpython%d.%d-testsuite"
                            % ((NAME,) + sys.version_info[:2]))
     pytest.skip("CPython's %s is not installed (Debian: libpython%d.%d-testsuite)"
                 % ((NAME,) + sys.version_info[:2]), allow_module_level=True)
-
+shutdown_tests = where["ExecutorShutdownTest"]      # the module whose assert_python_ok the adapter wraps
 _BOOT = ("import os, sys; sys.path[:0] = [%r, %r]; os.environ['VINEHPC_RUN_DIR'] = %r; "
-         "import test_cf_conformance; test_cf_conformance.install()\n")
-_assert_python_ok = cpython.assert_python_ok
+         "import test_cf_conformance; test_cf_conformance.install(%r)\n")
+_assert_python_ok = shutdown_tests.assert_python_ok
 
 
 def _child_python_ok(*args, **env):
     """The tests' assert_python_ok('-c', SCRIPT): SCRIPT runs unchanged after the boot line."""
     assert args[0] == "-c", args
     with tempfile.TemporaryDirectory(prefix="vinehpc-cf-child-") as run_dir:
-        return _assert_python_ok("-c", _BOOT % (HERE, ROOT, run_dir) + args[1], *args[2:], **env)
+        return _assert_python_ok("-c", _BOOT % (HERE, ROOT, run_dir, SOURCE) + args[1], *args[2:], **env)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def shared_manager(tmp_path_factory):
     global _shared
-    cpython.assert_python_ok = _child_python_ok
-    m = vinehpc.Manager(local_workers=1, cores_per_worker=cpython.ExecutorMixin.worker_count,
+    shutdown_tests.assert_python_ok = _child_python_ok
+    m = vinehpc.Manager(local_workers=1, cores_per_worker=where["ExecutorMixin"].ExecutorMixin.worker_count,
                         run_dir=str(tmp_path_factory.mktemp("cf-run")))
     m.wait_for_workers(1, timeout=60)
     _shared = m
@@ -118,21 +138,16 @@ def shared_manager(tmp_path_factory):
         yield m
     finally:
         _shared = None
-        cpython.assert_python_ok = _assert_python_ok
+        shutdown_tests.assert_python_ok = _assert_python_ok
         m.close()
 
 
-class VineMixin(cpython.ExecutorMixin):
+class VineMixin(where["ExecutorMixin"].ExecutorMixin):
     executor_type = VineExecutor
 
 
-def _case(base):
-    name = "Vine" + base.__name__.replace("Tests", "").replace("Test", "") + "Test"
-    return type(name, (VineMixin, base, cpython.BaseTestCase), {})
-
-
-for _base in CLASSES:
-    _cls = _case(getattr(cpython, _base))
+for _name in CLASSES:
+    _cls = type("Vine" + _name.replace("Tests", "").replace("Test", "") + "Test",
+                (VineMixin, getattr(where[_name], _name), where["BaseTestCase"].BaseTestCase), {})
     globals()[_cls.__name__] = _cls
-del _base, _cls
-assert issubclass(VineExecutorTest, unittest.TestCase)     # noqa: F821 - made just above
+del _name, _cls
