@@ -22,12 +22,12 @@ def _listen(port, **kwargs):
     if not isinstance(port, (list, tuple)):
         return Manager(port=port, **kwargs)
     low, high = port
-    for p in range(low, high + 1):
+    for p in range(low, high):
         try:
             return Manager(port=p, **kwargs)
         except OSError:
-            if p == high:
-                raise
+            continue            # taken: the next one
+    return Manager(port=high, **kwargs)     # the last: its error is the answer
 
 
 class FuturesExecutor(Executor):
