@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -335,3 +336,21 @@ def test_futures_executor_takes_taskvines_constructor_and_map(tmp_path, monkeypa
         fx.shutdown()
     assert fx.manager.closed
     assert_no_survivors(tree, timeout=15, what="the FuturesExecutor's local workers")
+
+
+@pytest.mark.timeout(60)
+def test_futures_executor_port_range_takes_the_first_free_port(tmp_path, monkeypatch):
+    monkeypatch.setenv("VINEHPC_RUN_DIR", str(tmp_path / "runs"))
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        low = taken.getsockname()[1]
+        try:
+            fx = vinehpc.FuturesExecutor(port=[low, low + 1], factory=False)
+        except OSError:
+            pytest.skip("port %d is taken too" % (low + 1))
+        try:
+            assert fx.port == low + 1
+        finally:
+            fx.shutdown()
+        assert fx.manager.closed
