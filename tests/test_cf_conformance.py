@@ -32,7 +32,6 @@ import importlib.util
 import os
 import sys
 import tempfile
-import unittest
 
 import cloudpickle
 import pytest
