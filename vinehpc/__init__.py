@@ -8,7 +8,8 @@ __all__ = ["Manager", "Task", "PythonTask", "Executor", "FuturesExecutor", "Futu
            "RemoteTraceback", "Resumable", "__version__"]
 
 _where = {"Manager": "manager", "Executor": "futures", "FuturesExecutor": "futures_vine", "FuturePythonTask": "futures",
-          "File": "file", "Task": "task", "PythonTask": "task", "TaskError": "task", "RemoteTraceback": "task", "Resumable": "task"}
+          "File": "file", "Task": "task", "PythonTask": "task", "TaskError": "task", "RemoteTraceback": "task",
+          "Resumable": "task"}
 
 
 def __getattr__(name):
