@@ -4,7 +4,8 @@ Public names are imported on first use (PEP 562), so `python -m vinehpc worker` 
 `vinehpc sysimage run` do not pay for the manager side.
 """
 __version__ = "0.1.0"
-__all__ = ["Manager", "Task", "PythonTask", "PythonTaskNoResult", "Executor", "File", "TaskError",
+__all__ = ["Manager", "Task", "PythonTask", "PythonTaskNoResult", "Executor", "FuturesExecutor", "FuturePythonTask",
+           "File", "TaskError",
            "RemoteTraceback", "Resumable", "DaskVine", "FunctionCall", "LibraryTask", "load_variable_from_library",
            "__version__"]
 
@@ -20,7 +21,7 @@ VINE_RESULT_CANCELLED = "cancelled"
 
 _where = {"Manager": "manager", "Executor": "futures", "File": "file", "Task": "task", "PythonTask": "task",
           "PythonTaskNoResult": "task", "TaskError": "task", "RemoteTraceback": "task", "Resumable": "task",
-          "DaskVine": "dask_vine",
+          "DaskVine": "dask_vine", "FuturesExecutor": "futures_vine", "FuturePythonTask": "futures",
           "FunctionCall": "serverless", "LibraryTask": "serverless", "load_variable_from_library": "serverless"}
 
 

@@ -10,7 +10,7 @@ import signal
 import sys
 import traceback
 
-from . import _context, task
+from . import _context, futures, task
 
 
 def run_script(script: str, argv: list, ctx, sigterm=None) -> int:
@@ -22,23 +22,12 @@ def run_script(script: str, argv: list, ctx, sigterm=None) -> int:
     sys.argv = [script] + list(argv)
     sys.path.insert(0, script_dir)
     old_term = signal.signal(signal.SIGTERM, sigterm or _raise_sigterm)
-    code = 0
     try:
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if e.code is not None and not isinstance(e.code, int):
-            print(e.code, file=sys.stderr)
-    except KeyboardInterrupt:
-        print("\nvinehpc run: interrupted; stopping workers", file=sys.stderr)
-        code = 130
-    except task.Resumable as e:
-        print("vinehpc: %s" % e, file=sys.stderr)
-        code = 75
-    except BaseException:
-        traceback.print_exc()
-        print("vinehpc run: %s raised an exception (above); workers stopped" % script, file=sys.stderr)
-        code = 1
+        code = _exit_code(lambda: runpy.run_path(script, run_name="__main__"), script)
+        if code == 0:
+            # the script's end is its program's end: pending Executor calls finish, as at the
+            # exit of `python tasks.py`, before the run's workers are stopped
+            code = _exit_code(futures.shutdown_all, script)
     finally:
         try:
             ctx.shutdown()
@@ -47,6 +36,28 @@ def run_script(script: str, argv: list, ctx, sigterm=None) -> int:
             _context.set_current(prev)
             sys.argv, sys.path[:] = old_argv, old_path
     return code
+
+
+def _exit_code(step, script) -> int:
+    """Run step() (the script, then what ends it); its outcome as an exit status."""
+    try:
+        step()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print("\nvinehpc run: interrupted; stopping workers", file=sys.stderr)
+        return 130
+    except task.Resumable as e:
+        print("vinehpc: %s" % e, file=sys.stderr)
+        return 75
+    except BaseException:
+        traceback.print_exc()
+        print("vinehpc run: %s raised an exception (above); workers stopped" % script, file=sys.stderr)
+        return 1
+    return 0
 
 
 def _raise_sigterm(signum, frame):
