@@ -282,7 +282,9 @@ def test_future_task_is_a_configurable_python_task(ex):
 def test_future_funcall_calls_a_library_function_by_name(ex):
     lib = ex.create_library_from_functions("lib", add, mul)
     ex.install_library(lib)
-    f = ex.submit(ex.future_funcall("lib", "mul", 6, 7))
+    call = ex.future_funcall("lib", "mul", 6, 7)
+    assert isinstance(call, vinehpc.FunctionCall)       # the installed library runs it, warm
+    f = ex.submit(call)
     assert ex.submit(ex.future_funcall("lib", "add", f, 1)).result(timeout=30) == 43
     with pytest.raises(ValueError, match="no function 'nope'"):
         ex.future_funcall("lib", "nope")

@@ -23,6 +23,7 @@ import weakref
 from concurrent.futures._base import CANCELLED, PENDING, RUNNING
 
 from . import _context
+from . import serverless
 from .task import PythonTask, Resumable, TaskError
 
 _live = weakref.WeakSet()      # executors whose collector still runs: the exit hook shuts them down
@@ -58,6 +59,16 @@ class FuturePythonTask(PythonTask):
         super().__init__(fn)
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
+        self.future = None
+
+
+class FutureFunctionCall(serverless.FunctionCall):
+    """An executor call of an installed library's function (future_funcall): a FunctionCall
+    whose arguments may be futures; Executor.submit(call) returns its `future`."""
+
+    def __init__(self, library, fn, args=(), kwargs=None):
+        super().__init__(library, fn)
+        self.set_fn_args(args, kwargs)
         self.future = None
 
 
@@ -195,7 +206,7 @@ class Executor(cf.Executor):
     def submit(self, fn, /, *args, **kwargs) -> cf.Future:
         """fn(*args, **kwargs) on a worker; futures among the arguments are waited for (without
         blocking here) and replaced by their values.  A task from future_task() is submitted as is."""
-        if isinstance(fn, FuturePythonTask) and not args and not kwargs:
+        if isinstance(fn, (FuturePythonTask, FutureFunctionCall)) and not args and not kwargs:
             task = fn
         else:
             task = FuturePythonTask(fn, args, kwargs)
@@ -418,10 +429,18 @@ class Executor(cf.Executor):
         if install is not None and not isinstance(library, str):
             install(library)
 
-    def future_funcall(self, library_name, fn, /, *args, **kwargs) -> FuturePythonTask:
+    def future_funcall(self, library_name, fn, /, *args, **kwargs):
         """The call fn(*args, **kwargs) of library `library_name` (fn: the function's name, or the
-        function), to submit(); futures among the arguments are dependencies.  For now it runs
-        as a PythonTask of that function (same result and errors; no warm library state)."""
+        function), to submit(); futures among the arguments are dependencies.  A library
+        installed on the manager (install_library) runs it warm, as a FunctionCall; one only
+        created here runs it as a PythonTask of that function (same result and errors)."""
+        lib = serverless.installed(library_name)
+        if lib is not None:
+            call = FutureFunctionCall(library_name, fn, args, kwargs)
+            if call.function_name not in lib.functions:
+                raise ValueError("library %r has no function %r (it has: %s)"
+                                 % (library_name, call.function_name, ", ".join(sorted(lib.functions))))
+            return call
         if isinstance(fn, str):
             try:
                 fn = self._libraries[library_name][fn]
@@ -435,4 +454,4 @@ def _rows(flat, width, n):
     return [flat[j * width:(j + 1) * width] for j in range(n)]
 
 
-__all__ = ["Executor", "FuturePythonTask", "gather"]
+__all__ = ["Executor", "FutureFunctionCall", "FuturePythonTask", "gather"]
