@@ -1,0 +1,480 @@
+"""One pass over a run's transactions.jsonl into bounded aggregates (no record is kept).
+
+A run of a million tasks writes a few million lines: everything here is a fixed number of time
+bins, per-category log histograms and sums, a heap of the slowest 1 %, at most GANTT_MAX
+attempts drawn one by one and per-worker busy time per bin for at most WORKER_ROWS workers.
+The only per-task state is for attempts in flight (dispatched, no result yet).
+
+Times: a record's `time` is the manager's clock when it was written.  An attempt's start is its
+ending record's time minus `wall` (the worker's own measure, from the task's start: under
+pipelining a task is dispatched before it starts), never before its dispatch; an attempt with no
+`wall` (its worker was lost, it was cancelled) started at its dispatch.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import os
+import re
+
+NBINS = 300            # time bins over the run
+GANTT_MAX = 2000       # attempts drawn one by one; a larger run is drawn binned per worker
+WORKER_ROWS = 200      # workers with a timeline row (and per-bin busy time)
+WORKERS_MAX = 10000    # worker records kept (joins, losses); beyond: counted only
+CATEGORIES_MAX = 24    # categories told apart; the others are summed in OTHER
+OTHER = "(other)"
+GROUPS_MAX = 200       # distinct failure reasons
+FAILURES_MAX = 200     # final failures listed one by one
+SLOW_MAX = 10000       # heap of the slowest tasks: the slowest 1 % of up to a million tasks
+
+# log-spaced histogram bins: 10 a decade
+WALL_LO, WALL_DECADES = 1e-3, 9        # 1 ms .. 1e6 s
+MEM_LO, MEM_DECADES = 1.0, 7           # 1 MB .. 10 TB
+PER_DECADE = 10
+
+_EVENT = '"event":"'
+_NUM = re.compile(r'"(task|worker|cached)":(-?\d+)')
+
+
+class ReportError(Exception):
+    """The run directory cannot be reported on (the message says how to fix it)."""
+
+
+def log_bin(x, lo, decades) -> int:
+    if not x or x <= lo:
+        return 0
+    return min(int(math.log10(x / lo) * PER_DECADE), decades * PER_DECADE - 1)
+
+
+def bin_edges(lo, decades) -> list:
+    return [lo * 10 ** (i / PER_DECADE) for i in range(decades * PER_DECADE + 1)]
+
+
+class Category:
+    __slots__ = ("name", "done", "failed", "attempts", "wall_hist", "mem_hist", "wall_sum", "wall_max",
+                 "core_s_alloc", "core_s_used", "mem_alloc_n", "mem_alloc_sum", "mem_used_n", "mem_used_sum",
+                 "mem_used_max", "mem_waste_mb_s", "disk_alloc_sum", "disk_used_sum", "disk_n")
+
+    def __init__(self, name):
+        self.name = name
+        self.done = self.failed = self.attempts = 0
+        self.wall_hist = [0] * (WALL_DECADES * PER_DECADE)
+        self.mem_hist = [0] * (MEM_DECADES * PER_DECADE)
+        self.wall_sum = self.wall_max = 0.0
+        self.core_s_alloc = self.core_s_used = 0.0
+        self.mem_alloc_n = self.mem_used_n = self.disk_n = 0
+        self.mem_alloc_sum = self.mem_used_sum = self.mem_used_max = self.mem_waste_mb_s = 0.0
+        self.disk_alloc_sum = self.disk_used_sum = 0.0
+
+    def summary(self) -> dict:
+        n = self.done + self.failed
+        return {"name": self.name, "done": self.done, "failed": self.failed, "attempts": self.attempts,
+                "wall_mean": self.wall_sum / n if n else None, "wall_max": self.wall_max,
+                "wall_p50": hist_quantile(self.wall_hist, WALL_LO, WALL_DECADES, 0.5),
+                "wall_p99": hist_quantile(self.wall_hist, WALL_LO, WALL_DECADES, 0.99),
+                "core_hours_allocated": self.core_s_alloc / 3600, "core_hours_used": self.core_s_used / 3600,
+                "memory_allocated_mean": self.mem_alloc_sum / self.mem_alloc_n if self.mem_alloc_n else None,
+                "memory_used_mean": self.mem_used_sum / self.mem_used_n if self.mem_used_n else None,
+                "memory_used_max": self.mem_used_max if self.mem_used_n else None,
+                "memory_wasted_gb_hours": self.mem_waste_mb_s / 1024 / 3600,
+                "disk_allocated_mean": self.disk_alloc_sum / self.disk_n if self.disk_n else None,
+                "disk_used_mean": self.disk_used_sum / self.disk_n if self.disk_n else None}
+
+
+def hist_quantile(hist, lo, decades, q):
+    """Upper edge of the log bin holding the q-quantile (None when empty)."""
+    n = sum(hist)
+    if not n:
+        return None
+    want, acc = q * n, 0
+    for i, c in enumerate(hist):
+        acc += c
+        if acc >= want:
+            return lo * 10 ** ((i + 1) / PER_DECADE)
+    return lo * 10 ** decades
+
+
+class Worker:
+    __slots__ = ("key", "host", "cores", "joined", "lost", "reason", "tasks", "busy")
+
+    def __init__(self, key, host, cores, joined):
+        self.key, self.host, self.cores, self.joined = key, host, cores, joined
+        self.lost = self.reason = None
+        self.tasks = 0
+        self.busy = None          # category -> [busy core-seconds per bin], for the first WORKER_ROWS workers
+
+
+def _time_range(path):
+    """(first, last) record time, from the file's two ends (the last line may be torn)."""
+    first = last = None
+    with open(path, "rb") as f:
+        for line in f:
+            first = _time_of(line)
+            if first is not None:
+                break
+        size = f.seek(0, os.SEEK_END)
+        back = 1 << 16
+        while last is None:
+            f.seek(max(0, size - back))
+            lines = f.read().splitlines()
+            if size > back:
+                lines = lines[1:]          # the first may be the end of a line
+            for line in reversed(lines):
+                last = _time_of(line)
+                if last is not None:
+                    break
+            if back >= size:
+                break
+            back *= 4
+    return first, last
+
+
+def _time_of(line):
+    try:
+        t = json.loads(line).get("time")
+    except (ValueError, AttributeError):
+        return None
+    return float(t) if isinstance(t, (int, float)) else None
+
+
+class Aggregate:
+    """Feed it the lines of a journal (`feed`), then read its fields (plots.py, render.py)."""
+
+    def __init__(self, t0, t1):
+        self.t0 = t0
+        self.width = max(t1 - t0, 1e-3) / NBINS
+        z = [0.0] * NBINS
+        self.submitted, self.started, self.requeued, self.done, self.failed = (list(z) for _ in range(5))
+        self.busy_tasks, self.busy_cores, self.capacity, self.connected = (list(z) for _ in range(4))
+        self.bytes_put, self.puts, self.hits, self.fetches = (list(z) for _ in range(4))
+        self.joins, self.losses = [], []                 # times (at most WORKERS_MAX each)
+        self.categories = {}
+        self.workers = {}                                # (session, wid) -> Worker
+        self.workers_seen = 0
+        self.inflight = {}                               # (session, tid) -> (dispatch time, worker key)
+        self.gantt = []                                  # (worker key, start, end, category, outcome)
+        self.gantt_total = 0
+        self.groups = {}                                 # (kind, result, reason pattern) -> [n, example, tids, cats]
+        self.failures = []                               # final failures, the first FAILURES_MAX
+        self.slow = []                                   # min-heap of (wall, tid, category, worker)
+        self.n = dict.fromkeys(("submitted", "done", "failed", "resumed", "attempts", "retries", "requeued",
+                                "fast aborts", "not run", "multi-attempt", "records", "unreadable",
+                                "sessions", "puts", "bytes put", "cache hits", "temp fetches",
+                                "url fetches", "workers lost"), 0)
+        self.first_submit = self.last_end = self.last_final = None
+        self.connected_now = self.connected_peak = 0
+        self.start = self.stop = None
+        self.stop_reason = None
+        self.session = 0
+        self.wall_total = 0.0
+        self.torn_last = False
+        self.last_t = self.t_end = t0
+        self.path = None
+
+    # ------------------------------------------------------------------ bins
+    def _bin(self, t) -> int:
+        b = int((t - self.t0) / self.width)
+        return 0 if b < 0 else (NBINS - 1 if b >= NBINS else b)
+
+    def _spread(self, arr, s, e, weight):
+        """Add weight x (overlap seconds of [s, e] with each bin) to arr."""
+        if e <= s:
+            return
+        w, t0 = self.width, self.t0
+        bs, be = self._bin(s), self._bin(e)
+        if bs == be:
+            arr[bs] += (e - s) * weight
+            return
+        arr[bs] += (t0 + (bs + 1) * w - s) * weight
+        for b in range(bs + 1, be):
+            arr[b] += w * weight
+        arr[be] += (e - (t0 + be * w)) * weight
+
+    def _cat(self, name) -> Category:
+        c = self.categories.get(name)
+        if c is None:
+            if len(self.categories) >= CATEGORIES_MAX:
+                name = OTHER
+                c = self.categories.get(name)
+            if c is None:
+                c = self.categories[name] = Category(name)
+        return c
+
+    # ------------------------------------------------------------------ reading
+    def feed(self, line: str) -> None:
+        self.n["records"] += 1
+        i = line.find(_EVENT)
+        if i < 0:
+            self._unreadable(line)
+            return
+        j = line.find('"', i + 9)
+        event = line[i + 9:j]
+        if event == "submitted" or event == "dispatched":
+            k = line.rfind('"time":')
+            try:
+                t = float(line[k + 7:line.rindex("}")])
+            except ValueError:
+                self._unreadable(line)
+                return
+            nums = dict(_NUM.findall(line))
+            tid = int(nums.get("task", 0))
+            if event == "submitted":
+                self._submitted(t, tid)
+            else:
+                self._dispatched(t, tid, int(nums.get("worker", 0)), int(nums.get("cached", 0)))
+            return
+        try:
+            rec = json.loads(line)
+            t = float(rec["time"])
+        except (ValueError, KeyError, TypeError):
+            self._unreadable(line)
+            return
+        h = self._handlers.get(event)
+        if h is not None:
+            h(self, rec, t)
+        self.last_t = t
+
+    def _unreadable(self, line):
+        if line.strip():
+            self.n["unreadable"] += 1
+            self.torn_last = not line.endswith("\n")
+
+    def _submitted(self, t, tid):
+        self.submitted[self._bin(t)] += 1
+        if tid >= 0:
+            self.n["submitted"] += 1
+        if self.first_submit is None or t < self.first_submit:
+            self.first_submit = t
+
+    def _dispatched(self, t, tid, wid, cached):
+        wkey = (self.session, wid)
+        self.inflight[(self.session, tid)] = (t, wkey)
+        self.n["attempts"] += 1
+        if cached:
+            self.n["cache hits"] += cached
+            self.hits[self._bin(t)] += cached
+        w = self.workers.get(wkey)
+        if w is not None:
+            w.tasks += 1
+
+    def _attempt_end(self, rec, t, outcome, category, cores):
+        """An attempt ended at t (result, loss, kill): draw it and free the in-flight slot.
+        Returns its start, or None when nothing was running (a task failed while waiting)."""
+        tid = rec.get("task")
+        got = self.inflight.pop((self.session, tid), None)
+        if got is None:
+            return None
+        dispatched, wkey = got
+        wall = rec.get("wall")
+        start = max(dispatched, t - wall) if isinstance(wall, (int, float)) else dispatched
+        self.started[self._bin(start)] += 1
+        cores = cores if isinstance(cores, (int, float)) and cores > 0 else 1
+        self._spread(self.busy_tasks, start, t, 1.0)
+        self._spread(self.busy_cores, start, t, cores)
+        self.gantt_total += 1
+        if len(self.gantt) < GANTT_MAX:
+            self.gantt.append((wkey, start, t, category, outcome))
+        w = self.workers.get(wkey)
+        if w is not None and w.busy is not None:
+            arr = w.busy.get(category)
+            if arr is None:
+                arr = w.busy[category] = [0.0] * NBINS
+            self._spread(arr, start, t, cores)
+        if self.last_end is None or t > self.last_end:
+            self.last_end = t
+        return start
+
+    def _group(self, kind, rec, category):
+        reason = str(rec.get("reason") or "")
+        key = (kind, str(rec.get("result") or ""), re.sub(r"\d+", "N", reason)[:160])
+        g = self.groups.get(key)
+        if g is None:
+            if len(self.groups) >= GROUPS_MAX:
+                key = (kind, "", "(other reasons)")
+                g = self.groups.get(key)
+            if g is None:
+                g = self.groups[key] = [0, reason[:300], [], set()]
+        g[0] += 1
+        if len(g[2]) < 5:
+            g[2].append(rec.get("task"))
+        if len(g[3]) < 5 and category is not None:
+            g[3].add(category)
+
+    # ------------------------------------------------------------------ events
+    def _final(self, rec, t):
+        ok = rec.get("event") == "done"
+        cat = self._cat(rec.get("category") or "default")
+        alloc = rec.get("allocated") or {}
+        measured = rec.get("measured") or {}
+        wall = rec.get("wall")
+        wall = float(wall) if isinstance(wall, (int, float)) else None
+        cores = alloc.get("cores") or 1
+        started = self._attempt_end(rec, t, "done" if ok else "failed", cat.name, cores)
+        tid = rec.get("task")
+        if tid is None or tid < 0:
+            return                       # a hidden re-run of a lost temp's producer: drawn, not counted
+        if self.last_final is None or t > self.last_final:
+            self.last_final = t
+        if started is None:
+            self.started[self._bin(t)] += 1          # failed while waiting: leaves the queue now
+        (self.done if ok else self.failed)[self._bin(t)] += 1
+        self.n["done" if ok else "failed"] += 1
+        if ok:
+            cat.done += 1
+        else:
+            cat.failed += 1
+            self._group("failed", rec, cat.name)
+            if len(self.failures) < FAILURES_MAX:
+                self.failures.append({k: rec.get(k) for k in ("task", "category", "result", "reason", "attempts",
+                                                               "worker", "exit_code")})
+        attempts = rec.get("attempts") or 0
+        cat.attempts += attempts
+        if attempts > 1:
+            self.n["multi-attempt"] += 1
+        if wall is None:
+            return
+        self.wall_total += wall
+        cat.wall_sum += wall
+        cat.wall_max = max(cat.wall_max, wall)
+        cat.wall_hist[log_bin(wall, WALL_LO, WALL_DECADES)] += 1
+        cat.core_s_alloc += cores * wall
+        used = measured.get("cores")
+        if isinstance(used, (int, float)):
+            cat.core_s_used += used * wall
+        mem = measured.get("memory")
+        if isinstance(mem, (int, float)):
+            cat.mem_used_n += 1
+            cat.mem_used_sum += mem
+            cat.mem_used_max = max(cat.mem_used_max, mem)
+            cat.mem_hist[log_bin(mem, MEM_LO, MEM_DECADES)] += 1
+            if alloc.get("memory"):
+                cat.mem_waste_mb_s += max(0.0, alloc["memory"] - mem) * wall
+        if alloc.get("memory"):
+            cat.mem_alloc_n += 1
+            cat.mem_alloc_sum += alloc["memory"]
+        if alloc.get("disk") and isinstance(measured.get("disk"), (int, float)):
+            cat.disk_n += 1
+            cat.disk_alloc_sum += alloc["disk"]
+            cat.disk_used_sum += measured["disk"]
+        item = (wall, tid, cat.name, rec.get("worker"))
+        if len(self.slow) < SLOW_MAX:
+            heapq.heappush(self.slow, item)
+        elif wall > self.slow[0][0]:
+            heapq.heapreplace(self.slow, item)
+
+    def _again(self, rec, t, kind, counter):
+        """An attempt ended and the task goes back to the queue."""
+        category = self._cat(rec.get("category") or "default").name
+        start = self._attempt_end(rec, t, kind, category, rec.get("cores"))
+        if start is not None:
+            self.requeued[self._bin(t)] += 1
+        self.n[counter] += 1
+        self._group(kind, rec, category)
+
+    def _manager_started(self, rec, t):
+        if self.session:
+            self._close_workers(self.last_t)     # an earlier run killed before it stopped
+        self.n["sessions"] += 1
+        self.session += 1
+        self.inflight.clear()
+        if self.start is None:
+            self.start = t
+
+    def _manager_stopped(self, rec, t):
+        self.stop, self.stop_reason = t, rec.get("reason")
+        self._close_workers(t)
+
+    def _close_workers(self, t):
+        """The manager is gone: its workers still connected count as connected until t."""
+        for w in self.workers.values():
+            if w.lost is None and w.key[0] == self.session:
+                self._worker_gone(w, t, None)
+
+    def _worker_gone(self, w, t, reason):
+        w.lost, w.reason = t, reason
+        self.connected_now -= 1
+        self._spread(self.capacity, w.joined, t, w.cores)
+        self._spread(self.connected, w.joined, t, 1.0)
+
+    def _worker_joined(self, rec, t):
+        self.workers_seen += 1
+        if len(self.joins) < WORKERS_MAX:
+            self.joins.append(t)
+        if len(self.workers) >= WORKERS_MAX:
+            return
+        self.connected_now += 1
+        self.connected_peak = max(self.connected_peak, self.connected_now)
+        key = (self.session, rec.get("worker"))
+        w = self.workers[key] = Worker(key, rec.get("host"), (rec.get("resources") or {}).get("cores") or 1, t)
+        if len(self.workers) <= WORKER_ROWS:
+            w.busy = {}
+
+    def _worker_lost(self, rec, t):
+        self.n["workers lost"] += 1
+        if len(self.losses) < WORKERS_MAX:
+            self.losses.append(t)
+        w = self.workers.get((self.session, rec.get("worker")))
+        if w is not None and w.lost is None:
+            self._worker_gone(w, t, rec.get("reason") or "lost")
+        self._group("worker lost", rec, None)
+
+    def _put(self, rec, t):
+        size = rec.get("size") or 0
+        b = self._bin(t)
+        self.puts[b] += 1
+        self.bytes_put[b] += size
+        self.n["puts"] += 1
+        self.n["bytes put"] += size
+
+    def _fetch(self, rec, t):
+        self.fetches[self._bin(t)] += 1
+        self.n["temp fetches" if rec.get("event") == "fetch temp" else "url fetches"] += 1
+
+    def _resumed(self, rec, t):
+        self.n["resumed"] += 1
+
+    _handlers = {
+        "done": _final, "failed": _final,
+        "retry": lambda self, r, t: self._again(r, t, "retry", "retries"),
+        "retry larger": lambda self, r, t: self._again(r, t, "retry larger", "retries"),
+        "requeued": lambda self, r, t: self._again(r, t, "requeued", "requeued"),
+        "fast abort": lambda self, r, t: self._again(r, t, "fast abort", "fast aborts"),
+        "not run": lambda self, r, t: self._again(r, t, "not run", "not run"),
+        "manager started": _manager_started, "manager stopped": _manager_stopped,
+        "worker joined": _worker_joined, "worker lost": _worker_lost,
+        "put": _put, "fetch temp": _fetch, "fetch url": _fetch, "resumed": _resumed,
+    }
+
+    def finish(self, t_end):
+        """The log ended at t_end (a killed run's workers count as connected until then)."""
+        self._close_workers(t_end)
+        self.t_end = t_end
+
+
+def load(run_dir: str) -> Aggregate:
+    """Read RUN_DIR/transactions.jsonl once; raise ReportError saying what to do when it cannot be."""
+    path = os.path.join(run_dir, "transactions.jsonl") if os.path.isdir(run_dir) else run_dir
+    if not os.path.exists(run_dir):
+        raise ReportError("%s does not exist: give a run directory (vine-run-info/<run>) or its "
+                          "transactions.jsonl" % run_dir)
+    if not os.path.isfile(path):
+        raise ReportError("%s has no transactions.jsonl: give a run directory (they are made under "
+                          "./vine-run-info/ where the script ran, or a pilot's --run-dir)" % run_dir)
+    try:
+        t0, t1 = _time_range(path)
+    except OSError as e:
+        raise ReportError("cannot read %s: %s" % (path, e)) from None
+    if t0 is None:
+        raise ReportError("%s holds no journal record (empty, or not a vinehpc transactions log): "
+                          "report on a run directory whose run has started" % path)
+    agg = Aggregate(t0, t1)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            agg.feed(line)
+    agg.finish(t1)
+    if agg.n["unreadable"] > agg.n["records"] // 2:
+        raise ReportError("%s is mostly not JSON lines (%d of %d unreadable): not a vinehpc transactions log"
+                          % (path, agg.n["unreadable"], agg.n["records"]))
+    agg.path = path
+    return agg
