@@ -34,7 +34,28 @@ MEM_LO, MEM_DECADES = 1.0, 7           # 1 MB .. 10 TB
 PER_DECADE = 10
 
 _EVENT = '"event":"'
-_NUM = re.compile(r'"(task|worker|cached)":(-?\d+)')
+_NUMBER = r"(-?[0-9][0-9.e+-]*)"
+# the core's dispatched and successful done records, keys in the order state.py/placement.py write them
+_DISPATCHED = re.compile(r'\{"task":(-?\d+),"worker":(\d+),"host":(?:"[^"\\]*"|null),"attempt":\d+,'
+                         r'(?:"cached":(\d+),)?"event"')
+_DONE = re.compile(r'\{"task":(-?\d+),"worker":(\d+),"result":"success","exit_code":(?:-?\d+|null),'
+                   r'"reason":(?:null|"[^"\\]*"),"wall":' + _NUMBER + r',"attempts":(\d+),"category":"([^"\\]*)",'
+                   r'"allocated":\{([^{}]*)\},"measured":\{"memory":' + _NUMBER + r',"cores":' + _NUMBER +
+                   r',"wall":[^,]*,"disk":' + _NUMBER + r'[^{}]*\},"event"')
+_KV = re.compile(r'"(\w+)":' + _NUMBER)
+
+
+_ALLOCATED = {}          # the text of an allocation -> its dict: a run has few distinct ones
+
+
+def _allocated(s) -> dict:
+    """'"cores":1,"memory":2000' -> {"cores": 1.0, "memory": 2000.0}."""
+    d = _ALLOCATED.get(s)
+    if d is None:
+        d = {k: float(v) for k, v in _KV.findall(s)}
+        if len(_ALLOCATED) < 1000:
+            _ALLOCATED[s] = d
+    return d
 
 
 class ReportError(Exception):
@@ -169,6 +190,7 @@ class Aggregate:
         self.session = 0
         self.wall_total = 0.0
         self.torn_last = False
+        self.records = self.n_submitted = self.n_attempts = self.n_done = 0     # hot counters, into n at the end
         self.last_t = self.t_end = t0
         self.path = None
 
@@ -177,19 +199,23 @@ class Aggregate:
         b = int((t - self.t0) / self.width)
         return 0 if b < 0 else (NBINS - 1 if b >= NBINS else b)
 
-    def _spread(self, arr, s, e, weight):
-        """Add weight x (overlap seconds of [s, e] with each bin) to arr."""
+    def _spread(self, s, e, pairs):
+        """For each (arr, weight): add weight x (overlap seconds of [s, e] with each bin) to arr."""
         if e <= s:
             return
         w, t0 = self.width, self.t0
         bs, be = self._bin(s), self._bin(e)
-        if bs == be:
-            arr[bs] += (e - s) * weight
+        if bs == be:                  # the common case: an attempt shorter than a bin
+            d = e - s
+            for arr, weight in pairs:
+                arr[bs] += d * weight
             return
-        arr[bs] += (t0 + (bs + 1) * w - s) * weight
-        for b in range(bs + 1, be):
-            arr[b] += w * weight
-        arr[be] += (e - (t0 + be * w)) * weight
+        head, tail = t0 + (bs + 1) * w - s, e - (t0 + be * w)
+        for arr, weight in pairs:
+            arr[bs] += head * weight
+            for b in range(bs + 1, be):
+                arr[b] += w * weight
+            arr[be] += tail * weight
 
     def _cat(self, name) -> Category:
         c = self.categories.get(name)
@@ -203,34 +229,40 @@ class Aggregate:
 
     # ------------------------------------------------------------------ reading
     def feed(self, line: str) -> None:
-        self.n["records"] += 1
-        i = line.find(_EVENT)
-        if i < 0:
-            self._unreadable(line)
-            return
+        """One journal line.  The core's three records of every task (submitted, dispatched, done)
+        are most of a log: they are read by position and regular expression (their keys come in
+        the order the core writes them); anything else, or any surprise, goes through json."""
+        self.records += 1
+        i = line.rfind(_EVENT)
         j = line.find('"', i + 9)
         event = line[i + 9:j]
-        if event == "submitted" or event == "dispatched":
-            k = line.rfind('"time":')
+        if i >= 0 and line.startswith(',"time":', j + 1):
             try:
-                t = float(line[k + 7:line.rindex("}")])
+                t = float(line[j + 9:line.rindex("}")])
             except ValueError:
-                self._unreadable(line)
-                return
-            nums = dict(_NUM.findall(line))
-            tid = int(nums.get("task", 0))
-            if event == "submitted":
-                self._submitted(t, tid)
-            else:
-                self._dispatched(t, tid, int(nums.get("worker", 0)), int(nums.get("cached", 0)))
-            return
+                t = None
+            if t is not None:
+                if event == "submitted":
+                    self._submitted(t, not line.startswith('{"task":-'))
+                    return
+                m = _DISPATCHED.match(line) if event == "dispatched" else _DONE.match(line) if event == "done" \
+                    else None
+                if m is not None:
+                    if event == "dispatched":
+                        self._dispatched(t, int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
+                    else:
+                        tid, wid, wall, attempts, cat, alloc, mem, cores, disk = m.groups()
+                        self._final(t, int(tid), int(wid), True, float(wall), int(attempts), cat, _allocated(alloc),
+                                    {"memory": float(mem), "cores": float(cores), "disk": float(disk)}, None)
+                    self.last_t = t
+                    return
         try:
             rec = json.loads(line)
             t = float(rec["time"])
         except (ValueError, KeyError, TypeError):
             self._unreadable(line)
             return
-        h = self._handlers.get(event)
+        h = self._handlers.get(rec.get("event"))
         if h is not None:
             h(self, rec, t)
         self.last_t = t
@@ -240,49 +272,46 @@ class Aggregate:
             self.n["unreadable"] += 1
             self.torn_last = not line.endswith("\n")
 
-    def _submitted(self, t, tid):
-        self.submitted[self._bin(t)] += 1
-        if tid >= 0:
-            self.n["submitted"] += 1
-        if self.first_submit is None or t < self.first_submit:
+    def _submitted(self, t, counted):
+        b = int((t - self.t0) / self.width)
+        self.submitted[0 if b < 0 else (NBINS - 1 if b >= NBINS else b)] += 1
+        if counted:                   # not a hidden re-run (a negative id)
+            self.n_submitted += 1
+        if self.first_submit is None:
             self.first_submit = t
+        self.last_t = t
 
     def _dispatched(self, t, tid, wid, cached):
         wkey = (self.session, wid)
         self.inflight[(self.session, tid)] = (t, wkey)
-        self.n["attempts"] += 1
+        self.n_attempts += 1
         if cached:
             self.n["cache hits"] += cached
             self.hits[self._bin(t)] += cached
-        w = self.workers.get(wkey)
-        if w is not None:
-            w.tasks += 1
 
-    def _attempt_end(self, rec, t, outcome, category, cores):
+    def _attempt_end(self, t, tid, wall, outcome, category, cores):
         """An attempt ended at t (result, loss, kill): draw it and free the in-flight slot.
         Returns its start, or None when nothing was running (a task failed while waiting)."""
-        tid = rec.get("task")
         got = self.inflight.pop((self.session, tid), None)
         if got is None:
             return None
         dispatched, wkey = got
-        wall = rec.get("wall")
-        start = max(dispatched, t - wall) if isinstance(wall, (int, float)) else dispatched
+        start = t - wall if wall is not None and t - wall > dispatched else dispatched
         self.started[self._bin(start)] += 1
         cores = cores if isinstance(cores, (int, float)) and cores > 0 else 1
-        self._spread(self.busy_tasks, start, t, 1.0)
-        self._spread(self.busy_cores, start, t, cores)
-        self.gantt_total += 1
-        if len(self.gantt) < GANTT_MAX:
-            self.gantt.append((wkey, start, t, category, outcome))
         w = self.workers.get(wkey)
+        if w is not None:
+            w.tasks += 1
         if w is not None and w.busy is not None:
             arr = w.busy.get(category)
             if arr is None:
                 arr = w.busy[category] = [0.0] * NBINS
-            self._spread(arr, start, t, cores)
-        if self.last_end is None or t > self.last_end:
-            self.last_end = t
+            self._spread(start, t, ((self.busy_tasks, 1.0), (self.busy_cores, cores), (arr, cores)))
+        else:
+            self._spread(start, t, ((self.busy_tasks, 1.0), (self.busy_cores, cores)))
+        self.gantt_total += 1
+        if len(self.gantt) < GANTT_MAX:
+            self.gantt.append((wkey, start, t, category, outcome))
         return start
 
     def _group(self, kind, rec, category):
@@ -302,33 +331,36 @@ class Aggregate:
             g[3].add(category)
 
     # ------------------------------------------------------------------ events
-    def _final(self, rec, t):
-        ok = rec.get("event") == "done"
-        cat = self._cat(rec.get("category") or "default")
-        alloc = rec.get("allocated") or {}
-        measured = rec.get("measured") or {}
+    def _final_rec(self, rec, t):
         wall = rec.get("wall")
-        wall = float(wall) if isinstance(wall, (int, float)) else None
+        self._final(t, rec.get("task"), rec.get("worker"), rec.get("event") == "done",
+                    float(wall) if isinstance(wall, (int, float)) else None, rec.get("attempts") or 0,
+                    rec.get("category") or "default", rec.get("allocated") or {}, rec.get("measured") or {}, rec)
+
+    def _final(self, t, tid, wid, ok, wall, attempts, category, alloc, measured, rec):
+        """A task's last record (done or failed); rec: the whole record when it was parsed (failures)."""
+        cat = self._cat(category)
         cores = alloc.get("cores") or 1
-        started = self._attempt_end(rec, t, "done" if ok else "failed", cat.name, cores)
-        tid = rec.get("task")
-        if tid is None or tid < 0:
+        started = self._attempt_end(t, tid, wall, "done" if ok else "failed", cat.name, cores)
+        if not isinstance(tid, int) or tid < 0:
             return                       # a hidden re-run of a lost temp's producer: drawn, not counted
         if self.last_final is None or t > self.last_final:
             self.last_final = t
+        b = self._bin(t)
         if started is None:
-            self.started[self._bin(t)] += 1          # failed while waiting: leaves the queue now
-        (self.done if ok else self.failed)[self._bin(t)] += 1
-        self.n["done" if ok else "failed"] += 1
+            self.started[b] += 1          # failed while waiting: leaves the queue now
         if ok:
+            self.done[b] += 1
+            self.n_done += 1
             cat.done += 1
         else:
+            self.failed[b] += 1
+            self.n["failed"] += 1
             cat.failed += 1
             self._group("failed", rec, cat.name)
             if len(self.failures) < FAILURES_MAX:
                 self.failures.append({k: rec.get(k) for k in ("task", "category", "result", "reason", "attempts",
                                                                "worker", "exit_code")})
-        attempts = rec.get("attempts") or 0
         cat.attempts += attempts
         if attempts > 1:
             self.n["multi-attempt"] += 1
@@ -336,37 +368,42 @@ class Aggregate:
             return
         self.wall_total += wall
         cat.wall_sum += wall
-        cat.wall_max = max(cat.wall_max, wall)
+        if wall > cat.wall_max:
+            cat.wall_max = wall
         cat.wall_hist[log_bin(wall, WALL_LO, WALL_DECADES)] += 1
         cat.core_s_alloc += cores * wall
         used = measured.get("cores")
-        if isinstance(used, (int, float)):
+        if used is not None:
             cat.core_s_used += used * wall
         mem = measured.get("memory")
-        if isinstance(mem, (int, float)):
+        amem = alloc.get("memory")
+        if mem is not None:
             cat.mem_used_n += 1
             cat.mem_used_sum += mem
-            cat.mem_used_max = max(cat.mem_used_max, mem)
+            if mem > cat.mem_used_max:
+                cat.mem_used_max = mem
             cat.mem_hist[log_bin(mem, MEM_LO, MEM_DECADES)] += 1
-            if alloc.get("memory"):
-                cat.mem_waste_mb_s += max(0.0, alloc["memory"] - mem) * wall
-        if alloc.get("memory"):
+            if amem:
+                cat.mem_waste_mb_s += max(0.0, amem - mem) * wall
+        if amem:
             cat.mem_alloc_n += 1
-            cat.mem_alloc_sum += alloc["memory"]
-        if alloc.get("disk") and isinstance(measured.get("disk"), (int, float)):
+            cat.mem_alloc_sum += amem
+        if alloc.get("disk") and measured.get("disk") is not None:
             cat.disk_n += 1
             cat.disk_alloc_sum += alloc["disk"]
             cat.disk_used_sum += measured["disk"]
-        item = (wall, tid, cat.name, rec.get("worker"))
-        if len(self.slow) < SLOW_MAX:
-            heapq.heappush(self.slow, item)
-        elif wall > self.slow[0][0]:
-            heapq.heapreplace(self.slow, item)
+        slow = self.slow
+        if len(slow) < SLOW_MAX:
+            heapq.heappush(slow, (wall, tid, cat.name, wid))
+        elif wall > slow[0][0]:
+            heapq.heapreplace(slow, (wall, tid, cat.name, wid))
 
     def _again(self, rec, t, kind, counter):
         """An attempt ended and the task goes back to the queue."""
         category = self._cat(rec.get("category") or "default").name
-        start = self._attempt_end(rec, t, kind, category, rec.get("cores"))
+        wall = rec.get("wall")
+        start = self._attempt_end(t, rec.get("task"), wall if isinstance(wall, (int, float)) else None, kind,
+                                  category, rec.get("cores"))
         if start is not None:
             self.requeued[self._bin(t)] += 1
         self.n[counter] += 1
@@ -394,8 +431,7 @@ class Aggregate:
     def _worker_gone(self, w, t, reason):
         w.lost, w.reason = t, reason
         self.connected_now -= 1
-        self._spread(self.capacity, w.joined, t, w.cores)
-        self._spread(self.connected, w.joined, t, 1.0)
+        self._spread(w.joined, t, ((self.capacity, w.cores), (self.connected, 1.0)))
 
     def _worker_joined(self, rec, t):
         self.workers_seen += 1
@@ -435,7 +471,9 @@ class Aggregate:
         self.n["resumed"] += 1
 
     _handlers = {
-        "done": _final, "failed": _final,
+        "submitted": lambda self, r, t: self._submitted(t, r.get("task", 0) >= 0),
+        "dispatched": lambda self, r, t: self._dispatched(t, r.get("task"), r.get("worker"), r.get("cached") or 0),
+        "done": _final_rec, "failed": _final_rec,
         "retry": lambda self, r, t: self._again(r, t, "retry", "retries"),
         "retry larger": lambda self, r, t: self._again(r, t, "retry larger", "retries"),
         "requeued": lambda self, r, t: self._again(r, t, "requeued", "requeued"),
@@ -450,6 +488,7 @@ class Aggregate:
         """The log ended at t_end (a killed run's workers count as connected until then)."""
         self._close_workers(t_end)
         self.t_end = t_end
+        self.n.update(records=self.records, submitted=self.n_submitted, attempts=self.n_attempts, done=self.n_done)
 
 
 def load(run_dir: str) -> Aggregate:
