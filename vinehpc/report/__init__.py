@@ -1,6 +1,7 @@
 """`vinehpc report RUN_DIR`: where a run's time went, from its transactions.jsonl alone.
 
     aggregate.py   one streaming pass over the journal into bounded aggregates
+    stats.py       per-category counts, sums and log histograms
     plots.py       the figures (matplotlib, imported only to draw the HTML page)
     render.py      the summary (--json), the terminal text (--text), the self-contained HTML page
 """

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import heapq
 import json
-import math
 import os
 import re
+
+from .stats import MEM_DECADES, MEM_LO, WALL_DECADES, WALL_LO, Category, log_bin
 
 NBINS = 300            # time bins over the run
 GANTT_MAX = 2000       # attempts drawn one by one; a larger run is drawn binned per worker
@@ -24,14 +25,10 @@ WORKER_ROWS = 200      # workers with a timeline row (and per-bin busy time)
 WORKERS_MAX = 10000    # worker records kept (joins, losses); beyond: counted only
 CATEGORIES_MAX = 24    # categories told apart; the others are summed in OTHER
 OTHER = "(other)"
+RUNNING = "(still running at the end)"     # attempts the log does not end: drawn in gray
 GROUPS_MAX = 200       # distinct failure reasons
 FAILURES_MAX = 200     # final failures listed one by one
 SLOW_MAX = 10000       # heap of the slowest tasks: the slowest 1 % of up to a million tasks
-
-# log-spaced histogram bins: 10 a decade
-WALL_LO, WALL_DECADES = 1e-3, 9        # 1 ms .. 1e6 s
-MEM_LO, MEM_DECADES = 1.0, 7           # 1 MB .. 10 TB
-PER_DECADE = 10
 
 _EVENT = '"event":"'
 _NUMBER = r"(-?[0-9][0-9.e+-]*)"
@@ -60,60 +57,6 @@ def _allocated(s) -> dict:
 
 class ReportError(Exception):
     """The run directory cannot be reported on (the message says how to fix it)."""
-
-
-def log_bin(x, lo, decades) -> int:
-    if not x or x <= lo:
-        return 0
-    return min(int(math.log10(x / lo) * PER_DECADE), decades * PER_DECADE - 1)
-
-
-def bin_edges(lo, decades) -> list:
-    return [lo * 10 ** (i / PER_DECADE) for i in range(decades * PER_DECADE + 1)]
-
-
-class Category:
-    __slots__ = ("name", "done", "failed", "attempts", "wall_hist", "mem_hist", "wall_sum", "wall_max",
-                 "core_s_alloc", "core_s_used", "mem_alloc_n", "mem_alloc_sum", "mem_used_n", "mem_used_sum",
-                 "mem_used_max", "mem_waste_mb_s", "disk_alloc_sum", "disk_used_sum", "disk_n")
-
-    def __init__(self, name):
-        self.name = name
-        self.done = self.failed = self.attempts = 0
-        self.wall_hist = [0] * (WALL_DECADES * PER_DECADE)
-        self.mem_hist = [0] * (MEM_DECADES * PER_DECADE)
-        self.wall_sum = self.wall_max = 0.0
-        self.core_s_alloc = self.core_s_used = 0.0
-        self.mem_alloc_n = self.mem_used_n = self.disk_n = 0
-        self.mem_alloc_sum = self.mem_used_sum = self.mem_used_max = self.mem_waste_mb_s = 0.0
-        self.disk_alloc_sum = self.disk_used_sum = 0.0
-
-    def summary(self) -> dict:
-        n = self.done + self.failed
-        return {"name": self.name, "done": self.done, "failed": self.failed, "attempts": self.attempts,
-                "wall_mean": self.wall_sum / n if n else None, "wall_max": self.wall_max,
-                "wall_p50": hist_quantile(self.wall_hist, WALL_LO, WALL_DECADES, 0.5),
-                "wall_p99": hist_quantile(self.wall_hist, WALL_LO, WALL_DECADES, 0.99),
-                "core_hours_allocated": self.core_s_alloc / 3600, "core_hours_used": self.core_s_used / 3600,
-                "memory_allocated_mean": self.mem_alloc_sum / self.mem_alloc_n if self.mem_alloc_n else None,
-                "memory_used_mean": self.mem_used_sum / self.mem_used_n if self.mem_used_n else None,
-                "memory_used_max": self.mem_used_max if self.mem_used_n else None,
-                "memory_wasted_gb_hours": self.mem_waste_mb_s / 1024 / 3600,
-                "disk_allocated_mean": self.disk_alloc_sum / self.disk_n if self.disk_n else None,
-                "disk_used_mean": self.disk_used_sum / self.disk_n if self.disk_n else None}
-
-
-def hist_quantile(hist, lo, decades, q):
-    """Upper edge of the log bin holding the q-quantile (None when empty)."""
-    n = sum(hist)
-    if not n:
-        return None
-    want, acc = q * n, 0
-    for i, c in enumerate(hist):
-        acc += c
-        if acc >= want:
-            return lo * 10 ** ((i + 1) / PER_DECADE)
-    return lo * 10 ** decades
 
 
 class Worker:
@@ -325,7 +268,7 @@ class Aggregate:
             if g is None:
                 g = self.groups[key] = [0, reason[:300], [], set()]
         g[0] += 1
-        if len(g[2]) < 5:
+        if len(g[2]) < 5 and rec.get("task") is not None:
             g[2].append(rec.get("task"))
         if len(g[3]) < 5 and category is not None:
             g[3].add(category)
@@ -409,24 +352,26 @@ class Aggregate:
         self.n[counter] += 1
         self._group(kind, rec, category)
 
+    def _end_session(self, t):
+        """This manager's log ends at t (it stopped, or was killed): what still ran ran until then, on
+        workers still connected."""
+        for _, tid in list(self.inflight):
+            self._attempt_end(t, tid, None, "running", RUNNING, 1)
+        for w in self.workers.values():
+            if w.lost is None and w.key[0] == self.session:
+                self._worker_gone(w, t, None)
+
     def _manager_started(self, rec, t):
         if self.session:
-            self._close_workers(self.last_t)     # an earlier run killed before it stopped
+            self._end_session(self.last_t)     # an earlier manager, killed before it stopped
         self.n["sessions"] += 1
         self.session += 1
-        self.inflight.clear()
         if self.start is None:
             self.start = t
 
     def _manager_stopped(self, rec, t):
         self.stop, self.stop_reason = t, rec.get("reason")
-        self._close_workers(t)
-
-    def _close_workers(self, t):
-        """The manager is gone: its workers still connected count as connected until t."""
-        for w in self.workers.values():
-            if w.lost is None and w.key[0] == self.session:
-                self._worker_gone(w, t, None)
+        self._end_session(t)
 
     def _worker_gone(self, w, t, reason):
         w.lost, w.reason = t, reason
@@ -485,8 +430,9 @@ class Aggregate:
     }
 
     def finish(self, t_end):
-        """The log ended at t_end (a killed run's workers count as connected until then)."""
-        self._close_workers(t_end)
+        """The log ended at t_end: what was still running (a killed run) ran until then, on workers
+        still connected."""
+        self._end_session(t_end)
         self.t_end = t_end
         self.n.update(records=self.records, submitted=self.n_submitted, attempts=self.n_attempts, done=self.n_done)
 
@@ -498,6 +444,11 @@ def load(run_dir: str) -> Aggregate:
         raise ReportError("%s does not exist: give a run directory (vine-run-info/<run>) or its "
                           "transactions.jsonl" % run_dir)
     if not os.path.isfile(path):
+        runs = sorted((e.path for e in os.scandir(run_dir) if os.path.isfile(os.path.join(e.path, "transactions.jsonl"))),
+                      key=os.path.getmtime) if os.path.isdir(run_dir) else []
+        if runs:
+            raise ReportError("%s holds %d run directories, not a run's journal: the newest is %s"
+                              % (run_dir, len(runs), runs[-1]))
         raise ReportError("%s has no transactions.jsonl: give a run directory (they are made under "
                           "./vine-run-info/ where the script ran, or a pilot's --run-dir)" % run_dir)
     try:

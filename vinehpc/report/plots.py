@@ -9,6 +9,7 @@ import io
 import itertools
 
 from . import aggregate as A
+from . import stats
 
 FAILED_COLOR = "#d62728"
 
@@ -52,8 +53,10 @@ class Figures:
     def _t(self, t) -> float:
         return (t - self.agg.t0) / self.scale
 
-    def _xlabel(self, ax):
+    def _time_axis(self, ax):
+        """Every time plot spans the whole run, so they line up one above the other."""
         ax.set_xlabel("time since the run started (%s)" % self.unit)
+        ax.set_xlim(0, A.NBINS * self.agg.width / self.scale)
 
     def draw(self) -> dict:
         return {"over-time": self.over_time(), "timeline": self.timeline(), "histograms": self.histograms(),
@@ -78,7 +81,7 @@ class Figures:
                  color="#9467bd", drawstyle="steps-mid")
         ax3.set_ylabel("cores")
         ax3.legend(loc="upper right")
-        self._xlabel(ax3)
+        self._time_axis(ax3)
         return _svg(fig)
 
     def _rows(self):
@@ -99,9 +102,9 @@ class Figures:
                 i = index.get(wkey)
                 if i is None:
                     continue
-                bars.setdefault((cat, outcome == "done"), []).append((i, self._t(s), max(self._t(e) - self._t(s),
+                bars.setdefault((cat, outcome in ("done", "running")), []).append((i, self._t(s), max(self._t(e) - self._t(s),
                                                                                           1e-9)))
-                if outcome != "done":
+                if outcome not in ("done", "running"):
                     marks["failed" if outcome == "failed" else "again"].append((self._t(e), i))
             for (cat, ok), items in bars.items():      # one call per color and outcome
                 ys, lefts, widths = zip(*items)
@@ -125,7 +128,7 @@ class Figures:
         ax.set_yticklabels(labels, fontsize=7 if len(rows) < 60 else 4)
         ax.set_ylim(len(rows) - 0.5, -0.5)
         ax.set_title(title, fontsize=9)
-        self._xlabel(ax)
+        self._time_axis(ax)
         return _svg(fig)
 
     def _binned(self, ax, rows):
@@ -149,7 +152,7 @@ class Figures:
         ax.grid(False)
 
     def _hist(self, ax, which, lo, decades, xlabel):
-        edges = A.bin_edges(lo, decades)
+        edges = stats.bin_edges(lo, decades)
         for name, c in self.agg.categories.items():
             h = getattr(c, which)
             if sum(h):
@@ -164,8 +167,8 @@ class Figures:
 
     def histograms(self) -> str:
         fig, (ax1, ax2) = self.plt.subplots(1, 2, figsize=(10, 3.5))
-        self._hist(ax1, "wall_hist", A.WALL_LO, A.WALL_DECADES, "task duration (s, log scale)")
-        self._hist(ax2, "mem_hist", A.MEM_LO, A.MEM_DECADES, "peak memory measured (MB, log scale)")
+        self._hist(ax1, "wall_hist", stats.WALL_LO, stats.WALL_DECADES, "task duration (s, log scale)")
+        self._hist(ax2, "mem_hist", stats.MEM_LO, stats.MEM_DECADES, "peak memory measured (MB, log scale)")
         return _svg(fig)
 
     def resources(self) -> str:
@@ -189,7 +192,7 @@ class Figures:
             ax.set_yticks(list(ys))
             ax.set_yticklabels(names)
             ax.invert_yaxis()
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2)
         return _svg(fig)
 
     def transfers(self) -> str:
@@ -211,7 +214,9 @@ class Figures:
                  drawstyle="steps-mid")
         ax2.set_ylabel("per bin")
         ax2.legend(loc="upper right", fontsize=8)
-        self._xlabel(ax2)
+        if not (a.n["puts"] or a.n["cache hits"] or a.n["temp fetches"] or a.n["url fetches"]):
+            ax1.text(0.5, 0.5, "no input was sent to a worker in this run", transform=ax1.transAxes, ha="center")
+        self._time_axis(ax2)
         return _svg(fig)
 
     def workers(self) -> str:
@@ -227,5 +232,5 @@ class Figures:
                     markersize=9, label="lost", clip_on=False)
         ax.set_ylabel("workers")
         ax.legend(loc="upper right")
-        self._xlabel(ax)
+        self._time_axis(ax)
         return _svg(fig)

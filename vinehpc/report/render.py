@@ -7,7 +7,6 @@ import math
 import os
 import time
 
-from . import aggregate as A
 
 SLOW_LISTED = 20
 ROWS_MAX = 50          # rows of a table in the page (the JSON has what the aggregates keep)
@@ -109,8 +108,8 @@ def _lines(s) -> list:
         ("core-hours", "workers %.4g, allocated to tasks %.4g (utilization %s), used by tasks (measured CPU) %.4g "
                        "(efficiency %s)" % (ch["workers"], ch["allocated_to_tasks"], _pct(ch["utilization"]),
                                             ch["used"], _pct(ch["efficiency"]))),
-        ("slowest 1%", "%d tasks of at least %s, %s of all task time" % (
-            sl["count"], _s(sl["threshold"]), _pct(sl["share_of_task_time"]))),
+        ("slowest 1%", "%d task%s of at least %s, %s of all task time" % (
+            sl["count"], "" if sl["count"] == 1 else "s", _s(sl["threshold"]), _pct(sl["share_of_task_time"]))),
         ("transfers", "%d inputs sent (%s), %d cache hits, %d temp fetches, %d URL fetches" % (
             tr["inputs_sent"], _b(tr["bytes_sent"]), tr["cache_hits"], tr["temp_fetches"], tr["url_fetches"])),
     ]
