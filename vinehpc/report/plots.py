@@ -95,8 +95,10 @@ class Figures:
         """A Gantt of attempts per worker; a run with more than GANTT_MAX attempts is drawn binned."""
         a, plt = self.agg, self.plt
         rows, index, labels = self._rows()
-        fig, ax = plt.subplots(figsize=(10, min(2.0 + 0.2 * len(rows), 30)))
-        if a.gantt_total <= A.GANTT_MAX:
+        detailed = a.gantt_total <= A.GANTT_MAX
+        fig, ax = plt.subplots(figsize=(10, min(2.0 + 0.2 * len(rows), 30) if detailed else
+                                        min(2.0 + 0.05 * len(rows), 12)))
+        if detailed:
             bars, marks = {}, {"failed": [], "again": []}
             for wkey, s, e, cat, outcome in a.gantt:
                 i = index.get(wkey)

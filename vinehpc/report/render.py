@@ -168,8 +168,10 @@ def _table(head, rows, more=0) -> str:
     e = html.escape
     cells = lambda r, tag: "".join("<%s%s>%s</%s>" % (tag, ' class="num"' if isinstance(v, (int, float)) else "",
                                                        e(str(v)), tag) for v in r)
-    out = "<table><tr>%s</tr>%s</table>" % (cells(head, "th"), "".join("<tr>%s</tr>" % cells(r, "td")
-                                                                        for r in rows[:ROWS_MAX]))
+    if not rows:
+        return '<p class="note">none</p>'
+    out = "<table>%s%s</table>" % ("<tr>%s</tr>" % cells(head, "th") if head else "",
+                                   "".join("<tr>%s</tr>" % cells(r, "td") for r in rows[:ROWS_MAX]))
     hidden = len(rows) - ROWS_MAX + more
     if hidden > 0:
         out += '<p class="note">%d more not shown (see --json)</p>' % hidden
@@ -179,7 +181,7 @@ def _table(head, rows, more=0) -> str:
 def page(s, figures, title) -> str:
     e = html.escape
     body = {
-        "summary": _table(("", ""), _lines(s)) + _table(CAT_HEAD, _cat_rows(s)) + "<h3>Slowest tasks</h3>" + _table(
+        "summary": _table(None, _lines(s)) + _table(CAT_HEAD, _cat_rows(s)) + "<h3>Slowest tasks</h3>" + _table(
             ("task", "duration", "category", "worker"),
             [(x["task"], _s(x["wall"]), x["category"], x["worker"]) for x in s["slowest_1pct"]["tasks"]]),
         "workers": "<h3>Workers lost</h3>" + _table(
