@@ -28,9 +28,12 @@ def write_html(agg, path: str, title: str | None = None) -> None:
     figures = Figures(agg).draw()
     doc = page(_summary(agg), figures, title or default_title(agg.path))
     tmp = path + ".part"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(doc)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(doc)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ReportError("cannot write %s: %s (give -o FILE.html where you can write)" % (path, e)) from None
 
 
 def report(run_dir: str, output: str | None = None, text: bool = False, as_json: bool = False, out=None) -> str | None:
