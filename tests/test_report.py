@@ -261,3 +261,22 @@ def test_ten_thousand_tasks(tmp_path):
     assert s["workers"]["joined"] == 50 and len(s["categories"]) == 3
     page = (tmp_path / "r.html").read_text()
     assert "attempts: each cell is one worker" in page        # more attempts than the Gantt draws one by one
+
+
+def test_a_resubmitted_run_appends_a_second_manager(run_dir, tmp_path):
+    """A pilot resubmitted into its run directory appends a second manager's records, whose task and
+    worker ids start again at 1: both are counted, never mixed."""
+    d = tmp_path / "resubmitted"
+    d.mkdir()
+    recs = read_journal(run_dir)
+    with open(d / "transactions.jsonl", "w") as f:
+        for shift in (0, 1000):
+            for r in recs:
+                f.write(json.dumps(dict(r, time=r["time"] + shift)) + "\n")
+    one, two = report_json(run_dir), report_json(d)
+    assert two["runs"] == 2
+    for k in ("submitted", "done", "failed", "attempts", "retries", "requeued"):
+        assert two["tasks"][k] == 2 * one["tasks"][k], k
+    assert two["workers"]["joined"] == 6 and two["workers"]["lost"] == 2
+    assert two["core_hours"]["used"] == pytest.approx(2 * one["core_hours"]["used"])
+    assert two["workers"]["peak_connected"] == one["workers"]["peak_connected"]
