@@ -281,3 +281,23 @@ def test_a_resubmitted_run_appends_a_second_manager(run_dir, tmp_path):
     assert two["workers"]["joined"] == 6 and two["workers"]["lost"] == 2
     assert two["core_hours"]["used"] == pytest.approx(2 * one["core_hours"]["used"])
     assert two["workers"]["peak_connected"] == one["workers"]["peak_connected"]
+
+
+def test_names_are_text_not_markup(tmp_path):
+    """A category named like TeX or HTML is drawn and listed as it is (and breaks nothing)."""
+    name = "$\\nosuch_1$ <b>&amp;"          # not even valid TeX
+    d = tmp_path / "run"
+    d.mkdir()
+    recs = [{"event": "manager started", "time": 100.0},
+            {"worker": 1, "host": "h", "resources": {"cores": 1}, "event": "worker joined", "time": 100.1},
+            {"task": 1, "kind": "Task", "category": name, "event": "submitted", "time": 100.2},
+            {"task": 1, "worker": 1, "host": "h", "attempt": 1, "event": "dispatched", "time": 100.3},
+            {"task": 1, "worker": 1, "result": "failed", "exit_code": 1, "reason": "<script>alert(1)</script>",
+             "wall": 0.5, "attempts": 1, "category": name, "allocated": {"cores": 1},
+             "measured": {"memory": 10.0, "cores": 0.5, "wall": 0.5, "disk": 0.0}, "event": "failed", "time": 101.0}]
+    (d / "transactions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    p = vinehpc_cli("report", str(d), "-o", str(tmp_path / "r.html"))
+    assert p.returncode == 0, p.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "$\\nosuch_1$ &lt;b&gt;&amp;amp;" in page

@@ -22,8 +22,9 @@ def _plt():
                             "(or matplotlib); --text and --json need nothing") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    plt.rcParams.update({"svg.fonttype": "none", "font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
-                         "figure.dpi": 96})
+    # text.parse_math: a category named "a$b" is a name, not TeX; svg.fonttype none: text stays text
+    plt.rcParams.update({"svg.fonttype": "none", "text.parse_math": False, "font.size": 9, "axes.grid": True,
+                         "grid.alpha": 0.3, "figure.dpi": 96})
     return plt
 
 
