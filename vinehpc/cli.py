@@ -96,6 +96,17 @@ def parser() -> argparse.ArgumentParser:
                                                "(vine.sh passes its own); without it, only a run already going acts")
     d.add_argument("--why", default="user", help="said in the run's output (vine.sh: the signal's name)")
 
+    rp = sub.add_parser("report", help="where a run's time went: an HTML report with plots, or a summary",
+                        description="Read RUN_DIR/transactions.jsonl (one pass; a killed run's torn last line is "
+                                    "skipped) and write one self-contained HTML file (inline plots, no network: "
+                                    "copy it anywhere and open it), or print a summary with --text / --json. "
+                                    "The HTML needs matplotlib (pip install 'vinehpc[report]').")
+    rp.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (vine-run-info/<run>) or its transactions.jsonl")
+    rp.add_argument("-o", "--output", metavar="FILE.html",
+                    help="where to write the HTML (default: RUN_DIR/report.html; with --text/--json: none unless given)")
+    rp.add_argument("--text", action="store_true", help="print a plain-text summary")
+    rp.add_argument("--json", action="store_true", help="print the summary as JSON (for scripts)")
+
     from sysimage_tools.audit.cli import add_parser as add_audit_parser
     add_audit_parser(sub)
 
@@ -126,7 +137,19 @@ def main(argv=None) -> int:
     if args.command == "drain":
         from .drain import cli as cmd_drain
         return cmd_drain(args.run_dir, grace=args.grace, job=args.job, why=args.why)
-    return {"run": cmd_run, "worker": cmd_worker, "pilot": cmd_pilot}[args.command](args)
+    return {"run": cmd_run, "worker": cmd_worker, "pilot": cmd_pilot, "report": cmd_report}[args.command](args)
+
+
+def cmd_report(args) -> int:
+    from .report import ReportError, report
+    try:
+        path = report(args.run_dir, output=args.output, text=args.text, as_json=args.json, out=sys.stdout)
+    except ReportError as e:
+        print("vinehpc report: %s" % e, file=sys.stderr)
+        return 2
+    if path is not None:
+        print("vinehpc report: wrote %s" % path, file=sys.stderr)
+    return 0
 
 
 def _settings(command):

@@ -242,8 +242,11 @@ def _dispatch(core, ts, w, now):
     ts.dispatched_at = now
     for k in ts.whole:
         ts.res[k] = w.total[k]
+    hits = 0
     for (f, remote), (n, size, _) in zip(task.inputs, ts.inputs):
-        if n not in w.cached:
+        if n in w.cached:
+            hits += 1
+        else:
             if f.kind == "url":
                 core._log("fetch url", worker=w.wid, file=n, url=f.source, task=task.id)
             else:
@@ -267,4 +270,6 @@ def _dispatch(core, ts, w, now):
                         task.outputs))
     if ts.on_start is not None:
         out.append(TaskStarted(task, ts.on_start))
-    core._log("dispatched", task=task.id, worker=w.wid, host=w.host, attempt=ts.attempts)
+    # cached: inputs the worker already had (the report's cache hits); left out when none
+    core._log("dispatched", task=task.id, worker=w.wid, host=w.host, attempt=ts.attempts,
+              **({"cached": hits} if hits else {}))

@@ -251,7 +251,8 @@ class Core:
         queue, which a draining core never dispatches from, so it is "not run" like the tasks that
         never started -- not returned by wait(), run by a resubmission -- never a user failure."""
         self.out.append(KillTask(ts.wid, ts.tid))
-        self._log("not run", task=ts.tid, worker=ts.wid, reason=reason)
+        self._log("not run", task=ts.tid, worker=ts.wid, reason=reason, category=ts.task.category,
+                  cores=ts.res["cores"])
         self._release(ts)
         self._requeue(ts, front=True)
 
@@ -345,9 +346,11 @@ class Core:
                     del self.replicas[n]
         requeue = [self.tasks[t] for t in sorted(w.tasks) if t in self.tasks]
         for ts in reversed(requeue):   # keep their order at the front of the queue
+            cores = ts.res["cores"]        # before the requeue forgets a whole worker's worth
             self._release(ts)
             self._requeue(ts, front=True)
-            self._log("requeued", task=ts.tid, reason="worker %s lost: %s" % (wid, e.reason))
+            self._log("requeued", task=ts.tid, reason="worker %s lost: %s" % (wid, e.reason),
+                      category=ts.task.category, cores=cores)
 
     def _file_cached(self, e, now):
         w = self.workers.get(e.wid)
@@ -408,7 +411,8 @@ class Core:
         if res.get("worker_fault"):
             if w is not None:
                 self.blocked.fault(w, res.get("reason"), now)
-            self._log("requeued", task=tid, reason="worker %s could not run it: %s" % (wid, res.get("reason")))
+            self._log("requeued", task=tid, reason="worker %s could not run it: %s" % (wid, res.get("reason")),
+                      wall=ts.wall, category=ts.task.category, cores=ts.res["cores"])
             self._requeue(ts, front=False, avoid=wid)
             return
         if status == "resource exhaustion":
@@ -423,7 +427,8 @@ class Core:
             if ts.exhaustions < 8 and self._grow(ts, what, used):
                 ts.exhaustions += 1
                 self._log("retry larger", task=tid, worker=wid, resource=what, was=before, now=ts.res[what],
-                          reason=res.get("reason"))
+                          reason=res.get("reason"), wall=ts.wall, category=ts.task.category,
+                          cores=before if what == "cores" else ts.res["cores"])
                 self._requeue(ts, front=True)   # first in line: it has waited, and its kind learns from it
                 return
         if status == "success":
@@ -436,7 +441,8 @@ class Core:
         if ts.tries < ts.task.retries:
             ts.tries += 1
             self._log("retry", task=tid, worker=wid, result=status, reason=res.get("reason"),
-                      attempt=ts.tries, of=ts.task.retries)
+                      attempt=ts.tries, of=ts.task.retries, wall=ts.wall, category=ts.task.category,
+                      cores=ts.res["cores"])
             self._requeue(ts, front=False)
             return
         if status == "failed" and ts.exit_code is not None and not res.get("signal"):
@@ -461,11 +467,12 @@ class Core:
                 continue
             wid = ts.wid
             w = self.workers.get(wid)
+            cores = ts.res["cores"]
             self.out.append(KillTask(wid, ts.tid))
             self._release(ts)
             self._requeue(ts, front=True, avoid=wid)
             self._log("fast abort", task=ts.tid, worker=wid, ran=round(now - started, 3), mean=round(mean, 3),
-                      multiplier=mult)
+                      multiplier=mult, category=category, cores=cores)
             self.slow_counts[wid] += 1
             if w is not None and self.slow_counts[wid] >= 2:
                 self.blocked.block(wid, now, why="2 tasks fast-aborted on worker %s (%s)" % (wid, w.host))
