@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--cores-per-worker", type=_positive_int, default=1, metavar="C")
     r.add_argument("--tunnel", action="store_true",
                    help="tasks reach the outside through the manager (proxy variables; see vinehpc net)")
+    r.add_argument("--metrics-port", type=_nonneg_int, metavar="N",
+                   help="serve the run's figures as Prometheus metrics on 127.0.0.1:N/metrics (needs prometheus_client)")
     r.add_argument("--progress", choices=("auto", "always", "never"), default=None,
                    help="progress line on stderr (default auto: when stderr is a terminal)")
     r.add_argument("script")
@@ -215,7 +217,7 @@ def cmd_run(args) -> int:
     progress = mode == "always" or (mode == "auto" and sys.stderr.isatty())
     workers = args.workers or len(os.sched_getaffinity(0))
     return run_script(script, args.args, LocalRun(workers, args.cores_per_worker, settings, progress=progress,
-                                                  tunnel=args.tunnel))
+                                                  tunnel=args.tunnel, metrics_port=args.metrics_port))
 
 
 if __name__ == "__main__":
