@@ -98,6 +98,18 @@ def parser() -> argparse.ArgumentParser:
                                                "(vine.sh passes its own); without it, only a run already going acts")
     d.add_argument("--why", default="user", help="said in the run's output (vine.sh: the signal's name)")
 
+    st = sub.add_parser("status", help="what a run is doing: workers, tasks, throughput, losses (live or from its log)",
+                        description="Ask a running manager for its figures (authenticated with the run's secret), or "
+                                    "read them from the run directory's log once the manager is gone.")
+    st.add_argument("target", nargs="?", metavar="RUN_DIR | contact.json | HOST:PORT",
+                    help="default: the newest run directory under ./vine-run-info ($VINEHPC_RUN_DIR)")
+    st.add_argument("--json", action="store_true", help="the whole snapshot as JSON, for scripts")
+    st.add_argument("--watch", action="store_true", help="redraw every --interval seconds (Ctrl-C to stop)")
+    st.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between redraws (default 2)")
+    st.add_argument("--count", type=_positive_int, metavar="N", help="with --watch: stop after N views")
+    st.add_argument("--secret-file", metavar="F",
+                    help="the run's secret (default: RUN_DIR/secret, the contact file's, or $VINEHPC_SECRET)")
+
     from sysimage_tools.audit.cli import add_parser as add_audit_parser
     add_audit_parser(sub)
 
@@ -128,7 +140,18 @@ def main(argv=None) -> int:
     if args.command == "drain":
         from .drain import cli as cmd_drain
         return cmd_drain(args.run_dir, grace=args.grace, job=args.job, why=args.why)
-    return {"run": cmd_run, "worker": cmd_worker, "pilot": cmd_pilot}[args.command](args)
+    return {"run": cmd_run, "worker": cmd_worker, "pilot": cmd_pilot, "status": cmd_status}[args.command](args)
+
+
+def cmd_status(args) -> int:
+    from launcher.contact import read_contact
+    from .status_client import main as status_main
+    settings = _settings("status")
+    if settings is None:
+        return 2
+    return status_main(args.target, as_json=args.json, watch=args.watch, interval=args.interval, count=args.count,
+                       secret_file=args.secret_file, env_secret=settings.secret, run_root=settings.run_dir_root,
+                       read_contact=read_contact)
 
 
 def _settings(command):

@@ -244,7 +244,15 @@ class Tracker:
         self.stopping = True
 
     def _stopped(self, rec):
+        """The manager closed: its workers were released (the log records no loss for them) and
+        what still ran will not end in this session (it counts as waiting: not run)."""
         self.stopped = self.last
+        for tid in list(self.running):
+            self._back({"task": tid})
+        for w in self.workers.values():
+            self._count_worker(w, -1)
+        self.c["workers_released"] += len(self.workers)
+        self.workers.clear()
 
     # ---------------------------------------------------------------- figures
     def counts(self, now: float, extra: dict | None = None) -> Stats:
