@@ -14,6 +14,7 @@ import time
 import urllib.request
 
 import pytest
+from prometheus_client import parser as prom_parser
 
 import vinehpc
 from vinehpc.protocol import auth, handshake, messages
@@ -21,7 +22,6 @@ from vinehpc.status import Stats, Tracker, replay
 
 from conftest import diagnose, poll, read_journal, wait_all, worker_cmd
 
-prom_parser = pytest.importorskip("prometheus_client.parser")
 
 N_SHORT = 300
 
@@ -282,3 +282,26 @@ def test_stats_reads_as_attributes_and_keys():
     assert s.tasks_done == s["tasks_done"] == 3 and dict(s) == {"tasks_done": 3, "done": 2}
     with pytest.raises(AttributeError):
         s.nothing
+
+
+@pytest.mark.timeout(120)
+def test_vinehpc_run_metrics_port(tmp_path):
+    """`vinehpc run --metrics-port N`: the script's Manager serves its figures on loopback port N."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "tasks.py"
+    script.write_text(
+        "import urllib.request, vinehpc\n"
+        "m = vinehpc.Manager()\n"
+        "assert m.metrics_port == %d, m.metrics_port\n"
+        "m.submit(vinehpc.Task('true'))\n"
+        "assert m.wait(30).successful()\n"
+        "text = urllib.request.urlopen('http://127.0.0.1:%d/metrics', timeout=10).read().decode()\n"
+        "assert 'vinehpc_tasks_done_total 1.0' in text, text\n"
+        "m.close()\n"
+        "assert vinehpc.Manager(local_workers=0, run_dir=%r).metrics_port is None   # off by default\n"
+        % (port, port, str(tmp_path / "other")))
+    r = subprocess.run([sys.executable, "-m", "vinehpc", "run", "-n", "1", "--metrics-port", str(port), str(script)],
+                       capture_output=True, text=True, timeout=100, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr

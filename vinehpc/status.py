@@ -24,6 +24,10 @@ RATE_WINDOW = 60            # seconds of completions behind "throughput now"
 MAX_KEYS = 100              # categories or tags tracked one by one; the rest are counted as "(other)"
 RECENT_LOST = 20            # workers lost remembered with their reason
 RES = ("cores", "memory", "disk", "gpus")     # a worker's list: [host, *RES, busy cores, tasks running]
+COUNTED = ("tasks_submitted", "tasks_running", "tasks_done", "tasks_succeeded", "tasks_failed", "tasks_cancelled",
+           "tasks_retried", "tasks_dispatched", "tasks_resumed", "workers_connected", "workers_busy",
+           "workers_joined", "workers_lost", "workers_released", "total_cores", "total_memory", "total_disk",
+           "total_gpus", "committed_cores", "bytes_sent", "files_sent", "connections_rejected")
 
 
 class Stats(dict):
@@ -61,6 +65,7 @@ class Tracker:
             "worker lost": self._lost, "put": self._put, "stopping": self._stopping,
             "manager stopped": self._stopped, "rejected": self._rejected,
             "draining": lambda r: setattr(self, "draining", True),
+            "name": lambda r: setattr(self, "name", r.get("name")),
         }
         self.reset(None)
         self.sessions = 0
@@ -74,9 +79,9 @@ class Tracker:
         self.stopped = None            # time of "manager stopped": the run has ended
         self.stopping = False          # workers that leave from now on were told to
         self.draining = False
-        self.c = collections.Counter()   # flat counts, TaskVine names
-        self.tasks = {}                # tid -> (category, tag, cores) of a task not handed back
-        self._shapes = {}              # one shared tuple per (category, tag, cores)
+        self.c = dict.fromkeys(COUNTED, 0)   # flat counts, TaskVine names
+        self.tasks = {}                # tid -> its shape, while not handed back
+        self._shapes = {}              # (category, tag, cores) -> (category, cores, its groups): one per kind
         self.running = collections.OrderedDict()   # tid -> (wid, dispatch time); first is the oldest
         self.workers = {}              # wid -> [host, cores, memory, disk, gpus, busy cores, tasks]
         self.categories = {}           # name -> _Group
@@ -112,13 +117,18 @@ class Tracker:
     def _submitted(self, rec):
         tid = rec.get("task")
         cores = (rec.get("resources") or {}).get("cores") or 1
-        shape = (rec.get("category") or "default", rec.get("tag"), cores)
-        self.tasks[tid] = self._shapes.setdefault(shape, shape)
+        key = (rec.get("category") or "default", rec.get("tag"), cores)
+        shape = self._shapes.get(key)
+        if shape is None:
+            groups = (self._group(self.categories, key[0]),)
+            if key[1] is not None:
+                groups += (self._group(self.tags, str(key[1])),)
+            shape = self._shapes[key] = (key[0], cores, groups)
+        self.tasks[tid] = shape
         if tid is not None and tid >= 0:
             self.c["tasks_submitted"] += 1
-            self._group(self.categories, shape[0]).submitted += 1
-            if shape[1] is not None:
-                self._group(self.tags, str(shape[1])).submitted += 1
+            for g in shape[2]:
+                g.submitted += 1
 
     def _resumed(self, rec):
         self.c["tasks_submitted"] += 1
@@ -127,12 +137,7 @@ class Tracker:
 
     def _groups_of(self, tid):
         shape = self.tasks.get(tid)
-        if shape is None:
-            return ()
-        g = [self._group(self.categories, shape[0])]
-        if shape[1] is not None:
-            g.append(self._group(self.tags, str(shape[1])))
-        return g
+        return shape[2] if shape is not None else ()
 
     def _dispatched(self, rec):
         tid, wid = rec.get("task"), rec.get("worker")
@@ -163,7 +168,7 @@ class Tracker:
         """A task starts (sign 1) or stops (-1) occupying worker `w`."""
         if w is None:
             return
-        cores = sign * (self.tasks.get(tid) or (0, 0, 1))[2]
+        cores = sign * (self.tasks.get(tid) or (0, 1))[1]
         w[5] += cores
         self.c["committed_cores"] += cores
         w[6] += sign
@@ -180,26 +185,33 @@ class Tracker:
 
     def _ended(self, rec):
         tid = rec.get("task")
-        self._back(rec)
-        ok = rec["event"] == "done"
-        if tid is not None and tid >= 0:
-            self.c["tasks_done"] += 1
-            self.c["tasks_succeeded" if ok else "tasks_failed"] += 1
-            if rec.get("result") == "cancelled":
-                self.c["tasks_cancelled"] += 1
-            for g in self._groups_of(tid):
-                if ok:
+        if tid in self.running:
+            self._back(rec)
+        shape = self.tasks.pop(tid, None)
+        if tid is None or tid < 0:
+            return
+        c = self.c
+        c["tasks_done"] += 1
+        if rec["event"] == "done":
+            c["tasks_succeeded"] += 1
+            if shape is not None:
+                for g in shape[2]:
                     g.done += 1
-                else:
+        else:
+            c["tasks_failed"] += 1
+            if rec.get("result") == "cancelled":
+                c["tasks_cancelled"] += 1
+            if shape is not None:
+                for g in shape[2]:
                     g.failed += 1
-            sec = int(self.last)
-            if self.rate and self.rate[-1][0] == sec:
-                self.rate[-1][1] += 1
-            else:
-                self.rate.append([sec, 1])
-            self.rate_sum += 1
+        sec = int(self.last)
+        rate = self.rate
+        if rate and rate[-1][0] == sec:
+            rate[-1][1] += 1
+        else:
+            rate.append([sec, 1])
             self._trim(sec)
-        self.tasks.pop(tid, None)
+        self.rate_sum += 1
 
     def _trim(self, now):
         while self.rate and self.rate[0][0] <= now - RATE_WINDOW:
@@ -258,17 +270,13 @@ class Tracker:
     def counts(self, now: float, extra: dict | None = None) -> Stats:
         """The flat figures (m.stats, metrics): TaskVine's names, and the older short keys."""
         c = self.c
-        s = Stats((k, c[k]) for k in (
-            "tasks_submitted", "tasks_running", "tasks_done", "tasks_succeeded", "tasks_failed", "tasks_cancelled",
-            "tasks_retried", "tasks_dispatched", "tasks_resumed", "workers_connected", "workers_busy",
-            "workers_joined", "workers_lost", "workers_released", "total_cores", "total_memory", "total_disk",
-            "total_gpus", "committed_cores", "bytes_sent", "files_sent", "connections_rejected"))
+        s = Stats(c)
         s["tasks_waiting"] = c["tasks_submitted"] - c["tasks_done"] - c["tasks_running"]
         s["tasks_on_workers"] = s["tasks_running"]
         s["workers_idle"] = s["workers_connected"] - s["workers_busy"]
         end = self.stopped or now
         self._trim(int(end))
-        span = (end - self.started) if self.started else 0.0
+        span = (end - self.started) if self.started is not None else 0.0
         s["time_when_started"] = self.started
         s["elapsed"] = round(span, 3)
         s["tasks_per_second"] = round(self.rate_sum / min(RATE_WINDOW, max(span, 1.0)), 3)
