@@ -404,7 +404,7 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         vinehpc/status.py), read as attributes or keys; also the older keys submitted, waiting,
         running, done (succeeded), failed, workers, and the project name.  Cheap: a copy of what
         the I/O thread last published, never a call into it."""
-        s = Stats(self._server.stats)
+        s = self._server.stats
         s["name"] = self.name
         return s
 

@@ -105,7 +105,7 @@ class Server:
         # (the metrics endpoint) once a second -- read without calling into this thread
         self.status = Tracker()
         self.bytes_received = 0
-        self.stats = self.status.counts(time.time())
+        self._published = self.status.published()
         self.snapshot = None
         self.want_snapshot = False    # set when a metrics endpoint reads `snapshot`
         self._stats_version = 0
@@ -217,9 +217,15 @@ class Server:
         self.status.feed(rec)
 
     def publish_stats(self):
-        """Publish m.stats (this thread; or the user's while this one is not running)."""
+        """Publish the counts for m.stats (this thread; or the user's while this one is not
+        running): one dict copy per loop turn that moved them; readers derive the rest."""
         self._stats_version = self.status.version
-        self.stats = self.status.counts(time.time(), {"bytes_received": self.bytes_received})
+        self._published = self.status.published()
+
+    @property
+    def stats(self):
+        """The figures as last published (any thread: reads, never calls into this one)."""
+        return self.status.counts(time.time(), {"bytes_received": self.bytes_received}, self._published)
 
     def status_snapshot(self) -> dict:
         """Everything `vinehpc status` shows, built now (on this thread): O(workers), not O(tasks)."""
@@ -611,6 +617,7 @@ class Server:
 
     def _timers(self, now):
         self._feed(TICK, now)
+        self.status.tick(int(time.time()))
         if self.want_snapshot:
             self.snapshot = self.status_snapshot()
         for p in list(self.all):

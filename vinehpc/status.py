@@ -27,7 +27,8 @@ RES = ("cores", "memory", "disk", "gpus")     # a worker's list: [host, *RES, bu
 COUNTED = ("tasks_submitted", "tasks_running", "tasks_done", "tasks_succeeded", "tasks_failed", "tasks_cancelled",
            "tasks_retried", "tasks_dispatched", "tasks_resumed", "workers_connected", "workers_busy",
            "workers_joined", "workers_lost", "workers_released", "total_cores", "total_memory", "total_disk",
-           "total_gpus", "committed_cores", "bytes_sent", "files_sent", "connections_rejected")
+           "total_gpus", "committed_cores", "bytes_sent", "files_sent", "connections_rejected",
+           "tasks_ended_last_minute")
 
 
 class Stats(dict):
@@ -89,7 +90,6 @@ class Tracker:
         self.lost = collections.deque(maxlen=RECENT_LOST)
         self.lost_why = collections.Counter()
         self.rate = collections.deque()   # [second, tasks ended in it], the last RATE_WINDOW seconds
-        self.rate_sum = 0
 
     def feed(self, rec: dict) -> None:
         self.version += 1
@@ -210,12 +210,15 @@ class Tracker:
             rate[-1][1] += 1
         else:
             rate.append([sec, 1])
-            self._trim(sec)
-        self.rate_sum += 1
+            self.tick(sec)
+        c["tasks_ended_last_minute"] += 1
 
-    def _trim(self, now):
+    def tick(self, now):
+        """Forget completions older than the window (also called once a second: an idle minute
+        brings "throughput now" down to 0)."""
         while self.rate and self.rate[0][0] <= now - RATE_WINDOW:
-            self.rate_sum -= self.rate.popleft()[1]
+            self.c["tasks_ended_last_minute"] -= self.rate.popleft()[1]
+            self.version += 1
 
     def _joined(self, rec):
         r = rec.get("resources") or {}
@@ -267,19 +270,24 @@ class Tracker:
         self.workers.clear()
 
     # ---------------------------------------------------------------- figures
-    def counts(self, now: float, extra: dict | None = None) -> Stats:
-        """The flat figures (m.stats, metrics): TaskVine's names, and the older short keys."""
-        c = self.c
+    def published(self) -> dict:
+        """The raw counts as they are now, for another thread's counts(): a copy, which the
+        feeding thread makes between records so the figures agree with each other."""
+        return dict(self.c)
+
+    def counts(self, now: float, extra: dict | None = None, raw: dict | None = None) -> Stats:
+        """The flat figures (m.stats, metrics): TaskVine's names, and the older short keys.
+        `raw`: what published() gave (another thread reads it; nothing here is changed)."""
+        c = self.c if raw is None else raw
         s = Stats(c)
         s["tasks_waiting"] = c["tasks_submitted"] - c["tasks_done"] - c["tasks_running"]
         s["tasks_on_workers"] = s["tasks_running"]
         s["workers_idle"] = s["workers_connected"] - s["workers_busy"]
         end = self.stopped or now
-        self._trim(int(end))
         span = (end - self.started) if self.started is not None else 0.0
         s["time_when_started"] = self.started
         s["elapsed"] = round(span, 3)
-        s["tasks_per_second"] = round(self.rate_sum / min(RATE_WINDOW, max(span, 1.0)), 3)
+        s["tasks_per_second"] = round(c["tasks_ended_last_minute"] / min(RATE_WINDOW, max(span, 1.0)), 3)
         s["tasks_per_second_average"] = round(c["tasks_done"] / span, 3) if span > 0 else 0.0
         s["bytes_received"] = None
         if extra:
@@ -292,6 +300,7 @@ class Tracker:
     def snapshot(self, now: float, extra: dict | None = None) -> dict:
         """Everything `vinehpc status` shows: counts, per node, per category and tag, the oldest
         running task, workers lost.  O(workers + categories), never O(tasks)."""
+        self.tick(int(self.stopped or now))
         nodes = {}
         for wid, w in self.workers.items():
             n = nodes.get(w[0])
