@@ -305,3 +305,28 @@ def test_vinehpc_run_metrics_port(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vinehpc", "run", "-n", "1", "--metrics-port", str(port), str(script)],
                        capture_output=True, text=True, timeout=100, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_run_whose_manager_died_is_read_from_its_log(tmp_path):
+    """No "manager stopped" and nobody at the address: the log's figures, and a clear warning."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = "127.0.0.1:%d" % s.getsockname()[1]          # closed again: refused
+    run = tmp_path / "vine-run-info" / "crashed"
+    run.mkdir(parents=True)
+    auth.write_secret(str(run / "secret"), auth.new_secret())
+    recs = [{"event": "manager started", "address": dead, "time": 100.0},
+            {"event": "submitted", "task": 1, "category": "a", "resources": {"cores": 1}, "time": 101.0},
+            {"event": "submitted", "task": 2, "category": "a", "resources": {"cores": 1}, "time": 101.0},
+            {"event": "done", "task": 1, "result": "success", "category": "a", "time": 102.0}]
+    (run / "transactions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    r = subprocess.run([sys.executable, "-m", "vinehpc", "status", "--json"], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path, env=dict(os.environ, VINEHPC_RUN_DIR=str(run.parent)))
+    assert r.returncode == 0, r.stderr                      # no target: the newest run directory
+    snap = json.loads(r.stdout)
+    assert snap["source"] == "log" and not snap["ended"] and dead in snap["why"]
+    assert (snap["counts"]["tasks_submitted"], snap["counts"]["tasks_done"], snap["counts"]["tasks_waiting"]) == (2, 1, 1)
+    r = status(str(run))
+    assert r.returncode == 0 and "not answering" in r.stdout and "may have crashed" in r.stdout, r
+    r = status(str(tmp_path / "nothing-here"))
+    assert r.returncode == 2 and "neither a run directory" in r.stderr

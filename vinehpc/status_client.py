@@ -167,7 +167,9 @@ def snapshot(address, secret, run_dir):
 
 # ---------------------------------------------------------------- showing
 def _dur(s):
-    s = int(s or 0)
+    if (s or 0) < 60:
+        return "%.1f s" % (s or 0)
+    s = int(s)
     return "%dh%02dm%02ds" % (s // 3600, s // 60 % 60, s % 60) if s >= 3600 else "%dm%02ds" % (s // 60, s % 60)
 
 
