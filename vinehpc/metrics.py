@@ -1,9 +1,10 @@
 """The run's figures as Prometheus metrics (`Manager(metrics_port=)`, `vinehpc run --metrics-port`).
 
-prometheus_client does the HTTP side and the exposition format; a custom collector turns the
-snapshot the manager's I/O thread publishes once a second (Server.snapshot, the same figures as
-`vinehpc status`) into metric families when scraped.  Nothing is updated per task: a scrape reads
-one published dict and never calls into the I/O thread.
+prometheus_client does the HTTP side and the exposition format; a custom collector turns what
+the manager's I/O thread publishes into metric families when scraped: the counts as of its last
+loop turn (Server.stats, what m.stats reads), and per category, node and transfer from the
+snapshot it builds once a second (Server.snapshot, what `vinehpc status` shows).  Nothing is
+updated per task, and a scrape never calls into the I/O thread.
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ class _Collector:
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-        snap = self.server.snapshot
-        counts = snap["counts"] if snap else self.server.stats   # the first second: the flat figures
+        counts = self.server.stats
+        snap = self.server.snapshot       # None during the first second
         for k, help_ in COUNTERS.items():
             yield CounterMetricFamily("vinehpc_" + k, help_, value=counts.get(k) or 0)
         for k, help_ in GAUGES.items():
