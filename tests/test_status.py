@@ -18,7 +18,7 @@ from prometheus_client import parser as prom_parser
 
 import vinehpc
 from vinehpc.protocol import auth, handshake, messages
-from vinehpc.status import Stats, Tracker, replay
+from vinehpc.status import Stats, Tracker, final_snapshot, replay
 
 from conftest import diagnose, poll, read_journal, wait_all, worker_cmd
 
@@ -195,6 +195,10 @@ def test_status_of_a_real_run(tmp_path):
     assert snap["categories"]["bad"]["failed"] == 1 and snap["categories"]["flaky"]["retried"] >= 1
     r = status(m.run_dir)
     assert r.returncode == 0 and "THE RUN HAS ENDED" in r.stdout, r
+    # what the manager left in status.json (read at once) is what replaying the whole log gives
+    assert os.path.exists(os.path.join(m.run_dir, "status.json"))
+    replayed = final_snapshot(replay(os.path.join(m.run_dir, "transactions.jsonl")))
+    assert replayed["counts"] == c and replayed["categories"] == snap["categories"]
     # the live figures and the log's agree (one reader of the log for both)
     live = m.stats
     for k in ("tasks_submitted", "tasks_done", "tasks_failed", "tasks_retried", "workers_joined", "workers_lost"):

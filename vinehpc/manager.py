@@ -22,7 +22,7 @@ from .protocol import auth
 from .patterns import PatternsMixin
 from .serverless import LibraryMixin
 from .server import Server
-from .status import Stats
+from .status import Stats, write_final
 from .task import PythonTask, Resumable, Task
 from .taskvine_api import TaskVineAPI, _check_name
 
@@ -473,6 +473,10 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         if self._metrics is not None:
             self._metrics.stop()
         self.journal.close()
+        try:
+            write_final(self.run_dir, self._server.status)     # `vinehpc status RUN_DIR` reads it at once
+        except OSError as e:
+            log.warning("vinehpc: cannot write %s/status.json: %s", self.run_dir, e)
         if self.resume is not None:
             self.resume.close()
         if self._egress is not None:

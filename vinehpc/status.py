@@ -346,9 +346,33 @@ def replay(path: str) -> Tracker:
     return t
 
 
+FINAL = "status.json"       # RUN_DIR/status.json: the last snapshot, written when the manager closes
+
+
+def final_snapshot(tracker) -> dict:
+    return tracker.snapshot(tracker.stopped or tracker.last or time.time())
+
+
+def write_final(run_dir: str, tracker) -> None:
+    """Keep the figures of a manager that closed, so `vinehpc status RUN_DIR` need not replay a
+    log of millions of records (it does when the log is newer: another session, or a crash)."""
+    path = os.path.join(run_dir, FINAL)
+    with open(path + ".part", "w") as f:
+        json.dump(final_snapshot(tracker), f, default=str)
+    os.replace(path + ".part", path)
+
+
 def from_log(run_dir: str, why: str) -> dict:
     """The snapshot the log of RUN_DIR gives (the manager is not answering: `why`)."""
-    t = replay(os.path.join(run_dir, "transactions.jsonl"))
-    snap = t.snapshot(t.stopped or t.last or time.time())
+    log, final = os.path.join(run_dir, "transactions.jsonl"), os.path.join(run_dir, FINAL)
+    snap = None
+    try:
+        if os.path.getmtime(final) >= os.path.getmtime(log):
+            with open(final) as f:
+                snap = json.load(f)
+    except (OSError, ValueError):
+        snap = None
+    if type(snap) is not dict:
+        snap = final_snapshot(replay(log))
     snap.update(source="log", run_dir=run_dir, why=why)
     return snap
