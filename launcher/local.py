@@ -17,8 +17,9 @@ class LocalRun:
     """The context of `vinehpc run`: every Manager() created by the script gets local workers."""
 
     def __init__(self, workers: int, cores_per_worker: int, settings, *, progress: bool = False,
-                 tunnel: bool = False):
+                 tunnel: bool = False, metrics_port: int | None = None):
         self.workers = workers
+        self.metrics_port = metrics_port
         self.settings = settings
         self.tunnel = tunnel
         self.cores = cores_per_worker
@@ -38,7 +39,8 @@ class LocalRun:
 
     # context protocol (see vinehpc/_context.py)
     def manager_options(self) -> ManagerOptions:
-        return ManagerOptions(host="127.0.0.1", tunnel=self.tunnel or None, settings=self.settings)
+        return ManagerOptions(host="127.0.0.1", tunnel=self.tunnel or None, settings=self.settings,
+                              metrics_port=self.metrics_port)
 
     def manager_started(self, manager) -> None:
         lw = LocalWorkers(self.workers, cores=self.cores, worker_dir=self.settings.worker_dir)

@@ -396,6 +396,8 @@ SAMPLES = [
               "slots": 4}, [b"pickled name and args"]),
     ("kill", {"id": 7}, []),
     ("forget", {"fid": "lib-1"}, []),
+    ("status", {}, []),
+    ("snapshot", {}, [b'{"counts": {}}']),
     ("get", {"cn": "temp-9"}, []),
     ("unlink", {"cn": "temp-9"}, []),
     ("result", {"id": 7, "status": "success", "wall": 0.25, "exit_code": 0, "stdout": "hi\n", "temps": ["temp-9"],
@@ -532,8 +534,8 @@ def test_message_rejects_wrong_number_of_frames(name):
 
 
 def test_unknown_message_name():
-    with pytest.raises(ProtocolError, match="unknown message 'status'"):
-        messages.decode("status", {}, [])
+    with pytest.raises(ProtocolError, match="unknown message 'no-such-message'"):
+        messages.decode("no-such-message", {}, [])
 
 
 def test_error_names_message_field_and_value():

@@ -26,6 +26,7 @@ class ManagerOptions:
     write_secret: bool = True        # write RUN_DIR/secret for `vinehpc worker --secret-file`
     tunnel: Any = None               # default of Manager(tunnel=): True, "HOST:PORT" or None
     settings: Any = None             # the launcher's vinehpc.config.Settings (None: read the environment)
+    metrics_port: Any = None         # default of Manager(metrics_port=): `vinehpc run --metrics-port`
 
 
 def current():

@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--cores-per-worker", type=_positive_int, default=1, metavar="C")
     r.add_argument("--tunnel", action="store_true",
                    help="tasks reach the outside through the manager (proxy variables; see vinehpc net)")
+    r.add_argument("--metrics-port", type=_nonneg_int, metavar="N",
+                   help="serve the run's figures as Prometheus metrics on 127.0.0.1:N/metrics (needs prometheus_client)")
     r.add_argument("--progress", choices=("auto", "always", "never"), default=None,
                    help="progress line on stderr (default auto: when stderr is a terminal)")
     r.add_argument("script")
@@ -106,6 +108,17 @@ def parser() -> argparse.ArgumentParser:
                     help="where to write the HTML (default: RUN_DIR/report.html; with --text/--json: none unless given)")
     rp.add_argument("--text", action="store_true", help="print a plain-text summary")
     rp.add_argument("--json", action="store_true", help="print the summary as JSON (for scripts)")
+    st = sub.add_parser("status", help="what a run is doing: workers, tasks, throughput, losses (live or from its log)",
+                        description="Ask a running manager for its figures (authenticated with the run's secret), or "
+                                    "read them from the run directory's log once the manager is gone.")
+    st.add_argument("target", nargs="?", metavar="RUN_DIR | contact.json | HOST:PORT",
+                    help="default: the newest run directory under ./vine-run-info ($VINEHPC_RUN_DIR)")
+    st.add_argument("--json", action="store_true", help="the whole snapshot as JSON, for scripts")
+    st.add_argument("--watch", action="store_true", help="redraw every --interval seconds (Ctrl-C to stop)")
+    st.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between redraws (default 2)")
+    st.add_argument("--count", type=_positive_int, metavar="N", help="with --watch: stop after N views")
+    st.add_argument("--secret-file", metavar="F",
+                    help="the run's secret (default: RUN_DIR/secret, the contact file's, or $VINEHPC_SECRET)")
 
     from sysimage_tools.audit.cli import add_parser as add_audit_parser
     add_audit_parser(sub)
@@ -137,7 +150,7 @@ def main(argv=None) -> int:
     if args.command == "drain":
         from .drain import cli as cmd_drain
         return cmd_drain(args.run_dir, grace=args.grace, job=args.job, why=args.why)
-    return {"run": cmd_run, "worker": cmd_worker, "pilot": cmd_pilot, "report": cmd_report}[args.command](args)
+    return {"run": cmd_run, "worker": cmd_worker, "pilot": cmd_pilot, "report": cmd_report, "status": cmd_status}[args.command](args)
 
 
 def cmd_report(args) -> int:
@@ -150,6 +163,17 @@ def cmd_report(args) -> int:
     if path is not None:
         print("vinehpc report: wrote %s" % path, file=sys.stderr)
     return 0
+
+
+def cmd_status(args) -> int:
+    from launcher.contact import read_contact
+    from .status_client import main as status_main
+    settings = _settings("status")
+    if settings is None:
+        return 2
+    return status_main(args.target, as_json=args.json, watch=args.watch, interval=args.interval, count=args.count,
+                       secret_file=args.secret_file, env_secret=settings.secret, run_root=settings.run_dir_root,
+                       read_contact=read_contact)
 
 
 def _settings(command):
@@ -238,7 +262,7 @@ def cmd_run(args) -> int:
     progress = mode == "always" or (mode == "auto" and sys.stderr.isatty())
     workers = args.workers or len(os.sched_getaffinity(0))
     return run_script(script, args.args, LocalRun(workers, args.cores_per_worker, settings, progress=progress,
-                                                  tunnel=args.tunnel))
+                                                  tunnel=args.tunnel, metrics_port=args.metrics_port))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from .protocol import auth
 from .patterns import PatternsMixin
 from .serverless import LibraryMixin
 from .server import Server
+from .status import Stats, write_final
 from .task import PythonTask, Resumable, Task
 from .taskvine_api import TaskVineAPI, _check_name
 
@@ -66,7 +67,9 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
     manager (an egress beside it; `tunnel_allow` limits destinations, host patterns with
     optional :port); tunnel="HOST:PORT": through a `vinehpc net gateway` there.
     settings: the environment's configuration (vinehpc.config.Settings; default: the
-    launcher's, else read from the environment now).
+    launcher's, else read from the environment now).  metrics_port: serve the run's figures
+    (m.stats, `vinehpc status`) as Prometheus metrics at http://metrics_host:PORT/metrics
+    (needs prometheus_client; off by default; loopback unless metrics_host says otherwise).
     """
 
     def __init__(self, port=None, name: str | None = None, shutdown: bool = False, run_info_path: str | None = None,
@@ -75,7 +78,8 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
                  run_dir: str | None = None, local_workers: int | None = None,
                  cores_per_worker: int | None = None, scheduler: str = "files",
                  keepalive_interval: float | None = None, keepalive_timeout: float | None = None,
-                 resume: bool | None = None, tunnel=None, tunnel_allow=None, settings: Settings | None = None):
+                 resume: bool | None = None, tunnel=None, tunnel_allow=None, settings: Settings | None = None,
+                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1"):
         ports = _ports(port)
         ctx = _context.current()
         launched = ctx is not None and local_workers is None
@@ -150,9 +154,16 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         if opts.write_secret:
             self.secret_file = os.path.join(self.run_dir, "secret")
             auth.write_secret(self.secret_file, self.secret)
-        self.journal.write({"event": "manager started", "address": self.address, "pid": os.getpid(),
-                            "python": sys.version.split()[0], "name": self.name,
-                            "resumable": len(self.resume.completed) if self.resume else None})
+        self._server.record({"event": "manager started", "address": self.address, "pid": os.getpid(),
+                             "python": sys.version.split()[0], "name": self.name,
+                             "resumable": len(self.resume.completed) if self.resume else None})
+        self._server.publish_stats()
+        self._metrics = None
+        metrics_port = metrics_port if metrics_port is not None else opts.metrics_port
+        if metrics_port is not None:
+            from .metrics import serve     # lazily: prometheus_client is an optional dependency
+            self._metrics = serve(self._server, metrics_port, metrics_host, name=self.name)
+        self.metrics_port = self._metrics.port if self._metrics is not None else None
         self._submitted = self._returned = 0
         self._closed = False
         self._local = None
@@ -387,9 +398,15 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         return box[0]
 
     @property
-    def stats(self) -> dict:
-        """Counts: submitted, waiting, running, done, failed, workers; and the project name."""
-        return dict(self._call(self.core.stats), name=self.name)
+    def stats(self) -> Stats:
+        """The run's figures, as TaskVine names them (tasks_waiting, tasks_running, tasks_done --
+        failures included --, tasks_failed, workers_connected, workers_busy, bytes_sent, ...; see
+        vinehpc/status.py), read as attributes or keys; also the older keys submitted, waiting,
+        running, done (succeeded), failed, workers, and the project name.  Cheap: a copy of what
+        the I/O thread last published, never a call into it."""
+        s = self._server.stats
+        s["name"] = self.name
+        return s
 
     def workers(self) -> list:
         """One dict per connected worker: id, host, resources, running tasks, cached files."""
@@ -450,9 +467,16 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         self._server.stopped.wait(15)
         with self._server.cond:
             self._server.cond.notify_all()
-        self.journal.write({"event": "manager stopped", "reason": reason,
-                            "io_cpu_seconds": round(self._server.cpu, 3)})
+        self._server.record({"event": "manager stopped", "reason": reason,
+                             "io_cpu_seconds": round(self._server.cpu, 3)})
+        self._server.publish_stats()
+        if self._metrics is not None:
+            self._metrics.stop()
         self.journal.close()
+        try:
+            write_final(self.run_dir, self._server.status)     # `vinehpc status RUN_DIR` reads it at once
+        except OSError as e:
+            log.warning("vinehpc: cannot write %s/status.json: %s", self.run_dir, e)
         if self.resume is not None:
             self.resume.close()
         if self._egress is not None:

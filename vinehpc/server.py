@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import logging
 import os
 import selectors
@@ -24,9 +25,11 @@ from .core import commands as cmd
 from .core.events import (SCHEDULE, TICK, FetchFailed, FileCached, FileFetched, FileResolved, PutFailed, TaskResult,
                           WorkerJoined, WorkerLost)
 from .protocol import ProtocolError, handshake, messages
+from .status import Tracker
 
 log = logging.getLogger("vinehpc.manager")
 HANDSHAKE_TIMEOUT = 10.0
+STATUS_IDLE = 60.0          # a status client that asks nothing for this long is closed
 
 
 class Peer:
@@ -37,7 +40,7 @@ class Peer:
         self.conn = conn
         self.wid = None
         self.hs = hs             # the handshake (handshake.Greeter) until the worker is authenticated
-        self.state = "hello"     # hello -> welcomed -> joined
+        self.state = "hello"     # hello -> welcomed -> joined; or hello -> status (`vinehpc status`)
         self.since = now
         self.last_recv = now
         self.last_send = now
@@ -97,6 +100,15 @@ class Server:
         self.stopped = threading.Event()
         self.error = None
         self.cpu = 0.0
+        # the run's figures, from the journal records as they are written (vinehpc/status.py);
+        # published for other threads: `stats` (m.stats) whenever a record moved them, `snapshot`
+        # (the metrics endpoint) once a second -- read without calling into this thread
+        self.status = Tracker()
+        self.bytes_received = 0
+        self._published = self.status.published()
+        self.snapshot = None
+        self.want_snapshot = False    # set when a metrics endpoint reads `snapshot`
+        self._stats_version = 0
         self.thread = threading.Thread(target=self._run, name="vinehpc-manager-io", daemon=True)
 
     # ---------------------------------------------------------------- user side
@@ -146,6 +158,8 @@ class Server:
                     self._timers(now)
                     next_timer = now + 1.0
                 self._feed(SCHEDULE, now)
+                if self.status.version != self._stats_version:
+                    self.publish_stats()     # before the hand-over: wait() never returns ahead of m.stats
                 self._hand_over()
                 self._flush()
                 if self.resume is not None:
@@ -185,6 +199,7 @@ class Server:
             finally:
                 ev.set()
         elif kind == "stop":
+            self.record({"event": "stopping", "reason": op[1]})    # workers leaving from now on were told to
             self.stopping = True
             for p in list(self.peers.values()):
                 p.conn.send("exit", {"reason": op[1], "final": self.final_exit})
@@ -195,6 +210,34 @@ class Server:
         cmds = self.core.handle(event, now)
         if cmds:
             self._carry(cmds)
+
+    def record(self, rec):
+        """Write a journal record; the figures follow it (this thread, or before/after it runs)."""
+        self.journal.write(rec)
+        self.status.feed(rec)
+
+    def publish_stats(self):
+        """Publish the counts for m.stats (this thread; or the user's while this one is not
+        running): one dict copy per loop turn that moved them; readers derive the rest."""
+        self._stats_version = self.status.version
+        self._published = self.status.published()
+
+    @property
+    def stats(self):
+        """The figures as last published (any thread: reads, never calls into this one)."""
+        return self.status.counts(time.time(), {"bytes_received": self.bytes_received}, self._published)
+
+    def status_snapshot(self) -> dict:
+        """Everything `vinehpc status` shows, built now (on this thread): O(workers), not O(tasks)."""
+        incoming = outgoing = 0
+        for p in self.peers.values():
+            incoming += len(p.parts) + len(p.fetch)
+            outgoing += sum(1 for b in p.conn.out if not isinstance(b, (bytes, bytearray, memoryview)))
+        snap = self.status.snapshot(time.time(), {"bytes_received": self.bytes_received})
+        snap["transfers"] = {"incoming": incoming, "outgoing": outgoing}
+        snap["status_clients"] = sum(1 for p in self.all if p.state == "status")
+        snap["source"] = "manager"
+        return snap
 
     def _publish_workers(self):
         with self.cond:
@@ -212,7 +255,7 @@ class Server:
                 log.warning("accept failed: %s", e)
                 return
             now = time.monotonic()
-            p = Peer(Connection(sock), now, handshake.Greeter(self.secret, handshake.WORKER))
+            p = Peer(Connection(sock), now, handshake.Greeter(self.secret, handshake.WORKER, handshake.STATUS))
             self.all.add(p)
             self.sel.register(sock, selectors.EVENT_READ, p)
             p.conn.send_bytes(p.hs.hello())
@@ -236,8 +279,8 @@ class Server:
         if p.wid is not None and self.peers.get(p.wid) is p:
             del self.peers[p.wid]
             self._feed(WorkerLost(p.wid, reason), now)
-        elif p.state != "released":
-            self.journal.write({"event": "connection closed", "peer": p.conn.peer, "reason": reason})
+        elif p.state not in ("released", "status"):
+            self.record({"event": "connection closed", "peer": p.conn.peer, "reason": reason})
             log.warning("closed connection from %s: %s", p.conn.peer, reason)
 
     def _readable(self, p):
@@ -263,6 +306,13 @@ class Server:
         goes on.  Handlers get the typed message, and its control dict (validated) for the ones
         that hand it on whole."""
         msg = messages.decode(name, ctl, frames)
+        if p.state == "status":
+            if type(msg) is not messages.Status:
+                raise ProtocolError("a status client sent %r" % name)
+            data = json.dumps(self.status_snapshot(), separators=(",", ":"), default=str).encode()
+            p.conn.send_msg(messages.Snapshot(data=data))
+            self.dirty.add(p)
+            return
         if p.state != "joined":
             return self._join(p, msg, ctl, now)
         h = self._handlers.get(type(msg))
@@ -276,9 +326,15 @@ class Server:
             if p.hs.receive_data(data) is None:
                 return []
         except handshake.AuthFailed as e:
-            self.journal.write({"event": "rejected", "peer": p.conn.peer, "reason": "wrong secret"})
+            self.record({"event": "rejected", "peer": p.conn.peer, "reason": "wrong secret"})
             self._drop(p, str(e))
             return []
+        if p.hs.roles is handshake.STATUS:
+            p.conn.send_bytes(p.hs.welcome())
+            p.state = "status"
+            self.dirty.add(p)
+            rest, p.hs = p.hs.rest, None
+            return p.conn.feed(rest)
         p.wid = next(self.wids)
         p.conn.send_bytes(p.hs.welcome(wid=p.wid, keepalive=[self.ka_interval, self.ka_timeout],
                                        tunnel=self.tunnel or None))
@@ -317,7 +373,7 @@ class Server:
         self._feed(FileCached(p.wid, msg.cn, msg.size or 0), now)
 
     def _on_error(self, p, msg, ctl, now):
-        self.journal.write({"event": "worker error", "worker": p.wid, "reason": msg.reason})
+        self.record({"event": "worker error", "worker": p.wid, "reason": msg.reason})
         if msg.cn:
             self._feed(FetchFailed(msg.cn), now)
 
@@ -332,6 +388,7 @@ class Server:
         self._feed(TaskResult(p.wid, tid, ctl, msg.value), now)
 
     def _on_outfile(self, p, msg, ctl, now):
+        self.bytes_received += len(msg.data)
         tid, remote = msg.id, msg.remote
         sent = self.sent.get(tid)
         key = (tid, remote)
@@ -383,6 +440,7 @@ class Server:
         dest.invalidate()
 
     def _on_file(self, p, msg, ctl, now):
+        self.bytes_received += len(msg.data)
         n = msg.cn
         f = p.fetch.get(n)
         if f is None:
@@ -425,7 +483,7 @@ class Server:
     def _cmd_failed(self, p, c, e):
         kind = type(c).__name__
         why = "%s: %s" % (type(e).__name__, e)
-        self.journal.write({"event": "error", "worker": p.wid, "command": kind, "reason": why})
+        self.record({"event": "error", "worker": p.wid, "command": kind, "reason": why})
         if isinstance(c, cmd.PutFile):
             # the file could not be read: the worker will not have it
             self._feed(PutFailed(p.wid, c.cachename), time.monotonic())
@@ -519,7 +577,7 @@ class Server:
                 self.cond.notify_all()
 
     _do = {
-        cmd.Log: lambda self, c: self.journal.write(c.record),
+        cmd.Log: lambda self, c: self.record(c.record),
         cmd.TaskFinished: _finished,
         cmd.TaskStarted: lambda self, c: c.on_start(c.task),
         cmd.Drained: _drained,
@@ -559,7 +617,14 @@ class Server:
 
     def _timers(self, now):
         self._feed(TICK, now)
+        self.status.tick(int(time.time()))
+        if self.want_snapshot:
+            self.snapshot = self.status_snapshot()
         for p in list(self.all):
+            if p.state == "status":
+                if now - p.last_recv > STATUS_IDLE:
+                    self._drop(p, "status client idle")
+                continue
             if p.state != "joined":
                 if now - p.since > HANDSHAKE_TIMEOUT:
                     self._drop(p, "no handshake within %.0f s" % HANDSHAKE_TIMEOUT)

@@ -12,8 +12,8 @@ Two sides.  The *greeter* speaks first (the manager; the tunnel egress), the *an
 
 Both prove they know the secret, and each MAC covers a nonce the checking side just made, so a
 recorded exchange cannot be replayed.  The role strings differ per side and per protocol
-(WORKER: "worker"/"manager", TUNNEL: "tunnel-proxy"/"tunnel-egress"), so a MAC made for one
-is never accepted as another: not reflected back, not carried from a worker session into the
+(WORKER: "worker"/"manager", TUNNEL: "tunnel-proxy"/"tunnel-egress", STATUS:
+"status"/"manager-status"), so a MAC made for one is never accepted as another: not reflected back, not carried from a worker session into the
 tunnel.  A tunnel proxy's MAC also covers the destination it asks for.
 
 Before authentication the decoder allows a tiny control part and no payload frames at all (so
@@ -52,6 +52,10 @@ class Roles:
 
 WORKER = Roles(greeter="manager", answerer="worker", hello_role="manager", dest=False)
 TUNNEL = Roles(greeter="tunnel-egress", answerer="tunnel-proxy", hello_role="egress", dest=True)
+# `vinehpc status` asking a manager for its figures: greeted by the same hello as a worker (the
+# manager cannot know who connects), proven with MACs of its own roles, so a status client's proof
+# never makes it a worker and a worker's never a status client.
+STATUS = Roles(greeter="manager-status", answerer="status", hello_role="manager", dest=False)
 
 
 def _bound(answerer_nonce, dest) -> str:
@@ -94,10 +98,15 @@ class _Side:
 
 class Greeter(_Side):
     """The side that speaks first: hello(), then receive_data() until it returns the peer's Auth
-    (raises AuthFailed or ProtocolError), then welcome()."""
+    (raises AuthFailed or ProtocolError), then welcome().  `also`: more Roles with the same hello
+    that a peer may prove instead (the manager: WORKER or STATUS); after authentication `roles`
+    is the one it proved."""
 
-    def __init__(self, secret: str, roles: Roles):
+    def __init__(self, secret: str, roles: Roles, *also: Roles):
         super().__init__(secret, roles)
+        if any(r.hello_role != roles.hello_role for r in also):
+            raise ValueError("roles a greeter accepts share its hello")
+        self.choices = (roles,) + also
         self.state = "start"        # start -> wait auth -> authenticated -> done; or failed
 
     def hello(self) -> bytes:
@@ -111,14 +120,17 @@ class Greeter(_Side):
         if m is None:
             return None
         self.peer_nonce = m.nonce
-        if (m.dest is not None) != self.roles.dest:
+        fit = [r for r in self.choices if (m.dest is not None) == r.dest]
+        if not fit:
             self.state = "failed"
             raise ProtocolError("auth %s a destination" % ("without" if self.roles.dest else "with"))
-        if not _auth.check(self.secret, self.roles.answerer, self.nonce, _bound(m.nonce, m.dest), m.mac):
-            self.state = "failed"
-            raise AuthFailed("authentication failed (wrong secret)")
-        self.state = "authenticated"
-        return m
+        for r in fit:
+            if _auth.check(self.secret, r.answerer, self.nonce, _bound(m.nonce, m.dest), m.mac):
+                self.roles = r
+                self.state = "authenticated"
+                return m
+        self.state = "failed"
+        raise AuthFailed("authentication failed (wrong secret)")
 
     def welcome(self, **fields) -> bytes:
         """Our proof, with the session's fields (messages.Welcome's)."""

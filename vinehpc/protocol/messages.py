@@ -441,6 +441,18 @@ class Unlink(Message):
     cn = Field(Str(NAME, 1))
 
 
+# ---- `vinehpc status` (a STATUS handshake) <-> manager
+@message(40, "status")
+class Status(Message):
+    """status client -> manager: send a snapshot (the only message a status client may send)."""
+
+
+@message(41, "snapshot", payload="data", payload_required=True)
+class Snapshot(Message):
+    """manager -> status client: the run's figures (data: a JSON object, vinehpc/status.py's
+    Tracker.snapshot; JSON in a frame, not in the control part: its shape is the status module's)."""
+
+
 # ---------------------------------------------------------------- decode / encode
 def decode(name: str, ctl: dict, frames: list) -> Message:
     """The typed, validated message for what wire.Decoder returned. Raises ProtocolError."""
