@@ -297,6 +297,25 @@ def test_a_watched_output_grows_at_the_manager_while_the_task_runs(manager, tmp_
     assert log_file.read_text() == "first\nsecond\n"      # the final copy replaces the streamed one
 
 
+@pytest.mark.timeout(60)
+def test_a_watched_task_outlives_the_keepalive_timeout(make_manager, tmp_path):
+    # the worker sends the watched output every second, so the manager (which pings only a
+    # silent worker) sends nothing while the task runs: the worker must ask rather than
+    # conclude after keepalive_timeout that the manager is gone (TaskVine's watch example
+    # runs 30 s tasks; the default timeout is 30 s).  The interval is above the watch's
+    # once-a-second stream, as the default 5 s is.
+    m = make_manager(local_workers=1, keepalive_interval=1.5, keepalive_timeout=3)
+    m.wait_for_workers(1, timeout=30)
+    log_file = tmp_path / "ticks.log"
+    t = Task("for i in $(seq 10); do echo $i >> log.txt; sleep 0.5; done")
+    t.add_output(m.declare_file(log_file), "log.txt", watch=True)
+    m.submit(t)
+    wait_all(m, 1, timeout=20)
+    assert t.successful(), (t.result, t.reason)
+    assert log_file.read_text() == "".join("%d\n" % i for i in range(1, 11))
+    assert not [e for e in read_journal(m) if e["event"] == "worker lost"]
+
+
 def test_only_a_manager_file_can_be_watched():
     with pytest.raises(ValueError, match="watched"):
         Task("true").add_output(Temp(), "o", watch=True)
