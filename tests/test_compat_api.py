@@ -316,6 +316,24 @@ def test_a_watched_task_outlives_the_keepalive_timeout(make_manager, tmp_path):
     assert not [e for e in read_journal(m) if e["event"] == "worker lost"]
 
 
+@pytest.mark.timeout(60)
+def test_a_local_factory_starts_workers_for_a_manager_alone_and_stops_them(make_manager):
+    m = make_manager(port=0, host="127.0.0.1")
+    f = vinehpc.Factory(manager=m)
+    f.cores, f.min_workers, f.max_workers = 2, 1, 1
+    with f:
+        m.wait_for_workers(1, timeout=30)
+        t = Task("echo hi")
+        m.submit(t)
+        assert m.wait(30) is t and t.std_output == "hi\n"
+        assert [w["resources"]["cores"] for w in m.workers()] == [2]
+    poll(lambda: not m.workers(), 20, "the factory's worker to leave", m=m)
+    with pytest.raises(NotImplementedError, match="launchers"):
+        vinehpc.Factory("condor", manager=m).start()
+    with pytest.raises(AttributeError, match="not a Factory option"):
+        f.colour = "blue"
+
+
 def test_only_a_manager_file_can_be_watched():
     with pytest.raises(ValueError, match="watched"):
         Task("true").add_output(Temp(), "o", watch=True)
