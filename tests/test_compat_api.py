@@ -334,6 +334,31 @@ def test_a_local_factory_starts_workers_for_a_manager_alone_and_stops_them(make_
         f.colour = "blue"
 
 
+def test_a_library_installed_next_to_the_script_is_not_pickled_by_value(tmp_path, monkeypatch):
+    # `pip install --target ./lib` puts a library (and its *.dist-info) under the script's
+    # directory: its modules are installed ones, not the user's helpers (pickling awkward by
+    # value recursed without end); a helper module next to the script still travels by value
+    from vinehpc import task as task_mod
+    (tmp_path / "lib" / "tvexlib").mkdir(parents=True)
+    (tmp_path / "lib" / "tvexlib" / "__init__.py").write_text("class Thing:\n    pass\n")
+    (tmp_path / "lib" / "tvexlib-1.0.dist-info").mkdir()
+    (tmp_path / "tvexhelper.py").write_text("class Helper:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("tvexlib", "tvexhelper"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(task_mod, "_by_value_roots", [])
+    monkeypatch.setattr(task_mod, "_by_value_names", [])
+    registered = []
+    monkeypatch.setattr(task_mod.cloudpickle, "register_pickle_by_value", lambda mod: registered.append(mod.__name__))
+    task_mod.pickle_by_value_under(str(tmp_path))
+    import tvexhelper
+    import tvexlib
+    task_mod._register_by_value(tvexlib.Thing)
+    task_mod._register_by_value(tvexhelper.Helper)
+    assert registered == ["tvexhelper"]
+
+
 def test_only_a_manager_file_can_be_watched():
     with pytest.raises(ValueError, match="watched"):
         Task("true").add_output(Temp(), "o", watch=True)
