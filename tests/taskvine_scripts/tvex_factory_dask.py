@@ -30,7 +30,7 @@ seen = {}
 
 def checkpoint(dag, key):
     seen[key] = (dag.depth_of(key), sorted(dag.get_children(key)))
-    return dag.depth_of(key) % 2 == 0 and len(dag.get_children(key)) > 0
+    return key == "ab"          # bring this one value back to the manager as a file
 
 
 def measure(key, fn, *args):
