@@ -297,6 +297,68 @@ def test_a_watched_output_grows_at_the_manager_while_the_task_runs(manager, tmp_
     assert log_file.read_text() == "first\nsecond\n"      # the final copy replaces the streamed one
 
 
+@pytest.mark.timeout(60)
+def test_a_watched_task_outlives_the_keepalive_timeout(make_manager, tmp_path):
+    # the worker sends the watched output every second, so the manager (which pings only a
+    # silent worker) sends nothing while the task runs: the worker must ask rather than
+    # conclude after keepalive_timeout that the manager is gone (TaskVine's watch example
+    # runs 30 s tasks; the default timeout is 30 s).  The interval is above the watch's
+    # once-a-second stream, as the default 5 s is.
+    m = make_manager(local_workers=1, keepalive_interval=1.5, keepalive_timeout=3)
+    m.wait_for_workers(1, timeout=30)
+    log_file = tmp_path / "ticks.log"
+    t = Task("for i in $(seq 10); do echo $i >> log.txt; sleep 0.5; done")
+    t.add_output(m.declare_file(log_file), "log.txt", watch=True)
+    m.submit(t)
+    wait_all(m, 1, timeout=20)
+    assert t.successful(), (t.result, t.reason)
+    assert log_file.read_text() == "".join("%d\n" % i for i in range(1, 11))
+    assert not [e for e in read_journal(m) if e["event"] == "worker lost"]
+
+
+@pytest.mark.timeout(60)
+def test_a_local_factory_starts_workers_for_a_manager_alone_and_stops_them(make_manager):
+    m = make_manager(port=0, host="127.0.0.1")
+    f = vinehpc.Factory(manager=m)
+    f.cores, f.min_workers, f.max_workers = 2, 1, 1
+    with f:
+        m.wait_for_workers(1, timeout=30)
+        t = Task("echo hi")
+        m.submit(t)
+        assert m.wait(30) is t and t.std_output == "hi\n"
+        assert [w["resources"]["cores"] for w in m.workers()] == [2]
+    poll(lambda: not m.workers(), 20, "the factory's worker to leave", m=m)
+    with pytest.raises(NotImplementedError, match="launchers"):
+        vinehpc.Factory("condor", manager=m).start()
+    with pytest.raises(AttributeError, match="not a Factory option"):
+        f.colour = "blue"
+
+
+def test_a_library_installed_next_to_the_script_is_not_pickled_by_value(tmp_path, monkeypatch):
+    # `pip install --target ./lib` puts a library (and its *.dist-info) under the script's
+    # directory: its modules are installed ones, not the user's helpers (pickling awkward by
+    # value recursed without end); a helper module next to the script still travels by value
+    from vinehpc import task as task_mod
+    (tmp_path / "lib" / "tvexlib").mkdir(parents=True)
+    (tmp_path / "lib" / "tvexlib" / "__init__.py").write_text("class Thing:\n    pass\n")
+    (tmp_path / "lib" / "tvexlib-1.0.dist-info").mkdir()
+    (tmp_path / "tvexhelper.py").write_text("class Helper:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("tvexlib", "tvexhelper"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(task_mod, "_by_value_roots", [])
+    monkeypatch.setattr(task_mod, "_by_value_names", [])
+    registered = []
+    monkeypatch.setattr(task_mod.cloudpickle, "register_pickle_by_value", lambda mod: registered.append(mod.__name__))
+    task_mod.pickle_by_value_under(str(tmp_path))
+    import tvexhelper
+    import tvexlib
+    task_mod._register_by_value(tvexlib.Thing)
+    task_mod._register_by_value(tvexhelper.Helper)
+    assert registered == ["tvexhelper"]
+
+
 def test_only_a_manager_file_can_be_watched():
     with pytest.raises(ValueError, match="watched"):
         Task("true").add_output(Temp(), "o", watch=True)

@@ -239,8 +239,10 @@ def test_taskvine_options_are_accepted(m, capsys):
     assert "dask key" in capsys.readouterr().out       # verbose
     with pytest.raises(TypeError, match="unexpected keyword argument 'nonsense'"):
         dask.compute(total, scheduler=m.get, nonsense=1)
-    with pytest.raises(ValueError, match="wrapper"):
-        dask.compute(total, scheduler=m.get, wrapper=lambda key, fn, *a: fn(*a))
+    infos = []      # TaskVine's wrapper(key, fn, *args) -> (info, value); wrapper_proc(info) on the manager
+    assert dask.compute(total, scheduler=m.get, wrapper=lambda key, fn, *a: (key, fn(*a)),
+                        wrapper_proc=infos.append) == (sum(range(1, 13)),)
+    assert len(infos) == 13 and total.key in infos
     with pytest.raises(ValueError, match="resources"):
         dask.compute(total, scheduler=m.get, resources={"cpus": 1})
 

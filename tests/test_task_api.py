@@ -144,6 +144,7 @@ def test_cache_level_validation():
 def test_cache_forever_is_the_workers_level():
     # TaskVine's "forever" (beyond the worker's life): a vinehpc cache ends with its worker
     assert File("/x", cache="forever").cache == "worker"
+    assert File("/x", cache="always").cache == "worker"     # TaskVine's older name (its blast example)
 
 
 # ---------------------------------------------------------------- worker sandbox

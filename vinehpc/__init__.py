@@ -6,7 +6,7 @@ Public names are imported on first use (PEP 562), so `python -m vinehpc worker` 
 __version__ = "0.1.0"
 __all__ = ["Manager", "Task", "PythonTask", "PythonTaskNoResult", "Executor", "FuturesExecutor", "FuturePythonTask", "FutureFunctionCall",
            "File", "TaskError",
-           "RemoteTraceback", "Resumable", "DaskVine", "FunctionCall", "LibraryTask", "load_variable_from_library",
+           "RemoteTraceback", "Resumable", "DaskVine", "Factory", "FunctionCall", "LibraryTask", "load_variable_from_library",
            "__version__"]
 
 # TaskVine's constants that scripts compare with or pass (`vine.VINE_SCHEDULE_FILES`): result words
@@ -21,7 +21,7 @@ VINE_RESULT_CANCELLED = "cancelled"
 
 _where = {"Manager": "manager", "Executor": "futures", "File": "file", "Task": "task", "PythonTask": "task",
           "PythonTaskNoResult": "task", "TaskError": "task", "RemoteTraceback": "task", "Resumable": "task",
-          "DaskVine": "dask_vine", "FuturesExecutor": "futures_vine", "FuturePythonTask": "futures", "FutureFunctionCall": "futures",
+          "DaskVine": "dask_vine", "Factory": "factory", "FuturesExecutor": "futures_vine", "FuturePythonTask": "futures", "FutureFunctionCall": "futures",
           "FunctionCall": "serverless", "LibraryTask": "serverless", "load_variable_from_library": "serverless"}
 
 

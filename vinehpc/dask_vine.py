@@ -32,20 +32,25 @@ OUT = "out"     # a key's value in its task's sandbox (the temp its dependents r
 # (the README's DaskVine rows of the TaskVine table say why each one does nothing)
 NO_EFFECT = frozenset({"low_memory_mode", "submit_per_cycle", "lib_extra_functions", "lib_resources", "lib_command",
                        "lib_modules", "hoisting_modules", "import_modules", "env_per_task", "progress_disable",
-                       "progress_label", "wrapper_proc", "prune_files"})
+                       "progress_label", "prune_files", "prune_depth", "scheduling_mode", "reconstruct",
+                       "merge_size"})
 
 
 # ---------------------------------------------------------------- on the worker
 # This function and _encode travel by value (registered below): a task may run in an environment
 # image whose interpreter has cloudpickle and dask but not vinehpc, and the worker's interpreters
 # need not import the manager side.
-def _run_key(node_blob, inputs, keep, back):
+def _run_key(node_blob, inputs, keep, back, wrapper=None):
     """Run one key's dask task in its sandbox: read its dependencies' values from the input files
     `inputs` [(key, file name)], call the task, write (ok, value) to OUT if `keep` (the key has
     dependents).  Returns that pickled (ok, value) if `back` (the manager asked for this key) or
     the task failed, else None.  An error is a value, (False, (exception, traceback text)): the
     dependents of a failed key pass it on without running, and the engine's retries stay for
-    tasks that could not run (a raising function would raise again)."""
+    tasks that could not run (a raising function would raise again).
+    With TaskVine's `wrapper(key, fn, *args) -> (info, value)` (fn: the key's computation, its
+    inputs bound, called with no arguments), returns (ok, value or None, info) pickled, always:
+    the manager hands `info` to wrapper_proc."""
+    info = None
     try:
         values = {}
         for key, name in inputs:
@@ -56,24 +61,32 @@ def _run_key(node_blob, inputs, keep, back):
                 break
             values[key] = v
         else:
-            result = (True, pickle.loads(node_blob)(values))
+            node = pickle.loads(node_blob)
+            if wrapper is None:
+                result = (True, node(values))
+            else:
+                info, value = wrapper(node.key, lambda: node(values))
+                result = (True, value)
     except BaseException as e:  # noqa: B902 - as dask's schedulers do: the key's failure, raised by get()
         result = (False, (e, traceback.format_exc()))
     blob = _encode(result)
     if keep:
         with open(OUT, "wb") as f:
             f.write(blob)
+    if wrapper is not None:
+        return _encode((result[0], result[1] if back or not result[0] else None, info))
     return blob if back or not result[0] else None
 
 
 def _encode(result) -> bytes:
-    """(ok, value) pickled by value; a value or exception that cannot be pickled is the key's failure."""
+    """(ok, value[, info]) pickled by value; a value or exception that cannot be pickled is the key's failure."""
     try:
         return cloudpickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as e:
         what = "the value" if result[0] else "the exception %r" % (result[1][0],)
         err = TypeError("%s of this key cannot be pickled: %s: %s" % (what, type(e).__name__, e))
-        return cloudpickle.dumps((False, (err, traceback.format_exc())), protocol=pickle.HIGHEST_PROTOCOL)
+        return cloudpickle.dumps((False, (err, traceback.format_exc())) + tuple(result[2:]),
+                                 protocol=pickle.HIGHEST_PROTOCOL)
 
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -111,6 +124,30 @@ def _plan(dsk, keys):
     return dsk, set(targets), reverse_dict(deps), sorted(dsk, key=prio.__getitem__)
 
 
+class GraphView:
+    """What checkpoint_fn(dag, key) is given, as TaskVine's DaskVineDag: get_children(key) (the keys
+    it needs) and depth_of(key) (steps from the nearest requested key: those are 0, what they
+    need 1, ...).  `graph` is the dask task-spec graph itself (key -> node)."""
+
+    def __init__(self, graph, targets):
+        self.graph = graph
+        self._depth = {}
+        level, depth = list(targets), 0
+        while level:          # breadth first from the requested keys: the shortest distance
+            nxt = []
+            for k in level:
+                if k not in self._depth:
+                    self._depth[k] = depth
+                    nxt.extend(graph[k].dependencies)
+            level, depth = nxt, depth + 1
+
+    def get_children(self, key):
+        return set(self.graph[key].dependencies)
+
+    def depth_of(self, key):
+        return self._depth[key]
+
+
 def _resources_mode(mode):
     """TaskVine's names ('min_waste', 'greedy bucketing', ...) as vinehpc's ('min-waste', ...)."""
     return mode.replace("_", "-").replace(" ", "-")
@@ -128,12 +165,15 @@ class DaskVine(Manager):
         {File: remote name} added to every task; env_vars: {name: value or fn(manager, task)};
       worker_transfers (and its old name lazy_transfers): True (default) keeps intermediate values
         on workers as temps; False brings every value back to the manager as a file, sent again to
-        the tasks that need it; checkpoint_fn(graph, key) -> True: this key's value comes back so;
+        the tasks that need it (lazy_transfer: TaskVine's older name); checkpoint_fn(dag, key) -> True:
+        this key's value comes back so (dag: a GraphView, TaskVine's get_children and depth_of);
       retries: attempts per task for failures other than the function raising (default 5, as in
         TaskVine; a lost worker never counts); max_pending: at most this many tasks submitted and
         not finished; verbose: print each key as it finishes; task_mode "tasks" or
         "function-calls" (both run as PythonTasks on the workers' warm interpreters).
-    Other TaskVine options are accepted and have no effect (NO_EFFECT); `wrapper` is refused.
+      wrapper(key, fn) -> (info, value): runs each key on the worker (fn computes the key, its
+        inputs bound); wrapper_proc(info) (default print) gets each info back on the manager.
+    Other TaskVine options are accepted and have no effect (NO_EFFECT).
     A key whose function raises makes get() raise that exception, with the remote traceback as
     its __cause__; the graph's other tasks are cancelled.
     """
@@ -142,13 +182,12 @@ class DaskVine(Manager):
 
     def get(self, dsk, keys, *, resources=None, resources_mode=None, environment=None, extra_files=None,
             env_vars=None, worker_transfers=True, lazy_transfers=True, checkpoint_fn=None, retries=5,
-            max_pending=None, verbose=False, task_mode="tasks", wrapper=None, **options):
+            max_pending=None, verbose=False, task_mode="tasks", wrapper=None, wrapper_proc=print,
+            lazy_transfer=True, **options):
         unknown = set(options) - NO_EFFECT
         if unknown:
             raise TypeError("get() got an unexpected keyword argument %r" % sorted(unknown)[0])
-        if wrapper is not None:
-            raise ValueError("DaskVine.get(wrapper=...) is not supported: run the function inside your own "
-                             "dask.delayed function instead")
+        lazy_transfers = lazy_transfers and lazy_transfer     # lazy_transfer: TaskVine's older name
         if task_mode not in ("tasks", "function-calls"):
             raise ValueError("task_mode must be 'tasks' or 'function-calls', got %r" % (task_mode,))
         if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
@@ -156,6 +195,7 @@ class DaskVine(Manager):
         if isinstance(environment, (str, os.PathLike)):
             environment = self.declare_image(environment)
         graph, targets, dependents, ordered = _plan(dsk, keys)
+        view = GraphView(graph, targets) if checkpoint_fn is not None else None
         files_dir = None
         if not (worker_transfers and lazy_transfers) or checkpoint_fn is not None:
             files_dir = os.path.join(self.run_dir, "dask", str(next(DaskVine._graph_ids)))
@@ -170,12 +210,12 @@ class DaskVine(Manager):
             inputs = [(d, "in-%d" % j) for j, d in enumerate(node.dependencies)]
             keep = bool(dependents.get(key))
             t = PythonTask(_run_key, cloudpickle.dumps(node, protocol=pickle.HIGHEST_PROTOCOL), inputs, keep,
-                           key in targets)
+                           key in targets, wrapper)
             for d, name in inputs:
                 t.add_input(files[d], name)
             if keep:
                 back = files_dir is not None and (not (worker_transfers and lazy_transfers)
-                                                  or checkpoint_fn(graph, key))
+                                                  or checkpoint_fn(view, key))
                 f = self.declare_file(os.path.join(files_dir, str(i))) if back else self.declare_temp()
                 t.add_output(f, OUT)
                 files[key] = f
@@ -222,10 +262,14 @@ class DaskVine(Manager):
                 if t.output is None:
                     continue
                 try:
-                    ok, value = pickle.loads(t.output)
+                    ok, value, *info = pickle.loads(t.output)
                 except Exception as e:
                     raise TaskError("dask key %r: its value cannot be unpickled here: %s: %s"
                                     % (key, type(e).__name__, e)) from e
+                if info and ok and wrapper_proc is not None:
+                    wrapper_proc(info[0])
+                if info and ok and key not in targets:
+                    continue
                 if not ok:
                     exc, tb = value
                     exc.__cause__ = RemoteTraceback("\n[dask key %r: task %s on worker %s, host %s]\n%s"

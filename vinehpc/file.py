@@ -25,9 +25,12 @@ def cache_level(cache) -> str:
         return "task"
     if cache in CACHE_LEVELS:
         return cache
-    if cache == "forever":
-        return "worker"     # TaskVine's "beyond the worker's life": a vinehpc cache ends with its worker
-    raise ValueError("cache must be True, False, \"forever\" or one of %s, got %r" % (", ".join(CACHE_LEVELS), cache))
+    if cache in ("forever", "always"):
+        # TaskVine's "beyond the worker's life" and its older "always" (the worker's life; its
+        # examples use it): a vinehpc cache ends with its worker
+        return "worker"
+    raise ValueError("cache must be True, False, \"forever\", \"always\" or one of %s, got %r"
+                     % (", ".join(CACHE_LEVELS), cache))
 
 
 class File:

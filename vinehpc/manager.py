@@ -187,8 +187,8 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         """A file or directory on the manager's side, as an input or an output of tasks.
 
         cache: False/"task" (removed from the worker after the task), True/"workflow" (kept
-        for this manager's life), "worker" or "forever" (kept on the worker after the manager
-        ends; vinehpc keeps no cache beyond a worker's life, so both mean the worker's).
+        for this manager's life), "worker", "always" or "forever" (kept on the worker after the manager
+        ends; vinehpc keeps no cache beyond a worker's life, so all three mean the worker's).
         peer_transfer, unlink_when_done (TaskVine's): accepted; the manager's file is never deleted.
         """
         if not isinstance(path, (str, os.PathLike)) or not str(path):

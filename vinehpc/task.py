@@ -339,12 +339,33 @@ def _register_module(mod) -> None:
     if mod is None or not f or mod.__name__ == "__main__" or mod.__name__.encode() in _by_value_names:
         return
     f = os.path.abspath(f)
-    if any(f.startswith(r + os.sep) for r in _by_value_roots) and "site-packages" not in f:
+    if any(f.startswith(r + os.sep) for r in _by_value_roots) and not _installed(mod.__name__, f):
         try:
             cloudpickle.register_pickle_by_value(mod)
         except (ValueError, AttributeError):
             return
         _by_value_names.append(mod.__name__.encode())
+
+
+_install_dir = {}      # directory -> it holds pip-installed packages (*.dist-info)
+
+
+def _installed(name: str, path: str) -> bool:
+    """Whether module `name` (file `path`) was installed by pip -- into site-packages, or into a
+    directory of its own that may lie next to the script (`pip install --target ./lib`, which
+    holds the packages' *.dist-info): such a library is imported on workers like any installed
+    one; pickled by value it is slow at best (awkward's classes recurse without end)."""
+    if "site-packages" in path or "dist-packages" in path:
+        return True
+    root = path
+    for _ in range(name.count(".") + (2 if os.path.basename(path).startswith("__init__.") else 1)):
+        root = os.path.dirname(root)     # the directory the top-level package was found in
+    if root not in _install_dir:
+        try:
+            _install_dir[root] = any(e.endswith(".dist-info") for e in os.listdir(root))
+        except OSError:
+            _install_dir[root] = False
+    return _install_dir[root]
 
 
 def _dumps(args: tuple, kwargs: dict, what: str) -> bytes:

@@ -62,7 +62,8 @@ class Loop:
         self.feeding = False
         self.conn = None           # the manager's Connection, set by the handshake (main.py)
         self._writing = False      # the connection's socket is registered for writability
-        self.last_recv = self.last_send = 0.0
+        self.last_recv = 0.0
+        self.last_ping = 0.0       # when we last pinged the manager
         self.exit_requested = False
         self.ka = (5.0, 30.0)      # keepalive (interval, timeout), the manager's welcome may change it
 
@@ -176,7 +177,6 @@ class Loop:
         if conn is None or conn.closed or not conn.out:
             return
         done = conn.flush()
-        self.last_send = time.monotonic()
         if done == self._writing:        # interest in writability changes: tell epoll
             self._writing = not done
             self.sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE if self._writing
@@ -208,8 +208,12 @@ class Loop:
         self.exec.stream_watched(now, self.conn)
         if now - self.last_recv > self.ka[1]:
             raise ManagerGone("no message from the manager for %.0f s" % (now - self.last_recv))
-        if now - self.last_send > self.ka[0] and now - self.last_recv > self.ka[0]:
+        # heard nothing for a while: ask (once per silence; the manager answers pong).  Not only
+        # when we are silent too: a worker streaming a watched output is never silent, and the
+        # manager pings only a silent worker, so neither would speak and we would time out.
+        if now - self.last_recv > self.ka[0] and self.last_ping <= self.last_recv:
             self.conn.send("ping")
+            self.last_ping = now
 
     def _end_session(self):
         self.events.clear()

@@ -154,7 +154,7 @@ class Worker(Loop):
         conn.send("info", info)
         self.sel.register(sock, selectors.EVENT_READ, ("manager", None))
         self._writing = False
-        self.last_recv = self.last_send = time.monotonic()
+        self.last_recv = time.monotonic()
 
     def _tunnel(self, info):
         """The manager offers a way out: start (or keep) our local proxy and give tasks its variables."""
