@@ -95,7 +95,7 @@ class LocalWorkers:
         if self.worker_dir is None and _roomy_shm():
             env["VINEHPC_WORKER_DIR"] = "/dev/shm"     # local workers: cache and sandboxes in memory
         self.procs += start_workers(self.n, address, secret, env=env, cores=self.cores, memory=self.memory,
-                                    disk=self.disk, connect_timeout=30, reconnect=False)
+                                    disk=self.disk, connect_timeout=30, reconnect=False, exit_on_refused=True)
 
     def pids(self) -> list:
         return [p.pid for p in self.procs]

@@ -1,6 +1,7 @@
 """Manager: declare files, submit tasks, wait for them (TaskVine's nouns and verbs)."""
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
@@ -27,6 +28,22 @@ from .taskvine_api import TaskVineAPI, _check_name
 
 log = logging.getLogger("vinehpc.manager")
 _run_seq = itertools.count()
+_open = set()           # managers not closed yet: closed at interpreter exit (see _close_at_exit)
+_open_lock = threading.Lock()
+
+
+@atexit.register
+def _close_at_exit():
+    """Close what the script left open, while the I/O threads still run: at exit (not in __del__,
+    which runs after daemon threads are frozen, so close() could only wait out its timeouts and
+    the journal's lock may be held by a frozen thread). Workers are told to exit."""
+    with _open_lock:
+        managers = list(_open)
+    for m in managers:
+        try:
+            m.close("the script ended without closing its manager")
+        except Exception as e:
+            log.warning("vinehpc: closing %r at exit failed: %s", m, e)
 
 
 def _new_run_dir(root: str) -> str:
@@ -157,6 +174,8 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         self._closed = False
         self._local = None
         self._server.start()
+        with _open_lock:
+            _open.add(self)     # held until close(): an open manager has an I/O thread and workers
         if self._ctx is not None:
             self._ctx.manager_started(self)
         elif local_workers:
@@ -446,6 +465,8 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         if self._closed:
             return
         self._closed = True
+        with _open_lock:
+            _open.discard(self)
         self._server.stop(reason)
         self._server.stopped.wait(15)
         with self._server.cond:
@@ -467,13 +488,6 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
 
     def __exit__(self, *exc):
         self.close()
-
-    def __del__(self):
-        try:
-            if not self._closed:
-                self.close("manager garbage-collected")
-        except Exception:
-            pass
 
 
 def _take(done, match):

@@ -31,7 +31,7 @@ HANDSHAKE_TIMEOUT = 10.0
 
 class Peer:
     __slots__ = ("conn", "wid", "hs", "state", "since", "last_recv", "last_send", "parts", "fetch",
-                 "out_errors", "writing")
+                 "out_errors", "writing", "shut")
 
     def __init__(self, conn, now, hs):
         self.conn = conn
@@ -45,6 +45,7 @@ class Peer:
         self.fetch = {}          # cachename -> comm.receive.Incoming: a temp being fetched
         self.out_errors = {}     # tid -> why an output could not be written
         self.writing = False     # registered for EVENT_WRITE (the socket was full)
+        self.shut = False        # stopping: our side half-closed, waiting for the worker to close its own
 
 
 class Server:
@@ -153,7 +154,7 @@ class Server:
                 self.journal.flush()
                 if self.n_workers != len(self.peers):
                     self._publish_workers()     # after the flush: a waiter finds the join in the journal
-                if self.stopping and not any(p.conn.wants_write() for p in self.all):
+                if self.stopping and not any(p.conn.wants_write() for p in self.all) and not self._half_close():
                     break
         except BaseException as e:   # the I/O thread must never die silently
             self.error = e
@@ -186,8 +187,9 @@ class Server:
                 ev.set()
         elif kind == "stop":
             self.stopping = True
-            for p in list(self.peers.values()):
-                p.conn.send("exit", {"reason": op[1], "final": self.final_exit})
+            for p in list(self.all):
+                if p.hs is None:        # joined, or welcomed and its info not read yet: both are told
+                    p.conn.send("exit", {"reason": op[1], "final": self.final_exit})
                 self.dirty.add(p)
             self._stop_deadline = now + 5.0
 
@@ -240,7 +242,41 @@ class Server:
             self.journal.write({"event": "connection closed", "peer": p.conn.peer, "reason": reason})
             log.warning("closed connection from %s: %s", p.conn.peer, reason)
 
+    def _half_close(self) -> bool:
+        """Stopping, the exits sent: end our side of each connection and wait for the worker to close
+        its own (it does on reading the exit). Closing outright while a worker's last message is still
+        unread would reset the connection, and the worker would report a normal end as a lost manager.
+        True while some worker has not closed yet (the stop deadline drops it)."""
+        for p in list(self.all):
+            if p.hs is not None:          # still authenticating: nothing to tell it
+                self._forget_quietly(p)
+            elif not p.shut:
+                p.shut = True
+                try:
+                    p.conn.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    self._forget_quietly(p)
+        return bool(self.all)
+
+    def _forget_quietly(self, p):
+        """A connection that ends while the manager stops: no worker lost, nothing requeued."""
+        self.all.discard(p)
+        self.dirty.discard(p)
+        try:
+            self.sel.unregister(p.conn.sock)
+        except (KeyError, ValueError):
+            pass
+        p.conn.close()
+        for f in list(p.parts.values()) + list(p.fetch.values()):
+            f.abort()
+
     def _readable(self, p):
+        if p.shut:                        # stopping: what comes now is unread; EOF means the worker left
+            try:
+                p.conn.recv()
+            except Closed:
+                self._forget_quietly(p)
+            return
         try:
             if p.hs is not None:
                 msgs = self._handshake(p, p.conn.recv())

@@ -24,6 +24,10 @@ from .loop import Loop, ManagerGone, SessionOver
 log = logging.getLogger("vinehpc.worker")
 
 
+class Rejected(Exception):
+    """The manager closed the connection once it had our secret: it did not accept it."""
+
+
 class Worker(Loop):
     def __init__(self, address: str, secret: str, *, cores=None, memory=None, disk=None, gpus=None,
                  workdir=None, connect_timeout=60.0, reconnect=True, exit_on_refused=False, image=None, settings=None):
@@ -51,6 +55,7 @@ class Worker(Loop):
         self.connect_timeout = connect_timeout
         self.exit_on_refused = exit_on_refused   # a pilot's worker: a refused connection means the run is over
         self.refused = False
+        self.connect_error = None
         self.proxy = None          # the local tunnel proxy (userlevel_net.proxy), when the manager offers one
         self.proxy_egress = None
         self.hostname = settings.slurm.node_name or socket.gethostname()   # a Slurm node's name
@@ -62,6 +67,7 @@ class Worker(Loop):
         """Serve managers until told to exit or the manager is unreachable. Returns an exit code."""
         try:
             served = False
+            rejected = failed = 0
             while not self.exit_requested:
                 sock = self._connect()
                 if sock is None:
@@ -71,22 +77,36 @@ class Worker(Loop):
                     if served:
                         log.info("manager %s:%d is gone; exiting", *self.addr)
                         return 0
-                    log.error("could not reach the manager at %s:%d within %.0f s: check the address and that "
-                              "the manager is running", self.addr[0], self.addr[1], self.connect_timeout)
+                    log.error("could not reach the manager at %s:%d within %.0f s (--connect-timeout): %s",
+                              self.addr[0], self.addr[1], self.connect_timeout, self.connect_error)
                     return 1
                 try:
                     self._handshake(sock)
                 except PermissionError as e:
                     log.error("%s", e)
                     return 2
-                except (OSError, ProtocolError, Closed) as e:
-                    log.warning("handshake with %s:%d failed: %s", self.addr[0], self.addr[1], e)
+                except Rejected as e:
+                    # a wrong secret never heals; twice in a row rules out a manager that was just stopping
                     sock.close()
-                    if not self.reconnect:
+                    rejected += 1
+                    if rejected >= 2:
+                        log.error("%s: the secret is wrong (retrying will not help); give the run's secret with "
+                                  "--secret-file RUN_DIR/secret or --contact RUN_DIR/contact.json", e)
+                        return 2
+                    time.sleep(0.5)
+                    continue
+                except (OSError, ProtocolError, Closed) as e:
+                    # before our secret was checked: a manager stopping or not yet up; connecting again tells
+                    log.info("handshake with %s:%d failed: %s", self.addr[0], self.addr[1], e)
+                    sock.close()
+                    failed += 1
+                    if not self.reconnect and failed >= 3:
+                        log.warning("handshake with %s:%d failed: %s", self.addr[0], self.addr[1], e)
                         return 1
-                    time.sleep(1.0)
+                    time.sleep(1.0 if self.reconnect else 0.2)
                     continue
                 served = True
+                rejected = failed = 0
                 try:
                     self._serve()
                 except SessionOver as e:
@@ -102,8 +122,11 @@ class Worker(Loop):
             self.shutdown()
 
     def _connect(self):
+        """A connection to the manager, retried with backoff for connect_timeout seconds; None if
+        none (the last reason in connect_error). The reason is said once, at the first failure."""
         deadline = time.monotonic() + self.connect_timeout
         delay = 0.05
+        said = False
         while True:
             try:
                 return socket.create_connection(self.addr, timeout=10)
@@ -111,15 +134,20 @@ class Worker(Loop):
                 if self.exit_on_refused:
                     self.refused = True
                     return None
-                if time.monotonic() + delay > deadline:
-                    return None
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            except OSError:
-                if time.monotonic() + delay > deadline:
-                    return None
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                why = "connection refused (nothing listens on port %d there)" % self.addr[1]
+            except socket.gaierror as e:
+                why = "cannot resolve %r: %s" % (self.addr[0], e.strerror)
+            except OSError as e:
+                why = e.strerror or str(e)
+            self.connect_error = why
+            if time.monotonic() + delay > deadline:
+                return None
+            if not said:
+                log.warning("cannot reach the manager at %s:%d: %s; retrying for up to %.0f s", self.addr[0],
+                            self.addr[1], why, max(0.0, deadline - time.monotonic()))
+                said = True
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     def _handshake(self, sock):
         hs = handshake.Answerer(self.secret, handshake.WORKER)
@@ -141,6 +169,9 @@ class Worker(Loop):
         sock.sendall(hs.auth())
         try:
             welcome = step()
+        except (Closed, ConnectionResetError):
+            raise Rejected("the manager at %s:%d closed the connection after checking our secret" % self.addr) \
+                from None
         except handshake.AuthFailed:
             raise PermissionError("the manager at %s:%d did not prove it knows the secret: refusing to run its tasks"
                                   % self.addr) from None
