@@ -1,0 +1,179 @@
+"""The first hour of a new user, each stumble reproduced with real processes (issue 13).
+
+Scripts are written to tmp_path and run as a user would run them (python3 SCRIPT, vinehpc run,
+vinehpc worker); each test times the whole process and reads what it printed.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(**extra):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("VINEHPC_SECRET", None)
+    env.update(extra)
+    return env
+
+
+def run(cmd, cwd, timeout=60, **env):
+    """Run cmd to its end; returns (exit code, stdout+stderr, seconds)."""
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, cwd=cwd, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, timeout=timeout)
+    return r.returncode, r.stdout, time.monotonic() - t0
+
+
+def script(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ a manager never closed
+def test_unclosed_manager_with_local_workers_exits_promptly(tmp_path):
+    s = script(tmp_path, "noclose.py", """
+        import vinehpc as vine
+        m = vine.Manager(local_workers=2)
+        m.submit(vine.Task("echo hi"))
+        print(m.wait(30).std_output.strip())
+    """)
+    code, out, took = run([sys.executable, s], tmp_path)
+    assert code == 0, out
+    assert out.strip() == "hi", out          # nothing else: no worker complaining the manager was lost
+    assert took < 8, "took %.1f s to exit" % took
+
+
+def test_unclosed_manager_on_a_fixed_port_with_a_hand_started_worker(tmp_path):
+    port = free_port()
+    s = script(tmp_path, "fixed.py", """
+        import sys, vinehpc as vine
+        m = vine.Manager(%d, run_dir=sys.argv[1])
+        m.wait_for_workers(1, timeout=30)
+        for i in range(5):
+            m.submit(vine.Task("echo %%d" %% i))
+        while not m.empty():
+            m.wait(10)
+        print("all done")
+    """ % port)
+    run_dir = str(tmp_path / "run")
+    env = _env()
+    mgr = subprocess.Popen([sys.executable, s, run_dir], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    secret = os.path.join(run_dir, "secret")
+    deadline = time.monotonic() + 20
+    while not os.path.exists(secret) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    w = subprocess.Popen([sys.executable, "-m", "vinehpc", "worker", "127.0.0.1:%d" % port, "--secret-file", secret],
+                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = mgr.communicate(timeout=40)
+        wout, _ = w.communicate(timeout=20)
+    finally:
+        for p in (mgr, w):
+            if p.poll() is None:
+                p.kill()
+    took = time.monotonic() - t0
+    assert mgr.returncode == 0, out
+    assert "all done" in out
+    assert "could not acquire lock" not in out and "Fatal Python error" not in out, out
+    assert w.returncode == 0, wout
+    assert "lost the manager" not in wout, wout
+    assert took < 15, took
+
+
+# ------------------------------------------------------------------ a script that fails at once
+def test_script_failing_in_its_first_second_exits_promptly(tmp_path):
+    s = script(tmp_path, "typo.py", """
+        import vinehpc as vine
+        m = vine.Manager()
+        m.submit(vine.Task("echo hi"))
+        undefined_name
+    """)
+    code, out, took = run([sys.executable, "-m", "vinehpc", "run", "-n", "4", s], tmp_path)
+    assert code == 1, out
+    assert "NameError" in out
+    assert "handshake" not in out and "lost the manager" not in out, out
+    assert took < 6, "took %.1f s" % took
+
+
+# ------------------------------------------------------------------ a normal end is quiet
+def test_normal_end_with_tasks_still_running_prints_no_lost_manager(tmp_path):
+    s = script(tmp_path, "early.py", """
+        import vinehpc as vine
+        m = vine.Manager()
+        for i in range(200):
+            m.submit(vine.Task("sleep 0.05; echo %d" % i))
+        m.wait(10)
+        print("ok")
+    """)
+    for _ in range(3):      # the reset was a race: give it several chances
+        code, out, took = run([sys.executable, "-m", "vinehpc", "run", "-n", "4", s], tmp_path)
+        assert code == 0, out
+        assert out.strip() == "ok", out
+
+
+# ------------------------------------------------------------------ workers that cannot join
+def test_worker_with_a_wrong_secret_exits_with_the_reason(tmp_path):
+    port = free_port()
+    s = script(tmp_path, "mgr.py", """
+        import sys, time, vinehpc as vine
+        m = vine.Manager(%d, secret="right-secret-0123456789", run_dir=sys.argv[1])
+        print("listening", flush=True)
+        time.sleep(30)
+    """ % port)
+    mgr = subprocess.Popen([sys.executable, s, str(tmp_path / "run")], cwd=tmp_path, env=_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert mgr.stdout.readline().strip() == "listening"
+        code, out, took = run([sys.executable, "-m", "vinehpc", "worker", "127.0.0.1:%d" % port], tmp_path,
+                              timeout=30, VINEHPC_SECRET="wrong-secret-0123456789")
+    finally:
+        mgr.kill()
+        mgr.wait(10)
+    assert code == 2, out
+    assert "secret is wrong" in out, out
+    assert took < 10, took
+
+
+def test_worker_to_a_closed_port_says_refused_at_once_and_gives_up(tmp_path):
+    port = free_port()
+    w = subprocess.Popen([sys.executable, "-m", "vinehpc", "worker", "127.0.0.1:%d" % port, "--connect-timeout",
+                          "4"], cwd=tmp_path, env=_env(VINEHPC_SECRET="s" * 24), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.monotonic()
+        first = w.stdout.readline()
+        said = time.monotonic() - t0
+        rest, _ = w.communicate(timeout=30)
+    finally:
+        if w.poll() is None:
+            w.kill()
+    assert "refused" in first, first
+    assert said < 3, said                 # not after the whole timeout
+    assert w.returncode == 1
+    assert "refused" in rest and "within 4 s" in rest, rest
+    assert rest.count("retrying") == 0    # the reason is said once
+
+
+def test_worker_to_an_unknown_host_says_cannot_resolve(tmp_path):
+    code, out, took = run([sys.executable, "-m", "vinehpc", "worker", "no-such-host.invalid:9123",
+                           "--connect-timeout", "2"], tmp_path, VINEHPC_SECRET="s" * 24)
+    assert code == 1
+    assert "cannot resolve" in out, out
+    assert out.count("cannot resolve") == 2, out     # once when it starts retrying, once when it gives up
