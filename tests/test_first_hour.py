@@ -177,3 +177,43 @@ def test_worker_to_an_unknown_host_says_cannot_resolve(tmp_path):
     assert code == 1
     assert "cannot resolve" in out, out
     assert out.count("cannot resolve") == 2, out     # once when it starts retrying, once when it gives up
+
+
+# ------------------------------------------------------------------ outputs into folders
+@pytest.fixture
+def local_manager(tmp_path):
+    import vinehpc
+    m = vinehpc.Manager(local_workers=1, run_dir=str(tmp_path / "run"))
+    yield m
+    m.close()
+
+
+def test_small_output_into_a_folder_that_does_not_exist_is_written(local_manager, tmp_path):
+    import vinehpc
+    m = local_manager
+    small = tmp_path / "new" / "deeper" / "small.txt"
+    big = tmp_path / "other" / "big.bin"
+    t = vinehpc.Task("echo hello > small.txt; head -c 5000000 /dev/zero > big.bin")
+    t.add_output(m.declare_file(str(small)), "small.txt")
+    t.add_output(m.declare_file(str(big)), "big.bin")
+    m.submit(t)
+    assert m.wait(30) is t
+    assert t.successful(), (t.result, t.reason)
+    assert small.read_text() == "hello\n"
+    assert big.stat().st_size == 5000000
+
+
+def test_output_the_manager_cannot_write_is_its_failure_with_every_error_kept(local_manager, tmp_path):
+    import vinehpc
+    m = local_manager
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    t = vinehpc.Task("echo one > one.txt; echo two > two.txt")
+    t.add_output(m.declare_file(str(blocker / "one.txt")), "one.txt")
+    t.add_output(m.declare_file(str(blocker / "sub" / "two.txt")), "two.txt")
+    m.submit(t)
+    assert m.wait(30) is t
+    assert t.result == vinehpc.VINE_RESULT_OUTPUT_TRANSFER_ERROR, (t.result, t.reason)
+    assert t.exit_code == 0
+    assert "the manager could not write 2 outputs" in t.reason, t.reason
+    assert "one.txt" in t.reason and "two.txt" in t.reason, t.reason

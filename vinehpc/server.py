@@ -43,9 +43,14 @@ class Peer:
         self.last_send = now
         self.parts = {}          # (tid, remote) -> comm.receive.Incoming: an output being received
         self.fetch = {}          # cachename -> comm.receive.Incoming: a temp being fetched
-        self.out_errors = {}     # tid -> why an output could not be written
+        self.out_errors = {}     # tid -> [why each output that could not be written was not]
         self.writing = False     # registered for EVENT_WRITE (the socket was full)
         self.shut = False        # stopping: our side half-closed, waiting for the worker to close its own
+
+
+def _output_error(p, tid, path, e):
+    """Keep why output `path` of task `tid` could not be written (every output's, not the last)."""
+    p.out_errors.setdefault(tid, []).append("%s (%s)" % (path, getattr(e, "strerror", None) or e))
 
 
 class Server:
@@ -362,9 +367,12 @@ class Server:
         sent = self.sent.get(tid)
         if sent is not None and sent[0] == p.wid:
             del self.sent[tid]
-            err = p.out_errors.pop(tid, None)
-            if err and msg.status == "success":
-                ctl["status"], ctl["reason"] = "output missing", err
+            errs = p.out_errors.pop(tid, None)
+            if errs and msg.status == "success":
+                # the task did its part: the manager could not keep what it sent (TaskVine's word)
+                ctl["status"] = "output transfer error"
+                ctl["reason"] = "the manager could not write %s: %s" % (
+                    "its output" if len(errs) == 1 else "%d outputs" % len(errs), "; ".join(errs))
         self._feed(TaskResult(p.wid, tid, ctl, msg.value), now)
 
     def _on_outfile(self, p, msg, ctl, now):
@@ -379,12 +387,14 @@ class Server:
             if dest is None:
                 raise ProtocolError("output %r is not an output of task %s" % (remote, tid))
             if msg.last and not msg.tar:
-                # the whole file in one chunk: one write in place, no temporary file and rename
+                # the whole file in one chunk: one write in place, no temporary file and rename; its
+                # folder is made as for a larger one (comm/receive.py, parents=True)
                 try:
+                    os.makedirs(os.path.dirname(dest.source), exist_ok=True)
                     with open(dest.source, "wb") as out:
                         out.write(msg.data)
                 except OSError as e:
-                    p.out_errors[tid] = "cannot write output %r: %s" % (dest.source, e)
+                    _output_error(p, tid, dest.source, e)
                 dest.invalidate()
                 return
             f = p.parts[key] = Incoming(dest.source, "%s.vinehpc-part-%s" % (dest.source, tid),
@@ -395,8 +405,8 @@ class Server:
             del p.parts[key]
             try:
                 f.finish()
-            except (OSError, tarfile.TarError) as e:   # the task is reported as failed ("output missing")
-                p.out_errors[tid] = "cannot write output %r: %s" % (f.dest, e)
+            except (OSError, tarfile.TarError) as e:
+                _output_error(p, tid, f.dest, e)
             f.output.invalidate()
 
     def _on_watch(self, p, msg, ctl, now):

@@ -69,7 +69,8 @@ class Task:
 
     Inputs are linked into the sandbox under their remote names; outputs are collected from
     it when the command ends.  Results (TaskVine's): result (a word: "success" when the
-    command ran to its end -- whatever its exit code --, "failed", "output missing",
+    command ran to its end -- whatever its exit code --, "failed", "output missing" (the task did
+    not make an output), "output transfer error" (the manager could not write one it sent),
     "resource exhaustion", "cancelled", ...), exit_code, completed() (result is "success"),
     successful() (completed with exit code 0), std_output (stdout and stderr merged, last
     MiB), reason (a sentence), hostname, addrport, worker, attempts.
