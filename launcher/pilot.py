@@ -252,7 +252,8 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
         one_host = len(set(hosts)) == 1 and not settings.manager_host
         address = "127.0.0.1:%d" % port if one_host else contact
         secret = auth.new_secret()
-        meet = {"address": address, "secret": secret, "contact": contact}
+        # each worker copies its log there when it exits: node-local disks vanish with the allocation
+        meet = {"address": address, "secret": secret, "contact": contact, "logs": os.path.join(run_dir, "workers")}
     else:
         meet = None
     meet = comm.bcast(meet, root=0)
@@ -278,7 +279,8 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
     MPI.Finalize()    # from here on, plain processes: a lost rank cannot abort the others
 
     if rank != 0:
-        stop_workers(_start(n, meet, cores, memory, connect_timeout, local_image), timeout=None, kill_after=5.0)
+        stop_workers(_start(n, meet, cores, memory, connect_timeout, local_image, meet["logs"]), timeout=None,
+                     kill_after=5.0)
         return 0     # a lost worker is not a failed job
 
     from vinehpc.script import run_script       # rank 0 only: the other ranks never run the script
@@ -290,7 +292,7 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
                         contact))
     ctx = PilotRun(lsock, meet["address"], meet["secret"], run_dir, settings, expected_workers=total,
                    grace=grace if grace is not None else settings.grace, tunnel=tunnel)
-    own = _start(n, meet, cores, memory, connect_timeout, local_image)
+    own = _start(n, meet, cores, memory, connect_timeout, local_image, meet["logs"])
     ctx.watcher = drain.Watcher(run_dir, drain_key, ctx.drain, job=settings.slurm.job_id, since=started)
     signal.signal(signal.SIGUSR1, ctx.on_walltime)
     while _EARLY:
@@ -314,8 +316,8 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
     return code
 
 
-def _start(n, meet, cores, memory, connect_timeout, image):
+def _start(n, meet, cores, memory, connect_timeout, image, log_dir):
     """This rank's `n` workers; a pilot's worker exits when the manager's socket refuses it
     (the run is over), and reconnects otherwise (the script's next manager)."""
     return start_workers(n, meet["address"], meet["secret"], cores=cores, memory=memory, image=image,
-                         connect_timeout=connect_timeout, exit_on_refused=True) if n else []
+                         connect_timeout=connect_timeout, exit_on_refused=True, log_dir=log_dir) if n else []

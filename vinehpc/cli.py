@@ -85,7 +85,11 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--no-reconnect", action="store_true", help="exit when the manager connection ends")
     w.add_argument("--exit-on-refused", action="store_true",
                    help="exit at once when the manager refuses connections (a pilot's workers: the run is over)")
-    w.add_argument("-v", "--verbose", action="store_true")
+    w.add_argument("--log-dir", metavar="DIR",
+                   help="copy the worker's log (WORKDIR/worker.log) to DIR/HOST-PID.log when it exits (launchers "
+                        "pass RUN_DIR/workers)")
+    w.add_argument("-v", "--verbose", action="store_true",
+                   help="log what the worker does (connections, sessions, failed tasks) on stderr too")
 
     d = sub.add_parser("drain", help="ask a run to stop dispatching and exit resumable (what the walltime warning does)",
                        description="Stop dispatching, give running tasks a grace, record what completed, exit "
@@ -161,6 +165,8 @@ def cmd_worker(args) -> int:
     from .worker.main import main as worker_main
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="vinehpc worker %(process)d: %(message)s")
+    for h in logging.getLogger().handlers:      # the log file gets INFO (worker/logfile.py); stderr less
+        h.setLevel(logging.INFO if args.verbose else logging.WARNING)
     settings = _settings("worker")
     if settings is None:
         return 2
@@ -193,7 +199,7 @@ def cmd_worker(args) -> int:
         return worker_main(args.address, secret, cores=args.cores, memory=args.memory, disk=args.disk,
                            gpus=args.gpus, workdir=args.workdir, connect_timeout=args.connect_timeout,
                            reconnect=not args.no_reconnect, exit_on_refused=args.exit_on_refused,
-                           image=args.image, settings=settings)
+                           image=args.image, settings=settings, log_dir=args.log_dir)
     except ValueError as e:
         print("vinehpc worker: %s" % e, file=sys.stderr)
         return 2
@@ -212,7 +218,9 @@ def cmd_run(args) -> int:
     if settings is None:
         return 2
     mode = args.progress or settings.progress
-    progress = mode == "always" or (mode == "auto" and sys.stderr.isatty())
+    # a terminal gets a live line; a log (not a terminal) a line every settings.progress_interval s
+    live = mode == "always" or (mode == "auto" and sys.stderr.isatty())
+    progress = "live" if live else ("lines" if mode == "auto" else None)
     workers = args.workers or len(os.sched_getaffinity(0))
     return run_script(script, args.args, LocalRun(workers, args.cores_per_worker, settings, progress=progress,
                                                   tunnel=args.tunnel))

@@ -179,7 +179,8 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         if self._ctx is not None:
             self._ctx.manager_started(self)
         elif local_workers:
-            self._local = LocalWorkers(local_workers, cores=cores_per_worker or 1, worker_dir=settings.worker_dir)
+            self._local = LocalWorkers(local_workers, cores=cores_per_worker or 1, worker_dir=settings.worker_dir,
+                                       log_dir=os.path.join(self.run_dir, "workers"))
             self._local.start("127.0.0.1:%d" % self.port, self.secret)
         else:
             log.warning("vinehpc manager listening on %s; add workers with: vinehpc worker %s --secret-file %s",

@@ -323,7 +323,7 @@ class Core:
             if n.startswith("temp-"):
                 self.replicas[n].add(e.wid)
         self._log("worker joined", worker=e.wid, host=w.host, resources=w.total, pid=e.info.get("pid"),
-                  cached=len(w.cached))
+                  cached=len(w.cached), log=e.info.get("log"))
 
     def _forget_function(self, e, now):
         # w.fns keeps the fid: the worker keeps the bytes and reloads them if a call comes again
@@ -336,7 +336,8 @@ class Core:
         w = self.workers.pop(wid, None)
         if w is None:
             return
-        self._log("worker lost", worker=wid, host=w.host, reason=e.reason, tasks=sorted(w.tasks))
+        self._log("worker lost", worker=wid, host=w.host, reason=e.reason, tasks=sorted(w.tasks),
+                  log=w.info.get("log"))
         for n in w.cached:
             s = self.replicas.get(n)
             if s is not None:

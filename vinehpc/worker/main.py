@@ -19,6 +19,7 @@ from ..comm import Closed, Connection
 from ..protocol import ProtocolError, handshake, wire
 from ..config import Settings      # the environment is read once, in Settings
 from . import resources
+from .logfile import WorkerLog
 from .loop import Loop, ManagerGone, SessionOver
 
 log = logging.getLogger("vinehpc.worker")
@@ -30,7 +31,8 @@ class Rejected(Exception):
 
 class Worker(Loop):
     def __init__(self, address: str, secret: str, *, cores=None, memory=None, disk=None, gpus=None,
-                 workdir=None, connect_timeout=60.0, reconnect=True, exit_on_refused=False, image=None, settings=None):
+                 workdir=None, connect_timeout=60.0, reconnect=True, exit_on_refused=False, image=None, settings=None,
+                 log_dir=None):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError("manager address must be HOST:PORT, got %r" % address)
@@ -61,6 +63,10 @@ class Worker(Loop):
         self.hostname = settings.slurm.node_name or socket.gethostname()   # a Slurm node's name
         super().__init__(workdir=workdir, total=total, gpu_ids=ids, hostname=self.hostname, reconnect=reconnect,
                          default_image=default_image)
+        # log_dir: where the log is copied when the worker exits (its workdir may be removed then)
+        self.log = WorkerLog(workdir, log_dir, "%s-%d" % (self.hostname, os.getpid()))
+        log.info("worker pid %d on %s for %s:%d: %s, workdir %s", os.getpid(), self.hostname, self.addr[0],
+                 self.addr[1], ", ".join("%s %s" % kv for kv in sorted(total.items())), workdir)
 
     # ---------------------------------------------------------------- life
     def run(self) -> int:
@@ -181,7 +187,8 @@ class Worker(Loop):
         conn = Connection(sock, hs.rest)       # with whatever followed the welcome
         self.conn = conn
         info = dict(self.total, host=self.hostname, pid=os.getpid(), cached=sorted(self.cache.entries),
-                    workdir=self.workdir, version=wire.VERSION)
+                    workdir=self.workdir, version=wire.VERSION, log=self.log.path)
+        log.info("joined the manager at %s:%d as worker %s", self.addr[0], self.addr[1], welcome.wid)
         conn.send("info", info)
         self.sel.register(sock, selectors.EVENT_READ, ("manager", None))
         self._writing = False
@@ -206,6 +213,8 @@ class Worker(Loop):
         self.close()
         if self.proxy is not None:
             self.proxy.stop()
+        log.info("worker exits")
+        self.log.close()
         if self.own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
