@@ -30,18 +30,19 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vinehpc", description="Many-task workloads on HPC allocations.")
     p.add_argument("--version", action="version", version="vinehpc " + _version())
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
 
     r = sub.add_parser("run", help="run a tasks.py with local workers",
                        description="Run SCRIPT as __main__; every vinehpc.Manager()/Executor() it creates gets "
                                    "WORKERS local worker processes.")
     r.add_argument("-n", "--workers", type=_positive_int, default=None,
                    help="number of local workers (default: one per core)")
-    r.add_argument("--cores-per-worker", type=_positive_int, default=1, metavar="C")
+    r.add_argument("--cores-per-worker", type=_positive_int, default=1, metavar="C",
+                   help="cores each local worker offers (default 1); memory and disk are shared among the workers")
     r.add_argument("--tunnel", action="store_true",
                    help="tasks reach the outside through the manager (proxy variables; see vinehpc net)")
     r.add_argument("--progress", choices=("auto", "always", "never"), default=None,
-                   help="progress line on stderr (default auto: when stderr is a terminal)")
+                   help="progress on stderr (default auto: a line redrawn on a terminal, else a line a minute "
+                        "($VINEHPC_PROGRESS_INTERVAL s); always: the redrawn line; never: none)")
     r.add_argument("script")
     r.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -73,12 +74,16 @@ def parser() -> argparse.ArgumentParser:
                                    "and run its tasks.")
     w.add_argument("address", metavar="HOST:PORT", nargs="?")
     w.add_argument("--contact", metavar="FILE", help="a pilot's contact file (RUN_DIR/contact.json)")
-    w.add_argument("--cores", type=_positive_int)
+    w.add_argument("--cores", type=_positive_int,
+                   help="cores offered to tasks (default: every CPU this process may use)")
     w.add_argument("--memory", type=_nonneg_int, help="MB (default: all of this machine's)")
     w.add_argument("--disk", type=_nonneg_int, help="MB (default: free space of the work dir)")
-    w.add_argument("--gpus", type=_nonneg_int)
+    w.add_argument("--gpus", type=_nonneg_int,
+                   help="GPUs offered (default: those detected; tasks get theirs in CUDA_VISIBLE_DEVICES)")
     w.add_argument("--secret-file", metavar="F", help="file holding the run's secret (default: $VINEHPC_SECRET)")
-    w.add_argument("--workdir", help="cache and sandboxes (default: a fresh temporary directory)")
+    w.add_argument("--workdir", help="cache, sandboxes and the worker's log (default: a fresh directory in "
+                                     "$VINEHPC_WORKER_DIR, else $TMPDIR or /tmp, removed at exit; local workers "
+                                     "of `vinehpc run`/Manager(local_workers=) use /dev/shm when it has room)")
     w.add_argument("--connect-timeout", type=float, default=60.0, metavar="S",
                    help="give up after S seconds without reaching the manager (default 60)")
     w.add_argument("--image", metavar="ENV.vimg", help="run every task inside this environment image")
@@ -100,6 +105,15 @@ def parser() -> argparse.ArgumentParser:
                                                "(vine.sh passes its own); without it, only a run already going acts")
     d.add_argument("--why", default="user", help="said in the run's output (vine.sh: the signal's name)")
 
+    lg = sub.add_parser("logs", help="a task's story or a worker's log, from a run directory",
+                        description="From RUN_DIR alone (also after the run): --task ID shows the task's command, "
+                                    "attempts, workers, result, the end of its output and its workers' log lines "
+                                    "around it; --worker ID a worker's log; neither: the workers and where their "
+                                    "logs are.")
+    lg.add_argument("run_dir", metavar="RUN_DIR")
+    lg.add_argument("--task", type=_nonneg_int, metavar="ID")
+    lg.add_argument("--worker", type=_nonneg_int, metavar="ID")
+
     from sysimage_tools.audit.cli import add_parser as add_audit_parser
     add_audit_parser(sub)
 
@@ -117,7 +131,14 @@ def _version():
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command is None:       # bare `vinehpc`: what it can do, not an error
+        p.print_help()
+        return 0
+    if args.command == "logs":
+        from .logs import cli as cmd_logs
+        return cmd_logs(args.run_dir, task=args.task, worker=args.worker)
     if args.command == "audit":
         from sysimage_tools.audit.cli import cmd_audit
         return cmd_audit(args)

@@ -196,7 +196,7 @@ class Core:
             else:
                 self.names.pop(k, None)        # to be made again: named again
         self._log("submitted", task=task.id, kind=type(task).__name__, category=task.category,
-                  tag=task.tag, resources=ts.res)
+                  tag=task.tag, resources=ts.res, command=_what(task))
         self._make_ready_or_wait(ts, front=front)
 
     def _resumed(self, e, now):
@@ -507,7 +507,8 @@ class Core:
         if not resumed:
             self._log("done" if ok else "failed", task=ts.tid, worker=ts.wid, result=result,
                       exit_code=ts.exit_code, reason=reason, wall=ts.wall, attempts=ts.attempts,
-                      category=task.category, allocated=task.resources_allocated, measured=ts.measured)
+                      category=task.category, allocated=task.resources_allocated, measured=ts.measured,
+                      output=_tail(ts.stdout, OUTPUT_KEPT[ok]))
         for f, _ in task.outputs:
             k = self._key(f)
             if not ok and f.kind == "temp":
@@ -522,3 +523,21 @@ class Core:
             self.out.append(TaskFinished(task, ts.on_done))
         else:
             self._recovery_of.pop(ts.tid, None)
+
+
+# the end of a task's output kept in its journal record (`vinehpc logs --task`): more for a
+# failure, which is what one looks up; little for a success, so a big run's journal stays small
+OUTPUT_KEPT = {True: 256, False: 4096}
+
+
+def _what(task) -> str:
+    """What a task runs, for the journal: its command line, or a Python task's function name."""
+    fn = getattr(task, "fn", None)
+    what = task.command if fn is None else "%s()" % (getattr(fn, "__qualname__", None) or repr(fn))
+    return _tail(what, 1000, head=True)
+
+
+def _tail(text, n, head=False):
+    if not text or len(text) <= n:
+        return text
+    return text[:n] + "..." if head else "..." + text[-n:]
