@@ -12,7 +12,7 @@ from vinehpc import drain
 from vinehpc._context import ManagerOptions
 from vinehpc.local import LocalWorkers
 
-from .progress import KEYS, Progress, totals
+from .progress import Progress
 
 
 class LocalRun:
@@ -32,9 +32,8 @@ class LocalRun:
         self.watchers = {}       # manager -> its drain watcher (`vinehpc drain RUN_DIR`)
         self.lock = threading.Lock()
         self.run_dirs = []
-        self.finished = dict.fromkeys(KEYS, 0)    # totals of the managers already closed
         self._stdout = None
-        self.progress = Progress("vinehpc", self._counted, self._finished, live=progress == "live",
+        self.progress = Progress("vinehpc", self._counted, live=progress == "live",
                                  interval=settings.progress_interval)
         if progress:
             self.progress.start()
@@ -45,10 +44,6 @@ class LocalRun:
     def _counted(self):
         with self.lock:
             return list(self.managers)
-
-    def _finished(self):
-        with self.lock:
-            return dict(self.finished)
 
     # context protocol (see vinehpc/_context.py)
     def manager_options(self) -> ManagerOptions:
@@ -74,13 +69,10 @@ class LocalRun:
         return ms[-1] if ms else None
 
     def manager_closed(self, manager) -> None:
-        final = totals([manager]) or {}
+        self.progress.closed(manager)
         with self.lock:
             lw = self.managers.pop(manager, None)
             watcher = self.watchers.pop(manager, None)
-            for k in KEYS:
-                if k != "workers":
-                    self.finished[k] += final.get(k, 0)
         if watcher is not None:
             watcher.stop()
         if lw is not None:

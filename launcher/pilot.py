@@ -34,6 +34,7 @@ from vinehpc import drain
 
 from . import slurm
 from .contact import write_contact
+from .progress import Progress
 
 _HELD = []              # the run directory's lock, held for the life of rank 0
 RESUMABLE = 75          # EX_TEMPFAIL: "try again" - the job stopped early and can be resumed
@@ -96,6 +97,13 @@ class PilotRun:
         self.walltime = None
         self.lock = threading.Lock()
         self.watcher = None        # the drain watcher (vinehpc/drain.py), set by main()
+        # a pilot's stderr is a job's log: a line a minute there (a redrawn line on a terminal)
+        self.progress = Progress("vinehpc pilot", self._counted, live=sys.stderr.isatty(),
+                                 interval=settings.progress_interval)
+
+    def _counted(self):
+        with self.lock:
+            return list(self.managers)
 
     def open_manager(self):
         with self.lock:
@@ -121,6 +129,7 @@ class PilotRun:
             m.drain(0.0)
 
     def manager_closed(self, m):
+        self.progress.closed(m)
         with self.lock:
             if m in self.managers:
                 self.managers.remove(m)
@@ -231,10 +240,14 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
         elif image is not None and not os.path.isfile(image):
             err = "no such environment image: %s (build one with: vinehpc sysimage python ...)" % image
         else:
+            from vinehpc.manager import link_latest
             from vinehpc.resume import RunDirInUse, lock_run_dir
+            given_dir = run_dir is not None
             run_dir = os.path.abspath(run_dir or os.path.join(
                 os.getcwd(), "vine-run-info", "pilot-" + os.path.splitext(os.path.basename(script))[0]))
             os.makedirs(run_dir, exist_ok=True)
+            if not given_dir:
+                link_latest(run_dir)
             try:
                 _HELD.append(lock_run_dir(run_dir))     # held until this process ends
                 drain_key = drain.ensure_key(run_dir)
@@ -298,7 +311,10 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
     while _EARLY:
         ctx.watcher.notify(_EARLY.popleft())
     ctx.watcher.start()     # acts on what already waits before the script makes its first manager
+    if settings.progress != "never":
+        ctx.progress.start()
     code = run_script(script, argv, ctx, sigterm=ctx.on_walltime)
+    ctx.progress.stop()
     ctx.watcher.stop()
     released = ctx.release_workers()
     stop_workers(own, timeout=15, kill_after=5.0)
@@ -307,6 +323,7 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
         os.unlink(contact)
     except OSError:
         pass
+    ctx.progress.summary("run directory %s" % run_dir)
     if ctx.walltime is not None:
         sys.stderr.write("vinehpc pilot: stopped early (%s); completed tasks are recorded in %s.\n"
                          "vinehpc pilot: RESUMABLE: submit the same job again to run what is left.\n"

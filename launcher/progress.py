@@ -39,10 +39,12 @@ def totals(managers) -> dict | None:
 
 
 class Progress:
-    """`managers()`: the managers to count now; `closed()`: totals of those already closed."""
+    """`managers()`: the open managers to count now (those closed are added by closed())."""
 
-    def __init__(self, label: str, managers, closed, *, live: bool, interval: float = 60.0, stream=None):
-        self.label, self.managers, self.closed = label, managers, closed
+    def __init__(self, label: str, managers, *, live: bool, interval: float = 60.0, stream=None):
+        self.label, self.managers = label, managers
+        self.finished = dict.fromkeys(KEYS, 0)       # totals of the managers already closed
+        self._lock = threading.Lock()
         self.live, self.interval = live, interval
         self.stream = stream or sys.stderr
         self.t0 = time.monotonic()
@@ -56,7 +58,8 @@ class Progress:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(2)
+        if self._thread.ident is not None:      # started
+            self._thread.join(2)
         self.clear()
 
     def clear(self) -> None:
@@ -65,9 +68,18 @@ class Progress:
             self.stream.flush()
             self.shown = False
 
+    def closed(self, manager) -> None:
+        """A manager closed: its final counts stay in the run's (its workers do not)."""
+        final = totals([manager]) or {}
+        with self._lock:
+            for k in KEYS:
+                if k != "workers":
+                    self.finished[k] += final.get(k, 0)
+
     def counts(self) -> dict | None:
         now = totals(self.managers())
-        before = self.closed()
+        with self._lock:
+            before = dict(self.finished)
         if now is None and not any(before.values()):
             return None
         return {k: (now or {}).get(k, 0) + before.get(k, 0) for k in KEYS}

@@ -217,3 +217,91 @@ def test_output_the_manager_cannot_write_is_its_failure_with_every_error_kept(lo
     assert t.exit_code == 0
     assert "the manager could not write 2 outputs" in t.reason, t.reason
     assert "one.txt" in t.reason and "two.txt" in t.reason, t.reason
+
+
+# ------------------------------------------------------------------ what a run says about itself
+def test_resumed_run_says_how_many_tasks_it_resumed_and_from_where(tmp_path):
+    s = script(tmp_path, "res.py", """
+        import sys, vinehpc as vine
+        m = vine.Manager(local_workers=1, run_dir=sys.argv[1], resume=True)
+        for i in range(4):
+            m.submit(vine.Task("echo %d" % i))
+        while not m.empty():
+            m.wait(10)
+        m.close()
+    """)
+    run_dir = str(tmp_path / "run")
+    code, out, _ = run([sys.executable, s, run_dir], tmp_path)
+    assert code == 0 and "resumed" not in out, out
+    code, out, _ = run([sys.executable, s, run_dir], tmp_path)
+    assert code == 0, out
+    assert "4/4 tasks resumed from %s (remove it to start afresh)" % run_dir in out, out
+
+
+def test_vinehpc_run_prints_its_run_dir_links_latest_and_ends_with_a_summary(tmp_path):
+    s = script(tmp_path, "two.py", """
+        import vinehpc as vine
+        m = vine.Manager()
+        for i in range(3):
+            m.submit(vine.Task("echo %d" % i))
+        while not m.empty():
+            m.wait(10)
+    """)
+    for _ in range(2):
+        code, out, _ = run([sys.executable, "-m", "vinehpc", "run", "-n", "1", s], tmp_path,
+                           VINEHPC_RUN_DIR=str(tmp_path / "runs"))
+        assert code == 0, out
+    dirs = sorted(d for d in os.listdir(tmp_path / "runs") if not d.startswith(("latest", ".")))
+    assert len(dirs) == 2
+    newest = os.path.join(str(tmp_path / "runs"), os.readlink(tmp_path / "runs" / "latest"))
+    assert "vinehpc run: run directory %s" % newest in out, out
+    assert os.path.samefile(newest, tmp_path / "runs" / max(dirs, key=lambda d: os.stat(tmp_path / "runs" / d).st_mtime))
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("vinehpc: 3 done, 0 failed in ") and "tasks/s" in last and newest in last, out
+
+
+def test_progress_off_a_terminal_is_a_line_every_interval(tmp_path):
+    s = script(tmp_path, "slow.py", """
+        import vinehpc as vine
+        m = vine.Manager()
+        for i in range(12):
+            m.submit(vine.Task("sleep 0.3"))
+        while not m.empty():
+            m.wait(10)
+    """)
+    code, out, took = run([sys.executable, "-m", "vinehpc", "run", "-n", "2", s], tmp_path,
+                          VINEHPC_PROGRESS_INTERVAL="1")
+    assert code == 0, out
+    lines = [l for l in out.splitlines() if " elapsed" in l]
+    assert 1 <= len(lines) <= took + 1, out         # one a second here (a minute by default), not redrawn
+    assert "\r" not in out and "\033[K" not in out
+    assert any("ETA " in l for l in lines), out
+    code, out, _ = run([sys.executable, "-m", "vinehpc", "run", "-n", "2", "--progress", "never", s], tmp_path,
+                       VINEHPC_PROGRESS_INTERVAL="1")
+    assert " elapsed" not in out, out
+
+
+def test_bare_vinehpc_lists_the_commands(tmp_path):
+    code, out, _ = run([sys.executable, "-m", "vinehpc"], tmp_path)
+    assert code == 0, out
+    for c in ("run", "pilot", "worker", "logs", "sysimage", "audit"):
+        assert "\n    %s " % c in out, out
+
+
+@pytest.mark.parametrize("cmd, options", [("run", ["--cores-per-worker"]),
+                                          ("worker", ["--cores", "--gpus", "-v, --verbose", "--log-dir"])])
+def test_options_have_help(tmp_path, cmd, options):
+    import argparse
+    from vinehpc.cli import parser
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[cmd]
+    for a in sub._actions:
+        if set(a.option_strings) & {o.split(",")[0] for o in options}:
+            assert a.help, "%s %s has no help" % (cmd, a.option_strings)
+
+
+def test_the_first_hour_api_has_docstrings():
+    import vinehpc
+    for obj in (vinehpc.Task.set_cores, vinehpc.Task.set_category, vinehpc.Task.set_env_var, vinehpc.Task.set_gpus,
+                vinehpc.Task.set_tag, vinehpc.PythonTask.output, vinehpc.PythonTask.exception,
+                vinehpc.Executor.submit):
+        assert (obj.__doc__ or "").strip(), obj

@@ -60,6 +60,9 @@ class Executor(cf.Executor):
         self._collector.start()
 
     def submit(self, fn, /, *args, **kwargs) -> cf.Future:
+        """Run fn(*args, **kwargs) as a PythonTask on a worker; returns a concurrent.futures.Future
+        whose result() is its value (or raises its exception). cancel() succeeds until the task is
+        sent to a worker."""
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")

@@ -52,9 +52,26 @@ def _new_run_dir(root: str) -> str:
         d = os.path.join(root, "%s-%d-%d" % (stamp, os.getpid(), next(_run_seq)))
         try:
             os.makedirs(d)
-            return d
         except FileExistsError:
             continue
+        link_latest(d)
+        return d
+
+
+def link_latest(run_dir: str) -> None:
+    """Point RUN_DIR/../latest at `run_dir` (relative, replaced atomically: another run may be
+    doing the same), so the newest of the run directories that pile up is easy to find."""
+    root, name = os.path.split(run_dir)
+    tmp = os.path.join(root, ".latest-%d-%d" % (os.getpid(), threading.get_ident()))
+    try:
+        os.symlink(name, tmp)
+        os.replace(tmp, os.path.join(root, "latest"))
+    except OSError as e:        # a filesystem without symlinks: the run goes on
+        log.info("cannot link %s/latest: %s", root, e)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
@@ -170,6 +187,9 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         self.journal.write({"event": "manager started", "address": self.address, "pid": os.getpid(),
                             "python": sys.version.split()[0], "name": self.name,
                             "resumable": len(self.resume.completed) if self.resume else None})
+        if self.resume is not None and self.resume.completed:
+            log.warning("vinehpc: %s records %d completed task(s): the same tasks submitted again are resumed, "
+                        "not run (remove it to start afresh)", self.run_dir, len(self.resume.completed))
         self._submitted = self._returned = 0
         self._closed = False
         self._local = None
@@ -476,6 +496,9 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
                             "io_cpu_seconds": round(self._server.cpu, 3)})
         self.journal.close()
         if self.resume is not None:
+            if self.resume.resumed:      # a resumed run must not look like a run that did its work again
+                log.warning("vinehpc: %d/%d tasks resumed from %s (remove it to start afresh)",
+                            self.resume.resumed, self._submitted, self.run_dir)
             self.resume.close()
         if self._egress is not None:
             self._egress.stop()
