@@ -6,6 +6,7 @@ vinehpc worker); each test times the whole process and reads what it printed.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -305,3 +306,50 @@ def test_the_first_hour_api_has_docstrings():
                 vinehpc.Task.set_tag, vinehpc.PythonTask.output, vinehpc.PythonTask.exception,
                 vinehpc.Executor.submit):
         assert (obj.__doc__ or "").strip(), obj
+
+
+# ------------------------------------------------------------------ the image launcher's own cost
+@pytest.fixture(scope="module")
+def six_image(tmp_path_factory):
+    d = tmp_path_factory.mktemp("img")
+    out = str(d / "six.vimg")
+    code, text, _ = run([sys.executable, "-m", "vinehpc", "sysimage", "python", "--packages", "six", "-o", out], d,
+                        timeout=240)
+    assert code == 0, text
+    return out
+
+
+def _shared_ops(tmp_path, name, cmd):
+    """`vinehpc audit` of cmd, with the project and the Python installation counted as shared
+    filesystems (as on a cluster, where both live on one): (shared ops, the report)."""
+    import json
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    rep = str(tmp_path / (name + ".json"))
+    code, out, _ = run([sys.executable, "-m", "vinehpc", "audit", "--json", "-o", rep, "--shared", ROOT,
+                        "--shared", sys.base_prefix, "--"] + cmd, tmp_path, timeout=120)
+    assert code == 0, out
+    r = json.load(open(rep))
+    return r["shared"]["ops"], r
+
+
+def test_cheap_image_launcher_is_nearly_free_of_shared_filesystem_traffic(tmp_path, six_image):
+    local = str(tmp_path / "local")
+    launcher = os.path.join(ROOT, "sysimage_tools", "launch.py")
+    code, out, _ = run([sys.executable, "-S", launcher, six_image, "--local-dir", local, "--", sys.executable, "-c",
+                        "import six; print('six', six.__version__)"], tmp_path)
+    assert code == 0 and out.startswith("six "), out          # the first unpack on this "node" works under -S
+    cli, _ = _shared_ops(tmp_path, "cli", [sys.executable, "-m", "vinehpc", "sysimage", "run", "--local-dir", local,
+                                           six_image, "--", "true"])
+    cheap, rep = _shared_ops(tmp_path, "cheap", [sys.executable, "-S", launcher, six_image, "--local-dir", local,
+                                                 "--", "true"])
+    bare, _ = _shared_ops(tmp_path, "bare", [sys.executable, "-S", "-c", "pass"])
+    print("shared ops: vinehpc sysimage run %d, launch.py %d, bare python -S %d" % (cli, cheap, bare))
+    assert cheap * 3 < cli, (cheap, cli)
+    assert not [p for p in rep["top_shared_paths"] if p["path"].endswith("messages.mo")]   # no gettext probing
+    assert not [p for p in rep["top_shared_paths"] if "site-packages" in p["path"]]
+
+
+def test_audit_advice_points_at_the_cheap_launcher():
+    from sysimage_tools.audit.report import REMEDY
+    assert "python3 -S %s IMAGE -- CMD" % os.path.join(ROOT, "sysimage_tools", "launch.py") in REMEDY
