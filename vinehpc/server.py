@@ -228,15 +228,7 @@ class Server:
     def _drop(self, p, reason):
         if p not in self.all:
             return
-        self.all.discard(p)
-        self.dirty.discard(p)
-        try:
-            self.sel.unregister(p.conn.sock)
-        except (KeyError, ValueError):
-            pass
-        p.conn.close()
-        for f in list(p.parts.values()) + list(p.fetch.values()):
-            f.abort()           # a file that was arriving (comm.receive.Incoming): nothing of it stays
+        self._forget_quietly(p)
         now = time.monotonic()
         for n in p.fetch:
             self._feed(FetchFailed(n), now)
@@ -264,7 +256,8 @@ class Server:
         return bool(self.all)
 
     def _forget_quietly(self, p):
-        """A connection that ends while the manager stops: no worker lost, nothing requeued."""
+        """Close a connection and forget it, and nothing more (_drop also tells the core; a
+        connection that ends while the manager stops needs no worker lost, nothing requeued)."""
         self.all.discard(p)
         self.dirty.discard(p)
         try:
@@ -273,7 +266,7 @@ class Server:
             pass
         p.conn.close()
         for f in list(p.parts.values()) + list(p.fetch.values()):
-            f.abort()
+            f.abort()           # a file that was arriving (comm.receive.Incoming): nothing of it stays
 
     def _readable(self, p):
         if p.shut:                        # stopping: what comes now is unread; EOF means the worker left
@@ -387,11 +380,15 @@ class Server:
             if dest is None:
                 raise ProtocolError("output %r is not an output of task %s" % (remote, tid))
             if msg.last and not msg.tar:
-                # the whole file in one chunk: one write in place, no temporary file and rename; its
-                # folder is made as for a larger one (comm/receive.py, parents=True)
+                # the whole file in one chunk: one write in place, no temporary file and rename; a
+                # missing folder is made, as for a larger one (comm/receive.py, parents=True)
                 try:
-                    os.makedirs(os.path.dirname(dest.source), exist_ok=True)
-                    with open(dest.source, "wb") as out:
+                    try:
+                        out = open(dest.source, "wb")
+                    except FileNotFoundError:
+                        os.makedirs(os.path.dirname(dest.source), exist_ok=True)
+                        out = open(dest.source, "wb")
+                    with out:
                         out.write(msg.data)
                 except OSError as e:
                     _output_error(p, tid, dest.source, e)
