@@ -19,11 +19,11 @@ from conftest import read_journal
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def logs(*args):
+def logs(*args, expect=0):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-m", "vinehpc", "logs", *map(str, args)], env=env, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, timeout=60)
-    assert r.returncode == 0, r.stdout
+    assert r.returncode == expect, r.stdout
     return r.stdout
 
 
@@ -42,6 +42,7 @@ def run(tmp_path_factory):
     """A finished run: a task that succeeds, one that fails twice (one retry), one whose worker is killed."""
     run_dir = str(tmp_path_factory.mktemp("logs") / "run")
     m = vinehpc.Manager(local_workers=2, run_dir=run_dir)
+    m.wait_for_workers(2, timeout=30)
     ok = vinehpc.Task("echo fine")
     bad = vinehpc.Task("echo BOOM-OUTPUT; exit 3").set_retries(1)
     long = vinehpc.Task("sleep 60")
@@ -52,10 +53,9 @@ def run(tmp_path_factory):
     joined = {r["worker"]: r for r in read_journal(m, "worker joined")}
     os.kill(joined[victim]["pid"], signal.SIGKILL)
     poll(lambda: read_journal(m, "worker lost"), 30, "worker lost")
-    for _ in range(2):
-        assert m.wait(30) is not None
-    m.cancel(long)
-    assert m.wait(30) is long
+    m.cancel(long)       # requeued first in line: it would hold the other worker for a minute
+    got = {m.wait(30) for _ in range(3)}
+    assert got == {ok, bad, long}, got
     m.close()
     yield run_dir, ok, bad, long, victim, joined
     # the killed worker could not remove its work directory
@@ -112,3 +112,15 @@ def test_logs_of_a_task_from_a_successful_run(run):
     run_dir, ok, bad, long, victim, joined = run
     out = logs(run_dir, "--task", ok.id)
     assert "echo fine" in out and "done on worker" in out and "| fine" in out, out
+
+
+def test_logs_of_a_pilot_run_directory(run, tmp_path):
+    """A pilot's run directory: one journal per manager (manager-N/), the workers' logs at its top."""
+    run_dir, ok, bad, long, victim, joined = run
+    pilot = tmp_path / "pilot-x"
+    (pilot / "manager-0").mkdir(parents=True)
+    shutil.copy(os.path.join(run_dir, "transactions.jsonl"), pilot / "manager-0" / "transactions.jsonl")
+    shutil.copytree(os.path.join(run_dir, "workers"), pilot / "workers")
+    out = logs(pilot, "--task", bad.id)
+    assert "| BOOM-OUTPUT" in out and str(pilot / "workers") in out, out
+    assert logs(tmp_path / "nothing-here", expect=2).startswith("vinehpc logs: no transactions.jsonl")

@@ -139,9 +139,12 @@ def task_story(run_dir: str, tid: int, context: float = 5.0) -> str:
             stays.append((j, w, since, None, joined.get(w)))
     if not found:
         return "task %d: not in the journal of %s" % (tid, run_dir)
+    spans = {}       # one excerpt per worker: from its first attempt's dispatch to its last one's end
     for j, w, since, until, rec in stays:
-        if rec is None:
-            continue
+        if rec is not None:
+            s0, u0, _ = spans.get((j, w), (since, until, rec))
+            spans[(j, w)] = (min(s0, since), None if None in (u0, until) else max(u0, until), rec)
+    for (j, w), (since, until, rec) in spans.items():
         path = log_path(run_dir, j, rec)
         head = "worker %s (%s, pid %s) log" % (w, rec.get("host"), rec.get("pid"))
         if path is None:
