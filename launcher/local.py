@@ -4,19 +4,25 @@ The workers themselves are vinehpc.local.LocalWorkers (also what Manager(local_w
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
-import time
 
 from vinehpc import drain
 from vinehpc._context import ManagerOptions
 from vinehpc.local import LocalWorkers
 
+from .progress import Progress
+
 
 class LocalRun:
-    """The context of `vinehpc run`: every Manager() created by the script gets local workers."""
+    """The context of `vinehpc run`: every Manager() created by the script gets local workers.
 
-    def __init__(self, workers: int, cores_per_worker: int, settings, *, progress: bool = False,
+    progress: "live" (a line redrawn on the terminal), "lines" (a line every
+    settings.progress_interval seconds, for logs) or None; the run's directory and an
+    end-of-run summary line go to stderr whatever it is."""
+
+    def __init__(self, workers: int, cores_per_worker: int, settings, *, progress: str | None = None,
                  tunnel: bool = False, metrics_port: int | None = None):
         self.workers = workers
         self.metrics_port = metrics_port
@@ -26,16 +32,19 @@ class LocalRun:
         self.managers = {}       # manager -> LocalWorkers
         self.watchers = {}       # manager -> its drain watcher (`vinehpc drain RUN_DIR`)
         self.lock = threading.Lock()
-        self._progress = None
-        self._stop = threading.Event()
-        self._shown = False
+        self.run_dirs = []
         self._stdout = None
+        self.progress = Progress("vinehpc", self._counted, live=progress == "live",
+                                 interval=settings.progress_interval)
         if progress:
-            self._progress = threading.Thread(target=self._show_progress, daemon=True, name="vinehpc-progress")
-            self._progress.start()
-            if sys.stdout.isatty():
+            self.progress.start()
+            if progress == "live" and sys.stdout.isatty():
                 # the script's prints must not land on the progress line
                 self._stdout, sys.stdout = sys.stdout, _ClearingStream(sys.stdout, self)
+
+    def _counted(self):
+        with self.lock:
+            return list(self.managers)
 
     # context protocol (see vinehpc/_context.py)
     def manager_options(self) -> ManagerOptions:
@@ -43,13 +52,17 @@ class LocalRun:
                               metrics_port=self.metrics_port)
 
     def manager_started(self, manager) -> None:
-        lw = LocalWorkers(self.workers, cores=self.cores, worker_dir=self.settings.worker_dir)
+        self.clear_progress()
+        sys.stderr.write("vinehpc run: run directory %s\n" % manager.run_dir)
+        lw = LocalWorkers(self.workers, cores=self.cores, worker_dir=self.settings.worker_dir,
+                          log_dir=os.path.join(manager.run_dir, "workers"))
         lw.start("127.0.0.1:%d" % manager.port, manager.secret)
         watcher = drain.Watcher(manager.run_dir, drain.ensure_key(manager.run_dir),
                                 lambda grace, why: manager.drain(drain.grace_for(why, grace, self.settings.grace)))
         with self.lock:
             self.managers[manager] = lw
             self.watchers[manager] = watcher.start()
+            self.run_dirs.append(manager.run_dir)
 
     def open_manager(self):
         """The most recent open Manager of this run (an Executor() shares it), or None."""
@@ -58,6 +71,7 @@ class LocalRun:
         return ms[-1] if ms else None
 
     def manager_closed(self, manager) -> None:
+        self.progress.closed(manager)
         with self.lock:
             lw = self.managers.pop(manager, None)
             watcher = self.watchers.pop(manager, None)
@@ -68,7 +82,6 @@ class LocalRun:
 
     def shutdown(self) -> None:
         """Close managers the script left open and make sure no worker survives."""
-        self._stop.set()
         for m in list(self.managers):
             try:
                 m.close("vinehpc run is ending")
@@ -78,44 +91,14 @@ class LocalRun:
             rest, self.managers = list(self.managers.values()), {}
         for lw in rest:
             lw.stop(timeout=2)
-        if self._progress is not None:
-            self._progress.join(2)
-            self.clear_progress()
-            if self._stdout is not None:
-                sys.stdout = self._stdout
+        self.progress.stop()
+        if self._stdout is not None:
+            sys.stdout = self._stdout
+        if self.run_dirs:
+            self.progress.summary("run directory %s" % self.run_dirs[-1])
 
     def clear_progress(self):
-        if self._shown:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-            self._shown = False
-
-    def _show_progress(self):
-        last = ""
-        t0, done0 = time.monotonic(), None
-        while not self._stop.wait(0.5):
-            with self.lock:
-                ms = list(self.managers)
-            if not ms:
-                continue
-            tot = {"done": 0, "failed": 0, "running": 0, "waiting": 0, "workers": 0}
-            for m in ms:
-                try:
-                    s = m.stats
-                except Exception:      # closing, or its I/O thread is busy: the next turn shows it
-                    continue
-                for k in tot:
-                    tot[k] += s.get(k, 0)
-            if done0 is None:
-                t0, done0 = time.monotonic(), tot["done"] + tot["failed"]
-            rate = (tot["done"] + tot["failed"] - done0) / max(1e-9, time.monotonic() - t0)
-            line = ("vinehpc: {done:,} done, {running:,} running, {waiting:,} waiting, {failed:,} failed | "
-                    "{workers} workers").format(**tot) + (" | %.0f tasks/s" % rate if rate else "")
-            if line != last or not self._shown:
-                sys.stderr.write("\r\033[K" + line)
-                sys.stderr.flush()
-                self._shown = True
-                last = line
+        self.progress.clear()
 
 
 class _ClearingStream:

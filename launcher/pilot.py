@@ -34,6 +34,7 @@ from vinehpc import drain
 
 from . import slurm
 from .contact import write_contact
+from .progress import Progress
 
 _HELD = []              # the run directory's lock, held for the life of rank 0
 RESUMABLE = 75          # EX_TEMPFAIL: "try again" - the job stopped early and can be resumed
@@ -96,6 +97,13 @@ class PilotRun:
         self.walltime = None
         self.lock = threading.Lock()
         self.watcher = None        # the drain watcher (vinehpc/drain.py), set by main()
+        # a pilot's stderr is a job's log: a line a minute there (a redrawn line on a terminal)
+        self.progress = Progress("vinehpc pilot", self._counted, live=sys.stderr.isatty(),
+                                 interval=settings.progress_interval)
+
+    def _counted(self):
+        with self.lock:
+            return list(self.managers)
 
     def open_manager(self):
         with self.lock:
@@ -121,6 +129,7 @@ class PilotRun:
             m.drain(0.0)
 
     def manager_closed(self, m):
+        self.progress.closed(m)
         with self.lock:
             if m in self.managers:
                 self.managers.remove(m)
@@ -231,10 +240,14 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
         elif image is not None and not os.path.isfile(image):
             err = "no such environment image: %s (build one with: vinehpc sysimage python ...)" % image
         else:
+            from vinehpc.manager import link_latest
             from vinehpc.resume import RunDirInUse, lock_run_dir
+            given_dir = run_dir is not None
             run_dir = os.path.abspath(run_dir or os.path.join(
                 os.getcwd(), "vine-run-info", "pilot-" + os.path.splitext(os.path.basename(script))[0]))
             os.makedirs(run_dir, exist_ok=True)
+            if not given_dir:
+                link_latest(run_dir)
             try:
                 _HELD.append(lock_run_dir(run_dir))     # held until this process ends
                 drain_key = drain.ensure_key(run_dir)
@@ -252,7 +265,8 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
         one_host = len(set(hosts)) == 1 and not settings.manager_host
         address = "127.0.0.1:%d" % port if one_host else contact
         secret = auth.new_secret()
-        meet = {"address": address, "secret": secret, "contact": contact}
+        # each worker copies its log there when it exits: node-local disks vanish with the allocation
+        meet = {"address": address, "secret": secret, "contact": contact, "logs": os.path.join(run_dir, "workers")}
     else:
         meet = None
     meet = comm.bcast(meet, root=0)
@@ -278,7 +292,8 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
     MPI.Finalize()    # from here on, plain processes: a lost rank cannot abort the others
 
     if rank != 0:
-        stop_workers(_start(n, meet, cores, memory, connect_timeout, local_image), timeout=None, kill_after=5.0)
+        stop_workers(_start(n, meet, cores, memory, connect_timeout, local_image, meet["logs"]), timeout=None,
+                     kill_after=5.0)
         return 0     # a lost worker is not a failed job
 
     from vinehpc.script import run_script       # rank 0 only: the other ranks never run the script
@@ -290,13 +305,16 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
                         contact))
     ctx = PilotRun(lsock, meet["address"], meet["secret"], run_dir, settings, expected_workers=total,
                    grace=grace if grace is not None else settings.grace, tunnel=tunnel)
-    own = _start(n, meet, cores, memory, connect_timeout, local_image)
+    own = _start(n, meet, cores, memory, connect_timeout, local_image, meet["logs"])
     ctx.watcher = drain.Watcher(run_dir, drain_key, ctx.drain, job=settings.slurm.job_id, since=started)
     signal.signal(signal.SIGUSR1, ctx.on_walltime)
     while _EARLY:
         ctx.watcher.notify(_EARLY.popleft())
     ctx.watcher.start()     # acts on what already waits before the script makes its first manager
+    if settings.progress != "never":
+        ctx.progress.start()
     code = run_script(script, argv, ctx, sigterm=ctx.on_walltime)
+    ctx.progress.stop()
     ctx.watcher.stop()
     released = ctx.release_workers()
     stop_workers(own, timeout=15, kill_after=5.0)
@@ -305,6 +323,7 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
         os.unlink(contact)
     except OSError:
         pass
+    ctx.progress.summary("run directory %s" % run_dir)
     if ctx.walltime is not None:
         sys.stderr.write("vinehpc pilot: stopped early (%s); completed tasks are recorded in %s.\n"
                          "vinehpc pilot: RESUMABLE: submit the same job again to run what is left.\n"
@@ -314,8 +333,8 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
     return code
 
 
-def _start(n, meet, cores, memory, connect_timeout, image):
+def _start(n, meet, cores, memory, connect_timeout, image, log_dir):
     """This rank's `n` workers; a pilot's worker exits when the manager's socket refuses it
     (the run is over), and reconnects otherwise (the script's next manager)."""
     return start_workers(n, meet["address"], meet["secret"], cores=cores, memory=memory, image=image,
-                         connect_timeout=connect_timeout, exit_on_refused=True) if n else []
+                         connect_timeout=connect_timeout, exit_on_refused=True, log_dir=log_dir) if n else []

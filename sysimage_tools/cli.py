@@ -57,7 +57,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     r = ss.add_parser("run", help="run a command inside an image (unpacked once per node)",
                       description="Unpack IMAGE once into the node-local cache ($VINEHPC_LOCAL_DIR, else $TMPDIR, "
-                                  "else /tmp), then run CMD with the environment pointing only at that copy.")
+                                  "else /tmp), then run CMD with the environment pointing only at that copy. "
+                                  "On many nodes at once, use the cheap launcher instead (the same, with almost no "
+                                  "shared-filesystem traffic of its own): python3 -S "
+                                  "SITE-PACKAGES/sysimage_tools/launch.py IMAGE -- CMD")
     r.add_argument("image", metavar="IMAGE")
     r.add_argument("--local-dir", metavar="DIR", help="node-local directory (default $VINEHPC_LOCAL_DIR, $TMPDIR, /tmp)")
     r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS]")

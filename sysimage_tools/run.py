@@ -22,7 +22,16 @@ def run(image_path, argv, *, local_dir=None, expected_hash=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        env = ensure_local(image_path, expected_hash, local_dir=local_dir)
+        try:
+            env = ensure_local(image_path, expected_hash, local_dir=local_dir)
+        except ImportError:
+            if not sys.flags.no_site:
+                raise
+            # the cheap launcher (launch.py, python -S): the first unpack on a node needs zstandard
+            # from site-packages; an image already unpacked never gets here
+            import site
+            site.main()
+            env = ensure_local(image_path, expected_hash, local_dir=local_dir)
     except ImageError as e:
         print("vinehpc sysimage run: %s" % e, file=sys.stderr)
         return 2

@@ -66,7 +66,7 @@ def local_run(request, tmp_path):
     runs = tmp_path / "runs"
     r = _run([PY, "-m", "vinehpc", "run", "-n", "2", SUITE], cwd=tmp_path,
              env=_env(VINEHPC_RUN_DIR=str(runs)))
-    dirs = glob.glob(str(runs / "*"))
+    dirs = [d for d in glob.glob(str(runs / "*")) if os.path.basename(d) != "latest"]   # the link to it
     assert len(dirs) == 1, (dirs, r.stdout)
     return Outcome(r.returncode, r.stdout, read_journal(dirs[0]))
 

@@ -16,6 +16,7 @@ VINE_SCHEDULE_FCFS, VINE_SCHEDULE_FILES = 1, 2
 VINE_RESULT_SUCCESS = "success"
 VINE_RESULT_INPUT_MISSING = "input missing"
 VINE_RESULT_OUTPUT_MISSING = "output missing"
+VINE_RESULT_OUTPUT_TRANSFER_ERROR = "output transfer error"    # the task ran; the manager could not write its output
 VINE_RESULT_RESOURCE_EXHAUSTION = "resource exhaustion"
 VINE_RESULT_CANCELLED = "cancelled"
 

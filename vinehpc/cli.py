@@ -30,20 +30,21 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vinehpc", description="Many-task workloads on HPC allocations.")
     p.add_argument("--version", action="version", version="vinehpc " + _version())
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
 
     r = sub.add_parser("run", help="run a tasks.py with local workers",
                        description="Run SCRIPT as __main__; every vinehpc.Manager()/Executor() it creates gets "
                                    "WORKERS local worker processes.")
     r.add_argument("-n", "--workers", type=_positive_int, default=None,
                    help="number of local workers (default: one per core)")
-    r.add_argument("--cores-per-worker", type=_positive_int, default=1, metavar="C")
+    r.add_argument("--cores-per-worker", type=_positive_int, default=1, metavar="C",
+                   help="cores each local worker offers (default 1); memory and disk are shared among the workers")
     r.add_argument("--tunnel", action="store_true",
                    help="tasks reach the outside through the manager (proxy variables; see vinehpc net)")
     r.add_argument("--metrics-port", type=_nonneg_int, metavar="N",
                    help="serve the run's figures as Prometheus metrics on 127.0.0.1:N/metrics (needs prometheus_client)")
     r.add_argument("--progress", choices=("auto", "always", "never"), default=None,
-                   help="progress line on stderr (default auto: when stderr is a terminal)")
+                   help="progress on stderr (default auto: a line redrawn on a terminal, else a line a minute "
+                        "($VINEHPC_PROGRESS_INTERVAL s); always: the redrawn line; never: none)")
     r.add_argument("script")
     r.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -75,19 +76,27 @@ def parser() -> argparse.ArgumentParser:
                                    "and run its tasks.")
     w.add_argument("address", metavar="HOST:PORT", nargs="?")
     w.add_argument("--contact", metavar="FILE", help="a pilot's contact file (RUN_DIR/contact.json)")
-    w.add_argument("--cores", type=_positive_int)
+    w.add_argument("--cores", type=_positive_int,
+                   help="cores offered to tasks (default: every CPU this process may use)")
     w.add_argument("--memory", type=_nonneg_int, help="MB (default: all of this machine's)")
     w.add_argument("--disk", type=_nonneg_int, help="MB (default: free space of the work dir)")
-    w.add_argument("--gpus", type=_nonneg_int)
+    w.add_argument("--gpus", type=_nonneg_int,
+                   help="GPUs offered (default: those detected; tasks get theirs in CUDA_VISIBLE_DEVICES)")
     w.add_argument("--secret-file", metavar="F", help="file holding the run's secret (default: $VINEHPC_SECRET)")
-    w.add_argument("--workdir", help="cache and sandboxes (default: a fresh temporary directory)")
+    w.add_argument("--workdir", help="cache, sandboxes and the worker's log (default: a fresh directory in "
+                                     "$VINEHPC_WORKER_DIR, else $TMPDIR or /tmp, removed at exit; local workers "
+                                     "of `vinehpc run`/Manager(local_workers=) use /dev/shm when it has room)")
     w.add_argument("--connect-timeout", type=float, default=60.0, metavar="S",
                    help="give up after S seconds without reaching the manager (default 60)")
     w.add_argument("--image", metavar="ENV.vimg", help="run every task inside this environment image")
     w.add_argument("--no-reconnect", action="store_true", help="exit when the manager connection ends")
     w.add_argument("--exit-on-refused", action="store_true",
                    help="exit at once when the manager refuses connections (a pilot's workers: the run is over)")
-    w.add_argument("-v", "--verbose", action="store_true")
+    w.add_argument("--log-dir", metavar="DIR",
+                   help="copy the worker's log (WORKDIR/worker.log) to DIR/HOST-PID.log when it exits (launchers "
+                        "pass RUN_DIR/workers)")
+    w.add_argument("-v", "--verbose", action="store_true",
+                   help="log what the worker does (connections, sessions, failed tasks) on stderr too")
 
     d = sub.add_parser("drain", help="ask a run to stop dispatching and exit resumable (what the walltime warning does)",
                        description="Stop dispatching, give running tasks a grace, record what completed, exit "
@@ -119,6 +128,14 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--count", type=_positive_int, metavar="N", help="with --watch: stop after N views")
     st.add_argument("--secret-file", metavar="F",
                     help="the run's secret (default: RUN_DIR/secret, the contact file's, or $VINEHPC_SECRET)")
+    lg = sub.add_parser("logs", help="a task's story or a worker's log, from a run directory",
+                        description="From RUN_DIR alone (also after the run): --task ID shows the task's command, "
+                                    "attempts, workers, result, the end of its output and its workers' log lines "
+                                    "around it; --worker ID a worker's log; neither: the workers and where their "
+                                    "logs are.")
+    lg.add_argument("run_dir", metavar="RUN_DIR")
+    lg.add_argument("--task", type=_nonneg_int, metavar="ID")
+    lg.add_argument("--worker", type=_nonneg_int, metavar="ID")
 
     from sysimage_tools.audit.cli import add_parser as add_audit_parser
     add_audit_parser(sub)
@@ -137,7 +154,14 @@ def _version():
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command is None:       # bare `vinehpc`: what it can do, not an error
+        p.print_help()
+        return 0
+    if args.command == "logs":
+        from .logs import cli as cmd_logs
+        return cmd_logs(args.run_dir, task=args.task, worker=args.worker)
     if args.command == "audit":
         from sysimage_tools.audit.cli import cmd_audit
         return cmd_audit(args)
@@ -208,6 +232,8 @@ def cmd_worker(args) -> int:
     from .worker.main import main as worker_main
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="vinehpc worker %(process)d: %(message)s")
+    for h in logging.getLogger().handlers:      # the log file gets INFO (worker/logfile.py); stderr less
+        h.setLevel(logging.INFO if args.verbose else logging.WARNING)
     settings = _settings("worker")
     if settings is None:
         return 2
@@ -240,7 +266,7 @@ def cmd_worker(args) -> int:
         return worker_main(args.address, secret, cores=args.cores, memory=args.memory, disk=args.disk,
                            gpus=args.gpus, workdir=args.workdir, connect_timeout=args.connect_timeout,
                            reconnect=not args.no_reconnect, exit_on_refused=args.exit_on_refused,
-                           image=args.image, settings=settings)
+                           image=args.image, settings=settings, log_dir=args.log_dir)
     except ValueError as e:
         print("vinehpc worker: %s" % e, file=sys.stderr)
         return 2
@@ -259,7 +285,9 @@ def cmd_run(args) -> int:
     if settings is None:
         return 2
     mode = args.progress or settings.progress
-    progress = mode == "always" or (mode == "auto" and sys.stderr.isatty())
+    # a terminal gets a live line; a log (not a terminal) a line every settings.progress_interval s
+    live = mode == "always" or (mode == "auto" and sys.stderr.isatty())
+    progress = "live" if live else ("lines" if mode == "auto" else None)
     workers = args.workers or len(os.sched_getaffinity(0))
     return run_script(script, args.args, LocalRun(workers, args.cores_per_worker, settings, progress=progress,
                                                   tunnel=args.tunnel, metrics_port=args.metrics_port))

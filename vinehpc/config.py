@@ -61,6 +61,9 @@ class Settings:
     keepalive_interval: float = 5.0       # VINEHPC_KEEPALIVE_INTERVAL: seconds of silence before a ping
     keepalive_timeout: float = 30.0       # VINEHPC_KEEPALIVE_TIMEOUT: seconds of silence after which a peer is lost
     progress: str = "auto"               # VINEHPC_PROGRESS: progress line of `vinehpc run`: auto, always, never
+    # VINEHPC_PROGRESS_INTERVAL: seconds between progress lines when stderr is not a terminal
+    # (a pilot's or a batch job's log)
+    progress_interval: float = 60.0
     # VINEHPC_WORKER_DIR: where a worker makes its cache and sandboxes when not given --workdir
     # (None: $TMPDIR or /tmp; local runs use /dev/shm when it has room)
     worker_dir: str | None = None
@@ -80,6 +83,7 @@ class Settings:
                    keepalive_interval=_float(env, "VINEHPC_KEEPALIVE_INTERVAL", 5.0),
                    keepalive_timeout=_float(env, "VINEHPC_KEEPALIVE_TIMEOUT", 30.0),
                    progress=env.get("VINEHPC_PROGRESS", "auto"),
+                   progress_interval=_float(env, "VINEHPC_PROGRESS_INTERVAL", 60.0),
                    worker_dir=env.get("VINEHPC_WORKER_DIR") or None,
                    mpi_init_timeout=_float(env, "VINEHPC_MPI_INIT_TIMEOUT", 300.0),
                    grace=_float(env, "VINEHPC_GRACE", 60.0),

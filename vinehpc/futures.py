@@ -204,8 +204,10 @@ class Executor(cf.Executor):
 
     # ---------------------------------------------------------------- submitting
     def submit(self, fn, /, *args, **kwargs) -> cf.Future:
-        """fn(*args, **kwargs) on a worker; futures among the arguments are waited for (without
-        blocking here) and replaced by their values.  A task from future_task() is submitted as is."""
+        """Run fn(*args, **kwargs) as a PythonTask on a worker; returns a concurrent.futures.Future
+        whose result() is its value (or raises its exception). Futures among the arguments are
+        waited for (without blocking here) and replaced by their values; a task from future_task()
+        or future_funcall() is submitted as is. cancel() succeeds until the task is sent to a worker."""
         if isinstance(fn, (FuturePythonTask, FutureFunctionCall)) and not args and not kwargs:
             task = fn
         else:

@@ -15,7 +15,7 @@ import time
 
 def worker_command(address: str, *, cores: int, connect_timeout: float, memory: int | None = None,
                    disk: int | None = None, image: str | None = None, reconnect: bool = True,
-                   exit_on_refused: bool = False) -> list:
+                   exit_on_refused: bool = False, log_dir: str | None = None) -> list:
     """The `vinehpc worker` command line (see vinehpc/cli.py for the options)."""
     cmd = [sys.executable, "-m", "vinehpc", "worker", address, "--cores", str(cores),
            "--connect-timeout", str(connect_timeout)]
@@ -29,6 +29,8 @@ def worker_command(address: str, *, cores: int, connect_timeout: float, memory: 
         cmd += ["--disk", str(disk)]
     if image is not None:
         cmd += ["--image", image]
+    if log_dir is not None:
+        cmd += ["--log-dir", log_dir]
     return cmd
 
 
@@ -81,13 +83,14 @@ class LocalWorkers:
     """N worker processes on this machine for one manager; they leave when it closes."""
 
     def __init__(self, n: int, *, cores: int = 1, memory: int | None = None, disk: int | None = None,
-                 worker_dir: str | None = None):
+                 worker_dir: str | None = None, log_dir: str | None = None):
         if n < 1:
             raise ValueError("number of workers must be at least 1, got %r" % n)
         if cores < 1:
             raise ValueError("cores per worker must be at least 1, got %r" % cores)
         self.n, self.cores, self.memory, self.disk = n, cores, memory, disk
         self.worker_dir = worker_dir     # Settings.worker_dir (None: /dev/shm when it has room)
+        self.log_dir = log_dir           # the workers copy their logs there when they exit (RUN_DIR/workers)
         self.procs = []
 
     def start(self, address: str, secret: str) -> None:
@@ -97,7 +100,8 @@ class LocalWorkers:
         # exit_on_refused: a worker still starting when its manager closes leaves at once, quietly,
         # instead of retrying for connect_timeout and then complaining on the user's terminal
         self.procs += start_workers(self.n, address, secret, env=env, cores=self.cores, memory=self.memory,
-                                    disk=self.disk, connect_timeout=30, reconnect=False, exit_on_refused=True)
+                                    disk=self.disk, connect_timeout=30, reconnect=False, exit_on_refused=True,
+                                    log_dir=self.log_dir)
 
     def pids(self) -> list:
         return [p.pid for p in self.procs]

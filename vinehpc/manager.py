@@ -1,6 +1,7 @@
 """Manager: declare files, submit tasks, wait for them (TaskVine's nouns and verbs)."""
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
@@ -28,6 +29,22 @@ from .taskvine_api import TaskVineAPI, _check_name
 
 log = logging.getLogger("vinehpc.manager")
 _run_seq = itertools.count()
+_open = set()           # managers not closed yet: closed at interpreter exit (see _close_at_exit)
+_open_lock = threading.Lock()
+
+
+@atexit.register
+def _close_at_exit():
+    """Close what the script left open, while the I/O threads still run: at exit (not in __del__,
+    which runs after daemon threads are frozen, so close() could only wait out its timeouts and
+    the journal's lock may be held by a frozen thread). Workers are told to exit."""
+    with _open_lock:
+        managers = list(_open)
+    for m in managers:
+        try:
+            m.close("the script ended without closing its manager")
+        except Exception as e:
+            log.warning("vinehpc: closing %r at exit failed: %s", m, e)
 
 
 def _new_run_dir(root: str) -> str:
@@ -36,9 +53,26 @@ def _new_run_dir(root: str) -> str:
         d = os.path.join(root, "%s-%d-%d" % (stamp, os.getpid(), next(_run_seq)))
         try:
             os.makedirs(d)
-            return d
         except FileExistsError:
             continue
+        link_latest(d)
+        return d
+
+
+def link_latest(run_dir: str) -> None:
+    """Point RUN_DIR/../latest at `run_dir` (relative, replaced atomically: another run may be
+    doing the same), so the newest of the run directories that pile up is easy to find."""
+    root, name = os.path.split(run_dir)
+    tmp = os.path.join(root, ".latest-%d-%d" % (os.getpid(), threading.get_ident()))
+    try:
+        os.symlink(name, tmp)
+        os.replace(tmp, os.path.join(root, "latest"))
+    except OSError as e:        # a filesystem without symlinks: the run goes on
+        log.info("cannot link %s/latest: %s", root, e)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
@@ -158,6 +192,9 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
                              "python": sys.version.split()[0], "name": self.name,
                              "resumable": len(self.resume.completed) if self.resume else None})
         self._server.publish_stats()
+        if self.resume is not None and self.resume.completed:
+            log.warning("vinehpc: %s records %d completed task(s): the same tasks submitted again are resumed, "
+                        "not run (remove it to start afresh)", self.run_dir, len(self.resume.completed))
         self._metrics = None
         metrics_port = metrics_port if metrics_port is not None else opts.metrics_port
         if metrics_port is not None:
@@ -168,10 +205,13 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         self._closed = False
         self._local = None
         self._server.start()
+        with _open_lock:
+            _open.add(self)     # held until close(): an open manager has an I/O thread and workers
         if self._ctx is not None:
             self._ctx.manager_started(self)
         elif local_workers:
-            self._local = LocalWorkers(local_workers, cores=cores_per_worker or 1, worker_dir=settings.worker_dir)
+            self._local = LocalWorkers(local_workers, cores=cores_per_worker or 1, worker_dir=settings.worker_dir,
+                                       log_dir=os.path.join(self.run_dir, "workers"))
             self._local.start("127.0.0.1:%d" % self.port, self.secret)
         else:
             log.warning("vinehpc manager listening on %s; add workers with: vinehpc worker %s --secret-file %s",
@@ -463,6 +503,8 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         if self._closed:
             return
         self._closed = True
+        with _open_lock:
+            _open.discard(self)
         self._server.stop(reason)
         self._server.stopped.wait(15)
         with self._server.cond:
@@ -478,6 +520,9 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         except OSError as e:
             log.warning("vinehpc: cannot write %s/status.json: %s", self.run_dir, e)
         if self.resume is not None:
+            if self.resume.resumed:      # a resumed run must not look like a run that did its work again
+                log.warning("vinehpc: %d/%d tasks resumed from %s (remove it to start afresh)",
+                            self.resume.resumed, self._submitted, self.run_dir)
             self.resume.close()
         if self._egress is not None:
             self._egress.stop()
@@ -491,13 +536,6 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
 
     def __exit__(self, *exc):
         self.close()
-
-    def __del__(self):
-        try:
-            if not self._closed:
-                self.close("manager garbage-collected")
-        except Exception:
-            pass
 
 
 def _take(done, match):

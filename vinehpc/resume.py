@@ -90,6 +90,7 @@ class Resume:
         self._lock = lock_run_dir(run_dir)
         self.results_path = os.path.join(run_dir, "results.bin")
         self.completed = {}
+        self.resumed = 0          # tasks of this run returned as completed (restore)
         jpath = os.path.join(run_dir, "transactions.jsonl")
         if os.path.exists(jpath):
             size = os.path.getsize(self.results_path) if os.path.exists(self.results_path) else 0
@@ -126,6 +127,7 @@ class Resume:
         task.wall_time = data.get("wall")
         task.result = "success"
         task.resumed = True
+        self.resumed += 1
 
     def record(self, task) -> dict:
         """Append a completed task's result; returns its journal record."""

@@ -34,7 +34,7 @@ STATUS_IDLE = 60.0          # a status client that asks nothing for this long is
 
 class Peer:
     __slots__ = ("conn", "wid", "hs", "state", "since", "last_recv", "last_send", "parts", "fetch",
-                 "out_errors", "writing")
+                 "out_errors", "writing", "shut")
 
     def __init__(self, conn, now, hs):
         self.conn = conn
@@ -46,8 +46,14 @@ class Peer:
         self.last_send = now
         self.parts = {}          # (tid, remote) -> comm.receive.Incoming: an output being received
         self.fetch = {}          # cachename -> comm.receive.Incoming: a temp being fetched
-        self.out_errors = {}     # tid -> why an output could not be written
+        self.out_errors = {}     # tid -> [why each output that could not be written was not]
         self.writing = False     # registered for EVENT_WRITE (the socket was full)
+        self.shut = False        # stopping: our side half-closed, waiting for the worker to close its own
+
+
+def _output_error(p, tid, path, e):
+    """Keep why output `path` of task `tid` could not be written (every output's, not the last)."""
+    p.out_errors.setdefault(tid, []).append("%s (%s)" % (path, getattr(e, "strerror", None) or e))
 
 
 class Server:
@@ -167,7 +173,7 @@ class Server:
                 self.journal.flush()
                 if self.n_workers != len(self.peers):
                     self._publish_workers()     # after the flush: a waiter finds the join in the journal
-                if self.stopping and not any(p.conn.wants_write() for p in self.all):
+                if self.stopping and not any(p.conn.wants_write() for p in self.all) and not self._half_close():
                     break
         except BaseException as e:   # the I/O thread must never die silently
             self.error = e
@@ -201,8 +207,9 @@ class Server:
         elif kind == "stop":
             self.record({"event": "stopping", "reason": op[1]})    # workers leaving from now on were told to
             self.stopping = True
-            for p in list(self.peers.values()):
-                p.conn.send("exit", {"reason": op[1], "final": self.final_exit})
+            for p in list(self.all):
+                if p.hs is None:        # joined, or welcomed and its info not read yet: both are told
+                    p.conn.send("exit", {"reason": op[1], "final": self.final_exit})
                 self.dirty.add(p)
             self._stop_deadline = now + 5.0
 
@@ -264,15 +271,7 @@ class Server:
     def _drop(self, p, reason):
         if p not in self.all:
             return
-        self.all.discard(p)
-        self.dirty.discard(p)
-        try:
-            self.sel.unregister(p.conn.sock)
-        except (KeyError, ValueError):
-            pass
-        p.conn.close()
-        for f in list(p.parts.values()) + list(p.fetch.values()):
-            f.abort()           # a file that was arriving (comm.receive.Incoming): nothing of it stays
+        self._forget_quietly(p)
         now = time.monotonic()
         for n in p.fetch:
             self._feed(FetchFailed(n), now)
@@ -283,7 +282,42 @@ class Server:
             self.record({"event": "connection closed", "peer": p.conn.peer, "reason": reason})
             log.warning("closed connection from %s: %s", p.conn.peer, reason)
 
+    def _half_close(self) -> bool:
+        """Stopping, the exits sent: end our side of each connection and wait for the worker to close
+        its own (it does on reading the exit). Closing outright while a worker's last message is still
+        unread would reset the connection, and the worker would report a normal end as a lost manager.
+        True while some worker has not closed yet (the stop deadline drops it)."""
+        for p in list(self.all):
+            if p.hs is not None:          # still authenticating: nothing to tell it
+                self._forget_quietly(p)
+            elif not p.shut:
+                p.shut = True
+                try:
+                    p.conn.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    self._forget_quietly(p)
+        return bool(self.all)
+
+    def _forget_quietly(self, p):
+        """Close a connection and forget it, and nothing more (_drop also tells the core; a
+        connection that ends while the manager stops needs no worker lost, nothing requeued)."""
+        self.all.discard(p)
+        self.dirty.discard(p)
+        try:
+            self.sel.unregister(p.conn.sock)
+        except (KeyError, ValueError):
+            pass
+        p.conn.close()
+        for f in list(p.parts.values()) + list(p.fetch.values()):
+            f.abort()           # a file that was arriving (comm.receive.Incoming): nothing of it stays
+
     def _readable(self, p):
+        if p.shut:                        # stopping: what comes now is unread; EOF means the worker left
+            try:
+                p.conn.recv()
+            except Closed:
+                self._forget_quietly(p)
+            return
         try:
             if p.hs is not None:
                 msgs = self._handshake(p, p.conn.recv())
@@ -382,9 +416,12 @@ class Server:
         sent = self.sent.get(tid)
         if sent is not None and sent[0] == p.wid:
             del self.sent[tid]
-            err = p.out_errors.pop(tid, None)
-            if err and msg.status == "success":
-                ctl["status"], ctl["reason"] = "output missing", err
+            errs = p.out_errors.pop(tid, None)
+            if errs and msg.status == "success":
+                # the task did its part: the manager could not keep what it sent (TaskVine's word)
+                ctl["status"] = "output transfer error"
+                ctl["reason"] = "the manager could not write %s: %s" % (
+                    "its output" if len(errs) == 1 else "%d outputs" % len(errs), "; ".join(errs))
         self._feed(TaskResult(p.wid, tid, ctl, msg.value), now)
 
     def _on_outfile(self, p, msg, ctl, now):
@@ -400,12 +437,18 @@ class Server:
             if dest is None:
                 raise ProtocolError("output %r is not an output of task %s" % (remote, tid))
             if msg.last and not msg.tar:
-                # the whole file in one chunk: one write in place, no temporary file and rename
+                # the whole file in one chunk: one write in place, no temporary file and rename; a
+                # missing folder is made, as for a larger one (comm/receive.py, parents=True)
                 try:
-                    with open(dest.source, "wb") as out:
+                    try:
+                        out = open(dest.source, "wb")
+                    except FileNotFoundError:
+                        os.makedirs(os.path.dirname(dest.source), exist_ok=True)
+                        out = open(dest.source, "wb")
+                    with out:
                         out.write(msg.data)
                 except OSError as e:
-                    p.out_errors[tid] = "cannot write output %r: %s" % (dest.source, e)
+                    _output_error(p, tid, dest.source, e)
                 dest.invalidate()
                 return
             f = p.parts[key] = Incoming(dest.source, "%s.vinehpc-part-%s" % (dest.source, tid),
@@ -416,8 +459,8 @@ class Server:
             del p.parts[key]
             try:
                 f.finish()
-            except (OSError, tarfile.TarError) as e:   # the task is reported as failed ("output missing")
-                p.out_errors[tid] = "cannot write output %r: %s" % (f.dest, e)
+            except (OSError, tarfile.TarError) as e:
+                _output_error(p, tid, f.dest, e)
             f.output.invalidate()
 
     def _on_watch(self, p, msg, ctl, now):

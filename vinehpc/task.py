@@ -69,7 +69,8 @@ class Task:
 
     Inputs are linked into the sandbox under their remote names; outputs are collected from
     it when the command ends.  Results (TaskVine's): result (a word: "success" when the
-    command ran to its end -- whatever its exit code --, "failed", "output missing",
+    command ran to its end -- whatever its exit code --, "failed", "output missing" (the task did
+    not make an output), "output transfer error" (the manager could not write one it sent),
     "resource exhaustion", "cancelled", ...), exit_code, completed() (result is "success"),
     successful() (completed with exit code 0), std_output (stdout and stderr merged, last
     MiB), reason (a sentence), hostname, addrport, worker, attempts.
@@ -183,6 +184,9 @@ class Task:
         return self
 
     def set_cores(self, cores: int) -> "Task":
+        """Cores the task needs (a positive integer): it runs only on a worker with that many free,
+        and they are its until it ends. Unset: 1 core, or a whole worker when its category learns
+        its allocation (Manager.set_category_mode)."""
         if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
             raise ValueError("cores must be a positive integer, got %r" % (cores,))
         self.resources["cores"] = cores
@@ -199,6 +203,7 @@ class Task:
         return self
 
     def set_gpus(self, gpus: int) -> "Task":
+        """GPUs the task needs (0 or more); the ones it gets are in its CUDA_VISIBLE_DEVICES."""
         if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
             raise ValueError("gpus must be a non-negative integer, got %r" % (gpus,))
         self.resources["gpus"] = gpus
@@ -218,6 +223,8 @@ class Task:
         return self
 
     def set_tag(self, tag: str) -> "Task":
+        """A label of yours (any string), kept on the task and in the journal; the manager does
+        nothing with it (TaskVine's wait_for_tag finds tasks by it)."""
         self.tag = str(tag)
         return self
 
@@ -237,6 +244,9 @@ class Task:
         return self
 
     def set_category(self, category: str) -> "Task":
+        """The task's category (default "default"): tasks of one category share the resource
+        policy set with Manager.set_category_mode and friends, and its statistics
+        (Manager.stats_category)."""
         if not isinstance(category, str) or not category:
             raise ValueError("category must be a non-empty string, got %r" % (category,))
         self.category = category
@@ -461,7 +471,8 @@ class PythonTask(Task):
 
     @property
     def output(self):
-        """The function's value; the exception it raised; PythonTaskNoResult if none came back."""
+        """The function's value; or the exception it raised (as a value, not raised: see
+        output_or_raise and exception); PythonTaskNoResult if no result came back."""
         return self._load()[1]
 
     def output_or_raise(self):
@@ -475,5 +486,8 @@ class PythonTask(Task):
 
     @property
     def exception(self):
+        """The exception the function raised (its remote traceback as __cause__), None if it
+        returned a value; PythonTaskNoResult when no result came back (the task could not run),
+        TaskError when the result could not be unpickled."""
         ok, value = self._load()
         return None if ok else value

@@ -262,9 +262,13 @@ def causes(trace, focus: dict, everything: dict = None) -> list:
     return items
 
 
-REMEDY = ("ship the environment as one image unpacked on node-local disk (vinehpc sysimage), or shorten the "
+# the cheap image launcher (sysimage_tools/launch.py): where it is in this installation
+LAUNCHER = posixpath.join(posixpath.dirname(posixpath.dirname(posixpath.abspath(__file__))), "launch.py")
+REMEDY = ("ship the environment as one image unpacked on node-local disk (vinehpc sysimage), and start commands "
+          "from it with the cheap launcher, `python3 -S %s IMAGE -- CMD` (stdlib only, no site-packages: "
+          "`vinehpc sysimage run` itself costs several times more); or shorten the "
           "search paths (sys.path/PYTHONPATH, LD_LIBRARY_PATH, JULIA_LOAD_PATH/JULIA_DEPOT_PATH); for Julia, "
-          "a sysimage (PackageCompiler) removes most of the package loading")
+          "a sysimage (PackageCompiler) removes most of the package loading" % LAUNCHER)
 
 
 # ------------------------------------------------------------------ projection

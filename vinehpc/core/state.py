@@ -196,7 +196,7 @@ class Core:
             else:
                 self.names.pop(k, None)        # to be made again: named again
         self._log("submitted", task=task.id, kind=type(task).__name__, category=task.category,
-                  tag=task.tag, resources=ts.res)
+                  tag=task.tag, resources=ts.res, command=_what(task))
         self._make_ready_or_wait(ts, front=front)
 
     def _resumed(self, e, now):
@@ -324,7 +324,7 @@ class Core:
             if n.startswith("temp-"):
                 self.replicas[n].add(e.wid)
         self._log("worker joined", worker=e.wid, host=w.host, resources=w.total, pid=e.info.get("pid"),
-                  cached=len(w.cached))
+                  cached=len(w.cached), log=e.info.get("log"))
 
     def _forget_function(self, e, now):
         # w.fns keeps the fid: the worker keeps the bytes and reloads them if a call comes again
@@ -337,7 +337,8 @@ class Core:
         w = self.workers.pop(wid, None)
         if w is None:
             return
-        self._log("worker lost", worker=wid, host=w.host, reason=e.reason, tasks=sorted(w.tasks))
+        self._log("worker lost", worker=wid, host=w.host, reason=e.reason, tasks=sorted(w.tasks),
+                  log=w.info.get("log"))
         for n in w.cached:
             s = self.replicas.get(n)
             if s is not None:
@@ -513,7 +514,8 @@ class Core:
         if not resumed:
             self._log("done" if ok else "failed", task=ts.tid, worker=ts.wid, result=result,
                       exit_code=ts.exit_code, reason=reason, wall=ts.wall, attempts=ts.attempts,
-                      category=task.category, allocated=task.resources_allocated, measured=ts.measured)
+                      category=task.category, allocated=task.resources_allocated, measured=ts.measured,
+                      output=_tail(ts.stdout, OUTPUT_KEPT[ok]))
         for f, _ in task.outputs:
             k = self._key(f)
             if not ok and f.kind == "temp":
@@ -528,3 +530,21 @@ class Core:
             self.out.append(TaskFinished(task, ts.on_done))
         else:
             self._recovery_of.pop(ts.tid, None)
+
+
+# the end of a task's output kept in its journal record (`vinehpc logs --task`): more for a
+# failure, which is what one looks up; little for a success, so a big run's journal stays small
+OUTPUT_KEPT = {True: 256, False: 4096}
+
+
+def _what(task) -> str:
+    """What a task runs, for the journal: its command line, or a Python task's function name."""
+    fn = getattr(task, "fn", None)
+    what = task.command if fn is None else "%s()" % (getattr(fn, "__qualname__", None) or repr(fn))
+    return _tail(what, 1000, head=True)
+
+
+def _tail(text, n, head=False):
+    if not text or len(text) <= n:
+        return text
+    return text[:n] + "..." if head else "..." + text[-n:]

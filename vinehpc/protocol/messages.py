@@ -299,6 +299,7 @@ class Info(Message):
     cached = Field(ListOf(Str(NAME, 1)))
     workdir = Field(Str(NAME))
     version = Field(Int(0, 255))
+    log = opt(Str(NAME))         # the worker's log file (on its node; `vinehpc logs` reads it)
 
 
 @message(5, "error")

@@ -95,6 +95,8 @@ class Loop:
         self.exec.forget(c.tid)
 
     def _do_result(self, c):
+        if c.status != "success":      # only failures: a line per task would cost the hot path
+            log.info("task %s: %s: %s", c.tid, c.status, c.reason)
         return self.exec.report(c, self.conn)
 
     def _do_cached(self, c):
@@ -251,6 +253,7 @@ class Loop:
         pass
 
     def _on_exit(self, m):
+        log.info("the manager says exit: %s", m.reason)
         if m.final is not False or not self.reconnect:
             self.exit_requested = True
         else:

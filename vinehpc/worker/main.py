@@ -19,14 +19,20 @@ from ..comm import Closed, Connection
 from ..protocol import ProtocolError, handshake, wire
 from ..config import Settings      # the environment is read once, in Settings
 from . import resources
+from .logfile import WorkerLog
 from .loop import Loop, ManagerGone, SessionOver
 
 log = logging.getLogger("vinehpc.worker")
 
 
+class Rejected(Exception):
+    """The manager closed the connection once it had our secret: it did not accept it."""
+
+
 class Worker(Loop):
     def __init__(self, address: str, secret: str, *, cores=None, memory=None, disk=None, gpus=None,
-                 workdir=None, connect_timeout=60.0, reconnect=True, exit_on_refused=False, image=None, settings=None):
+                 workdir=None, connect_timeout=60.0, reconnect=True, exit_on_refused=False, image=None, settings=None,
+                 log_dir=None):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError("manager address must be HOST:PORT, got %r" % address)
@@ -51,17 +57,23 @@ class Worker(Loop):
         self.connect_timeout = connect_timeout
         self.exit_on_refused = exit_on_refused   # a pilot's worker: a refused connection means the run is over
         self.refused = False
+        self.connect_error = None
         self.proxy = None          # the local tunnel proxy (userlevel_net.proxy), when the manager offers one
         self.proxy_egress = None
         self.hostname = settings.slurm.node_name or socket.gethostname()   # a Slurm node's name
         super().__init__(workdir=workdir, total=total, gpu_ids=ids, hostname=self.hostname, reconnect=reconnect,
                          default_image=default_image)
+        # log_dir: where the log is copied when the worker exits (its workdir may be removed then)
+        self.log = WorkerLog(workdir, log_dir, "%s-%d" % (self.hostname, os.getpid()))
+        log.info("worker pid %d on %s for %s:%d: %s, workdir %s", os.getpid(), self.hostname, self.addr[0],
+                 self.addr[1], ", ".join("%s %s" % kv for kv in sorted(total.items())), workdir)
 
     # ---------------------------------------------------------------- life
     def run(self) -> int:
         """Serve managers until told to exit or the manager is unreachable. Returns an exit code."""
         try:
             served = False
+            rejected = failed = 0
             while not self.exit_requested:
                 sock = self._connect()
                 if sock is None:
@@ -71,22 +83,36 @@ class Worker(Loop):
                     if served:
                         log.info("manager %s:%d is gone; exiting", *self.addr)
                         return 0
-                    log.error("could not reach the manager at %s:%d within %.0f s: check the address and that "
-                              "the manager is running", self.addr[0], self.addr[1], self.connect_timeout)
+                    log.error("could not reach the manager at %s:%d within %.0f s (--connect-timeout): %s",
+                              self.addr[0], self.addr[1], self.connect_timeout, self.connect_error)
                     return 1
                 try:
                     self._handshake(sock)
                 except PermissionError as e:
                     log.error("%s", e)
                     return 2
-                except (OSError, ProtocolError, Closed) as e:
-                    log.warning("handshake with %s:%d failed: %s", self.addr[0], self.addr[1], e)
+                except Rejected as e:
+                    # a wrong secret never heals; twice in a row rules out a manager that was just stopping
                     sock.close()
-                    if not self.reconnect:
+                    rejected += 1
+                    if rejected >= 2:
+                        log.error("%s: the secret is wrong (retrying will not help); give the run's secret with "
+                                  "--secret-file RUN_DIR/secret or --contact RUN_DIR/contact.json", e)
+                        return 2
+                    time.sleep(0.5)
+                    continue
+                except (OSError, ProtocolError, Closed) as e:
+                    # before our secret was checked: a manager stopping or not yet up; connecting again tells
+                    log.info("handshake with %s:%d failed: %s", self.addr[0], self.addr[1], e)
+                    sock.close()
+                    failed += 1
+                    if not self.reconnect and failed >= 3:
+                        log.warning("handshake with %s:%d failed: %s", self.addr[0], self.addr[1], e)
                         return 1
-                    time.sleep(1.0)
+                    time.sleep(1.0 if self.reconnect else 0.2)
                     continue
                 served = True
+                rejected = failed = 0
                 try:
                     self._serve()
                 except SessionOver as e:
@@ -102,8 +128,11 @@ class Worker(Loop):
             self.shutdown()
 
     def _connect(self):
+        """A connection to the manager, retried with backoff for connect_timeout seconds; None if
+        none (the last reason in connect_error). The reason is said once, at the first failure."""
         deadline = time.monotonic() + self.connect_timeout
         delay = 0.05
+        said = False
         while True:
             try:
                 return socket.create_connection(self.addr, timeout=10)
@@ -111,15 +140,20 @@ class Worker(Loop):
                 if self.exit_on_refused:
                     self.refused = True
                     return None
-                if time.monotonic() + delay > deadline:
-                    return None
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            except OSError:
-                if time.monotonic() + delay > deadline:
-                    return None
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                why = "connection refused (nothing listens on port %d there)" % self.addr[1]
+            except socket.gaierror as e:
+                why = "cannot resolve %r: %s" % (self.addr[0], e.strerror)
+            except OSError as e:
+                why = e.strerror or str(e)
+            self.connect_error = why
+            if time.monotonic() + delay > deadline:
+                return None
+            if not said:
+                log.warning("cannot reach the manager at %s:%d: %s; retrying for up to %.0f s", self.addr[0],
+                            self.addr[1], why, max(0.0, deadline - time.monotonic()))
+                said = True
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     def _handshake(self, sock):
         hs = handshake.Answerer(self.secret, handshake.WORKER)
@@ -141,6 +175,9 @@ class Worker(Loop):
         sock.sendall(hs.auth())
         try:
             welcome = step()
+        except (Closed, ConnectionResetError):
+            raise Rejected("the manager at %s:%d closed the connection after checking our secret" % self.addr) \
+                from None
         except handshake.AuthFailed:
             raise PermissionError("the manager at %s:%d did not prove it knows the secret: refusing to run its tasks"
                                   % self.addr) from None
@@ -150,7 +187,8 @@ class Worker(Loop):
         conn = Connection(sock, hs.rest)       # with whatever followed the welcome
         self.conn = conn
         info = dict(self.total, host=self.hostname, pid=os.getpid(), cached=sorted(self.cache.entries),
-                    workdir=self.workdir, version=wire.VERSION)
+                    workdir=self.workdir, version=wire.VERSION, log=self.log.path)
+        log.info("joined the manager at %s:%d as worker %s", self.addr[0], self.addr[1], welcome.wid)
         conn.send("info", info)
         self.sel.register(sock, selectors.EVENT_READ, ("manager", None))
         self._writing = False
@@ -175,6 +213,8 @@ class Worker(Loop):
         self.close()
         if self.proxy is not None:
             self.proxy.stop()
+        log.info("worker exits")
+        self.log.close()
         if self.own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
