@@ -24,6 +24,7 @@ from .core import commands as cmd
 from .core.events import (SCHEDULE, TICK, FetchFailed, FileCached, FileFetched, FileResolved, PutFailed, TaskResult,
                           WorkerJoined, WorkerLost)
 from .protocol import ProtocolError, handshake, messages
+from .protocol.names import check_cachename
 
 log = logging.getLogger("vinehpc.manager")
 HANDSHAKE_TIMEOUT = 10.0
@@ -31,7 +32,7 @@ HANDSHAKE_TIMEOUT = 10.0
 
 class Peer:
     __slots__ = ("conn", "wid", "hs", "state", "since", "last_recv", "last_send", "parts", "fetch",
-                 "out_errors", "writing")
+                 "out_errors", "writing", "wanted", "unasked")
 
     def __init__(self, conn, now, hs):
         self.conn = conn
@@ -45,6 +46,8 @@ class Peer:
         self.fetch = {}          # cachename -> comm.receive.Incoming: a temp being fetched
         self.out_errors = {}     # tid -> why an output could not be written
         self.writing = False     # registered for EVENT_WRITE (the socket was full)
+        self.wanted = set()      # cachenames asked of this worker (GetFile) whose bytes have not begun
+        self.unasked = 0         # `file` messages dropped because nobody asked for them (logged a few times)
 
 
 class Server:
@@ -231,7 +234,7 @@ class Server:
         for f in list(p.parts.values()) + list(p.fetch.values()):
             f.abort()           # a file that was arriving (comm.receive.Incoming): nothing of it stays
         now = time.monotonic()
-        for n in p.fetch:
+        for n in list(p.fetch) + list(p.wanted):     # asked of it, will not come
             self._feed(FetchFailed(n), now)
         if p.wid is not None and self.peers.get(p.wid) is p:
             del self.peers[p.wid]
@@ -318,7 +321,8 @@ class Server:
 
     def _on_error(self, p, msg, ctl, now):
         self.journal.write({"event": "worker error", "worker": p.wid, "reason": msg.reason})
-        if msg.cn:
+        if msg.cn and msg.cn in p.wanted:
+            p.wanted.discard(msg.cn)
             self._feed(FetchFailed(msg.cn), now)
 
     def _on_result(self, p, msg, ctl, now):
@@ -386,8 +390,18 @@ class Server:
         n = msg.cn
         f = p.fetch.get(n)
         if f is None:
-            if "/" in n or n.startswith("."):    # a cache name is one plain file name in staging
-                raise ProtocolError("file message: cache name %r is not a plain file name" % n[:80])
+            try:
+                check_cachename(n)      # one plain file name in staging, as the worker checks its cache's
+            except ValueError:
+                raise ProtocolError("file message: cache name %r is not a plain file name" % n[:80]) from None
+            if n not in p.wanted:       # only what we asked this worker for (GetFile) is written
+                p.unasked += 1
+                if p.unasked <= 3:
+                    log.warning("dropped %s from worker %s: not asked for%s", n, p.wid,
+                                " (further ones are not logged)" if p.unasked == 3 else "")
+                    self.journal.write({"event": "unasked file", "worker": p.wid, "file": n})
+                return
+            p.wanted.discard(n)
             path = os.path.join(self.staging, n)
             f = p.fetch[n] = Incoming(path, path + ".part")
         f.write(msg.data)
@@ -480,6 +494,7 @@ class Server:
         p.conn.send("unlink", {"cn": c.cachename})
 
     def _get(self, p, c):
+        p.wanted.add(c.cachename)
         p.conn.send("get", {"cn": c.cachename})
 
     def _resolve(self, c):
