@@ -1,0 +1,163 @@
+"""Hostile probes (issue 14): what a task, a worker, a stranger on the port or a careless umask does
+must not stop or damage a run.  Each test runs the probe against a real run (a real Manager, real
+worker processes, real TCP) beside honest tasks, and asserts the run completes with every honest
+result correct and the probe refused with a clear reason.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+import cloudpickle
+import pytest
+
+import vinehpc
+import vinehpc.file
+from vinehpc import PythonTask, Task
+from vinehpc.protocol import handshake, messages, wire
+
+from conftest import close_and_check, diagnose, poll, read_journal, wait_all
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def square(x):
+    return x * x
+
+
+def honest(m, n=20):
+    """Submit n honest Python tasks: {task id: expected output}."""
+    return {m.submit(PythonTask(square, i)): i * i for i in range(n)}
+
+
+def check_honest(got, expect):
+    assert {tid: got[tid].output for tid in expect} == expect
+
+
+def ready(m, n):
+    try:
+        m.wait_for_workers(n, timeout=30)
+    except TimeoutError as e:
+        pytest.fail(diagnose(m, str(e)), pytrace=False)
+    return m
+
+
+# ====================================================================== 1. links out of a directory input
+def _dir_with_link(tmp_path, target):
+    d = tmp_path / "indir"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("hello\n")
+    os.symlink("../a.txt", d / "sub" / "ok")        # a link that stays inside is fine
+    os.symlink(target, d / "sub" / "bad")
+    return d
+
+
+@pytest.mark.parametrize("target", ["/etc/passwd", "../../outside", "/"])
+def test_directory_input_with_a_link_out_of_it_is_refused_when_declared(make_manager, tmp_path, target):
+    m = make_manager(local_workers=0)
+    d = _dir_with_link(tmp_path, target)
+    with pytest.raises(ValueError, match="symbolic link to .* outside the directory"):
+        m.declare_file(str(d))
+
+
+@pytest.mark.timeout(120)
+def test_crafted_tar_with_links_out_fails_its_task_alone(make_manager, tmp_path, monkeypatch):
+    """A manager that does not check (as a crafted or buggy one) sends the tar as is: the worker's
+    "data" filter refuses it, the task fails with the reason, the worker serves on (not blocked)."""
+    m = ready(make_manager(local_workers=2), 2)
+    monkeypatch.setattr(vinehpc.file, "check_link", lambda top, rel, name: os.readlink(os.path.join(top, rel, name)),
+                        raising=False)
+    bad = []
+    for target in ("/etc/passwd", "../../../outside"):
+        d = _dir_with_link(tmp_path / target.replace("/", "_"), target)
+        t = Task("cat d/a.txt").add_input(m.declare_file(str(d)), "d")
+        bad.append(m.submit(t.set_retries(1)))
+    expect = honest(m, 40)
+    got = wait_all(m, len(expect) + len(bad), timeout=90)
+    check_honest(got, expect)
+    for tid in bad:
+        t = got[tid]
+        assert t.result == "input missing", (t.result, t.reason)
+        assert "link" in t.reason and "cannot store input" in t.reason, t.reason
+    assert m.stats["workers"] == 2
+    recs = close_and_check(m)
+    assert not [r for r in recs if r.get("event") in ("host blocked", "worker lost")]
+
+
+# ====================================================================== 3. a task that kills its worker
+@pytest.mark.timeout(180)
+def test_a_task_that_kills_its_worker_fails_after_three_workers(make_manager):
+    m = ready(make_manager(local_workers=4), 4)
+    poison = m.submit(Task("kill -9 $PPID; sleep 5"))
+    expect = {m.submit(Task("echo %d" % i)): "%d\n" % i for i in range(30)}
+    got = wait_all(m, len(expect) + 1, timeout=150)
+    assert {tid: got[tid].std_output for tid in expect} == expect
+    t = got[poison]
+    assert t.result == "max retries" and t.reason == "worker lost 3 times while running this task", t.reason
+    assert not t.successful()
+    recs = read_journal(m)
+    assert len([r for r in recs if r.get("event") == "worker lost"]) == 3
+    close_and_check(m)
+
+
+# ====================================================================== 6. `file` messages nobody asked for
+def _joined_raw_worker(m):
+    """A raw socket that passes the real handshake and joins as a worker that sends what the test wants."""
+    s = socket.create_connection(("127.0.0.1", m.port), timeout=10)
+    hs = handshake.Answerer(m.secret, handshake.WORKER)
+    got = b""
+    while hs.receive_data(got) is None:
+        got = s.recv(4096)
+    s.sendall(hs.auth())
+    got = b""
+    while hs.receive_data(got) is None:
+        got = s.recv(4096)
+    s.sendall(messages.encode_bytes(messages.Info(cores=0, memory=0, disk=0, gpus=0, host="raw", pid=1, cached=[],
+                                                  workdir="/nonexistent", version=wire.VERSION)))
+    return s
+
+
+def _closed_by_manager(s) -> bool:
+    """True once the manager closes the connection (EOF or reset) within the socket's 10 s."""
+    s.settimeout(10)
+    try:
+        while s.recv(65536):
+            pass
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+    finally:
+        s.close()
+
+
+def _file_msg(cn, data=b"evil"):
+    return wire.encode_bytes(messages.CODES["file"], {"cn": cn, "off": 0, "last": True, "size": len(data)}, [data])
+
+
+@pytest.mark.timeout(120)
+def test_file_messages_never_write_outside_staging_nor_unasked(make_manager, tmp_path):
+    m = ready(make_manager(local_workers=2), 2)
+    expect = honest(m, 30)
+    s = _joined_raw_worker(m)
+    ready(m, 3)
+    s.sendall(_file_msg("temp-0123456789abcdef"))      # a plain name, but nobody asked this worker for it
+    poll(lambda: [r for r in read_journal(m, "unasked file")], 20, "the unasked file logged", m=m)
+    assert not os.path.exists(os.path.join(m.staging_directory, "temp-0123456789abcdef"))
+    assert m.stats["workers"] == 3                      # dropped and logged; the peer may stay
+    for cn in ("../../escaped", "..", "a/b", ".hidden"):
+        s2 = _joined_raw_worker(m)
+        s2.sendall(_file_msg(cn))
+        assert _closed_by_manager(s2), "the manager kept a worker that sent a file named %r" % cn
+    got = wait_all(m, len(expect), timeout=60)
+    check_honest(got, expect)
+    recs = close_and_check(m)
+    s.close()
+    bad = [r for r in recs if r.get("event") == "worker lost" and "not a plain file name" in r.get("reason", "")]
+    assert len(bad) == 4, [r for r in recs if r.get("event") == "worker lost"]
+    for p in (tmp_path / "escaped", tmp_path.parent / "escaped", os.path.join(m.run_dir, "escaped")):
+        assert not os.path.exists(p)
+    assert len(read_journal(m, "unasked file")) == 1
