@@ -161,3 +161,40 @@ def test_file_messages_never_write_outside_staging_nor_unasked(make_manager, tmp
     for p in (tmp_path / "escaped", tmp_path.parent / "escaped", os.path.join(m.run_dir, "escaped")):
         assert not os.path.exists(p)
     assert len(read_journal(m, "unasked file")) == 1
+
+
+# ====================================================================== 8. a temp output that is a link
+@pytest.mark.timeout(120)
+def test_temp_output_that_is_a_link_is_kept_as_its_target_or_refused(make_manager):
+    m = ready(make_manager(local_workers=2), 2)
+    inp = m.declare_buffer(b"from the input\n")
+    cases = {   # producer command -> what its consumer reads, or the producer's refusal
+        "echo made here > data.txt; ln -s data.txt out": "made here\n",
+        "mkdir d; echo in a dir > d/f; ln -s d out": "in a dir\n",
+        "ln -s in.txt out": "from the input\n",
+        "ln -s /etc/hostname out": "outside the task's sandbox",
+        "ln -s no-such-file out": "dangling symbolic link",
+    }
+    producers, consumers = {}, {}
+    for cmd, want in cases.items():
+        tmp = m.declare_temp()
+        p = Task(cmd).add_input(inp, "in.txt").add_output(tmp, "out")
+        producers[m.submit(p)] = want
+        c = Task("if [ -d x ]; then cat x/f; else cat x; fi").add_input(tmp, "x")
+        consumers[m.submit(c)] = want
+    expect = honest(m)
+    got = wait_all(m, len(expect) + 2 * len(cases), timeout=90)
+    check_honest(got, expect)
+    for tid, want in producers.items():
+        t = got[tid]
+        if want.endswith("\n"):
+            assert t.successful(), (t.command, t.result, t.reason)
+        else:
+            assert t.result == "output missing" and want in t.reason, (t.command, t.result, t.reason)
+    for tid, want in consumers.items():
+        t = got[tid]
+        if want.endswith("\n"):
+            assert t.successful() and t.std_output == want, (t.result, t.reason, t.std_output)
+        else:
+            assert t.result == "input missing", (t.result, t.reason)
+    close_and_check(m)
