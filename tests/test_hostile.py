@@ -198,3 +198,40 @@ def test_temp_output_that_is_a_link_is_kept_as_its_target_or_refused(make_manage
         else:
             assert t.result == "input missing", (t.result, t.reason)
     close_and_check(m)
+
+
+# ====================================================================== 9. one interpreter, many tasks
+def leave_traces(tag):
+    """A task that changes its interpreter: an environment variable, a file in its directory."""
+    os.environ["VINEHPC_HOSTILE_TRACE"] = tag
+    with open("trace.txt", "w") as f:
+        f.write(tag)
+    return os.getcwd()
+
+
+def look_around():
+    cwd = os.getcwd()       # raises FileNotFoundError in a deleted directory
+    return cwd, os.path.isdir(cwd), sorted(os.listdir(cwd)), os.environ.get("VINEHPC_HOSTILE_TRACE")
+
+
+@pytest.mark.timeout(120)
+def test_python_tasks_in_one_interpreter_start_clean(make_manager):
+    m = ready(make_manager(local_workers=1), 1)       # one core: one interpreter runs them all
+    buf = m.declare_buffer(b"x")
+    seen = []
+    for with_files in (True, False, True, False):
+        t = PythonTask(leave_traces, "t%d" % len(seen))
+        if with_files:
+            t.add_input(buf, "in.txt")
+        tid = m.submit(t)
+        first = wait_all(m, 1, timeout=60)[tid]
+        assert first.successful(), first.reason
+        tid = m.submit(PythonTask(look_around))
+        after = wait_all(m, 1, timeout=60)[tid]
+        assert after.successful(), after.reason          # was: FileNotFoundError (a deleted cwd)
+        cwd, exists, entries, trace = after.output
+        assert exists and entries == [] and trace is None, after.output
+        seen += [first.output, cwd]
+    assert len(set(seen)) == len(seen), seen              # every task had a directory of its own
+    expect = honest(m, 10)
+    check_honest(wait_all(m, len(expect), timeout=60), expect)

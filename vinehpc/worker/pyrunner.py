@@ -12,9 +12,11 @@ Stdlib + cloudpickle only, so it runs from a packed image.
 import io
 import os
 import pickle
+import shutil
 import socket
 import struct
 import sys
+import tempfile
 import time
 import traceback
 import types
@@ -228,6 +230,7 @@ def main(fd=3):
     sock = socket.socket(fileno=fd)
     fns = {}
     base_env = dict(os.environ)
+    home = os.getcwd()          # the worker's directory: where we wait between tasks, never a task's
     meter = Meter()
     trim = _malloc_trim()
     while True:
@@ -252,14 +255,17 @@ def main(fd=3):
         value = a = kw = None
         # a library's call is not measured on its own (nor is it in TaskVine): four /proc reads
         # would be most of a short call's cost; a long one is still sampled by the worker
-        measured = not fid.startswith(LIBRARY_ID)
+        library = fid.startswith(LIBRARY_ID)
+        measured = not library
         if measured:
             meter.start()
         t0, c0 = time.perf_counter(), time.process_time()
         out = io.StringIO()
+        scratch = None
         try:
-            if cwd:
-                os.chdir(cwd)
+            if not cwd:     # no files: a fresh directory of its own all the same (never a gone sandbox)
+                cwd = scratch = tempfile.mkdtemp(prefix="py-task-", dir=home)
+            os.chdir(cwd)
             if env:
                 os.environ.update(env)
             fn = fns[fid]
@@ -280,7 +286,12 @@ def main(fd=3):
             res = dump_result(False, e, traceback.format_exc())
             error = "raised %s: %s" % (type(e).__name__, str(e)[:500])
         finally:
-            if env:
+            os.chdir(home)
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+            # the worker's environment again, whatever the task set (its own env, os.environ edits);
+            # a library's calls undo only their own env: its context may set variables its calls need
+            if env or (not library and os.environ != base_env):
                 os.environ.clear()
                 os.environ.update(base_env)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
