@@ -235,3 +235,62 @@ def test_python_tasks_in_one_interpreter_start_clean(make_manager):
     assert len(set(seen)) == len(seen), seen              # every task had a directory of its own
     expect = honest(m, 10)
     check_honest(wait_all(m, len(expect), timeout=60), expect)
+
+
+# ====================================================================== 4. a careless umask
+def _modes(top):
+    """{relative path: mode} of the run directory and what vinehpc keeps at its top."""
+    out = {".": os.stat(top).st_mode & 0o777}
+    for e in os.scandir(top):
+        out[e.name] = e.stat(follow_symlinks=False).st_mode & 0o777
+    return out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("umask", [0o002, 0o022])
+def test_run_directory_is_private_whatever_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        run_dir = str(tmp_path / "run")
+        for attempt in range(2):            # a run, then its resubmission
+            m = vinehpc.Manager(run_dir=run_dir, local_workers=1, resume=True)
+            try:
+                ready(m, 1)
+                expect = honest(m, 5)
+                got = wait_all(m, len(expect), timeout=60)
+                check_honest(got, expect)
+                assert all(t.resumed for t in got.values()) == (attempt == 1)
+            finally:
+                close_and_check(m)
+            modes = _modes(run_dir)
+            assert modes["."] == 0o700 and modes["staging"] == 0o700, modes
+            assert {"transactions.jsonl", "results.bin", "secret"} <= set(modes), modes
+            loose = {n: oct(md) for n, md in modes.items() if n not in (".", "staging") and md & 0o077}
+            assert not loose, "files others can read or write in the run directory: %s" % loose
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name, mode", [("results.bin", 0o664), ("transactions.jsonl", 0o646)])
+def test_resume_refuses_a_store_others_can_write(tmp_path, name, mode):
+    run_dir = str(tmp_path / "run")
+    m = vinehpc.Manager(run_dir=run_dir, local_workers=1, resume=True)
+    try:
+        ready(m, 1)
+        expect = honest(m, 3)
+        check_honest(wait_all(m, 3, timeout=60), expect)
+    finally:
+        close_and_check(m)
+    os.chmod(os.path.join(run_dir, name), mode)      # as an older vinehpc left it under umask 002
+    with pytest.raises(PermissionError, match="refusing to resume from .*%s is writable by .*chmod 600" % name):
+        vinehpc.Manager(run_dir=run_dir, local_workers=0, resume=True)
+    os.chmod(os.path.join(run_dir, name), 0o600)     # what the message says to do, once trusted
+    m = vinehpc.Manager(run_dir=run_dir, local_workers=1, resume=True)
+    try:
+        ready(m, 1)
+        honest(m, 3)
+        got = wait_all(m, 3, timeout=60)
+        assert all(t.resumed for t in got.values()) and sorted(t.output for t in got.values()) == [0, 1, 4]
+    finally:
+        close_and_check(m)
