@@ -5,6 +5,7 @@ result correct and the probe refused with a clear reason.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -294,3 +295,95 @@ def test_resume_refuses_a_store_others_can_write(tmp_path, name, mode):
         assert all(t.resumed for t in got.values()) and sorted(t.output for t in got.values()) == [0, 1, 4]
     finally:
         close_and_check(m)
+
+
+# ====================================================================== 2. a flood of idle strangers
+FLOOD_MANAGER = r'''
+import json, os, resource, sys, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+import vinehpc
+import vinehpc.admission as admission
+from vinehpc import Task
+out, run_dir, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+if mode != "as shipped":
+    admission.MAX_UNAUTHENTICATED = 10 ** 6            # strangers are never closed for newer ones
+if mode == "no caps":
+    admission.connection_cap = lambda: 10 ** 6         # nor held back: accept() runs out of descriptors
+m = vinehpc.Manager(run_dir=run_dir, local_workers=2)
+m.wait_for_workers(2, timeout=30)
+print(m.port, m.secret_file, flush=True)
+sys.stdin.readline()                      # the strangers are connected
+want = {}
+for i in range(60):
+    t = Task("echo %d > o.txt" % i).add_output(m.declare_file(os.path.join(out, "o%d.txt" % i)), "o.txt")
+    want[m.submit(t)] = i
+got, deadline = {}, time.monotonic() + 90
+while len(got) < len(want) and time.monotonic() < deadline:
+    t = m.wait(5)
+    if t is not None:
+        got[t.id] = [t.successful(), t.result, t.reason]
+joined = m.wait_for_workers(3, timeout=30)    # a worker started during the flood still gets in
+print(json.dumps({"got": {str(k): v for k, v in got.items()}, "n": len(want), "workers": joined}), flush=True)
+m.close()
+'''
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["as shipped", "no cap on handshakes", "no caps"])
+def test_a_thousand_idle_strangers_do_not_stop_the_run(tmp_path, mode):
+    """As shipped, strangers beyond 64 in their handshake close the oldest: nothing else notices.
+    Without that cap, the cap on connections keeps descriptors for the outputs; without both,
+    accept() fails for lack of descriptors and the listening socket is left alone for a moment
+    (before: hundreds of thousands of log lines in seconds): outputs may fail then, the run goes on."""
+    import subprocess
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if min(hard, 4096) > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))   # our side of the flood
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200:
+        pytest.skip("cannot open 1,000 sockets here")
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "flood_manager.py"
+    script.write_text(FLOOD_MANAGER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(os.path.dirname(vinehpc.__file__)),
+                                                                   os.environ.get("PYTHONPATH")) if p))
+    err = open(tmp_path / "manager.err", "w+")
+    proc = subprocess.Popen([sys.executable, str(script), str(out), str(tmp_path / "run"), mode], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    strangers, worker = [], None
+    try:
+        port, secret_file = proc.stdout.readline().split()
+        for _ in range(1100):            # past the limit: the last ones wait in the backlog
+            s = socket.socket()
+            s.settimeout(0.5)
+            try:
+                s.connect(("127.0.0.1", int(port)))
+            except OSError:
+                pass
+            strangers.append(s)
+        worker = subprocess.Popen([sys.executable, "-m", "vinehpc", "worker", "127.0.0.1:" + port, "--secret-file",
+                                   secret_file, "--cores", "1", "--no-reconnect", "--connect-timeout", "20"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        assert line, "the manager died"
+        res = json.loads(line)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        for s in strangers:
+            s.close()
+        for p in (proc, worker):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    err.seek(0)
+    lines = err.read().splitlines()
+    assert len(lines) < 200, "%d lines of log, e.g.:\n%s" % (len(lines), "\n".join(lines[:5] + lines[-5:]))
+    assert len(res["got"]) == res["n"] and res["workers"] >= 3
+    if mode != "no caps":
+        bad = {k: v for k, v in res["got"].items() if not v[0]}
+        assert not bad, bad
+        for i in range(res["n"]):
+            assert (out / ("o%d.txt" % i)).read_text() == "%d\n" % i

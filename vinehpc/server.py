@@ -18,6 +18,7 @@ import tarfile
 import threading
 import time
 
+from .admission import MAX_UNAUTHENTICATED, Admission
 from .comm import Closed, Connection, file_chunks
 from .comm.receive import Incoming
 from .core import commands as cmd
@@ -78,11 +79,12 @@ class Server:
         self.sent = {}            # tid -> (wid, outputs) of the attempt in flight: where its outputs go
         self.port = self.lsock.getsockname()[1]
         self.sel = selectors.DefaultSelector()
-        self.sel.register(self.lsock, selectors.EVENT_READ, "accept")
         self.also = also
-        if also is not None:
-            also.setblocking(False)
-            self.sel.register(also, selectors.EVENT_READ, "accept")
+        self.listening = [self.lsock] + ([also] if also is not None else [])
+        for ls in self.listening:
+            ls.setblocking(False)
+            self.sel.register(ls, selectors.EVENT_READ, "accept")
+        self.admission = Admission()   # caps on strangers and connections, pauses, rate-limited logging
         self._wr, self._ww = socket.socketpair()
         self._wr.setblocking(False)
         self.sel.register(self._wr, selectors.EVENT_READ, "wake")
@@ -207,23 +209,38 @@ class Server:
     # ---------------------------------------------------------------- connections
     def _accept(self, lsock):
         while True:
+            now = time.monotonic()
+            if not self.admission.room(len(self.all)):
+                return self._pause_accept(now, "%d connections, the most that leaves descriptors for outputs"
+                                          % len(self.all))
             try:
                 sock, addr = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:
-                log.warning("accept failed: %s", e)
-                return
-            now = time.monotonic()
+            except OSError as e:     # out of descriptors (EMFILE, ENFILE) or memory: never spin on it
+                return self._pause_accept(now, "accept failed: %s" % e)
             p = Peer(Connection(sock), now, handshake.Greeter(self.secret, handshake.WORKER))
             self.all.add(p)
             self.sel.register(sock, selectors.EVENT_READ, p)
             p.conn.send_bytes(p.hs.hello())
             self.dirty.add(p)
+            oldest = self.admission.arrived(p)
+            if oldest is not None:
+                self._drop(oldest, "no handshake before %d newer connections came" % MAX_UNAUTHENTICATED)
 
-    def _drop(self, p, reason):
+    def _pause_accept(self, now, why):
+        """Leave the listening sockets out of the selector for a moment (_timers puts them back)."""
+        if self.admission.paused_until is None:
+            for ls in self.listening:
+                self.sel.unregister(ls)
+        self.admission.pause(now)
+        if self.admission.should_log(why, now):
+            log.warning("not accepting connections for a moment: %s", why)
+
+    def _drop(self, p, reason, rejected=False):
         if p not in self.all:
             return
+        self.admission.gone(p)
         self.all.discard(p)
         self.dirty.discard(p)
         try:
@@ -239,7 +256,9 @@ class Server:
         if p.wid is not None and self.peers.get(p.wid) is p:
             del self.peers[p.wid]
             self._feed(WorkerLost(p.wid, reason), now)
-        elif p.state != "released":
+        elif p.state != "released" and self.admission.should_log(reason, now):   # (else counted, summed up)
+            if rejected:
+                self.journal.write({"event": "rejected", "peer": p.conn.peer, "reason": "wrong secret"})
             self.journal.write({"event": "connection closed", "peer": p.conn.peer, "reason": reason})
             log.warning("closed connection from %s: %s", p.conn.peer, reason)
 
@@ -279,9 +298,9 @@ class Server:
             if p.hs.receive_data(data) is None:
                 return []
         except handshake.AuthFailed as e:
-            self.journal.write({"event": "rejected", "peer": p.conn.peer, "reason": "wrong secret"})
-            self._drop(p, str(e))
+            self._drop(p, str(e), rejected=True)
             return []
+        self.admission.authenticated(p)
         p.wid = next(self.wids)
         p.conn.send_bytes(p.hs.welcome(wid=p.wid, keepalive=[self.ka_interval, self.ka_timeout],
                                        tunnel=self.tunnel or None))
@@ -574,6 +593,14 @@ class Server:
 
     def _timers(self, now):
         self._feed(TICK, now)
+        if self.admission.resume_due(now):
+            for ls in self.listening:
+                self.sel.register(ls, selectors.EVENT_READ, "accept")
+        said = self.admission.summary(now)
+        if said is not None:
+            self.journal.write({"event": "connections closed", "count": said[0], "reasons": said[1]})
+            log.warning("closed %d more connections of unauthenticated peers (%s)", said[0],
+                        ", ".join("%s: %d" % kv for kv in said[1].items()))
         for p in list(self.all):
             if p.state != "joined":
                 if now - p.since > HANDSHAKE_TIMEOUT:
