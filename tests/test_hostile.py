@@ -388,3 +388,20 @@ def test_a_thousand_idle_strangers_do_not_stop_the_run(tmp_path, mode):
         assert not bad, bad
         for i in range(res["n"]):
             assert (out / ("o%d.txt" % i)).read_text() == "%d\n" % i
+
+
+def test_admission_closes_the_oldest_stranger_and_sums_up_its_logging():
+    from vinehpc import admission
+    a = admission.Admission(cap=100)
+    peers = list(range(admission.MAX_UNAUTHENTICATED + 2))
+    evicted = [a.arrived(p) for p in peers]
+    assert evicted == [None] * admission.MAX_UNAUTHENTICATED + [0, 1]
+    a.authenticated(5)
+    assert 5 not in a.waiting and a.room(99) and not a.room(100)
+    logged = [a.should_log("no handshake within 10 s", 100.0) for _ in range(25)]
+    assert logged == [True] * admission.LOG_BURST + [False] * 15
+    assert a.summary(105.0) is None
+    assert a.summary(100.0 + admission.LOG_INTERVAL) == (15, {"no handshake within 10 s": 15})
+    assert a.should_log("again", 111.0)
+    a.pause(200.0)
+    assert not a.resume_due(200.5) and a.resume_due(200.0 + admission.ACCEPT_PAUSE) and a.paused_until is None
