@@ -197,3 +197,48 @@ def test_a_whole_worker_request_is_decided_again_after_every_requeue(failure):
 class _Pass:
     def feed(self, cmds):
         return cmds
+
+
+# ---------------------------------------------------------------------- poison tasks (issue 14)
+def _lose_workers_under(sim, task, n, start_wid=1):
+    """Join a worker, let `task` be dispatched there, lose the worker; n times. Commands of the last loss."""
+    out = []
+    for wid in range(start_wid, start_wid + n):
+        sim.join(wid)
+        assert dispatched(sim.pass_(1.0)) == [(wid, task.id)]
+        out = sim(WorkerLost(wid, "connection closed"), 2.0)
+    return out
+
+
+def test_a_task_that_kills_every_worker_it_runs_on_fails_after_three():
+    sim = Sim()
+    poison = sim.submit(new_task("kill -9 $PPID"))
+    out = _lose_workers_under(sim, poison, 2)
+    assert sim.state(poison) == "ready" and [r["task"] for r in logs(out, "requeued")] == [poison.id]
+    out = _lose_workers_under(sim, poison, 1, start_wid=3)
+    assert [c.task for c in of(out, TaskFinished)] == [poison]
+    assert poison.result == "max retries"
+    assert poison.reason == "worker lost 3 times while running this task"
+    assert not logs(out, "requeued") and logs(out, "failed")[0]["task"] == poison.id
+    # an honest task still runs on the next worker
+    honest = sim.submit(new_task("true"))
+    sim.join(9)
+    assert dispatched(sim.pass_(3.0)) == [(9, honest.id)]
+
+
+def test_worker_losses_count_different_workers_and_the_limit_is_a_setting():
+    sim = Sim()
+    sim.core.max_worker_losses = 2
+    t = sim.submit(new_task("true"))
+    _lose_workers_under(sim, t, 1)
+    sim.join(1)                   # the same worker id again does not count twice
+    assert dispatched(sim.pass_(1.0)) == [(1, t.id)]
+    sim(WorkerLost(1, "again"), 2.0)
+    assert sim.state(t) == "ready"
+    _lose_workers_under(sim, t, 1, start_wid=2)
+    assert t.result == "max retries" and t.reason == "worker lost 2 times while running this task"
+    sim2 = Sim()
+    sim2.core.max_worker_losses = 0             # 0: never
+    u = sim2.submit(new_task("true"))
+    _lose_workers_under(sim2, u, 5)
+    assert sim2.state(u) == "ready"

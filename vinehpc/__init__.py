@@ -19,6 +19,7 @@ VINE_RESULT_OUTPUT_MISSING = "output missing"
 VINE_RESULT_OUTPUT_TRANSFER_ERROR = "output transfer error"    # the task ran; the manager could not write its output
 VINE_RESULT_RESOURCE_EXHAUSTION = "resource exhaustion"
 VINE_RESULT_CANCELLED = "cancelled"
+VINE_RESULT_MAX_RETRIES = "max retries"     # vinehpc: a poison task (worker lost N times while running it)
 
 _where = {"Manager": "manager", "Executor": "futures", "File": "file", "Task": "task", "PythonTask": "task",
           "PythonTaskNoResult": "task", "TaskError": "task", "RemoteTraceback": "task", "Resumable": "task",

@@ -205,9 +205,26 @@ def _hash_dir(path: str) -> str:
             st = os.lstat(p)
             h.update(("%s/%s\0%o\0" % (rel, name, st.st_mode & 0o111)).encode())
             if _stat.S_ISLNK(st.st_mode):
-                h.update(os.readlink(p).encode())
+                h.update(check_link(path, rel, name).encode())
             else:
                 h.update(_hash_file(p).encode())
         for name in dirs:
+            if os.path.islink(os.path.join(root, name)):     # (os.walk lists a link to a directory here)
+                check_link(path, rel, name)
             h.update(("%s/%s/\0" % (rel, name)).encode())
     return h.hexdigest()
+
+
+def check_link(top: str, rel: str, name: str) -> str:
+    """The target of symbolic link rel/name inside directory input `top`, if it stays inside it.
+
+    Workers unpack a directory with tarfile's "data" filter, which refuses a link that is
+    absolute or leads out of the directory; refusing it here, when the input is declared or
+    submitted, names the culprit before any worker spends a try on it."""
+    target = os.readlink(os.path.join(top, rel, name))
+    inside = os.path.normpath(os.path.join(rel, target))
+    if os.path.isabs(target) or inside == ".." or inside.startswith("../"):
+        raise ValueError("directory input %r: %s is a symbolic link to %r, outside the directory (workers "
+                         "refuse it): copy the target in or make the link relative"
+                         % (top, os.path.normpath(os.path.join(rel, name)), target))
+    return target

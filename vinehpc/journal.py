@@ -5,6 +5,8 @@ import json
 import os
 import time
 
+from .private import open_private
+
 
 _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode   # built once: this is hot
 
@@ -12,7 +14,7 @@ _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode   # built 
 class Journal:
     def __init__(self, path: str | None):
         self.path = path
-        self._f = open(path, "a", buffering=1 << 16) if path else None
+        self._f = open_private(path, "a", buffering=1 << 16) if path else None
         self._dirty = False
 
     def write(self, rec: dict) -> None:

@@ -18,6 +18,7 @@ from .core.events import BlockHost, Cancel, Drain, Resumed, SlowMultiplier, Subm
 from .file import URL, Buffer, File, Temp, url_validators
 from .journal import Journal
 from .local import LocalWorkers
+from .private import make_private
 from .resume import Resume, task_key
 from .protocol import auth
 from .patterns import PatternsMixin
@@ -140,10 +141,10 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
             self.run_dir = os.path.abspath(os.path.join(run_info_path, run_info_template))
         else:
             self.run_dir = _new_run_dir(os.path.abspath(run_info_path) if run_info_path else settings.run_dir_root)
-        os.makedirs(self.run_dir, exist_ok=True)
+        make_private(self.run_dir)      # 0700 whatever the umask: results, outputs and the journal are the user's
         staging = os.path.join(staging_path, "vine-staging") if staging_path else os.path.join(self.run_dir, "staging")
         self.staging_directory = staging = os.path.abspath(staging)
-        os.makedirs(staging, exist_ok=True)
+        make_private(staging)
         self.resume = Resume(self.run_dir) if (resume if resume is not None else opts.resume) else None
         self.journal = Journal(os.path.join(self.run_dir, "transactions.jsonl"))
         self.core = Core(policy=scheduler)

@@ -24,6 +24,7 @@ import os
 import pickle
 
 from . import journal as _journal
+from .private import check_store, open_private
 
 
 def task_key(task) -> str:
@@ -87,6 +88,7 @@ class Resume:
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
+        check_store(run_dir, ("transactions.jsonl", "results.bin"))     # before anything is read from it
         self._lock = lock_run_dir(run_dir)
         self.results_path = os.path.join(run_dir, "results.bin")
         self.completed = {}
@@ -99,7 +101,7 @@ class Resume:
                     off, n = rec.get("at", (0, 0))
                     if off + n <= size:       # a torn results file drops only what it lost
                         self.completed[rec["key"]] = rec
-        self._out = open(self.results_path, "ab")
+        self._out = open_private(self.results_path, "ab")
 
     def lookup(self, task):
         """The completed record for this task, or None if it must run."""

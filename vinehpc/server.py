@@ -19,6 +19,7 @@ import tarfile
 import threading
 import time
 
+from .admission import MAX_UNAUTHENTICATED, Admission
 from .comm import Closed, Connection, file_chunks
 from .comm.receive import Incoming
 from .core import commands as cmd
@@ -26,6 +27,7 @@ from .core.events import (SCHEDULE, TICK, FetchFailed, FileCached, FileFetched, 
                           WorkerJoined, WorkerLost)
 from .protocol import ProtocolError, handshake, messages
 from .status import Tracker
+from .protocol.names import check_cachename
 
 log = logging.getLogger("vinehpc.manager")
 HANDSHAKE_TIMEOUT = 10.0
@@ -34,7 +36,7 @@ STATUS_IDLE = 60.0          # a status client that asks nothing for this long is
 
 class Peer:
     __slots__ = ("conn", "wid", "hs", "state", "since", "last_recv", "last_send", "parts", "fetch",
-                 "out_errors", "writing", "shut")
+                 "out_errors", "writing", "shut", "wanted", "unasked")
 
     def __init__(self, conn, now, hs):
         self.conn = conn
@@ -49,6 +51,8 @@ class Peer:
         self.out_errors = {}     # tid -> [why each output that could not be written was not]
         self.writing = False     # registered for EVENT_WRITE (the socket was full)
         self.shut = False        # stopping: our side half-closed, waiting for the worker to close its own
+        self.wanted = set()      # cachenames asked of this worker (GetFile) whose bytes have not begun
+        self.unasked = 0         # `file` messages dropped because nobody asked for them (logged a few times)
 
 
 def _output_error(p, tid, path, e):
@@ -84,11 +88,12 @@ class Server:
         self.sent = {}            # tid -> (wid, outputs) of the attempt in flight: where its outputs go
         self.port = self.lsock.getsockname()[1]
         self.sel = selectors.DefaultSelector()
-        self.sel.register(self.lsock, selectors.EVENT_READ, "accept")
         self.also = also
-        if also is not None:
-            also.setblocking(False)
-            self.sel.register(also, selectors.EVENT_READ, "accept")
+        self.listening = [self.lsock] + ([also] if also is not None else [])
+        for ls in self.listening:
+            ls.setblocking(False)
+            self.sel.register(ls, selectors.EVENT_READ, "accept")
+        self.admission = Admission()   # caps on strangers and connections, pauses, rate-limited logging
         self._wr, self._ww = socket.socketpair()
         self._wr.setblocking(False)
         self.sel.register(self._wr, selectors.EVENT_READ, "wake")
@@ -254,31 +259,47 @@ class Server:
     # ---------------------------------------------------------------- connections
     def _accept(self, lsock):
         while True:
+            now = time.monotonic()
+            if not self.admission.room(len(self.all)):
+                return self._pause_accept(now, "%d connections, the most that leaves descriptors for outputs"
+                                          % len(self.all))
             try:
                 sock, addr = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:
-                log.warning("accept failed: %s", e)
-                return
-            now = time.monotonic()
+            except OSError as e:     # out of descriptors (EMFILE, ENFILE) or memory: never spin on it
+                return self._pause_accept(now, "accept failed: %s" % e)
             p = Peer(Connection(sock), now, handshake.Greeter(self.secret, handshake.WORKER, handshake.STATUS))
             self.all.add(p)
             self.sel.register(sock, selectors.EVENT_READ, p)
             p.conn.send_bytes(p.hs.hello())
             self.dirty.add(p)
+            oldest = self.admission.arrived(p)
+            if oldest is not None:
+                self._drop(oldest, "no handshake before %d newer connections came" % MAX_UNAUTHENTICATED)
 
-    def _drop(self, p, reason):
+    def _pause_accept(self, now, why):
+        """Leave the listening sockets out of the selector for a moment (_timers puts them back)."""
+        if self.admission.paused_until is None:
+            for ls in self.listening:
+                self.sel.unregister(ls)
+        self.admission.pause(now)
+        if self.admission.should_log(why, now):
+            log.warning("not accepting connections for a moment: %s", why)
+
+    def _drop(self, p, reason, rejected=False):
         if p not in self.all:
             return
         self._forget_quietly(p)
         now = time.monotonic()
-        for n in p.fetch:
+        for n in list(p.fetch) + list(p.wanted):     # asked of it, will not come
             self._feed(FetchFailed(n), now)
         if p.wid is not None and self.peers.get(p.wid) is p:
             del self.peers[p.wid]
             self._feed(WorkerLost(p.wid, reason), now)
-        elif p.state not in ("released", "status"):
+        elif p.state not in ("released", "status") and self.admission.should_log(reason, now):
+            if rejected:                  # (beyond the rate: counted, summed up in _timers)
+                self.record({"event": "rejected", "peer": p.conn.peer, "reason": "wrong secret"})
             self.record({"event": "connection closed", "peer": p.conn.peer, "reason": reason})
             log.warning("closed connection from %s: %s", p.conn.peer, reason)
 
@@ -301,6 +322,7 @@ class Server:
     def _forget_quietly(self, p):
         """Close a connection and forget it, and nothing more (_drop also tells the core; a
         connection that ends while the manager stops needs no worker lost, nothing requeued)."""
+        self.admission.gone(p)
         self.all.discard(p)
         self.dirty.discard(p)
         try:
@@ -360,9 +382,9 @@ class Server:
             if p.hs.receive_data(data) is None:
                 return []
         except handshake.AuthFailed as e:
-            self.record({"event": "rejected", "peer": p.conn.peer, "reason": "wrong secret"})
-            self._drop(p, str(e))
+            self._drop(p, str(e), rejected=True)
             return []
+        self.admission.authenticated(p)
         if p.hs.roles is handshake.STATUS:
             p.conn.send_bytes(p.hs.welcome())
             p.state = "status"
@@ -408,7 +430,8 @@ class Server:
 
     def _on_error(self, p, msg, ctl, now):
         self.record({"event": "worker error", "worker": p.wid, "reason": msg.reason})
-        if msg.cn:
+        if msg.cn and msg.cn in p.wanted:
+            p.wanted.discard(msg.cn)
             self._feed(FetchFailed(msg.cn), now)
 
     def _on_result(self, p, msg, ctl, now):
@@ -487,8 +510,18 @@ class Server:
         n = msg.cn
         f = p.fetch.get(n)
         if f is None:
-            if "/" in n or n.startswith("."):    # a cache name is one plain file name in staging
-                raise ProtocolError("file message: cache name %r is not a plain file name" % n[:80])
+            try:
+                check_cachename(n)      # one plain file name in staging, as the worker checks its cache's
+            except ValueError:
+                raise ProtocolError("file message: cache name %r is not a plain file name" % n[:80]) from None
+            if n not in p.wanted:       # only what we asked this worker for (GetFile) is written
+                p.unasked += 1
+                if p.unasked <= 3:
+                    log.warning("dropped %s from worker %s: not asked for%s", n, p.wid,
+                                " (further ones are not logged)" if p.unasked == 3 else "")
+                    self.record({"event": "unasked file", "worker": p.wid, "file": n})
+                return
+            p.wanted.discard(n)
             path = os.path.join(self.staging, n)
             f = p.fetch[n] = Incoming(path, path + ".part")
         f.write(msg.data)
@@ -581,6 +614,7 @@ class Server:
         p.conn.send("unlink", {"cn": c.cachename})
 
     def _get(self, p, c):
+        p.wanted.add(c.cachename)
         p.conn.send("get", {"cn": c.cachename})
 
     def _resolve(self, c):
@@ -663,6 +697,14 @@ class Server:
         self.status.tick(int(time.time()))
         if self.want_snapshot:
             self.snapshot = self.status_snapshot()
+        if self.admission.resume_due(now):
+            for ls in self.listening:
+                self.sel.register(ls, selectors.EVENT_READ, "accept")
+        said = self.admission.summary(now)
+        if said is not None:
+            self.record({"event": "connections closed", "count": said[0], "reasons": said[1]})
+            log.warning("closed %d more connections of unauthenticated peers (%s)", said[0],
+                        ", ".join("%s: %d" % kv for kv in said[1].items()))
         for p in list(self.all):
             if p.state == "status":
                 if now - p.last_recv > STATUS_IDLE:

@@ -21,7 +21,8 @@ from .task import Task
 
 
 # Manager.tune(): TaskVine's names that vinehpc has a setting for, and those it has none for
-TUNABLE = ("keepalive-interval", "keepalive-timeout", "disconnect-slow-workers-factor", "wait-for-workers")
+TUNABLE = ("keepalive-interval", "keepalive-timeout", "disconnect-slow-workers-factor", "wait-for-workers",
+           "max-worker-losses")
 NOT_TUNABLE = ("attempt-schedule-depth", "category-steady-n-tasks", "default-transfer-rate", "hungry-minimum",
                "hungry-minimum-factor", "immediate-recovery", "long-timeout", "max-retrievals",
                "min-transfer-timeout", "monitor-interval", "prefer-dispatch", "proportional-resources",
@@ -57,7 +58,9 @@ class TaskVineAPI:
     def tune(self, name: str, value) -> int:
         """TaskVine's advanced settings: keepalive-interval, keepalive-timeout,
         disconnect-slow-workers-factor and wait-for-workers (dispatch nothing before that many
-        workers joined) are vinehpc settings too (0 returned); TaskVine's other names have no
+        workers joined) are vinehpc settings too (0 returned), and so is vinehpc's own
+        max-worker-losses (a task running on that many different workers that were lost fails with
+        result "max retries"; default 3, 0: never); TaskVine's other names have no
         vinehpc setting: warned about, -1 returned (TaskVine's failure code)."""
         if name in ("keepalive-interval", "keepalive-timeout"):
             v = float(value)
@@ -75,6 +78,12 @@ class TaskVineAPI:
             if n < 0:
                 raise ValueError("wait-for-workers must be a non-negative number of workers, got %r" % (value,))
             self._call(lambda: setattr(self.core, "wait_for_workers", n))
+            return 0
+        if name == "max-worker-losses":
+            n = int(value)
+            if n < 0:
+                raise ValueError("max-worker-losses must be a non-negative number of workers, got %r" % (value,))
+            self._call(lambda: setattr(self.core, "max_worker_losses", n))
             return 0
         if name in NOT_TUNABLE:
             warnings.warn("Manager.tune(%r): vinehpc has no such setting; ignored (settings: %s)"

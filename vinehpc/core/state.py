@@ -57,6 +57,7 @@ class Core:
         self.categories = {}               # name -> Category (allocations learnt from measured use)
         self.slow_multiplier = {}          # category (None: every one) -> fast-abort multiplier
         self.wait_for_workers = 0          # dispatch nothing before this many workers joined (tune)
+        self.max_worker_losses = 3         # a task running on this many different lost workers fails (tune)
         self.blocked = Blocklist(self._log)
         self.slow_counts = collections.Counter()      # worker -> tasks fast-aborted there
         self.unproduced = {}               # temp cachename -> why its producer failed
@@ -349,6 +350,12 @@ class Core:
         for ts in reversed(requeue):   # keep their order at the front of the queue
             cores = ts.res["cores"]        # before the requeue forgets a whole worker's worth
             self._release(ts)
+            ts.lost_with.add(wid)
+            if len(ts.lost_with) >= self.max_worker_losses > 0:
+                # a task that kills its worker (a kill of its parent, the OOM killer) would take
+                # every worker in turn: as Dask's allowed-failures, it fails instead
+                self._finish(ts, "max retries", "worker lost %d times while running this task" % len(ts.lost_with))
+                continue
             self._requeue(ts, front=True)
             self._log("requeued", task=ts.tid, reason="worker %s lost: %s" % (wid, e.reason),
                       category=ts.task.category, cores=cores)

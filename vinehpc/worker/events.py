@@ -13,15 +13,7 @@ from dataclasses import dataclass, field
 
 from ..protocol import messages
 from ..protocol.messages import RES
-
-SAFE = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
-
-
-def check_cachename(n) -> str:
-    """A cache name is a file name in the cache directory: refuse anything that could leave it."""
-    if not isinstance(n, str) or not n or len(n) > 200 or n.startswith(".") or not set(n) <= SAFE:
-        raise ValueError("bad cache name %r" % (n,))
-    return n
+from ..protocol.names import check_cachename     # noqa: F401 (the worker's modules take it from here)
 
 
 # ---------------------------------------------------------------- the task description
@@ -100,9 +92,11 @@ class FileStored:
 
 @dataclass
 class FileFailed:
-    """A put could not be stored (disk full...): tasks needing it fail as the worker's fault."""
+    """A put could not be stored: tasks needing it fail, as the worker's fault (disk full...) or,
+    worker_fault False, as the input's (a tar the worker refuses to unpack: a link out of it...)."""
     cachename: str
     reason: str
+    worker_fault: bool = True
 
 
 @dataclass

@@ -280,8 +280,11 @@ class Execution:
                 continue    # a failed task's outputs are not installed
             if o.kind == "temp":
                 try:
+                    h.sandbox.resolve_link(p, [os.path.realpath(self.cache.path(i.cachename)) for i in h.spec.inputs])
                     self.cache.adopt(o.cachename, p)   # adopt checks the name
                     temps.append(o.cachename)
+                except SandboxError as e:
+                    status, reason = "output missing", str(e)
                 except (OSError, ValueError) as e:
                     status, reason = "output missing", "cannot keep temp output %r: %s" % (o.remote, e)
             else:

@@ -272,7 +272,7 @@ class Loop:
         except (OSError, tarfile.TarError) as e:   # disk full, quota: the tasks that need it fail, the worker goes on
             why = "cannot store input %s on worker %s: %s" % (n, self.hostname, e)
             log.error("%s", why)
-            return self.feed(FileFailed(n, why))
+            return self.feed(FileFailed(n, why, worker_fault=isinstance(e, OSError)))
         if stored:
             self.feed(FileStored(n, m.level))
 

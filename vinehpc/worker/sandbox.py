@@ -9,7 +9,6 @@ import os
 import shutil
 
 
-
 class SandboxError(Exception):
     pass
 
@@ -56,6 +55,30 @@ class Sandbox:
 
     def remove(self) -> None:
         _remove_tree(self.path)
+
+    def resolve_link(self, p: str, inputs=()) -> None:
+        """An output at p that is a symbolic link becomes a copy of its target, so what is kept is
+        never a link that dangles once the sandbox (or a task-level input) is gone.  The target must
+        be inside the sandbox or one of the task's `inputs` (real paths): a link to anything else on
+        the worker is refused (SandboxError), as is a dangling one."""
+        if not os.path.islink(p):
+            return
+        target = os.path.realpath(p)
+        roots = [os.path.realpath(self.path)] + list(inputs)
+        if not any(target == r or target.startswith(r + os.sep) for r in roots):
+            raise SandboxError("output %r is a symbolic link to %r, outside the task's sandbox: refused"
+                               % (os.path.relpath(p, self.path), os.readlink(p)))
+        if not os.path.exists(target):
+            raise SandboxError("output %r is a dangling symbolic link (to %r)"
+                               % (os.path.relpath(p, self.path), os.readlink(p)))
+        tmp = p + ".vinehpc-copy"
+        if os.path.isdir(target):
+            shutil.copytree(target, tmp, symlinks=True)
+            os.unlink(p)
+            os.rename(tmp, p)
+        else:
+            shutil.copy2(target, tmp)
+            os.replace(tmp, p)
 
 
 def _remove_tree(path: str) -> None:

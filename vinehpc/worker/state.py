@@ -60,7 +60,7 @@ class WorkerState:
         self.gpu_ids = tuple(gpu_ids)
         self.files = {} if files is None else files
         self.refs = {}             # cache name -> waiting/queued/running tasks naming it
-        self.put_errors = {}       # cache name -> why it could not be stored
+        self.put_errors = {}       # cache name -> (why it could not be stored, the worker's fault?)
         self.fns = set()           # function ids received
         self.images = set()        # environment images unpacked (kept across managers)
         self.pending = {}          # (what, cachename) -> [Run waiting for that background work]
@@ -102,7 +102,8 @@ class WorkerState:
         for i in spec.inputs:
             n = i.cachename
             if n in self.put_errors:
-                return self._report(r, "input missing", self.put_errors[n], worker_fault=True)
+                why, fault = self.put_errors[n]
+                return self._report(r, "input missing", why, worker_fault=fault)
             if n in self.files:
                 if ORDER.get(i.level, 0) > ORDER[self.files[n]]:   # the strongest level asked for wins
                     self.files[n] = i.level
@@ -156,7 +157,7 @@ class WorkerState:
         self.files[ev.cachename] = ev.level if ev.level in ORDER else "workflow"
 
     def _file_failed(self, ev: FileFailed):
-        self.put_errors[ev.cachename] = ev.reason
+        self.put_errors[ev.cachename] = (ev.reason, ev.worker_fault)
 
     def _unlink_requested(self, ev: UnlinkRequested):
         self._unlink(ev.cachename)
