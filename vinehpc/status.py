@@ -357,7 +357,8 @@ def write_final(run_dir: str, tracker) -> None:
     """Keep the figures of a manager that closed, so `vinehpc status RUN_DIR` need not replay a
     log of millions of records (it does when the log is newer: another session, or a crash)."""
     path = os.path.join(run_dir, FINAL)
-    with open(path + ".part", "w") as f:
+    fd = os.open(path + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # private, as the whole run dir
+    with os.fdopen(fd, "w") as f:
         json.dump(final_snapshot(tracker), f, default=str)
     os.replace(path + ".part", path)
 

@@ -44,8 +44,11 @@ class WorkerLog:
             return self.path
         dest = os.path.join(self.collect_dir, self.name + ".log")
         try:
-            os.makedirs(self.collect_dir, exist_ok=True)
-            shutil.copyfile(self.path, dest + ".part")
+            # the run directory is its user's alone (vinehpc/private.py): the folder 0700, the copy 0600
+            os.makedirs(self.collect_dir, mode=0o700, exist_ok=True)
+            fd = os.open(dest + ".part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out, open(self.path, "rb") as src:
+                shutil.copyfileobj(src, out)
             os.replace(dest + ".part", dest)
         except OSError as e:
             logging.getLogger("vinehpc.worker").warning("cannot copy the worker's log to %s: %s", dest, e)
