@@ -33,19 +33,29 @@ def send(sock, obj):
     sock.sendall(LEN.pack(len(data)) + data)
 
 
-def recv_exact(sock, n):
-    buf = bytearray()
-    while len(buf) < n:
-        b = sock.recv(n - len(buf))
-        if not b:
-            raise EOFError
-        buf += b
-    return bytes(buf)
+class Reader:
+    """Messages from the worker, read in large pieces: one recv usually brings a whole message
+    (often the next one too, when the worker presented a task while this one ran), where reading
+    the length and then the body cost two system calls per message."""
 
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
 
-def recv(sock):
-    (n,) = LEN.unpack(recv_exact(sock, 4))
-    return pickle.loads(recv_exact(sock, n))
+    def next(self):
+        buf = self.buf
+        while True:
+            if len(buf) >= 4:
+                (n,) = LEN.unpack_from(buf)
+                if len(buf) >= 4 + n:
+                    with memoryview(buf) as v, v[4:4 + n] as body:
+                        msg = pickle.loads(body)
+                    del buf[:4 + n]
+                    return msg
+            b = self.sock.recv(1 << 16)
+            if not b:
+                raise EOFError
+            buf += b
 
 
 def dump_result(ok, value, tb):
@@ -226,13 +236,14 @@ def main(fd=3):
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the worker decides when we stop
     signal.signal(signal.SIGUSR1, lambda *a: None)  # a pilot's walltime warning is not for us
     sock = socket.socket(fileno=fd)
+    reader = Reader(sock)
     fns = {}
     base_env = dict(os.environ)
     meter = Meter()
     trim = _malloc_trim()
     while True:
         try:
-            msg = recv(sock)
+            msg = reader.next()
         except (EOFError, OSError):
             return 0
         kind = msg[0]
