@@ -9,36 +9,41 @@ import time
 from .protocol.wire import json_encoder
 
 _encode = json_encoder(str)     # built once: this is hot (three records per task)
+_CONTAINERS = (dict, list)
 
 
 class Journal:
-    """Records are encoded when written and reach the file at the next flush (the manager's I/O
-    thread flushes after every loop turn), all of them in one write."""
+    """Records are kept as written and encoded at the next flush, all in one write: the manager's
+    I/O thread flushes after it has sent what a loop turn made, so encoding the turn's records
+    (three per task) is not on a task's way to its worker."""
 
     def __init__(self, path: str | None):
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666) if path else None
-        # encoded lines not yet written; a deque: the user's thread writes a record now and then
+        # (record, time) not yet written; a deque: the user's thread writes a record now and then
         # while the I/O thread flushes (append and popleft are atomic)
-        self._lines = collections.deque()
+        self._recs = collections.deque()
 
     def write(self, rec: dict) -> None:
         if self._fd is None:
             return
-        if "time" in rec:
-            self._lines.append(_encode(rec))
-        else:   # the time spliced in: cheaper than adding it to the record and encoding it
-            s = _encode(rec)
-            self._lines.append('%s,"time":%.6f}' % (s[:-1], time.time()) if len(s) > 2 else
-                               '{"time":%.6f}' % time.time())
+        # a snapshot, one level deep: what the record holds (a task's resources) may still change
+        # before the flush encodes it
+        snap = {k: (v.copy() if type(v) in _CONTAINERS else v) for k, v in rec.items()}
+        self._recs.append((snap, None if "time" in rec else time.time()))
 
     def flush(self) -> None:
-        q = self._lines
+        q = self._recs
         if self._fd is None or not q:
             return
-        parts = [q.popleft() for _ in range(len(q))]
-        parts.append("")
-        data = memoryview("\n".join(parts).encode())
+        lines = []
+        for _ in range(len(q)):
+            rec, t = q.popleft()
+            s = _encode(rec)
+            # the time spliced in: cheaper than adding it to the record and encoding it
+            lines.append(s if t is None else '%s,"time":%.6f}' % (s[:-1], t) if len(s) > 2 else '{"time":%.6f}' % t)
+        lines.append("")
+        data = memoryview("\n".join(lines).encode())
         while data:
             data = data[os.write(self._fd, data):]
 
