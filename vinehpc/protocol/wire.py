@@ -24,6 +24,7 @@ MAX_FRAME = 1 << 30          # 1 GiB per payload frame
 MAX_FRAMES = 16
 PREAUTH_MAX_CTL = 4096       # before the handshake: tiny JSON, no frames at all
 CHUNK = 4 << 20              # file transfers are cut into frames of this size
+LENGTHS = [struct.Struct("!%dQ" % n) for n in range(MAX_FRAMES + 1)]   # the frame lengths, by count
 
 
 class ProtocolError(Exception):
@@ -63,7 +64,7 @@ def encode_head(code: int, ctl: dict, lengths) -> bytes:
     body = _json(ctl).encode() if ctl else b"{}"
     head = HEADER.pack(MAGIC, VERSION, code, len(lengths), len(body))
     if lengths:
-        head += struct.pack("!%dQ" % len(lengths), *lengths)
+        head += LENGTHS[len(lengths)].pack(*lengths)
     return head + body
 
 
@@ -74,19 +75,19 @@ def encode_bytes(code: int, ctl: dict | None = None, frames=()) -> bytes:
 _scan = json.JSONDecoder().scan_once
 
 
-def _loads(b: bytes):
-    """json.loads(b) for a control part: straight to json's scanner when the part is plain UTF-8
-    JSON with nothing around the value (what our encoder sends), skipping json.loads' encoding
-    detection and whitespace matching; anything else goes through json.loads itself, so what is
-    accepted or refused does not change."""
+def _loads(b):
+    """json.loads(bytes(b)) for a control part (bytes or a memoryview): straight to json's
+    scanner when the part is plain UTF-8 JSON with nothing around the value (what our encoder
+    sends), skipping json.loads' encoding detection and whitespace matching; anything else goes
+    through json.loads itself, so what is accepted or refused does not change."""
     try:
-        s = b.decode()
+        s = str(b, "utf-8")
         obj, end = _scan(s, 0)
         if end == len(s):
             return obj
     except (ValueError, StopIteration):
         pass
-    return json.loads(b)
+    return json.loads(bytes(b))
 
 
 class Decoder:
@@ -148,7 +149,7 @@ class Decoder:
             lens_end = HEADER.size + 8 * nframes
             if len(buf) < lens_end:
                 return None
-            lengths = struct.unpack_from("!%dQ" % nframes, buf, HEADER.size) if nframes else ()
+            lengths = LENGTHS[nframes].unpack_from(buf, HEADER.size) if nframes else ()
             for n in lengths:
                 if n > self.max_frame:
                     raise ProtocolError("frame of %d bytes exceeds the limit %d" % (n, self.max_frame))
@@ -156,19 +157,18 @@ class Decoder:
         name, start, ctl_len, lengths, total = self._need
         if len(buf) < total:
             return None
-        try:
-            ctl = _loads(bytes(buf[start:start + ctl_len])) if ctl_len else {}
-        except (ValueError, RecursionError) as e:   # RecursionError: "[[[[..." nested past the limit
-            raise ProtocolError("control part is not JSON: %s" % e) from None
-        if not isinstance(ctl, dict):
-            raise ProtocolError("control part must be a JSON object")
-        frames = []
-        pos = start + ctl_len
-        view = memoryview(buf)
-        for n in lengths:
-            frames.append(bytes(view[pos:pos + n]))     # one copy (a bytearray slice would make two)
-            pos += n
-        view.release()
+        with memoryview(buf) as view:
+            try:
+                ctl = _loads(view[start:start + ctl_len]) if ctl_len else {}
+            except (ValueError, RecursionError) as e:   # RecursionError: "[[[[..." nested past the limit
+                raise ProtocolError("control part is not JSON: %s" % e) from None
+            if not isinstance(ctl, dict):
+                raise ProtocolError("control part must be a JSON object")
+            frames = []
+            pos = start + ctl_len
+            for n in lengths:
+                frames.append(bytes(view[pos:pos + n]))     # one copy (a bytearray slice would make two)
+                pos += n
         del buf[:total]
         self._need = None
         return name, ctl, frames
