@@ -18,7 +18,6 @@ import sys
 import time
 import traceback
 import types
-from contextlib import redirect_stderr, redirect_stdout
 
 LEN = struct.Struct("!I")
 MAX_OUT = 1 << 20
@@ -56,6 +55,23 @@ class Reader:
             if not b:
                 raise EOFError
             buf += b
+
+
+class Redirect:
+    """The call's print()s and tracebacks go to `out`: sys.stdout and sys.stderr swapped for the
+    call (what contextlib's redirect_stdout and redirect_stderr do, at a quarter of their cost,
+    which counts on a call of tens of microseconds)."""
+    __slots__ = ("out", "saved")
+
+    def __init__(self, out):
+        self.out = out
+
+    def __enter__(self):
+        self.saved = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = self.out
+
+    def __exit__(self, *exc):
+        sys.stdout, sys.stderr = self.saved
 
 
 def dump_result(ok, value, tb):
@@ -160,7 +176,7 @@ def library_call(lib, a, out):
     imported, its context function run (in this first call's working directory, printing to
     the call's output `out`)."""
     if "vars" not in lib:
-        with redirect_stdout(out), redirect_stderr(out):
+        with Redirect(out):
             load_library(lib)
     LIBRARY_VARS.vars = lib["vars"]
     name, a = a[0], a[1:]
@@ -203,7 +219,7 @@ def forked(fn, a, kw, sock):
             os.close(sock.detach())  # the worker's socket is the parent's alone
             out = io.StringIO()
             try:
-                with redirect_stdout(out), redirect_stderr(out):
+                with Redirect(out):
                     value = fn(*a, **kw)
                 res, error = dump_result(True, value, None), None
             except BaseException as e:  # noqa: B902 - the call's failure, reported like a task's
@@ -284,7 +300,7 @@ def main(fd=3):
                 res, error, text = forked(fn, a, kw, sock)
                 out.write(text)
             else:
-                with redirect_stdout(out), redirect_stderr(out):
+                with Redirect(out):
                     value = fn(*a, **kw)
                 res, error = dump_result(True, value, None), None
         except BaseException as e:  # noqa: B902 - a task's SystemExit/KeyboardInterrupt is its failure
