@@ -50,7 +50,7 @@ def test_a_task_presented_to_an_interpreter_that_is_already_idle_runs_and_frees_
         assert run(3, after=r) is r            # the late presentation
         assert r.tid == 3                      # ... starts now
         assert [tid for tid, _ in _results(pool, r, 1)] == [3]
-        assert r.tid is None and r.next is None
+        assert r.tid is None and not r.queued
         assert run(4) is r and len(pool.runners) == 1    # reused, no new interpreter
         assert [tid for tid, _ in _results(pool, r, 1)] == [4]
     finally:

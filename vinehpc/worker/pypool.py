@@ -7,6 +7,7 @@ the next Python task starts a fresh one.
 """
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import selectors
@@ -24,14 +25,14 @@ RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyrunner.py")
 
 
 class Runner:
-    __slots__ = ("sock", "proc", "tid", "next", "fids", "buf", "image", "devices")
+    __slots__ = ("sock", "proc", "tid", "queued", "fids", "buf", "image", "devices")
 
     def __init__(self, sock, proc, image=None, devices=None):
         self.sock, self.proc = sock, proc
         self.image = image        # id of the environment image it runs in (None: the worker's own)
         self.devices = devices    # its CUDA_VISIBLE_DEVICES, fixed at start (None: the worker's)
         self.tid = None
-        self.next = None
+        self.queued = collections.deque()   # tasks presented to it, run after tid, in order
         self.fids = set()
         self.buf = bytearray()
 
@@ -77,7 +78,7 @@ class PyPool:
 
     def run(self, tid, fid, fbytes, args, cwd, env, after=None, image=None, devices=None) -> Runner:
         """Run a task on an idle interpreter (inside `image` if given, seeing GPUs `devices`), or
-        queue it on `after` (busy, same image and devices) to run next."""
+        queue it on `after` (busy, same image and devices) to run after what it has."""
         if after is not None:
             r = after
         else:
@@ -94,10 +95,10 @@ class PyPool:
         if after is None or r.tid is None:
             # (an interpreter presented with a task may have returned its current one in the same
             # read that the loop is still handing to the state: it is idle, so the task starts now;
-            # queued as `next` it would leave the interpreter marked busy for ever)
+            # queued it would leave the interpreter marked busy for ever)
             r.tid = tid
         else:
-            r.next = tid
+            r.queued.append(tid)
         _send(r.sock, ("run", tid, fid, args, cwd, env))
         return r
 
@@ -147,7 +148,7 @@ class PyPool:
             msg = pickle.loads(bytes(r.buf[4:4 + n]))
             del r.buf[:4 + n]
             if msg[0] == "done":
-                r.tid, r.next = r.next, None     # a presented task starts at once
+                r.tid = r.queued.popleft() if r.queued else None    # a presented task starts at once
                 out.append((msg[1], msg[2:]))
         return out
 
