@@ -42,7 +42,9 @@ def test_a_task_presented_to_an_interpreter_that_is_already_idle_runs_and_frees_
         t = PythonTask(identity, 0)
         t._check()
         def run(tid, after=None):
-            return pool.run(tid, t._fid, t._fbytes, t._abytes, None, {}, after=after)
+            r = pool.run(tid, t._fid, t._fbytes, t._abytes, None, {}, after=after)
+            pool.flush()                       # (the worker's loop does, once per turn)
+            return r
         r = run(1)
         run(2, after=r)                        # pipelined behind task 1
         assert sorted(tid for tid, _ in _results(pool, r, 2)) == [1, 2]
