@@ -9,7 +9,6 @@ import time
 from .protocol.wire import json_encoder
 
 _encode = json_encoder(str)     # built once: this is hot (three records per task)
-_CONTAINERS = (dict, list)
 
 
 class Journal:
@@ -29,7 +28,10 @@ class Journal:
             return
         # a snapshot, one level deep: what the record holds (a task's resources) may still change
         # before the flush encodes it
-        snap = {k: (v.copy() if type(v) in _CONTAINERS else v) for k, v in rec.items()}
+        snap = rec.copy()
+        for k, v in rec.items():
+            if type(v) is dict or type(v) is list:
+                snap[k] = v.copy()
         self._recs.append((snap, None if "time" in rec else time.time()))
 
     def flush(self) -> None:
