@@ -10,7 +10,7 @@ from vinehpc.worker.events import (DropTask, Exhausted, FetchURL, FileFailed, Fi
                                    OnInterpreter, Output, PresentTask, Requeued, SendCached, SendResult,
                                    SessionEnded, StartFailed, StartTask, TaskFinished, TaskReceived, TaskSpec,
                                    Tick, Unlink, UnlinkRequested, UnpackImage)
-from vinehpc.worker.state import DEPTH, WorkerState
+from vinehpc.worker.state import DEPTH, GHOST_LIMIT, WorkerState
 
 
 def res(cores=1, memory=0, disk=0, gpus=0):
@@ -217,6 +217,21 @@ def test_a_dropped_task_with_nothing_behind_it_frees_its_core_when_it_returns():
     st.handle(TaskFinished(1, runner="r1"), 2.0)
     assert submit(st, cmd_task(3)) == [] and st.used["cores"] == 1
     assert started(st.handle(TaskFinished(2, runner="r1"), 2.1)) == [3]
+
+
+def test_a_dropped_task_that_runs_on_gets_its_interpreter_killed():
+    st = worker(cores=1)
+    _busy_interpreter(st)
+    submit(st, py_task(2))
+    submit(st, py_task(3))
+    st.handle(KillRequested(2), 1.0)
+    st.handle(TaskFinished(1, runner="r1"), 2.0)             # 2's turn: nobody wants its result
+    assert st.next_deadline() == 2.0 + GHOST_LIMIT
+    assert st.handle(Tick(), 2.0 + GHOST_LIMIT) == [KillTask(2)]
+    assert st.handle(Tick(), 3.0 + GHOST_LIMIT) == []        # asked once
+    out = st.handle(InterpreterDied(2, "r1", "signal SIGKILL"), 4.0 + GHOST_LIMIT)
+    assert [c.tid for c in of(out, Requeued)] == [3] and started(out) == [3] and st.used["cores"] == 1
+    assert not st.ghosts and not st.presented
 
 
 def test_up_to_depth_tasks_wait_in_an_interpreter_lane_and_run_in_order():

@@ -29,6 +29,7 @@ from .events import (DropTask, Exhausted, FetchURL, FileFailed, FileStored, Func
 
 ORDER = {"task": 0, "workflow": 1, "worker": 2}     # cache levels, weakest first
 DEPTH = 3          # tasks presented to one busy interpreter at most
+GHOST_LIMIT = 10.0  # seconds a dropped task may hold its interpreter's turn before the interpreter is killed
 
 
 def exhausted_reason(x) -> str:
@@ -89,6 +90,7 @@ class WorkerState:
         """When the next running task reaches its time limit (None: none has one)."""
         ds = [r.deadline for r in self.runs.values() if r.state == "running" and r.killed is None
               and r.deadline is not None]
+        ds.extend(g.deadline for g in self.ghosts.values())
         return min(ds) if ds else None
 
     def running(self) -> list:
@@ -273,6 +275,9 @@ class WorkerState:
             self._begin(nxt)
         else:
             self._hold(nxt, 1)
+            # nobody wants its result any more, so nobody would stop it: a dropped task that runs
+            # on and on must not hold a core for ever (its interpreter is killed, see _tick)
+            nxt.deadline = self._now + GHOST_LIMIT
             self.ghosts[runner] = nxt
 
     def _release_ghost(self, runner):
@@ -359,6 +364,10 @@ class WorkerState:
                 # over its time allocation: resource exhaustion, naming the resource and by how much
                 r.exhausted = {"resource": "time", "used": round(now - r.started, 1), "allocated": r.spec.time_max}
                 self._kill(r, "resource exhaustion", exhausted_reason(r.exhausted))
+        for g in self.ghosts.values():
+            if now >= g.deadline:
+                g.deadline = float("inf")     # asked once: its interpreter's death releases it
+                self._out.append(KillTask(g.spec.id))
 
     def _kill(self, r, status, reason):
         """Stop a running task and report it as `status` when it is gone."""
