@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import threading
 import time
 
 from .protocol.wire import json_encoder
@@ -22,6 +23,7 @@ class Journal:
         # (record, time) not yet written; a deque: the user's thread writes a record now and then
         # while the I/O thread flushes (append and popleft are atomic)
         self._recs = collections.deque()
+        self._lock = threading.Lock()     # flush and close: the I/O thread's last flush may meet close()
 
     def write(self, rec: dict) -> None:
         if self._fd is None:
@@ -35,6 +37,12 @@ class Journal:
         self._recs.append((snap, None if "time" in rec else time.time()))
 
     def flush(self) -> None:
+        if not self._recs:
+            return
+        with self._lock:
+            self._flush()
+
+    def _flush(self):
         q = self._recs
         if self._fd is None or not q:
             return
@@ -50,11 +58,12 @@ class Journal:
             data = data[os.write(self._fd, data):]
 
     def close(self) -> None:
-        if self._fd is not None:
-            self.flush()
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
+        with self._lock:
+            if self._fd is not None:
+                self._flush()
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = None
 
 
 def read(path: str) -> list:
