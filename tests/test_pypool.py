@@ -42,7 +42,9 @@ def test_a_task_presented_to_an_interpreter_that_is_already_idle_runs_and_frees_
         t = PythonTask(identity, 0)
         t._check()
         def run(tid, after=None):
-            return pool.run(tid, t._fid, t._fbytes, t._abytes, None, {}, after=after)
+            r = pool.run(tid, t._fid, t._fbytes, t._abytes, None, {}, after=after)
+            pool.flush()                       # (the worker's loop does, once per turn)
+            return r
         r = run(1)
         run(2, after=r)                        # pipelined behind task 1
         assert sorted(tid for tid, _ in _results(pool, r, 2)) == [1, 2]
@@ -50,7 +52,7 @@ def test_a_task_presented_to_an_interpreter_that_is_already_idle_runs_and_frees_
         assert run(3, after=r) is r            # the late presentation
         assert r.tid == 3                      # ... starts now
         assert [tid for tid, _ in _results(pool, r, 1)] == [3]
-        assert r.tid is None and r.next is None
+        assert r.tid is None and not r.queued
         assert run(4) is r and len(pool.runners) == 1    # reused, no new interpreter
         assert [tid for tid, _ in _results(pool, r, 1)] == [4]
     finally:

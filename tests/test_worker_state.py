@@ -10,7 +10,7 @@ from vinehpc.worker.events import (DropTask, Exhausted, FetchURL, FileFailed, Fi
                                    OnInterpreter, Output, PresentTask, Requeued, SendCached, SendResult,
                                    SessionEnded, StartFailed, StartTask, TaskFinished, TaskReceived, TaskSpec,
                                    Tick, Unlink, UnlinkRequested, UnpackImage)
-from vinehpc.worker.state import WorkerState
+from vinehpc.worker.state import DEPTH, GHOST_LIMIT, WorkerState
 
 
 def res(cores=1, memory=0, disk=0, gpus=0):
@@ -124,7 +124,6 @@ def test_next_python_task_is_presented_to_the_busy_interpreter():
     [p] = of(out, PresentTask)
     assert (p.spec.id, p.runner, p.args) == (2, "r1", b"args")
     assert st.used["cores"] == 1                            # presented: holds nothing yet
-    assert submit(st, py_task(3)) == []                     # one presented task per interpreter
     out = st.handle(TaskFinished(1, result=b"r", runner="r1"), 2.0)
     assert results(out)[1].result == b"r" and started(out) == []
     assert st.runs[2].state == "running" and st.runs[2].started == 2.0   # its clock runs from now
@@ -195,15 +194,73 @@ def test_kill_of_a_running_python_task_requeues_its_presented_task():
     assert out[1] == DropTask(1, stop=True) and started(out) == [2]
 
 
-def test_kill_of_a_presented_task_keeps_its_interpreter_taken():
+def test_kill_of_a_presented_task_keeps_its_turn_and_resources():
     st = worker(cores=1)
     _busy_interpreter(st)
     submit(st, py_task(2))
     assert st.handle(KillRequested(2), 1.0) == [DropTask(2, stop=False)]
-    assert of(submit(st, py_task(3)), PresentTask) == []     # the interpreter will run 2 next anyway
+    [p] = of(submit(st, py_task(3)), PresentTask)            # behind 2: the interpreter runs 2 anyway
+    assert p.spec.id == 3
     out = st.handle(TaskFinished(1, runner="r1"), 2.0)
-    assert list(results(out)) == [1] and started(out) == [3]
+    assert list(results(out)) == [1] and started(out) == [] and st.used["cores"] == 1   # 2's turn holds its core
     assert st.handle(TaskFinished(2, runner="r1"), 2.1) == []    # the dropped task's result: ignored
+    assert st.runs[3].state == "running" and st.runs[3].started == 2.1 and st.used["cores"] == 1
+    assert list(results(st.handle(TaskFinished(3, result=b"r", runner="r1"), 2.2))) == [3]
+    assert st.used["cores"] == 0
+
+
+def test_a_dropped_task_with_nothing_behind_it_frees_its_core_when_it_returns():
+    st = worker(cores=1)
+    _busy_interpreter(st)
+    submit(st, py_task(2))
+    st.handle(KillRequested(2), 1.0)
+    st.handle(TaskFinished(1, runner="r1"), 2.0)
+    assert submit(st, cmd_task(3)) == [] and st.used["cores"] == 1
+    assert started(st.handle(TaskFinished(2, runner="r1"), 2.1)) == [3]
+
+
+def test_a_dropped_task_that_runs_on_gets_its_interpreter_killed():
+    st = worker(cores=1)
+    _busy_interpreter(st)
+    submit(st, py_task(2))
+    submit(st, py_task(3))
+    st.handle(KillRequested(2), 1.0)
+    st.handle(TaskFinished(1, runner="r1"), 2.0)             # 2's turn: nobody wants its result
+    assert st.next_deadline() == 2.0 + GHOST_LIMIT
+    assert st.handle(Tick(), 2.0 + GHOST_LIMIT) == [KillTask(2)]
+    assert st.handle(Tick(), 3.0 + GHOST_LIMIT) == []        # asked once
+    out = st.handle(InterpreterDied(2, "r1", "signal SIGKILL"), 4.0 + GHOST_LIMIT)
+    assert [c.tid for c in of(out, Requeued)] == [3] and started(out) == [3] and st.used["cores"] == 1
+    assert not st.ghosts and not st.presented
+
+
+def test_up_to_depth_tasks_wait_in_an_interpreter_lane_and_run_in_order():
+    st = worker(cores=1)
+    _busy_interpreter(st)
+    presented = [of(submit(st, py_task(t)), PresentTask) for t in range(2, 2 + DEPTH + 1)]
+    assert [len(p) for p in presented] == [1] * DEPTH + [0]       # the lane is full: the next one waits
+    assert [p[0].runner for p in presented[:DEPTH]] == ["r1"] * DEPTH
+    for t in range(1, 1 + DEPTH):
+        out = st.handle(TaskFinished(t, result=b"r", runner="r1"), float(t))
+        assert list(results(out)) == [t] and st.runs[t + 1].state == "running" and st.used["cores"] == 1
+        assert [p.spec.id for p in of(out, PresentTask)] == ([2 + DEPTH] if t == 1 else [])
+
+
+def test_a_larger_task_is_not_presented_behind_a_smaller_one():
+    st = worker(cores=2)
+    _busy_interpreter(st, cores=2)
+    assert len(of(submit(st, py_task(2, cores=1)), PresentTask)) == 1
+    assert of(submit(st, py_task(3, cores=2)), PresentTask) == []     # would need room 2 did not hold
+
+
+def test_interpreter_death_requeues_its_whole_lane_in_order():
+    st = worker(cores=1)
+    _busy_interpreter(st)
+    submit(st, py_task(2))
+    submit(st, py_task(3))
+    out = st.handle(InterpreterDied(1, "r1", "signal SIGSEGV"), 1.0)
+    assert [c.tid for c in of(out, Requeued)] == [2, 3] and started(out) == [2]
+    assert [r.spec.id for r in st.queue if r.state == "queued"] == [3]
 
 
 # ---------------------------------------------------------------- exhaustion

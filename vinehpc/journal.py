@@ -1,41 +1,70 @@
 """Append-only JSON-lines log of every task and worker event (the run's transactions)."""
 from __future__ import annotations
 
+import collections
 import json
 import os
+import threading
 import time
 
-from .private import open_private
+from .private import private_fd
+from .protocol.wire import json_encoder
 
-
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode   # built once: this is hot
+_encode = json_encoder(str)     # built once: this is hot (three records per task)
 
 
 class Journal:
+    """Records are kept as written and encoded at the next flush, all in one write: the manager's
+    I/O thread flushes after it has sent what a loop turn made, so encoding the turn's records
+    (three per task) is not on a task's way to its worker."""
+
     def __init__(self, path: str | None):
         self.path = path
-        self._f = open_private(path, "a", buffering=1 << 16) if path else None
-        self._dirty = False
+        self._fd = private_fd(path) if path else None     # 0600 whatever the umask
+        # (record, time) not yet written; a deque: the user's thread writes a record now and then
+        # while the I/O thread flushes (append and popleft are atomic)
+        self._recs = collections.deque()
+        self._lock = threading.Lock()     # flush and close: the I/O thread's last flush may meet close()
 
     def write(self, rec: dict) -> None:
-        if self._f is None:
+        if self._fd is None:
             return
-        rec.setdefault("time", round(time.time(), 6))
-        self._f.write(_encode(rec))
-        self._f.write("\n")
-        self._dirty = True
+        # a snapshot, one level deep: what the record holds (a task's resources) may still change
+        # before the flush encodes it
+        snap = rec.copy()
+        for k, v in rec.items():
+            if type(v) is dict or type(v) is list:
+                snap[k] = v.copy()
+        self._recs.append((snap, None if "time" in rec else time.time()))
 
     def flush(self) -> None:
-        if self._f is not None and self._dirty:
-            self._f.flush()
-            self._dirty = False
+        if not self._recs:
+            return
+        with self._lock:
+            self._flush()
+
+    def _flush(self):
+        q = self._recs
+        if self._fd is None or not q:
+            return
+        lines = []
+        for _ in range(len(q)):
+            rec, t = q.popleft()
+            s = _encode(rec)
+            # the time spliced in: cheaper than adding it to the record and encoding it
+            lines.append(s if t is None else '%s,"time":%.6f}' % (s[:-1], t) if len(s) > 2 else '{"time":%.6f}' % t)
+        lines.append("")
+        data = memoryview("\n".join(lines).encode())
+        while data:
+            data = data[os.write(self._fd, data):]
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            self._f = None
+        with self._lock:
+            if self._fd is not None:
+                self._flush()
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = None
 
 
 def read(path: str) -> list:

@@ -24,12 +24,22 @@ def make_private(path: str) -> str:
     return path
 
 
-def open_private(path: str, mode: str = "a", **kw):
-    """Open `path` for appending, created 0600; an existing file is made 0600 too."""
+def private_fd(path: str) -> int:
+    """A descriptor appending to `path`, created 0600; an existing file is made 0600 too."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
             os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_private(path: str, mode: str = "a", **kw):
+    """Open `path` for appending, created 0600; an existing file is made 0600 too."""
+    fd = private_fd(path)
+    try:
         return os.fdopen(fd, mode, **kw)
     except BaseException:
         os.close(fd)

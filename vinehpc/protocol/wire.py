@@ -24,13 +24,32 @@ MAX_FRAME = 1 << 30          # 1 GiB per payload frame
 MAX_FRAMES = 16
 PREAUTH_MAX_CTL = 4096       # before the handshake: tiny JSON, no frames at all
 CHUNK = 4 << 20              # file transfers are cut into frames of this size
+LENGTHS = [struct.Struct("!%dQ" % n) for n in range(MAX_FRAMES + 1)]   # the frame lengths, by count
 
 
 class ProtocolError(Exception):
     """The peer sent something that is not a valid vinehpc message; close that connection."""
 
 
-_json = json.JSONEncoder(separators=(",", ":")).encode   # built once: json.dumps(..., separators) builds one per call
+def json_encoder(default):
+    """json's C encoder, compact, built once: JSONEncoder.encode builds a new one for every call,
+    a few microseconds per message on the hot path (no circular-reference check: what we encode
+    is plain data we built).  json's pure-Python encoder where the C one is missing."""
+    try:
+        from json.encoder import c_make_encoder, encode_basestring_ascii
+    except ImportError:     # pragma: no cover - CPython always has it
+        c_make_encoder = None
+    if c_make_encoder is None:  # pragma: no cover
+        return json.JSONEncoder(separators=(",", ":"), default=default).encode
+    enc = c_make_encoder(None, default, encode_basestring_ascii, None, ":", ",", False, False, True)
+    return lambda obj: "".join(enc(obj, 0))
+
+
+def _no_default(o):
+    raise TypeError("Object of type %s is not JSON serializable" % type(o).__name__)
+
+
+_json = json_encoder(_no_default)
 
 
 def encode(code: int, ctl: dict | None = None, frames=()) -> list:
@@ -45,12 +64,30 @@ def encode_head(code: int, ctl: dict, lengths) -> bytes:
     body = _json(ctl).encode() if ctl else b"{}"
     head = HEADER.pack(MAGIC, VERSION, code, len(lengths), len(body))
     if lengths:
-        head += struct.pack("!%dQ" % len(lengths), *lengths)
+        head += LENGTHS[len(lengths)].pack(*lengths)
     return head + body
 
 
 def encode_bytes(code: int, ctl: dict | None = None, frames=()) -> bytes:
     return b"".join(encode(code, ctl, frames))
+
+
+_scan = json.JSONDecoder().scan_once
+
+
+def _loads(b):
+    """json.loads(bytes(b)) for a control part (bytes or a memoryview): straight to json's
+    scanner when the part is plain UTF-8 JSON with nothing around the value (what our encoder
+    sends), skipping json.loads' encoding detection and whitespace matching; anything else goes
+    through json.loads itself, so what is accepted or refused does not change."""
+    try:
+        s = str(b, "utf-8")
+        obj, end = _scan(s, 0)
+        if end == len(s):
+            return obj
+    except (ValueError, StopIteration):
+        pass
+    return json.loads(bytes(b))
 
 
 class Decoder:
@@ -112,7 +149,7 @@ class Decoder:
             lens_end = HEADER.size + 8 * nframes
             if len(buf) < lens_end:
                 return None
-            lengths = struct.unpack_from("!%dQ" % nframes, buf, HEADER.size) if nframes else ()
+            lengths = LENGTHS[nframes].unpack_from(buf, HEADER.size) if nframes else ()
             for n in lengths:
                 if n > self.max_frame:
                     raise ProtocolError("frame of %d bytes exceeds the limit %d" % (n, self.max_frame))
@@ -120,19 +157,18 @@ class Decoder:
         name, start, ctl_len, lengths, total = self._need
         if len(buf) < total:
             return None
-        try:
-            ctl = json.loads(bytes(buf[start:start + ctl_len])) if ctl_len else {}
-        except (ValueError, RecursionError) as e:   # RecursionError: "[[[[..." nested past the limit
-            raise ProtocolError("control part is not JSON: %s" % e) from None
-        if not isinstance(ctl, dict):
-            raise ProtocolError("control part must be a JSON object")
-        frames = []
-        pos = start + ctl_len
-        view = memoryview(buf)
-        for n in lengths:
-            frames.append(bytes(view[pos:pos + n]))     # one copy (a bytearray slice would make two)
-            pos += n
-        view.release()
+        with memoryview(buf) as view:
+            try:
+                ctl = _loads(view[start:start + ctl_len]) if ctl_len else {}
+            except (ValueError, RecursionError) as e:   # RecursionError: "[[[[..." nested past the limit
+                raise ProtocolError("control part is not JSON: %s" % e) from None
+            if not isinstance(ctl, dict):
+                raise ProtocolError("control part must be a JSON object")
+            frames = []
+            pos = start + ctl_len
+            for n in lengths:
+                frames.append(bytes(view[pos:pos + n]))     # one copy (a bytearray slice would make two)
+                pos += n
         del buf[:total]
         self._need = None
         return name, ctl, frames

@@ -107,9 +107,13 @@ class Execution:
 
     # ---------------------------------------------------------------- stop
     def kill(self, tid) -> None:
-        """SIGKILL what runs the task: its pidfd or its interpreter's socket then reports the end."""
+        """SIGKILL what runs the task: its pidfd or its interpreter's socket then reports the end
+        (a task dropped while presented has no handle: its interpreter still runs it)."""
         h = self.handles.get(tid)
         if h is None:
+            r = next((r for r in self.pool.runners if r.tid == tid), None)
+            if r is not None:
+                self.pool.kill(r)
             return
         if h.proc is not None:
             h.proc.kill()

@@ -147,6 +147,7 @@ class Loop:
             self._message(*m)
         while not self.exit_requested:
             self._flush()
+            self.pool.flush()
             self.guard.flush()
             for key, ev in self.sel.select(self._next_timer()):
                 what, obj = key.data

@@ -7,6 +7,7 @@ the next Python task starts a fresh one.
 """
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import selectors
@@ -24,14 +25,15 @@ RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyrunner.py")
 
 
 class Runner:
-    __slots__ = ("sock", "proc", "tid", "next", "fids", "buf", "image", "devices")
+    __slots__ = ("sock", "proc", "tid", "queued", "fids", "buf", "image", "devices", "out")
 
     def __init__(self, sock, proc, image=None, devices=None):
         self.sock, self.proc = sock, proc
         self.image = image        # id of the environment image it runs in (None: the worker's own)
         self.devices = devices    # its CUDA_VISIBLE_DEVICES, fixed at start (None: the worker's)
         self.tid = None
-        self.next = None
+        self.queued = collections.deque()   # tasks presented to it, run after tid, in order
+        self.out = []                       # messages for it not sent yet (PyPool.flush)
         self.fids = set()
         self.buf = bytearray()
 
@@ -44,6 +46,7 @@ class PyPool:
         self.workdir = workdir
         self.runners = []
         self.last_death = None
+        self.pending = set()      # runners with messages in `out`
 
     def _spawn(self, image=None, devices=None):
         mine, theirs = socket.socketpair()
@@ -77,7 +80,8 @@ class PyPool:
 
     def run(self, tid, fid, fbytes, args, cwd, env, after=None, image=None, devices=None) -> Runner:
         """Run a task on an idle interpreter (inside `image` if given, seeing GPUs `devices`), or
-        queue it on `after` (busy, same image and devices) to run next."""
+        queue it on `after` (busy, same image and devices) to run after what it has; the message
+        of a queued one goes at the next flush()."""
         if after is not None:
             r = after
         else:
@@ -88,25 +92,53 @@ class PyPool:
                 if len(self.runners) >= self.max:
                     self._retire_idle()
                 r = self._spawn(image, devices)
+        msgs = []
         if fid not in r.fids:
-            _send(r.sock, ("fn", fid, fbytes))
+            msgs.append(_frame(("fn", fid, fbytes)))
             r.fids.add(fid)
+        msgs.append(_frame(("run", tid, fid, args, cwd, env)))
         if after is None or r.tid is None:
             # (an interpreter presented with a task may have returned its current one in the same
             # read that the loop is still handing to the state: it is idle, so the task starts now;
-            # queued as `next` it would leave the interpreter marked busy for ever)
+            # queued it would leave the interpreter marked busy for ever)
             r.tid = tid
         else:
-            r.next = tid
-        _send(r.sock, ("run", tid, fid, args, cwd, env))
+            r.queued.append(tid)
+        if after is not None:
+            # a presented task waits behind a running one: its message goes with the others this
+            # loop turn presents there, in one write (flush); if that write finds the interpreter
+            # dead, its death requeues what was presented to it
+            r.out.extend(msgs)
+            self.pending.add(r)
+        else:
+            self._send_now(r, b"".join(msgs))    # an error here is this start's (StartFailed)
         return r
+
+    def flush(self):
+        """Send the messages queued for presented tasks (once per loop turn)."""
+        while self.pending:
+            r = self.pending.pop()
+            data = b"".join(r.out)
+            r.out.clear()
+            try:
+                _write(r.sock, data)
+            except OSError:
+                pass        # a dead interpreter: its socket reports the death
+
+    def _send_now(self, r, data):
+        """Write to `r` now, after anything queued for it (its messages stay in order)."""
+        if r.out:
+            self.pending.discard(r)
+            data = b"".join(r.out) + data
+            r.out.clear()
+        _write(r.sock, data)
 
     def _retire_idle(self):
         """Make room for an interpreter of another environment: stop an idle one."""
         for r in self.runners:
             if r.tid is None:
                 try:
-                    _send(r.sock, ("exit",))
+                    self._send_now(r, _frame(("exit",)))
                 except OSError:
                     pass
                 self._drop(r)
@@ -120,7 +152,7 @@ class PyPool:
             if fid in r.fids:
                 r.fids.discard(fid)
                 try:
-                    _send(r.sock, ("forget", fid))
+                    self._send_now(r, _frame(("forget", fid)))
                 except OSError:
                     pass        # a dead interpreter: its socket reports the death
 
@@ -147,7 +179,7 @@ class PyPool:
             msg = pickle.loads(bytes(r.buf[4:4 + n]))
             del r.buf[:4 + n]
             if msg[0] == "done":
-                r.tid, r.next = r.next, None     # a presented task starts at once
+                r.tid = r.queued.popleft() if r.queued else None    # a presented task starts at once
                 out.append((msg[1], msg[2:]))
         return out
 
@@ -159,6 +191,8 @@ class PyPool:
         return [(tid, None)] if tid is not None else []
 
     def _drop(self, r):
+        self.pending.discard(r)
+        r.out.clear()
         if r in self.runners:
             self.runners.remove(r)
         try:
@@ -184,7 +218,7 @@ class PyPool:
         for r in list(self.runners):
             if r.tid is None:
                 try:
-                    _send(r.sock, ("exit",))
+                    self._send_now(r, _frame(("exit",)))
                 except OSError:
                     pass
             else:
@@ -198,9 +232,12 @@ class PyPool:
         self.runners = []
 
 
-def _send(sock, obj):
+def _frame(obj) -> bytes:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    data = LEN.pack(len(data)) + data
+    return LEN.pack(len(data)) + data
+
+
+def _write(sock, data):
     # a task's message nearly always fits the socket's buffer: try once without blocking, and
     # pay the two mode switches (two syscalls) only for what did not fit
     try:

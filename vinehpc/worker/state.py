@@ -6,7 +6,11 @@ the commands out.  No sockets, processes, files or clock here: time comes in as 
 A task's life:  waiting (a URL fetch, an image unpack) -> queued (until cores, memory, disk
 and gpus fit) -> running -> done.  A short Python task may skip the wait for resources:
 it is *presented* to an interpreter busy with a task at least as large (pipelining), and
-starts -- holds resources, its clock runs -- the moment that task returns.
+starts -- holds resources, its clock runs -- the moment that task returns.  Up to DEPTH tasks
+wait so in one interpreter's lane, each no larger than the one before it, so the interpreter
+runs them back to back, never idle waiting for the loop, and each start needs no room.  A task
+dropped while presented stays in its lane (the interpreter has it and runs it anyway): its turn
+holds its resources until it returns, and its result is ignored.
 
 Cache references: every input a waiting/queued/running task names is referenced; an entry
 is unlinked only when nobody references it (task-level inputs: as soon as their last user
@@ -24,6 +28,8 @@ from .events import (DropTask, Exhausted, FetchURL, FileFailed, FileStored, Func
                      Tick, Unlink, UnlinkRequested, UnpackImage)
 
 ORDER = {"task": 0, "workflow": 1, "worker": 2}     # cache levels, weakest first
+DEPTH = 3          # tasks presented to one busy interpreter at most
+GHOST_LIMIT = 10.0  # seconds a dropped task may hold its interpreter's turn before the interpreter is killed
 
 
 def exhausted_reason(x) -> str:
@@ -66,7 +72,8 @@ class WorkerState:
         self.pending = {}          # (what, cachename) -> [Run waiting for that background work]
         self.runs = {}             # tid -> Run
         self.queue = collections.deque()
-        self.presented = {}        # busy interpreter -> the Run it starts next (None: that Run was dropped)
+        self.presented = {}        # busy interpreter -> deque of the Runs it runs next, in order
+        self.ghosts = {}           # interpreter -> the dropped Run it runs now (holding that Run's resources)
         self.used = dict.fromkeys(RES, 0)
         self.gpu_free = list(self.gpu_ids)
         self.lib_running = {}      # library fid -> its calls running (limited by their spec.slots)
@@ -83,6 +90,7 @@ class WorkerState:
         """When the next running task reaches its time limit (None: none has one)."""
         ds = [r.deadline for r in self.runs.values() if r.state == "running" and r.killed is None
               and r.deadline is not None]
+        ds.extend(g.deadline for g in self.ghosts.values())
         return min(ds) if ds else None
 
     def running(self) -> list:
@@ -211,28 +219,41 @@ class WorkerState:
         return ",".join(r.gpus) if r.res["gpus"] else ("" if self.gpu_ids else None)
 
     def _present_next(self):
-        """Pipelining: give a busy interpreter the next short Python task now, so it starts it the
-        moment the current one returns instead of waiting a round trip through the loop."""
+        """Pipelining: give busy interpreters the next short Python tasks now, so each starts the
+        moment the one before it returns instead of waiting a round trip through the loop."""
         q = self.queue
-        while q and q[0].state != "queued":
+        while True:
+            while q and q[0].state != "queued":
+                q.popleft()
+            if not q:
+                return
+            r = q[0]
+            if not r.spec.pipe or not r.spec.python or r.res["gpus"]:
+                return
+            x = self._lane_for(r)
+            if x is None:
+                return
             q.popleft()
-        if not q:
-            return
-        r = q[0]
-        if not r.spec.pipe or not r.spec.python or r.res["gpus"]:
-            return
+            r.state, r.runner = "presented", x
+            self.presented.setdefault(x, collections.deque()).append(r)
+            self._out.append(PresentTask(r.spec, r.args, self._devices(r), r.image, x))
+
+    def _lane_for(self, r):
+        """A busy interpreter whose lane takes r: fewer than DEPTH waiting there, r no larger than
+        the task before it (so its start never needs room), in the same image, and of the same
+        library if r's library limits its calls (its count of running calls stays the same)."""
         for cur in self.runs.values():
             x = cur.runner
-            # (a call of a library with slots only takes over from a call of the same library: its
-            # library's count of running calls stays the same)
-            if (cur.state == "running" and x is not None and cur.killed is None and x not in self.presented
-                    and cur.image == r.image and all(r.res[k] <= cur.res[k] for k in RES)
-                    and (not r.spec.slots or cur.spec.fid == r.spec.fid)):
-                q.popleft()
-                r.state, r.runner = "presented", x
-                self.presented[x] = r
-                self._out.append(PresentTask(r.spec, r.args, self._devices(r), r.image, x))
-                return
+            if cur.state != "running" or x is None or cur.killed is not None or cur.image != r.image:
+                continue
+            lane = self.presented.get(x)
+            if lane and len(lane) >= DEPTH:
+                continue
+            before = lane[-1] if lane else cur
+            big = before.res
+            if (not r.spec.slots or before.spec.fid == r.spec.fid) and all(r.res[k] <= big[k] for k in RES):
+                return x
+        return None
 
     def _on_interpreter(self, ev: OnInterpreter):
         r = self.runs.get(ev.tid)
@@ -242,26 +263,56 @@ class WorkerState:
                 self._present_next()
 
     def _promote(self, runner):
-        """The task presented to `runner` starts there now: it holds resources from now on."""
-        nxt = self.presented.pop(runner, None)
-        if nxt is not None and self.runs.get(nxt.spec.id) is nxt and nxt.state == "presented":
+        """`runner`'s task returned: the next one of its lane starts there now and holds resources
+        from now on (a dropped one too, until it returns: the interpreter runs it anyway)."""
+        self._release_ghost(runner)
+        lane = self.presented.get(runner)
+        if not lane:
+            return
+        nxt = lane.popleft()
+        if not lane:
+            del self.presented[runner]
+        if self.runs.get(nxt.spec.id) is nxt and nxt.state == "presented":
             self._begin(nxt)
+        else:
+            self._hold(nxt, 1)
+            # nobody wants its result any more, so nobody would stop it: a dropped task that runs
+            # on and on must not hold a core for ever (its interpreter is killed, see _tick)
+            nxt.deadline = self._now + GHOST_LIMIT
+            self.ghosts[runner] = nxt
+
+    def _release_ghost(self, runner):
+        g = self.ghosts.pop(runner, None)
+        if g is not None:
+            self._hold(g, -1)
+
+    def _hold(self, r, sign):
+        """A dropped task's turn on its interpreter: its resources held (1) or freed (-1)."""
+        for k in RES:
+            self.used[k] += sign * r.res[k]
+        if r.spec.slots:
+            self.lib_running[r.spec.fid] = self.lib_running.get(r.spec.fid, 0) + sign
 
     def _unpresent(self, runner):
-        """`runner` is gone: the task presented to it never started; queue it again, first."""
-        nxt = self.presented.pop(runner, None)
-        if nxt is not None and self.runs.get(nxt.spec.id) is nxt:
+        """`runner` is gone: the tasks presented to it never started; queue them again, first, in
+        their order (the dropped ones are forgotten)."""
+        self._release_ghost(runner)
+        lane = [r for r in self.presented.pop(runner, ()) if self.runs.get(r.spec.id) is r and r.state == "presented"]
+        for nxt in lane:
             nxt.state, nxt.runner = "queued", None
             self._out.append(Requeued(nxt.spec.id))
-            self.queue.appendleft(nxt)
+        self.queue.extendleft(reversed(lane))
 
     def _start_failed(self, ev: StartFailed):
         r = self.runs.get(ev.tid)
         if r is None:
             return
         if r.state == "presented":
-            if self.presented.get(r.runner) is r:
-                del self.presented[r.runner]
+            lane = self.presented.get(r.runner)
+            if lane and r in lane:
+                lane.remove(r)
+                if not lane:
+                    del self.presented[r.runner]
             r.runner = None
         self._report(r, "failed", ev.reason, worker_fault=ev.worker_fault)
 
@@ -271,6 +322,7 @@ class WorkerState:
         if r is None or r.state != "running":
             if ev.runner is not None:   # a dropped task returned: its interpreter moves on
                 self._promote(ev.runner)
+                self._start_queued()    # (what it held is free)
             return
         kw = dict(exit_code=ev.exit_code, signal=ev.signal, stdout=ev.stdout)
         if r.killed:
@@ -313,6 +365,10 @@ class WorkerState:
                 # over its time allocation: resource exhaustion, naming the resource and by how much
                 r.exhausted = {"resource": "time", "used": round(now - r.started, 1), "allocated": r.spec.time_max}
                 self._kill(r, "resource exhaustion", exhausted_reason(r.exhausted))
+        for g in self.ghosts.values():
+            if now >= g.deadline:
+                g.deadline = float("inf")     # asked once: its interpreter's death releases it
+                self._out.append(KillTask(g.spec.id))
 
     def _kill(self, r, status, reason):
         """Stop a running task and report it as `status` when it is gone."""
@@ -347,10 +403,8 @@ class WorkerState:
             if r.runner is not None:
                 self._promote(r.runner)
         elif was == "presented":
-            # its interpreter runs it after its current task: keep that interpreter taken,
+            # its interpreter runs it in its turn anyway: it stays in the lane (see _promote),
             # and the result it brings back is dropped
-            if self.presented.get(r.runner) is r:
-                self.presented[r.runner] = None
             self._out.append(DropTask(r.spec.id, stop=False))
         else:
             if was == "running" and r.runner is not None:
@@ -382,6 +436,7 @@ class WorkerState:
             self._end(r, None, restart=False)
         self.queue.clear()
         self.presented.clear()
+        self.ghosts.clear()
         self.used = dict.fromkeys(RES, 0)
         self.gpu_free = list(self.gpu_ids)
         self.lib_running.clear()
