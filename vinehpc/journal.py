@@ -26,16 +26,23 @@ class Journal:
         self._recs = collections.deque()
         self._lock = threading.Lock()     # flush and close: the I/O thread's last flush may meet close()
 
-    def write(self, rec: dict) -> None:
+    def write(self, rec: dict):
+        """Keep `rec` for the next flush; returns the time the journal gives it (its own `time`,
+        else now, to the microsecond: what a reader of the log will see)."""
+        if "time" in rec:
+            stamp, t = None, rec["time"]
+        else:
+            stamp = t = round(time.time(), 6)
         if self._fd is None:
-            return
+            return t
         # a snapshot, one level deep: what the record holds (a task's resources) may still change
         # before the flush encodes it
         snap = rec.copy()
         for k, v in rec.items():
             if type(v) is dict or type(v) is list:
                 snap[k] = v.copy()
-        self._recs.append((snap, None if "time" in rec else time.time()))
+        self._recs.append((snap, stamp))
+        return t
 
     def flush(self) -> None:
         if not self._recs:

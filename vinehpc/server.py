@@ -225,7 +225,8 @@ class Server:
 
     def record(self, rec):
         """Write a journal record; the figures follow it (this thread, or before/after it runs)."""
-        self.journal.write(rec)
+        t = self.journal.write(rec)
+        rec.setdefault("time", t)       # the figures keep the time the log will show
         self.status.feed(rec)
 
     def publish_stats(self):

@@ -263,12 +263,12 @@ def main(fd=3):
     # systems, more than a short task), made again if a task removed it, emptied if one left files
     scratch = os.path.join(home, "py-%d" % os.getpid())
     try:
-        return _serve(sock, fns, base_env, base_data, home, scratch)
+        return _serve(sock, reader, fns, base_env, base_data, home, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _serve(sock, fns, base_env, base_data, home, scratch):
+def _serve(sock, reader, fns, base_env, base_data, home, scratch):
     meter = Meter()
     trim = _malloc_trim()
     while True:
