@@ -28,11 +28,11 @@ class Journal:
 
     def write(self, rec: dict):
         """Keep `rec` for the next flush; returns the time the journal gives it (its own `time`,
-        else now, to the microsecond: what a reader of the log will see)."""
+        else now: the log shows it to the microsecond)."""
         if "time" in rec:
             stamp, t = None, rec["time"]
         else:
-            stamp = t = round(time.time(), 6)
+            stamp = t = time.time()
         if self._fd is None:
             return t
         # a snapshot, one level deep: what the record holds (a task's resources) may still change

@@ -189,7 +189,8 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         if opts.write_secret:
             self.secret_file = os.path.join(self.run_dir, "secret")
             auth.write_secret(self.secret_file, self.secret)
-        self._server.record({"event": "manager started", "address": self.address, "pid": os.getpid(),
+        self._server.record({"event": "manager started", "time": round(time.time(), 6),   # as the log shows it
+                             "address": self.address, "pid": os.getpid(),
                              "python": sys.version.split()[0], "name": self.name,
                              "resumable": len(self.resume.completed) if self.resume else None})
         self._server.publish_stats()

@@ -225,9 +225,7 @@ class Server:
 
     def record(self, rec):
         """Write a journal record; the figures follow it (this thread, or before/after it runs)."""
-        t = self.journal.write(rec)
-        rec.setdefault("time", t)       # the figures keep the time the log will show
-        self.status.feed(rec)
+        self.status.feed(rec, self.journal.write(rec))
 
     def publish_stats(self):
         """Publish the counts for m.stats (this thread; or the user's while this one is not

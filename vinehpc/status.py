@@ -91,11 +91,12 @@ class Tracker:
         self.lost_why = collections.Counter()
         self.rate = collections.deque()   # [second, tasks ended in it], the last RATE_WINDOW seconds
 
-    def feed(self, rec: dict) -> None:
+    def feed(self, rec: dict, t: float | None = None) -> None:
+        """One journal record; `t`: the time the journal gave it (a replay: the record's own)."""
         self.version += 1
         h = self._on.get(rec.get("event"))
-        # the journal stamps records as it writes them; a record without a time happened now
-        t = rec.get("time")
+        if t is None:
+            t = rec.get("time")
         self.last = t if t is not None else time.time()
         if h is not None:
             h(rec)
