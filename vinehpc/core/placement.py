@@ -5,6 +5,7 @@ core's events there, placement here.  Only Core.handle calls them (a Schedule ev
 """
 from __future__ import annotations
 
+from ..protocol.messages import start_reported
 from .commands import GetFile, PutFile, SendFunction, SendTask, TaskStarted
 from .tasks import transition
 from .workers import RES
@@ -266,10 +267,15 @@ def _dispatch(core, ts, w, now):
     w.outstanding += 1
     for k in RES:
         w.committed[k] += ts.res[k]
-    out.append(SendTask(w.wid, task.id, task_message(task, ts, short(core, task.category)), task._abytes,
-                        task.outputs))
+    spec = task_message(task, ts, short(core, task.category))
+    out.append(SendTask(w.wid, task.id, spec, task._abytes, task.outputs))
     if ts.on_start is not None:
         out.append(TaskStarted(task, ts.on_start))
     # cached: inputs the worker already had (the report's cache hits); left out when none
     core._log("dispatched", task=task.id, worker=w.wid, host=w.host, attempt=ts.attempts,
               **({"cached": hits} if hits else {}))
+    # a task the worker has room for starts as it arrives: its start is logged now, no message;
+    # one sent ahead (or waiting for a fetch, an image, a library slot) is reported by the worker
+    ts.started = not start_reported(spec.get("pipe"), spec.get("slots"), spec["inputs"])
+    if ts.started:
+        core._log("started", task=task.id, worker=w.wid, attempt=ts.attempts, queued=False)
