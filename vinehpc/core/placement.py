@@ -265,9 +265,15 @@ def _dispatch(core, ts, w, now):
     w.tasks.add(task.id)
     core.n_running += 1
     w.outstanding += 1
+    # sent ahead (pipe: the worker may queue it or present it to a busy interpreter) only when it
+    # does not fit in what the worker has free; one that fits starts on arrival (the worker frees
+    # what its tasks held before the manager hears of it: it has at least this much room)
+    room = True
     for k in RES:
+        if ts.res[k] and w.committed[k] + ts.res[k] > w.total[k]:
+            room = False
         w.committed[k] += ts.res[k]
-    spec = task_message(task, ts, short(core, task.category))
+    spec = task_message(task, ts, not room and short(core, task.category))
     out.append(SendTask(w.wid, task.id, spec, task._abytes, task.outputs))
     if ts.on_start is not None:
         out.append(TaskStarted(task, ts.on_start))
