@@ -393,13 +393,16 @@ class Core:
         self.fetching.discard(e.cachename)
 
     def _tasks_started(self, e, now):
-        """Tasks reported started on worker e.wid: `started` once per attempt, for tasks still
+        self._started(e.wid, e.ids)
+
+    def _started(self, wid, ids):
+        """Tasks reported started on worker wid: `started` once per attempt, for tasks still
         running there (an id that is stale -- ended, requeued, elsewhere -- is ignored)."""
-        for tid in e.ids:
+        for tid in ids:
             ts = self.tasks.get(tid)
-            if ts is not None and ts.wid == e.wid and ts.state == "running" and not ts.started:
+            if ts is not None and ts.wid == wid and ts.state == "running" and not ts.started:
                 ts.started = True
-                self._log("started", task=tid, worker=e.wid, attempt=ts.attempts, queued=True)
+                self._log("started", task=tid, worker=wid, attempt=ts.attempts, queued=True)
 
     def _task_result(self, e, now):
         """A worker returned a task: e.info = {status, exit_code, reason, wall, stdout, temps...}.
@@ -408,9 +411,9 @@ class Core:
         started = e.info.get("started")
         if started:
             if e.tid in started:
-                self._tasks_started(ev.TasksStarted(e.wid, (e.tid,)), now)
+                self._started(e.wid, (e.tid,))
             self._result(e, now)
-            self._tasks_started(ev.TasksStarted(e.wid, started), now)
+            self._started(e.wid, started)
         else:
             self._result(e, now)
 
