@@ -106,6 +106,8 @@ def synthesize(run_dir, n_tasks, workers=250, cores=4, seed=1):
         tries[tid] = tries.get(tid, 0) + 1
         w('{"task":%d,"worker":%d,"host":"node%03d","attempt":%d,%s"event":"dispatched","time":%.6f}\n'
           % (tid, wid, (wid - 1) // 4, tries[tid], '"cached":1,' if hit else "", st))
+        w('{"task":%d,"worker":%d,"attempt":%d,"queued":false,"event":"started","time":%.6f}\n'
+          % (tid, wid, tries[tid], st))
         wall = med * rng.lognormvariate(0, 0.5)
         et = st + wall
         r = rng.random()

@@ -613,6 +613,52 @@ def test_worker_leaving_during_the_run_loses_nothing(make_manager, spawned):
     assert w2.wait(15) == 0
 
 
+@pytest.mark.timeout(90)
+def test_started_records_follow_pipelining(make_manager, spawned):
+    """One worker of 1 core: a task sent with room starts at its dispatch; three pipelined short
+    tasks start in order, each as the one before it ended (the worker tells the manager)."""
+    from vinehpc.core.placement import SHORT_SAMPLES
+    m = make_manager(port=0)
+    start_worker(spawned, m)
+    m.wait_for_workers(1, timeout=30)
+
+    def one(category, *args):
+        t = PythonTask(sleepy_square, *args)
+        t.set_category(category)
+        tid = m.submit(t)
+        assert wait_all(m, 1, timeout=30)[tid].successful()
+        return tid
+
+    first = one("first", 3, 0.0)                 # warms the interpreter up, too
+    for i in range(SHORT_SAMPLES):                # "quick" becomes a short category: sent pipelined
+        one("quick", i, 0.0)
+    ids = []
+    for i in range(3):
+        t = PythonTask(sleepy_square, i, 0.05)
+        t.set_category("quick")
+        ids.append(m.submit(t))
+    wait_all(m, 3, timeout=30)
+    recs = read_journal(m)
+    at = {(r["event"], r.get("task")): (i, r) for i, r in enumerate(recs)
+          if r.get("event") in ("dispatched", "started", "done")}
+    # sent with room: started as dispatched, nothing asked of the worker
+    (i_d, d), (i_s, s) = at["dispatched", first], at["started", first]
+    assert i_s == i_d + 1 and s["queued"] is False and s["time"] - d["time"] < 0.01 and s["attempt"] == 1
+    # the first fits the idle worker (started at dispatch); the others are sent ahead: each started
+    # as reported, in order, after its dispatch and after the previous one's end
+    starts = [at["started", t] for t in ids]
+    assert [r["queued"] for _, r in starts] == [False, True, True], starts
+    assert all(r["worker"] == s["worker"] for _, r in starts)
+    assert [i for i, _ in starts] == sorted(i for i, _ in starts)
+    for k, t in enumerate(ids):
+        i, r = starts[k]
+        assert r["time"] >= at["dispatched", t][1]["time"] and i > at["dispatched", t][0]
+        if k:
+            i_end, end = at["done", ids[k - 1]]
+            assert i > i_end and r["time"] >= end["time"], (recs[i_end], r)
+    assert m.stats.tasks_running == 0 and m.stats.tasks_on_workers == 0
+
+
 # ====================================================================== 9. vinehpc run
 def vinehpc_run(tmp_path, *args, timeout=120, **kw):
     env = dict(os.environ, VINEHPC_RUN_DIR=str(tmp_path / "runs"), VINEHPC_PROGRESS="never")

@@ -101,7 +101,7 @@ def test_bad_magic():
 
 
 def test_wrong_version():
-    with pytest.raises(ProtocolError, match="version 2"):
+    with pytest.raises(ProtocolError, match="version %d, expected %d" % (VERSION + 1, VERSION)):
         Decoder().feed(header(version=VERSION + 1))
 
 
@@ -405,11 +405,12 @@ SAMPLES = [
                              "procs": 2}}, []),
     ("result", {"id": 8, "status": "resource exhaustion", "wall": 1.0, "reason": "memory: 20 MB used > 10 MB",
                 "signal": "SIGKILL(-9)", "exhausted": {"resource": "memory", "used": 20, "allocated": 10},
-                "worker_fault": True}, [b"pickled result"]),
+                "worker_fault": True, "started": [8, 9]}, [b"pickled result"]),
     ("outfile", {"id": 7, "remote": "out", "tar": False, "off": 0, "last": True, "size": 3}, [b"abc"]),
     ("watch", {"id": 7, "remote": "log.txt", "off": 3}, [b"def"]),
     ("file", {"cn": "temp-9", "off": 0, "last": True, "size": 0}, [b""]),
     ("cached", {"cn": "url-2"}, []),
+    ("started", {"ids": [3, 1, -2]}, []),
 ]
 
 
@@ -480,11 +481,14 @@ BAD = {
     "result": [("status", ""), ("status", 0), ("wall", -1), ("wall", "1"), ("exit_code", 2 ** 40),
                ("stdout", b"x".hex().encode().decode() and 5), ("temps", "temp-9"), ("temps", [None]),
                ("measured", {"memory": "1"}), ("measured", [1]), ("exhausted", {"resource": "memory"}),
-               ("exhausted", {"resource": "memory", "used": 1, "allocated": 1, "x": 1}), ("worker_fault", 1)],
+               ("exhausted", {"resource": "memory", "used": 1, "allocated": 1, "x": 1}), ("worker_fault", 1),
+               ("started", [1, "2"]), ("started", 3), ("started", [0] * (messages.MAX_STARTED + 1))],
     "outfile": [("remote", ""), ("tar", None), ("off", "0"), ("size", -1)],
     "watch": [("remote", ""), ("off", "0"), ("id", None)],
     "file": [("last", "yes"), ("size", None)],
     "cached": [("size", -1), ("cn", None)],
+    "started": [("ids", None), ("ids", 3), ("ids", [1.0]), ("ids", [True]), ("ids", [2 ** 63]),
+                ("ids", list(range(messages.MAX_STARTED + 1)))],
 }
 
 
@@ -576,3 +580,17 @@ def test_recv_bytes_is_recv_without_a_fresh_buffer_per_read():
     finally:
         a.close()
         b.close()
+
+
+def test_start_reported_from_the_task_message():
+    """Both ends decide from the task message alone whether the worker reports a task's start."""
+    def rep(ctl):
+        m = messages.decode("task", ctl, [b"args"] if "fid" in ctl else [])
+        return messages.start_reported(m.pipe, m.slots, m.inputs)
+    assert not rep({"cmd": "true", "id": 1, "inputs": [["file-1", "in", "file", "task", None]], "outputs": [],
+                    "res": RES0, "category": "c"})
+    assert rep({"fid": "fn-1", "id": 8, "inputs": [], "outputs": [], "res": RES0, "category": "c", "pipe": True})
+    assert rep({"fid": "lib-1", "id": 9, "inputs": [], "outputs": [], "res": RES0, "category": "c", "slots": 2})
+    for kind in ("url", "image"):
+        assert rep({"cmd": "true", "id": 1, "inputs": [["x-1", "in", kind, "task", "u"]], "outputs": [],
+                    "res": RES0, "category": "c"})

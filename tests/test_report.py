@@ -301,3 +301,27 @@ def test_names_are_text_not_markup(tmp_path):
     page = (tmp_path / "r.html").read_text()
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "$\\nosuch_1$ &lt;b&gt;&amp;amp;" in page
+
+
+def test_an_attempt_starts_at_its_started_record(tmp_path):
+    """With a `started` record the attempt starts there; without (an older log), at time - wall."""
+    from vinehpc.report.aggregate import load
+
+    def run(with_started):
+        recs = [{"event": "manager started", "time": 100.0},
+                {"worker": 1, "host": "h", "resources": {"cores": 1}, "event": "worker joined", "time": 100.0},
+                {"task": 1, "kind": "Task", "category": "c", "event": "submitted", "time": 100.0},
+                {"task": 1, "worker": 1, "host": "h", "attempt": 1, "event": "dispatched", "time": 101.0}]
+        if with_started:
+            recs.append({"task": 1, "worker": 1, "attempt": 1, "queued": True, "event": "started", "time": 103.0})
+        recs.append({"task": 1, "worker": 1, "result": "success", "exit_code": 0, "reason": None, "wall": 0.5,
+                     "attempts": 1, "category": "c", "allocated": {"cores": 1},
+                     "measured": {"memory": 1.0, "cores": 0.5, "wall": 0.5, "disk": 0.0}, "event": "done",
+                     "time": 104.0})
+        d = tmp_path / ("run%d" % with_started)
+        d.mkdir()
+        # written as the core writes them (compact, keys in its order): the fast path reads them
+        (d / "transactions.jsonl").write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs))
+        return [(s, e) for _, s, e, _, _ in load(str(d)).gantt]
+    assert run(True) == [(103.0, 104.0)]
+    assert run(False) == [(103.5, 104.0)]

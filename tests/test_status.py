@@ -281,6 +281,27 @@ def test_tracker_counts_from_records_and_replay(tmp_path):
     assert replay(str(path)).snapshot(107.0) == snap
 
 
+def test_running_counts_from_started_records():
+    """On a worker from `dispatched`, running from `started`; the oldest running is the first started."""
+    t = Tracker()
+    for r in [{"event": "manager started", "time": 100.0},
+              {"event": "worker joined", "worker": 1, "host": "n1", "resources": {"cores": 4}, "time": 100.0},
+              *({"event": "submitted", "task": i, "category": "a", "resources": {"cores": 1}, "time": 101.0}
+                for i in (1, 2, 3)),
+              *({"event": "dispatched", "task": i, "worker": 1, "time": 102.0} for i in (1, 2, 3)),
+              {"event": "started", "task": 1, "worker": 1, "attempt": 1, "queued": False, "time": 102.0},
+              {"event": "started", "task": 9, "worker": 1, "attempt": 1, "queued": True, "time": 102.5},
+              {"event": "done", "task": 1, "worker": 1, "result": "success", "time": 103.0},
+              {"event": "started", "task": 2, "worker": 1, "attempt": 1, "queued": True, "time": 103.0}]:
+        t.feed(r)
+    snap = t.snapshot(104.0)
+    c = snap["counts"]
+    assert (c["tasks_running"], c["tasks_on_workers"], c["tasks_waiting"], c["tasks_done"]) == (1, 2, 1, 1)
+    consistent(c)
+    assert snap["categories"]["a"]["running"] == 1
+    assert (snap["oldest_running"]["task"], snap["oldest_running"]["running_for"]) == (2, 1.0)
+
+
 def test_stats_reads_as_attributes_and_keys():
     s = Stats(tasks_done=3, done=2)
     assert s.tasks_done == s["tasks_done"] == 3 and dict(s) == {"tasks_done": 3, "done": 2}

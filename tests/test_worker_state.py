@@ -22,7 +22,7 @@ def cmd_task(tid, cores=1, **kw):
 
 
 def py_task(tid, cores=1, pipe=True, **kw):
-    return TaskSpec(tid, None, "f1", res=res(cores, gpus=kw.pop("gpus", 0)), pipe=pipe, **kw)
+    return TaskSpec(tid, None, "f1", res=res(cores, gpus=kw.pop("gpus", 0)), pipe=pipe, report_start=pipe, **kw)
 
 
 def worker(cores=2, gpus=(), files=None):
@@ -244,6 +244,39 @@ def test_up_to_depth_tasks_wait_in_an_interpreter_lane_and_run_in_order():
         out = st.handle(TaskFinished(t, result=b"r", runner="r1"), float(t))
         assert list(results(out)) == [t] and st.runs[t + 1].state == "running" and st.used["cores"] == 1
         assert [p.spec.id for p in of(out, PresentTask)] == ([2 + DEPTH] if t == 1 else [])
+
+
+def test_starts_told_to_the_manager_are_batched_in_start_order():
+    """Only tasks whose message says so (report_start: sent ahead) are told; a lane's next task
+    starts when the worker sees the one before it return; the state keeps the ids until the loop
+    takes them (on a result, or in one message at the end of its turn)."""
+    st = worker(cores=1)
+    submit(st, cmd_task(9))                          # sent with room (no pipe): started, not told
+    assert st.take_starts() == []
+    st.handle(TaskFinished(9, exit_code=0), 0.5)
+    _busy_interpreter(st)                            # 1 starts on arrival: told (it was sent ahead)
+    for t in (2, 3):
+        assert of(submit(st, py_task(t)), PresentTask)   # presented: not started yet
+    assert st.take_starts() == [1] and st.take_starts() == []
+    out = st.handle(TaskFinished(1, result=b"r", runner="r1"), 2.0)
+    assert list(results(out)) == [1] and st.starts == [2]   # 2 starts as 1 returns
+    st.handle(TaskFinished(2, result=b"r", runner="r1"), 3.0)
+    assert st.take_starts() == [2, 3]                # one batch for the whole turn, in order
+    st.handle(KillRequested(3), 3.5)
+    submit(st, py_task(4))
+    submit(st, py_task(5))
+    st.handle(SessionEnded(), 4.0)
+    assert st.take_starts() == []                    # a new manager knows nothing of them
+
+
+def test_a_url_input_task_tells_its_start():
+    st = worker(cores=1)
+    spec = TaskSpec.from_message(_task_msg(cmd="true", inputs=[["u", "u", "url", "task", "http://x/u"]]))
+    assert spec.report_start and not TaskSpec.from_message(_task_msg(cmd="true")).report_start
+    submit(st, spec)
+    assert st.starts == []                           # waits for its fetch
+    st.handle(InputReady("url", "u"), 1.0)
+    assert st.take_starts() == [7]
 
 
 def test_a_larger_task_is_not_presented_behind_a_smaller_one():

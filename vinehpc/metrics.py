@@ -22,7 +22,8 @@ COUNTERS = {
     "bytes_received": "output bytes received from workers",
 }
 GAUGES = {
-    "tasks_waiting": "tasks not running yet", "tasks_running": "tasks on workers",
+    "tasks_waiting": "tasks not running yet", "tasks_running": "tasks running on workers",
+    "tasks_on_workers": "tasks sent to workers (running, or waiting there)",
     "workers_connected": "workers connected", "workers_busy": "workers running a task",
     "workers_idle": "workers running nothing", "total_cores": "cores of connected workers",
     "committed_cores": "cores given to running tasks", "total_memory": "memory of connected workers (MB)",

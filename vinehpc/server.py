@@ -24,7 +24,7 @@ from .comm import Closed, Connection, file_chunks
 from .comm.receive import Incoming
 from .core import commands as cmd
 from .core.events import (SCHEDULE, TICK, FetchFailed, FileCached, FileFetched, FileResolved, PutFailed, TaskResult,
-                          WorkerJoined, WorkerLost)
+                          TasksStarted, WorkerJoined, WorkerLost)
 from .protocol import ProtocolError, handshake, messages
 from .status import Tracker
 from .protocol.names import check_cachename
@@ -446,6 +446,9 @@ class Server:
                     "its output" if len(errs) == 1 else "%d outputs" % len(errs), "; ".join(errs))
         self._feed(TaskResult(p.wid, tid, ctl, msg.value), now)
 
+    def _on_started(self, p, msg, ctl, now):
+        self._feed(TasksStarted(p.wid, msg.ids), now)
+
     def _on_outfile(self, p, msg, ctl, now):
         self.bytes_received += len(msg.data)
         tid, remote = msg.id, msg.remote
@@ -536,7 +539,7 @@ class Server:
 
     _handlers = {messages.Pong: _on_pong, messages.Ping: _on_ping, messages.Cached: _on_cached,
                  messages.Error: _on_error, messages.Result: _on_result, messages.Outfile: _on_outfile,
-                 messages.Watch: _on_watch, messages.File: _on_file}
+                 messages.Watch: _on_watch, messages.File: _on_file, messages.Started: _on_started}
 
     # ---------------------------------------------------------------- commands from the core
     def _carry(self, cmds):

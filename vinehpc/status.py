@@ -10,7 +10,9 @@ figures cannot drift apart.
 
 Field names follow TaskVine's stats where it has one (workers_connected, tasks_waiting,
 tasks_done -- every task handed back, failures included, so tasks_done + tasks_running +
-tasks_waiting == tasks_submitted --, bytes_sent...).  The older short keys (submitted, waiting,
+tasks_waiting == tasks_submitted --, bytes_sent...).  A task runs from its `started` record
+(tasks_running); from `dispatched` it is on a worker (tasks_on_workers: running, or sent ahead
+and waiting there), so tasks_waiting (not started) counts those waiting on workers too.  The older short keys (submitted, waiting,
 running, done = succeeded, failed, workers) stay for existing callers.
 """
 from __future__ import annotations
@@ -24,8 +26,8 @@ RATE_WINDOW = 60            # seconds of completions behind "throughput now"
 MAX_KEYS = 100              # categories or tags tracked one by one; the rest are counted as "(other)"
 RECENT_LOST = 20            # workers lost remembered with their reason
 RES = ("cores", "memory", "disk", "gpus")     # a worker's list: [host, *RES, busy cores, tasks running]
-COUNTED = ("tasks_submitted", "tasks_running", "tasks_done", "tasks_succeeded", "tasks_failed", "tasks_cancelled",
-           "tasks_retried", "tasks_dispatched", "tasks_resumed", "workers_connected", "workers_busy",
+COUNTED = ("tasks_submitted", "tasks_running", "tasks_on_workers", "tasks_done", "tasks_succeeded", "tasks_failed",
+           "tasks_cancelled", "tasks_retried", "tasks_dispatched", "tasks_resumed", "workers_connected", "workers_busy",
            "workers_joined", "workers_lost", "workers_released", "total_cores", "total_memory", "total_disk",
            "total_gpus", "committed_cores", "bytes_sent", "files_sent", "connections_rejected",
            "tasks_ended_last_minute")
@@ -60,7 +62,7 @@ class Tracker:
     def __init__(self):
         self._on = {
             "manager started": self._started, "submitted": self._submitted, "resumed": self._resumed,
-            "dispatched": self._dispatched, "done": self._ended, "failed": self._ended,
+            "dispatched": self._dispatched, "started": self._task_started, "done": self._ended, "failed": self._ended,
             "retry": self._retried, "retry larger": self._retried, "requeued": self._retried,
             "fast abort": self._retried, "not run": self._back, "worker joined": self._joined,
             "worker lost": self._lost, "put": self._put, "stopping": self._stopping,
@@ -83,7 +85,8 @@ class Tracker:
         self.c = dict.fromkeys(COUNTED, 0)   # flat counts, TaskVine names
         self.tasks = {}                # tid -> its shape, while not handed back
         self._shapes = {}              # (category, tag, cores) -> (category, cores, its groups): one per kind
-        self.running = collections.OrderedDict()   # tid -> (wid, dispatch time); first is the oldest
+        self.on_workers = collections.OrderedDict()   # tid -> wid, dispatched and not ended
+        self.running = collections.OrderedDict()   # tid -> start time, of those; first is the oldest
         self.workers = {}              # wid -> [host, cores, memory, disk, gpus, busy cores, tasks]
         self.categories = {}           # name -> _Group
         self.tags = {}
@@ -143,26 +146,36 @@ class Tracker:
     def _dispatched(self, rec):
         tid, wid = rec.get("task"), rec.get("worker")
         self.c["tasks_dispatched"] += 1
-        if tid in self.running:          # cannot happen in a well-formed log; keep counts sane
+        if tid in self.on_workers:       # cannot happen in a well-formed log; keep counts sane
             self._back(rec)
-        self.running[tid] = (wid, self.last)
+        self.on_workers[tid] = wid
         self._busy(self.workers.get(wid), tid, 1)
         if tid is not None and tid >= 0:
+            self.c["tasks_on_workers"] += 1
+
+    def _task_started(self, rec):
+        tid = rec.get("task")
+        if tid not in self.on_workers or tid in self.running:
+            return
+        self.running[tid] = self.last
+        if tid >= 0:
             self.c["tasks_running"] += 1
             for g in self._groups_of(tid):
                 g.running += 1
 
     def _back(self, rec):
-        """The task's attempt ended without the task ending: it is no longer running."""
+        """The task's attempt ended without the task ending: it is no longer on its worker."""
         tid = rec.get("task")
-        r = self.running.pop(tid, None)
-        if r is None:
+        if tid not in self.on_workers:
             return False
-        self._busy(self.workers.get(r[0]), tid, -1)
+        wid = self.on_workers.pop(tid)
+        self._busy(self.workers.get(wid), tid, -1)
         if tid >= 0:
-            self.c["tasks_running"] -= 1
-            for g in self._groups_of(tid):
-                g.running -= 1
+            self.c["tasks_on_workers"] -= 1
+            if self.running.pop(tid, None) is not None:
+                self.c["tasks_running"] -= 1
+                for g in self._groups_of(tid):
+                    g.running -= 1
         return True
 
     def _busy(self, w, tid, sign):
@@ -186,7 +199,7 @@ class Tracker:
 
     def _ended(self, rec):
         tid = rec.get("task")
-        if tid in self.running:
+        if tid in self.on_workers:
             self._back(rec)
         shape = self.tasks.pop(tid, None)
         if tid is None or tid < 0:
@@ -263,7 +276,7 @@ class Tracker:
         """The manager closed: its workers were released (the log records no loss for them) and
         what still ran will not end in this session (it counts as waiting: not run)."""
         self.stopped = self.last
-        for tid in list(self.running):
+        for tid in list(self.on_workers):
             self._back({"task": tid})
         for w in self.workers.values():
             self._count_worker(w, -1)
@@ -282,7 +295,6 @@ class Tracker:
         c = self.c if raw is None else raw
         s = Stats(c)
         s["tasks_waiting"] = c["tasks_submitted"] - c["tasks_done"] - c["tasks_running"]
-        s["tasks_on_workers"] = s["tasks_running"]
         s["workers_idle"] = s["workers_connected"] - s["workers_busy"]
         end = self.stopped or now
         span = (end - self.started) if self.started is not None else 0.0
@@ -316,7 +328,8 @@ class Tracker:
             n["gpus"] += w[4]
             n["tasks"] += w[6]
         oldest = None
-        for tid, (wid, t0) in self.running.items():
+        for tid, t0 in self.running.items():
+            wid = self.on_workers.get(tid)
             w = self.workers.get(wid)
             shape = self.tasks.get(tid)
             oldest = {"task": tid, "worker": wid, "host": w[0] if w else None,

@@ -203,9 +203,11 @@ def render(snap) -> str:
     else:
         state = "running for %s%s" % (_dur(c["elapsed"]), ", DRAINING (walltime)" if snap.get("draining") else "")
     out = [title, state, ""]
-    out.append("tasks      submitted %d   waiting %d   running %d   done %d (succeeded %d, failed %d, cancelled %d)"
-               "   retried %d" % (c["tasks_submitted"], c["tasks_waiting"], c["tasks_running"], c["tasks_done"],
-                                 c["tasks_succeeded"], c["tasks_failed"], c["tasks_cancelled"], c["tasks_retried"]))
+    out.append("tasks      submitted %d   waiting %d   running %d (on workers %d)   done %d (succeeded %d, failed %d, "
+               "cancelled %d)   retried %d" % (c["tasks_submitted"], c["tasks_waiting"], c["tasks_running"],
+                                              c.get("tasks_on_workers", c["tasks_running"]), c["tasks_done"],
+                                              c["tasks_succeeded"], c["tasks_failed"], c["tasks_cancelled"],
+                                              c["tasks_retried"]))
     out.append("throughput now %.1f tasks/s (last minute), average %.1f tasks/s"
                % (c["tasks_per_second"], c["tasks_per_second_average"]))
     out.append("workers    connected %d (busy %d, idle %d)   cores %d of %d busy   memory %s   joined %d   lost %d"

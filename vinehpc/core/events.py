@@ -51,8 +51,15 @@ class WorkerLost:
 class TaskResult:
     wid: int
     tid: int
-    info: dict                   # status, exit_code, reason, wall, stdout, measured, temps, worker_fault, exhausted
+    info: dict                   # status, exit_code, reason, wall, stdout, measured, temps, worker_fault, exhausted,
+                                 # started (ids: TasksStarted riding on the result)
     output: bytes | None = None  # a PythonTask's pickled result
+
+
+@dataclass(slots=True)
+class TasksStarted:
+    wid: int
+    ids: list                    # tasks that started on worker wid (a `started` message); stale ids are ignored
 
 
 @dataclass(slots=True)

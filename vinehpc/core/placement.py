@@ -5,6 +5,7 @@ core's events there, placement here.  Only Core.handle calls them (a Schedule ev
 """
 from __future__ import annotations
 
+from ..protocol.messages import start_reported
 from .commands import GetFile, PutFile, SendFunction, SendTask, TaskStarted
 from .tasks import transition
 from .workers import RES
@@ -264,12 +265,23 @@ def _dispatch(core, ts, w, now):
     w.tasks.add(task.id)
     core.n_running += 1
     w.outstanding += 1
+    # sent ahead (pipe: the worker may queue it or present it to a busy interpreter) only when it
+    # does not fit in what the worker has free; one that fits starts on arrival (the worker frees
+    # what its tasks held before the manager hears of it: it has at least this much room)
+    room = True
     for k in RES:
+        if ts.res[k] and w.committed[k] + ts.res[k] > w.total[k]:
+            room = False
         w.committed[k] += ts.res[k]
-    out.append(SendTask(w.wid, task.id, task_message(task, ts, short(core, task.category)), task._abytes,
-                        task.outputs))
+    spec = task_message(task, ts, not room and short(core, task.category))
+    out.append(SendTask(w.wid, task.id, spec, task._abytes, task.outputs))
     if ts.on_start is not None:
         out.append(TaskStarted(task, ts.on_start))
     # cached: inputs the worker already had (the report's cache hits); left out when none
     core._log("dispatched", task=task.id, worker=w.wid, host=w.host, attempt=ts.attempts,
               **({"cached": hits} if hits else {}))
+    # a task the worker has room for starts as it arrives: its start is logged now, no message;
+    # one sent ahead (or waiting for a fetch, an image, a library slot) is reported by the worker
+    ts.started = not start_reported(spec.get("pipe"), spec.get("slots"), spec["inputs"])
+    if ts.started:
+        core._log("started", task=task.id, worker=w.wid, attempt=ts.attempts, queued=False)

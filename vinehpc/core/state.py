@@ -72,7 +72,7 @@ class Core:
         self._handlers = {
             ev.Submit: self._submit, ev.Resumed: self._resumed, ev.Cancel: self._cancel, ev.Drain: self._drain,
             ev.WorkerJoined: self._worker_joined, ev.WorkerLost: self._worker_lost,
-            ev.TaskResult: self._task_result, ev.FileCached: self._file_cached, ev.FileFetched: self._file_fetched,
+            ev.TaskResult: self._task_result, ev.TasksStarted: self._tasks_started, ev.FileCached: self._file_cached, ev.FileFetched: self._file_fetched,
             ev.FileResolved: self._file_resolved, ev.PutFailed: self._put_failed,
             ev.FetchFailed: self._fetch_failed, ev.BlockHost: self._block_host,
             ev.UnblockHost: lambda e, now: self.blocked.unblock(e.host),
@@ -392,8 +392,32 @@ class Core:
     def _fetch_failed(self, e, now):
         self.fetching.discard(e.cachename)
 
+    def _tasks_started(self, e, now):
+        self._started(e.wid, e.ids)
+
+    def _started(self, wid, ids):
+        """Tasks reported started on worker wid: `started` once per attempt, for tasks still
+        running there (an id that is stale -- ended, requeued, elsewhere -- is ignored)."""
+        for tid in ids:
+            ts = self.tasks.get(tid)
+            if ts is not None and ts.wid == wid and ts.state == "running" and not ts.started:
+                ts.started = True
+                self._log("started", task=tid, worker=wid, attempt=ts.attempts, queued=True)
+
     def _task_result(self, e, now):
-        """A worker returned a task: e.info = {status, exit_code, reason, wall, stdout, temps...}."""
+        """A worker returned a task: e.info = {status, exit_code, reason, wall, stdout, temps...}.
+        Starts riding on it (`started`) are logged around it: this task's own before its end, the
+        others after it (the next task of its interpreter's lane started as this one returned)."""
+        started = e.info.get("started")
+        if started:
+            if e.tid in started:
+                self._started(e.wid, (e.tid,))
+            self._result(e, now)
+            self._started(e.wid, started)
+        else:
+            self._result(e, now)
+
+    def _result(self, e, now):
         tid, wid, res = e.tid, e.wid, e.info
         ts = self.tasks.get(tid)
         if ts is None or ts.wid != wid or ts.state != "running":

@@ -28,7 +28,7 @@ class InvalidTransition(RuntimeError):
 
 class TaskState:
     __slots__ = ("task", "tid", "state", "wid", "res", "whole", "alloc_version", "grown", "tries", "exhaustions",
-                 "avoid", "passed_since", "warned", "inputs", "dispatched_at", "pin", "on_start", "on_done",
+                 "avoid", "passed_since", "warned", "inputs", "dispatched_at", "started", "pin", "on_start", "on_done",
                  "attempts", "worker", "host", "addr", "exit_code", "stdout", "wall", "measured", "output", "lost_with")
 
     def __init__(self, task, inputs, res, pin=None, on_start=None, on_done=None):
@@ -47,6 +47,7 @@ class TaskState:
         self.warned = False          # "no worker is large enough" said once
         self.inputs = inputs         # [(cachename, size, is_temp) or None], in task.inputs order
         self.dispatched_at = None
+        self.started = False         # the current attempt's `started` is logged
         self.pin = pin
         self.on_start = on_start
         self.on_done = on_done

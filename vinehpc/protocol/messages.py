@@ -30,6 +30,21 @@ ITEMS = 1 << 20             # list and dict lengths (the control part's own limi
 ID_MIN, ID_MAX = -2 ** 62, 2 ** 63 - 1
 BIG = 2 ** 62               # sizes, offsets, resource amounts
 RES = ("cores", "memory", "disk", "gpus")
+MAX_STARTED = 10000         # task ids in one `started` list (a worker sends more as several)
+
+
+def start_reported(pipe, slots, inputs) -> bool:
+    """Does the worker report when this task starts?  Both ends ask it of the task message's
+    fields.  No: the manager sent it to a worker with room (no `pipe`), so it starts the moment it
+    arrives and the manager logs its start at dispatch.  Yes: sent ahead (`pipe`: it may wait in
+    the worker's queue or an interpreter's lane), or waiting on the worker for a URL fetch, an
+    image unpack (input kinds "url", "image") or a free slot of its library (`slots`)."""
+    if pipe or slots:
+        return True
+    for i in inputs:
+        if i[2] == "url" or i[2] == "image":
+            return True
+    return False
 
 
 # ---------------------------------------------------------------- checks
@@ -323,6 +338,16 @@ class Result(Message):
     measured = opt(DictOf(Str(SHORT), Nullable(Num(-1e18))))
     exhausted = opt(Record({"resource": Str(SHORT), "used": Num(-1e18), "allocated": Num(-1e18)}))
     worker_fault = opt(Bool)                        # rerun elsewhere without spending a retry
+    # tasks whose start (start_reported) the worker has not reported yet, this one's included if
+    # it is among them: they ride on the result instead of a `started` message of their own
+    started = opt(ListOf(Id, MAX_STARTED))
+
+
+@message(35, "started")
+class Started(Message):
+    """Tasks that started since the worker's last report (start_reported), at most one message
+    per worker loop turn; the manager stamps its own time on arrival."""
+    ids = Field(ListOf(Id, MAX_STARTED))
 
 
 @message(31, "outfile", payload="data", payload_required=True)

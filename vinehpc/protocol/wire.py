@@ -16,7 +16,7 @@ import json
 import struct
 
 MAGIC = b"VN"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("!2sBBHI")
 
 MAX_CTL = 1 << 20            # 1 MiB of JSON control per message

@@ -6,9 +6,10 @@ attempts drawn one by one and per-worker busy time per bin for at most WORKER_RO
 The only per-task state is for attempts in flight (dispatched, no result yet).
 
 Times: a record's `time` is the manager's clock when it was written.  An attempt's start is its
-ending record's time minus `wall` (the worker's own measure, from the task's start: under
-pipelining a task is dispatched before it starts), never before its dispatch; an attempt with no
-`wall` (its worker was lost, it was cancelled) started at its dispatch.
+`started` record (under pipelining a task is dispatched before it starts).  A log without one (an
+older vinehpc; an attempt that ended before its start was heard of): its ending record's time
+minus `wall` (the worker's own measure, from the task's start), never before its dispatch; an
+attempt with no `wall` either (its worker was lost, it was cancelled) started at its dispatch.
 """
 from __future__ import annotations
 
@@ -32,9 +33,10 @@ SLOW_MAX = 10000       # heap of the slowest tasks: the slowest 1 % of up to a m
 
 _EVENT = '"event":"'
 _NUMBER = r"(-?[0-9][0-9.e+-]*)"
-# the core's dispatched and successful done records, keys in the order state.py/placement.py write them
+# the core's dispatched, started and successful done records, keys in the order state.py/placement.py write them
 _DISPATCHED = re.compile(r'\{"task":(-?\d+),"worker":(\d+),"host":(?:"[^"\\]*"|null),"attempt":\d+,'
                          r'(?:"cached":(\d+),)?"event"')
+_STARTED = re.compile(r'\{"task":(-?\d+),"worker":\d+,"attempt":\d+,"queued":(?:true|false),"event"')
 _DONE = re.compile(r'\{"task":(-?\d+),"worker":(\d+),"result":"success","exit_code":(?:-?\d+|null),'
                    r'"reason":(?:null|"[^"\\]*"),"wall":' + _NUMBER + r',"attempts":(\d+),"category":"([^"\\]*)",'
                    r'"allocated":\{([^{}]*)\},"measured":\{"memory":' + _NUMBER + r',"cores":' + _NUMBER +
@@ -116,7 +118,7 @@ class Aggregate:
         self.categories = {}
         self.workers = {}                                # (session, wid) -> Worker
         self.workers_seen = 0
-        self.inflight = {}                               # (session, tid) -> (dispatch time, worker key)
+        self.inflight = {}                               # (session, tid) -> [dispatch time, worker key, start time]
         self.gantt = []                                  # (worker key, start, end, category, outcome)
         self.gantt_total = 0
         self.groups = {}                                 # (kind, result, reason pattern) -> [n, example, tids, cats]
@@ -188,6 +190,12 @@ class Aggregate:
                 if event == "submitted":
                     self._submitted(t, not line.startswith('{"task":-'))
                     return
+                if event == "started":
+                    m = _STARTED.match(line)
+                    if m is not None:
+                        self._started(t, int(m.group(1)))
+                        self.last_t = t
+                        return
                 m = _DISPATCHED.match(line) if event == "dispatched" else _DONE.match(line) if event == "done" \
                     else None
                 if m is not None:
@@ -226,11 +234,16 @@ class Aggregate:
 
     def _dispatched(self, t, tid, wid, cached):
         wkey = (self.session, wid)
-        self.inflight[(self.session, tid)] = (t, wkey)
+        self.inflight[(self.session, tid)] = [t, wkey, None]
         self.n_attempts += 1
         if cached:
             self.n["cache hits"] += cached
             self.hits[self._bin(t)] += cached
+
+    def _started(self, t, tid):
+        got = self.inflight.get((self.session, tid))
+        if got is not None:
+            got[2] = t
 
     def _attempt_end(self, t, tid, wall, outcome, category, cores):
         """An attempt ended at t (result, loss, kill): draw it and free the in-flight slot.
@@ -238,8 +251,9 @@ class Aggregate:
         got = self.inflight.pop((self.session, tid), None)
         if got is None:
             return None
-        dispatched, wkey = got
-        start = t - wall if wall is not None and t - wall > dispatched else dispatched
+        dispatched, wkey, start = got
+        if start is None:          # no `started` record: an older log
+            start = t - wall if wall is not None and t - wall > dispatched else dispatched
         self.started[self._bin(start)] += 1
         cores = cores if isinstance(cores, (int, float)) and cores > 0 else 1
         w = self.workers.get(wkey)
@@ -418,6 +432,7 @@ class Aggregate:
     _handlers = {
         "submitted": lambda self, r, t: self._submitted(t, r.get("task", 0) >= 0),
         "dispatched": lambda self, r, t: self._dispatched(t, r.get("task"), r.get("worker"), r.get("cached") or 0),
+        "started": lambda self, r, t: self._started(t, r.get("task")),
         "done": _final_rec, "failed": _final_rec,
         "retry": lambda self, r, t: self._again(r, t, "retry", "retries"),
         "retry larger": lambda self, r, t: self._again(r, t, "retry larger", "retries"),

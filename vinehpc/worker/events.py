@@ -47,6 +47,7 @@ class TaskSpec:
     slots: int | None = None        # a library call: at most this many calls of library `fid` run at once
     watch: tuple = ()               # remote names of outputs streamed to the manager while it runs
     error: str | None = None        # the inputs could not be understood (the task fails)
+    report_start: bool = False      # tell the manager when it starts (messages.start_reported)
 
     @classmethod
     def from_message(cls, m: messages.Task) -> "TaskSpec":
@@ -60,7 +61,8 @@ class TaskSpec:
             error = "bad input description: %s" % e
         return cls(id=m.id, cmd=m.cmd, fid=m.fid, inputs=inputs, outputs=tuple(Output(*o) for o in m.outputs),
                    env=m.env or {}, res=dict(m.res), time_max=float(m.time_max) if m.time_max else None,
-                   pipe=bool(m.pipe), slots=m.slots, watch=tuple(m.watch or ()), error=error)
+                   pipe=bool(m.pipe), slots=m.slots, watch=tuple(m.watch or ()), error=error,
+                   report_start=messages.start_reported(m.pipe, m.slots, m.inputs))
 
     @property
     def python(self) -> bool:

@@ -237,8 +237,9 @@ class Execution:
                     h.watched[remote] = off + len(data)
 
     # ---------------------------------------------------------------- the end
-    def report(self, c, conn) -> list:
-        """SendResult: collect outputs if the task ended on its own, clean up, send the result."""
+    def report(self, c, conn, started=None) -> list:
+        """SendResult: collect outputs if the task ended on its own, clean up, send the result
+        (with `started`: ids whose start was not told yet)."""
         h = self.handles.pop(c.tid, None)
         self.watching.discard(c.tid)
         status, reason, temps = c.status, c.reason, []
@@ -263,6 +264,8 @@ class Execution:
             ctl["exhausted"] = c.exhausted
         if c.worker_fault:
             ctl["worker_fault"] = True     # the manager runs it elsewhere, without spending its retries
+        if started:
+            ctl["started"] = started
         conn.send("result", ctl, [c.result] if c.result is not None else ())
         return [FileStored(n, "workflow") for n in temps]
 

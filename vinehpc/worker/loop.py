@@ -97,7 +97,19 @@ class Loop:
     def _do_result(self, c):
         if c.status != "success":      # only failures: a line per task would cost the hot path
             log.info("task %s: %s: %s", c.tid, c.status, c.reason)
-        return self.exec.report(c, self.conn)
+        # the starts not told yet ride on this result (this task's own, if it is among them: the
+        # manager logs that one before the result, the others -- the next of its lane -- after)
+        starts = self.state.take_starts()
+        if len(starts) > messages.MAX_STARTED:
+            self._send_starts(starts)
+            starts = None
+        return self.exec.report(c, self.conn, starts)
+
+    def _send_starts(self, ids):
+        """A `started` message (several for more ids than one may carry)."""
+        if self.conn is not None:
+            for i in range(0, len(ids), messages.MAX_STARTED):
+                self.conn.send("started", {"ids": ids[i:i + messages.MAX_STARTED]})
 
     def _do_cached(self, c):
         if self.conn is not None:
@@ -146,6 +158,8 @@ class Loop:
         for m in conn.feed(b""):
             self._message(*m)
         while not self.exit_requested:
+            if self.state.starts:        # started this turn and not told with a result: one message
+                self._send_starts(self.state.take_starts())
             self._flush()
             self.pool.flush()
             self.guard.flush()

@@ -12,6 +12,11 @@ runs them back to back, never idle waiting for the loop, and each start needs no
 dropped while presented stays in its lane (the interpreter has it and runs it anyway): its turn
 holds its resources until it returns, and its result is ignored.
 
+Starts the manager hears of (`starts`, for tasks whose spec has report_start): a task starts at
+`_begin`.  For a presented task that is when the worker sees the task before it in its lane
+return: the interpreter took it up a moment earlier (when it returned that one), and the worker
+does not ask it -- the same instant its `wall` is measured from.
+
 Cache references: every input a waiting/queued/running task names is referenced; an entry
 is unlinked only when nobody references it (task-level inputs: as soon as their last user
 ends; others when the manager asks, or at the end of the workflow unless worker-level).
@@ -77,6 +82,9 @@ class WorkerState:
         self.used = dict.fromkeys(RES, 0)
         self.gpu_free = list(self.gpu_ids)
         self.lib_running = {}      # library fid -> its calls running (limited by their spec.slots)
+        # ids of tasks that started (and report_start) not yet told to the manager: the loop sends
+        # them on the next result, or in one `started` message at the end of its turn
+        self.starts = []
         self._out = []
         self._now = 0.0
 
@@ -92,6 +100,11 @@ class WorkerState:
               and r.deadline is not None]
         ds.extend(g.deadline for g in self.ghosts.values())
         return min(ds) if ds else None
+
+    def take_starts(self) -> list:
+        """The started ids not yet told to the manager, in the order they started; forgotten here."""
+        s, self.starts = self.starts, []
+        return s
 
     def running(self) -> list:
         """The running tasks not being stopped (for sampling)."""
@@ -212,6 +225,8 @@ class WorkerState:
             self.lib_running[r.spec.fid] = self.lib_running.get(r.spec.fid, 0) + 1
         r.state = "running"
         r.started = self._now
+        if r.spec.report_start:
+            self.starts.append(r.spec.id)
         r.deadline = self._now + r.spec.time_max if r.spec.time_max else None
 
     def _devices(self, r):
@@ -437,6 +452,7 @@ class WorkerState:
         self.queue.clear()
         self.presented.clear()
         self.ghosts.clear()
+        self.starts.clear()        # the next manager knows nothing of these tasks
         self.used = dict.fromkeys(RES, 0)
         self.gpu_free = list(self.gpu_ids)
         self.lib_running.clear()
