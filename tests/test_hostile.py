@@ -16,9 +16,10 @@ import pytest
 import vinehpc
 import vinehpc.file
 from vinehpc import PythonTask, Task
-from vinehpc.protocol import handshake, messages, wire
+from vinehpc.protocol import messages, wire
 
 from conftest import close_and_check, diagnose, poll, read_journal, wait_all
+from test_e2e import _joined_raw_worker
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -103,20 +104,6 @@ def test_a_task_that_kills_its_worker_fails_after_three_workers(make_manager):
 
 
 # ====================================================================== 6. `file` messages nobody asked for
-def _joined_raw_worker(m):
-    """A raw socket that passes the real handshake and joins as a worker that sends what the test wants."""
-    s = socket.create_connection(("127.0.0.1", m.port), timeout=10)
-    hs = handshake.Answerer(m.secret, handshake.WORKER)
-    got = b""
-    while hs.receive_data(got) is None:
-        got = s.recv(4096)
-    s.sendall(hs.auth())
-    got = b""
-    while hs.receive_data(got) is None:
-        got = s.recv(4096)
-    s.sendall(messages.encode_bytes(messages.Info(cores=0, memory=0, disk=0, gpus=0, host="raw", pid=1, cached=[],
-                                                  workdir="/nonexistent", version=wire.VERSION)))
-    return s
 
 
 def _closed_by_manager(s) -> bool:
