@@ -57,3 +57,6 @@ def test_script_under_vinehpc_run(script, tmp_path):
 @pytest.mark.parametrize("script", SCRIPTS, ids=_id)
 def test_script_under_an_mpiexec_pilot(script, tmp_path, mpi):
     _run([mpi, "-n", "3", sys.executable, "-m", "vinehpc", "pilot", script], tmp_path)
+    # the pilot's workers left their logs in the run directory (node-local disks go with the allocation)
+    logs = glob.glob(str(tmp_path / "vine-run-info" / "pilot-*" / "workers" / "*.log"))
+    assert logs and all(os.path.getsize(f) > 0 for f in logs), "no worker log collected under %s" % tmp_path
