@@ -23,6 +23,8 @@ from .task import Task
 # Manager.tune(): TaskVine's names that vinehpc has a setting for, and those it has none for
 TUNABLE = ("keepalive-interval", "keepalive-timeout", "disconnect-slow-workers-factor", "wait-for-workers",
            "max-worker-losses")
+# tune() names of the core's worker counts -> the Core attribute
+CORE_COUNTS = {"wait-for-workers": "wait_for_workers", "max-worker-losses": "max_worker_losses"}
 NOT_TUNABLE = ("attempt-schedule-depth", "category-steady-n-tasks", "default-transfer-rate", "hungry-minimum",
                "hungry-minimum-factor", "immediate-recovery", "long-timeout", "max-retrievals",
                "min-transfer-timeout", "monitor-interval", "prefer-dispatch", "proportional-resources",
@@ -73,17 +75,11 @@ class TaskVineAPI:
             # TaskVine: below 1 turns it off
             self._server.post(SlowMultiplier(None, float(value) if float(value) >= 1 else 0.0))
             return 0
-        if name == "wait-for-workers":
+        if name in CORE_COUNTS:           # a number of workers the core keeps
             n = int(value)
             if n < 0:
-                raise ValueError("wait-for-workers must be a non-negative number of workers, got %r" % (value,))
-            self._call(lambda: setattr(self.core, "wait_for_workers", n))
-            return 0
-        if name == "max-worker-losses":
-            n = int(value)
-            if n < 0:
-                raise ValueError("max-worker-losses must be a non-negative number of workers, got %r" % (value,))
-            self._call(lambda: setattr(self.core, "max_worker_losses", n))
+                raise ValueError("%s must be a non-negative number of workers, got %r" % (name, value))
+            self._call(lambda: setattr(self.core, CORE_COUNTS[name], n))
             return 0
         if name in NOT_TUNABLE:
             warnings.warn("Manager.tune(%r): vinehpc has no such setting; ignored (settings: %s)"
