@@ -15,7 +15,7 @@ import pytest
 
 import vinehpc
 from vinehpc import PythonTask, PythonTaskNoResult, Task, TaskError
-from vinehpc import _context
+from vinehpc import _context, status_client
 from vinehpc.file import Buffer, File, Temp
 from vinehpc.manager import _ports
 from conftest import poll, read_journal, wait_all, worker_cmd
@@ -118,6 +118,9 @@ def test_taskvine_constructor_arguments(tmp_path, caplog):
         assert "not encrypted" in caplog.text
         m.set_name("other")
         assert m.stats["name"] == "other"
+        # what `vinehpc status` shows, asked over the manager's port as the command does
+        snap = status_client.snapshot("127.0.0.1:%d" % m.port, m.secret, None)
+        assert snap["name"] == "other", snap
     finally:
         m.close()
     names = [r.get("name") for r in read_journal(m) if r.get("event") in ("manager started", "name")]
@@ -449,3 +452,13 @@ def test_declare_minitask_makes_a_temp(manager):
     wait_all(m, 1, timeout=30)
     assert use.successful() and use.std_output == "made\n", (use.result, use.reason)
     assert m.fetch_file(f) == "made\n"
+
+
+def test_a_silent_task_that_ran_has_empty_std_output(manager):
+    # TaskVine: "" for a task that ran and printed nothing (scripts do `t.std_output.strip()`);
+    # None only for one that never ran
+    t = Task("true")
+    manager.submit(t)
+    done = manager.wait(30)
+    assert done is t and t.successful() and t.std_output == ""
+    assert Task("true").std_output is None

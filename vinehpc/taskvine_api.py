@@ -46,7 +46,8 @@ class TaskVineAPI:
     def set_name(self, name: str) -> None:
         """The project name (journal, stats, `vinehpc status`)."""
         self.name = _check_name(name)
-        self.journal.write({"event": "name", "name": self.name})
+        # through the I/O thread: the live figures (`vinehpc status`) follow the journal
+        self._call(lambda: self._server.record({"event": "name", "name": self.name}))
 
     def enable_peer_transfers(self) -> None:
         """Accepted: vinehpc does not move files between workers yet (inputs come from the

@@ -429,7 +429,7 @@ class Core:
         ts.addr = w.info.get("addr") if w else None
         ts.worker = wid
         ts.exit_code = res.get("exit_code")
-        ts.stdout = res.get("stdout")
+        ts.stdout = res.get("stdout") or ""     # a task that ran and printed nothing: "" (as TaskVine)
         ts.wall = res.get("wall")
         ts.measured = res.get("measured")
         ts.output = e.output
