@@ -171,13 +171,16 @@ class Server:
                 self._feed(SCHEDULE, now)
                 if self.status.version != self._stats_version:
                     self.publish_stats()     # before the hand-over: wait() never returns ahead of m.stats
-                self._hand_over()
                 self._flush()
                 if self.resume is not None:
                     self.resume.flush()     # results before the journal records that point at them
                 self.journal.flush()
                 if self.n_workers != len(self.peers):
                     self._publish_workers()     # after the flush: a waiter finds the join in the journal
+                # last, just before select() lets go of the GIL: the user's thread, woken here, runs
+                # at once instead of waiting for this turn's writes (each a GIL hand-over and back),
+                # and what wait() returns is already in the journal
+                self._hand_over()
                 if self.stopping and not any(p.conn.wants_write() for p in self.all) and not self._half_close():
                     break
         except BaseException as e:   # the I/O thread must never die silently
