@@ -91,6 +91,8 @@ class Core:
 
     # ------------------------------------------------------------------ helpers
     def _log(self, event, **kw):
+        # the record is the journal's once written (it is not copied there): a value that changes
+        # later -- a task's resources, a worker's totals -- is passed as a copy
         kw["event"] = event
         self.out.append(Log(kw))
 
@@ -197,7 +199,7 @@ class Core:
             else:
                 self.names.pop(k, None)        # to be made again: named again
         self._log("submitted", task=task.id, kind=type(task).__name__, category=task.category,
-                  tag=task.tag, resources=ts.res, command=_what(task))
+                  tag=task.tag, resources=dict(ts.res), command=_what(task))
         self._make_ready_or_wait(ts, front=front)
 
     def _resumed(self, e, now):
@@ -324,7 +326,7 @@ class Core:
         for n in w.cached:
             if n.startswith("temp-"):
                 self.replicas[n].add(e.wid)
-        self._log("worker joined", worker=e.wid, host=w.host, resources=w.total, pid=e.info.get("pid"),
+        self._log("worker joined", worker=e.wid, host=w.host, resources=dict(w.total), pid=e.info.get("pid"),
                   cached=len(w.cached), log=e.info.get("log"))
 
     def _forget_function(self, e, now):
@@ -545,7 +547,8 @@ class Core:
         if not resumed:
             self._log("done" if ok else "failed", task=ts.tid, worker=ts.wid, result=result,
                       exit_code=ts.exit_code, reason=reason, wall=ts.wall, attempts=ts.attempts,
-                      category=task.category, allocated=task.resources_allocated, measured=ts.measured,
+                      category=task.category, allocated=dict(task.resources_allocated),
+                      measured=dict(ts.measured) if ts.measured else ts.measured,
                       output=_tail(ts.stdout, OUTPUT_KEPT[ok]))
         for f, _ in task.outputs:
             k = self._key(f)
