@@ -158,11 +158,7 @@ class Loop:
         for m in conn.feed(b""):
             self._message(*m)
         while not self.exit_requested:
-            if self.state.starts:        # started this turn and not told with a result: one message
-                self._send_starts(self.state.take_starts())
-            self._flush()
-            self.pool.flush()
-            self.guard.flush()
+            self._send()        # what the timers made (pings, kills)
             for key, ev in self.sel.select(self._next_timer()):
                 what, obj = key.data
                 if what == "manager":
@@ -187,7 +183,17 @@ class Loop:
                     except BlockingIOError:
                         pass
                     self._fetches_done()
+            # what these events made goes out before the timers run: a result's way back to the
+            # manager (and a task's way to its interpreter) does not wait for the sampling
+            self._send()
             self._timers()
+
+    def _send(self):
+        if self.state.starts:        # started this turn and not told with a result: one message
+            self._send_starts(self.state.take_starts())
+        self._flush()
+        self.pool.flush()
+        self.guard.flush()
 
     def _flush(self):
         conn = self.conn
