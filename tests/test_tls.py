@@ -352,3 +352,36 @@ def test_fingerprints_normalize_and_refuse_nonsense():
     with pytest.raises(ValueError):
         tls.normalize_fingerprint("sha256:xyz")
     assert ssl.HAS_TLSv1_3 or ssl.HAS_TLSv1_2
+
+
+# ------------------------------------------------------------------ a pilot with --ssl (mpiexec, no Slurm)
+pytest_plugins = ["slurm_fixture"]      # the `mpi` fixture (MPICH's mpiexec), as tests/test_pilot.py
+
+
+@pytest.mark.timeout(180)
+def test_mpiexec_pilot_with_ssl(mpi, tmp_path):
+    """Rank 0 makes the pair before any worker starts; the other rank's workers get the
+    fingerprint with the secret and join over TLS; the end-of-run release speaks TLS too."""
+    s = tmp_path / "tasks.py"
+    s.write_text(textwrap.dedent("""
+        import vinehpc as vine
+        m = vine.Manager()
+        print("ssl", m.using_ssl)
+        for i in range(6):
+            m.submit(vine.Task("echo pilot-%d" % i))
+        print(sorted(m.wait(60).output.strip() for _ in range(6)))
+        m.close()
+    """))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "PMIX_", "VINEHPC_"))}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([mpi, "-n", "2", sys.executable, "-m", "vinehpc", "pilot", "--ssl", "--run-dir",
+                        str(tmp_path / "run"), str(s)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=150)
+    assert r.returncode == 0, r.stdout
+    assert "ssl True" in r.stdout, r.stdout
+    assert str(["pilot-%d" % i for i in range(6)]) in r.stdout, r.stdout
+    recs = read_journal(str(tmp_path / "run" / "manager-0"))
+    started = [x for x in recs if x["event"] == "manager started"]
+    assert started and started[0]["tls"].startswith("sha256:"), started
+    assert [x for x in recs if x["event"] == "worker joined"], recs[-10:]
+    assert not [x for x in recs if x["event"] == "connection closed"], recs
