@@ -18,6 +18,7 @@ from ..protocol import messages, wire
 IOV_MAX = 512
 SCRATCH = 1 << 20       # reads up to this size go through recv_bytes' reused buffer
 TLS_BATCH = 256 << 10   # TLS: small messages are joined up to this size per SSL write
+TLS_RECORD = 16 << 10   # TLS: the most one record (one SSL read) carries
 _BUFFER = (bytes, bytearray, memoryview)
 
 
@@ -219,13 +220,15 @@ class Connection:
         return data
 
     def _recv_tls(self, want: int) -> bytes:
-        """recv() over TLS.  One SSL read returns at most one record (16 KiB), so read until
-        `want` bytes came or the socket has no more; and never leave decrypted bytes inside the
-        TLS object (pending()): select() watches the socket, not the object, and would not wake
-        us for them."""
+        """recv() over TLS.  One SSL read returns at most one record (16 KiB): read on while
+        records come full (a large transfer) and `want` is not reached, and never leave
+        decrypted bytes inside the TLS object (pending()): select() watches the socket, not the
+        object, and would not wake us for them.  Bytes still in the socket wake select() again,
+        so a short record ends the read without a last try that would only raise SSLWantRead
+        (that try cost a small message a fifth of its TLS overhead)."""
         chunks, got = [], 0
         sock = self.sock
-        while got < want or sock.pending():
+        while True:
             try:
                 data = recv_bytes(sock, 1 << 16)
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
@@ -240,6 +243,8 @@ class Connection:
                 raise Closed("connection closed by peer")
             chunks.append(data)
             got += len(data)
+            if not sock.pending() and (len(data) < TLS_RECORD or got >= want):
+                break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def close(self) -> None:
