@@ -91,9 +91,14 @@ class RecordingProxy:
                     sel.register(b, selectors.EVENT_READ, "x")
                     continue
                 s = key.fileobj
+                if s not in pairs:
+                    continue            # closed with its other half earlier in this batch
                 other, record = pairs[s]
                 try:
                     data = s.recv(1 << 16)
+                    if data:
+                        record += data
+                        other.sendall(data)
                 except OSError:
                     data = b""
                 if not data:
@@ -101,9 +106,6 @@ class RecordingProxy:
                         sel.unregister(x)
                         pairs.pop(x)
                         x.close()
-                    continue
-                record += data
-                other.sendall(data)
 
     def close(self):
         self.stop_w.send(b"x")
@@ -263,7 +265,7 @@ def test_vinehpc_run_with_ssl_and_status(tmp_path):
     s = tmp_path / "tasks.py"
     s.write_text(textwrap.dedent("""
         import subprocess, sys, vinehpc as vine
-        m = vine.Manager()
+        m = vine.Manager(ssl=sys.argv[1:] == ["own"])
         print("ssl", m.using_ssl)
         t = m.submit(vine.Task("echo fine"))
         print(m.wait(30).output.strip())
@@ -272,9 +274,9 @@ def test_vinehpc_run_with_ssl_and_status(tmp_path):
         print("status", r.returncode, '"source": "manager"' in r.stdout, r.stderr.strip()[-300:])
         m.close()
     """))
-    for how in (["--ssl"], []):
-        env = {} if how else {"VINEHPC_SSL": "1"}
-        code, out = _run([sys.executable, "-m", "vinehpc", "run", "-n", "1", "--progress", "never", *how, str(s)],
+    # --ssl; VINEHPC_SSL=1; neither, the script's own Manager(ssl=True) (its workers start after it)
+    for how, env, arg in ((["--ssl"], {}, []), ([], {"VINEHPC_SSL": "1"}, []), ([], {}, ["own"])):
+        code, out = _run([sys.executable, "-m", "vinehpc", "run", "-n", "1", "--progress", "never", *how, str(s), *arg],
                          tmp_path, timeout=120, **env)
         assert code == 0, out
         assert "ssl True" in out and "fine" in out, out
