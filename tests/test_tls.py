@@ -229,6 +229,19 @@ def test_a_worker_without_tls_is_told_and_the_manager_lives(make_manager):
     assert any("TLS handshake" in r for r in closed), closed
 
 
+def test_a_wrong_secret_inside_tls_is_still_called_so(make_manager):
+    """TLS first, then the secret's handshake as without TLS: its refusal reads the same."""
+    m = make_manager(ssl=True, host="127.0.0.1")
+    p = subprocess.Popen([sys.executable, "-m", "vinehpc", "worker", "127.0.0.1:%d" % m.port, "--connect-timeout",
+                          "10"], env=_env(VINEHPC_SECRET="wrong-secret-0123456789",
+                                          VINEHPC_TLS_FINGERPRINT=m.tls_fingerprint),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    code, out = _finish(p)
+    assert code == 2 and "secret is wrong" in out, out
+    assert read_journal(m, "rejected"), read_journal(m)
+    _manager_still_serves(m)
+
+
 def test_a_stranger_speaking_plaintext_to_a_tls_manager_is_dropped(make_manager):
     """Garbage where the TLS handshake belongs: closed and logged, the run goes on."""
     m = make_manager(ssl=True, host="127.0.0.1")
