@@ -1,6 +1,13 @@
 """Optional TLS on the manager's port (Manager(ssl=True) or ssl=(key, cert)), with the standard
 library's ssl: the pieces every end uses, so the manager, the worker, `vinehpc status` (and a
-later peer-transfer or tunnel listener) wrap their sockets the same way.
+later peer-transfer or tunnel listener) wrap their sockets the same way:
+
+    server:  st = ServerTLS(key, cert)  (or ServerTLS(*generate_pair(private_dir)))
+             s = st.wrap(accepted)  then handshake_step(s) on readiness until it returns None
+    client:  s = wrap_client(sock, fingerprint)                      (blocking)
+             or client_context().wrap_socket(sock, do_handshake_on_connect=False),
+             handshake_step(s) until None, then check_pin(s, fingerprint)   (non-blocking)
+    then:    comm.Connection(s) reads and writes it like a plain socket (no sendfile, pending() drained)
 
 Trust is a pin, not a CA: the run's certificate fingerprint (SHA-256 of its DER form) travels
 wherever the run's secret goes (RUN_DIR/tls-fingerprint beside RUN_DIR/secret, a pilot's
@@ -129,30 +136,47 @@ def handshake_step(sock: ssl.SSLSocket):
 
 
 # ---------------------------------------------------------------- the client side
+_client_ctx = None
+
+
 def client_context() -> ssl.SSLContext:
-    # no CA, no host name: the server is checked by its pinned fingerprint (wrap_client)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+    """The client side's context (one per process).  No CA, no host name: the server is
+    checked by its pinned fingerprint (check_pin) right after the handshake.  A non-blocking
+    client: client_context().wrap_socket(sock, do_handshake_on_connect=False), handshake_step()
+    until done, then check_pin() before sending anything."""
+    global _client_ctx
+    if _client_ctx is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        _client_ctx = ctx
+    return _client_ctx
+
+
+def check_pin(sock: ssl.SSLSocket, fingerprint: str, peer: str = "the manager") -> None:
+    """Raise TLSError (closing the socket) unless the server's certificate has `fingerprint`.
+    (The handshake has already made the server prove it holds that certificate's key.)"""
+    want = normalize_fingerprint(fingerprint)
+    der = sock.getpeercert(binary_form=True)
+    got = fingerprint_of(der) if der else None
+    if got != want:
+        sock.close()
+        raise TLSError("%s's TLS certificate has fingerprint %s, not the run's %s: another run's manager at "
+                       "that address, or someone in between; refusing to talk to it (check the fingerprint "
+                       "given with --tls-fingerprint / VINEHPC_TLS_FINGERPRINT)" % (peer, got, want))
 
 
 def wrap_client(sock, fingerprint: str, peer: str = "the manager") -> ssl.SSLSocket:
     """Run the TLS handshake on a connected (blocking, or with a timeout) socket and check the
-    server's certificate against `fingerprint`; returns the TLS socket.  Raises TLSError (the
-    socket is closed then).  Nothing of ours is sent before the fingerprint matched."""
-    want = normalize_fingerprint(fingerprint)
+    server's certificate against `fingerprint`; returns the TLS socket.  Raises TLSError for a
+    certificate with another fingerprint, ProtocolError for a handshake cut short (the socket is
+    closed then).  Nothing of ours is sent before the fingerprint matched."""
+    normalize_fingerprint(fingerprint)      # a malformed one is the caller's error, before any I/O
     try:
         s = client_context().wrap_socket(sock)
     except (ssl.SSLError, OSError) as e:
         sock.close()
         raise ProtocolError("TLS handshake with %s failed: %s" % (peer, e)) from None
-    der = s.getpeercert(binary_form=True)
-    got = fingerprint_of(der) if der else None
-    if got != want:
-        s.close()
-        raise TLSError("%s's TLS certificate has fingerprint %s, not the run's %s: another run's manager at "
-                       "that address, or someone in between; refusing to talk to it (check the fingerprint "
-                       "given with --tls-fingerprint / VINEHPC_TLS_FINGERPRINT)" % (peer, got, want))
+    check_pin(s, fingerprint, peer)
     return s
