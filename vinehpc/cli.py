@@ -251,6 +251,7 @@ def cmd_worker(args) -> int:
     if settings is None:
         return 2
     os.environ.pop("VINEHPC_SECRET", None)      # the tasks this worker starts must not inherit the secret
+    os.environ.pop("VINEHPC_TLS_FINGERPRINT", None)     # nor this manager's pin (a task's own manager has another)
     fingerprint = args.tls_fingerprint or settings.tls_fingerprint
     if args.contact:
         from launcher.contact import read_contact_tls

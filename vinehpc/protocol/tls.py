@@ -105,6 +105,8 @@ class ServerTLS:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.num_tickets = 0         # no session resumption: a worker connects once per manager
+        # (TLS 1.2) no renegotiation: an SSL write then never waits for a read (comm/conn.py)
+        ctx.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
         try:
             ctx.load_cert_chain(cert_file, key_file)
         except (OSError, ssl.SSLError) as e:
@@ -150,6 +152,7 @@ def client_context() -> ssl.SSLContext:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
+        ctx.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
         _client_ctx = ctx
     return _client_ctx
 
