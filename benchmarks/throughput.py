@@ -17,8 +17,9 @@ other, each warmed up first.  Workloads:
       (F1/F4 are compared with TaskVine's serverless direct mode measured on this machine,
       TASKVINE_DIRECT, and with vinehpc's own W1/W4 rows of the same run)
 Speed ratios are vinehpc / peer (>1: vinehpc faster); for W4 the speed is 1/median.
---ssl: vinehpc also runs with TLS (Manager(ssl=True)), and its cost is reported as the ratio
-TLS speed / plain speed per workload, both measured in this invocation.
+--ssl: vinehpc also runs with TLS (Manager(ssl=True)), plain and TLS taking turns repeat by
+repeat, and its cost is reported per workload as TLS speed / plain speed and as the manager
+I/O thread's CPU per 1,000 tasks (steadier than rates on a loaded machine).
 See benchmarks/README.md.
 """
 from __future__ import annotations
@@ -489,6 +490,25 @@ def bench_system(cls, tmp, workloads, repeat, timeout):
     return out, extra
 
 
+def bench_alternating(classes, tmp, workloads, repeat, timeout):
+    """--ssl: plain and TLS vinehpc take turns, one repeat each (a fresh manager and workers each
+    time), so a machine whose load changes during the benchmark weighs on both alike."""
+    results = {c.name: {w: [] for w in workloads} for c in classes}
+    extras = {c.name: {} for c in classes}
+    for _ in range(repeat):
+        for c in classes:
+            out, extra = bench_system(c, tmp, workloads, 1, timeout)
+            for w in workloads:
+                results[c.name][w] += out[w]
+            for k, v in extra.items():
+                x = extras[c.name]
+                if isinstance(v, list):
+                    x.setdefault(k, []).extend(v)
+                else:
+                    x[k] = x.get(k, 0) + v
+    return results, extras
+
+
 def close_system(s, extra, closed):
     if s in closed:
         return
@@ -609,7 +629,11 @@ def main(argv=None):
     tmp = tempfile.mkdtemp(prefix="vinehpc-bench-")
     results, extras = {}, {}
     try:
-        for cls in (Vine,) + ((VineTLS,) if args.ssl else ()) + (Pool,) + ((Dask,) if have_dask else ()):
+        if args.ssl:
+            r, x = bench_alternating((Vine, VineTLS), tmp, workloads, args.repeat, args.timeout)
+            results.update(r)
+            extras.update(x)
+        for cls in ((Vine,) if not args.ssl else ()) + (Pool,) + ((Dask,) if have_dask else ()):
             results[cls.name], extras[cls.name] = bench_system(cls, tmp, workloads, args.repeat, args.timeout)
     finally:
         if args.keep:
@@ -633,7 +657,11 @@ def main(argv=None):
     if args.ssl:
         for w in workloads:
             plain, tls_run = best(results["vinehpc"][w], w), best(results["vinehpc-tls"][w], w)
-            tls_cost.append({"workload": w, "plain": plain, "tls": tls_run, "tls_over_plain": ratio(w, tls_run, plain)})
+            # the manager's CPU per 1,000 tasks (least of the repeats): steadier than rates on a loaded machine
+            cpu = [min((x["mgr_cpu_s_per_1k"] for x in results[k][w] if "mgr_cpu_s_per_1k" in x), default=None)
+                   for k in ("vinehpc", "vinehpc-tls")]
+            tls_cost.append({"workload": w, "plain": plain, "tls": tls_run, "tls_over_plain": ratio(w, tls_run, plain),
+                             "mgr_cpu_s_per_1k": {"plain": cpu[0], "tls": cpu[1]}})
     vx = extras.get("vinehpc", {})
     env = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
            "vinehpc": getattr(vinehpc, "__version__", "?"), "dask": dask_note, "repeat": args.repeat,
@@ -684,9 +712,12 @@ def main(argv=None):
         print("serverless %s: %s = %.2fx TaskVine direct (%s)%s" % (
             f, fmt_run(f, fv), vs_tv, "%.1f ms" % tv if f in LATENCY else "%.0f/s" % tv, ours))
     for c in tls_cost:
-        print("TLS cost %s: plain %s, TLS %s: TLS/plain speed %s" % (
+        cpu = c["mgr_cpu_s_per_1k"]
+        print("TLS cost %s: plain %s, TLS %s: TLS/plain speed %s; manager CPU per 1,000 tasks %s" % (
             TITLES[c["workload"]], fmt_run(c["workload"], c["plain"]), fmt_run(c["workload"], c["tls"]),
-            "-" if c["tls_over_plain"] is None else "%.2fx" % c["tls_over_plain"]))
+            "-" if c["tls_over_plain"] is None else "%.2fx" % c["tls_over_plain"],
+            "-" if None in cpu.values() else "%.3f s plain, %.3f s TLS (%.2fx)" % (
+                cpu["plain"], cpu["tls"], cpu["tls"] / cpu["plain"])))
     if vx.get("tasks_total"):
         print("vinehpc manager I/O thread CPU: %.2f s for %d tasks incl. warm-up = %.3f s per 1,000 tasks"
               % (vx["manager_cpu_s"], vx["tasks_total"], vx["manager_cpu_s"] / vx["tasks_total"] * 1000))
