@@ -296,6 +296,26 @@ def test_vinehpc_run_with_ssl_and_status(tmp_path):
         assert "status 0 True" in out, out
 
 
+def test_a_contact_file_carries_the_fingerprint(make_manager, tmp_path):
+    """`vinehpc worker --contact` and `vinehpc status contact.json` (a pilot's way in) get the pin from it."""
+    from launcher.contact import write_contact
+    m = make_manager(ssl=True, host="127.0.0.1")
+    d = tmp_path / "pilot"
+    d.mkdir()
+    contact = write_contact(str(d), "127.0.0.1:%d" % m.port, m.secret, tls_fingerprint=m.tls_fingerprint)
+    w = subprocess.Popen([sys.executable, "-m", "vinehpc", "worker", "--contact", contact, "--no-reconnect",
+                          "--connect-timeout", "20"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    try:
+        t = m.submit(vinehpc.Task("echo via-contact"))
+        assert wait_all(m, 1, 60)[t].output == "via-contact\n"
+        code, out = _run([sys.executable, "-m", "vinehpc", "status", contact, "--json"], ROOT)
+        assert code == 0 and '"source": "manager"' in out, out
+    finally:
+        m.close()
+        _finish(w)
+
+
 def test_status_without_the_fingerprint_is_refused_with_the_fix(make_manager):
     m = make_manager(ssl=True, host="127.0.0.1")
     code, out = _run([sys.executable, "-m", "vinehpc", "status", "127.0.0.1:%d" % m.port, "--secret-file",
