@@ -2,7 +2,7 @@
 """Task throughput of vinehpc against concurrent.futures.ProcessPoolExecutor and Dask.
 
 Run by hand (not a test):  python benchmarks/throughput.py [--json] [--workloads W1,W3]
-                                                           [--repeat K] [--no-dask]
+                                                           [--repeat K] [--no-dask] [--ssl]
 
 Every system gets 2 single-threaded workers on this machine; the systems run one after the
 other, each warmed up first.  Workloads:
@@ -17,6 +17,9 @@ other, each warmed up first.  Workloads:
       (F1/F4 are compared with TaskVine's serverless direct mode measured on this machine,
       TASKVINE_DIRECT, and with vinehpc's own W1/W4 rows of the same run)
 Speed ratios are vinehpc / peer (>1: vinehpc faster); for W4 the speed is 1/median.
+--ssl: vinehpc also runs with TLS (Manager(ssl=True)), plain and TLS taking turns repeat by
+repeat, and its cost is reported per workload as TLS speed / plain speed and as the manager
+I/O thread's CPU per 1,000 tasks (steadier than rates on a loaded machine).
 See benchmarks/README.md.
 """
 from __future__ import annotations
@@ -116,13 +119,14 @@ def check_values(values, expect, what):
 # --------------------------------------------------------------------------- vinehpc
 class Vine:
     name = "vinehpc"
+    ssl = False
 
     def __init__(self, tmp, timeout):
         import vinehpc
         self.vinehpc = vinehpc
         self.tmp, self.timeout = tmp, timeout
         self.run_dir = tempfile.mkdtemp(prefix="vine-run-", dir=tmp)
-        self.m = vinehpc.Manager(local_workers=2, run_dir=self.run_dir)
+        self.m = vinehpc.Manager(local_workers=2, run_dir=self.run_dir, ssl=self.ssl)
         self.m.wait_for_workers(2, timeout=60)
         self.w3 = []            # (cachename, result dict) per W3 repeat, transfers filled at close
         self.hook_puts = None
@@ -430,6 +434,12 @@ class Dask(Pool):
             self.cluster.close(timeout=30)
 
 
+class VineTLS(Vine):
+    """vinehpc with TLS between the manager and its workers (--ssl)."""
+    name = "vinehpc-tls"
+    ssl = True
+
+
 # --------------------------------------------------------------------------- driver
 def best(runs, w):
     ok = [r for r in runs if "error" not in r]
@@ -441,7 +451,7 @@ def best(runs, w):
 
 
 def bench_system(cls, tmp, workloads, repeat, timeout):
-    if cls is not Vine:
+    if not issubclass(cls, Vine):
         workloads = [w for w in workloads if w not in VINE_ONLY]
     out = {w: [] for w in workloads}
     extra = {}
@@ -478,6 +488,25 @@ def bench_system(cls, tmp, workloads, repeat, timeout):
     finally:
         close_system(s, extra, closed)
     return out, extra
+
+
+def bench_alternating(classes, tmp, workloads, repeat, timeout):
+    """--ssl: plain and TLS vinehpc take turns, one repeat each (a fresh manager and workers each
+    time), so a machine whose load changes during the benchmark weighs on both alike."""
+    results = {c.name: {w: [] for w in workloads} for c in classes}
+    extras = {c.name: {} for c in classes}
+    for _ in range(repeat):
+        for c in classes:
+            out, extra = bench_system(c, tmp, workloads, 1, timeout)
+            for w in workloads:
+                results[c.name][w] += out[w]
+            for k, v in extra.items():
+                x = extras[c.name]
+                if isinstance(v, list):
+                    x.setdefault(k, []).extend(v)
+                else:
+                    x[k] = x.get(k, 0) + v
+    return results, extras
 
 
 def close_system(s, extra, closed):
@@ -572,6 +601,8 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=1, help="run each workload K times per system, keep the best")
     ap.add_argument("--no-dask", action="store_true", help="skip Dask even if dask.distributed is importable")
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    ap.add_argument("--ssl", action="store_true",
+                    help="also run vinehpc with TLS (Manager(ssl=True)) and report its cost (TLS / plain speed)")
     ap.add_argument("--timeout", type=float, default=120.0, help="bound on each workload run, seconds")
     ap.add_argument("--max-seconds", type=float, default=1800.0,
                     help="hard bound on the whole benchmark: dump tracebacks and exit")
@@ -598,7 +629,11 @@ def main(argv=None):
     tmp = tempfile.mkdtemp(prefix="vinehpc-bench-")
     results, extras = {}, {}
     try:
-        for cls in (Vine, Pool) + ((Dask,) if have_dask else ()):
+        if args.ssl:
+            r, x = bench_alternating((Vine, VineTLS), tmp, workloads, args.repeat, args.timeout)
+            results.update(r)
+            extras.update(x)
+        for cls in ((Vine,) if not args.ssl else ()) + (Pool,) + ((Dask,) if have_dask else ()):
             results[cls.name], extras[cls.name] = bench_system(cls, tmp, workloads, args.repeat, args.timeout)
     finally:
         if args.keep:
@@ -618,14 +653,23 @@ def main(argv=None):
                         "ratio_vs_processpool": ratio(w, vh, pp), "ratio_vs_dask": ratio(w, vh, dk),
                         "checks": [{"target": l, "pass": ok} for l, ok in checks],
                         "verdict": verdict(checks, vh)})
+    tls_cost = []
+    if args.ssl:
+        for w in workloads:
+            plain, tls_run = best(results["vinehpc"][w], w), best(results["vinehpc-tls"][w], w)
+            # the manager's CPU per 1,000 tasks (least of the repeats): steadier than rates on a loaded machine
+            cpu = [min((x["mgr_cpu_s_per_1k"] for x in results[k][w] if "mgr_cpu_s_per_1k" in x), default=None)
+                   for k in ("vinehpc", "vinehpc-tls")]
+            tls_cost.append({"workload": w, "plain": plain, "tls": tls_run, "tls_over_plain": ratio(w, tls_run, plain),
+                             "mgr_cpu_s_per_1k": {"plain": cpu[0], "tls": cpu[1]}})
     vx = extras.get("vinehpc", {})
     env = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
            "vinehpc": getattr(vinehpc, "__version__", "?"), "dask": dask_note, "repeat": args.repeat,
            "input_bytes": INPUT_BYTES, "warmup_tasks": WARMUP}
 
     if args.json:
-        json.dump({"environment": env, "summary": summary, "runs": results, "vinehpc": vx}, sys.stdout, indent=1,
-                  default=str)
+        json.dump({"environment": env, "summary": summary, "runs": results, "vinehpc": vx, "tls_cost": tls_cost},
+                  sys.stdout, indent=1, default=str)
         print()
         return 2 if any(s["verdict"] == "ERROR" for s in summary) else 0
 
@@ -667,6 +711,13 @@ def main(argv=None):
             speed(f, fv) / speed(w, own), w, fmt_run(w, own))
         print("serverless %s: %s = %.2fx TaskVine direct (%s)%s" % (
             f, fmt_run(f, fv), vs_tv, "%.1f ms" % tv if f in LATENCY else "%.0f/s" % tv, ours))
+    for c in tls_cost:
+        cpu = c["mgr_cpu_s_per_1k"]
+        print("TLS cost %s: plain %s, TLS %s: TLS/plain speed %s; manager CPU per 1,000 tasks %s" % (
+            TITLES[c["workload"]], fmt_run(c["workload"], c["plain"]), fmt_run(c["workload"], c["tls"]),
+            "-" if c["tls_over_plain"] is None else "%.2fx" % c["tls_over_plain"],
+            "-" if None in cpu.values() else "%.3f s plain, %.3f s TLS (%.2fx)" % (
+                cpu["plain"], cpu["tls"], cpu["tls"] / cpu["plain"])))
     if vx.get("tasks_total"):
         print("vinehpc manager I/O thread CPU: %.2f s for %d tasks incl. warm-up = %.3f s per 1,000 tasks"
               % (vx["manager_cpu_s"], vx["tasks_total"], vx["manager_cpu_s"] / vx["tasks_total"] * 1000))

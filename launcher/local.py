@@ -23,8 +23,9 @@ class LocalRun:
     end-of-run summary line go to stderr whatever it is."""
 
     def __init__(self, workers: int, cores_per_worker: int, settings, *, progress: str | None = None,
-                 tunnel: bool = False, metrics_port: int | None = None):
+                 tunnel: bool = False, metrics_port: int | None = None, ssl: bool = False):
         self.workers = workers
+        self.ssl = ssl           # `vinehpc run --ssl` (VINEHPC_SSL): every Manager() of the script uses TLS
         self.metrics_port = metrics_port
         self.settings = settings
         self.tunnel = tunnel
@@ -48,15 +49,16 @@ class LocalRun:
 
     # context protocol (see vinehpc/_context.py)
     def manager_options(self) -> ManagerOptions:
+        # (no --ssl: None, the script's Manager(ssl=...) decides: the workers start after it, with its fingerprint)
         return ManagerOptions(host="127.0.0.1", tunnel=self.tunnel or None, settings=self.settings,
-                              metrics_port=self.metrics_port)
+                              metrics_port=self.metrics_port, ssl=True if self.ssl else None)
 
     def manager_started(self, manager) -> None:
         self.clear_progress()
         sys.stderr.write("vinehpc run: run directory %s\n" % manager.run_dir)
         lw = LocalWorkers(self.workers, cores=self.cores, worker_dir=self.settings.worker_dir,
                           log_dir=os.path.join(manager.run_dir, "workers"))
-        lw.start("127.0.0.1:%d" % manager.port, manager.secret)
+        lw.start("127.0.0.1:%d" % manager.port, manager.secret, manager.tls_fingerprint)
         watcher = drain.Watcher(manager.run_dir, drain.ensure_key(manager.run_dir),
                                 lambda grace, why: manager.drain(drain.grace_for(why, grace, self.settings.grace)))
         with self.lock:

@@ -82,8 +82,10 @@ def plan_workers(rank, nodes, *, workers_per_node=None, manager_node_works=False
 class PilotRun:
     """The run context of rank 0 (see vinehpc/_context.py)."""
 
-    def __init__(self, lsock, address, secret, run_dir, settings, *, expected_workers, grace, tunnel=None):
+    def __init__(self, lsock, address, secret, run_dir, settings, *, expected_workers, grace, tunnel=None,
+                 ssl=None):
         self.lsock = lsock
+        self.ssl = ssl      # the run's TLS (key, cert), or None: its workers were started knowing which
         self.settings = settings
         self.address = address
         self.secret = secret
@@ -119,7 +121,7 @@ class PilotRun:
             self.n_managers += 1
         return ManagerOptions(sock=self.lsock, secret=self.secret, address=self.address, run_dir=d,
                               final_exit=False, resume=True, write_secret=False, tunnel=self.tunnel,
-                              settings=self.settings)
+                              settings=self.settings, ssl=self.ssl or False)
 
     def manager_started(self, m):
         with self.lock:
@@ -169,7 +171,8 @@ class PilotRun:
         # starting finds the socket closed afterwards and exits)
         expected = self.expected if self.last_connected is None else self.last_connected
         from vinehpc.release import release_workers    # rank 0 only, at the end
-        return release_workers(self.lsock, self.secret, expected, staging=self.run_dir, timeout=timeout)
+        return release_workers(self.lsock, self.secret, expected, staging=self.run_dir, timeout=timeout,
+                               tls=self.ssl)
 
 
 def share_image(comm, MPI, rank, nodes, image, unpack):
@@ -207,8 +210,9 @@ def share_image(comm, MPI, rank, nodes, image, unpack):
 
 
 def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None, manager_node_works=False,
-         run_dir=None, port=0, grace=None, connect_timeout=300.0, image=None, tunnel=None) -> int:
-    """A pilot rank; `settings`: the environment's vinehpc.config.Settings."""
+         run_dir=None, port=0, grace=None, connect_timeout=300.0, image=None, tunnel=None, ssl=False) -> int:
+    """A pilot rank; `settings`: the environment's vinehpc.config.Settings.  `ssl`: TLS with a
+    certificate made for the run by rank 0 (its fingerprint reaches the workers with the secret)."""
     import faulthandler
 
     started = time.time()      # a drain request without a job counts only if made after this
@@ -253,6 +257,14 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
                 drain_key = drain.ensure_key(run_dir)
             except (RunDirInUse, OSError, ValueError) as e:    # ValueError: a bad RUN_DIR/drain-key
                 err = str(e)
+        pair = fingerprint = None
+        if ssl and not err:
+            from vinehpc.protocol import tls
+            try:    # made before any worker starts: they connect knowing its fingerprint
+                pair = tls.generate_pair(run_dir)
+                fingerprint = tls.ServerTLS(*pair).fingerprint
+            except (RuntimeError, ValueError, OSError) as e:
+                err = "TLS: %s" % e
         if err:
             comm.bcast({"error": err}, root=0)
             print("vinehpc pilot: " + err, file=sys.stderr)
@@ -266,7 +278,8 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
         address = "127.0.0.1:%d" % port if one_host else contact
         secret = auth.new_secret()
         # each worker copies its log there when it exits: node-local disks vanish with the allocation
-        meet = {"address": address, "secret": secret, "contact": contact, "logs": os.path.join(run_dir, "workers")}
+        meet = {"address": address, "secret": secret, "contact": contact, "logs": os.path.join(run_dir, "workers"),
+                "tls": fingerprint}
     else:
         meet = None
     meet = comm.bcast(meet, root=0)
@@ -297,14 +310,15 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
         return 0     # a lost worker is not a failed job
 
     from vinehpc.script import run_script       # rank 0 only: the other ranks never run the script
-    contact = write_contact(run_dir, meet["contact"], meet["secret"], job_id=settings.slurm.job_id)
+    contact = write_contact(run_dir, meet["contact"], meet["secret"], job_id=settings.slurm.job_id,
+                            tls_fingerprint=fingerprint)
     total = sum(counts)
     sys.stderr.write("vinehpc pilot: %s, %d ranks on %d node(s), %d worker(s); manager at %s; run dir %s\n"
                      "vinehpc pilot: add workers from another allocation with: vinehpc worker --contact %s\n"
                      % (slurm.job_label(settings.slurm), size, len(set(nodes)), total, meet["address"], run_dir,
                         contact))
     ctx = PilotRun(lsock, meet["address"], meet["secret"], run_dir, settings, expected_workers=total,
-                   grace=grace if grace is not None else settings.grace, tunnel=tunnel)
+                   grace=grace if grace is not None else settings.grace, tunnel=tunnel, ssl=pair)
     own = _start(n, meet, cores, memory, connect_timeout, local_image, meet["logs"])
     ctx.watcher = drain.Watcher(run_dir, drain_key, ctx.drain, job=settings.slurm.job_id, since=started)
     signal.signal(signal.SIGUSR1, ctx.on_walltime)
@@ -336,5 +350,6 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
 def _start(n, meet, cores, memory, connect_timeout, image, log_dir):
     """This rank's `n` workers; a pilot's worker exits when the manager's socket refuses it
     (the run is over), and reconnects otherwise (the script's next manager)."""
-    return start_workers(n, meet["address"], meet["secret"], cores=cores, memory=memory, image=image,
+    return start_workers(n, meet["address"], meet["secret"], fingerprint=meet["tls"], cores=cores, memory=memory,
+                         image=image,
                          connect_timeout=connect_timeout, exit_on_refused=True, log_dir=log_dir) if n else []

@@ -20,6 +20,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 SYSTEM_PACKAGES=(python3-venv)   # the fresh venv below (Debian's python3 lacks ensurepip without it)
 SYSTEM_PACKAGES+=(chromium)   # opens vinehpc report's HTML as a person would (tests/test_report.py)
 SYSTEM_PACKAGES+=(strace curl iproute2)   # strace: vinehpc audit (tests/test_audit.py); curl, iproute2: tests/test_tunnel.py
+SYSTEM_PACKAGES+=(openssl)   # Manager(ssl=True) makes its certificate with it (tests/test_tls.py)
 SYSTEM_PACKAGES+=(slirp4netns uidmap nftables iptables)   # vinehpc net ns (tests/test_userlevel_net.py)
 # CPython's concurrent.futures tests, run against vinehpc.Executor (tests/test_cf_conformance.py)
 SYSTEM_PACKAGES+=("libpython$("${PYTHON:-python3}" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-testsuite")

@@ -112,10 +112,10 @@ def test_taskvine_constructor_arguments(tmp_path, caplog):
         m = vinehpc.Manager(0, "proj", True, str(tmp_path / "info"), str(tmp_path / "stage"), True,
                             seen.append, None, run_info_template="this-run")
     try:
-        assert seen == [m] and m.name == "proj" and m.using_ssl is False
+        assert seen == [m] and m.name == "proj" and m.using_ssl is True     # ssl=True: TLS (tests/test_tls.py)
         assert m.run_dir == str(tmp_path / "info" / "this-run")
         assert m.staging_directory == str(tmp_path / "stage" / "vine-staging")
-        assert "not encrypted" in caplog.text
+        assert "(TLS)" in caplog.text and m.tls_fingerprint in caplog.text
         m.set_name("other")
         assert m.stats["name"] == "other"
         # what `vinehpc status` shows, asked over the manager's port as the command does

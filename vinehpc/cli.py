@@ -40,6 +40,9 @@ def parser() -> argparse.ArgumentParser:
                    help="cores each local worker offers (default 1); memory and disk are shared among the workers")
     r.add_argument("--tunnel", action="store_true",
                    help="tasks reach the outside through the manager (proxy variables; see vinehpc net)")
+    r.add_argument("--ssl", action="store_true",
+                   help="TLS between the manager and its workers (default $VINEHPC_SSL; Manager(ssl=True) in the "
+                        "script does the same)")
     r.add_argument("--metrics-port", type=_nonneg_int, metavar="N",
                    help="serve the run's figures as Prometheus metrics on 127.0.0.1:N/metrics (needs prometheus_client)")
     r.add_argument("--progress", choices=("auto", "always", "never"), default=None,
@@ -64,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--image", metavar="ENV.vimg",
                     help="environment image (vinehpc sysimage): read once, broadcast to every node, unpacked "
                          "node-local; all tasks run inside it")
+    pl.add_argument("--ssl", action="store_true",
+                    help="TLS between the manager and its workers, with a certificate made for the run "
+                         "(default $VINEHPC_SSL); its fingerprint is in the contact file")
     pl.add_argument("--tunnel", action="store_true",
                     help="tasks reach the outside through the manager's node (compute nodes without outbound access)")
     pl.add_argument("--tunnel-gateway", metavar="HOST:PORT",
@@ -83,6 +89,9 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--gpus", type=_nonneg_int,
                    help="GPUs offered (default: those detected; tasks get theirs in CUDA_VISIBLE_DEVICES)")
     w.add_argument("--secret-file", metavar="F", help="file holding the run's secret (default: $VINEHPC_SECRET)")
+    w.add_argument("--tls-fingerprint", metavar="SHA256",
+                   help="the manager's TLS certificate fingerprint, for a manager with ssl (default: "
+                        "$VINEHPC_TLS_FINGERPRINT, the contact file's, or the tls-fingerprint file beside --secret-file)")
     w.add_argument("--workdir", help="cache, sandboxes and the worker's log (default: a fresh directory in "
                                      "$VINEHPC_WORKER_DIR, else $TMPDIR or /tmp, removed at exit; local workers "
                                      "of `vinehpc run`/Manager(local_workers=) use /dev/shm when it has room)")
@@ -128,6 +137,9 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--count", type=_positive_int, metavar="N", help="with --watch: stop after N views")
     st.add_argument("--secret-file", metavar="F",
                     help="the run's secret (default: RUN_DIR/secret, the contact file's, or $VINEHPC_SECRET)")
+    st.add_argument("--tls-fingerprint", metavar="SHA256",
+                    help="a manager with ssl: its certificate's fingerprint (default: RUN_DIR/tls-fingerprint, the "
+                         "contact file's, or $VINEHPC_TLS_FINGERPRINT)")
     lg = sub.add_parser("logs", help="a task's story or a worker's log, from a run directory",
                         description="From RUN_DIR alone (also after the run): --task ID shows the task's command, "
                                     "attempts, workers, result, the end of its output and its workers' log lines "
@@ -190,14 +202,15 @@ def cmd_report(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from launcher.contact import read_contact
+    from launcher.contact import read_contact_tls
     from .status_client import main as status_main
     settings = _settings("status")
     if settings is None:
         return 2
     return status_main(args.target, as_json=args.json, watch=args.watch, interval=args.interval, count=args.count,
                        secret_file=args.secret_file, env_secret=settings.secret, run_root=settings.run_dir_root,
-                       read_contact=read_contact)
+                       read_contact=read_contact_tls,
+                       tls_fingerprint=args.tls_fingerprint or settings.tls_fingerprint)
 
 
 def _settings(command):
@@ -224,7 +237,7 @@ def cmd_pilot(args) -> int:
     return pilot.main(args.script, args.args, settings, workers_per_node=args.workers_per_node,
                       cores_per_worker=args.cores_per_worker, manager_node_works=args.manager_node_works,
                       run_dir=args.run_dir, port=args.port, grace=args.grace, image=args.image,
-                      tunnel=args.tunnel_gateway or args.tunnel or None)
+                      tunnel=args.tunnel_gateway or args.tunnel or None, ssl=args.ssl or settings.ssl)
 
 
 def cmd_worker(args) -> int:
@@ -238,10 +251,13 @@ def cmd_worker(args) -> int:
     if settings is None:
         return 2
     os.environ.pop("VINEHPC_SECRET", None)      # the tasks this worker starts must not inherit the secret
+    os.environ.pop("VINEHPC_TLS_FINGERPRINT", None)     # nor this manager's pin (a task's own manager has another)
+    fingerprint = args.tls_fingerprint or settings.tls_fingerprint
     if args.contact:
-        from launcher.contact import read_contact
+        from launcher.contact import read_contact_tls
         try:
-            address, secret = read_contact(args.contact)
+            address, secret, in_contact = read_contact_tls(args.contact)
+            fingerprint = fingerprint or in_contact
         except (OSError, ValueError, KeyError) as e:
             print("vinehpc worker: cannot read the contact file: %s" % e, file=sys.stderr)
             return 2
@@ -253,6 +269,7 @@ def cmd_worker(args) -> int:
     elif args.secret_file:
         try:
             secret = auth.read_secret(args.secret_file)
+            fingerprint = fingerprint or _fingerprint_beside(args.secret_file)
         except (OSError, ValueError) as e:
             print("vinehpc worker: cannot read the secret: %s" % e, file=sys.stderr)
             return 2
@@ -266,12 +283,24 @@ def cmd_worker(args) -> int:
         return worker_main(args.address, secret, cores=args.cores, memory=args.memory, disk=args.disk,
                            gpus=args.gpus, workdir=args.workdir, connect_timeout=args.connect_timeout,
                            reconnect=not args.no_reconnect, exit_on_refused=args.exit_on_refused,
-                           image=args.image, settings=settings, log_dir=args.log_dir)
+                           image=args.image, settings=settings, log_dir=args.log_dir, tls_fingerprint=fingerprint)
     except ValueError as e:
         print("vinehpc worker: %s" % e, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _fingerprint_beside(secret_file):
+    """The manager writes its TLS fingerprint beside its secret (RUN_DIR/tls-fingerprint): a
+    worker given the secret file finds it there. None: that run has no TLS."""
+    from .protocol import tls
+    path = os.path.join(os.path.dirname(os.path.abspath(secret_file)), tls.FINGERPRINT_FILE)
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def cmd_run(args) -> int:
@@ -290,7 +319,8 @@ def cmd_run(args) -> int:
     progress = "live" if live else ("lines" if mode == "auto" else None)
     workers = args.workers or len(os.sched_getaffinity(0))
     return run_script(script, args.args, LocalRun(workers, args.cores_per_worker, settings, progress=progress,
-                                                  tunnel=args.tunnel, metrics_port=args.metrics_port))
+                                                  tunnel=args.tunnel, metrics_port=args.metrics_port,
+                                                  ssl=args.ssl or settings.ssl))
 
 
 if __name__ == "__main__":

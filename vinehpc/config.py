@@ -20,6 +20,15 @@ def _float(env, name: str, default: float) -> float:
         raise ValueError("%s must be a number of seconds, got %r" % (name, v)) from None
 
 
+def _flag(env, name: str) -> bool:
+    v = env.get(name, "").strip().lower()
+    if v in ("", "0", "no", "false", "off"):
+        return False
+    if v in ("1", "yes", "true", "on"):
+        return True
+    raise ValueError("%s must be 1 or 0, got %r" % (name, env[name]))
+
+
 def _slurm_int(env, name):
     """The first number of a Slurm count: "2(x3),1" -> 2; unset, empty or not a number -> None."""
     head = (env.get(name) or "").split("(")[0].split(",")[0]
@@ -72,6 +81,9 @@ class Settings:
     mpi_init_timeout: float = 300.0
     grace: float = 60.0                   # VINEHPC_GRACE: seconds running tasks get after a pilot's walltime warning
     manager_host: str | None = None       # VINEHPC_MANAGER_HOST: the pilot manager's address for other hosts
+    ssl: bool = False                     # VINEHPC_SSL=1: `vinehpc run`/`pilot` as with --ssl (TLS on the manager's port)
+    # VINEHPC_TLS_FINGERPRINT: the manager's TLS certificate's, for workers a launcher starts
+    tls_fingerprint: str | None = None
     slurm: Slurm = field(default_factory=Slurm)
 
     @classmethod
@@ -88,5 +100,7 @@ class Settings:
                    mpi_init_timeout=_float(env, "VINEHPC_MPI_INIT_TIMEOUT", 300.0),
                    grace=_float(env, "VINEHPC_GRACE", 60.0),
                    manager_host=env.get("VINEHPC_MANAGER_HOST") or None,
+                   ssl=_flag(env, "VINEHPC_SSL"),
+                   tls_fingerprint=env.get("VINEHPC_TLS_FINGERPRINT") or None,
                    slurm=Slurm.from_env(env))
 

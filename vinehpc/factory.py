@@ -75,7 +75,7 @@ class Factory:
         n = max(int(self._opts.get("min_workers") or 1), 1)
         w = LocalWorkers(n, cores=int(self._opts.get("cores") or 1), memory=self._opts.get("memory"),
                          disk=self._opts.get("disk"), worker_dir=m.settings.worker_dir)
-        w.start("127.0.0.1:%d" % m.port, m.secret)
+        w.start("127.0.0.1:%d" % m.port, m.secret, m.tls_fingerprint)
         object.__setattr__(self, "_workers", w)
 
     def stop(self) -> None:

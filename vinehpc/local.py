@@ -34,13 +34,18 @@ def worker_command(address: str, *, cores: int, connect_timeout: float, memory: 
     return cmd
 
 
-def start_workers(n: int, address: str, secret: str, *, env: dict | None = None, **command) -> list:
+def start_workers(n: int, address: str, secret: str, *, env: dict | None = None, fingerprint: str | None = None,
+                  **command) -> list:
     """Start `n` workers (worker_command(address, **command)); returns their Popen objects.
 
-    The secret goes through the environment, never the command line (ps would show it).  Each
+    The secret goes through the environment, never the command line (ps would show it), and so
+    does `fingerprint`, the manager's TLS certificate's (protocol/tls.py; None: no TLS).  Each
     worker is in its own session: a Ctrl-C at the terminal goes to us, not to them, and
     stop_workers can signal a worker's whole process group."""
     full_env = dict(os.environ, **(env or {}), VINEHPC_SECRET=secret)
+    full_env.pop("VINEHPC_TLS_FINGERPRINT", None)
+    if fingerprint:
+        full_env["VINEHPC_TLS_FINGERPRINT"] = fingerprint
     cmd = worker_command(address, **command)
     return [subprocess.Popen(cmd, env=full_env, stdin=subprocess.DEVNULL, start_new_session=True)
             for _ in range(n)]
@@ -93,7 +98,8 @@ class LocalWorkers:
         self.log_dir = log_dir           # the workers copy their logs there when they exit (RUN_DIR/workers)
         self.procs = []
 
-    def start(self, address: str, secret: str) -> None:
+    def start(self, address: str, secret: str, fingerprint: str | None = None) -> None:
+        """`fingerprint`: the manager's TLS certificate's (Manager.tls_fingerprint), None without TLS."""
         env = {}
         if self.worker_dir is None and _roomy_shm():
             env["VINEHPC_WORKER_DIR"] = "/dev/shm"     # local workers: cache and sandboxes in memory
@@ -101,7 +107,7 @@ class LocalWorkers:
         # instead of retrying for connect_timeout and then complaining on the user's terminal
         self.procs += start_workers(self.n, address, secret, env=env, cores=self.cores, memory=self.memory,
                                     disk=self.disk, connect_timeout=30, reconnect=False, exit_on_refused=True,
-                                    log_dir=self.log_dir)
+                                    log_dir=self.log_dir, fingerprint=fingerprint)
 
     def pids(self) -> list:
         return [p.pid for p in self.procs]

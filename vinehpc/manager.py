@@ -20,7 +20,7 @@ from .journal import Journal
 from .local import LocalWorkers
 from .private import make_private
 from .resume import Resume, task_key
-from .protocol import auth
+from .protocol import auth, tls
 from .patterns import PatternsMixin
 from .serverless import LibraryMixin
 from .server import Server
@@ -89,9 +89,11 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
 
     TaskVine's arguments: name (the project name, in stats and the journal), run_info_path
     (where run directories go; run_info_template names this run's), staging_path, init_fn
-    (called with the new manager), ssl (accepted, NOT yet encrypting: connections are
-    authenticated with the run's secret but not encrypted), shutdown and
-    status_display_interval (accepted; workers always exit with the manager, no widget).
+    (called with the new manager), ssl (True: TLS on the manager's port with a self-signed
+    certificate made for this run; (key_file, cert_file): with yours; workers check the
+    certificate by its fingerprint, `tls_fingerprint`, which travels with the secret; see
+    vinehpc/protocol/tls.py), shutdown and status_display_interval (accepted; workers always
+    exit with the manager, no widget).
 
     Keyword arguments: host (address to bind, default all interfaces, or loopback for local
     runs), secret (default: VINEHPC_SECRET or a fresh one), run_dir (default
@@ -121,10 +123,6 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         opts = ctx.manager_options() if launched else ManagerOptions()
         self._ctx = ctx if launched else None
         self.name = None if name is None else _check_name(name)
-        if ssl:
-            log.warning("vinehpc: Manager(ssl=...) is accepted but connections are not encrypted yet (they are "
-                        "authenticated with the run's secret); see the README")
-        self.using_ssl = False
         if local_workers is not None and (isinstance(local_workers, bool) or not isinstance(local_workers, int)
                                           or local_workers < 0):
             raise ValueError("local_workers must be a non-negative integer, got %r" % (local_workers,))
@@ -145,6 +143,9 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         staging = os.path.join(staging_path, "vine-staging") if staging_path else os.path.join(self.run_dir, "staging")
         self.staging_directory = staging = os.path.abspath(staging)
         make_private(staging)
+        server_tls = _server_tls(ssl, opts.ssl, self.run_dir)
+        self.using_ssl = server_tls is not None
+        self.tls_fingerprint = server_tls.fingerprint if server_tls is not None else None
         self.resume = Resume(self.run_dir) if (resume if resume is not None else opts.resume) else None
         self.journal = Journal(os.path.join(self.run_dir, "transactions.jsonl"))
         self.core = Core(policy=scheduler)
@@ -180,7 +181,7 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         self._server = Server(self.core, host=host, port=0, secret=self.secret, journal=self.journal, staging=staging,
                               keepalive_interval=ka_i, keepalive_timeout=ka_t, sock=lsock,
                               own_sock=opts.sock is None, final_exit=opts.final_exit, resume=self.resume,
-                              tunnel=tunnel_info, also=also)
+                              tunnel=tunnel_info, also=also, tls=server_tls)
         self.port = also.getsockname()[1] if also is not None else self._server.port
         self.host = host
         contact = host if host not in ("0.0.0.0", "::", "") else socket.gethostname()
@@ -189,8 +190,11 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         if opts.write_secret:
             self.secret_file = os.path.join(self.run_dir, "secret")
             auth.write_secret(self.secret_file, self.secret)
+            if server_tls is not None:      # beside the secret: `vinehpc worker --secret-file` finds it
+                with open(os.path.join(self.run_dir, tls.FINGERPRINT_FILE), "w") as f:
+                    f.write(self.tls_fingerprint + "\n")
         self._server.record({"event": "manager started", "time": round(time.time(), 6),   # as the log shows it
-                             "address": self.address, "pid": os.getpid(),
+                             "address": self.address, "pid": os.getpid(), "tls": self.tls_fingerprint,
                              "python": sys.version.split()[0], "name": self.name,
                              "resumable": len(self.resume.completed) if self.resume else None})
         self._server.publish_stats()
@@ -214,10 +218,11 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         elif local_workers:
             self._local = LocalWorkers(local_workers, cores=cores_per_worker or 1, worker_dir=settings.worker_dir,
                                        log_dir=os.path.join(self.run_dir, "workers"))
-            self._local.start("127.0.0.1:%d" % self.port, self.secret)
+            self._local.start("127.0.0.1:%d" % self.port, self.secret, self.tls_fingerprint)
         else:
-            log.warning("vinehpc manager listening on %s; add workers with: vinehpc worker %s --secret-file %s",
-                        self.address, self.address, self.secret_file)
+            log.warning("vinehpc manager listening on %s%s; add workers with: vinehpc worker %s --secret-file %s%s",
+                        self.address, " (TLS)" if server_tls else "", self.address, self.secret_file,
+                        " --tls-fingerprint " + self.tls_fingerprint if server_tls else "")
         if init_fn is not None:
             init_fn(self)
 
@@ -589,3 +594,28 @@ def _mb(resources) -> dict:
 
 
 __all__ = ["Manager", "Task", "PythonTask"]
+
+
+def _server_tls(asked, run, run_dir):
+    """The manager's TLS certificate (protocol.tls.ServerTLS), or None for no TLS.  `asked`:
+    Manager(ssl=): True (a self-signed pair made for this run, in its private directory), a
+    (key_file, cert_file) pair, or None/False.  `run`: a launcher's choice (ManagerOptions.ssl):
+    None leaves it to `asked`; True (`vinehpc run --ssl`) turns TLS on, with the script's own pair
+    if it gave one; a pair or False is the run's and wins (a pilot's workers already know it)."""
+    if run is True:
+        choice = asked or True
+    elif run is not None:
+        if asked and not run:
+            log.warning("vinehpc: Manager(ssl=...) ignored: this run's workers connect without TLS; start the "
+                        "run with --ssl (or VINEHPC_SSL=1) for TLS")
+        choice = run
+    else:
+        choice = asked
+    if not choice:
+        return None
+    if choice is True:
+        return tls.ServerTLS(*tls.generate_pair(run_dir))
+    if isinstance(choice, (tuple, list)) and len(choice) == 2 and all(isinstance(x, (str, os.PathLike))
+                                                                       for x in choice):
+        return tls.ServerTLS(os.fspath(choice[0]), os.fspath(choice[1]))
+    raise ValueError("ssl must be True or a (key_file, cert_file) pair, got %r" % (choice,))

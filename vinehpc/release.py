@@ -13,13 +13,15 @@ from .journal import Journal
 from .server import Server
 
 
-def release_workers(sock, secret: str, expected: int, *, staging: str, timeout: float = 5.0) -> int:
+def release_workers(sock, secret: str, expected: int, *, staging: str, timeout: float = 5.0, tls=None) -> int:
     """Answer workers connecting to `sock` with "exit" until `expected` have been released or
     `timeout` seconds passed; returns how many were released.  Those that do not come back
     in time (still starting, or lost) find the socket closed afterwards, and a pilot's worker
-    exits on a refused connection."""
+    exits on a refused connection.  `tls`: the run's (key, cert) when its workers speak TLS."""
+    from .protocol.tls import ServerTLS
     srv = Server(Core(), host="", port=0, secret=secret, journal=Journal(None), staging=staging,
-                 keepalive_interval=5.0, keepalive_timeout=30.0, sock=sock, release=True)
+                 keepalive_interval=5.0, keepalive_timeout=30.0, sock=sock, release=True,
+                 tls=ServerTLS(*tls) if tls else None)
     srv.start()
     deadline = time.monotonic() + timeout
     with srv.cond:

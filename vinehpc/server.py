@@ -25,7 +25,7 @@ from .comm.receive import Incoming
 from .core import commands as cmd
 from .core.events import (SCHEDULE, TICK, FetchFailed, FileCached, FileFetched, FileResolved, PutFailed, TaskResult,
                           TasksStarted, WorkerJoined, WorkerLost)
-from .protocol import ProtocolError, handshake, messages
+from .protocol import ProtocolError, handshake, messages, tls
 from .status import Tracker
 from .protocol.names import check_cachename
 
@@ -42,7 +42,7 @@ class Peer:
         self.conn = conn
         self.wid = None
         self.hs = hs             # the handshake (handshake.Greeter) until the worker is authenticated
-        self.state = "hello"     # hello -> welcomed -> joined; or hello -> status (`vinehpc status`)
+        self.state = "hello"     # [tls ->] hello -> welcomed -> joined; or hello -> status (`vinehpc status`)
         self.since = now
         self.last_recv = now
         self.last_send = now
@@ -62,14 +62,17 @@ def _output_error(p, tid, path, e):
 
 class Server:
     def __init__(self, core, *, host, port, secret, journal, staging, keepalive_interval, keepalive_timeout,
-                 sock=None, own_sock=False, final_exit=True, resume=None, release=False, tunnel=None, also=None):
+                 sock=None, own_sock=False, final_exit=True, resume=None, release=False, tunnel=None, also=None,
+                 tls=None):
         """`sock`: an already listening socket (a pilot keeps one for all its managers; it is
         not closed here unless `own_sock`).  `also`: one more listening socket, owned and
         closed here (the port a TaskVine-style `Manager(9123)` asked for under a run, beside
         the run's own socket).
         `final_exit`: on stop, tell workers to exit (True) or to come back for the next manager
-        of the same run (False)."""
+        of the same run (False).  `tls`: a protocol.tls.ServerTLS: every connection is announced
+        TLS and runs the TLS handshake before the run's own (Manager(ssl=...))."""
         self.core = core
+        self.tls = tls
         self.secret = secret
         self.journal = journal
         self.staging = staging
@@ -157,6 +160,9 @@ class Server:
                         except BlockingIOError:
                             pass
                     else:
+                        if what.state == "tls":
+                            self._tls_step(what)        # a handshake step waits on either direction
+                            continue
                         if ev & selectors.EVENT_READ:
                             self._readable(what)
                         if ev & selectors.EVENT_WRITE and not what.conn.closed:
@@ -271,11 +277,25 @@ class Server:
                 return
             except OSError as e:     # out of descriptors (EMFILE, ENFILE) or memory: never spin on it
                 return self._pause_accept(now, "accept failed: %s" % e)
+            if self.tls is not None:
+                try:
+                    sock.setblocking(False)
+                    # the announcement in plaintext (tls.py); 40 bytes into a fresh socket's buffer
+                    if sock.send(tls.ANNOUNCE) != len(tls.ANNOUNCE):
+                        raise OSError("could not send the TLS announcement")
+                    sock = self.tls.wrap(sock)
+                except OSError as e:
+                    log.info("connection from %s closed at once: %s", addr, e)
+                    sock.close()
+                    continue
             p = Peer(Connection(sock), now, handshake.Greeter(self.secret, handshake.WORKER, handshake.STATUS))
             self.all.add(p)
             self.sel.register(sock, selectors.EVENT_READ, p)
-            p.conn.send_bytes(p.hs.hello())
-            self.dirty.add(p)
+            if self.tls is not None:
+                p.state = "tls"         # the hello goes once the peer's TLS handshake is done (_tls_step)
+            else:
+                p.conn.send_bytes(p.hs.hello())
+                self.dirty.add(p)
             oldest = self.admission.arrived(p)
             if oldest is not None:
                 self._drop(oldest, "no handshake before %d newer connections came" % MAX_UNAUTHENTICATED)
@@ -334,6 +354,22 @@ class Server:
         p.conn.close()
         for f in list(p.parts.values()) + list(p.fetch.values()):
             f.abort()           # a file that was arriving (comm.receive.Incoming): nothing of it stays
+
+    def _tls_step(self, p):
+        """Drive a new connection's TLS handshake (non-blocking); once done, greet it as any."""
+        try:
+            wait = tls.handshake_step(p.conn.sock)
+        except tls.TLSError as e:
+            return self._drop(p, str(e))
+        if wait is None:
+            p.state = "hello"
+            p.conn.send_bytes(p.hs.hello())
+            self.dirty.add(p)
+        writing = wait == "write"
+        if writing != p.writing:
+            p.writing = writing
+            self.sel.modify(p.conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE if writing
+                            else selectors.EVENT_READ, p)
 
     def _readable(self, p):
         if p.shut:                        # stopping: what comes now is unread; EOF means the worker left

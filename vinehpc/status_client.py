@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 
-from .protocol import ProtocolError, auth, handshake, messages
+from .protocol import ProtocolError, auth, handshake, messages, tls
 from .status import from_log
 
 TIMEOUT = 10.0
@@ -31,25 +31,28 @@ class Unreachable(Exception):
 
 # ---------------------------------------------------------------- where, and with which secret
 def locate(target, secret_file=None, env_secret=None, run_root=None, read_contact=None):
-    """(address, secret, run_dir) for a RUN_DIR, a contact.json or HOST:PORT (None: the newest run
-    under run_root).  read_contact(path) -> (address, secret): a pilot's contact file reader
-    (launcher.contact's, given by the command line: the engine does not import launchers).
-    Raises ValueError saying what is missing."""
+    """(address, secret, run_dir, TLS fingerprint or None) for a RUN_DIR, a contact.json or
+    HOST:PORT (None: the newest run under run_root).  read_contact(path) -> (address, secret,
+    fingerprint): a pilot's contact file reader (launcher.contact's read_contact_tls, given by the
+    command line: the engine does not import launchers).  Raises ValueError saying what is missing."""
     if target is None:
         target = _newest(run_root)
-    run_dir = address = secret = None
+    run_dir = address = secret = fingerprint = None
     if os.path.isdir(target):
         run_dir = os.path.abspath(target)
         contact = os.path.join(run_dir, "contact.json")
         if os.path.exists(contact) and read_contact is not None:
-            address, secret = read_contact(contact)
+            address, secret, fingerprint = read_contact(contact)
         else:
             address = _logged_address(run_dir)
             if os.path.exists(os.path.join(run_dir, "secret")):
                 secret = auth.read_secret(os.path.join(run_dir, "secret"))
+            if os.path.exists(os.path.join(run_dir, tls.FINGERPRINT_FILE)):
+                with open(os.path.join(run_dir, tls.FINGERPRINT_FILE)) as f:
+                    fingerprint = f.read().strip() or None
     elif os.path.isfile(target) and read_contact is not None:
         run_dir = os.path.dirname(os.path.abspath(target))
-        address, secret = read_contact(target)
+        address, secret, fingerprint = read_contact(target)
     elif ":" in target:
         address = target
     else:
@@ -59,7 +62,7 @@ def locate(target, secret_file=None, env_secret=None, run_root=None, read_contac
     secret = secret or env_secret
     if address is not None and not secret:
         raise ValueError("no secret for %s: give --secret-file FILE (RUN_DIR/secret) or set VINEHPC_SECRET" % address)
-    return address, secret, run_dir
+    return address, secret, run_dir, fingerprint
 
 
 def _newest(root):
@@ -93,21 +96,30 @@ def _logged_address(run_dir):
 class Session:
     """One authenticated connection to a manager; `ask()` returns a snapshot."""
 
-    def __init__(self, address, secret, timeout=TIMEOUT):
+    def __init__(self, address, secret, timeout=TIMEOUT, fingerprint=None):
+        """`fingerprint`: the manager's TLS certificate's (a manager with ssl), else None."""
         host, _, port = address.rpartition(":")
         try:
             self.sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
         except (OSError, ValueError) as e:
             raise Unreachable("no manager answers at %s: %s" % (address, e)) from None
         self.address = address
-        hs = handshake.Answerer(secret, handshake.STATUS)
+        hs = handshake.Answerer(secret, handshake.STATUS, tls=fingerprint is not None)
         try:
             self._until(hs.receive_data, b"")
+            if hs.state == "tls":
+                self.sock = tls.wrap_client(self.sock, fingerprint, "the manager at %s" % address)
+                hs.tls_started()
+                self._until(hs.receive_data, b"")
             self.sock.sendall(hs.auth())
             self._until(hs.receive_data, b"")
         except handshake.AuthFailed:
             self.close()
             raise Refused("the manager at %s did not prove it knows the secret" % address) from None
+        except tls.TLSError as e:
+            self.close()
+            raise Refused(str(e).replace(tls.HOW_TO_GIVE, "give --tls-fingerprint (RUN_DIR/%s) or the run "
+                                                         "directory" % tls.FINGERPRINT_FILE)) from None
         except (ConnectionError, EOFError):
             self.close()
             raise Refused("the manager at %s refused us (wrong secret?)" % address) from None
@@ -148,12 +160,12 @@ class Session:
             pass
 
 
-def snapshot(address, secret, run_dir):
+def snapshot(address, secret, run_dir, fingerprint=None):
     """The manager's snapshot, or the log's when it does not answer (Refused is raised)."""
     why = "no manager address in the log"
     if address is not None:
         try:
-            s = Session(address, secret)
+            s = Session(address, secret, fingerprint=fingerprint)
             try:
                 return s.ask()
             finally:
@@ -243,17 +255,18 @@ def render(snap) -> str:
 
 # ---------------------------------------------------------------- the command
 def main(target, *, as_json=False, watch=False, interval=2.0, count=None, secret_file=None, env_secret=None,
-         run_root=None, read_contact=None, out=None) -> int:
+         run_root=None, read_contact=None, out=None, tls_fingerprint=None) -> int:
     out = out or sys.stdout
     try:
-        address, secret, run_dir = locate(target, secret_file, env_secret, run_root, read_contact)
+        address, secret, run_dir, fingerprint = locate(target, secret_file, env_secret, run_root, read_contact)
+        fingerprint = tls_fingerprint or fingerprint
     except (ValueError, OSError, KeyError) as e:
         print("vinehpc status: %s" % e, file=sys.stderr)
         return 2
     show = (lambda s: json.dumps(s, indent=1, sort_keys=True) + "\n") if as_json else render
     if not watch:
         try:
-            out.write(show(snapshot(address, secret, run_dir)))
+            out.write(show(snapshot(address, secret, run_dir, fingerprint)))
         except Refused as e:
             print("vinehpc status: %s" % e, file=sys.stderr)
             return 3
@@ -261,10 +274,10 @@ def main(target, *, as_json=False, watch=False, interval=2.0, count=None, secret
             print("vinehpc status: %s" % e, file=sys.stderr)
             return 1
         return 0
-    return _watch(address, secret, run_dir, show, interval, count, out)
+    return _watch(address, secret, run_dir, show, interval, count, out, fingerprint)
 
 
-def _watch(address, secret, run_dir, show, interval, count, out) -> int:
+def _watch(address, secret, run_dir, show, interval, count, out, fingerprint=None) -> int:
     """Redraw in place on a terminal (cursor home, clear, hidden cursor), else one view after the
     other; `count` views, or until the manager is gone (its log's view is the last), or Ctrl-C."""
     tty = out.isatty()
@@ -277,7 +290,7 @@ def _watch(address, secret, run_dir, show, interval, count, out) -> int:
             snap = None
             if session is None and address is not None:
                 try:
-                    session = Session(address, secret)
+                    session = Session(address, secret, fingerprint=fingerprint)
                 except Refused as e:
                     print("vinehpc status: %s" % e, file=sys.stderr)
                     return 3

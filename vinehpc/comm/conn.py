@@ -10,12 +10,16 @@ from __future__ import annotations
 import collections
 import os
 import socket
+import ssl
 import threading
 
 from ..protocol import messages, wire
 
 IOV_MAX = 512
 SCRATCH = 1 << 20       # reads up to this size go through recv_bytes' reused buffer
+TLS_BATCH = 256 << 10   # TLS: small messages are joined up to this size per SSL write
+TLS_RECORD = 16 << 10   # TLS: the most one record (one SSL read) carries
+_BUFFER = (bytes, bytearray, memoryview)
 
 
 def recv_bytes(sock: socket.socket, size: int) -> bytes:
@@ -43,7 +47,11 @@ class Closed(Exception):
 
 class Connection:
     """An authenticated connection (handshake.py runs before it, with its own limits).
-    `leftover`: bytes the handshake read past its last message."""
+    `leftover`: bytes the handshake read past its last message.
+
+    `sock` may be a TLS socket (protocol/tls.py) whose handshake is done: then writes go through
+    SSL writes (no sendmsg, and no sendfile, which would bypass the encryption) and a read drains
+    what the TLS object holds decrypted, which select() cannot see (see _recv_tls, _flush_tls)."""
 
     def __init__(self, sock: socket.socket, leftover: bytes = b""):
         sock.setblocking(False)
@@ -57,6 +65,8 @@ class Connection:
         self.out = collections.deque()
         self.closed = False
         self.peer = _peer(sock)
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self._blob = None       # TLS: the buffer of an SSL write that must be retried as it is
 
     def fileno(self):
         return self.sock.fileno()
@@ -87,6 +97,8 @@ class Connection:
 
     def flush(self) -> bool:
         """Write what the socket takes now. Returns True when everything queued is sent."""
+        if self.tls:
+            return self._flush_tls()
         out = self.out
         while out:
             head = out[0]
@@ -105,15 +117,8 @@ class Connection:
                 if head.count == 0:
                     out.popleft()
                 continue
-            if not isinstance(head, (bytes, bytearray, memoryview)):
-                # a stream at the head: everything before it is on the wire, pull one chunk
-                try:
-                    chunk = next(head)
-                except StopIteration:
-                    out.popleft()
-                    continue
-                for b in reversed(chunk):
-                    out.appendleft(b)
+            if not isinstance(head, _BUFFER):
+                self._pull(head)
                 continue
             bufs = []
             for b in out:
@@ -136,6 +141,59 @@ class Connection:
                     n = 0
         return True
 
+    def _pull(self, head) -> None:
+        """A stream at the head: everything before it is on the wire, put its next chunk first."""
+        try:
+            chunk = next(head)
+        except StopIteration:
+            self.out.popleft()
+            return
+        for b in reversed(chunk):
+            self.out.appendleft(b)
+
+    def _flush_tls(self) -> bool:
+        """flush() over TLS.  An SSL write that could not finish (SSLWantWrite) must be retried
+        with the same bytes, so the buffer handed to it stays at the head (`_blob`) until it is
+        written; small messages are joined first (one SSL record holds many of them)."""
+        out = self.out
+        while out:
+            head = out[0]
+            if head is not self._blob:
+                if isinstance(head, FileRange):     # read here: the bytes must go through the TLS object
+                    try:
+                        data = os.pread(head.fd, head.count, head.offset)
+                    except OSError as e:
+                        raise Closed(str(e)) from None
+                    if not data:
+                        raise Closed("file shrank while being sent")
+                    head.offset += len(data)
+                    head.count -= len(data)
+                    if head.count == 0:
+                        out.popleft()
+                    out.appendleft(data)
+                    head = data
+                elif not isinstance(head, _BUFFER):
+                    self._pull(head)
+                    continue
+                bufs, size = [], 0
+                while out and isinstance(out[0], _BUFFER) and size < TLS_BATCH:
+                    b = out.popleft()
+                    bufs.append(b)
+                    size += len(b)
+                head = self._blob = bufs[0] if len(bufs) == 1 else b"".join(bufs)
+                out.appendleft(head)
+            try:
+                n = self.sock.send(head)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError, InterruptedError):
+                return False
+            except OSError as e:
+                raise Closed(str(e)) from None
+            out.popleft()
+            self._blob = None
+            if n < len(head):       # (a partial write, where the TLS object allows them)
+                out.appendleft(memoryview(head)[n:])
+        return True
+
     # ---- receiving -----------------------------------------------------------------
     def read(self) -> list:
         """Read what is available; return the complete messages. Raises Closed on EOF."""
@@ -147,9 +205,12 @@ class Connection:
 
     def recv(self) -> bytes:
         """Read what is available (b"" if nothing is). Raises Closed on EOF."""
+        # a big frame on its way (a file): take it in large reads; else small ones
+        want = min(max(self.dec.missing(), 1 << 18), 8 << 20)
+        if self.tls:
+            return self._recv_tls(want)
         try:
-            # a big frame on its way (a file): take it in large reads; else small ones
-            data = recv_bytes(self.sock, min(max(self.dec.missing(), 1 << 18), 8 << 20))
+            data = recv_bytes(self.sock, want)
         except (BlockingIOError, InterruptedError):
             return b""
         except OSError as e:
@@ -157,6 +218,34 @@ class Connection:
         if not data:
             raise Closed("connection closed by peer")
         return data
+
+    def _recv_tls(self, want: int) -> bytes:
+        """recv() over TLS.  One SSL read returns at most one record (16 KiB): read on while
+        records come full (a large transfer) and `want` is not reached, and never leave
+        decrypted bytes inside the TLS object (pending()): select() watches the socket, not the
+        object, and would not wake us for them.  Bytes still in the socket wake select() again,
+        so a short record ends the read without a last try that would only raise SSLWantRead
+        (that try cost a small message a fifth of its TLS overhead)."""
+        chunks, got = [], 0
+        sock = self.sock
+        while True:
+            try:
+                data = recv_bytes(sock, 1 << 16)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+                break
+            except OSError as e:      # (ssl.SSLError too: a broken record, a reset)
+                if chunks:
+                    break             # give what came; the next read says it
+                raise Closed(str(e)) from None
+            if not data:
+                if chunks:
+                    break
+                raise Closed("connection closed by peer")
+            chunks.append(data)
+            got += len(data)
+            if not sock.pending() and (len(data) < TLS_RECORD or got >= want):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def close(self) -> None:
         if not self.closed:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from . import auth as _auth
 from . import messages
+from .tls import HOW_TO_GIVE, TLS_ROLE, TLSError
 from .wire import PREAUTH_MAX_CTL, VERSION, ProtocolError
 
 
@@ -141,17 +142,42 @@ class Greeter(_Side):
 
 class Answerer(_Side):
     """The side that answers: receive_data() until it returns the Hello, auth(), then
-    receive_data() until it returns the Welcome (raises AuthFailed or ProtocolError)."""
+    receive_data() until it returns the Welcome (raises AuthFailed or ProtocolError).
 
-    def __init__(self, secret: str, roles: Roles):
+    `tls`: we expect the greeter to announce TLS (tls.ANNOUNCE) first.  Its announcement is
+    returned as a Hello with role tls.TLS_ROLE: the driver then wraps its socket
+    (tls.wrap_client), calls tls_started() and goes on reading the real hello inside TLS.  An
+    announcement we do not expect, or a plain hello where we expect one, raises TLSError naming
+    the fix (never a silent downgrade: a worker given a fingerprint speaks only TLS)."""
+
+    def __init__(self, secret: str, roles: Roles, tls: bool = False):
         super().__init__(secret, roles)
-        self.state = "wait hello"   # wait hello -> hello -> wait welcome -> done; or failed
+        self.tls = tls
+        self.state = "wait hello"   # [tls ->] wait hello -> hello -> wait welcome -> done; or failed
+
+    def tls_started(self) -> None:
+        """The driver has wrapped its socket after the announcement: the real hello comes next."""
+        self._move("tls", "wait hello")
+        if self._dec.buf:       # the greeter waits for our TLS handshake: nothing may follow its announcement
+            self.state = "failed"
+            raise ProtocolError("plaintext bytes after the TLS announcement")
+        self.tls = False        # (announced once; the hello inside TLS is a plain one)
 
     def receive_data(self, data: bytes):
         """The Hello, then (after auth()) the Welcome once the greeter has proven it knows the
         secret; None: need more bytes."""
         if self.state == "wait hello":
             m = self._expect("hello", data)
+            if m is not None and (m.role == TLS_ROLE) != self.tls:
+                self.state = "failed"
+                if self.tls:
+                    raise TLSError("the manager does not use TLS, but we were given a certificate fingerprint: "
+                                   "it was started without ssl (start it with Manager(ssl=True), `vinehpc run "
+                                   "--ssl`), or it is not this run's manager; refusing to talk in plaintext")
+                raise TLSError("the manager uses TLS (it was started with ssl): " + HOW_TO_GIVE)
+            if m is not None and self.tls:
+                self.state = "tls"
+                return m
             if m is not None:
                 if m.role != self.roles.hello_role:
                     self.state = "failed"

@@ -16,7 +16,7 @@ import tempfile
 import time
 
 from ..comm import Closed, Connection
-from ..protocol import ProtocolError, handshake, wire
+from ..protocol import ProtocolError, handshake, tls, wire
 from ..config import Settings      # the environment is read once, in Settings
 from . import resources
 from .logfile import WorkerLog
@@ -32,12 +32,15 @@ class Rejected(Exception):
 class Worker(Loop):
     def __init__(self, address: str, secret: str, *, cores=None, memory=None, disk=None, gpus=None,
                  workdir=None, connect_timeout=60.0, reconnect=True, exit_on_refused=False, image=None, settings=None,
-                 log_dir=None):
+                 log_dir=None, tls_fingerprint=None):
+        """tls_fingerprint: the manager's TLS certificate's (protocol/tls.py); given, the worker
+        speaks only TLS, to a manager with that certificate; None: only plaintext."""
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError("manager address must be HOST:PORT, got %r" % address)
         self.addr = (host.strip("[]"), int(port))
         self.secret = secret
+        self.fingerprint = tls.normalize_fingerprint(tls_fingerprint) if tls_fingerprint else None
         self.own_workdir = workdir is None
         settings = settings or Settings.from_env()     # given by `vinehpc worker`
         workdir = workdir or tempfile.mkdtemp(prefix="vinehpc-worker-", dir=settings.worker_dir)
@@ -88,7 +91,7 @@ class Worker(Loop):
                     return 1
                 try:
                     self._handshake(sock)
-                except PermissionError as e:
+                except (PermissionError, tls.TLSError) as e:     # never heals: say why and stop
                     log.error("%s", e)
                     return 2
                 except Rejected as e:
@@ -156,7 +159,7 @@ class Worker(Loop):
             delay = min(delay * 2, 5.0)
 
     def _handshake(self, sock):
-        hs = handshake.Answerer(self.secret, handshake.WORKER)
+        hs = handshake.Answerer(self.secret, handshake.WORKER, tls=self.fingerprint is not None)
 
         def step(data=b""):
             """Feed the handshake until it has a message for us."""
@@ -172,6 +175,10 @@ class Worker(Loop):
         sock.settimeout(max(15.0, self.connect_timeout))
         step()
         sock.settimeout(15)
+        if hs.state == "tls":       # the manager announced TLS: its certificate must be the run's
+            sock = tls.wrap_client(sock, self.fingerprint, "the manager at %s:%d" % self.addr)
+            hs.tls_started()
+            step()
         sock.sendall(hs.auth())
         try:
             welcome = step()
