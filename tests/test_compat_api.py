@@ -119,7 +119,7 @@ def test_taskvine_constructor_arguments(tmp_path, caplog):
         m.set_name("other")
         assert m.stats["name"] == "other"
         # what `vinehpc status` shows, asked over the manager's port as the command does
-        snap = status_client.snapshot("127.0.0.1:%d" % m.port, m.secret, None)
+        snap = status_client.snapshot("127.0.0.1:%d" % m.port, m.secret, None, fingerprint=m.tls_fingerprint)
         assert snap["name"] == "other", snap
     finally:
         m.close()
