@@ -103,6 +103,22 @@ def test_a_task_that_kills_its_worker_fails_after_three_workers(make_manager):
     close_and_check(m)
 
 
+@pytest.mark.parametrize("char", ["\u00e9", "\x01", "\U0001F600"])
+def test_a_task_printing_a_mib_of_escaped_characters_fails_nothing(make_manager, char):
+    # a MiB of output is kept, but JSON-escaped (6 bytes a character, 12 an emoji) it made a result
+    # over the 1 MiB a message may carry: the manager dropped the worker, the task broke the next
+    m = ready(make_manager(local_workers=1), 1)
+    t = Task("%s -c 'import sys; sys.stdout.write(chr(%d) * 1500000 + \"END\")'" % (sys.executable, ord(char)))
+    m.submit(t)
+    honest = m.submit(Task("echo fine"))
+    got = wait_all(m, 2, timeout=60)
+    assert t.successful() and t.std_output.endswith(char * 100 + "END"), t.reason
+    assert t.std_output.startswith("[vinehpc: the first ") and "were cut" in t.std_output
+    assert got[honest].std_output == "fine\n"
+    assert not [r for r in read_journal(m) if r.get("event") == "worker lost"]
+    close_and_check(m)
+
+
 # ====================================================================== 6. `file` messages nobody asked for
 
 

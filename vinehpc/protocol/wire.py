@@ -45,6 +45,29 @@ def json_encoder(default):
     return lambda obj: "".join(enc(obj, 0))
 
 
+def fit_text(s: str, budget: int) -> str:
+    """The end of `s` that JSON-encodes (as the messages are: ASCII, escaped) within `budget`
+    bytes, after a line saying how much was cut.  A task's captured output is kept to its last
+    MiB of bytes, but escaped (a non-ASCII or control character is six bytes, an emoji twelve) it
+    could make a result larger than a message may be: the manager would drop the worker for it,
+    and the task would go on to break the next worker the same way."""
+    if len(s) * 12 <= budget:
+        return s
+    from json.encoder import encode_basestring_ascii as enc     # what json_encoder uses
+    if len(enc(s)) <= budget:
+        return s
+    room = budget - 200                 # the note's own length
+    lo, hi = 0, len(s)                  # the longest tail that fits: between lo and hi characters
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(enc(s[-mid:])) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return ("[vinehpc: the first %d characters of this output were cut to fit a message; write large output "
+            "to a file output instead]\n%s" % (len(s) - lo, s[len(s) - lo:]))
+
+
 def _no_default(o):
     raise TypeError("Object of type %s is not JSON serializable" % type(o).__name__)
 

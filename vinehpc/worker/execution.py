@@ -14,6 +14,7 @@ import tarfile
 import tempfile
 
 from ..comm import file_chunks
+from ..protocol.wire import MAX_CTL, fit_text
 from . import monitor
 from .events import (Exhausted, FileStored, InterpreterDied, OnInterpreter, PresentTask, StartFailed,
                      TaskFinished)
@@ -26,6 +27,7 @@ log = logging.getLogger("vinehpc.worker")
 
 WATCH_INTERVAL = 1.0        # how often watched outputs are looked at
 WATCH_CHUNK = 1 << 20       # most bytes of one watched output sent per look (the rest at the next)
+STDOUT_BUDGET = MAX_CTL // 2  # a result's captured output, JSON-escaped: the other half is the rest of the result
 
 
 class Handle:
@@ -255,7 +257,7 @@ class Execution:
         if c.signal:
             ctl["signal"] = c.signal
         if c.stdout:
-            ctl["stdout"] = c.stdout
+            ctl["stdout"] = fit_text(c.stdout, STDOUT_BUDGET)
         if temps:
             ctl["temps"] = temps
         if h is not None and h.mon is not None:
