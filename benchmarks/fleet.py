@@ -88,7 +88,7 @@ def run_tasks(m, tasks, timeout):
             raise RuntimeError("no result for %.0f s (%d of %d back)" % (timeout, got, tasks))
         got += 1
         now = time.monotonic()
-        sent = float(t.std_output[:17]) if t.std_output else None
+        sent = float(t.std_output[:20]) if t.std_output else None
         if sent is not None and sent >= submitted:
             lat.append(now - sent)
         if not t.successful():

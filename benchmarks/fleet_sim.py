@@ -5,7 +5,7 @@ protocol through the real worker's code: `protocol.handshake.Answerer` (the run'
 MACs), `comm.Connection` (framing, `protocol.wire`), `protocol.messages.decode` (every message
 from the manager is validated as the worker validates it).  It executes nothing: a task "runs"
 for a modelled time (0, a fixed time, or drawn from a distribution) and returns a result whose
-stdout carries the monotonic time it was sent (CLOCK_MONOTONIC is one clock for every process of
+stdout carries the monotonic time it was sent (20 characters) (CLOCK_MONOTONIC is one clock for every process of
 a machine: the user measures wait() latency from it) padded to the chosen size.
 
 Misbehaving on purpose (options): `disconnect` workers send half of their first result and close
@@ -243,7 +243,7 @@ class Engine:
             w.killed.discard(tid)
         else:
             ctl = {"id": tid, "status": "success", "wall": wall, "exit_code": 0,
-                   "stdout": "%.6f%s" % (time.monotonic(), self.pad)}
+                   "stdout": "%020.6f%s" % (time.monotonic(), self.pad)}
             if want:
                 ctl["started"] = [tid]
             frames = [pickle.dumps((True, None, None))] if python else ()

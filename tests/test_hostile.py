@@ -391,3 +391,22 @@ def test_admission_closes_the_oldest_stranger_and_sums_up_its_logging():
     assert a.should_log("again", 111.0)
     a.pause(200.0)
     assert not a.resume_due(200.5) and a.resume_due(200.0 + admission.ACCEPT_PAUSE) and a.paused_until is None
+
+
+def test_admission_holds_accept_while_the_handshakes_in_progress_are_young():
+    """Thousands of workers connecting at once: beyond MAX_UNAUTHENTICATED young handshakes, accept()
+    waits (the rest stay in the listen backlog) instead of closing workers that had no time to
+    answer; a handshake that ends, or the oldest one ageing past EVICT_AFTER, opens the door again."""
+    from vinehpc import admission
+    a = admission.Admission(cap=10 ** 6)
+    for p in range(admission.MAX_UNAUTHENTICATED):
+        assert a.handshake_room(10.0)
+        assert a.arrived(p, 10.0) is None
+    assert not a.handshake_room(10.5) and a.held
+    assert not a.may_listen(10.9)
+    a.authenticated(3)
+    assert a.may_listen(10.9) and not a.held          # a slot freed
+    assert a.arrived(100, 10.9) is None
+    assert not a.handshake_room(10.95)
+    assert a.may_listen(10.0 + admission.EVICT_AFTER)  # the oldest had its time: it may be closed for a newer one
+    assert a.arrived(101, 11.0) == 0

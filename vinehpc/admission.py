@@ -6,8 +6,12 @@ listening socket writing a warning each turn, and finished tasks' outputs cannot
 So the server (server.py) asks here:
 
 - at most MAX_UNAUTHENTICATED connections wait in their handshake; a newer one closes the
-  oldest (a real worker answers within a round trip, an idle stranger never does: closing the
-  oldest keeps the door open for workers, where refusing the newest would let strangers hold it);
+  oldest once that one had EVICT_AFTER seconds to answer (a real worker answers within a round
+  trip, an idle stranger never does: closing the oldest keeps the door open for workers, where
+  refusing the newest would let strangers hold it).  While all of them are younger, accept()
+  waits (the listening sockets leave the selector until one ends or ages): the rest of a pilot's
+  thousands of ranks connecting in the same second stay in the kernel's listen backlog instead
+  of being accepted and closed at once by the next ones (each would reconnect: a storm);
 - all connections together stay FD_RESERVE descriptors below the open-file limit, so outputs,
   fetched files and the journal can always be opened;
 - when accept() fails for lack of descriptors (EMFILE, ENFILE...) or the cap is reached, the
@@ -21,6 +25,7 @@ import collections
 import resource
 
 MAX_UNAUTHENTICATED = 64
+EVICT_AFTER = 1.0         # seconds a connection may wait in its handshake before a newer one closes it
 FD_RESERVE = 64
 ACCEPT_PAUSE = 1.0
 LOG_BURST = 10
@@ -38,7 +43,8 @@ def connection_cap() -> int:
 class Admission:
     def __init__(self, cap: int | None = None):
         self.cap = connection_cap() if cap is None else cap
-        self.waiting = collections.OrderedDict()     # peers in their handshake, oldest first
+        self.waiting = collections.OrderedDict()     # peers in their handshake -> arrival, oldest first
+        self.held = False                            # accept() waits for a handshake to end or age
         self.paused_until = None                     # accept() is off until then (monotonic)
         self.logged = 0                              # strangers' closes logged in this interval
         self.unlogged = collections.Counter()        # reason -> closes not logged in this interval
@@ -49,9 +55,28 @@ class Admission:
         """May one more connection be accepted now?"""
         return n_connections < self.cap
 
-    def arrived(self, peer):
+    def handshake_room(self, now: float) -> bool:
+        """May one more connection start its handshake now?  No while MAX_UNAUTHENTICATED younger
+        than EVICT_AFTER are in theirs (`held`: may_listen says when to try again)."""
+        if len(self.waiting) < MAX_UNAUTHENTICATED or next(iter(self.waiting.values())) <= now - EVICT_AFTER:
+            return True
+        self.held = True
+        return False
+
+    def may_listen(self, now: float) -> bool:
+        """Should the listening sockets be in the selector again (a pause over; a handshake
+        ended or aged while accept() was held)?"""
+        if self.paused_until is not None and not self.resume_due(now):
+            return False
+        if self.held:
+            if not self.handshake_room(now):
+                return False
+            self.held = False
+        return True
+
+    def arrived(self, peer, now: float = 0.0):
         """A connection was accepted; returns the peer to close to make room for it, or None."""
-        self.waiting[peer] = None
+        self.waiting[peer] = now
         if len(self.waiting) > MAX_UNAUTHENTICATED:
             oldest, _ = self.waiting.popitem(last=False)
             return oldest

@@ -1,0 +1,74 @@
+"""The simulated fleet (benchmarks/fleet_sim.py) against a real Manager: correctness at a few
+hundred workers, never timings (speed is benchmarks/fleet.py's).
+
+Every task comes back exactly once and successful, a task whose worker disconnects in the middle
+of its result is run again elsewhere, slow readers do not stop the others, and every worker of a
+fleet that connects at once is admitted without being closed and retried.
+"""
+import importlib.util
+import os
+
+import pytest
+
+import vinehpc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("fleet_sim", os.path.join(ROOT, "benchmarks", "fleet_sim.py"))
+fleet_sim = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fleet_sim)
+
+
+def _noop(x):
+    return x
+
+
+def _run(tmp_path, n, tasks, make, **kw):
+    fleet_sim.raise_nofile(2 * n + 1024)
+    m = vinehpc.Manager(port=0, host="127.0.0.1", run_dir=str(tmp_path / "run"))
+    fleet = None
+    try:
+        fleet = fleet_sim.Fleet(("127.0.0.1", m.port), m.secret_file, n, **kw)
+        fleet.connect()
+        joined = m.wait_for_workers(n, timeout=60)
+        ids = {m.submit(make(i)) for i in range(tasks)}
+        back = []
+        while len(back) < tasks:
+            t = m.wait(60)
+            assert t is not None, "%d of %d tasks came back" % (len(back), tasks)
+            back.append(t)
+        assert m.wait(0.5) is None            # nothing more: no task twice
+        report = fleet.report()
+    finally:
+        m.close()
+        if fleet is not None:
+            fleet.close()
+    return joined, ids, back, report
+
+
+@pytest.mark.timeout(180)
+def test_two_hundred_workers_every_result_once_losses_requeued(tmp_path):
+    """200 workers joining at once, 20,000 tasks; 5 workers disconnect in the middle of their first
+    result (the task is requeued and runs elsewhere), 3 read their socket slowly."""
+    joined, ids, back, rep = _run(tmp_path, 200, 20000, lambda i: vinehpc.Task(":"), disconnect=5, slow=3)
+    assert joined == 200
+    assert rep.get("retries", 0) == 0, rep        # none closed in its handshake and retried
+    assert sorted(t.id for t in back) == sorted(ids)
+    assert all(t.successful() for t in back), [(t.id, t.result, t.reason) for t in back if not t.successful()][:5]
+    assert rep["lost"] == 5
+    # each lost result's task ran again: at least one more attempt per disconnect, and every
+    # result the fleet sent in full was returned (none of the half ones)
+    assert sum(t.attempts - 1 for t in back) >= 5
+    assert rep["results"] == 20000
+    assert rep["connected"] == 200            # the 5 came back as well-behaved workers
+
+
+@pytest.mark.timeout(180)
+def test_python_tasks_with_modelled_run_times_on_multicore_workers(tmp_path):
+    """PythonTasks on 2-core workers with short random run times: tasks queue and are pipelined on
+    the simulated workers (`started` reports), every value comes back once."""
+    joined, ids, back, rep = _run(tmp_path, 40, 2000, lambda i: vinehpc.PythonTask(_noop, i), cores=2,
+                                  run="exp:0.002", result_size=100)
+    assert joined == 40 and rep.get("retries", 0) == 0
+    assert sorted(t.id for t in back) == sorted(ids)
+    assert all(t.successful() and t.output is None and len(t.std_output) == 100 for t in back)
+    assert rep["results"] == 2000
