@@ -388,6 +388,75 @@ def test_tasks_of_a_shape_that_fit_nowhere_are_tried_once_per_pass(sim, monkeypa
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("policy", ["files", "fcfs"])
+def test_a_dispatch_tries_a_bounded_number_of_workers_whatever_the_fleet(monkeypatch, policy):
+    """Issue 15: each dispatch tried every worker with room (and the policy looked at each), so
+    per-task work grew with the fleet.  Workers are indexed by load: the same tasks cost the same
+    number of fit checks among 100 workers as among 2,000 (least loaded first, so one each)."""
+    counts = {}
+    for n in (100, 2000):
+        sim = Sim(policy)
+        for wid in range(1, n + 1):
+            sim.join(wid, cores=4, host="h%d" % wid)
+        tasks = [sim.submit(new_task()) for _ in range(200)]
+        calls = _count_fits(monkeypatch)
+        sim.take()
+        got = dispatched(sim.pass_())
+        assert len(got) == 200
+        for (wid, tid), t in zip(got[:50], tasks):      # and finishing some moves the next ones there
+            sim.ok(wid, t)
+        more = [sim.submit(new_task()) for _ in range(50)]
+        sim.take()
+        again = dispatched(sim.pass_())
+        assert sorted(tid for _, tid in again) == sorted(t.id for t in more)
+        counts[n] = len(calls)
+    assert counts[2000] == counts[100] == 250
+
+
+def test_the_load_index_chooses_as_the_policy_over_every_candidate():
+    """The index finds the very worker choose() would among all candidates (fewest outstanding,
+    first joined among equals), through joins, losses, results, bigger tasks and prefetch."""
+    import random
+
+    class Blind(type(Sim().core.policy)):
+        least_loaded = None                 # no index: choose() over the full candidate list
+
+    def play(sim):
+        rnd = random.Random(7)
+        running, out = {}, []
+        wids = iter(range(1, 10 ** 6))
+        for step in range(400):
+            r = rnd.random()
+            if r < 0.05:
+                sim.join(next(wids), cores=rnd.choice([1, 2, 4]), memory=rnd.choice([500, 1000]))
+            elif r < 0.07 and sim.core.workers:
+                wid = rnd.choice(sorted(sim.core.workers))
+                sim(WorkerLost(wid, "gone"), step)
+                running = {t: w for t, w in running.items() if w != wid}
+            elif r < 0.5:
+                mem = rnd.choice([None, 300, 600])
+                sim.submit(new_task(cores=rnd.choice([1, 1, 1, 2]), **({"memory": mem} if mem else {})), step)
+            elif running:
+                tid = rnd.choice(sorted(running))
+                sim.ok(running.pop(tid), type("T", (), {"id": tid})(), step, wall=rnd.choice([0.001, 0.2]))
+            got = dispatched(sim.take() + sim.pass_(step))
+            running.update((tid, wid) for wid, tid in got)
+            out.append(got)
+        return out
+
+    global _ids
+    first = _ids
+    _ids = itertools.count(10 ** 6)
+    fast = play(Sim())
+    _ids = itertools.count(10 ** 6)
+    blind = Sim()
+    blind.core.policy = Blind()
+    slow = play(blind)
+    _ids = first
+    assert sum(map(len, fast)) > 100
+    assert fast == slow
+
+
 def test_a_pinned_task_runs_only_on_its_worker_and_fails_when_it_is_gone(sim):
     sim.join(1)
     sim.join(2, host="h2")

@@ -16,7 +16,7 @@ from ..scheduler import make as make_policy
 from . import events as ev
 from .categories import LEARNED, Category
 from .commands import DropFunction, Drained, KillTask, Log, ResolveFile, TaskFinished, UnlinkFile
-from .placement import schedule
+from .placement import schedule, touch
 from .tasks import TaskState, transition
 from .workers import RES, Blocklist, WorkerState
 
@@ -62,6 +62,9 @@ class Core:
         self.slow_counts = collections.Counter()      # worker -> tasks fast-aborted there
         self.unproduced = {}               # temp cachename -> why its producer failed
         self.reserved = None               # (wid, tid): a worker kept for a task no worker had room for
+        self.open = []                     # heap of workers with room (placement.touch), by load
+        self.top = 1                       # the prefetch factor the index was made with
+        self.joins = 0
         self.counts = collections.Counter()
         self.n_running = 0
         self.drain_deadline = None         # set by Drain: dispatch stopped, running tasks get until then
@@ -181,6 +184,7 @@ class Core:
         w.outstanding -= 1
         for k in RES:
             w.committed[k] -= ts.res[k]
+        touch(self, w)
 
     # ------------------------------------------------------------------ user events
     def _submit(self, e, now, front=False):
@@ -321,6 +325,9 @@ class Core:
     # ------------------------------------------------------------------ worker events
     def _worker_joined(self, e, now):
         w = self.workers[e.wid] = WorkerState(e.wid, e.info)
+        self.joins += 1
+        w.order = self.joins
+        touch(self, w)
         for n in w.cached:
             if n.startswith("temp-"):
                 self.replicas[n].add(e.wid)

@@ -8,7 +8,7 @@ from ..protocol.messages import RES   # defined once, for both sides
 
 class WorkerState:
     __slots__ = ("wid", "host", "total", "committed", "tasks", "cached", "fns",
-                 "outstanding", "info", "warned")
+                 "outstanding", "info", "warned", "order", "hkey")
 
     def __init__(self, wid, info):
         self.wid = wid
@@ -21,6 +21,8 @@ class WorkerState:
         self.fns = set()
         self.outstanding = 0
         self.warned = False
+        self.order = wid          # join order, set by the core (ties in load go to the first joined)
+        self.hkey = None          # (outstanding, order) of its entry in the core's index of workers with room
 
     def __repr__(self):
         return "<worker %s %s %s>" % (self.wid, self.host, self.total)

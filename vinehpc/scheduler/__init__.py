@@ -3,6 +3,9 @@
 A policy is any object with `choose(ts, candidates) -> WorkerState | None`, where `ts` is the
 core's TaskState (`ts.task` the user's Task, `ts.inputs` its inputs' (cachename, size, is_temp))
 and `candidates` are the workers with room for the task right now.  One policy per module.
+A policy may also have `least_loaded(ts) -> bool`: True when, for this task, choose() would take
+the candidate with the fewest outstanding tasks (the first joined among equals); the core then
+takes that worker from its index by load (O(log N)) and does not call choose().
 """
 from .fcfs import FCFS
 from .files import PreferCachedFiles

@@ -8,6 +8,12 @@ A temp input counts double: moving it costs a fetch through the manager.
 class PreferCachedFiles:
     name = "files"
 
+    @staticmethod
+    def least_loaded(ts) -> bool:
+        """Without inputs every candidate holds 0 bytes of them: the least loaded one is chosen
+        (the core finds it in its index of workers by load, see scheduler/__init__.py)."""
+        return not ts.inputs
+
     def choose(self, task, candidates):
         inputs = task.inputs      # a TaskState: [(cachename, size, is_temp)]
         best, best_key = None, None
