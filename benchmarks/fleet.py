@@ -206,7 +206,8 @@ def main(argv=None):
         for r in sorted(rows, key=lambda r: r["workers"]):
             if r["workers"] in a.workers:
                 print("FLEET workers=%(workers)d tasks=%(tasks)d tasks_per_s=%(tasks_per_s).1f ratio_to_10=%(ratio_to_10).3f "
-                      "mgr_ms_per_task=%(mgr_ms_per_task).4f join_s=%(join_s).2f idle_cpu_pct=%(idle_cpu_pct).2f" % r)
+                      "mgr_ms_per_task=%(mgr_ms_per_task).4f join_s=%(join_s).2f idle_cpu_pct=%(idle_cpu_pct).2f" % r,
+                      file=sys.stderr if a.json else sys.stdout)     # --json: stdout is one JSON document
         return 0
     finally:
         if not a.keep:
