@@ -413,13 +413,34 @@ def test_a_dispatch_tries_a_bounded_number_of_workers_whatever_the_fleet(monkeyp
     assert counts[2000] == counts[100] == 250
 
 
-def test_the_load_index_chooses_as_the_policy_over_every_candidate():
-    """The index finds the very worker choose() would among all candidates (fewest outstanding,
-    first joined among equals), through joins, losses, results, bigger tasks and prefetch."""
-    import random
+def test_files_looks_at_the_workers_holding_the_inputs_not_at_every_worker(monkeypatch, infile):
+    """The "files" policy with inputs: the workers holding them come from the index of where each
+    cached file is; the others are not tried (the least loaded one only when no holder fits)."""
+    sim = Sim("files")
+    f = infile()
+    for wid in range(1, 2001):
+        sim.join(wid, cores=1, host="h%d" % wid, cached=[f.cachename()] if wid in (700, 1500) else [])
+    calls = _count_fits(monkeypatch)
+    a, b, c = (sim.submit(new_task().add_input(f, "in")) for _ in range(3))
+    assert dispatched(sim.take() + sim.pass_()) == [(700, a.id), (1500, b.id), (1, c.id)]
+    assert len(calls) <= 2 + 2 + 3       # the two holders each time, then the least loaded
+    sim(WorkerLost(700, "gone"))
+    assert sim.core.where[f.cachename()] == {1, 1500}    # worker 1 got it with task c; 700 left the index
 
-    class Blind(type(Sim().core.policy)):
+
+@pytest.mark.parametrize("policy", ["files", "fcfs"])
+def test_the_load_index_chooses_as_the_policy_over_every_candidate(policy):
+    """The indexes (workers by load, where each cached file is) find the very worker choose() would
+    among all candidates (the most input bytes held, then the fewest outstanding, the first joined
+    among equals), through joins, losses, results, inputs, bigger tasks and prefetch."""
+    import random
+    from vinehpc.file import Buffer
+
+    inputs = [Buffer(b"input %d" % i, cache="workflow") for i in range(6)]
+
+    class Blind(type(Sim(policy).core.policy)):
         least_loaded = None                 # no index: choose() over the full candidate list
+        prefers_holders = False
 
     def play(sim):
         rnd = random.Random(7)
@@ -435,7 +456,10 @@ def test_the_load_index_chooses_as_the_policy_over_every_candidate():
                 running = {t: w for t, w in running.items() if w != wid}
             elif r < 0.5:
                 mem = rnd.choice([None, 300, 600])
-                sim.submit(new_task(cores=rnd.choice([1, 1, 1, 2]), **({"memory": mem} if mem else {})), step)
+                t = new_task(cores=rnd.choice([1, 1, 1, 2]), **({"memory": mem} if mem else {}))
+                for f in rnd.sample(inputs, rnd.choice([0, 0, 1, 2])):
+                    t.add_input(f, "in%d" % inputs.index(f))
+                sim.submit(t, step)
             elif running:
                 tid = rnd.choice(sorted(running))
                 sim.ok(running.pop(tid), type("T", (), {"id": tid})(), step, wall=rnd.choice([0.001, 0.2]))
@@ -447,9 +471,9 @@ def test_the_load_index_chooses_as_the_policy_over_every_candidate():
     global _ids
     first = _ids
     _ids = itertools.count(10 ** 6)
-    fast = play(Sim())
+    fast = play(Sim(policy))
     _ids = itertools.count(10 ** 6)
-    blind = Sim()
+    blind = Sim(policy)
     blind.core.policy = Blind()
     slow = play(blind)
     _ids = first

@@ -112,6 +112,25 @@ def _least_loaded_fit(core, ts, factor, keep, now):
     return found
 
 
+def _holding_fit(core, ts, factor, keep, now) -> list:
+    """The workers with room that hold some input of ts and fit it, in join order: under a policy
+    that `prefers_holders`, its choice is among them when there are any (O(holders), not O(N))."""
+    workers, where = core.workers, core.where
+    seen = set()
+    out = []
+    for n in ts.inputs:
+        for wid in where.get(n[0], ()):
+            if wid in seen:
+                continue
+            seen.add(wid)
+            w = workers.get(wid)
+            if (w is not None and w.hkey is not None and wid != keep and _fits(w, ts, factor)
+                    and not core.blocked(w, now)):
+                out.append(w)
+    out.sort(key=lambda w: w.order)
+    return out
+
+
 def fits_empty(w, ts) -> bool:
     r = ts.res
     return all(not r[k] or r[k] <= w.total[k] for k in RES)
@@ -130,6 +149,7 @@ def schedule(core, now) -> int:
         return 0
     free = None          # the open workers in join order, made only for a task that needs them all
     least = getattr(core.policy, "least_loaded", None)
+    holding = getattr(core.policy, "prefers_holders", False)
     n = 0
     skipped = []
     scanned = 0
@@ -165,11 +185,15 @@ def schedule(core, now) -> int:
             r = ts.res
             shape = (task.category, r["cores"], r["memory"], r["disk"], r["gpus"], tuple(ts.whole))
         too_big = misses.get(shape)
-        if too_big is None and shape is not None and least is not None and least(ts):
-            # the policy takes the least loaded worker with room: the first that fits in load order
-            w = _least_loaded_fit(core, ts, _factor(core, task.category), keep, now)
-            cands = [w] if w is not None else []
-            if w is None:
+        if too_big is None and shape is not None and (least is not None and least(ts) or holding):
+            # the policy takes the least loaded worker with room (the first that fits in load
+            # order), or one holding some of the task's inputs (found through the index of files)
+            factor = _factor(core, task.category)
+            cands = _holding_fit(core, ts, factor, keep, now) if holding and ts.inputs else ()
+            if not cands:
+                w = _least_loaded_fit(core, ts, factor, keep, now)
+                cands = [w] if w is not None else []
+            if not cands:
                 too_big = misses[shape] = not any(fits_empty(w, ts) for w in core.workers.values())
         elif too_big is None:
             factor = _factor(core, task.category)

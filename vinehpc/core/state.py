@@ -63,6 +63,7 @@ class Core:
         self.unproduced = {}               # temp cachename -> why its producer failed
         self.reserved = None               # (wid, tid): a worker kept for a task no worker had room for
         self.open = []                     # heap of workers with room (placement.touch), by load
+        self.where = {}                    # cache name -> wids whose cache holds it (workers.Cached)
         self.top = 1                       # the prefetch factor the index was made with
         self.joins = 0
         self.counts = collections.Counter()
@@ -324,7 +325,7 @@ class Core:
 
     # ------------------------------------------------------------------ worker events
     def _worker_joined(self, e, now):
-        w = self.workers[e.wid] = WorkerState(e.wid, e.info)
+        w = self.workers[e.wid] = WorkerState(e.wid, e.info, self.where)
         self.joins += 1
         w.order = self.joins
         touch(self, w)
@@ -353,6 +354,7 @@ class Core:
                 s.discard(wid)
                 if not s:
                     del self.replicas[n]
+        w.cached.clear()       # out of the index of where files are
         requeue = [self.tasks[t] for t in sorted(w.tasks) if t in self.tasks]
         for ts in reversed(requeue):   # keep their order at the front of the queue
             cores = ts.res["cores"]        # before the requeue forgets a whole worker's worth
