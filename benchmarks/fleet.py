@@ -15,6 +15,8 @@ Per N, in one invocation (ratios within it: the 2-core machine is shared and noi
   (keepalives only: the interval is --keepalive, 5 s by default as in vinehpc);
 - tasks_per_s: --tasks no-op command tasks, submitted then waited for, first submit to last wait;
 - mgr_ms_per_task: the manager thread's CPU over that run / tasks;
+- process_cpu_pct: this whole process's CPU over that run (manager thread + the user's submit and
+  wait: near 100 means the GIL, not the manager thread, bounds it); submit_s: the submit loop;
 - rss_mb: this process's RSS after it; wait_ms p50/p99: from the simulated worker sending a result
   (its stdout carries CLOCK_MONOTONIC) to wait() returning it, for results sent after the last submit.
 
@@ -77,6 +79,7 @@ def open_fleet(tmp, n, a, **kw):
 def run_tasks(m, tasks, timeout):
     """Submit `tasks` no-op tasks, wait for all; (seconds, cpu seconds, wait latencies)."""
     cpu0 = m.manager_cpu_seconds
+    proc0 = psutil.Process().cpu_times()
     t0 = time.monotonic()
     for _ in range(tasks):
         m.submit(vinehpc.Task(":"))
@@ -94,7 +97,9 @@ def run_tasks(m, tasks, timeout):
         if not t.successful():
             raise RuntimeError("task %s: %s %s" % (t.id, t.result, t.reason))
     dt = time.monotonic() - t0
-    return dt, m.manager_cpu_seconds - cpu0, lat
+    proc = psutil.Process().cpu_times()
+    busy = (proc.user + proc.system - proc0.user - proc0.system) / dt
+    return dt, m.manager_cpu_seconds - cpu0, lat, {"submit_s": round(submitted - t0, 3), "process_cpu_pct": round(100 * busy, 1)}
 
 
 def measure(n, a, tmp) -> dict:
@@ -106,7 +111,8 @@ def measure(n, a, tmp) -> dict:
         cpu0 = m.manager_cpu_seconds
         time.sleep(a.idle)
         r["idle_cpu_pct"] = round(100 * (m.manager_cpu_seconds - cpu0) / a.idle, 2)
-        dt, cpu, lat = run_tasks(m, a.tasks, a.timeout)
+        dt, cpu, lat, more = run_tasks(m, a.tasks, a.timeout)
+        r.update(more)
         r.update(tasks=a.tasks, seconds=round(dt, 3), tasks_per_s=round(a.tasks / dt, 1),
                  mgr_ms_per_task=round(1000 * cpu / a.tasks, 4), rss_mb=round(rss_mb(), 1),
                  wait_ms_p50=round(1000 * (_pct(lat, 0.5) or 0), 2), wait_ms_p99=round(1000 * (_pct(lat, 0.99) or 0), 2))
