@@ -413,6 +413,32 @@ def test_a_dispatch_tries_a_bounded_number_of_workers_whatever_the_fleet(monkeyp
     assert counts[2000] == counts[100] == 250
 
 
+def test_a_queued_task_costs_the_core_little_memory():
+    """Issue 15: a million queued tasks, at most 1 KB each of manager memory.  The core's share
+    (its TaskState, resources, queue and table entries) counted by tracemalloc: each queued task
+    carried two empty sets of its own (432 bytes) besides; now about 500 bytes in all."""
+    import gc
+    import tracemalloc
+    core = Core()
+    tasks = []
+    for i in range(5000):
+        t = new_task("echo %d" % i)
+        t.id, t.state = 10 ** 7 + i, "submitted"
+        tasks.append((t, input_names(t)))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for t, inputs in tasks:
+            core.handle(Submit(t, inputs), 0.0)
+        gc.collect()
+        per_task = (tracemalloc.get_traced_memory()[0] - before) / len(tasks)
+    finally:
+        tracemalloc.stop()
+    assert len(core.ready) == 5000
+    assert per_task < 650, per_task
+
+
 def test_files_looks_at_the_workers_holding_the_inputs_not_at_every_worker(monkeypatch, infile):
     """The "files" policy with inputs: the workers holding them come from the index of where each
     cached file is; the others are not tried (the least loaded one only when no holder fits)."""

@@ -17,7 +17,7 @@ from . import events as ev
 from .categories import LEARNED, Category
 from .commands import DropFunction, Drained, KillTask, Log, ResolveFile, TaskFinished, UnlinkFile
 from .placement import schedule, touch
-from .tasks import TaskState, transition
+from .tasks import EMPTY, TaskState, transition
 from .workers import RES, Blocklist, WorkerState
 
 
@@ -136,15 +136,17 @@ class Core:
         task = ts.task
         cat = self.category(task.category)
         res = task_resources(task)
-        ts.whole = set()
+        ts.whole = EMPTY
         if cat.mode != "fixed":
             alloc = cat.allocation({k: task.resources[k] for k in LEARNED})
+            whole = set()
             for k in LEARNED:
                 if alloc[k] is None:
-                    ts.whole.add(k)           # no guess yet: a whole worker's worth
+                    whole.add(k)              # no guess yet: a whole worker's worth
                     res[k] = 0
                 else:
                     res[k] = int(alloc[k])
+            ts.whole = whole or EMPTY
         ts.res = res
 
     def _grow(self, ts, exhausted, used) -> bool:
@@ -156,7 +158,8 @@ class Core:
         if bigger is None or bigger > self._largest(exhausted):
             return False
         ts.res[exhausted] = int(bigger)
-        ts.whole.discard(exhausted)
+        if exhausted in ts.whole:         # (only a task's own set holds anything)
+            ts.whole.discard(exhausted)
         ts.grown = True
         return True
 
@@ -359,7 +362,7 @@ class Core:
         for ts in reversed(requeue):   # keep their order at the front of the queue
             cores = ts.res["cores"]        # before the requeue forgets a whole worker's worth
             self._release(ts)
-            ts.lost_with.add(wid)
+            ts.lost_with = ts.lost_with | {wid}
             if len(ts.lost_with) >= self.max_worker_losses > 0:
                 # a task that kills its worker (a kill of its parent, the OOM killer) would take
                 # every worker in turn: as Dask's allowed-failures, it fails instead
