@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import heapq
 import json
 import os
@@ -112,7 +113,7 @@ class Engine:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setblocking(False)
         err = s.connect_ex(self.address)
-        if err not in (0, 115, 11):      # EINPROGRESS, EAGAIN: completes in the background
+        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):     # those complete in the background
             s.close()
             return self._again(w, "connect: errno %d" % err)
         w.sock, w.hs, w.conn, w.reading = s, handshake.Answerer(self.secret, handshake.WORKER), None, True
