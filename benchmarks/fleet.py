@@ -104,7 +104,7 @@ def run_tasks(m, tasks, timeout):
 
 
 def measure(n, a, tmp) -> dict:
-    m, fleet, join_s = open_fleet(tmp, n, a)
+    m, fleet, join_s = open_fleet(tmp, n, a, disconnect=a.disconnect, slow=a.slow)
     try:
         r = {"workers": n, "joined": m.wait_for_workers(n, timeout=0), "join_s": round(join_s, 3)}
         rep = fleet.report()
@@ -181,6 +181,8 @@ def main(argv=None):
     ap.add_argument("--cores", type=int, default=1, help="cores per simulated worker")
     ap.add_argument("--run", default="0", help="a task's modelled time: 0, SECONDS, exp:MEAN, uniform:LOW:HIGH")
     ap.add_argument("--result-size", type=int, default=0, help="bytes of stdout per result")
+    ap.add_argument("--disconnect", type=int, default=0, help="workers that send half their first result, then close")
+    ap.add_argument("--slow", type=int, default=0, help="workers that read 4 KiB a second")
     ap.add_argument("--procs", type=int, default=0, help="fleet processes (default 1 below 1,000 workers, else 2)")
     ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle fleet measured")
     ap.add_argument("--keepalive", type=float, default=5.0, help="the manager's keepalive interval")
