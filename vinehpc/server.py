@@ -404,7 +404,7 @@ class Server:
         except handshake.AuthFailed as e:
             self._drop(p, str(e), rejected=True)
             return []
-        self.admission.authenticated(p)
+        self.admission.authenticated(p, time.monotonic())
         self._handshake_ended()
         if p.hs.roles is handshake.STATUS:
             p.conn.send_bytes(p.hs.welcome())
