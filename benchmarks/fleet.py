@@ -145,7 +145,12 @@ def queue(a, tmp) -> dict:
         deadline = time.monotonic() + a.timeout
         while m.stats.submitted < n and time.monotonic() < deadline:     # the core has them all
             time.sleep(0.2)
-        m.manager_cpu_seconds      # one more loop turn: the turn that took them has flushed its journal
+        while True:                # one more loop turn: the turn that took them has flushed its journal
+            try:
+                m.manager_cpu_seconds
+                break
+            except TimeoutError:
+                pass
         gc.collect()
         queued = rss_mb()
         r = {"queued": n, "submit_cmd_per_s": round(half / (t1 - t0), 1),

@@ -35,6 +35,9 @@ HANDSHAKE_TIMEOUT = 10.0
 # beyond the backlog are dropped by the kernel and retried by their SYN timer (1 s, 3 s, 7 s...).
 # The kernel caps it at net.core.somaxconn.
 BACKLOG = 4096
+# user requests (submits...) taken per loop turn: a script submitting a million tasks must not keep
+# the thread from its sockets (keepalives, results) and its journal for the whole burst
+INBOX_TURN = 4096
 STATUS_IDLE = 60.0          # a status client that asks nothing for this long is closed
 
 
@@ -151,7 +154,7 @@ class Server:
         try:
             next_timer = time.monotonic() + 1.0
             while True:
-                timeout = max(0.0, next_timer - time.monotonic())
+                timeout = 0.0 if self.inbox else max(0.0, next_timer - time.monotonic())
                 for key, ev in self.sel.select(timeout):
                     what = key.data
                     if what == "accept":
@@ -168,7 +171,7 @@ class Server:
                             self.dirty.add(what)
                 self._woken = False
                 now = time.monotonic()
-                while self.inbox:
+                for _ in range(min(len(self.inbox), INBOX_TURN)):
                     self._op(self.inbox.popleft(), now)
                 if now >= next_timer:
                     self._timers(now)
