@@ -72,3 +72,40 @@ def test_python_tasks_with_modelled_run_times_on_multicore_workers(tmp_path):
     assert sorted(t.id for t in back) == sorted(ids)
     assert all(t.successful() and t.output is None and len(t.std_output) == 100 for t in back)
     assert rep["results"] == 2000
+
+
+def test_a_burst_of_requests_is_taken_a_bounded_number_per_loop_turn(tmp_path, monkeypatch):
+    """A million submits in a burst kept the I/O thread in one loop turn until the inbox was empty
+    (no socket read, no keepalive answered meanwhile): now at most INBOX_TURN per turn."""
+    import threading
+    from vinehpc import server as srv
+    from vinehpc.core import Core
+    from vinehpc.core.events import SCHEDULE
+    from vinehpc.journal import Journal
+    s = srv.Server(Core(), host="127.0.0.1", port=0, secret="s", journal=Journal(None), staging=str(tmp_path),
+                   keepalive_interval=5.0, keepalive_timeout=30.0)
+    per_turn, ops = [], [0]
+    real_op, real_feed = srv.Server._op, srv.Server._feed
+
+    def op(self, o, now):
+        ops[0] += 1
+        return real_op(self, o, now)
+
+    def feed(self, event, now):
+        if event is SCHEDULE:
+            per_turn.append(ops[0])
+            ops[0] = 0
+        return real_feed(self, event, now)
+
+    monkeypatch.setattr(srv.Server, "_op", op)
+    monkeypatch.setattr(srv.Server, "_feed", feed)
+    n = 3 * srv.INBOX_TURN + 5
+    done = threading.Event()
+    for _ in range(n - 1):
+        s.post(("call", lambda: None, [], threading.Event()))
+    s.post(("call", lambda: None, [], done))
+    s.start()
+    assert done.wait(60)
+    s.stop("test")
+    assert s.stopped.wait(30)
+    assert max(per_turn) == srv.INBOX_TURN and sum(per_turn) + ops[0] >= n
