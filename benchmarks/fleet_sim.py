@@ -44,6 +44,7 @@ from vinehpc.protocol import ProtocolError, handshake, messages  # noqa: E402
 
 SLOW_BYTES = 4096        # a slow reader takes this much a second
 RECONNECT_AFTER = 0.2    # a connection closed before the welcome is tried again (as `vinehpc worker` does)
+KEEPALIVE_CHECK = 0.25   # how often silent workers are looked for (they ping after the keepalive interval)
 
 
 def raise_nofile(want: int) -> int:
@@ -219,6 +220,7 @@ class Engine:
             else:
                 w.queue.append((m.id, want, m.fid is not None))
         elif t is messages.Ping:
+            self.c["pinged by the manager"] += 1
             w.conn.send("pong")
             self.dirty.add(w)
         elif t is messages.Kill:
@@ -300,6 +302,7 @@ class Engine:
         """As the real worker: ping the manager after its keepalive interval of silence."""
         for w in self.workers:
             if w.joined and now - w.last_recv > w.ka[0] and w.last_ping <= w.last_recv:
+                self.c["pings"] += 1
                 w.conn.send("ping")
                 w.last_ping = now
                 self.dirty.add(w)
@@ -335,7 +338,7 @@ def serve(engine, control):
     and every connection is closed."""
     os.set_blocking(control, False)
     engine.sel.register(control, selectors.EVENT_READ, None)
-    buf, quitting, next_ka = b"", False, time.monotonic() + 1.0
+    buf, quitting, next_ka = b"", False, time.monotonic() + KEEPALIVE_CHECK
     while not (quitting and not any(w.sock for w in engine.workers)):
         engine.step(0.5)
         try:
@@ -359,7 +362,7 @@ def serve(engine, control):
         now = time.monotonic()
         if now >= next_ka:
             engine.keepalive(now)
-            next_ka = now + 1.0
+            next_ka = now + KEEPALIVE_CHECK
     _say(engine.report())
 
 

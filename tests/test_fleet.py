@@ -109,3 +109,27 @@ def test_a_burst_of_requests_is_taken_a_bounded_number_per_loop_turn(tmp_path, m
     s.stop("test")
     assert s.stopped.wait(30)
     assert max(per_turn) == srv.INBOX_TURN and sum(per_turn) + ops[0] >= n
+
+
+@pytest.mark.timeout(120)
+def test_idle_workers_ping_and_the_manager_does_not_ping_them_too(tmp_path):
+    """An idle worker pings after the keepalive interval without a message; the manager answers.
+    It used to ping the same workers at the same moment (both answered): twice the traffic an
+    idle fleet needs.  Observed over several intervals (idleness is the behaviour under test)."""
+    import time
+    m = vinehpc.Manager(port=0, host="127.0.0.1", run_dir=str(tmp_path / "run"), keepalive_interval=0.5,
+                        keepalive_timeout=20)
+    fleet = None
+    try:
+        fleet = fleet_sim.Fleet(("127.0.0.1", m.port), m.secret_file, 20)
+        fleet.connect()
+        assert m.wait_for_workers(20, timeout=60) == 20
+        time.sleep(4.0)
+        rep = fleet.report()
+        assert m.wait_for_workers(20, timeout=0) == 20       # nobody lost
+    finally:
+        m.close()
+        if fleet is not None:
+            fleet.close()
+    assert rep["pings"] >= 20 * 3, rep
+    assert rep.get("pinged by the manager", 0) <= rep["pings"] // 4, rep

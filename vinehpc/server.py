@@ -742,7 +742,10 @@ class Server:
                 continue
             if now - p.last_recv > self.ka_timeout:
                 self._drop(p, "no message for %.0f s (keepalive timeout)" % (now - p.last_recv))
-            elif now - p.last_recv > self.ka_interval and now - p.last_send > self.ka_interval / 2:
+            elif now - p.last_recv > 2 * self.ka_interval and now - p.last_send > self.ka_interval / 2:
+                # a worker pings after ka_interval without hearing from us: a live idle one has
+                # spoken by now.  Asking at ka_interval too made both sides ping at once and both
+                # answer: twice the messages an idle fleet needs (a thousand a second at 5,000)
                 p.conn.send("ping")
                 self.dirty.add(p)
         if self.stopping and now > getattr(self, "_stop_deadline", now):
