@@ -97,16 +97,16 @@ class Engine:
         self.sel = selectors.DefaultSelector()
         modes = ["disconnect"] * disconnect + ["slow"] * slow
         self.workers = [SimWorker(i, modes[i] if i < len(modes) else None, cores) for i in range(n)]
-        self.timers = []          # heap of (due, seq, worker, its connection, tid or None (a slow reader's pause), wants_start, is_python, wall)
+        # heap of (due, seq, worker, its connection, tid or None: a slow reader's pause, wants_start,
+        # is_python, wall)
+        self.timers = []
         self.seq = 0
         self.retry = collections.deque()   # workers to connect again: (due, i), in due order
         self.c = collections.Counter()    # figures: tasks, results, killed, lost, retries, joined...
         self.dirty = set()
-        self.connected = False
 
     # ---------------------------------------------------------------- connections
     def connect_all(self):
-        self.connected = True
         for w in self.workers:
             self._connect(w)
 
