@@ -270,7 +270,8 @@ def main(script, argv, settings, *, workers_per_node=None, cores_per_worker=None
             print("vinehpc pilot: " + err, file=sys.stderr)
             return 2
         from vinehpc.protocol import auth
-        lsock = socket.create_server(("", port), backlog=1024)
+        from vinehpc.server import BACKLOG      # every rank's worker connects in the same second
+        lsock = socket.create_server(("", port), backlog=BACKLOG)
         port = lsock.getsockname()[1]
         contact = "%s:%d" % (contact_host(settings), port)
         # all ranks on this host: they meet on loopback; the contact file has the routable address

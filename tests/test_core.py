@@ -388,6 +388,125 @@ def test_tasks_of_a_shape_that_fit_nowhere_are_tried_once_per_pass(sim, monkeypa
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("policy", ["files", "fcfs"])
+def test_a_dispatch_tries_a_bounded_number_of_workers_whatever_the_fleet(monkeypatch, policy):
+    """Issue 15: each dispatch tried every worker with room (and the policy looked at each), so
+    per-task work grew with the fleet.  Workers are indexed by load: the same tasks cost the same
+    number of fit checks among 100 workers as among 2,000 (least loaded first, so one each)."""
+    counts = {}
+    for n in (100, 2000):
+        sim = Sim(policy)
+        for wid in range(1, n + 1):
+            sim.join(wid, cores=4, host="h%d" % wid)
+        tasks = [sim.submit(new_task()) for _ in range(200)]
+        calls = _count_fits(monkeypatch)
+        sim.take()
+        got = dispatched(sim.pass_())
+        assert len(got) == 200
+        for (wid, tid), t in zip(got[:50], tasks):      # and finishing some moves the next ones there
+            sim.ok(wid, t)
+        more = [sim.submit(new_task()) for _ in range(50)]
+        sim.take()
+        again = dispatched(sim.pass_())
+        assert sorted(tid for _, tid in again) == sorted(t.id for t in more)
+        counts[n] = len(calls)
+    assert counts[2000] == counts[100] == 250
+
+
+def test_a_queued_task_costs_the_core_little_memory():
+    """Issue 15: a million queued tasks, at most 1 KB each of manager memory.  The core's share
+    (its TaskState, resources, queue and table entries) counted by tracemalloc: each queued task
+    carried two empty sets of its own (432 bytes) besides; now about 500 bytes in all."""
+    import gc
+    import tracemalloc
+    core = Core()
+    tasks = []
+    for i in range(5000):
+        t = new_task("echo %d" % i)
+        t.id, t.state = 10 ** 7 + i, "submitted"
+        tasks.append((t, input_names(t)))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for t, inputs in tasks:
+            core.handle(Submit(t, inputs), 0.0)
+        gc.collect()
+        per_task = (tracemalloc.get_traced_memory()[0] - before) / len(tasks)
+    finally:
+        tracemalloc.stop()
+    assert len(core.ready) == 5000
+    assert per_task < 650, per_task
+
+
+def test_files_looks_at_the_workers_holding_the_inputs_not_at_every_worker(monkeypatch, infile):
+    """The "files" policy with inputs: the workers holding them come from the index of where each
+    cached file is; the others are not tried (the least loaded one only when no holder fits)."""
+    sim = Sim("files")
+    f = infile()
+    for wid in range(1, 2001):
+        sim.join(wid, cores=1, host="h%d" % wid, cached=[f.cachename()] if wid in (700, 1500) else [])
+    calls = _count_fits(monkeypatch)
+    a, b, c = (sim.submit(new_task().add_input(f, "in")) for _ in range(3))
+    assert dispatched(sim.take() + sim.pass_()) == [(700, a.id), (1500, b.id), (1, c.id)]
+    assert len(calls) <= 2 + 2 + 3       # the two holders each time, then the least loaded
+    sim(WorkerLost(700, "gone"))
+    assert sim.core.where[f.cachename()] == {1, 1500}    # worker 1 got it with task c; 700 left the index
+
+
+@pytest.mark.parametrize("policy", ["files", "fcfs"])
+def test_the_load_index_chooses_as_the_policy_over_every_candidate(policy):
+    """The indexes (workers by load, where each cached file is) find the very worker choose() would
+    among all candidates (the most input bytes held, then the fewest outstanding, the first joined
+    among equals), through joins, losses, results, inputs, bigger tasks and prefetch."""
+    import random
+    from vinehpc.file import Buffer
+
+    inputs = [Buffer(b"input %d" % i, cache="workflow") for i in range(6)]
+
+    class Blind(type(Sim(policy).core.policy)):
+        least_loaded = None                 # no index: choose() over the full candidate list
+        prefers_holders = False
+
+    def play(sim):
+        rnd = random.Random(7)
+        running, out = {}, []
+        wids = iter(range(1, 10 ** 6))
+        for step in range(400):
+            r = rnd.random()
+            if r < 0.05:
+                sim.join(next(wids), cores=rnd.choice([1, 2, 4]), memory=rnd.choice([500, 1000]))
+            elif r < 0.07 and sim.core.workers:
+                wid = rnd.choice(sorted(sim.core.workers))
+                sim(WorkerLost(wid, "gone"), step)
+                running = {t: w for t, w in running.items() if w != wid}
+            elif r < 0.5:
+                mem = rnd.choice([None, 300, 600])
+                t = new_task(cores=rnd.choice([1, 1, 1, 2]), **({"memory": mem} if mem else {}))
+                for f in rnd.sample(inputs, rnd.choice([0, 0, 1, 2])):
+                    t.add_input(f, "in%d" % inputs.index(f))
+                sim.submit(t, step)
+            elif running:
+                tid = rnd.choice(sorted(running))
+                sim.ok(running.pop(tid), type("T", (), {"id": tid})(), step, wall=rnd.choice([0.001, 0.2]))
+            got = dispatched(sim.take() + sim.pass_(step))
+            running.update((tid, wid) for wid, tid in got)
+            out.append(got)
+        return out
+
+    global _ids
+    first = _ids
+    _ids = itertools.count(10 ** 6)
+    fast = play(Sim(policy))
+    _ids = itertools.count(10 ** 6)
+    blind = Sim(policy)
+    blind.core.policy = Blind()
+    slow = play(blind)
+    _ids = first
+    assert sum(map(len, fast)) > 100
+    assert fast == slow
+
+
 def test_a_pinned_task_runs_only_on_its_worker_and_fails_when_it_is_gone(sim):
     sim.join(1)
     sim.join(2, host="h2")

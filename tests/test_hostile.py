@@ -407,3 +407,25 @@ def test_admission_closes_the_oldest_stranger_and_sums_up_its_logging():
     assert a.should_log("again", 111.0)
     a.pause(200.0)
     assert not a.resume_due(200.5) and a.resume_due(200.0 + admission.ACCEPT_PAUSE) and a.paused_until is None
+
+
+def test_admission_holds_accept_while_the_handshakes_in_progress_are_young():
+    """Thousands of workers connecting at once: beyond MAX_UNAUTHENTICATED handshakes, accept() waits
+    (the rest stay in the listen backlog) instead of closing workers that had no time to answer; a
+    handshake that ends opens the door again, and so does EVICT_AFTER without any ending (strangers
+    hold the slots): then the oldest is closed for a newer one."""
+    from vinehpc import admission
+    a = admission.Admission(cap=10 ** 6)
+    for p in range(admission.MAX_UNAUTHENTICATED):
+        assert a.handshake_room(10.0)
+        assert a.arrived(p, 10.0) is None
+    assert not a.handshake_room(10.5) and a.held
+    assert not a.may_listen(10.9)
+    a.authenticated(3, 10.9)
+    assert a.may_listen(10.9) and not a.held          # a slot freed
+    assert a.arrived(100, 10.9) is None
+    assert not a.handshake_room(10.95)
+    assert not a.may_listen(10.0 + admission.EVICT_AFTER)   # the oldest is old, but handshakes are ending
+    t = 10.9 + admission.EVICT_AFTER
+    assert a.may_listen(t)                            # none ended for that long: strangers; close the oldest
+    assert a.arrived(101, t) == 0

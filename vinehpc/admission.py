@@ -6,8 +6,14 @@ listening socket writing a warning each turn, and finished tasks' outputs cannot
 So the server (server.py) asks here:
 
 - at most MAX_UNAUTHENTICATED connections wait in their handshake; a newer one closes the
-  oldest (a real worker answers within a round trip, an idle stranger never does: closing the
-  oldest keeps the door open for workers, where refusing the newest would let strangers hold it);
+  oldest once that one had EVICT_AFTER seconds to answer and no handshake ended for as long (a
+  real worker answers within a round trip, an idle stranger never does: closing the oldest keeps
+  the door open for workers, where refusing the newest would let strangers hold it).  Otherwise
+  accept() waits (the listening sockets leave the selector until a handshake ends or that time
+  passes): the rest of a pilot's thousands of ranks connecting in the same second stay in the
+  kernel's listen backlog instead of being accepted and closed at once by the next ones (each
+  would reconnect: a storm), and while handshakes keep ending -- workers, not strangers, hold
+  the slots -- none is closed for being slow on a loaded node;
 - all connections together stay FD_RESERVE descriptors below the open-file limit, so outputs,
   fetched files and the journal can always be opened;
 - when accept() fails for lack of descriptors (EMFILE, ENFILE...) or the cap is reached, the
@@ -21,6 +27,7 @@ import collections
 import resource
 
 MAX_UNAUTHENTICATED = 64
+EVICT_AFTER = 1.0         # seconds without a handshake ending before the oldest may be closed for a newer one
 FD_RESERVE = 64
 ACCEPT_PAUSE = 1.0
 LOG_BURST = 10
@@ -38,7 +45,9 @@ def connection_cap() -> int:
 class Admission:
     def __init__(self, cap: int | None = None):
         self.cap = connection_cap() if cap is None else cap
-        self.waiting = collections.OrderedDict()     # peers in their handshake, oldest first
+        self.waiting = collections.OrderedDict()     # peers in their handshake -> arrival, oldest first
+        self.held = False                            # accept() waits for a handshake to end or age
+        self.last_done = float("-inf")               # when a handshake last ended (authenticated)
         self.paused_until = None                     # accept() is off until then (monotonic)
         self.logged = 0                              # strangers' closes logged in this interval
         self.unlogged = collections.Counter()        # reason -> closes not logged in this interval
@@ -49,16 +58,40 @@ class Admission:
         """May one more connection be accepted now?"""
         return n_connections < self.cap
 
-    def arrived(self, peer):
+    def handshake_room(self, now: float) -> bool:
+        """May one more connection start its handshake now?  No while MAX_UNAUTHENTICATED are in
+        theirs, unless the oldest had EVICT_AFTER seconds and no handshake ended in that time
+        (`held`: may_listen says when to try again)."""
+        if len(self.waiting) < MAX_UNAUTHENTICATED:
+            return True
+        if next(iter(self.waiting.values())) <= now - EVICT_AFTER and self.last_done <= now - EVICT_AFTER:
+            return True         # nobody answers: strangers hold the slots, close the oldest
+        self.held = True
+        return False
+
+    def may_listen(self, now: float) -> bool:
+        """Should the listening sockets be in the selector again (a pause over; a handshake
+        ended or aged while accept() was held)?"""
+        if self.paused_until is not None and not self.resume_due(now):
+            return False
+        if self.held:
+            if not self.handshake_room(now):
+                return False
+            self.held = False
+        return True
+
+    def arrived(self, peer, now: float = 0.0):
         """A connection was accepted; returns the peer to close to make room for it, or None."""
-        self.waiting[peer] = None
+        self.waiting[peer] = now
         if len(self.waiting) > MAX_UNAUTHENTICATED:
             oldest, _ = self.waiting.popitem(last=False)
             return oldest
         return None
 
-    def authenticated(self, peer) -> None:
+    def authenticated(self, peer, now: float | None = None) -> None:
         self.waiting.pop(peer, None)
+        if now is not None:
+            self.last_done = now
 
     def gone(self, peer) -> None:
         self.waiting.pop(peer, None)

@@ -23,7 +23,7 @@ from .resume import Resume, task_key
 from .protocol import auth, tls
 from .patterns import PatternsMixin
 from .serverless import LibraryMixin
-from .server import Server
+from .server import BACKLOG, Server
 from .status import Stats, write_final
 from .task import PythonTask, Resumable, Task
 from .taskvine_api import TaskVineAPI, _check_name
@@ -575,7 +575,7 @@ def _listen(host: str, ports: list) -> socket.socket:
     """A listening socket on the first port of `ports` that is free (the last error if none is)."""
     for i, p in enumerate(ports):
         try:
-            return socket.create_server((host, p), backlog=512)
+            return socket.create_server((host, p), backlog=BACKLOG)
         except OSError:
             if i + 1 == len(ports):
                 raise

@@ -31,6 +31,13 @@ from .protocol.names import check_cachename
 
 log = logging.getLogger("vinehpc.manager")
 HANDSHAKE_TIMEOUT = 10.0
+# connections waiting for accept(): a pilot's ranks all connect in the same second, and those
+# beyond the backlog are dropped by the kernel and retried by their SYN timer (1 s, 3 s, 7 s...).
+# The kernel caps it at net.core.somaxconn.
+BACKLOG = 4096
+# user requests (submits...) taken per loop turn: a script submitting a million tasks must not keep
+# the thread from its sockets (keepalives, results) and its journal for the whole burst
+INBOX_TURN = 4096
 STATUS_IDLE = 60.0          # a status client that asks nothing for this long is closed
 
 
@@ -79,7 +86,7 @@ class Server:
         self.ka_interval = keepalive_interval
         self.ka_timeout = keepalive_timeout
         self.own_lsock = sock is None or own_sock
-        self.lsock = socket.create_server((host, port), backlog=512) if sock is None else sock
+        self.lsock = socket.create_server((host, port), backlog=BACKLOG) if sock is None else sock
         self.lsock.setblocking(False)
         self.final_exit = final_exit
         self.resume = resume
@@ -93,9 +100,10 @@ class Server:
         self.sel = selectors.DefaultSelector()
         self.also = also
         self.listening = [self.lsock] + ([also] if also is not None else [])
+        self.accepting = False        # the listening sockets are in the selector
         for ls in self.listening:
             ls.setblocking(False)
-            self.sel.register(ls, selectors.EVENT_READ, "accept")
+        self._listen(True)
         self.admission = Admission()   # caps on strangers and connections, pauses, rate-limited logging
         self._wr, self._ww = socket.socketpair()
         self._wr.setblocking(False)
@@ -149,7 +157,7 @@ class Server:
         try:
             next_timer = time.monotonic() + 1.0
             while True:
-                timeout = max(0.0, next_timer - time.monotonic())
+                timeout = 0.0 if self.inbox else max(0.0, next_timer - time.monotonic())
                 for key, ev in self.sel.select(timeout):
                     what = key.data
                     if what == "accept":
@@ -169,7 +177,7 @@ class Server:
                             self.dirty.add(what)
                 self._woken = False
                 now = time.monotonic()
-                while self.inbox:
+                for _ in range(min(len(self.inbox), INBOX_TURN)):
                     self._op(self.inbox.popleft(), now)
                 if now >= next_timer:
                     self._timers(now)
@@ -271,6 +279,8 @@ class Server:
             if not self.admission.room(len(self.all)):
                 return self._pause_accept(now, "%d connections, the most that leaves descriptors for outputs"
                                           % len(self.all))
+            if not self.admission.handshake_room(now):
+                return self._listen(False)      # the rest wait in the backlog (_handshake, _timers: again)
             try:
                 sock, addr = lsock.accept()
             except (BlockingIOError, InterruptedError):
@@ -296,18 +306,31 @@ class Server:
             else:
                 p.conn.send_bytes(p.hs.hello())
                 self.dirty.add(p)
-            oldest = self.admission.arrived(p)
+            oldest = self.admission.arrived(p, now)
             if oldest is not None:
                 self._drop(oldest, "no handshake before %d newer connections came" % MAX_UNAUTHENTICATED)
 
     def _pause_accept(self, now, why):
         """Leave the listening sockets out of the selector for a moment (_timers puts them back)."""
-        if self.admission.paused_until is None:
-            for ls in self.listening:
-                self.sel.unregister(ls)
+        self._listen(False)
         self.admission.pause(now)
         if self.admission.should_log(why, now):
             log.warning("not accepting connections for a moment: %s", why)
+
+    def _listen(self, on):
+        """Put the listening sockets in the selector, or take them out (accept() held or paused)."""
+        if on != self.accepting:
+            self.accepting = on
+            for ls in self.listening:
+                if on:
+                    self.sel.register(ls, selectors.EVENT_READ, "accept")
+                else:
+                    self.sel.unregister(ls)
+
+    def _handshake_ended(self):
+        """A connection left its handshake: a connection held in the backlog may start its own."""
+        if not self.accepting and self.admission.held and self.admission.may_listen(time.monotonic()):
+            self._listen(True)
 
     def _drop(self, p, reason, rejected=False):
         if p not in self.all:
@@ -345,6 +368,7 @@ class Server:
         """Close a connection and forget it, and nothing more (_drop also tells the core; a
         connection that ends while the manager stops needs no worker lost, nothing requeued)."""
         self.admission.gone(p)
+        self._handshake_ended()
         self.all.discard(p)
         self.dirty.discard(p)
         try:
@@ -422,7 +446,8 @@ class Server:
         except handshake.AuthFailed as e:
             self._drop(p, str(e), rejected=True)
             return []
-        self.admission.authenticated(p)
+        self.admission.authenticated(p, time.monotonic())
+        self._handshake_ended()
         if p.hs.roles is handshake.STATUS:
             p.conn.send_bytes(p.hs.welcome())
             p.state = "status"
@@ -738,9 +763,8 @@ class Server:
         self.status.tick(int(time.time()))
         if self.want_snapshot:
             self.snapshot = self.status_snapshot()
-        if self.admission.resume_due(now):
-            for ls in self.listening:
-                self.sel.register(ls, selectors.EVENT_READ, "accept")
+        if not self.accepting and self.admission.may_listen(now):
+            self._listen(True)
         said = self.admission.summary(now)
         if said is not None:
             self.record({"event": "connections closed", "count": said[0], "reasons": said[1]})
@@ -757,7 +781,10 @@ class Server:
                 continue
             if now - p.last_recv > self.ka_timeout:
                 self._drop(p, "no message for %.0f s (keepalive timeout)" % (now - p.last_recv))
-            elif now - p.last_recv > self.ka_interval and now - p.last_send > self.ka_interval / 2:
+            elif now - p.last_recv > 2 * self.ka_interval and now - p.last_send > self.ka_interval / 2:
+                # a worker pings after ka_interval without hearing from us: a live idle one has
+                # spoken by now.  Asking at ka_interval too made both sides ping at once and both
+                # answer: twice the messages an idle fleet needs (a thousand a second at 5,000)
                 p.conn.send("ping")
                 self.dirty.add(p)
         if self.stopping and now > getattr(self, "_stop_deadline", now):

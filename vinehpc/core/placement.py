@@ -5,6 +5,8 @@ core's events there, placement here.  Only Core.handle calls them (a Schedule ev
 """
 from __future__ import annotations
 
+import heapq
+
 from ..protocol.messages import start_reported
 from .commands import GetFile, PutFile, SendFunction, SendTask, TaskStarted
 from .tasks import transition
@@ -52,6 +54,83 @@ def _fits(w, ts, factor):
     return True
 
 
+# ---------------------------------------------------------------- the index of workers with room
+# A heap of (outstanding, join order, wid) over the workers with room (committed cores below their
+# cores times the largest prefetch factor, `core.top`): a dispatch finds the least loaded worker that
+# fits in O(log N) instead of trying every worker (issue 15: per-task work that grew with the fleet).
+# Entries are never removed: one whose key is not its worker's `hkey` any more is stale and skipped.
+
+def touch(core, w):
+    """Worker w's load or room changed (a dispatch, a release, it joined): its place in the index."""
+    if w.committed["cores"] < w.total["cores"] * core.top:
+        key = (w.outstanding, w.order)
+        if w.hkey != key:
+            w.hkey = key
+            heapq.heappush(core.open, (w.outstanding, w.order, w.wid))
+            if len(core.open) > 2 * len(core.workers) + 64:
+                _reindex(core)          # stale entries piled up: O(N) once per O(N) changes
+    else:
+        w.hkey = None
+
+
+def _reindex(core):
+    core.open = []
+    for w in core.workers.values():
+        w.hkey = None
+        touch(core, w)
+
+
+def _any_open(core) -> bool:
+    """Is some worker in the index (stale entries at its top dropped)?"""
+    heap, workers = core.open, core.workers
+    while heap:
+        o, order, wid = heap[0]
+        w = workers.get(wid)
+        if w is not None and w.hkey == (o, order):
+            return True
+        heapq.heappop(heap)
+    return False
+
+
+def _least_loaded_fit(core, ts, factor, keep, now):
+    """The worker a least-loaded policy would choose among all those that fit ts: the fewest
+    outstanding tasks, the first joined among equals (FCFS's and "files"' choice without inputs)."""
+    heap, workers = core.open, core.workers
+    looked = []
+    found = None
+    while heap:
+        e = heapq.heappop(heap)
+        w = workers.get(e[2])
+        if w is None or w.hkey != (e[0], e[1]):
+            continue            # stale
+        looked.append(e)
+        if w.wid != keep and _fits(w, ts, factor) and not core.blocked(w, now):
+            found = w
+            break
+    for e in looked:
+        heapq.heappush(heap, e)
+    return found
+
+
+def _holding_fit(core, ts, factor, keep, now) -> list:
+    """The workers with room that hold some input of ts and fit it, in join order: under a policy
+    that `prefers_holders`, its choice is among them when there are any (O(holders), not O(N))."""
+    workers, where = core.workers, core.where
+    seen = set()
+    out = []
+    for n in ts.inputs:
+        for wid in where.get(n[0], ()):
+            if wid in seen:
+                continue
+            seen.add(wid)
+            w = workers.get(wid)
+            if (w is not None and w.hkey is not None and wid != keep and _fits(w, ts, factor)
+                    and not core.blocked(w, now)):
+                out.append(w)
+    out.sort(key=lambda w: w.order)
+    return out
+
+
 def fits_empty(w, ts) -> bool:
     r = ts.res
     return all(not r[k] or r[k] <= w.total[k] for k in RES)
@@ -63,9 +142,14 @@ def schedule(core, now) -> int:
         return 0
     blocked = core.blocked
     top = _top_factor(core)
-    free = [w for w in core.workers.values() if w.committed["cores"] < w.total["cores"] * top and not blocked(w, now)]
-    if not free:
+    if top != core.top:
+        core.top = top
+        _reindex(core)
+    if not _any_open(core):
         return 0
+    free = None          # the open workers in join order, made only for a task that needs them all
+    least = getattr(core.policy, "least_loaded", None)
+    holding = getattr(core.policy, "prefers_holders", False)
     n = 0
     skipped = []
     scanned = 0
@@ -77,7 +161,7 @@ def schedule(core, now) -> int:
     # behind full workers was tried task by task on every loop turn).
     misses = {}
     tasks = core.tasks
-    while core.ready and free and scanned < SCAN_LIMIT:
+    while core.ready and scanned < SCAN_LIMIT and _any_open(core):
         tid = core.ready.popleft()
         ts = tasks.get(tid)
         if ts is None or ts.state != "ready":
@@ -101,8 +185,20 @@ def schedule(core, now) -> int:
             r = ts.res
             shape = (task.category, r["cores"], r["memory"], r["disk"], r["gpus"], tuple(ts.whole))
         too_big = misses.get(shape)
-        if too_big is None:
+        if too_big is None and shape is not None and (least is not None and least(ts) or holding):
+            # the policy takes the least loaded worker with room (the first that fits in load
+            # order), or one holding some of the task's inputs (found through the index of files)
             factor = _factor(core, task.category)
+            cands = _holding_fit(core, ts, factor, keep, now) if holding and ts.inputs else ()
+            if not cands:
+                w = _least_loaded_fit(core, ts, factor, keep, now)
+                cands = [w] if w is not None else []
+            if not cands:
+                too_big = misses[shape] = not any(fits_empty(w, ts) for w in core.workers.values())
+        elif too_big is None:
+            factor = _factor(core, task.category)
+            if free is None:
+                free = [w for w in core.workers.values() if w.hkey is not None and not blocked(w, now)]
             cands = [w for w in free if (w.wid != keep or tid == core.reserved[1]) and _fits(w, ts, factor)]
             if ts.avoid is not None and len(cands) > 1:
                 cands = [w for w in cands if w.wid != ts.avoid] or cands   # elsewhere, if anywhere else
@@ -134,7 +230,7 @@ def schedule(core, now) -> int:
                     if keep is not None:
                         misses.clear()      # that worker is now closed to the others
             continue
-        w = core.policy.choose(ts, cands)
+        w = cands[0] if len(cands) == 1 else core.policy.choose(ts, cands)
         _dispatch(core, ts, w, now)
         ts.passed_since = None
         for t in skipped[passed:]:   # a task behind them started: they were passed over
@@ -146,7 +242,7 @@ def schedule(core, now) -> int:
             core.reserved = keep = None
             misses.clear()                  # the kept worker is open to every task again
         n += 1
-        if w.committed["cores"] >= w.total["cores"] * top:
+        if free is not None and w.hkey is None:
             free.remove(w)
     if skipped:
         core.ready.extendleft(reversed(skipped))
@@ -273,6 +369,7 @@ def _dispatch(core, ts, w, now):
         if ts.res[k] and w.committed[k] + ts.res[k] > w.total[k]:
             room = False
         w.committed[k] += ts.res[k]
+    touch(core, w)
     spec = task_message(task, ts, not room and short(core, task.category))
     out.append(SendTask(w.wid, task.id, spec, task._abytes, task.outputs))
     if ts.on_start is not None:

@@ -16,8 +16,8 @@ from ..scheduler import make as make_policy
 from . import events as ev
 from .categories import LEARNED, Category
 from .commands import DropFunction, Drained, KillTask, Log, ResolveFile, TaskFinished, UnlinkFile
-from .placement import schedule
-from .tasks import TaskState, transition
+from .placement import schedule, touch
+from .tasks import EMPTY, TaskState, transition
 from .workers import RES, Blocklist, WorkerState
 
 
@@ -62,6 +62,10 @@ class Core:
         self.slow_counts = collections.Counter()      # worker -> tasks fast-aborted there
         self.unproduced = {}               # temp cachename -> why its producer failed
         self.reserved = None               # (wid, tid): a worker kept for a task no worker had room for
+        self.open = []                     # heap of workers with room (placement.touch), by load
+        self.where = {}                    # cache name -> wids whose cache holds it (workers.Cached)
+        self.top = 1                       # the prefetch factor the index was made with
+        self.joins = 0
         self.counts = collections.Counter()
         self.n_running = 0
         self.drain_deadline = None         # set by Drain: dispatch stopped, running tasks get until then
@@ -134,15 +138,17 @@ class Core:
         task = ts.task
         cat = self.category(task.category)
         res = task_resources(task)
-        ts.whole = set()
+        ts.whole = EMPTY
         if cat.mode != "fixed":
             alloc = cat.allocation({k: task.resources[k] for k in LEARNED})
+            whole = set()
             for k in LEARNED:
                 if alloc[k] is None:
-                    ts.whole.add(k)           # no guess yet: a whole worker's worth
+                    whole.add(k)              # no guess yet: a whole worker's worth
                     res[k] = 0
                 else:
                     res[k] = int(alloc[k])
+            ts.whole = whole or EMPTY
         ts.res = res
 
     def _grow(self, ts, exhausted, used) -> bool:
@@ -154,7 +160,8 @@ class Core:
         if bigger is None or bigger > self._largest(exhausted):
             return False
         ts.res[exhausted] = int(bigger)
-        ts.whole.discard(exhausted)
+        if exhausted in ts.whole:         # (only a task's own set holds anything)
+            ts.whole.discard(exhausted)
         ts.grown = True
         return True
 
@@ -183,6 +190,7 @@ class Core:
         w.outstanding -= 1
         for k in RES:
             w.committed[k] -= ts.res[k]
+        touch(self, w)
 
     # ------------------------------------------------------------------ user events
     def _submit(self, e, now, front=False):
@@ -322,7 +330,10 @@ class Core:
 
     # ------------------------------------------------------------------ worker events
     def _worker_joined(self, e, now):
-        w = self.workers[e.wid] = WorkerState(e.wid, e.info)
+        w = self.workers[e.wid] = WorkerState(e.wid, e.info, self.where)
+        self.joins += 1
+        w.order = self.joins
+        touch(self, w)
         for n in w.cached:
             if n.startswith("temp-"):
                 self.replicas[n].add(e.wid)
@@ -348,11 +359,12 @@ class Core:
                 s.discard(wid)
                 if not s:
                     del self.replicas[n]
+        w.cached.clear()       # out of the index of where files are
         requeue = [self.tasks[t] for t in sorted(w.tasks) if t in self.tasks]
         for ts in reversed(requeue):   # keep their order at the front of the queue
             cores = ts.res["cores"]        # before the requeue forgets a whole worker's worth
             self._release(ts)
-            ts.lost_with.add(wid)
+            ts.lost_with = ts.lost_with | {wid}
             if len(ts.lost_with) >= self.max_worker_losses > 0:
                 # a task that kills its worker (a kill of its parent, the OOM killer) would take
                 # every worker in turn: as Dask's allowed-failures, it fails instead

@@ -22,6 +22,11 @@ TRANSITIONS = {
 }
 
 
+# shared by every task that has none (most): two empty sets per queued task were a third of the
+# core's memory for a million queued tasks (issue 15); a task that needs one gets its own set
+EMPTY = frozenset()
+
+
 class InvalidTransition(RuntimeError):
     pass
 
@@ -37,7 +42,7 @@ class TaskState:
         self.state = "new"
         self.wid = None              # the worker it runs on
         self.res = res               # what its current (or next) attempt gets: cores, memory, disk, gpus
-        self.whole = set()           # resources it gets a whole worker's worth of (no learnt guess yet)
+        self.whole = EMPTY           # resources it gets a whole worker's worth of (no learnt guess yet)
         self.alloc_version = None    # the category version `res` was decided at (decided again as it learns)
         self.grown = False           # res was enlarged after an exhaustion: kept, not decided again
         self.tries = 0               # failed attempts spent of task.retries
@@ -52,7 +57,7 @@ class TaskState:
         self.on_start = on_start
         self.on_done = on_done
         self.attempts = 0
-        self.lost_with = set()       # workers lost while it ran there (a poison task kills each it runs on)
+        self.lost_with = EMPTY       # workers lost while it ran there (a poison task kills each it runs on)
         self.worker = self.host = self.addr = None    # where its last result came from (addr: host:port)
         self.exit_code = self.stdout = self.wall = self.measured = self.output = None
 

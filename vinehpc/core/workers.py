@@ -6,21 +6,65 @@ import collections
 from ..protocol.messages import RES   # defined once, for both sides
 
 
+class Cached(set):
+    """A worker's cached files that keep the core's index of where each file is (`where`: cache
+    name -> ids of the workers holding it) as they change, so the "files" policy looks at the
+    workers holding a task's inputs instead of at every worker."""
+    __slots__ = ("where", "wid")
+
+    def __init__(self, names, where, wid):
+        super().__init__(names)
+        self.where, self.wid = where, wid
+        for n in self:
+            where.setdefault(n, set()).add(wid)
+
+    def add(self, n):
+        set.add(self, n)
+        self.where.setdefault(n, set()).add(self.wid)
+
+    def discard(self, n):
+        set.discard(self, n)
+        s = self.where.get(n)
+        if s is not None:
+            s.discard(self.wid)
+            if not s:
+                del self.where[n]
+
+    def remove(self, n):
+        if n not in self:
+            raise KeyError(n)
+        self.discard(n)
+
+    def update(self, *names):
+        for it in names:
+            for n in it:
+                self.add(n)
+
+    def clear(self):
+        """Out of the index too (the worker is gone)."""
+        for n in list(self):
+            self.discard(n)
+
+
 class WorkerState:
     __slots__ = ("wid", "host", "total", "committed", "tasks", "cached", "fns",
-                 "outstanding", "info", "warned")
+                 "outstanding", "info", "warned", "order", "hkey")
 
-    def __init__(self, wid, info):
+    def __init__(self, wid, info, where=None):
+        """`where`: the core's index of cached files (Cached); None: a plain set."""
         self.wid = wid
         self.info = info
         self.host = info.get("host", "?")
         self.total = {k: int(info.get(k) or 0) for k in RES}
         self.committed = dict.fromkeys(RES, 0)
         self.tasks = set()
-        self.cached = set(info.get("cached") or ())
+        names = info.get("cached") or ()
+        self.cached = set(names) if where is None else Cached(names, where, wid)
         self.fns = set()
         self.outstanding = 0
         self.warned = False
+        self.order = wid          # join order, set by the core (ties in load go to the first joined)
+        self.hkey = None          # (outstanding, order) of its entry in the core's index of workers with room
 
     def __repr__(self):
         return "<worker %s %s %s>" % (self.wid, self.host, self.total)

@@ -4,6 +4,12 @@
 class FCFS:
     name = "fcfs"
 
+    @staticmethod
+    def least_loaded(ts) -> bool:
+        """choose() takes the least loaded candidate (first joined among equals) for this task: the
+        core then finds it in its index of workers by load without building the candidate list."""
+        return True
+
     def choose(self, task, candidates):
         best = None
         for w in candidates:

@@ -1,0 +1,234 @@
+"""One manager, thousands of simulated workers (issue 15): what grows with the fleet and the queue.
+
+    python benchmarks/fleet.py                          # N = 10, 100, 1000, 5000; 100,000 no-op tasks each
+    python benchmarks/fleet.py --workers 10,1000 --tasks 20000
+    python benchmarks/fleet.py --queue --queue-tasks 1000000 --workers 1000
+    python benchmarks/fleet.py --json
+
+A real `vinehpc.Manager` runs in this process (its I/O thread is the manager: its CPU is
+`Manager.manager_cpu_seconds`, its memory this process's RSS); the workers are simulated
+(benchmarks/fleet_sim.py: child processes, one socket per worker, the real handshake and framing).
+Per N, in one invocation (ratios within it: the 2-core machine is shared and noisy):
+
+- join_s: all N connect at once (one "connect" to the fleet processes) until the manager counts N;
+- idle_cpu_pct: the manager's CPU over --idle seconds with N joined workers and nothing to do
+  (keepalives only: the interval is --keepalive, 5 s by default as in vinehpc);
+- tasks_per_s: --tasks no-op command tasks, submitted then waited for, first submit to last wait;
+- mgr_ms_per_task: the manager thread's CPU over that run / tasks;
+- process_cpu_pct: this whole process's CPU over that run (manager thread + the user's submit and
+  wait: near 100 means the GIL, not the manager thread, bounds it); submit_s: the submit loop;
+- rss_mb: this process's RSS after it; wait_ms p50/p99: from the simulated worker sending a result
+  (its stdout carries CLOCK_MONOTONIC) to wait() returning it, for results sent after the last submit.
+
+--queue: --queue-tasks tasks (half command tasks, half PythonTasks with a small argument) submitted
+with no worker connected: submit rate of each kind, RSS per queued task beyond the Task objects the
+user holds, then the time to drain them through the first --workers value of simulated workers.
+
+Ends with one line per N, the largest last:
+FLEET workers=N tasks=M tasks_per_s=X ratio_to_10=Y mgr_ms_per_task=Z join_s=J idle_cpu_pct=I
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import psutil  # noqa: E402
+
+import vinehpc  # noqa: E402
+from fleet_sim import Fleet, raise_nofile  # noqa: E402
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2 ** 20
+
+
+def _pct(xs, q):
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def noop(x):
+    return x
+
+
+def open_fleet(tmp, n, a, **kw):
+    """A manager and a fleet of n simulated workers connecting at once; returns (m, fleet, join_s)."""
+    m = vinehpc.Manager(port=0, host="127.0.0.1", run_dir=os.path.join(tmp, "run-%d-%d" % (n, time.monotonic_ns())),
+                        keepalive_interval=a.keepalive)
+    fleet = Fleet(("127.0.0.1", m.port), m.secret_file, n, procs=a.procs or (1 if n < 1000 else 2),
+                  cores=a.cores, run=a.run, result_size=a.result_size, **kw)
+    t0 = time.monotonic()
+    fleet.connect()
+    joined = m.wait_for_workers(n, timeout=a.join_timeout)
+    join_s = time.monotonic() - t0
+    if joined < n:
+        print("only %d of %d workers joined within %.0f s" % (joined, n, a.join_timeout), file=sys.stderr)
+    return m, fleet, join_s
+
+
+def run_tasks(m, tasks, timeout):
+    """Submit `tasks` no-op tasks, wait for all; (seconds, cpu seconds, wait latencies)."""
+    cpu0 = m.manager_cpu_seconds
+    proc0 = psutil.Process().cpu_times()
+    t0 = time.monotonic()
+    for _ in range(tasks):
+        m.submit(vinehpc.Task(":"))
+    submitted = time.monotonic()
+    lat, got = [], 0
+    while got < tasks:
+        t = m.wait(timeout)
+        if t is None:
+            raise RuntimeError("no result for %.0f s (%d of %d back)" % (timeout, got, tasks))
+        got += 1
+        now = time.monotonic()
+        sent = float(t.std_output[:20]) if t.std_output else None
+        if sent is not None and sent >= submitted:
+            lat.append(now - sent)
+        if not t.successful():
+            raise RuntimeError("task %s: %s %s" % (t.id, t.result, t.reason))
+    dt = time.monotonic() - t0
+    proc = psutil.Process().cpu_times()
+    busy = (proc.user + proc.system - proc0.user - proc0.system) / dt
+    return dt, m.manager_cpu_seconds - cpu0, lat, {"submit_s": round(submitted - t0, 3), "process_cpu_pct": round(100 * busy, 1)}
+
+
+def measure(n, a, tmp) -> dict:
+    m, fleet, join_s = open_fleet(tmp, n, a, disconnect=a.disconnect, slow=a.slow)
+    try:
+        r = {"workers": n, "joined": m.wait_for_workers(n, timeout=0), "join_s": round(join_s, 3)}
+        rep = fleet.report()
+        r["join_retries"] = rep.get("retries", 0)
+        cpu0 = m.manager_cpu_seconds
+        time.sleep(a.idle)
+        r["idle_cpu_pct"] = round(100 * (m.manager_cpu_seconds - cpu0) / a.idle, 2)
+        dt, cpu, lat, more = run_tasks(m, a.tasks, a.timeout)
+        r.update(more)
+        r.update(tasks=a.tasks, seconds=round(dt, 3), tasks_per_s=round(a.tasks / dt, 1),
+                 mgr_ms_per_task=round(1000 * cpu / a.tasks, 4), rss_mb=round(rss_mb(), 1),
+                 wait_ms_p50=round(1000 * (_pct(lat, 0.5) or 0), 2), wait_ms_p99=round(1000 * (_pct(lat, 0.99) or 0), 2))
+        r["fleet"] = {k: v for k, v in fleet.report().items() if k in ("tasks", "results", "retries", "closed",
+                                                                         "connected", "cpu_s")}
+    finally:
+        m.close()
+        fleet.close()
+    return r
+
+
+def queue(a, tmp) -> dict:
+    """A million queued tasks: submit rate, manager memory per queued task, drain time."""
+    n = a.queue_tasks
+    half = n // 2
+    m = vinehpc.Manager(port=0, host="127.0.0.1", run_dir=os.path.join(tmp, "queue"), keepalive_interval=a.keepalive)
+    try:
+        base = rss_mb()
+        cmd = [vinehpc.Task("echo %d" % i) for i in range(half)]
+        py = [vinehpc.PythonTask(noop, i) for i in range(n - half)]
+        held = rss_mb()
+        t0 = time.monotonic()
+        for t in cmd:
+            m.submit(t)
+        t1 = time.monotonic()
+        for t in py:
+            m.submit(t)
+        t2 = time.monotonic()
+        deadline = time.monotonic() + a.timeout
+        while m.stats.submitted < n and time.monotonic() < deadline:     # the core has them all
+            time.sleep(0.2)
+        while True:                # one more loop turn: the turn that took them has flushed its journal
+            try:
+                m.manager_cpu_seconds
+                break
+            except TimeoutError:
+                pass
+        gc.collect()
+        queued = rss_mb()
+        r = {"queued": n, "submit_cmd_per_s": round(half / (t1 - t0), 1),
+             "submit_py_per_s": round((n - half) / (t2 - t1), 1),
+             "user_tasks_mb": round(held - base, 1), "manager_mb": round(queued - held, 1),
+             "manager_bytes_per_task": round((queued - held) * 2 ** 20 / n, 1)}
+        del cmd, py
+        w = a.workers[0] if a.workers[0] != 10 or len(a.workers) == 1 else a.workers[-1]
+        fleet = Fleet(("127.0.0.1", m.port), m.secret_file, w, procs=a.procs or 2, cores=a.cores, run=a.run)
+        try:
+            cpu0 = m.manager_cpu_seconds
+            t0 = time.monotonic()
+            fleet.connect()
+            for _ in range(n):
+                t = m.wait(a.timeout)
+                if t is None or not t.successful():
+                    raise RuntimeError("drain: %r" % (t and (t.id, t.result, t.reason)))
+            dt = time.monotonic() - t0
+            r.update(drain_workers=w, drain_s=round(dt, 1), drain_tasks_per_s=round(n / dt, 1),
+                     drain_mgr_ms_per_task=round(1000 * (m.manager_cpu_seconds - cpu0) / n, 4))
+        finally:
+            m.close()
+            fleet.close()
+    finally:
+        m.close()
+    return r
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Simulated fleet against one real manager (issue 15).")
+    ap.add_argument("--workers", default="10,100,1000,5000", help="comma-separated N (10 is added for ratio_to_10)")
+    ap.add_argument("--tasks", type=int, default=100000)
+    ap.add_argument("--cores", type=int, default=1, help="cores per simulated worker")
+    ap.add_argument("--run", default="0", help="a task's modelled time: 0, SECONDS, exp:MEAN, uniform:LOW:HIGH")
+    ap.add_argument("--result-size", type=int, default=0, help="bytes of stdout per result")
+    ap.add_argument("--disconnect", type=int, default=0, help="workers that send half their first result, then close")
+    ap.add_argument("--slow", type=int, default=0, help="workers that read 4 KiB a second")
+    ap.add_argument("--procs", type=int, default=0, help="fleet processes (default 1 below 1,000 workers, else 2)")
+    ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle fleet measured")
+    ap.add_argument("--keepalive", type=float, default=5.0, help="the manager's keepalive interval")
+    ap.add_argument("--join-timeout", type=float, default=60.0)
+    ap.add_argument("--timeout", type=float, default=120.0, help="longest wait for one result")
+    ap.add_argument("--queue", action="store_true", help="the queue measurement instead")
+    ap.add_argument("--queue-tasks", type=int, default=1000000)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the run directories")
+    a = ap.parse_args(argv)
+    a.workers = [int(x) for x in a.workers.split(",")]
+    raise_nofile(2 * max(a.workers) + 4096)     # the manager's sockets (and, in tests, the fleet's)
+    tmp = tempfile.mkdtemp(prefix="vinehpc-fleet-")
+    try:
+        if a.queue:
+            r = queue(a, tmp)
+            print(json.dumps(r) if a.json else "\n".join("%s: %s" % kv for kv in r.items()))
+            return 0
+        ns = a.workers if 10 in a.workers else [10] + a.workers
+        rows = []
+        for n in ns:
+            r = measure(n, a, tmp)
+            rows.append(r)
+            print("N=%(workers)d join %(join_s).2fs idle %(idle_cpu_pct).2f%% %(tasks_per_s).0f tasks/s "
+                  "%(mgr_ms_per_task).4f ms/task rss %(rss_mb).0f MB wait p50 %(wait_ms_p50).2f p99 %(wait_ms_p99).2f ms"
+                  % r, file=sys.stderr, flush=True)
+        base = next(r["tasks_per_s"] for r in rows if r["workers"] == 10)
+        for r in rows:
+            r["ratio_to_10"] = round(r["tasks_per_s"] / base, 3)
+        if a.json:
+            print(json.dumps(rows, indent=1))
+        for r in sorted(rows, key=lambda r: r["workers"]):
+            if r["workers"] in a.workers:
+                print("FLEET workers=%(workers)d tasks=%(tasks)d tasks_per_s=%(tasks_per_s).1f ratio_to_10=%(ratio_to_10).3f "
+                      "mgr_ms_per_task=%(mgr_ms_per_task).4f join_s=%(join_s).2f idle_cpu_pct=%(idle_cpu_pct).2f" % r,
+                      file=sys.stderr if a.json else sys.stdout)     # --json: stdout is one JSON document
+        return 0
+    finally:
+        if not a.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

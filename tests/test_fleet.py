@@ -1,0 +1,135 @@
+"""The simulated fleet (benchmarks/fleet_sim.py) against a real Manager: correctness at a few
+hundred workers, never timings (speed is benchmarks/fleet.py's).
+
+Every task comes back exactly once and successful, a task whose worker disconnects in the middle
+of its result is run again elsewhere, slow readers do not stop the others, and every worker of a
+fleet that connects at once is admitted without being closed and retried.
+"""
+import importlib.util
+import os
+
+import pytest
+
+import vinehpc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("fleet_sim", os.path.join(ROOT, "benchmarks", "fleet_sim.py"))
+fleet_sim = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fleet_sim)
+
+
+def _noop(x):
+    return x
+
+
+def _run(tmp_path, n, tasks, make, **kw):
+    fleet_sim.raise_nofile(2 * n + 1024)
+    m = vinehpc.Manager(port=0, host="127.0.0.1", run_dir=str(tmp_path / "run"))
+    fleet = None
+    try:
+        fleet = fleet_sim.Fleet(("127.0.0.1", m.port), m.secret_file, n, **kw)
+        fleet.connect()
+        joined = m.wait_for_workers(n, timeout=60)
+        ids = {m.submit(make(i)) for i in range(tasks)}
+        back = []
+        while len(back) < tasks:
+            t = m.wait(60)
+            assert t is not None, "%d of %d tasks came back" % (len(back), tasks)
+            back.append(t)
+        assert m.wait(0.5) is None            # nothing more: no task twice
+        report = fleet.report()
+    finally:
+        m.close()
+        if fleet is not None:
+            fleet.close()
+    return joined, ids, back, report
+
+
+@pytest.mark.timeout(180)
+def test_two_hundred_workers_every_result_once_losses_requeued(tmp_path):
+    """200 workers joining at once, 20,000 tasks; 5 workers disconnect in the middle of their first
+    result (the task is requeued and runs elsewhere), 3 read their socket slowly."""
+    joined, ids, back, rep = _run(tmp_path, 200, 20000, lambda i: vinehpc.Task(":"), disconnect=5, slow=3)
+    assert joined == 200
+    assert rep.get("retries", 0) == 0, rep        # none closed in its handshake and retried
+    assert sorted(t.id for t in back) == sorted(ids)
+    assert all(t.successful() for t in back), [(t.id, t.result, t.reason) for t in back if not t.successful()][:5]
+    assert rep["lost"] == 5
+    # each lost result's task ran again: at least one more attempt per disconnect, and every
+    # result the fleet sent in full was returned (none of the half ones)
+    assert sum(t.attempts - 1 for t in back) >= 5
+    assert rep["results"] == 20000
+    assert rep["connected"] == 200            # the 5 came back as well-behaved workers
+
+
+@pytest.mark.timeout(180)
+def test_python_tasks_with_modelled_run_times_on_multicore_workers(tmp_path):
+    """PythonTasks on 2-core workers with short random run times: tasks queue and are pipelined on
+    the simulated workers (`started` reports), every value comes back once."""
+    joined, ids, back, rep = _run(tmp_path, 40, 2000, lambda i: vinehpc.PythonTask(_noop, i), cores=2,
+                                  run="exp:0.002", result_size=100)
+    assert joined == 40 and rep.get("retries", 0) == 0
+    assert sorted(t.id for t in back) == sorted(ids)
+    assert all(t.successful() and t.output is None and len(t.std_output) == 100 for t in back)
+    assert rep["results"] == 2000
+
+
+def test_a_burst_of_requests_is_taken_a_bounded_number_per_loop_turn(tmp_path, monkeypatch):
+    """A million submits in a burst kept the I/O thread in one loop turn until the inbox was empty
+    (no socket read, no keepalive answered meanwhile): now at most INBOX_TURN per turn."""
+    import threading
+    from vinehpc import server as srv
+    from vinehpc.core import Core
+    from vinehpc.core.events import SCHEDULE
+    from vinehpc.journal import Journal
+    s = srv.Server(Core(), host="127.0.0.1", port=0, secret="s", journal=Journal(None), staging=str(tmp_path),
+                   keepalive_interval=5.0, keepalive_timeout=30.0)
+    per_turn, ops = [], [0]
+    real_op, real_feed = srv.Server._op, srv.Server._feed
+
+    def op(self, o, now):
+        ops[0] += 1
+        return real_op(self, o, now)
+
+    def feed(self, event, now):
+        if event is SCHEDULE:
+            per_turn.append(ops[0])
+            ops[0] = 0
+        return real_feed(self, event, now)
+
+    monkeypatch.setattr(srv.Server, "_op", op)
+    monkeypatch.setattr(srv.Server, "_feed", feed)
+    n = 3 * srv.INBOX_TURN + 5
+    done = threading.Event()
+    for _ in range(n - 1):
+        s.post(("call", lambda: None, [], threading.Event()))
+    s.post(("call", lambda: None, [], done))
+    s.start()
+    assert done.wait(60)
+    s.stop("test")
+    assert s.stopped.wait(30)
+    assert max(per_turn) == srv.INBOX_TURN and sum(per_turn) + ops[0] >= n
+
+
+@pytest.mark.timeout(120)
+def test_idle_workers_ping_and_the_manager_does_not_ping_them_too(tmp_path):
+    """An idle worker pings after the keepalive interval without a message; the manager answers.
+    It used to ping the same workers at the same moment (both answered): twice the traffic an
+    idle fleet needs.  Observed over several intervals (idleness is the behaviour under test)."""
+    import time
+    m = vinehpc.Manager(port=0, host="127.0.0.1", run_dir=str(tmp_path / "run"), keepalive_interval=0.5,
+                        keepalive_timeout=20)
+    fleet = None
+    try:
+        fleet = fleet_sim.Fleet(("127.0.0.1", m.port), m.secret_file, 20)
+        fleet.connect()
+        assert m.wait_for_workers(20, timeout=60) == 20
+        time.sleep(4.0)
+        rep = fleet.report()
+        assert m.wait_for_workers(20, timeout=0) == 20       # nobody lost
+    finally:
+        m.close()
+        if fleet is not None:
+            fleet.close()
+    assert rep["pings"] >= 20 * 3, rep
+    assert rep.get("pinged by the manager", 0) <= rep["pings"] // 4, rep
