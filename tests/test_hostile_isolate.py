@@ -92,3 +92,44 @@ def test_address_pattern_does_not_let_a_lookalike_name_through(monkeypatch):
         p.stop()
         eg.stop()
         srv.close()
+
+
+# ====================================================================== 8. outputs that are links out of the sandbox
+@pytest.mark.timeout(120)
+def test_file_outputs_never_read_through_a_link_out_of_the_sandbox(make_manager, tmp_path):
+    from vinehpc import Task
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY\n")
+    m = ready(make_manager(local_workers=2), 2)
+    inp = m.declare_buffer(b"from the input\n")
+    cases = {   # command -> what the manager's copy of `out` reads (a file, or d/f of a directory), or the refusal
+        "echo made here > data.txt; ln -s data.txt out": "made here\n",
+        "ln -s in.txt out": "from the input\n",
+        "mkdir d; echo in a dir > d/f; ln -s d out": "in a dir\n",
+        "mkdir out; echo x > g; ln -s ../g out/f": "x\n",                        # nested, inside the sandbox
+        "ln -s %s out" % secret: "outside the task's sandbox",
+        "mkdir out; ln -s %s out/f" % secret: "outside the task's sandbox",       # nested in a directory output
+        "mkdir -p out/s; ln -s /etc out/s/f": "outside the task's sandbox",
+        "ln -s nothing out": "dangling symbolic link",
+    }
+    tids = {}
+    for i, (cmd, want) in enumerate(cases.items()):
+        dest = tmp_path / ("out%d" % i)
+        t = Task(cmd).add_input(inp, "in.txt").add_output(m.declare_file(str(dest)), "out")
+        tids[m.submit(t.set_retries(1))] = (dest, want)
+    tmp = m.declare_temp()
+    bad_temp = m.submit(Task("mkdir out; ln -s %s out/k" % secret).add_output(tmp, "out").set_retries(1))
+    got = wait_all(m, len(tids) + 1, timeout=90)
+    for tid, (dest, want) in tids.items():
+        t = got[tid]
+        if want.endswith("\n"):
+            assert t.successful(), (t.command, t.result, t.reason)
+            path = dest / "f" if dest.is_dir() else dest
+            assert path.read_text() == want, t.command
+        else:
+            assert t.result == "output missing" and want in t.reason, (t.command, t.result, t.reason)
+            assert not dest.exists() or "PRIVATE" not in "".join(
+                p.read_text(errors="replace") for p in ([dest] if dest.is_file() else dest.rglob("*")) if p.is_file())
+    t = got[bad_temp]
+    assert t.result == "output missing" and "outside the task's sandbox" in t.reason, (t.result, t.reason)
+    close_and_check(m)

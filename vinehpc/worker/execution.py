@@ -285,9 +285,10 @@ class Execution:
                 continue
             if status != "success":
                 continue    # a failed task's outputs are not installed
+            inputs = [os.path.realpath(self.cache.path(i.cachename)) for i in h.spec.inputs]
             if o.kind == "temp":
                 try:
-                    h.sandbox.resolve_link(p, [os.path.realpath(self.cache.path(i.cachename)) for i in h.spec.inputs])
+                    h.sandbox.resolve(p, inputs, copy=True)
                     self.cache.adopt(o.cachename, p)   # adopt checks the name
                     temps.append(o.cachename)
                 except SandboxError as e:
@@ -295,8 +296,10 @@ class Execution:
                 except (OSError, ValueError) as e:
                     status, reason = "output missing", "cannot keep temp output %r: %s" % (o.remote, e)
             else:
-                try:
-                    files.append((o.remote, self._open_output(p)))
+                try:   # never read through a link out of the sandbox (a link to ~/.ssh/id_rsa)
+                    files.append((o.remote, self._open_output(h.sandbox.resolve(p, inputs))))
+                except SandboxError as e:
+                    status, reason = "output missing", str(e)
                 except OSError as e:
                     status, reason = "output missing", "cannot read output %r: %s" % (o.remote, e)
         for remote, fh in files:
