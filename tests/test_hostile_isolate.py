@@ -133,3 +133,149 @@ def test_file_outputs_never_read_through_a_link_out_of_the_sandbox(make_manager,
     t = got[bad_temp]
     assert t.result == "output missing" and "outside the task's sandbox" in t.reason, (t.result, t.reason)
     close_and_check(m)
+
+
+# ====================================================================== 7. tasks that write to their inputs
+def scribble_later(path, marker):
+    """A Python task that leaves a thread behind, which appends to its input after it returned."""
+    import threading
+    import time
+
+    def later():
+        time.sleep(0.3)
+        os.chmod(path, 0o644)
+        with open(path, "a") as f:
+            f.write("evil\n")
+        open(marker, "w").close()
+    path = os.path.realpath(path)
+    threading.Thread(target=later, daemon=True).start()
+    return "left a writer"
+
+
+@pytest.mark.timeout(180)
+def test_a_task_that_writes_to_its_inputs_never_changes_what_later_tasks_read(make_manager, tmp_path):
+    from vinehpc import PythonTask, Task
+    d = tmp_path / "indir"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("original a\n")
+    (d / "sub" / "b.txt").write_text("original b\n")
+    f = tmp_path / "in.txt"
+    f.write_text("original f\n")
+    m = ready(make_manager(local_workers=1), 1)     # one worker, one core: every task reuses its cache
+    din, fin = m.declare_file(str(d), cache=True), m.declare_file(str(f), cache=True)   # kept between tasks
+    read = "cat in.txt d/a.txt d/sub/b.txt; find d/ | sort"
+    want = "original f\noriginal a\noriginal b\nd/\nd/a.txt\nd/sub\nd/sub/b.txt\n"
+
+    def reader():
+        return m.submit(Task(read).add_input(fin, "in.txt").add_input(din, "d"))
+    writers = [
+        "chmod u+w in.txt; echo evil >> in.txt",                       # a file input, made writable again
+        "echo evil >> d/a.txt",                                        # a file inside a directory input
+        "chmod -R u+w d; echo evil > d/sub/b.txt; touch d/new",        # deeper, and a new file
+        "chmod u+w d; rm -f d/a.txt; echo original a > d/a.txt",       # the same bytes in a new file
+    ]
+    got = {}
+    first = reader()
+    got.update(wait_all(m, 1, timeout=60))
+    for cmd in writers:
+        w = m.submit(Task(cmd).add_input(fin, "in.txt").add_input(din, "d").set_retries(1))
+        r = reader()
+        got.update(wait_all(m, 2, timeout=60))
+        t = got[w]
+        assert t.result == "failed" and "modified its input" in t.reason, (cmd, t.result, t.reason)
+        t = got[r]
+        assert t.successful() and t.std_output == want, (cmd, t.result, t.reason, t.std_output)
+    assert got[first].std_output == want
+    # a writer the task left behind (a thread in its interpreter) writes after the task ended
+    marker = tmp_path / "written"
+    w = m.submit(PythonTask(scribble_later, "in.txt", str(marker)).add_input(fin, "in.txt"))
+    assert wait_all(m, 1, timeout=60)[w].output == "left a writer"
+    poll(lambda: marker.exists(), 30, "the left-behind writer wrote", m=m)
+    r = reader()
+    t = wait_all(m, 1, timeout=60)[r]
+    assert t.successful() and t.std_output == want, (t.result, t.reason, t.std_output)
+    recs = close_and_check(m)
+    assert [x for x in recs if x.get("event") == "worker error" and "was modified" in x.get("reason", "")]
+
+
+@pytest.mark.timeout(120)
+def test_a_consumer_that_writes_to_a_temp_input_does_not_change_it_for_the_next(make_manager):
+    from vinehpc import Task
+    m = ready(make_manager(local_workers=1), 1)
+    tmp = m.declare_temp()
+    m.submit(Task("mkdir out; echo made > out/f").add_output(tmp, "out"))
+    got = wait_all(m, 1, timeout=60)
+    w = m.submit(Task("chmod -R u+w t; echo evil >> t/f").add_input(tmp, "t").set_retries(1))
+    got.update(wait_all(m, 1, timeout=60))
+    assert got[w].result == "failed" and "modified its input" in got[w].reason, (got[w].result, got[w].reason)
+    r = m.submit(Task("cat t/f").add_input(tmp, "t"))
+    t = wait_all(m, 1, timeout=60)[r]
+    assert t.successful() and t.std_output == "made\n", (t.result, t.reason, t.std_output)
+    close_and_check(m)
+
+
+# ====================================================================== 11a. a decompression bomb
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MB tmpfs (needs root: mount)."""
+    import subprocess
+    from slurm_fixture import require
+    d = tmp_path / "small"
+    d.mkdir()
+    ok = os.getuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(d)],
+                                             capture_output=True).returncode == 0
+    require(ok, "needs root to mount a small tmpfs")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def _gzip_bomb(path, size):
+    """A tar.gz of a few hundred KB holding one file of `size` zero bytes."""
+    import gzip
+    import tarfile
+    zeros = bytes(1 << 20)
+    with gzip.open(path, "wb", compresslevel=1) as gz:
+        ti = tarfile.TarInfo("zeros")
+        ti.size = size
+        gz.write(ti.tobuf(format=tarfile.GNU_FORMAT))
+        for _ in range(size >> 20):
+            gz.write(zeros)
+        gz.write(bytes(1024))
+
+
+@pytest.mark.timeout(120)
+def test_a_decompression_bomb_is_refused_before_it_fills_the_disk(make_manager, tmp_path, small_disk, monkeypatch):
+    """A crafted manager sends a small compressed tar of 256 MB as a directory input to a worker
+    whose disk has 64 MB: refused from the tar's headers, nothing written; the worker serves on."""
+    import shutil
+    import subprocess
+    from vinehpc import Task
+    from vinehpc.server import Server
+    from conftest import worker_cmd
+    bomb = tmp_path / "bomb.tar.gz"
+    _gzip_bomb(bomb, 256 << 20)
+    assert bomb.stat().st_size < (2 << 20)
+    monkeypatch.setattr(Server, "_tar", lambda self, f, n: str(bomb))
+    m = make_manager(local_workers=0)
+    w = subprocess.Popen(worker_cmd(m, "--workdir", str(small_disk / "w")), stderr=subprocess.DEVNULL)
+    try:
+        ready(m, 1)
+        d = tmp_path / "indir"
+        d.mkdir()
+        (d / "x").write_text("x")
+        used = []
+        bad = m.submit(Task("ls d").add_input(m.declare_file(str(d)), "d").set_retries(1))
+        honest = {m.submit(Task("echo %d" % i)): "%d\n" % i for i in range(5)}
+        got = wait_all(m, 6, timeout=90)
+        used.append(shutil.disk_usage(small_disk).used)
+        t = got[bad]
+        assert t.result == "input missing" and "refusing to unpack" in t.reason, (t.result, t.reason)
+        assert {tid: got[tid].std_output for tid in honest} == honest
+        assert used[0] < (8 << 20), "%d bytes written on the small disk" % used[0]
+    finally:
+        close_and_check(m)
+        try:
+            w.wait(20)
+        except subprocess.TimeoutExpired:
+            w.kill()
+            w.wait()

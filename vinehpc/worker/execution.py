@@ -15,8 +15,8 @@ import tempfile
 
 from ..comm import file_chunks
 from . import monitor
-from .events import (Exhausted, FileStored, InterpreterDied, OnInterpreter, PresentTask, StartFailed,
-                     TaskFinished)
+from .events import (Exhausted, FileStored, InputSpoiled, InterpreterDied, OnInterpreter, PresentTask,
+                     StartFailed, TaskFinished)
 from .monitor import Monitor
 from .process import CommandProcess
 from .sandbox import Sandbox, SandboxError
@@ -30,12 +30,13 @@ WATCH_CHUNK = 1 << 20       # most bytes of one watched output sent per look (th
 
 class Handle:
     """What carries out one started (or presented) task."""
-    __slots__ = ("spec", "sandbox", "proc", "runner", "mon", "watched")
+    __slots__ = ("spec", "sandbox", "proc", "runner", "mon", "watched", "taken")
 
     def __init__(self, spec):
         self.spec = spec
         self.sandbox = self.proc = self.runner = self.mon = None
         self.watched = dict.fromkeys(spec.watch, 0)    # watched output -> bytes already sent
+        self.taken = []            # cache entries it got (Cache.take), given back when it ends
 
 
 class Execution:
@@ -57,6 +58,7 @@ class Execution:
         self.next_watch = 0.0      # when watched outputs are next looked at
         self.watching = set()      # tids of handles with watched outputs (none: no look at all)
         self.table_error = None    # why the process table cannot be read (memory limits not enforced)
+        self.conn = None           # the manager's connection (the loop's)
 
     # ---------------------------------------------------------------- start
     def start(self, c) -> list:
@@ -71,6 +73,10 @@ class Execution:
                 h.sandbox = Sandbox(self.sandboxes, spec.id)
                 for i in spec.inputs:
                     if i.kind != "image":
+                        why = self.cache.take(i.cachename)
+                        if why is not None:      # the manager requeues the task when it hears of it
+                            return [self._drop(i.cachename, why)] + self._start_failed(spec.id, why, True)
+                        h.taken.append(i.cachename)
                         h.sandbox.link(self.cache.path(i.cachename), i.remote)
             env = dict(self.task_env, **spec.env) if self.task_env else spec.env
             image = self.images.get(c.image) if c.image else self.default_image
@@ -102,8 +108,7 @@ class Execution:
             return self._start_failed(spec.id, "cannot start the task on %s: %s" % (self.hostname, e), True)
 
     def _start_failed(self, tid, reason, worker_fault=False):
-        self.forget(tid)
-        return [StartFailed(tid, reason, worker_fault)]
+        return self.forget(tid) + [StartFailed(tid, reason, worker_fault)]
 
     # ---------------------------------------------------------------- stop
     def kill(self, tid) -> None:
@@ -120,12 +125,13 @@ class Execution:
         elif h.runner is not None:
             self.pool.kill(h.runner)
 
-    def forget(self, tid, stop=False) -> None:
-        """Drop a task's handle and sandbox; stop: kill and reap what runs it first."""
+    def forget(self, tid, stop=False) -> list:
+        """Drop a task's handle and sandbox; stop: kill and reap what runs it first.  Returns
+        InputSpoiled for inputs it modified."""
         h = self.handles.pop(tid, None)
         self.watching.discard(tid)
         if h is None:
-            return
+            return []
         if stop and h.proc is not None:
             h.proc.kill()
             self._unregister(h.proc.fileno())
@@ -137,6 +143,30 @@ class Execution:
             self.pool.abandon(h.runner)
         if h.sandbox is not None:
             h.sandbox.remove()
+        return [self._drop(n, why) for n, _, why in self._give_back(h)]
+
+    def _drop(self, n, why, tell=True) -> InputSpoiled:
+        """A modified cache entry goes, and the manager hears it (tell; else the caller tells it):
+        it requeues the tasks here that need it, blaming nobody, and sends it again with the next."""
+        log.warning("%s: dropped", why)
+        self.cache.remove(n)
+        if tell:
+            self._tell_dropped(n, why)
+        return InputSpoiled(n, why)
+
+    def _tell_dropped(self, n, why):
+        if self.conn is not None and not self.conn.closed:
+            self.conn.send("error", {"cn": n, "reason": why})
+
+    def _give_back(self, h) -> list:
+        """(cache name, modified by this task alone, why) of each input the task modified."""
+        out = []
+        for n in h.taken:
+            verdict = self.cache.give_back(n)
+            if verdict is not None:
+                out.append((n,) + verdict)
+        h.taken = []
+        return out
 
     def _unregister(self, fd):
         try:
@@ -242,7 +272,19 @@ class Execution:
         (with `started`: ids whose start was not told yet)."""
         h = self.handles.pop(c.tid, None)
         self.watching.discard(c.tid)
-        status, reason, temps = c.status, c.reason, []
+        status, reason, temps, fault, value, events = c.status, c.reason, [], c.worker_fault, c.result, []
+        code, later = c.exit_code, []
+        for n, alone, why in self._give_back(h) if h is not None else ():
+            # told after the result if this task alone had it: else the manager would requeue it
+            events.append(self._drop(n, why, tell=not alone))
+            if alone:
+                later.append((n, why))
+            value = code = None   # its outputs are not kept either; "failed", not a command that ran to its end
+            if alone:      # it wrote to what every later task reads: its result is not trusted
+                status, reason = "failed", "the task modified its input %r (inputs are read-only): %s" % (
+                    next(i.remote for i in h.spec.inputs if i.cachename == n), why)
+            else:          # several had it: this one may be honest; the manager requeues it
+                status, reason, fault = "failed", why, True
         if c.collect and h is not None:
             status, reason, temps = self._collect(h, status, reason, conn)
         if h is not None and h.sandbox is not None:
@@ -250,8 +292,8 @@ class Execution:
         ctl = {"id": c.tid, "status": status, "wall": round(c.wall, 6)}
         if reason:
             ctl["reason"] = reason
-        if c.exit_code is not None:
-            ctl["exit_code"] = c.exit_code
+        if code is not None:
+            ctl["exit_code"] = code
         if c.signal:
             ctl["signal"] = c.signal
         if c.stdout:
@@ -262,12 +304,14 @@ class Execution:
             ctl["measured"] = h.mon.measured(c.wall)
         if c.exhausted:
             ctl["exhausted"] = c.exhausted
-        if c.worker_fault:
+        if fault:
             ctl["worker_fault"] = True     # the manager runs it elsewhere, without spending its retries
         if started:
             ctl["started"] = started
-        conn.send("result", ctl, [c.result] if c.result is not None else ())
-        return [FileStored(n, "workflow") for n in temps]
+        conn.send("result", ctl, [value] if value is not None else ())
+        for n, why in later:
+            self._tell_dropped(n, why)
+        return [FileStored(n, "workflow") for n in temps] + events
 
     def _collect(self, h, status, reason, conn):
         """Outputs of a task that ended on its own: send files, keep temps in the cache."""

@@ -67,6 +67,14 @@ class Loop:
         self.exit_requested = False
         self.ka = (5.0, 30.0)      # keepalive (interval, timeout), the manager's welcome may change it
 
+    @property
+    def conn(self):
+        return self.exec.conn
+
+    @conn.setter
+    def conn(self, c):       # execution.py reports dropped inputs on it at once
+        self.exec.conn = c
+
     # ---------------------------------------------------------------- the state machine
     def feed(self, event) -> None:
         """Hand an event to the state machine and carry out its commands; events that carrying
@@ -89,10 +97,10 @@ class Loop:
         self.exec.kill(c.tid)
 
     def _do_drop(self, c):
-        self.exec.forget(c.tid, stop=c.stop)
+        return self.exec.forget(c.tid, stop=c.stop)
 
     def _do_requeued(self, c):
-        self.exec.forget(c.tid)
+        return self.exec.forget(c.tid)
 
     def _do_result(self, c):
         if c.status != "success":      # only failures: a line per task would cost the hot path
