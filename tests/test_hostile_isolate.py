@@ -279,3 +279,91 @@ def test_a_decompression_bomb_is_refused_before_it_fills_the_disk(make_manager, 
         except subprocess.TimeoutExpired:
             w.kill()
             w.wait()
+
+
+# ====================================================================== 11c. daemons that outlive their task
+def start_daemon():
+    """A Python task that double-forks a daemon in its own session, then returns its pid."""
+    import subprocess
+    out = subprocess.run(["/bin/sh", "-c", "setsid sleep 1000 > /dev/null 2>&1 & echo $!"], capture_output=True,
+                         text=True, check=True)
+    return int(out.stdout)
+
+
+@pytest.mark.timeout(120)
+def test_processes_a_task_leaves_in_their_own_session_end_with_it(make_manager, tmp_path):
+    import psutil
+    from vinehpc import PythonTask, Task
+    m = ready(make_manager(local_workers=1), 1)
+    # a task that waits for its own double-forked helper keeps it while it runs, whatever ends meanwhile
+    keeper = m.submit(Task("(setsid sh -c 'sleep 2; echo kept > f' &); for i in $(seq 60); do "
+                           "[ -s f ] && break; sleep 0.1; done; cat f"))
+    leavers = [m.submit(Task(cmd)) for cmd in (
+        "setsid sleep 1000 > /dev/null 2>&1 & echo $!",
+        "(setsid sleep 1000 > /dev/null 2>&1 & echo $!)",                  # double fork
+        "env -i setsid sleep 1000 > /dev/null 2>&1 & echo $!",             # without the task's marks
+        "setsid sh -c 'sleep 1000 & sleep 1000' > /dev/null 2>&1 & echo $!",   # a daemon with a child
+    )]
+    py = m.submit(PythonTask(start_daemon))
+    got = wait_all(m, len(leavers) + 2, timeout=90)
+    pids = [int(got[t].std_output) for t in leavers] + [got[py].output]
+    try:
+        poll(lambda: not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"],
+             20, "the processes the tasks left are gone", m=m)
+    finally:
+        for p in pids:
+            try:
+                os.kill(p, 9)
+            except OSError:
+                pass
+    t = got[keeper]
+    assert t.successful() and t.std_output == "kept\n", (t.result, t.reason, t.std_output)
+    close_and_check(m)
+
+
+# ====================================================================== 11e. a worker killed with -9
+@pytest.mark.timeout(120)
+def test_a_worker_killed_with_minus_9_leaves_no_directory(make_manager, tmp_path):
+    import psutil
+    import subprocess
+    from conftest import worker_cmd
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    env = dict(os.environ, VINEHPC_WORKER_DIR=str(shm))
+    m = make_manager(local_workers=0)
+
+    def start():
+        w = subprocess.Popen(worker_cmd(m), env=env, stderr=subprocess.DEVNULL)
+        poll(lambda: [d for d in os.listdir(shm) if d.startswith("vinehpc-worker-")] and m.stats["workers"] >= 1,
+             30, "the worker joined", m=m)
+        return w, psutil.Process(w.pid)
+
+    # its guardian removes it
+    w, p = start()
+    d = os.listdir(shm)
+    from vinehpc import Task
+    t = m.submit(Task("echo hi"))
+    assert wait_all(m, 1, timeout=30)[t].std_output == "hi\n"
+    p.kill()
+    w.wait(10)
+    poll(lambda: not os.listdir(shm), 20, "the killed worker's directory %s removed" % d, m=m)
+    # guardian killed too: the next worker on the node removes it
+    poll(lambda: m.stats["workers"] == 0, 30, "the manager saw the worker go", m=m)
+    w, p = start()
+    (left,) = os.listdir(shm)
+    for c in p.children():
+        if "guardian" in " ".join(c.cmdline()):
+            c.kill()
+    p.kill()
+    w.wait(10)
+    assert os.path.isdir(shm / left)
+    old = os.stat(shm / left).st_mtime - 3600
+    os.utime(shm / left, (old, old))     # as a directory left an hour ago
+    w2, p2 = start()
+    try:
+        poll(lambda: left not in os.listdir(shm), 20, "the stale directory %s removed by the next worker" % left, m=m)
+        assert len(os.listdir(shm)) == 1        # its own, which it keeps
+    finally:
+        close_and_check(m)
+        w2.wait(20)
+    assert not os.listdir(shm)

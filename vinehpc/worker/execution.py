@@ -12,9 +12,10 @@ import selectors
 import stat
 import tarfile
 import tempfile
+import time
 
 from ..comm import file_chunks
-from . import monitor
+from . import monitor, orphans
 from .events import (Exhausted, FileStored, InputSpoiled, InterpreterDied, OnInterpreter, PresentTask,
                      StartFailed, TaskFinished)
 from .monitor import Monitor
@@ -26,6 +27,8 @@ log = logging.getLogger("vinehpc.worker")
 
 WATCH_INTERVAL = 1.0        # how often watched outputs are looked at
 WATCH_CHUNK = 1 << 20       # most bytes of one watched output sent per look (the rest at the next)
+SWEEP_INTERVAL = 1.0        # how often left-over processes are looked for...
+SWEEP_FOR = 10.0            # ...for this long after a task ended (orphans are reparented as their parents die)
 
 
 class Handle:
@@ -59,6 +62,8 @@ class Execution:
         self.watching = set()      # tids of handles with watched outputs (none: no look at all)
         self.table_error = None    # why the process table cannot be read (memory limits not enforced)
         self.conn = None           # the manager's connection (the loop's)
+        self.next_sweep = 0.0      # when orphans of ended tasks are next looked for (orphans.py)...
+        self.sweep_until = 0.0     # ...until then
 
     # ---------------------------------------------------------------- start
     def start(self, c) -> list:
@@ -86,6 +91,7 @@ class Execution:
                     return self._start_failed(spec.id, why)
             box = h.sandbox.path if h.sandbox else None
             if spec.cmd is not None:
+                env = dict(env, VINEHPC_TASK=str(spec.id))   # whose its orphans are (orphans.py)
                 if c.devices is not None:
                     env = dict(env, CUDA_VISIBLE_DEVICES=c.devices)
                 if image is not None:
@@ -207,6 +213,27 @@ class Execution:
             events.append(TaskFinished(tid, stdout=stdout, result=result, error=error, runner=runner, exhausted=x))
         return events
 
+    # ---------------------------------------------------------------- processes tasks left (orphans.py)
+    def sweep_due(self, now):
+        """Seconds until left-over processes should be looked for (None: no task ended lately)."""
+        if now >= self.sweep_until:
+            return None
+        return max(0.0, self.next_sweep - now)
+
+    def sweep(self, now, ended=False) -> None:
+        """Kill what ended tasks left (ended: a task just ended; look now and for a while)."""
+        if ended:
+            self.sweep_until = now + SWEEP_FOR
+        elif now < self.next_sweep or now >= self.sweep_until:
+            return
+        self.next_sweep = now + SWEEP_INTERVAL
+        own = {self.guard.proc.pid}
+        own.update(r.proc.pid for r in self.pool.runners)
+        own.update(h.proc.pid for h in self.handles.values() if h.proc is not None)
+        n = orphans.sweep(own, {str(t) for t in self.handles})
+        if n:
+            log.info("killed %d process(es) left by ended tasks", n)
+
     # ---------------------------------------------------------------- measuring (monitor.py)
     def monitor_due(self, now, running):
         """Seconds until the next sample of the running tasks is due (None: nothing to sample)."""
@@ -272,6 +299,7 @@ class Execution:
         (with `started`: ids whose start was not told yet)."""
         h = self.handles.pop(c.tid, None)
         self.watching.discard(c.tid)
+        self.sweep(time.monotonic(), ended=True)
         status, reason, temps, fault, value, events = c.status, c.reason, [], c.worker_fault, c.result, []
         code, later = c.exit_code, []
         for n, alone, why in self._give_back(h) if h is not None else ():
