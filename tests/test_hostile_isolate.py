@@ -367,3 +367,29 @@ def test_a_worker_killed_with_minus_9_leaves_no_directory(make_manager, tmp_path
         close_and_check(m)
         w2.wait(20)
     assert not os.listdir(shm)
+
+
+# ====================================================================== 11b. a task that modifies a shared image
+@pytest.mark.timeout(300)
+def test_a_task_that_modifies_its_image_does_not_change_it_for_later_tasks(make_manager, tmp_path, monkeypatch):
+    import subprocess
+    from vinehpc import Task
+    img_path = str(tmp_path / "six.vimg")
+    p = subprocess.run([sys.executable, "-m", "vinehpc", "sysimage", "python", "--packages", "six", "-o", img_path],
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr
+    monkeypatch.setenv("VINEHPC_LOCAL_DIR", str(tmp_path / "node-local"))      # the workers inherit it
+    m = ready(make_manager(local_workers=1), 1)
+    img = m.declare_image(img_path)
+    probe = "python3 -c 'import six; print(getattr(six, \"EVIL\", \"clean\"))'"
+
+    def run(cmd):
+        tid = m.submit(Task(cmd).add_environment(img).set_retries(1))
+        return wait_all(m, 1, timeout=120)[tid]
+    assert run(probe).std_output == "clean\n"
+    t = run('f=$(find "$VINEHPC_IMAGE" -name six.py | head -1); chmod u+w "$f" "$(dirname "$f")"; '
+            'echo "EVIL = 1" >> "$f"; rm -rf "$(dirname "$f")/__pycache__"; echo "$f"')
+    assert t.std_output.startswith(str(tmp_path / "node-local")), t.std_output
+    t = run(probe)
+    assert t.successful() and t.std_output == "clean\n", (t.result, t.reason, t.std_output)
+    close_and_check(m)

@@ -11,6 +11,8 @@ import os
 import shutil
 import tarfile
 
+from sysimage_tools.deploy import remove_tree
+
 
 class Incoming:
     """One file on its way.  An error while writing is kept and raised by finish(), so the
@@ -107,28 +109,8 @@ def remove_path(p) -> None:
     gone already is fine."""
     try:
         if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p, onerror=_writable_and_again)
+            remove_tree(p)
         else:
             os.unlink(p)
     except FileNotFoundError:
         pass
-
-
-def _writable_and_again(fn, path, exc_info) -> None:
-    """rmtree's error handler: a read-only directory is made writable and the removal retried;
-    other errors are ignored (what cannot be removed stays, as with ignore_errors)."""
-    parent = os.path.dirname(path)
-    try:
-        if fn is not os.rmdir or os.path.exists(path):
-            os.chmod(parent, 0o700)
-            if os.path.isdir(path) and not os.path.islink(path):
-                os.chmod(path, 0o700)
-                shutil.rmtree(path, onerror=_ignore)
-            else:
-                os.unlink(path)
-    except OSError:
-        pass
-
-
-def _ignore(*a) -> None:
-    pass

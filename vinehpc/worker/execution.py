@@ -15,7 +15,7 @@ import tempfile
 import time
 
 from ..comm import file_chunks
-from . import monitor, orphans
+from . import monitor, orphans, seal
 from .events import (Exhausted, FileStored, InputSpoiled, InterpreterDied, OnInterpreter, PresentTask,
                      StartFailed, TaskFinished)
 from .monitor import Monitor
@@ -33,13 +33,14 @@ SWEEP_FOR = 10.0            # ...for this long after a task ended (orphans are r
 
 class Handle:
     """What carries out one started (or presented) task."""
-    __slots__ = ("spec", "sandbox", "proc", "runner", "mon", "watched", "taken")
+    __slots__ = ("spec", "sandbox", "proc", "runner", "mon", "watched", "taken", "image")
 
     def __init__(self, spec):
         self.spec = spec
         self.sandbox = self.proc = self.runner = self.mon = None
         self.watched = dict.fromkeys(spec.watch, 0)    # watched output -> bytes already sent
         self.taken = []            # cache entries it got (Cache.take), given back when it ends
+        self.image = None          # the root of the image it runs in
 
 
 class Execution:
@@ -54,6 +55,8 @@ class Execution:
         self.hostname = hostname
         self.default_image = default_image   # --image: every task without its own image runs in this one
         self.images = {}           # image cache name -> unpacked LocalEnv (sysimage_tools.deploy)
+        self.image_seals = {}      # image root -> seal.Seal (an image is checked as inputs are)
+        self.image_used = set()    # roots a task ran in since they were last checked
         self.fns = {}              # fid -> the function's bytes
         self.task_env = {}         # variables every task gets (the tunnel's proxy settings)
         self.handles = {}          # tid -> Handle
@@ -86,6 +89,8 @@ class Execution:
             env = dict(self.task_env, **spec.env) if self.task_env else spec.env
             image = self.images.get(c.image) if c.image else self.default_image
             if image is not None:
+                image = self._image_checked(c.image, image)
+                h.image = image.root
                 why = image.python_mismatch()
                 if why:
                     return self._start_failed(spec.id, why)
@@ -112,6 +117,34 @@ class Execution:
             return self._start_failed(spec.id, "sandbox: %s" % e)
         except OSError as e:   # disk full, no processes left...: this worker's problem, not the task's
             return self._start_failed(spec.id, "cannot start the task on %s: %s" % (self.hostname, e), True)
+
+    def _image_checked(self, n, env):
+        """`env`, unpacked again if a task modified it since it was last checked (read-only, but
+        `chmod u+w` undoes that).  Checked only after a task ran in it: one lstat per file."""
+        s = self.image_seals.get(env.root)
+        if s is not None and env.root in self.image_used:
+            self.image_used.discard(env.root)
+            if not seal.intact(s, env.root):
+                if os.stat(env.root).st_ino != s.root_ino:
+                    s = None           # unpacked again by another worker on this node: trust that one
+                else:
+                    log.warning("image %s was modified by a task: unpacking it again", env.root)
+                    from sysimage_tools.deploy import ensure_local, remove_tree
+                    remove_tree(env.root)
+                    try:
+                        env = ensure_local(env.manifest.path, env.id)
+                    except Exception as e:     # ImageError, DeployError: this worker cannot run it now
+                        raise OSError("cannot unpack image %s again: %s" % (env.manifest.path, e)) from None
+                    if n is None:
+                        self.default_image = env
+                    else:
+                        self.images[n] = env
+                    s = None
+        if s is None:
+            s = self.image_seals[env.root] = seal.seal(env.root)
+            s.root_ino = os.stat(env.root).st_ino
+        seal.settle(s, env.root)
+        return env
 
     def _start_failed(self, tid, reason, worker_fault=False):
         return self.forget(tid) + [StartFailed(tid, reason, worker_fault)]
@@ -165,7 +198,10 @@ class Execution:
             self.conn.send("error", {"cn": n, "reason": why})
 
     def _give_back(self, h) -> list:
-        """(cache name, modified by this task alone, why) of each input the task modified."""
+        """(cache name, modified by this task alone, why) of each input the task modified (its
+        image is checked before the next task in it starts)."""
+        if h.image is not None:
+            self.image_used.add(h.image)
         out = []
         for n in h.taken:
             verdict = self.cache.give_back(n)

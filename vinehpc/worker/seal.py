@@ -28,13 +28,14 @@ _COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5)   # Linux's; file times are 
 
 
 class Seal:
-    __slots__ = ("sig", "newest", "size", "digest", "users", "shared")
+    __slots__ = ("sig", "newest", "size", "digest", "users", "shared", "root_ino")
 
     def __init__(self, sig, newest, size):
         self.sig, self.newest, self.size = sig, newest, size
         self.digest = None      # the bytes' digest, while the entry is racy
         self.users = 0          # started tasks that have it now
         self.shared = False     # two had it at once since the last good check: who wrote it is unknown
+        self.root_ino = None    # an image's: its root's inode (replaced by a new unpack)
 
 
 def _walk(path):
