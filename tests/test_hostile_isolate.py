@@ -393,3 +393,50 @@ def test_a_task_that_modifies_its_image_does_not_change_it_for_later_tasks(make_
     t = run(probe)
     assert t.successful() and t.std_output == "clean\n", (t.result, t.reason, t.std_output)
     close_and_check(m)
+
+
+# ====================================================================== 7. the state machines' part (events in, commands out)
+def test_worker_state_holds_tasks_that_need_a_dropped_input_until_it_comes_again():
+    from vinehpc.worker.events import FileStored, InputSpoiled, KillRequested, StartTask, TaskReceived
+    from test_worker_state import _inp, cmd_task, of, worker
+    st = worker(cores=1, files={"a": "workflow"})
+    assert of(st.handle(TaskReceived(cmd_task(1, inputs=(_inp("a"),)), None), 0.0), StartTask)
+    st.handle(TaskReceived(cmd_task(2, inputs=(_inp("a"),)), None), 0.0)      # queued behind it
+    st.handle(InputSpoiled("a", "input a was modified"), 1.0)
+    assert "a" not in st.files and st.spoiled == {"a": "input a was modified"}
+    st.handle(TaskReceived(cmd_task(3, inputs=(_inp("a"),)), None), 1.0)      # sent before the manager heard
+    assert [r.state for r in (st.runs[2], st.runs[3])] == ["waiting", "waiting"]
+    st.handle(KillRequested(1), 2.0)                                           # a core frees: nothing may start
+    assert not [r for r in st.runs.values() if r.state == "running"]
+    out = st.handle(FileStored("a", "workflow"), 3.0)                          # sent again
+    assert [c.spec.id for c in of(out, StartTask)] == [2] and st.spoiled == {}
+    assert st.runs[3].state == "queued"
+
+
+def test_core_requeues_the_tasks_on_a_worker_that_dropped_an_input_and_sends_it_again(sim_core, tmp_path):
+    from vinehpc.core.commands import KillTask, PutFile
+    from vinehpc.core.events import FileDropped
+    from test_core import dispatched, infile_factory, logs, new_task, of
+    sim = sim_core
+    f = infile_factory(tmp_path)(cache=True)
+    a = sim.submit(new_task(cores=1).add_input(f, "in"))
+    b = sim.submit(new_task(cores=1).add_input(f, "in"))
+    other = sim.submit(new_task(cores=1))
+    sim.join(1, cores=3)
+    sim.schedule()
+    assert len(of(sim.take(), PutFile)) == 1
+    sim(FileDropped(1, f.cachename(), "input was modified"), 1.0)
+    cmds = sim.take()
+    assert sorted(c.tid for c in of(cmds, KillTask)) == [a.id, b.id]
+    assert {r["task"] for r in logs(cmds, "requeued")} == {a.id, b.id}
+    assert sim.state(other) == "running" and sim.state(a) == "ready"
+    sim.schedule(1.0)
+    cmds = sim.take()
+    assert len(of(cmds, PutFile)) == 1 and sorted(t for _, t in dispatched(cmds)) == [a.id, b.id]
+    assert sim.core.tasks[a.id].tries == 0          # no retry spent, the worker not blamed
+
+
+@pytest.fixture
+def sim_core():
+    from test_core import Sim
+    return Sim()

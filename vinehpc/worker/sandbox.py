@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 
+from ..comm.receive import remove_path
+
 
 class SandboxError(Exception):
     pass
@@ -32,7 +34,7 @@ class Sandbox:
     def __init__(self, parent: str, tid):
         self.path = os.path.join(parent, "t.%s" % tid)
         if os.path.exists(self.path):
-            shutil.rmtree(self.path, ignore_errors=True)
+            remove_path(self.path)
         os.makedirs(self.path)
 
     def link(self, src: str, remote: str) -> None:
@@ -103,6 +105,7 @@ def _copy_over(target, link):
     tmp = link + ".vinehpc-copy"
     if os.path.isdir(target):
         shutil.copytree(target, tmp, symlinks=True)
+        os.chmod(tmp, 0o755)       # a copy of a read-only input: it must be movable into the cache
         os.unlink(link)
         os.rename(tmp, link)
     else:
@@ -116,7 +119,7 @@ def _remove_tree(path: str) -> None:
         with os.scandir(path) as it:
             for e in it:
                 if e.is_dir(follow_symlinks=False):
-                    shutil.rmtree(e.path, ignore_errors=True)
+                    remove_path(e.path)       # (read-only directories too: a copy of an input)
                 else:
                     try:
                         os.unlink(e.path)
@@ -124,4 +127,4 @@ def _remove_tree(path: str) -> None:
                         pass
         os.rmdir(path)
     except OSError:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_path(path)
