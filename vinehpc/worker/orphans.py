@@ -11,7 +11,8 @@ orphan is.  A sweep (after a task ends, then once a second for a while) kills ev
 the worker that is not one of its own processes and is not marked as a task still running: one
 marked as an ended task, or one without the worker's token at all (a task's process that
 cleared its environment: it is killed even if its task still runs).  Zombies among them are
-reaped.  The guardian (guardian.py) covers the worker's own death.
+reaped.  The sweep runs once a second, not at each task's end (see Execution.sweep): a daemon
+may outlive its task by up to a second.  The guardian (guardian.py) covers the worker's own death.
 """
 from __future__ import annotations
 
