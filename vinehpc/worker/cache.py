@@ -95,25 +95,25 @@ class Cache:
 
     # ---------------------------------------------------------------- inputs tasks may write to
     def take(self, n: str):
-        """A task is about to get entry n: None, or why it cannot (the entry was modified since
-        the last task that had it ended: a process it left, a thread in an interpreter)."""
+        """A task is about to get entry n: (its seal, to give back, None), or (None, why it cannot:
+        the entry was modified since the last task that had it ended -- by a process that task
+        left, a thread in an interpreter)."""
         path = self.path(n)
         s = self.seals.get(n)
         if s is None:
             s = self.seals[n] = seal.seal(path)
         elif s.users == 0 and not seal.intact(s, path):
-            return "input %s was modified on this worker after the task that had it ended" % n
+            return None, "input %s was modified on this worker after the task that had it ended" % n
         seal.settle(s, path)
         s.users += 1
         s.shared = s.shared or s.users > 1
-        return None
+        return s, None
 
-    def give_back(self, n: str):
-        """A task that had entry n ended: None if the entry is intact, else (the task alone had it
-        since the last check, why) -- the caller drops the entry."""
-        s = self.seals.get(n)
-        if s is None:
-            return None            # replaced or removed meanwhile
+    def give_back(self, n: str, s):
+        """A task that had entry n (sealed as `s`) ended: None if the entry is intact, else (the
+        task alone had it since the last check, why) -- the caller drops the entry."""
+        if self.seals.get(n) is not s:
+            return None            # removed, or replaced by a copy sent again, meanwhile
         s.users -= 1
         if seal.intact(s, self.path(n)):
             if s.users == 0:

@@ -81,10 +81,10 @@ class Execution:
                 h.sandbox = Sandbox(self.sandboxes, spec.id)
                 for i in spec.inputs:
                     if i.kind != "image":
-                        why = self.cache.take(i.cachename)
+                        sealed, why = self.cache.take(i.cachename)
                         if why is not None:      # the manager requeues the task when it hears of it
                             return [self._drop(i.cachename, why)] + self._start_failed(spec.id, why, True)
-                        h.taken.append(i.cachename)
+                        h.taken.append((i.cachename, sealed))
                         h.sandbox.link(self.cache.path(i.cachename), i.remote)
             env = dict(self.task_env, **spec.env) if self.task_env else spec.env
             image = self.images.get(c.image) if c.image else self.default_image
@@ -203,8 +203,8 @@ class Execution:
         if h.image is not None:
             self.image_used.add(h.image)
         out = []
-        for n in h.taken:
-            verdict = self.cache.give_back(n)
+        for n, sealed in h.taken:
+            verdict = self.cache.give_back(n, sealed)
             if verdict is not None:
                 out.append((n,) + verdict)
         h.taken = []
