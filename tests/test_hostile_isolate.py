@@ -440,3 +440,31 @@ def test_core_requeues_the_tasks_on_a_worker_that_dropped_an_input_and_sends_it_
 def sim_core():
     from test_core import Sim
     return Sim()
+
+
+def test_seal_sees_what_chmod_and_touch_hide(tmp_path, monkeypatch):
+    from vinehpc.worker import seal
+    d = tmp_path / "e"
+    (d / "s").mkdir(parents=True)
+    (d / "s" / "f").write_text("original")
+    s = seal.seal(str(d))
+    assert oct(os.stat(d / "s").st_mode & 0o777) == "0o555" and not os.stat(d / "s" / "f").st_mode & 0o222
+    assert seal.intact(s, str(d))
+    st = os.stat(d / "s" / "f")
+    os.chmod(d / "s" / "f", 0o644)
+    (d / "s" / "f").write_text("evil!!!!")                       # same size
+    os.chmod(d / "s" / "f", st.st_mode & 0o777)
+    os.utime(d / "s" / "f", ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back: the ctime cannot be
+    assert not seal.intact(s, str(d))
+    # within one clock tick a write could keep the ctime: a racy entry is compared by its bytes too
+    (d / "s" / "f").chmod(0o644)
+    (d / "s" / "f").write_text("original")
+    s = seal.seal(str(d))
+    monkeypatch.setattr(seal, "racy", lambda s: True)
+    seal.settle(s, str(d))
+    assert s.digest is not None and seal.intact(s, str(d))
+    frozen = seal.signature(str(d))
+    monkeypatch.setattr(seal, "signature", lambda path: frozen)    # as if the ctime had not moved
+    (d / "s" / "f").chmod(0o644)
+    (d / "s" / "f").write_text("evil!!!!")
+    assert not seal.intact(s, str(d))
