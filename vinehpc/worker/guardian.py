@@ -49,10 +49,10 @@ def remove_workdir(path):
     worker's files are closed, maybe a moment after our stdin saw EOF)."""
     import time
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    from vinehpc.worker.workdir import remove_if_abandoned   # only now: a normal exit never needs it
+    from vinehpc.worker.workdir import OWNER, remove_if_abandoned   # only now: a normal exit never needs it
     for _ in range(50):
-        if remove_if_abandoned(path) or not os.path.isdir(path):
-            return
+        if not os.path.exists(os.path.join(path, OWNER)) or remove_if_abandoned(path):
+            return        # never claimed (a --workdir given): not ours to remove; or done
         time.sleep(0.1)
 
 

@@ -4,9 +4,11 @@ A worker that made its directory removes it when it exits; one killed with -9 (t
 cannot.  So the directory is *claimed*: a lock (flock) on its `.owner` file is held for the
 worker's life.  The kernel drops the lock however the process ends, in any pid namespace that
 shares the file system, so "unlocked" means "nobody works here" -- no pid to compare, no pid
-reuse to fear.  Such an abandoned directory is removed by the worker's guardian when the worker
+reuse to fear.  Such an abandoned directory is emptied by the worker's guardian when the worker
 dies (guardian.py), and by the next worker started on the node (`remove_stale`), for the ones
-whose guardian died too.
+whose guardian died too.  Its log stays: the journal names it as the killed worker's log
+(`vinehpc logs`), and it is small next to the cache and sandboxes; a directory left with
+nothing but a log older than LOG_DAYS is removed whole.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from ..comm.receive import remove_path
 PREFIX = "vinehpc-worker-"
 OWNER = ".owner"
 MIN_AGE = 10.0      # seconds: a directory younger than this may be one a worker has made and not yet claimed
+LOG = "worker.log"  # kept (logfile.py writes it; the journal points at it)
+LOG_DAYS = 1.0
 
 
 def make(parent=None):
@@ -49,14 +53,24 @@ def abandoned(path) -> bool:
 
 
 def remove_if_abandoned(path) -> bool:
-    if abandoned(path):
+    """Empty an abandoned directory but for its log (and its claim, so it is judged again
+    later); remove it whole once the log is older than LOG_DAYS.  False: someone works there."""
+    if not abandoned(path):
+        return False
+    for e in os.scandir(path):
+        if e.name not in (LOG, OWNER):
+            remove_path(e.path)
+    try:
+        old = time.time() - os.stat(os.path.join(path, LOG)).st_mtime > LOG_DAYS * 86400
+    except FileNotFoundError:
+        old = True
+    if old:
         remove_path(path)
-        return True
-    return False
+    return True
 
 
 def remove_stale(parent=None) -> list:
-    """Remove the abandoned work directories of this user under parent; returns their paths."""
+    """Empty (or remove) the abandoned work directories of this user under parent; returns their paths."""
     parent = parent or tempfile.gettempdir()
     gone, now, uid = [], time.time(), os.getuid()
     try:
