@@ -90,7 +90,7 @@ def ensure_unpacked(key: str, populate, *, what: str, local_dir=None, timeout=No
                     raise DeployError("cannot unpack %s into %s: no space left (set VINEHPC_LOCAL_DIR to a "
                                       "larger local disk)" % (what, root)) from None
                 raise DeployError("cannot unpack %s into %s: %s" % (what, root, e)) from None
-            os.chmod(tmp, 0o755)
+            _read_only(tmp)          # files are already: no task may add, remove or rename either
             os.rename(tmp, final)
         except BaseException:
             _rmtree(tmp)
@@ -134,10 +134,32 @@ def _remove_stale(root, key):
             _rmtree(os.path.join(root, name))
 
 
+def _read_only(tree):
+    for d, _, _ in os.walk(tree):
+        os.chmod(d, 0o555)
+
+
 def _rmtree(path):
+    remove_tree(path)
+
+
+def remove_tree(path) -> None:
+    """Remove a tree whose directories may be read-only (unpacked images, the worker's cache
+    entries); what cannot be removed stays (as rmtree's ignore_errors)."""
     import shutil
-    # unpacked files are read-only but their directories are not, so unlink works
-    shutil.rmtree(path, ignore_errors=True)
+
+    def again(fn, p, exc_info):
+        # a read-only directory: make it and the one above writable, then retry
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
+                shutil.rmtree(p, ignore_errors=True)
+            elif os.path.lexists(p):
+                os.unlink(p)
+        except OSError:
+            pass
+    shutil.rmtree(path, onerror=again)
 
 
 def _log(root, rec):

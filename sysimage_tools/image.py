@@ -145,7 +145,16 @@ def verify(path) -> Manifest:
 def extract(man: Manifest, dest: str) -> None:
     """Unpack the image into the existing, empty directory `dest`, checking everything.
 
-    On ImageError, `dest` holds a partial tree: the caller must discard it (deploy.py does)."""
+    On ImageError, `dest` holds a partial tree: the caller must discard it (deploy.py does).
+    The files' sizes the manifest declares must fit in dest's free space, checked before
+    anything is written, and a member larger than its manifest size is refused before its bytes
+    are written: a decompression bomb fails at once, not when the disk is full."""
+    import shutil
+    size = sum(w[2] for w in man.files.values() if w[0] == "f")
+    free = shutil.disk_usage(dest).free
+    if size > free:
+        raise ImageError("cannot unpack %s into %s: its files hold %d bytes, %d are free"
+                         % (man.path, dest, size, free))
     _walk(man, dest)
 
 
@@ -216,6 +225,8 @@ def _walk(man: Manifest, dest):
                                 _parent(target)
                                 os.symlink(ti.linkname, target)
                         elif ti.isreg() and want[0] == "f":
+                            if ti.size != want[2]:
+                                raise bad("%s holds %d bytes, the manifest says %d" % (name, ti.size, want[2]))
                             _copy_member(tf.extractfile(ti), target, want, name, bad)
                         else:
                             raise bad("%s: type or link does not match the manifest" % name)

@@ -12,8 +12,12 @@ see _relay).  Inside a Manager, that thread is the only one the tunnel adds.
     eg.stop()
 
 Allow patterns (default: allow all): HOST, HOST:PORT, HOST:LO-HI, HOST:*, [V6]:PORT, where
-HOST is a shell glob matched (case-insensitively) against the requested name *and* against
-each address it resolves to, or a CIDR network (10.0.0.0/8, fd00::/8) matched against the
+HOST is a shell glob or a CIDR network (10.0.0.0/8, fd00::/8).  A glob that can only spell an
+address (digits, dots and wildcards: `10.9.8.*`, `*`; with a colon, hex digits too: `fd00::*`)
+is an *address* pattern, matched against the addresses the destination resolves to and never
+against the requested name (else `10.9.8.*` would allow `10.9.8.1.evil.test`, which resolves
+anywhere); any other glob is a *name* pattern, matched (case-insensitively) against the
+requested name only, never against an address literal.  A network is matched against the
 addresses.  Only allowed addresses are connected to.
 """
 from __future__ import annotations
@@ -71,20 +75,24 @@ class Rule:
             except ValueError:
                 raise ValueError("allow pattern %r: bad network %r" % (pattern, host)) from None
         self.glob = host.lower()
+        self.address = self.net is None and _address_glob(self.glob)
 
     def port_ok(self, port: int) -> bool:
         return self.lo <= port <= self.hi
 
     def name_ok(self, host: str) -> bool:
-        return self.net is None and fnmatch.fnmatchcase(host.lower(), self.glob)
+        """A name pattern matching the requested name (an address literal is no name)."""
+        return (self.net is None and not self.address and not _is_address(host)
+                and fnmatch.fnmatchcase(host.lower(), self.glob))
 
     def addr_ok(self, ip: str) -> bool:
+        """A network or an address pattern matching one resolved address."""
         if self.net is not None:
             try:
                 return ipaddress.ip_address(ip) in self.net
             except ValueError:
                 return False
-        return fnmatch.fnmatchcase(ip.lower(), self.glob)
+        return self.address and fnmatch.fnmatchcase(ip.lower(), self.glob)
 
     def __repr__(self):
         return "Rule(%r)" % self.pattern
@@ -98,8 +106,7 @@ class Policy:
         """Before resolving: could any rule allow this destination? (no DNS for a sure no)"""
         if self.rules is None:
             return True
-        return any(r.port_ok(port) and (r.name_ok(host) or r.net is not None or _may_match_address(r.glob))
-                   for r in self.rules)
+        return any(r.port_ok(port) and (r.name_ok(host) or r.net is not None or r.address) for r in self.rules)
 
     def allowed(self, host: str, port: int, ip: str) -> bool:
         if self.rules is None:
@@ -107,12 +114,23 @@ class Policy:
         return any(r.port_ok(port) and (r.name_ok(host) or r.addr_ok(ip)) for r in self.rules)
 
 
-_ADDR_CHARS = frozenset("0123456789abcdef.:*?[]!-")
+_GLOB = frozenset("*?[]!-")
+_V4_CHARS = frozenset("0123456789.") | _GLOB
+_V6_CHARS = frozenset("0123456789abcdef.:") | _GLOB
 
 
-def _may_match_address(glob: str) -> bool:
-    """Could this glob match an IP address (else it can only match names)?"""
-    return set(glob) <= _ADDR_CHARS
+def _address_glob(glob: str) -> bool:
+    """Can this glob only spell addresses?  IPv4 ones have no letters at all (`cafe.de` is a
+    name); a colon never appears in a name, so with one it is IPv6 (hex digits allowed)."""
+    return set(glob) <= (_V6_CHARS if ":" in glob else _V4_CHARS)
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
 
 
 class Egress:

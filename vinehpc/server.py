@@ -23,8 +23,8 @@ from .admission import MAX_UNAUTHENTICATED, Admission
 from .comm import Closed, Connection, file_chunks
 from .comm.receive import Incoming
 from .core import commands as cmd
-from .core.events import (SCHEDULE, TICK, FetchFailed, FileCached, FileFetched, FileResolved, PutFailed, TaskResult,
-                          TasksStarted, WorkerJoined, WorkerLost)
+from .core.events import (SCHEDULE, TICK, FetchFailed, FileCached, FileDropped, FileFetched, FileResolved, PutFailed,
+                          TaskResult, TasksStarted, WorkerJoined, WorkerLost)
 from .protocol import ProtocolError, handshake, messages, tls
 from .status import Tracker
 from .protocol.names import check_cachename
@@ -496,6 +496,8 @@ class Server:
         if msg.cn and msg.cn in p.wanted:
             p.wanted.discard(msg.cn)
             self._feed(FetchFailed(msg.cn), now)
+        elif msg.cn:        # it dropped its copy (a task modified it): sent again when a task needs it there
+            self._feed(FileDropped(p.wid, msg.cn, msg.reason), now)
 
     def _on_result(self, p, msg, ctl, now):
         tid = msg.id

@@ -11,6 +11,8 @@ import os
 import shutil
 import tarfile
 
+from sysimage_tools.deploy import remove_tree
+
 
 class Incoming:
     """One file on its way.  An error while writing is kept and raised by finish(), so the
@@ -69,6 +71,7 @@ def install(part: str, dest: str, *, tar: bool = False, mode: int | None = None)
     os.makedirs(tmp)
     try:
         with tarfile.open(part) as t:
+            check_room(t, tmp)
             t.extractall(tmp, filter="data")    # refuses members that would leave tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -79,16 +82,34 @@ def install(part: str, dest: str, *, tar: bool = False, mode: int | None = None)
         old = part + ".old"
         os.rename(dest, old)
         os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)
     else:
         os.replace(tmp, dest)
 
 
+class TooLarge(tarfile.TarError):
+    """A tar whose files would not fit where it is unpacked: the tar's fault, not the disk's."""
+
+
+def check_room(t, where: str) -> None:
+    """Refuse (TooLarge) a tar whose files, as their headers declare them, hold more than
+    the free space where it is unpacked: a small (compressed, or sparse) tar of huge members --
+    a decompression bomb -- fails at the header that passes the limit, before anything is
+    written, not when the disk is full.  (Reads the headers once; extractall reuses them.)"""
+    free, total = shutil.disk_usage(where).free, 0
+    for m in t:
+        if m.isreg():
+            total += m.size
+            if total > free:
+                raise TooLarge("refusing to unpack: its files hold at least %d bytes, %d are free" % (total, free))
+
+
 def remove_path(p) -> None:
-    """Remove a file, link or directory tree; gone already is fine."""
+    """Remove a file, link or directory tree (read-only directories too: cache entries are);
+    gone already is fine."""
     try:
         if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p, ignore_errors=True)
+            remove_tree(p)
         else:
             os.unlink(p)
     except FileNotFoundError:

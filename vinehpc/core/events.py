@@ -90,6 +90,15 @@ class PutFailed:
 
 
 @dataclass(slots=True)
+class FileDropped:
+    """A worker dropped its copy of a file (a task modified it): tasks there that need it go back
+    to the queue, not blamed on anyone; it is sent again with the next task that needs it there."""
+    wid: int
+    cachename: str
+    reason: str
+
+
+@dataclass(slots=True)
 class FetchFailed:
     cachename: str
 

@@ -78,6 +78,7 @@ class Core:
             ev.WorkerJoined: self._worker_joined, ev.WorkerLost: self._worker_lost,
             ev.TaskResult: self._task_result, ev.TasksStarted: self._tasks_started, ev.FileCached: self._file_cached, ev.FileFetched: self._file_fetched,
             ev.FileResolved: self._file_resolved, ev.PutFailed: self._put_failed,
+            ev.FileDropped: self._file_dropped,
             ev.FetchFailed: self._fetch_failed, ev.BlockHost: self._block_host,
             ev.UnblockHost: lambda e, now: self.blocked.unblock(e.host),
             ev.SlowMultiplier: lambda e, now: self.slow_multiplier.__setitem__(e.category, e.multiplier),
@@ -402,6 +403,28 @@ class Core:
         w = self.workers.get(e.wid)
         if w is not None:
             w.cached.discard(e.cachename)
+
+    def _file_dropped(self, e, now):
+        w = self.workers.get(e.wid)
+        if w is None:
+            return
+        n = e.cachename
+        w.cached.discard(n)
+        s = self.replicas.get(n)
+        if s is not None:
+            s.discard(e.wid)
+            if not s:
+                del self.replicas[n]       # a temp left nowhere is made again when a task needs it
+        for tid in sorted(w.tasks):
+            ts = self.tasks.get(tid)
+            if ts is None or not any(x is not None and x[0] == n for x in ts.inputs):
+                continue
+            cores = ts.res["cores"]
+            self.out.append(KillTask(e.wid, tid))
+            self._release(ts)
+            self._requeue(ts, front=True)
+            self._log("requeued", task=tid, reason="worker %s dropped input %s: %s" % (e.wid, n, e.reason),
+                      category=ts.task.category, cores=cores)
 
     def _fetch_failed(self, e, now):
         self.fetching.discard(e.cachename)

@@ -4,6 +4,9 @@ Entries arrive by chunks from the manager (put), by fetching a URL, or as a task
 output.  A name is derived from content, so an entry is never stale.  Which entries exist,
 at which level, who uses them and when one goes: the worker's state machine (state.py)
 decides; this module only does the file work.
+
+Entries are read-only and checked after every task that had them (seal.py): `take` before a
+task gets one, `give_back` when it ends; a modified entry is removed and reported.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import urllib.parse
 import urllib.request
 
 from ..comm.receive import Incoming, remove_path
+from . import seal
 from .events import check_cachename
 
 
@@ -24,6 +28,7 @@ class Cache:
         # is the state machine's inventory (WorkerState.files), kept there
         self.entries = {}
         self.parts = {}        # cachename -> Incoming (a put in progress)
+        self.seals = {}        # cachename -> seal.Seal, from its first task on
         for n in os.listdir(root):
             if n.startswith("."):
                 remove_path(os.path.join(root, n))
@@ -48,6 +53,7 @@ class Cache:
         if not last:
             return False
         del self.parts[n]
+        self.seals.pop(n, None)
         try:
             inc.finish()
         except BaseException:
@@ -64,8 +70,9 @@ class Cache:
     def adopt(self, n: str, src: str) -> None:
         """Move a task's temp output into the cache."""
         dst = self.path(n)
+        self.seals.pop(n, None)
         if os.path.isdir(dst):
-            shutil.rmtree(dst)
+            remove_path(dst)
         os.replace(src, dst)
 
     def fetch_url(self, n: str, url: str, timeout: float = 300.0) -> None:
@@ -83,4 +90,34 @@ class Cache:
         os.replace(part, os.path.join(self.root, n))
 
     def remove(self, n: str) -> None:
+        self.seals.pop(n, None)
         remove_path(self.path(n))
+
+    # ---------------------------------------------------------------- inputs tasks may write to
+    def take(self, n: str):
+        """A task is about to get entry n: (its seal, to give back, None), or (None, why it cannot:
+        the entry was modified since the last task that had it ended -- by a process that task
+        left, a thread in an interpreter)."""
+        path = self.path(n)
+        s = self.seals.get(n)
+        if s is None:
+            s = self.seals[n] = seal.seal(path)
+        elif s.users == 0 and not seal.intact(s, path):
+            return None, "input %s was modified on this worker after the task that had it ended" % n
+        seal.settle(s, path)
+        s.users += 1
+        s.shared = s.shared or s.users > 1
+        return s, None
+
+    def give_back(self, n: str, s):
+        """A task that had entry n (sealed as `s`) ended: None if the entry is intact, else (the
+        task alone had it since the last check, why) -- the caller drops the entry."""
+        if self.seals.get(n) is not s:
+            return None            # removed, or replaced by a copy sent again, meanwhile
+        s.users -= 1
+        if seal.intact(s, self.path(n)):
+            if s.users == 0:
+                s.shared = False
+            return None
+        return not s.shared, "input %s was modified on this worker%s" % (
+            n, "" if not s.shared else " while tasks ran beside the one that had it")

@@ -102,6 +102,14 @@ class FileFailed:
 
 
 @dataclass
+class InputSpoiled:
+    """A cache entry was modified by a task (seal.py) and dropped (the manager is told): tasks here
+    that need it and have not started wait for it to be sent again (or for the manager's kill)."""
+    cachename: str
+    reason: str
+
+
+@dataclass
 class UnlinkRequested:
     cachename: str
 
@@ -251,3 +259,4 @@ class SendCached:
 @dataclass
 class Unlink:
     cachename: str
+

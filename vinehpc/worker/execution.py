@@ -12,12 +12,13 @@ import selectors
 import stat
 import tarfile
 import tempfile
+import time
 
 from ..comm import file_chunks
 from ..protocol.wire import MAX_CTL, fit_text
-from . import monitor
-from .events import (Exhausted, FileStored, InterpreterDied, OnInterpreter, PresentTask, StartFailed,
-                     TaskFinished)
+from . import monitor, orphans, seal
+from .events import (Exhausted, FileStored, InputSpoiled, InterpreterDied, OnInterpreter, PresentTask,
+                     StartFailed, TaskFinished)
 from .monitor import Monitor
 from .process import CommandProcess
 from .sandbox import Sandbox, SandboxError
@@ -28,16 +29,20 @@ log = logging.getLogger("vinehpc.worker")
 WATCH_INTERVAL = 1.0        # how often watched outputs are looked at
 WATCH_CHUNK = 1 << 20       # most bytes of one watched output sent per look (the rest at the next)
 STDOUT_BUDGET = MAX_CTL // 2  # a result's captured output, JSON-escaped: the other half is the rest of the result
+SWEEP_INTERVAL = 1.0        # how often left-over processes are looked for...
+SWEEP_FOR = 10.0            # ...for this long after a task ended (orphans are reparented as their parents die)
 
 
 class Handle:
     """What carries out one started (or presented) task."""
-    __slots__ = ("spec", "sandbox", "proc", "runner", "mon", "watched")
+    __slots__ = ("spec", "sandbox", "proc", "runner", "mon", "watched", "taken", "image")
 
     def __init__(self, spec):
         self.spec = spec
         self.sandbox = self.proc = self.runner = self.mon = None
         self.watched = dict.fromkeys(spec.watch, 0)    # watched output -> bytes already sent
+        self.taken = []            # cache entries it got (Cache.take), given back when it ends
+        self.image = None          # the root of the image it runs in
 
 
 class Execution:
@@ -52,6 +57,8 @@ class Execution:
         self.hostname = hostname
         self.default_image = default_image   # --image: every task without its own image runs in this one
         self.images = {}           # image cache name -> unpacked LocalEnv (sysimage_tools.deploy)
+        self.image_seals = {}      # image root -> seal.Seal (an image is checked as inputs are)
+        self.image_used = set()    # roots a task ran in since they were last checked
         self.fns = {}              # fid -> the function's bytes
         self.task_env = {}         # variables every task gets (the tunnel's proxy settings)
         self.handles = {}          # tid -> Handle
@@ -59,6 +66,9 @@ class Execution:
         self.next_watch = 0.0      # when watched outputs are next looked at
         self.watching = set()      # tids of handles with watched outputs (none: no look at all)
         self.table_error = None    # why the process table cannot be read (memory limits not enforced)
+        self.conn = None           # the manager's connection (the loop's)
+        self.next_sweep = 0.0      # when orphans of ended tasks are next looked for (orphans.py)...
+        self.sweep_until = 0.0     # ...until then
 
     # ---------------------------------------------------------------- start
     def start(self, c) -> list:
@@ -73,15 +83,22 @@ class Execution:
                 h.sandbox = Sandbox(self.sandboxes, spec.id)
                 for i in spec.inputs:
                     if i.kind != "image":
+                        sealed, why = self.cache.take(i.cachename)
+                        if why is not None:      # the manager requeues the task when it hears of it
+                            return [self._drop(i.cachename, why)] + self._start_failed(spec.id, why, True)
+                        h.taken.append((i.cachename, sealed))
                         h.sandbox.link(self.cache.path(i.cachename), i.remote)
             env = dict(self.task_env, **spec.env) if self.task_env else spec.env
             image = self.images.get(c.image) if c.image else self.default_image
             if image is not None:
+                image = self._image_checked(c.image, image)
+                h.image = image.root
                 why = image.python_mismatch()
                 if why:
                     return self._start_failed(spec.id, why)
             box = h.sandbox.path if h.sandbox else None
             if spec.cmd is not None:
+                env = dict(env, VINEHPC_TASK=str(spec.id))   # whose its orphans are (orphans.py)
                 if c.devices is not None:
                     env = dict(env, CUDA_VISIBLE_DEVICES=c.devices)
                 if image is not None:
@@ -103,9 +120,36 @@ class Execution:
         except OSError as e:   # disk full, no processes left...: this worker's problem, not the task's
             return self._start_failed(spec.id, "cannot start the task on %s: %s" % (self.hostname, e), True)
 
+    def _image_checked(self, n, env):
+        """`env`, unpacked again if a task modified it since it was last checked (read-only, but
+        `chmod u+w` undoes that).  Checked only after a task ran in it: one lstat per file."""
+        s = self.image_seals.get(env.root)
+        if s is not None and env.root in self.image_used:
+            self.image_used.discard(env.root)
+            if not seal.intact(s, env.root):
+                if os.stat(env.root).st_ino != s.root_ino:
+                    s = None           # unpacked again by another worker on this node: trust that one
+                else:
+                    log.warning("image %s was modified by a task: unpacking it again", env.root)
+                    from sysimage_tools.deploy import ensure_local, remove_tree
+                    remove_tree(env.root)
+                    try:
+                        env = ensure_local(env.manifest.path, env.id)
+                    except Exception as e:     # ImageError, DeployError: this worker cannot run it now
+                        raise OSError("cannot unpack image %s again: %s" % (env.manifest.path, e)) from None
+                    if n is None:
+                        self.default_image = env
+                    else:
+                        self.images[n] = env
+                    s = None
+        if s is None:
+            s = self.image_seals[env.root] = seal.seal(env.root)
+            s.root_ino = os.stat(env.root).st_ino
+        seal.settle(s, env.root)
+        return env
+
     def _start_failed(self, tid, reason, worker_fault=False):
-        self.forget(tid)
-        return [StartFailed(tid, reason, worker_fault)]
+        return self.forget(tid) + [StartFailed(tid, reason, worker_fault)]
 
     # ---------------------------------------------------------------- stop
     def kill(self, tid) -> None:
@@ -122,12 +166,13 @@ class Execution:
         elif h.runner is not None:
             self.pool.kill(h.runner)
 
-    def forget(self, tid, stop=False) -> None:
-        """Drop a task's handle and sandbox; stop: kill and reap what runs it first."""
+    def forget(self, tid, stop=False) -> list:
+        """Drop a task's handle and sandbox; stop: kill and reap what runs it first.  Returns
+        InputSpoiled for inputs it modified."""
         h = self.handles.pop(tid, None)
         self.watching.discard(tid)
         if h is None:
-            return
+            return []
         if stop and h.proc is not None:
             h.proc.kill()
             self._unregister(h.proc.fileno())
@@ -139,6 +184,33 @@ class Execution:
             self.pool.abandon(h.runner)
         if h.sandbox is not None:
             h.sandbox.remove()
+        return [self._drop(n, why) for n, _, why in self._give_back(h)]
+
+    def _drop(self, n, why, tell=True) -> InputSpoiled:
+        """A modified cache entry goes, and the manager hears it (tell; else the caller tells it):
+        it requeues the tasks here that need it, blaming nobody, and sends it again with the next."""
+        log.warning("%s: dropped", why)
+        self.cache.remove(n)
+        if tell:
+            self._tell_dropped(n, why)
+        return InputSpoiled(n, why)
+
+    def _tell_dropped(self, n, why):
+        if self.conn is not None and not self.conn.closed:
+            self.conn.send("error", {"cn": n, "reason": why})
+
+    def _give_back(self, h) -> list:
+        """(cache name, modified by this task alone, why) of each input the task modified (its
+        image is checked before the next task in it starts)."""
+        if h.image is not None:
+            self.image_used.add(h.image)
+        out = []
+        for n, sealed in h.taken:
+            verdict = self.cache.give_back(n, sealed)
+            if verdict is not None:
+                out.append((n,) + verdict)
+        h.taken = []
+        return out
 
     def _unregister(self, fd):
         try:
@@ -178,6 +250,30 @@ class Execution:
                 x = h.mon.over(h.spec.res)
             events.append(TaskFinished(tid, stdout=stdout, result=result, error=error, runner=runner, exhausted=x))
         return events
+
+    # ---------------------------------------------------------------- processes tasks left (orphans.py)
+    def sweep_due(self, now):
+        """Seconds until left-over processes should be looked for (None: no task ended lately)."""
+        if now >= self.sweep_until:
+            return None
+        return max(0.0, self.next_sweep - now)
+
+    def sweep(self, now, ended=False) -> None:
+        """Kill what ended tasks left, once a second for SWEEP_FOR seconds after a task ended
+        (ended: one just did).  Not at every task's end: reading /proc costs 20 us natively, 300
+        under gVisor -- a quarter of a short command's cost there; a daemon lives a second longer."""
+        if ended:
+            self.sweep_until = now + SWEEP_FOR
+            return
+        if now < self.next_sweep or now >= self.sweep_until:
+            return
+        self.next_sweep = now + SWEEP_INTERVAL
+        own = {self.guard.proc.pid}
+        own.update(r.proc.pid for r in self.pool.runners)
+        own.update(h.proc.pid for h in self.handles.values() if h.proc is not None)
+        n = orphans.sweep(own, {str(t) for t in self.handles})
+        if n:
+            log.info("killed %d process(es) left by ended tasks", n)
 
     # ---------------------------------------------------------------- measuring (monitor.py)
     def monitor_due(self, now, running):
@@ -244,7 +340,21 @@ class Execution:
         (with `started`: ids whose start was not told yet)."""
         h = self.handles.pop(c.tid, None)
         self.watching.discard(c.tid)
-        status, reason, temps = c.status, c.reason, []
+        if h is not None:
+            self.sweep(time.monotonic(), ended=True)
+        status, reason, temps, fault, value, events = c.status, c.reason, [], c.worker_fault, c.result, []
+        code, later = c.exit_code, []
+        for n, alone, why in self._give_back(h) if h is not None else ():
+            # told after the result if this task alone had it: else the manager would requeue it
+            events.append(self._drop(n, why, tell=not alone))
+            if alone:
+                later.append((n, why))
+            value = code = None   # its outputs are not kept either; "failed", not a command that ran to its end
+            if alone:      # it wrote to what every later task reads: its result is not trusted
+                status, reason = "failed", "the task modified its input %r (inputs are read-only): %s" % (
+                    next(i.remote for i in h.spec.inputs if i.cachename == n), why)
+            else:          # several had it: this one may be honest; the manager requeues it
+                status, reason, fault = "failed", why, True
         if c.collect and h is not None:
             status, reason, temps = self._collect(h, status, reason, conn)
         if h is not None and h.sandbox is not None:
@@ -252,8 +362,8 @@ class Execution:
         ctl = {"id": c.tid, "status": status, "wall": round(c.wall, 6)}
         if reason:
             ctl["reason"] = reason
-        if c.exit_code is not None:
-            ctl["exit_code"] = c.exit_code
+        if code is not None:
+            ctl["exit_code"] = code
         if c.signal:
             ctl["signal"] = c.signal
         if c.stdout:
@@ -264,12 +374,14 @@ class Execution:
             ctl["measured"] = h.mon.measured(c.wall)
         if c.exhausted:
             ctl["exhausted"] = c.exhausted
-        if c.worker_fault:
+        if fault:
             ctl["worker_fault"] = True     # the manager runs it elsewhere, without spending its retries
         if started:
             ctl["started"] = started
-        conn.send("result", ctl, [c.result] if c.result is not None else ())
-        return [FileStored(n, "workflow") for n in temps]
+        conn.send("result", ctl, [value] if value is not None else ())
+        for n, why in later:
+            self._tell_dropped(n, why)
+        return [FileStored(n, "workflow") for n in temps] + events
 
     def _collect(self, h, status, reason, conn):
         """Outputs of a task that ended on its own: send files, keep temps in the cache."""
@@ -287,9 +399,10 @@ class Execution:
                 continue
             if status != "success":
                 continue    # a failed task's outputs are not installed
+            inputs = [os.path.realpath(self.cache.path(i.cachename)) for i in h.spec.inputs]
             if o.kind == "temp":
                 try:
-                    h.sandbox.resolve_link(p, [os.path.realpath(self.cache.path(i.cachename)) for i in h.spec.inputs])
+                    h.sandbox.resolve(p, inputs, copy=True)
                     self.cache.adopt(o.cachename, p)   # adopt checks the name
                     temps.append(o.cachename)
                 except SandboxError as e:
@@ -297,8 +410,10 @@ class Execution:
                 except (OSError, ValueError) as e:
                     status, reason = "output missing", "cannot keep temp output %r: %s" % (o.remote, e)
             else:
-                try:
-                    files.append((o.remote, self._open_output(p)))
+                try:   # never read through a link out of the sandbox (a link to ~/.ssh/id_rsa)
+                    files.append((o.remote, self._open_output(h.sandbox.resolve(p, inputs))))
+                except SandboxError as e:
+                    status, reason = "output missing", str(e)
                 except OSError as e:
                     status, reason = "output missing", "cannot read output %r: %s" % (o.remote, e)
         for remote, fh in files:

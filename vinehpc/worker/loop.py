@@ -19,6 +19,7 @@ import time
 
 from ..comm import file_chunks
 from ..protocol import ProtocolError, messages
+from . import orphans
 from .cache import Cache
 from .events import (DropTask, FetchURL, FileFailed, FileStored, FunctionReceived, InputFailed, InputReady,
                      KillRequested, KillTask, PresentTask, Requeued, SendCached, SendResult, SessionEnded,
@@ -51,7 +52,10 @@ class Loop:
         self._wr.setblocking(False)
         self.sel.register(self._wr, selectors.EVENT_READ, ("wake", None))
         self.cache = Cache(os.path.join(workdir, "cache"))
-        self.guard = Guardian()
+        # orphans of tasks (setsid daemons) become our children, so they can be found and killed
+        if not orphans.become_subreaper():
+            log.warning("cannot become a child subreaper: processes tasks leave in their own sessions may outlive them")
+        self.guard = Guardian(workdir)
         self.pool = PyPool(self.sel, max_runners=max(1, total["cores"]), workdir=workdir, guard=self.guard)
         self.fetcher = cf.ThreadPoolExecutor(4, thread_name_prefix="vinehpc-fetch")
         self.fetched = collections.deque()     # (what, cachename, future) handed over by helper threads
@@ -66,6 +70,14 @@ class Loop:
         self.last_ping = 0.0       # when we last pinged the manager
         self.exit_requested = False
         self.ka = (5.0, 30.0)      # keepalive (interval, timeout), the manager's welcome may change it
+
+    @property
+    def conn(self):
+        return self.exec.conn
+
+    @conn.setter
+    def conn(self, c):       # execution.py reports dropped inputs on it at once
+        self.exec.conn = c
 
     # ---------------------------------------------------------------- the state machine
     def feed(self, event) -> None:
@@ -89,10 +101,10 @@ class Loop:
         self.exec.kill(c.tid)
 
     def _do_drop(self, c):
-        self.exec.forget(c.tid, stop=c.stop)
+        return self.exec.forget(c.tid, stop=c.stop)
 
     def _do_requeued(self, c):
-        self.exec.forget(c.tid)
+        return self.exec.forget(c.tid)
 
     def _do_result(self, c):
         if c.status != "success":      # only failures: a line per task would cost the hot path
@@ -214,9 +226,9 @@ class Loop:
         running = self.state.running()
         if running:
             t = min(t, self.exec.monitor_due(now, running))
-        due = self.exec.watch_due(now)
-        if due is not None:
-            t = min(t, due)
+        for due in (self.exec.watch_due(now), self.exec.sweep_due(now)):
+            if due is not None:
+                t = min(t, due)
         return max(0.0, t)
 
     def _timers(self):
@@ -229,6 +241,7 @@ class Loop:
             for e in self.exec.sample(now, running):
                 self.feed(e)
         self.exec.stream_watched(now, self.conn)
+        self.exec.sweep(now)
         if now - self.last_recv > self.ka[1]:
             raise ManagerGone("no message from the manager for %.0f s" % (now - self.last_recv))
         # heard nothing for a while: ask (once per silence; the manager answers pong).  Not only

@@ -9,18 +9,18 @@ from __future__ import annotations
 import logging
 import os
 import selectors
-import shutil
 import signal
 import socket
-import tempfile
 import time
 
 from ..comm import Closed, Connection
+from ..comm.receive import remove_path
 from ..protocol import ProtocolError, handshake, tls, wire
 from ..config import Settings      # the environment is read once, in Settings
 from . import resources
 from .logfile import WorkerLog
 from .loop import Loop, ManagerGone, SessionOver
+from .workdir import make as make_workdir, remove_stale
 
 log = logging.getLogger("vinehpc.worker")
 
@@ -43,7 +43,12 @@ class Worker(Loop):
         self.fingerprint = tls.normalize_fingerprint(tls_fingerprint) if tls_fingerprint else None
         self.own_workdir = workdir is None
         settings = settings or Settings.from_env()     # given by `vinehpc worker`
-        workdir = workdir or tempfile.mkdtemp(prefix="vinehpc-worker-", dir=settings.worker_dir)
+        self.claim = None        # the lock on our own directory, held for our life (workdir.py)
+        if workdir is None:
+            stale = remove_stale(settings.worker_dir)     # left by workers killed with -9 on this node
+            workdir, self.claim = make_workdir(settings.worker_dir)
+        else:
+            stale = ()
         os.makedirs(workdir, exist_ok=True)
         ids = resources.gpu_ids()
         if gpus is not None:                     # given: those of the detected devices, else 0..gpus-1
@@ -70,6 +75,8 @@ class Worker(Loop):
         self.log = WorkerLog(workdir, log_dir, "%s-%d" % (self.hostname, os.getpid()))
         log.info("worker pid %d on %s for %s:%d: %s, workdir %s", os.getpid(), self.hostname, self.addr[0],
                  self.addr[1], ", ".join("%s %s" % kv for kv in sorted(total.items())), workdir)
+        for p in stale:
+            log.info("removed %s, left by a worker that was killed", p)
 
     # ---------------------------------------------------------------- life
     def run(self) -> int:
@@ -223,7 +230,8 @@ class Worker(Loop):
         log.info("worker exits")
         self.log.close()
         if self.own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            remove_path(self.workdir)       # (read-only cache entries too)
+            self.claim.close()
 
 
 def main(address, secret, **kw) -> int:

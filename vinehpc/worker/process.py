@@ -111,13 +111,14 @@ class Guardian:
 
     SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guardian.py")
 
-    def __init__(self):
+    def __init__(self, workdir=None):
+        """workdir: removed by the guardian if the worker dies and nobody works there (workdir.py)."""
         import sys
         import uuid
         token = uuid.uuid4().hex
         os.environ["VINEHPC_WORKER_TOKEN"] = token    # inherited by everything this worker starts
-        self.proc = subprocess.Popen([sys.executable, "-I", self.SCRIPT, token], stdin=subprocess.PIPE,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen([sys.executable, "-I", self.SCRIPT, token] + ([workdir] if workdir else []),
+                                     stdin=subprocess.PIPE, start_new_session=True)
         self.fd = self.proc.stdin.fileno()
 
         self.pending = []
@@ -136,7 +137,12 @@ class Guardian:
                 pass
 
     def close(self):
-        """Normal exit: everything is reaped already; closing stdin lets the guardian end."""
+        """Normal exit: everything is reaped already; closing stdin lets the guardian end (the
+        worker removes its own directory: the guardian leaves it alone)."""
+        try:
+            os.write(self.fd, b"=\n")
+        except OSError:
+            pass
         try:
             self.proc.stdin.close()
         except OSError:

@@ -307,6 +307,7 @@ def _serve(sock, reader, fns, base_env, base_data, home, scratch):
             os.chdir(cwd)
             if env:
                 os.environ.update(env)
+            os.environ["VINEHPC_TASK"] = str(tid)      # whose the processes it starts are (worker/orphans.py)
             fn = fns[fid]
             if isinstance(fn, bytes):
                 fn = fns[fid] = pickle.loads(fn)
@@ -325,6 +326,7 @@ def _serve(sock, reader, fns, base_env, base_data, home, scratch):
             res = dump_result(False, e, traceback.format_exc())
             error = "raised %s: %s" % (type(e).__name__, str(e)[:500])
         finally:
+            os.environ.pop("VINEHPC_TASK", None)
             os.chdir(home)
             if cwd == scratch and os.listdir(scratch):
                 _empty(scratch)

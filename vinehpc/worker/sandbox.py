@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 
+from ..comm.receive import remove_path
+
 
 class SandboxError(Exception):
     pass
@@ -32,7 +34,7 @@ class Sandbox:
     def __init__(self, parent: str, tid):
         self.path = os.path.join(parent, "t.%s" % tid)
         if os.path.exists(self.path):
-            shutil.rmtree(self.path, ignore_errors=True)
+            remove_path(self.path)
         os.makedirs(self.path)
 
     def link(self, src: str, remote: str) -> None:
@@ -56,29 +58,59 @@ class Sandbox:
     def remove(self) -> None:
         _remove_tree(self.path)
 
-    def resolve_link(self, p: str, inputs=()) -> None:
-        """An output at p that is a symbolic link becomes a copy of its target, so what is kept is
-        never a link that dangles once the sandbox (or a task-level input) is gone.  The target must
-        be inside the sandbox or one of the task's `inputs` (real paths): a link to anything else on
-        the worker is refused (SandboxError), as is a dangling one."""
-        if not os.path.islink(p):
-            return
-        target = os.path.realpath(p)
+    def resolve(self, p: str, inputs=(), *, copy: bool = False) -> str:
+        """The path to read for output p, refusing (SandboxError) what would read the worker's files:
+        a link -- p itself or one inside a directory p -- may point into the sandbox or one of the
+        task's `inputs` (real paths), nothing else, and not dangle.  copy: links are replaced by
+        copies of their targets (a temp kept in the cache must not depend on the sandbox or a
+        task-level input); else the path of p's target is returned and links inside it are left
+        for the reader to follow (a tar with dereference)."""
         roots = [os.path.realpath(self.path)] + list(inputs)
+        if os.path.islink(p):
+            target = self._target(p, p, roots)
+            if not copy:
+                p = target
+            else:
+                _copy_over(target, p)
+        if os.path.isdir(p) and not os.path.islink(p):
+            top = os.path.realpath(p)
+            for d, dirs, files in os.walk(p):
+                for name in dirs + files:
+                    q = os.path.join(d, name)
+                    if not os.path.islink(q):
+                        continue
+                    real = os.path.realpath(q)
+                    if real == top or real.startswith(top + os.sep):
+                        continue            # stays inside the output: kept as a link
+                    target = self._target(q, p, roots)
+                    if copy:
+                        _copy_over(target, q)
+        return p
+
+    def _target(self, q, out, roots) -> str:
+        """The real target of link q (inside output `out`), if the task may hand it over."""
+        target = os.path.realpath(q)
+        shown = os.path.relpath(q, self.path)
+        what = "output %r" % shown if q == out else "output %r holds %r, which" % (os.path.relpath(out, self.path), shown)
         if not any(target == r or target.startswith(r + os.sep) for r in roots):
-            raise SandboxError("output %r is a symbolic link to %r, outside the task's sandbox: refused"
-                               % (os.path.relpath(p, self.path), os.readlink(p)))
+            raise SandboxError("%s is a symbolic link to %r, outside the task's sandbox: refused"
+                               % (what, os.readlink(q)))
         if not os.path.exists(target):
-            raise SandboxError("output %r is a dangling symbolic link (to %r)"
-                               % (os.path.relpath(p, self.path), os.readlink(p)))
-        tmp = p + ".vinehpc-copy"
-        if os.path.isdir(target):
-            shutil.copytree(target, tmp, symlinks=True)
-            os.unlink(p)
-            os.rename(tmp, p)
-        else:
-            shutil.copy2(target, tmp)
-            os.replace(tmp, p)
+            raise SandboxError("%s is a dangling symbolic link (to %r)" % (what, os.readlink(q)))
+        return target
+
+
+def _copy_over(target, link):
+    """Replace symbolic link `link` by a copy of `target` (a file or a directory)."""
+    tmp = link + ".vinehpc-copy"
+    if os.path.isdir(target):
+        shutil.copytree(target, tmp, symlinks=True)
+        os.chmod(tmp, 0o755)       # a copy of a read-only input: it must be movable into the cache
+        os.unlink(link)
+        os.rename(tmp, link)
+    else:
+        shutil.copy2(target, tmp)
+        os.replace(tmp, link)
 
 
 def _remove_tree(path: str) -> None:
@@ -87,7 +119,7 @@ def _remove_tree(path: str) -> None:
         with os.scandir(path) as it:
             for e in it:
                 if e.is_dir(follow_symlinks=False):
-                    shutil.rmtree(e.path, ignore_errors=True)
+                    remove_path(e.path)       # (read-only directories too: a copy of an input)
                 else:
                     try:
                         os.unlink(e.path)
@@ -95,4 +127,4 @@ def _remove_tree(path: str) -> None:
                         pass
         os.rmdir(path)
     except OSError:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_path(path)

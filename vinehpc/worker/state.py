@@ -28,9 +28,9 @@ import collections
 from ..protocol import ProtocolError
 from ..protocol.messages import RES
 from .events import (DropTask, Exhausted, FetchURL, FileFailed, FileStored, FunctionReceived, InputFailed,
-                     InputReady, InterpreterDied, KillRequested, KillTask, OnInterpreter, PresentTask, Requeued,
-                     SendCached, SendResult, SessionEnded, StartFailed, StartTask, TaskFinished, TaskReceived,
-                     Tick, Unlink, UnlinkRequested, UnpackImage)
+                     InputReady, InputSpoiled, InterpreterDied, KillRequested, KillTask, OnInterpreter, PresentTask, Requeued,
+                     SendCached, SendResult, SessionEnded, StartFailed, StartTask, TaskFinished,
+                     TaskReceived, Tick, Unlink, UnlinkRequested, UnpackImage)
 
 ORDER = {"task": 0, "workflow": 1, "worker": 2}     # cache levels, weakest first
 DEPTH = 3          # tasks presented to one busy interpreter at most
@@ -72,6 +72,7 @@ class WorkerState:
         self.files = {} if files is None else files
         self.refs = {}             # cache name -> waiting/queued/running tasks naming it
         self.put_errors = {}       # cache name -> (why it could not be stored, the worker's fault?)
+        self.spoiled = {}          # cache name -> why the entry was dropped (a task modified it), until sent again
         self.fns = set()           # function ids received
         self.images = set()        # environment images unpacked (kept across managers)
         self.pending = {}          # (what, cachename) -> [Run waiting for that background work]
@@ -130,6 +131,8 @@ class WorkerState:
                     self.files[n] = i.level
             elif i.kind == "url":
                 self._wait(r, ("url", n), FetchURL(n, i.url))
+            elif n in self.spoiled:     # sent before the manager heard it was dropped: sent again or killed
+                self._wait(r, ("put", n), None)
             else:
                 return self._report(r, "input missing", "input %r (%s) was never sent to this worker" % (i.remote, n))
             if i.kind == "image":
@@ -149,7 +152,8 @@ class WorkerState:
             waiting.append(r)
         else:
             self.pending[key] = [r]
-            self._out.append(cmd)
+            if cmd is not None:
+                self._out.append(cmd)
 
     def _input_ready(self, ev: InputReady):
         if ev.what == "url":
@@ -157,7 +161,9 @@ class WorkerState:
             self._out.append(SendCached(ev.cachename))
         else:
             self.images.add(ev.cachename)
-        key = (ev.what, ev.cachename)
+        self._wake((ev.what, ev.cachename))
+
+    def _wake(self, key):
         for r in self.pending.pop(key, ()):
             if self.runs.get(r.spec.id) is r:
                 r.waiting_for.discard(key)
@@ -176,6 +182,17 @@ class WorkerState:
 
     def _file_stored(self, ev: FileStored):
         self.files[ev.cachename] = ev.level if ev.level in ORDER else "workflow"
+        if self.spoiled.pop(ev.cachename, None) is not None:
+            self._wake(("put", ev.cachename))
+
+    def _input_spoiled(self, ev: InputSpoiled):
+        n = ev.cachename
+        self.files.pop(n, None)
+        self.spoiled[n] = ev.reason
+        for r in list(self.runs.values()):
+            if r.state in ("waiting", "queued") and any(i.cachename == n for i in r.spec.inputs):
+                r.state = "waiting"       # (a queued one is skipped by _start_queued until woken)
+                self._wait(r, ("put", n), None)
 
     def _file_failed(self, ev: FileFailed):
         self.put_errors[ev.cachename] = (ev.reason, ev.worker_fault)
@@ -461,11 +478,12 @@ class WorkerState:
             if level != "worker":
                 self._unlink(n)
         self.put_errors.clear()
+        self.spoiled.clear()
         self.fns.clear()
 
     _HANDLERS = {
         TaskReceived: _task_received, FunctionReceived: _function_received, FileStored: _file_stored,
-        FileFailed: _file_failed, UnlinkRequested: _unlink_requested, InputReady: _input_ready,
+        FileFailed: _file_failed, InputSpoiled: _input_spoiled, UnlinkRequested: _unlink_requested, InputReady: _input_ready,
         InputFailed: _input_failed, OnInterpreter: _on_interpreter, StartFailed: _start_failed,
         TaskFinished: _task_finished, InterpreterDied: _interpreter_died, Exhausted: _exhausted,
         KillRequested: _kill_requested, Tick: _tick, SessionEnded: _session_ended,
