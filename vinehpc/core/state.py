@@ -14,6 +14,7 @@ import copy
 
 from ..scheduler import make as make_policy
 from . import events as ev
+from . import transfers
 from .categories import LEARNED, Category
 from .commands import DropFunction, Drained, KillTask, Log, ResolveFile, TaskFinished, UnlinkFile
 from .placement import schedule
@@ -47,7 +48,9 @@ class Core:
         self.workers = {}                  # wid -> WorkerState
         self.waiters = collections.defaultdict(list)      # file key -> tids waiting for it
         self.producing = collections.defaultdict(set)     # file key -> tids that will write it
-        self.replicas = collections.defaultdict(set)      # temp cachename -> wids holding it
+        # cachename -> wids holding a complete copy (temps; and every file a worker holds or was
+        # sent, the sources of peer transfers -- transfers.py)
+        self.replicas = collections.defaultdict(set)
         self.manager_copy = {}             # temp cachename -> local path (fetched)
         self.fetching = set()              # temp cachenames being fetched to the manager
         self.producer_of = {}              # temp cachename -> producing Task (to recreate it)
@@ -69,6 +72,7 @@ class Core:
         self.drained = False
         self._recovery_ids = -1
         self._recovery_of = {}             # id of a hidden re-run of a producer -> the producer's id
+        self.transfers = transfers.Transfers()   # worker-to-worker transfers (transfers.py)
         self._handlers = {
             ev.Submit: self._submit, ev.Resumed: self._resumed, ev.Cancel: self._cancel, ev.Drain: self._drain,
             ev.WorkerJoined: self._worker_joined, ev.WorkerLost: self._worker_lost,
@@ -79,6 +83,7 @@ class Core:
             ev.SlowMultiplier: lambda e, now: self.slow_multiplier.__setitem__(e.category, e.multiplier),
             ev.ForgetFunction: self._forget_function, ev.Tick: self._tick, ev.Schedule: self._schedule,
             ev.Undeclare: self._undeclare,
+            ev.TransferDone: lambda e, now: transfers.done(self, e.cachename, e.wid, e.ok, now, e.size, e.secs, e.reason),
         }
 
     def handle(self, event, now) -> list:
@@ -322,8 +327,7 @@ class Core:
     def _worker_joined(self, e, now):
         w = self.workers[e.wid] = WorkerState(e.wid, e.info)
         for n in w.cached:
-            if n.startswith("temp-"):
-                self.replicas[n].add(e.wid)
+            self.replicas[n].add(e.wid)
         self._log("worker joined", worker=e.wid, host=w.host, resources=w.total, pid=e.info.get("pid"),
                   cached=len(w.cached), log=e.info.get("log"))
 
@@ -346,6 +350,7 @@ class Core:
                 s.discard(wid)
                 if not s:
                     del self.replicas[n]
+        transfers.worker_lost(self, wid, now)
         requeue = [self.tasks[t] for t in sorted(w.tasks) if t in self.tasks]
         for ts in reversed(requeue):   # keep their order at the front of the queue
             cores = ts.res["cores"]        # before the requeue forgets a whole worker's worth
@@ -364,6 +369,7 @@ class Core:
         w = self.workers.get(e.wid)
         if w is not None:
             w.cached.add(e.cachename)
+            transfers.done(self, e.cachename, e.wid, True, now, e.size)    # a put sent as a transfer
 
     def _file_fetched(self, e, now):
         self.fetching.discard(e.cachename)
@@ -385,6 +391,8 @@ class Core:
 
     def _put_failed(self, e, now):
         """A file could not be sent: the worker does not have it after all."""
+        if transfers.put_failed(self, e.cachename, e.wid, now):
+            return
         w = self.workers.get(e.wid)
         if w is not None:
             w.cached.discard(e.cachename)
@@ -437,6 +445,8 @@ class Core:
             for n in res.get("temps") or ():
                 w.cached.add(n)
                 self.replicas[n].add(wid)
+            for n, (size, digest) in (res.get("sums") or {}).items():
+                self.transfers.temps[n] = (size, digest)
         status = res.get("status", "failed")
         cat = self.category(ts.task.category)
         cat.record(ts.measured, ts.res, ts.wall, status == "success", task=tid)

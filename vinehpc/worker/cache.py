@@ -7,11 +7,14 @@ decides; this module only does the file work.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import stat
 import urllib.parse
 import urllib.request
 
+from ..comm import peer
 from ..comm.receive import Incoming, remove_path
 from .events import check_cachename
 
@@ -81,6 +84,30 @@ class Cache:
             raise ValueError("cannot fetch %r: only http, https and file URLs" % url)
         os.chmod(part, 0o555)      # executable, as in TaskVine: a URL may be the `./script.sh` a task runs
         os.replace(part, os.path.join(self.root, n))
+
+    def fetch_peer(self, n: str, host: str, port: int, secret: str, size: int, digest) -> int:
+        """Get n from another worker into the cache (a helper thread); the bytes received.
+        Raises comm.peer.TransferError: nothing stays behind."""
+        part = os.path.join(self.root, ".peer-" + check_cachename(n))
+        got = peer.fetch(host, port, secret, n, part, size, digest)
+        os.chmod(part, 0o555)      # as a URL's: the source's mode bits do not travel, an input may be a program
+        os.replace(part, os.path.join(self.root, n))
+        return got
+
+    def sums(self, names) -> dict:
+        """{name: [size, "sha256:HEX"]} of the entries that are plain files (a task's temp outputs,
+        measured once as they are kept: a peer's copy is checked against it, never against what
+        the serving worker's disk holds later).  Hashing costs ~1 ms per MB, on the worker's loop."""
+        out = {}
+        for n in names:
+            try:
+                with open(self.path(n), "rb") as f:
+                    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                        continue
+                    out[n] = [os.fstat(f.fileno()).st_size, "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()[:32]]
+            except OSError:
+                continue
+        return out
 
     def remove(self, n: str) -> None:
         remove_path(self.path(n))

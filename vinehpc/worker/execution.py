@@ -258,6 +258,9 @@ class Execution:
             ctl["stdout"] = c.stdout
         if temps:
             ctl["temps"] = temps
+            sums = self.cache.sums(temps)
+            if sums:
+                ctl["sums"] = sums
         if h is not None and h.mon is not None:
             ctl["measured"] = h.mon.measured(c.wall)
         if c.exhausted:

@@ -27,10 +27,10 @@ import collections
 
 from ..protocol import ProtocolError
 from ..protocol.messages import RES
-from .events import (DropTask, Exhausted, FetchURL, FileFailed, FileStored, FunctionReceived, InputFailed,
-                     InputReady, InterpreterDied, KillRequested, KillTask, OnInterpreter, PresentTask, Requeued,
-                     SendCached, SendResult, SessionEnded, StartFailed, StartTask, TaskFinished, TaskReceived,
-                     Tick, Unlink, UnlinkRequested, UnpackImage)
+from .events import (DropTask, Exhausted, FetchPeer, FetchRequested, FetchURL, FileFailed, FileStored,
+                     FunctionReceived, InputFailed, InputReady, InterpreterDied, KillRequested, KillTask, OnInterpreter,
+                     PeerFetched, PresentTask, Requeued, SendCached, SendFetched, SendResult, SessionEnded,
+                     StartFailed, StartTask, TaskFinished, TaskReceived, Tick, Unlink, UnlinkRequested, UnpackImage)
 
 ORDER = {"task": 0, "workflow": 1, "worker": 2}     # cache levels, weakest first
 DEPTH = 3          # tasks presented to one busy interpreter at most
@@ -75,6 +75,9 @@ class WorkerState:
         self.fns = set()           # function ids received
         self.images = set()        # environment images unpacked (kept across managers)
         self.pending = {}          # (what, cachename) -> [Run waiting for that background work]
+        # cachename -> its cache level, for files being fetched from a peer (FetchRequested); a
+        # task whose input is `expect`ed waits on ("peer", name) until a fetch or a put brings it
+        self.fetching = {}
         self.runs = {}             # tid -> Run
         self.queue = collections.deque()
         self.presented = {}        # busy interpreter -> deque of the Runs it runs next, in order
@@ -128,6 +131,11 @@ class WorkerState:
             if n in self.files:
                 if ORDER.get(i.level, 0) > ORDER[self.files[n]]:   # the strongest level asked for wins
                     self.files[n] = i.level
+            elif n in spec.expect or ("peer", n) in self.pending:
+                # on its way (a fetch from a peer, or a put): the fetch that brings it is the
+                # manager's to order (and to order again from elsewhere if this one fails)
+                r.waiting_for.add(("peer", n))
+                self.pending.setdefault(("peer", n), []).append(r)
             elif i.kind == "url":
                 self._wait(r, ("url", n), FetchURL(n, i.url))
             else:
@@ -157,7 +165,10 @@ class WorkerState:
             self._out.append(SendCached(ev.cachename))
         else:
             self.images.add(ev.cachename)
-        key = (ev.what, ev.cachename)
+        self._arrived((ev.what, ev.cachename))
+
+    def _arrived(self, key):
+        """The background work or transfer `key` is done: the tasks that waited only for it queue."""
         for r in self.pending.pop(key, ()):
             if self.runs.get(r.spec.id) is r:
                 r.waiting_for.discard(key)
@@ -176,6 +187,28 @@ class WorkerState:
 
     def _file_stored(self, ev: FileStored):
         self.files[ev.cachename] = ev.level if ev.level in ORDER else "workflow"
+        self._arrived(("peer", ev.cachename))      # the manager sent it itself (no peer could)
+
+    def _fetch_requested(self, ev: FetchRequested):
+        n = ev.cachename
+        if n in self.files:
+            self._out.append(SendFetched(n, True, ev.size, 0.0, "already held"))
+            return
+        if n in self.fetching:
+            return          # one fetch at a time: the manager orders another only after `fetched`
+        self.fetching[n] = ev.level if ev.level in ORDER else "workflow"
+        self.pending.setdefault(("peer", n), [])
+        self._out.append(FetchPeer(n, ev.host, ev.port, ev.size, ev.digest))
+
+    def _peer_fetched(self, ev: PeerFetched):
+        n = ev.cachename
+        level = self.fetching.pop(n, None)
+        self._out.append(SendFetched(n, ev.ok, ev.size, ev.secs, ev.reason))
+        if ev.ok and level is not None:
+            self.files[n] = level
+            self._arrived(("peer", n))
+        # failed: the tasks keep waiting; the manager orders the file from another source (or
+        # the manager sends it, or it requeues them): a failed transfer never fails a task
 
     def _file_failed(self, ev: FileFailed):
         self.put_errors[ev.cachename] = (ev.reason, ev.worker_fault)
@@ -462,6 +495,7 @@ class WorkerState:
                 self._unlink(n)
         self.put_errors.clear()
         self.fns.clear()
+        self.pending = {k: v for k, v in self.pending.items() if k[0] != "peer"}
 
     _HANDLERS = {
         TaskReceived: _task_received, FunctionReceived: _function_received, FileStored: _file_stored,
@@ -469,4 +503,5 @@ class WorkerState:
         InputFailed: _input_failed, OnInterpreter: _on_interpreter, StartFailed: _start_failed,
         TaskFinished: _task_finished, InterpreterDied: _interpreter_died, Exhausted: _exhausted,
         KillRequested: _kill_requested, Tick: _tick, SessionEnded: _session_ended,
+        FetchRequested: _fetch_requested, PeerFetched: _peer_fetched,
     }
