@@ -538,7 +538,7 @@ class Server:
             self._feed(FileFetched(n, f.dest), now)
 
     def _on_fetched(self, p, msg, ctl, now):
-        self._feed(TransferDone(p.wid, msg.cn, msg.ok, msg.size or 0, msg.secs, msg.reason), now)
+        self._feed(TransferDone(p.wid, msg.cn, msg.ok, msg.size or 0, msg.secs, msg.reason, bool(msg.mine)), now)
 
     _handlers = {messages.Pong: _on_pong, messages.Ping: _on_ping, messages.Cached: _on_cached,
                  messages.Error: _on_error, messages.Result: _on_result, messages.Outfile: _on_outfile,

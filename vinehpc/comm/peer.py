@@ -36,7 +36,12 @@ DIGESTS = {"sha256": lambda: hashlib.sha256(), "blake2b16": lambda: hashlib.blak
 
 
 class TransferError(Exception):
-    """A fetch did not bring a good copy (the source refused, died, stalled, sent other bytes)."""
+    """A fetch did not bring a good copy (the source refused, died, stalled, sent other bytes);
+    `local`: the fetching worker could not write it (its disk), whatever the source."""
+
+    def __init__(self, why, local=False):
+        super().__init__(why)
+        self.local = local
 
 
 # ---------------------------------------------------------------- sockets (the one place)
@@ -196,7 +201,12 @@ def fetch(host: str, port: int, secret: str, n: str, part: str, size: int, diges
         raise TransferError("cannot connect to %s:%d: %s" % (host, port, e)) from None
     got = 0
     try:
-        with sock, open(part, "wb") as out:
+        out = open(part, "wb")
+    except OSError as e:
+        sock.close()
+        raise TransferError("cannot write %s: %s" % (part, e), local=True) from None
+    try:
+        with sock, out:
             sock.settimeout(min(stall, HANDSHAKE_TIMEOUT))
             rest = _answer(sock, secret)
             sock.settimeout(stall)
@@ -210,7 +220,10 @@ def fetch(host: str, port: int, secret: str, n: str, part: str, size: int, diges
                 if m.cn != n or m.off != got or m.size != size:
                     raise TransferError("the source sent %s at %d of %d bytes, expected %s at %d of %d"
                                         % (m.cn[:80], m.off, m.size, n, got, size))
-                out.write(m.data)
+                try:
+                    out.write(m.data)
+                except OSError as e:
+                    raise TransferError("cannot write %s: %s" % (part, e), local=True) from None
                 if check is not None:
                     check[0].update(m.data)
                 got += len(m.data)

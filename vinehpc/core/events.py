@@ -77,6 +77,7 @@ class TransferDone:
     size: int = 0
     secs: float | None = None    # the worker's measure
     reason: str | None = None
+    mine: bool = False           # the failure was the fetching worker's own (its disk): not retried there
 
 
 @dataclass(slots=True)

@@ -83,7 +83,8 @@ class Core:
             ev.SlowMultiplier: lambda e, now: self.slow_multiplier.__setitem__(e.category, e.multiplier),
             ev.ForgetFunction: self._forget_function, ev.Tick: self._tick, ev.Schedule: self._schedule,
             ev.Undeclare: self._undeclare,
-            ev.TransferDone: lambda e, now: transfers.done(self, e.cachename, e.wid, e.ok, now, e.size, e.secs, e.reason),
+            ev.TransferDone: lambda e, now: transfers.done(self, e.cachename, e.wid, e.ok, now, e.size, e.secs, e.reason,
+                                                           e.mine),
         }
 
     def handle(self, event, now) -> list:
@@ -121,7 +122,7 @@ class Core:
 
     def worker_list(self) -> list:
         return [{"id": w.wid, "host": w.host, "resources": dict(w.total), "running": len(w.tasks),
-                 "cached": len(w.cached)} for w in self.workers.values()]
+                 "cached": len(w.cached), "port": w.info.get("port")} for w in self.workers.values()]
 
     def category(self, name) -> Category:
         c = self.categories.get(name)
@@ -329,7 +330,7 @@ class Core:
         for n in w.cached:
             self.replicas[n].add(e.wid)
         self._log("worker joined", worker=e.wid, host=w.host, resources=w.total, pid=e.info.get("pid"),
-                  cached=len(w.cached), log=e.info.get("log"))
+                  cached=len(w.cached), log=e.info.get("log"), port=e.info.get("port"))
 
     def _forget_function(self, e, now):
         # w.fns keeps the fid: the worker keeps the bytes and reloads them if a call comes again

@@ -161,8 +161,10 @@ def _start(core, n, dest, want, source, now):
                           want.level, want.digest))
 
 
-def done(core, n, dest, ok, now, size=0, secs=None, reason=None) -> None:
-    """A transfer of n to dest ended (the worker's `fetched`, or its `cached` after a put)."""
+def done(core, n, dest, ok, now, size=0, secs=None, reason=None, mine=False) -> None:
+    """A transfer of n to dest ended (the worker's `fetched`, or its `cached` after a put).
+    `mine`: dest could not store it: no other source is asked, its tasks come back from it as
+    the worker's failures (run elsewhere, no retry spent)."""
     t = core.transfers
     want = t.wants.get((n, dest))
     if want is None or want.source is None:
@@ -178,6 +180,9 @@ def done(core, n, dest, ok, now, size=0, secs=None, reason=None) -> None:
         if w is not None:
             core.replicas[n].add(dest)
             w.cached.add(n)
+    elif mine:
+        del t.wants[(n, dest)]
+        core._log("transfer failed", reason=reason, **record)
     else:
         core._log("transfer failed", reason=reason, **record)
         want.source = None

@@ -398,6 +398,7 @@ class Fetched(Message):
     size = opt(Int())
     secs = opt(Num())
     reason = opt(Str(TEXT))
+    mine = opt(Bool)            # failed on the fetching worker's side (its disk full): no other source helps
 
 
 # ---- both ways

@@ -140,6 +140,7 @@ class PeerFetched:
     size: int = 0
     secs: float = 0.0
     reason: str | None = None
+    local: bool = False             # failed on this worker's side (its disk): not the source's fault
 
 
 @dataclass
@@ -223,6 +224,7 @@ class SendFetched:
     size: int = 0
     secs: float = 0.0
     reason: str | None = None
+    local: bool = False
 
 
 @dataclass

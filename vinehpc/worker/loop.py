@@ -140,7 +140,8 @@ class Loop:
             log.warning("could not fetch %s from a peer: %s", c.cachename, c.reason)
         if self.conn is not None:
             self.conn.send_msg(messages.Fetched(cn=c.cachename, ok=c.ok, size=c.size if c.ok else None,
-                                                secs=round(c.secs, 6) if c.ok else None, reason=c.reason))
+                                                secs=round(c.secs, 6) if c.ok else None, reason=c.reason,
+                                                mine=c.local or None))
 
     def _do_unpack(self, c):
         from sysimage_tools.deploy import ensure_local   # only workers that run images need it
@@ -166,7 +167,8 @@ class Loop:
             what, n, fut = self.fetched.popleft()
             err = fut.exception()
             if what == "peer":
-                self.feed(PeerFetched(n, True, *fut.result()) if err is None else PeerFetched(n, False, reason=str(err)))
+                self.feed(PeerFetched(n, True, *fut.result()) if err is None else
+                          PeerFetched(n, False, reason=str(err), local=getattr(err, "local", False)))
                 continue
             if err is not None:
                 self.feed(InputFailed(what, n, str(err)))
@@ -327,12 +329,16 @@ class Loop:
     def _on_put(self, m):
         n = m.cn
         if n in self.state.put_errors:
+            if m.last and m.ack:
+                self.conn.send_msg(messages.Fetched(cn=n, ok=False, reason=self.state.put_errors[n][0], mine=True))
             return
         try:
             stored = self.cache.put_chunk(n, m.data, m.last, m.kind, 0o444 if m.mode is None else m.mode)
         except (OSError, tarfile.TarError) as e:   # disk full, quota: the tasks that need it fail, the worker goes on
             why = "cannot store input %s on worker %s: %s" % (n, self.hostname, e)
             log.error("%s", why)
+            if m.ack:       # a transfer the manager counts: it ended, with no copy here
+                self.conn.send_msg(messages.Fetched(cn=n, ok=False, reason=why, mine=True))
             return self.feed(FileFailed(n, why, worker_fault=isinstance(e, OSError)))
         if stored:
             self.feed(FileStored(n, m.level))

@@ -194,6 +194,9 @@ class WorkerState:
         if n in self.files:
             self._out.append(SendFetched(n, True, ev.size, 0.0, "already held"))
             return
+        if n in self.put_errors:
+            self._out.append(SendFetched(n, False, reason=self.put_errors[n][0], local=True))
+            return
         if n in self.fetching:
             return          # one fetch at a time: the manager orders another only after `fetched`
         self.fetching[n] = ev.level if ev.level in ORDER else "workflow"
@@ -203,15 +206,25 @@ class WorkerState:
     def _peer_fetched(self, ev: PeerFetched):
         n = ev.cachename
         level = self.fetching.pop(n, None)
-        self._out.append(SendFetched(n, ev.ok, ev.size, ev.secs, ev.reason))
+        self._out.append(SendFetched(n, ev.ok, ev.size, ev.secs, ev.reason, ev.local))
         if ev.ok and level is not None:
             self.files[n] = level
             self._arrived(("peer", n))
+        elif ev.local:
+            self._cannot_store(n, "cannot store input %s: %s" % (n, ev.reason), True)
         # failed: the tasks keep waiting; the manager orders the file from another source (or
         # the manager sends it, or it requeues them): a failed transfer never fails a task
 
     def _file_failed(self, ev: FileFailed):
-        self.put_errors[ev.cachename] = (ev.reason, ev.worker_fault)
+        self._cannot_store(ev.cachename, ev.reason, ev.worker_fault)
+
+    def _cannot_store(self, n, why, fault):
+        """n cannot be kept here: the tasks that wait for it, and those that come for it, fail
+        "input missing" (the worker's fault: they run elsewhere without spending a retry)."""
+        self.put_errors[n] = (why, fault)
+        for r in self.pending.pop(("peer", n), ()):
+            if self.runs.get(r.spec.id) is r:
+                self._report(r, "input missing", why, worker_fault=fault)
 
     def _unlink_requested(self, ev: UnlinkRequested):
         self._unlink(ev.cachename)
