@@ -252,6 +252,33 @@ def test_source_killed_mid_transfer_the_task_still_succeeds_without_a_retry(make
     assert not [r for r in recs if r["event"] in ("retry", "requeued", "failed")]
 
 
+@pytest.mark.timeout(120)
+def test_source_stalled_mid_transfer_is_given_up_and_served_by_another(make_manager, tmp_path, monkeypatch):
+    monkeypatch.setenv("VINEHPC_TRANSFER_STALL", "1")       # the workers' setting: give up after 1 s of silence
+    m = ready(make_manager, 2)
+    a, b = sorted(joined(m))
+    src = tmp_path / "in.bin"
+    src.write_bytes(os.urandom(128 << 20))
+    f = m.declare_file(src, cache=True)
+    run_pinned(m, f, a)
+    wait_all(m, 1, timeout=60)
+    part = os.path.join(cache_dir(joined(m)[b]), ".peer-" + f.cachename())
+    t = run_pinned(m, f, b)
+    poll(lambda: os.path.exists(part), 30, "worker %s's fetch from worker %s to begin" % (b, a), interval=0.001, m=m)
+    pid_a = joined(m)[a]["pid"]
+    os.kill(pid_a, signal.SIGSTOP)           # the source hangs mid-file (and stays connected to the manager)
+    try:
+        (done,) = wait_all(m, 1, timeout=60).values()
+    finally:
+        os.kill(pid_a, signal.SIGCONT)
+    assert done is t and t.successful() and t.attempts == 1, (t.result, t.reason)
+    assert t.std_output.split()[0] == md5(src)
+    recs = read_journal(m)
+    stalled = [r for r in recs if r["event"] == "transfer failed" and r["dest"] == b]
+    assert stalled and stalled[0]["source"] == a and "stalled" in stalled[0]["reason"], stalled
+    assert [r["source"] for r in recs if r["event"] == "transfer" and r["dest"] == b] == ["manager"]
+
+
 @pytest.mark.timeout(60)
 def test_stranger_without_the_secret_is_refused_at_the_transfer_port(make_manager, tmp_path):
     m = ready(make_manager, 1)
@@ -277,9 +304,11 @@ def test_stranger_without_the_secret_is_refused_at_the_transfer_port(make_manage
         s.sendall(messages.encode_bytes(messages.Want(cn=f.cachename())))
         got = read_to_eof(s)
     assert b"secret data" not in got and messages.decoder().feed(got)[0][0] == "hello"
-    recs = poll(lambda: [r for r in read_journal(m, "worker error") if "refused a transfer" in r["reason"]],
-                15, "the refusals in the journal", m=m)
-    assert len(recs) == 2 and "wrong secret" in recs[0]["reason"], recs
+    def refusals():
+        recs = [r for r in read_journal(m, "worker error") if "refused a transfer" in r["reason"]]
+        return recs if len(recs) >= 2 else None
+    recs = poll(refusals, 15, "both refusals in the journal", m=m)
+    assert len(recs) == 2 and "wrong secret" in recs[0]["reason"] and "expected auth" in recs[1]["reason"], recs
 
 
 @pytest.mark.timeout(90)

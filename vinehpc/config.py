@@ -72,6 +72,9 @@ class Settings:
     mpi_init_timeout: float = 300.0
     grace: float = 60.0                   # VINEHPC_GRACE: seconds running tasks get after a pilot's walltime warning
     manager_host: str | None = None       # VINEHPC_MANAGER_HOST: the pilot manager's address for other hosts
+    # VINEHPC_TRANSFER_STALL: seconds without a byte after which a worker gives up a fetch from a peer
+    # (the manager then asks another source)
+    transfer_stall: float = 15.0
     slurm: Slurm = field(default_factory=Slurm)
 
     @classmethod
@@ -88,5 +91,6 @@ class Settings:
                    mpi_init_timeout=_float(env, "VINEHPC_MPI_INIT_TIMEOUT", 300.0),
                    grace=_float(env, "VINEHPC_GRACE", 60.0),
                    manager_host=env.get("VINEHPC_MANAGER_HOST") or None,
+                   transfer_stall=_float(env, "VINEHPC_TRANSFER_STALL", 15.0),
                    slurm=Slurm.from_env(env))
 

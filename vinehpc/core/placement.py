@@ -263,6 +263,8 @@ def _dispatch(core, ts, w, now):
                 transfers.request(core, f, n, size, w, now)
             else:
                 out.append(PutFile(w.wid, f, n, core.manager_copy.get(n) if f.kind == "temp" else None))
+                if f.kind == "temp":       # its size as its producer measured it (the name says nothing)
+                    size = core.transfers.temps.get(n, (size,))[0]
                 core._log("put", worker=w.wid, file=n, size=size, task=task.id)
             if f.cache != "task":
                 w.cached.add(n)

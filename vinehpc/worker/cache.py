@@ -85,11 +85,11 @@ class Cache:
         os.chmod(part, 0o555)      # executable, as in TaskVine: a URL may be the `./script.sh` a task runs
         os.replace(part, os.path.join(self.root, n))
 
-    def fetch_peer(self, n: str, host: str, port: int, secret: str, size: int, digest) -> int:
+    def fetch_peer(self, n: str, host: str, port: int, secret: str, size: int, digest, stall: float) -> int:
         """Get n from another worker into the cache (a helper thread); the bytes received.
         Raises comm.peer.TransferError: nothing stays behind."""
         part = os.path.join(self.root, ".peer-" + check_cachename(n))
-        got = peer.fetch(host, port, secret, n, part, size, digest)
+        got = peer.fetch(host, port, secret, n, part, size, digest, stall)
         os.chmod(part, 0o555)      # as a URL's: the source's mode bits do not travel, an input may be a program
         os.replace(part, os.path.join(self.root, n))
         return got

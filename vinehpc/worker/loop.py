@@ -17,7 +17,7 @@ import socket
 import tarfile
 import time
 
-from ..comm import file_chunks
+from ..comm import file_chunks, peer
 from ..protocol import ProtocolError, messages
 from .cache import Cache
 from .events import (DropTask, FetchPeer, FetchRequested, FetchURL, FileFailed, FileStored, FunctionReceived,
@@ -57,6 +57,7 @@ class Loop:
         self.fetched = collections.deque()     # (what, cachename, future) handed over by helper threads
         self.notices = collections.deque()     # what the transfer server's threads want told to the manager
         self.secret = None         # the run's secret (peer fetches prove it), set by Worker
+        self.stall = peer.STALL    # seconds without a byte before a fetch from a peer is given up (Worker: settings)
         self.files_server = None   # comm.peer.FileServer: this worker's cache served to its peers (Worker)
         self.state = WorkerState(total, gpu_ids, files=self.cache.entries)
         self.exec = Execution(self.sel, self.pool, self.cache, self.guard, workdir=workdir, hostname=hostname,
@@ -130,7 +131,7 @@ class Loop:
     def _fetch_peer(self, c):
         """(helper thread) The file from the worker at c.host:c.port; (bytes, seconds)."""
         t0 = time.monotonic()
-        got = self.cache.fetch_peer(c.cachename, c.host, c.port, self.secret, c.size, c.digest)
+        got = self.cache.fetch_peer(c.cachename, c.host, c.port, self.secret, c.size, c.digest, self.stall)
         return got, time.monotonic() - t0
 
     def _do_fetched(self, c):

@@ -64,6 +64,7 @@ class Worker(Loop):
         super().__init__(workdir=workdir, total=total, gpu_ids=ids, hostname=self.hostname, reconnect=reconnect,
                          default_image=default_image)
         self.secret = secret
+        self.stall = settings.transfer_stall
         # its cache, served to the run's other workers (the manager says who fetches what from whom)
         self.files_server = FileServer(secret, self.serve_path, self.notice)
         # log_dir: where the log is copied when the worker exits (its workdir may be removed then)
