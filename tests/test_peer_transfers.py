@@ -356,3 +356,18 @@ def test_temps_move_worker_to_worker_never_through_the_manager(make_manager):
     assert not [r for r in recs if r["event"] in ("fetch temp", "put") and r.get("file") == temp.cachename()]
     assert m.stats["bytes_received"] == 0             # not a temp byte came through the manager
     assert m.fetch_file(temp) and m.stats["bytes_received"] > 0    # and brought back on request
+
+
+def test_declared_without_peer_transfer_always_from_the_manager(tmp_path):
+    import vinehpc
+    sim = Sim()
+    src = tmp_path / "x"
+    src.write_bytes(b"x" * 100)
+    f = vinehpc.Manager.declare_file(None, str(src), cache=True, peer_transfer=False)
+    join_all(sim, 2)
+    sim.core.replicas[f.cachename()] |= {1}
+    sim.core.workers[1].cached.add(f.cachename())
+    sim.submit(new_task().add_input(f, "in"), pin=2)
+    sim.schedule()
+    cmds = sim.take()
+    assert [(c.wid, c.ack) for c in of(cmds, PutFile)] == [(2, False)] and not of(cmds, Fetch)

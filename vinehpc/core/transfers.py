@@ -54,12 +54,14 @@ def peerable(core, f, n) -> bool:
     """Does this input travel by transfer?  Plain files kept beyond their task (named after their
     sha256, so a copy can be checked) and temps.  Not: buffers (they ride in one message), URLs
     (workers fetch them), directories and images (they travel as tars), task-level files (the
-    worker drops them when the task ends: a holder would be gone before it could serve)."""
+    worker drops them when the task ends: a holder would be gone before it could serve), files
+    declared with peer_transfer=False."""
     if not core.transfers.enabled:
         return False
     if f.kind == "temp":
         return n in core.transfers.temps      # a plain file its producer measured (not a directory)
-    return f.kind == "file" and f.image is None and f.cache != "task" and n.startswith("file-")
+    return (f.kind == "file" and f.peer_transfer and f.image is None and f.cache != "task"
+            and n.startswith("file-"))
 
 
 def request(core, f, n, size, w, now) -> None:
