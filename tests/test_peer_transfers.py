@@ -13,11 +13,15 @@ import time
 
 import pytest
 
+import vinehpc
 from vinehpc import Task
 from vinehpc.core.commands import Fetch, KillTask, PutFile, SendTask
 from vinehpc.core.events import FileCached, TransferDone, WorkerLost
 from vinehpc.file import Temp
 from vinehpc.protocol import auth, messages, wire
+from vinehpc.worker.events import (FetchPeer, FetchRequested, FileFailed, FileStored, Input, PeerFetched,
+                                   SendFetched, SendResult, StartTask, TaskReceived, TaskSpec)
+from vinehpc.worker.state import WorkerState
 
 from conftest import diagnose, poll, read_journal, wait_all
 from test_core import Sim, infile_factory, logs, new_task, of
@@ -359,7 +363,6 @@ def test_temps_move_worker_to_worker_never_through_the_manager(make_manager):
 
 
 def test_declared_without_peer_transfer_always_from_the_manager(tmp_path):
-    import vinehpc
     sim = Sim()
     src = tmp_path / "x"
     src.write_bytes(b"x" * 100)
@@ -371,3 +374,44 @@ def test_declared_without_peer_transfer_always_from_the_manager(tmp_path):
     sim.schedule()
     cmds = sim.take()
     assert [(c.wid, c.ack) for c in of(cmds, PutFile)] == [(2, False)] and not of(cmds, Fetch)
+
+
+# ====================================================================== the worker's side, by events
+
+def peer_task(tid, n):
+    return TaskSpec(tid, "cat in", None, inputs=(Input(n, "in", "file", "workflow", None),),
+                    res={"cores": 1, "memory": 0, "disk": 0, "gpus": 0}, expect=(n,), report_start=True)
+
+
+def test_worker_waits_for_an_expected_input_and_starts_when_it_arrives():
+    st = WorkerState({"cores": 2, "memory": 0, "disk": 0, "gpus": 0})
+    n = "file-" + "ab" * 16
+    out = st.handle(FetchRequested(n, "10.0.0.1", 4000, 5, "workflow", "sha256:" + "ab" * 16), 0.0)
+    assert [type(c) for c in out] == [FetchPeer]
+    assert st.handle(TaskReceived(peer_task(1, n)), 0.0) == []          # waits: no "input missing"
+    assert st.handle(TaskReceived(peer_task(2, n)), 0.0) == []
+    out = st.handle(PeerFetched(n, False, reason="stalled"), 1.0)
+    assert [(type(c), c.ok) for c in out] == [(SendFetched, False)]    # the tasks keep waiting
+    assert st.handle(FetchRequested(n, "10.0.0.2", 4000, 5, "workflow", None), 1.0)[0].host == "10.0.0.2"
+    out = st.handle(PeerFetched(n, True, 5, 0.1), 2.0)
+    assert out[0] == SendFetched(n, True, 5, 0.1, None, False)
+    assert sorted(c.spec.id for c in out if isinstance(c, StartTask)) == [1, 2] and st.files[n] == "workflow"
+    # held now: a fetch asked again is answered at once
+    assert st.handle(FetchRequested(n, "10.0.0.2", 4000, 5, "workflow", None), 3.0) == [
+        SendFetched(n, True, 5, 0.0, "already held")]
+
+
+def test_worker_takes_the_managers_put_instead_and_a_full_disk_fails_its_waiters_as_its_fault():
+    st = WorkerState({"cores": 2, "memory": 0, "disk": 0, "gpus": 0})
+    n, m = "file-" + "cd" * 16, "file-" + "ef" * 16
+    st.handle(TaskReceived(peer_task(1, n)), 0.0)
+    out = st.handle(FileStored(n, "workflow"), 1.0)                   # the manager sent it itself
+    assert [c.spec.id for c in out if isinstance(c, StartTask)] == [1]
+    st.handle(FetchRequested(m, "10.0.0.1", 4000, 5, "workflow", None), 0.0)
+    st.handle(TaskReceived(peer_task(2, m)), 0.0)
+    out = st.handle(PeerFetched(m, False, reason="No space left on device", local=True), 1.0)
+    assert out[0].local and not out[0].ok
+    (r,) = [c for c in out if isinstance(c, SendResult)]
+    assert (r.tid, r.status, r.worker_fault) == (2, "input missing", True)
+    out = st.handle(FileFailed(m, "disk full"), 2.0)                 # (a later put fails too: nothing waits)
+    assert not [c for c in out if isinstance(c, SendResult)]

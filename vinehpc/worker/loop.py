@@ -58,7 +58,6 @@ class Loop:
         self.notices = collections.deque()     # what the transfer server's threads want told to the manager
         self.secret = None         # the run's secret (peer fetches prove it), set by Worker
         self.stall = peer.STALL    # seconds without a byte before a fetch from a peer is given up (Worker: settings)
-        self.files_server = None   # comm.peer.FileServer: this worker's cache served to its peers (Worker)
         self.state = WorkerState(total, gpu_ids, files=self.cache.entries)
         self.exec = Execution(self.sel, self.pool, self.cache, self.guard, workdir=workdir, hostname=hostname,
                               default_image=default_image)
@@ -331,20 +330,24 @@ class Loop:
         n = m.cn
         if n in self.state.put_errors:
             if m.last and m.ack:
-                self.conn.send_msg(messages.Fetched(cn=n, ok=False, reason=self.state.put_errors[n][0], mine=True))
+                self._not_stored(n, self.state.put_errors[n][0])
             return
         try:
             stored = self.cache.put_chunk(n, m.data, m.last, m.kind, 0o444 if m.mode is None else m.mode)
         except (OSError, tarfile.TarError) as e:   # disk full, quota: the tasks that need it fail, the worker goes on
             why = "cannot store input %s on worker %s: %s" % (n, self.hostname, e)
             log.error("%s", why)
-            if m.ack:       # a transfer the manager counts: it ended, with no copy here
-                self.conn.send_msg(messages.Fetched(cn=n, ok=False, reason=why, mine=True))
+            if m.ack:
+                self._not_stored(n, why)
             return self.feed(FileFailed(n, why, worker_fault=isinstance(e, OSError)))
         if stored:
             self.feed(FileStored(n, m.level))
             if m.ack:       # a transfer the manager counts: the worker may now serve it to its peers
                 self.conn.send_msg(messages.Cached(cn=n, size=m.size))
+
+    def _not_stored(self, n, why):
+        """A put the manager counts as a transfer (ack) ended with no copy here, by this worker's fault."""
+        self.conn.send_msg(messages.Fetched(cn=n, ok=False, reason=why, mine=True))
 
     def _on_unlink(self, m):
         self.feed(UnlinkRequested(check_cachename(m.cn)))
