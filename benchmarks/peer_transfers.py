@@ -169,13 +169,20 @@ def main():
     off, off_sent, _ = fan_out(tmp, src, args.workers, False)
     on, on_sent, moves = fan_out(tmp, src, args.workers, True, args.limit)
     copies = on_sent / size
-    depth = {}
-    for r in moves:                     # how deep the tree went: hops from the manager
-        depth[r["dest"]] = 1 if r["source"] == "manager" else depth.get(r["source"], 0) + 1
+    parent = {r["dest"]: r["source"] for r in moves}
+
+    def hops(w):                        # how deep the tree went: hops from the manager
+        return 0 if w == "manager" or w not in parent else 1 + hops(parent[w])
+    depth = {w: hops(w) for w in parent}
     print("fan-out of %d MB to %d workers: one worker alone %.2f s; peers off %.2f s, %.1f copies from the manager; "
           "peers on %.2f s, %.1f copies from the manager, %d from workers, tree depth %d"
           % (args.size_mb, args.workers, one, off, off_sent / size, on, copies,
              sum(1 for r in moves if r["source"] != "manager"), max(depth.values(), default=0)))
+
+    if args.limit != 1:
+        chain, chain_sent, chain_moves = fan_out(tmp, src, args.workers, True, 1)
+        print("the same with a source limit of 1 (a chain: each worker serves the next as its copy arrives): "
+              "%.2f s, %.1f copies from the manager" % (chain, chain_sent / size))
 
     via_off, _, t_off = temp_tree(tmp, args.maps, args.temp_mb, args.temp_workers, False)
     via_on, moved_on, t_on = temp_tree(tmp, args.maps, args.temp_mb, args.temp_workers, True)

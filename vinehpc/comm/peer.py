@@ -25,7 +25,6 @@ import time
 
 from ..protocol import ProtocolError, handshake, messages, wire
 from ..protocol.names import check_cachename
-from .conn import FileRange, file_chunks
 
 log = logging.getLogger("vinehpc.worker")
 
@@ -164,28 +163,64 @@ class FileServer:
 
     def _send(self, sock, n, peer):
         try:
-            path = self.resolve(check_cachename(n))
-            fh = open(path, "rb") if path is not None else None
-            if fh is not None and not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                fh.close()
-                fh = None
+            fh, size = self._open(check_cachename(n))
         except (OSError, ValueError) as e:
-            path, fh, why = None, None, str(e)
-        else:
-            why = "not held here"
-        if fh is None:
-            sock.sendall(messages.encode_bytes(messages.Error(cn=n[:200], reason="cannot send %s: %s" % (n[:200], why))))
+            sock.sendall(messages.encode_bytes(messages.Error(cn=n[:200], reason="cannot send %s: %s" % (n[:200], e))))
             return
         try:
-            for bufs in file_chunks(fh, "file", {"cn": n}):
-                for b in bufs:
-                    if isinstance(b, FileRange):     # through the kernel (sendfile), the socket's timeout kept
-                        sock.sendfile(fh, b.offset, b.count)
-                    else:
-                        sock.sendall(b)
+            with fh:
+                _stream(sock, fh, n, size)
             self.served += 1
         except OSError as e:        # the fetcher went away or stalled: its worker reports it to the manager
             log.info("transfer of %s to %s ended early: %s", n, peer, e)
+
+    def _open(self, n):
+        """(open file, its size) of entry n: a complete one, or one still arriving from a peer (its
+        part file, served as it grows: a copy on its way is already a source)."""
+        deadline = time.monotonic() + STALL
+        while True:
+            got = self.resolve(n)
+            if got is None:
+                raise OSError("not held here")
+            path, size = got
+            try:
+                fh = open(path, "rb")
+            except FileNotFoundError:
+                if size is None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)        # its fetch has not begun writing yet, or just completed
+                continue
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                fh.close()
+                raise OSError("not a plain file")
+            return fh, st.st_size if size is None else size
+
+
+def _stream(sock, fh, n, size):
+    """`file` messages of the `size` bytes of fh (sendfile: through the kernel, no copy here), sent
+    as they exist: a file still being written is followed until complete, and given up if its
+    writer stops (no growth for STALL s) or fails (the part file is removed: no link left)."""
+    code, fd = messages.CODES["file"], fh.fileno()
+    off, grew = 0, time.monotonic()
+    while True:
+        st = os.fstat(fd)
+        k = min(min(st.st_size, size) - off, wire.CHUNK)
+        if k > 0 or off == size:
+            last = off + k >= size
+            sock.sendall(wire.encode_head(code, {"cn": n, "off": off, "last": last, "size": size}, [k]))
+            if k:
+                sock.sendfile(fh, off, k)
+            off += k
+            if last:
+                return
+            grew = time.monotonic()
+            continue
+        if st.st_nlink == 0:
+            raise OSError("the copy it was receiving failed")
+        if time.monotonic() - grew > STALL:
+            raise OSError("the copy it was receiving stalled")
+        time.sleep(0.005)
 
 
 # ---------------------------------------------------------------- fetching

@@ -38,13 +38,16 @@ class Want:
 
 
 class Transfers:
-    __slots__ = ("enabled", "limit", "active", "flying", "wants", "waiting", "temps")
+    __slots__ = ("enabled", "limit", "active", "flying", "arriving", "wants", "waiting", "temps")
 
     def __init__(self):
         self.enabled = True       # Manager.enable_peer_transfers / disable_peer_transfers
         self.limit = DEFAULT_LIMIT
         self.active = {}          # source -> transfers in flight from it
         self.flying = {}          # cachename -> transfers of it in flight
+        # cachename -> workers receiving it from a worker now: sources already (a worker serves a
+        # copy as it arrives), so a file flows down a tree or chain without waiting at each hop
+        self.arriving = {}
         self.wants = {}           # (cachename, dest wid) -> Want (waiting or in flight)
         self.waiting = {}         # cachename -> {dest wid: None} (insertion-ordered) with no source yet
         self.temps = {}           # temp cachename -> (size, "sha256:HEX") its producer reported (plain files)
@@ -79,20 +82,24 @@ def request(core, f, n, size, w, now) -> None:
 
 
 def _servers(core, n, dest, want):
-    """Workers that can serve n to dest now, best first (same host, then least busy); and
-    whether any holder exists that could serve later (busy, not failed)."""
+    """Workers that can serve n to dest now, best first (same host, a complete copy, then the
+    least busy); and whether any could serve later (busy, not failed).  A worker still receiving
+    n from a worker counts: it serves what has arrived and follows the rest."""
     t = core.transfers
     host = core.workers[dest].host
+    complete = core.replicas.get(n, ())
     ready, later = [], False
-    for h in core.replicas.get(n, ()):
+    for h in (*complete, *t.arriving.get(n, ())):
         w = core.workers.get(h)
-        if h == dest or w is None or h in want.failed or not w.info.get("port") or (n, h) in t.wants:
+        if h == dest or w is None or h in want.failed or not w.info.get("port"):
             continue
+        if h not in complete and t.wants[(n, h)].source == dest:
+            continue        # it receives n from dest: no cycle
         if t.active.get(h, 0) < t.limit:
             ready.append(w)
         else:
             later = True
-    ready.sort(key=lambda w: (w.host != host, t.active.get(w.wid, 0), w.wid))
+    ready.sort(key=lambda w: (w.host != host, w.wid not in complete, t.active.get(w.wid, 0), w.wid))
     return ready, later
 
 
@@ -158,6 +165,7 @@ def _start(core, n, dest, want, source, now):
                                 ack=True))
         core._log("put", worker=dest, file=n, size=want.size)
         return
+    t.arriving.setdefault(n, set()).add(dest)
     w = core.workers[source]
     core.out.append(Fetch(dest, n, w.info["addr"].rsplit(":", 1)[0].strip("[]"), w.info["port"], want.size,
                           want.level, want.digest))
@@ -173,6 +181,7 @@ def done(core, n, dest, ok, now, size=0, secs=None, reason=None, mine=False) -> 
         return
     source = want.source
     _release(t, n, source)
+    _arrived(t, n, dest)
     record = {"file": n, "source": source, "dest": dest, "bytes": size if ok else 0,
               "secs": round(secs if secs is not None else now - want.since, 6)}
     if ok:
@@ -202,6 +211,15 @@ def _release(t, n, source):
             d.pop(k, None)
 
 
+def _arrived(t, n, dest):
+    """dest no longer receives n (done, failed or lost)."""
+    s = t.arriving.get(n)
+    if s is not None:
+        s.discard(dest)
+        if not s:
+            del t.arriving[n]
+
+
 def _pump_after(core, n, source, now):
     """A slot of `source` is free (and n may have a new holder): start what waited for either."""
     _pump(core, n, now)
@@ -220,6 +238,7 @@ def worker_lost(core, wid, now) -> None:
         want = t.wants.pop(key)
         if want.source is not None:
             _release(t, key[0], want.source)
+            _arrived(t, key[0], wid)
             freed.add((key[0], want.source))
         else:
             t.waiting.get(key[0], {}).pop(wid, None)

@@ -88,11 +88,15 @@ class Cache:
     def fetch_peer(self, n: str, host: str, port: int, secret: str, size: int, digest, stall: float) -> int:
         """Get n from another worker into the cache (a helper thread); the bytes received.
         Raises comm.peer.TransferError: nothing stays behind."""
-        part = os.path.join(self.root, ".peer-" + check_cachename(n))
+        part = self.peer_part(n)
         got = peer.fetch(host, port, secret, n, part, size, digest, stall)
         os.chmod(part, 0o555)      # as a URL's: the source's mode bits do not travel, an input may be a program
         os.replace(part, os.path.join(self.root, n))
         return got
+
+    def peer_part(self, n: str) -> str:
+        """Where a fetch from a peer writes n until it is complete (served to others meanwhile)."""
+        return os.path.join(self.root, ".peer-" + check_cachename(n))
 
     def sums(self, names) -> dict:
         """{name: [size, "sha256:HEX"]} of the entries that are plain files (a task's temp outputs,

@@ -242,10 +242,14 @@ class Loop:
                 self.conn.send_msg(messages.Error(reason=text))
 
     def serve_path(self, n):
-        """(a transfer server thread) The path of cache entry n if this worker holds it complete."""
-        if self.state.files.get(n) is None:
-            return None
-        return self.cache.path(n)
+        """(a transfer server thread) (path, None) of cache entry n if this worker holds it; (its
+        part file, its size) while a fetch from a peer brings it; None otherwise."""
+        if self.state.files.get(n) is not None:
+            return self.cache.path(n), None
+        arriving = self.state.fetching.get(n)
+        if arriving is not None:
+            return self.cache.peer_part(n), arriving[1]
+        return None
 
     def _next_timer(self):
         now = time.monotonic()

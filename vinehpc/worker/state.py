@@ -75,8 +75,9 @@ class WorkerState:
         self.fns = set()           # function ids received
         self.images = set()        # environment images unpacked (kept across managers)
         self.pending = {}          # (what, cachename) -> [Run waiting for that background work]
-        # cachename -> its cache level, for files being fetched from a peer (FetchRequested); a
-        # task whose input is `expect`ed waits on ("peer", name) until a fetch or a put brings it
+        # cachename -> (its cache level, its size), for files being fetched from a peer
+        # (FetchRequested; served to other peers as they arrive); a task whose input is `expect`ed
+        # waits on ("peer", name) until a fetch or a put brings it
         self.fetching = {}
         self.runs = {}             # tid -> Run
         self.queue = collections.deque()
@@ -199,16 +200,18 @@ class WorkerState:
             return
         if n in self.fetching:
             return          # one fetch at a time: the manager orders another only after `fetched`
-        self.fetching[n] = ev.level if ev.level in ORDER else "workflow"
+        self.fetching[n] = (ev.level if ev.level in ORDER else "workflow", ev.size)
         self.pending.setdefault(("peer", n), [])
         self._out.append(FetchPeer(n, ev.host, ev.port, ev.size, ev.digest))
 
     def _peer_fetched(self, ev: PeerFetched):
         n = ev.cachename
-        level = self.fetching.pop(n, None)
+        arriving = self.fetching.get(n)
         self._out.append(SendFetched(n, ev.ok, ev.size, ev.secs, ev.reason, ev.local))
-        if ev.ok and level is not None:
-            self.files[n] = level
+        if ev.ok and arriving is not None:
+            self.files[n] = arriving[0]     # (before it leaves `fetching`: a peer served from it never misses it)
+        self.fetching.pop(n, None)
+        if ev.ok and arriving is not None:
             self._arrived(("peer", n))
         elif ev.local:
             self._cannot_store(n, "cannot store input %s: %s" % (n, ev.reason), True)
