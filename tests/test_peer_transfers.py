@@ -205,7 +205,7 @@ def test_fan_out_to_eight_workers_with_a_source_limit_of_one_is_a_tree(make_mana
     m = ready(make_manager, 8)
     m.set_file_source_max_transfers(1)
     src = tmp_path / "in.bin"
-    src.write_bytes(os.urandom(4 << 20))
+    src.write_bytes(os.urandom(16 << 20))
     f = m.declare_file(src, cache=True)
     for wid in joined(m):
         run_pinned(m, f, wid)
@@ -217,7 +217,7 @@ def test_fan_out_to_eight_workers_with_a_source_limit_of_one_is_a_tree(make_mana
     assert sorted(r["dest"] for r in recs) == sorted(joined(m))          # each worker received it once
     assert [r["source"] for r in recs].count("manager") == 1            # the manager's link: one copy
     received = {r["dest"]: r for r in recs}
-    # a tree: some worker served a copy it had itself from a peer, and no source served two at once
+    # a tree (limit 1: a chain): some worker served a copy it got from a peer; no source served two at once
     assert any(received[r["source"]]["source"] != "manager" for r in recs if r["source"] != "manager")
     spans = collections.defaultdict(list)
     for r in recs:
@@ -225,7 +225,9 @@ def test_fan_out_to_eight_workers_with_a_source_limit_of_one_is_a_tree(make_mana
     for s in spans.values():
         s.sort()
         assert all(b[0] >= a[1] - 0.05 for a, b in zip(s, s[1:])), s      # (clock slack: the worker's secs)
-    assert all(r["bytes"] == 4 << 20 for r in recs)
+    assert all(r["bytes"] == 16 << 20 for r in recs)
+    # a worker served the file while it was still arriving: a copy from it began before its own ended
+    assert any(received[r["source"]]["time"] > r["time"] - r["secs"] for r in recs if r["source"] != "manager")
 
 
 @pytest.mark.timeout(120)
@@ -416,3 +418,36 @@ def test_worker_takes_the_managers_put_instead_and_a_full_disk_fails_its_waiters
     assert (r.tid, r.status, r.worker_fault) == (2, "input missing", True)
     out = st.handle(FileFailed(m, "disk full"), 2.0)                 # (a later put fails too: nothing waits)
     assert not [c for c in out if isinstance(c, SendResult)]
+
+
+def test_a_file_still_arriving_is_streamed_as_it_grows_and_given_up_if_its_writer_fails(tmp_path):
+    import threading
+    from vinehpc.comm import peer
+    part = tmp_path / "part"
+    data = os.urandom(3 * wire.CHUNK + 5)
+    part.write_bytes(data[:1000])
+    a, b = socket.socketpair()
+    got = []
+    with open(part, "rb") as fh:
+        th = threading.Thread(target=lambda: got.append(peer._stream(a, fh, "file-x", len(data))))
+        th.start()
+        time.sleep(0.05)
+        with open(part, "ab") as w:
+            w.write(data[1000:])
+        dec = messages.decoder()
+        out = b""
+        while True:
+            msgs = dec.feed(b.recv(1 << 20))
+            for name, ctl, frames in msgs:
+                out += frames[0]
+            if msgs and msgs[-1][1]["last"]:
+                break
+        th.join(5)
+    assert out == data
+    part.write_bytes(b"x" * 10)                 # a writer that fails: its part file is removed
+    with open(part, "rb") as fh:
+        os.unlink(part)
+        with pytest.raises(OSError, match="failed"):
+            peer._stream(a, fh, "file-y", 100)
+    a.close()
+    b.close()
