@@ -60,7 +60,7 @@ def wait_n(m, n, timeout=600):
 
 def fan_out(tmp, src, workers, peers, limit=None):
     """(seconds until every worker's task is back, bytes the manager put of the input, transfer records)."""
-    m = manager(tmp, "fan-%s-%d" % ("on" if peers else "off", workers), workers, peers, limit)
+    m = manager(tmp, "fan-%s-%d-limit%s" % ("on" if peers else "off", workers, limit), workers, peers, limit)
     try:
         f = m.declare_file(src, cache=True)
         f.cachename()                      # hashed before the clock starts (both modes alike)

@@ -30,6 +30,7 @@ log = logging.getLogger("vinehpc.worker")
 
 HANDSHAKE_TIMEOUT = 10.0    # a peer that has not proven itself by then is dropped
 STALL = 15.0                # seconds without a byte: the transfer has stalled (its source is hung or gone)
+ORDERED_WAIT = 3.0          # seconds a request for a file we do not hold (yet) waits for its fetch to begin
 MAX_CONNECTIONS = 64        # served at once; the manager's per-source limit keeps real use far below
 DIGESTS = {"sha256": lambda: hashlib.sha256(), "blake2b16": lambda: hashlib.blake2b(digest_size=16)}
 
@@ -177,16 +178,21 @@ class FileServer:
     def _open(self, n):
         """(open file, its size) of entry n: a complete one, or one still arriving from a peer (its
         part file, served as it grows: a copy on its way is already a source)."""
-        deadline = time.monotonic() + STALL
+        start = time.monotonic()
         while True:
             got = self.resolve(n)
             if got is None:
-                raise OSError("not held here")
+                # the manager may have told us to fetch it a moment ago (we are a source as soon as
+                # our copy begins) and our loop has not read that yet: wait a little before refusing
+                if time.monotonic() - start > ORDERED_WAIT:
+                    raise OSError("not held here")
+                time.sleep(0.01)
+                continue
             path, size = got
             try:
                 fh = open(path, "rb")
             except FileNotFoundError:
-                if size is None or time.monotonic() > deadline:
+                if size is None or time.monotonic() - start > STALL:
                     raise
                 time.sleep(0.01)        # its fetch has not begun writing yet, or just completed
                 continue
