@@ -35,8 +35,13 @@ def journal(m, event=None):
     return [r for r in recs if event is None or r.get("event") == event]
 
 
-def manager(tmp, name, workers, peers, limit=None):
-    m = Manager(local_workers=workers, run_dir=os.path.join(tmp, name))
+def manager(tmp, name, workers, peers, limit=None, net=None):
+    """A manager with `workers` workers: local ones, or one in each namespace of `net` (--rate)."""
+    if net is None:
+        m = Manager(local_workers=workers, run_dir=os.path.join(tmp, name))
+    else:
+        m = Manager(port=0, host=net.ip, run_dir=os.path.join(tmp, name))
+        net.start_workers(workers, "%s:%d" % (net.ip, m.port), m.secret_file, tmp)
     if not peers:
         m.disable_peer_transfers()
     if limit:
@@ -58,9 +63,9 @@ def wait_n(m, n, timeout=600):
     return got
 
 
-def fan_out(tmp, src, workers, peers, limit=None):
+def fan_out(tmp, src, workers, peers, limit=None, net=None):
     """(seconds until every worker's task is back, bytes the manager put of the input, transfer records)."""
-    m = manager(tmp, "fan-%s-%d-limit%s" % ("on" if peers else "off", workers, limit), workers, peers, limit)
+    m = manager(tmp, "fan-%s-%d-limit%s" % ("on" if peers else "off", workers, limit), workers, peers, limit, net)
     try:
         f = m.declare_file(src, cache=True)
         f.cachename()                      # hashed before the clock starts (both modes alike)
@@ -76,6 +81,8 @@ def fan_out(tmp, src, workers, peers, limit=None):
         return secs, sent, moves
     finally:
         m.close()
+        if net is not None:
+            net.stop_workers()
 
 
 def temp_tree(tmp, maps, temp_mb, workers, peers):
@@ -157,6 +164,9 @@ def main():
     ap.add_argument("--temp-mb", type=int, default=10)
     ap.add_argument("--temp-workers", type=int, default=8)
     ap.add_argument("--limit", type=int, default=None, help="set_file_source_max_transfers (default: vinehpc's)")
+    ap.add_argument("--rate", type=int, default=None, metavar="MBIT",
+                    help="fan-out on a network: every worker (and the manager) behind its own link of this "
+                         "rate (namespaces, tc tbf; needs root): copies bound by links, not by this machine")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="vinehpc-peer-bench-")
     src = os.path.join(tmp, "input.bin")
@@ -165,22 +175,33 @@ def main():
             f.write(os.urandom(1 << 20))
     size = args.size_mb << 20
 
-    one, _, _ = fan_out(tmp, src, 1, False)
-    off, off_sent, _ = fan_out(tmp, src, args.workers, False)
-    on, on_sent, moves = fan_out(tmp, src, args.workers, True, args.limit)
+    net = None
+    if args.rate:
+        from ratelimited_net import Net
+        net = Net(args.workers, args.rate).up()
+    try:
+        one, _, _ = fan_out(tmp, src, 1, False, net=net)
+        off, off_sent, _ = fan_out(tmp, src, args.workers, False, net=net)
+        on, on_sent, moves = fan_out(tmp, src, args.workers, True, args.limit, net=net)
+        chain = None
+        if args.limit != 1:
+            chain, chain_sent, _ = fan_out(tmp, src, args.workers, True, 1, net=net)
+    finally:
+        if net is not None:
+            net.down()
     copies = on_sent / size
     parent = {r["dest"]: r["source"] for r in moves}
 
     def hops(w):                        # how deep the tree went: hops from the manager
         return 0 if w == "manager" or w not in parent else 1 + hops(parent[w])
     depth = {w: hops(w) for w in parent}
+    print("%s" % ("links of %d Mbit/s (namespaces, tc tbf)" % args.rate if args.rate else "all on this machine"))
     print("fan-out of %d MB to %d workers: one worker alone %.2f s; peers off %.2f s, %.1f copies from the manager; "
           "peers on %.2f s, %.1f copies from the manager, %d from workers, tree depth %d"
           % (args.size_mb, args.workers, one, off, off_sent / size, on, copies,
              sum(1 for r in moves if r["source"] != "manager"), max(depth.values(), default=0)))
 
-    if args.limit != 1:
-        chain, chain_sent, chain_moves = fan_out(tmp, src, args.workers, True, 1)
+    if chain is not None:
         print("the same with a source limit of 1 (a chain: each worker serves the next as its copy arrives): "
               "%.2f s, %.1f copies from the manager" % (chain, chain_sent / size))
 

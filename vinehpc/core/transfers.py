@@ -45,8 +45,9 @@ class Transfers:
         self.limit = DEFAULT_LIMIT
         self.active = {}          # source -> transfers in flight from it
         self.flying = {}          # cachename -> transfers of it in flight
-        # cachename -> workers receiving it from a worker now: sources already (a worker serves a
-        # copy as it arrives), so a file flows down a tree or chain without waiting at each hop
+        # cachename -> workers receiving it now (from a worker or the manager): sources already (a
+        # worker serves a copy as it arrives), so a file flows down a tree or chain without
+        # waiting at each hop
         self.arriving = {}
         self.wants = {}           # (cachename, dest wid) -> Want (waiting or in flight)
         self.waiting = {}         # cachename -> {dest wid: None} (insertion-ordered) with no source yet
@@ -160,12 +161,12 @@ def _start(core, n, dest, want, source, now):
     want.tries += 1
     t.active[source] = t.active.get(source, 0) + 1
     t.flying[n] = t.flying.get(n, 0) + 1
+    t.arriving.setdefault(n, set()).add(dest)
     if source == MANAGER:
         core.out.append(PutFile(dest, want.file, n, core.manager_copy.get(n) if want.file.kind == "temp" else None,
                                 ack=True))
         core._log("put", worker=dest, file=n, size=want.size)
         return
-    t.arriving.setdefault(n, set()).add(dest)
     w = core.workers[source]
     core.out.append(Fetch(dest, n, w.info["addr"].rsplit(":", 1)[0].strip("[]"), w.info["port"], want.size,
                           want.level, want.digest))
@@ -277,6 +278,7 @@ def put_failed(core, n, dest, now) -> bool:
     if want is None or want.source != MANAGER:
         return False
     _release(core.transfers, n, MANAGER)
+    _arrived(core.transfers, n, dest)
     del core.transfers.wants[(n, dest)]
     w = core.workers.get(dest)
     for tid in sorted(w.tasks) if w is not None else ():

@@ -27,6 +27,7 @@ class Cache:
         # is the state machine's inventory (WorkerState.files), kept there
         self.entries = {}
         self.parts = {}        # cachename -> Incoming (a put in progress)
+        self.arriving = {}     # cachename -> (part file, size) of a plain file put in progress (served to peers)
         for n in os.listdir(root):
             if n.startswith("."):
                 remove_path(os.path.join(root, n))
@@ -36,7 +37,7 @@ class Cache:
     def path(self, n: str) -> str:
         return os.path.join(self.root, check_cachename(n))
 
-    def put_chunk(self, n: str, data: bytes, last: bool, kind: str, mode: int = 0o444) -> bool:
+    def put_chunk(self, n: str, data: bytes, last: bool, kind: str, mode: int = 0o444, size: int = 0) -> bool:
         """Write one chunk; True when this put stored the entry (raises OSError, tarfile.TarError
         at the last chunk if it could not be stored: nothing stays behind)."""
         check_cachename(n)
@@ -47,10 +48,13 @@ class Cache:
             # read-only, keeping the source's execute bits (an input may be a program)
             inc = self.parts[n] = Incoming(os.path.join(self.root, n), os.path.join(self.root, ".part-" + n),
                                            tar=kind == "tar", mode=0o444 | (int(mode) & 0o111))
+            if kind == "file":
+                self.arriving[n] = (inc.part, size)
         inc.write(data)
         if not last:
             return False
         del self.parts[n]
+        self.arriving.pop(n, None)
         try:
             inc.finish()
         except BaseException:
@@ -63,6 +67,7 @@ class Cache:
         for inc in self.parts.values():
             inc.abort()
         self.parts.clear()
+        self.arriving.clear()
 
     def adopt(self, n: str, src: str) -> None:
         """Move a task's temp output into the cache."""

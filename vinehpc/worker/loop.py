@@ -243,13 +243,13 @@ class Loop:
 
     def serve_path(self, n):
         """(a transfer server thread) (path, None) of cache entry n if this worker holds it; (its
-        part file, its size) while a fetch from a peer brings it; None otherwise."""
+        part file, its size) while a fetch from a peer or a put from the manager brings it; None otherwise."""
         if self.state.files.get(n) is not None:
             return self.cache.path(n), None
         arriving = self.state.fetching.get(n)
         if arriving is not None:
             return self.cache.peer_part(n), arriving[1]
-        return None
+        return self.cache.arriving.get(n)
 
     def _next_timer(self):
         now = time.monotonic()
@@ -337,7 +337,7 @@ class Loop:
                 self._not_stored(n, self.state.put_errors[n][0])
             return
         try:
-            stored = self.cache.put_chunk(n, m.data, m.last, m.kind, 0o444 if m.mode is None else m.mode)
+            stored = self.cache.put_chunk(n, m.data, m.last, m.kind, 0o444 if m.mode is None else m.mode, m.size)
         except (OSError, tarfile.TarError) as e:   # disk full, quota: the tasks that need it fail, the worker goes on
             why = "cannot store input %s on worker %s: %s" % (n, self.hostname, e)
             log.error("%s", why)
