@@ -40,7 +40,9 @@ def manager(tmp, name, workers, peers, limit=None, net=None):
     if net is None:
         m = Manager(local_workers=workers, run_dir=os.path.join(tmp, name))
     else:
-        m = Manager(port=0, host=net.ip, run_dir=os.path.join(tmp, name))
+        # keepalive: with peers off, each worker's put of a big input takes minutes on a slow link,
+        # and a worker says nothing while it receives (the manager would call it lost at 30 s)
+        m = Manager(port=0, host=net.ip, run_dir=os.path.join(tmp, name), keepalive_timeout=3600)
         net.start_workers(workers, "%s:%d" % (net.ip, m.port), m.secret_file, tmp)
     if not peers:
         m.disable_peer_transfers()

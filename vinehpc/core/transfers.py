@@ -85,7 +85,7 @@ def request(core, f, n, size, w, now) -> None:
 def _servers(core, n, dest, want):
     """Workers that can serve n to dest now, best first (same host, a complete copy, then the
     least busy); and whether any could serve later (busy, not failed).  A worker still receiving
-    n from a worker counts: it serves what has arrived and follows the rest."""
+    n (from a worker or the manager) counts: it serves what has arrived and follows the rest."""
     t = core.transfers
     host = core.workers[dest].host
     complete = core.replicas.get(n, ())
