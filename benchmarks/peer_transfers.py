@@ -1,7 +1,11 @@
 """Worker-to-worker transfers (issue 16): what crosses the manager's link, and how fast an input
 reaches every worker.
 
-    python benchmarks/peer_transfers.py [--workers 16] [--size-mb 200] [--maps 64] [--temp-mb 10]
+    python benchmarks/peer_transfers.py [--workers 16] [--size-mb 200] [--maps 64] [--temp-mb 10] [--rate MBIT]
+
+--rate (root): the fan-out runs on workers each behind its own link of that rate (namespaces and
+tc tbf, benchmarks/ratelimited_net.py), so copies are bound by links as on a cluster; without it
+everything shares this machine's cores and loopback, and the times measure the machine.
 
 1. Fan-out: one input of --size-mb (declare_file(cache=True)) needed by one task on each of
    --workers real worker processes (1 core each, on this machine), peer transfers off, then on
