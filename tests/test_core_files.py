@@ -48,6 +48,7 @@ def test_cached_file_not_put_again_for_later_task(sim, infile):
 
 
 def test_cached_file_put_to_each_worker(sim, infile):
+    sim.core.transfers.enabled = False      # peer transfers (on by default): test_peer_transfers.py
     f = infile(cache=True)
     sim.submit(new_task(cores=2).add_input(f, "in"))
     sim.submit(new_task(cores=2).add_input(f, "in"))

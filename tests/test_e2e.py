@@ -151,8 +151,12 @@ def test_cached_input_is_sent_once_per_worker(manager, tmp_path):
                                if r.get("event") == "put" and r.get("file") == cachename)
     assert puts, ("the journal has no 'put' record for %s: the engine does not journal file transfers "
                   "({'event':'put','worker':wid,'file':cachename,'size':n})" % cachename)
-    assert dict(puts) == {(w, cachename): 1 for w in ran_on}
+    # a worker gets it from the manager (put) or, peer transfers being on, from the other worker
+    peer = collections.Counter((r.get("dest"), r.get("file")) for r in recs if r.get("event") == "transfer"
+                               and r.get("file") == cachename and r.get("source") != "manager")
+    assert dict(puts + peer) == {(w, cachename): 1 for w in ran_on}
     sizes = {r.get("size") for r in recs if r.get("event") == "put" and r.get("file") == cachename}
+    sizes |= {r.get("bytes") for r in recs if r.get("event") == "transfer" and r.get("file") == cachename}
     assert sizes == {size}
 
 

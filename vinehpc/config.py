@@ -84,6 +84,9 @@ class Settings:
     ssl: bool = False                     # VINEHPC_SSL=1: `vinehpc run`/`pilot` as with --ssl (TLS on the manager's port)
     # VINEHPC_TLS_FINGERPRINT: the manager's TLS certificate's, for workers a launcher starts
     tls_fingerprint: str | None = None
+    # VINEHPC_TRANSFER_STALL: seconds without a byte after which a worker gives up a fetch from a peer
+    # (the manager then asks another source)
+    transfer_stall: float = 15.0
     slurm: Slurm = field(default_factory=Slurm)
 
     @classmethod
@@ -102,5 +105,6 @@ class Settings:
                    manager_host=env.get("VINEHPC_MANAGER_HOST") or None,
                    ssl=_flag(env, "VINEHPC_SSL"),
                    tls_fingerprint=env.get("VINEHPC_TLS_FINGERPRINT") or None,
+                   transfer_stall=_float(env, "VINEHPC_TRANSFER_STALL", 15.0),
                    slurm=Slurm.from_env(env))
 

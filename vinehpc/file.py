@@ -37,6 +37,7 @@ class File:
     """A file as the manager sees it. Create with Manager.declare_file/buffer/temp/url."""
 
     kind = "file"
+    peer_transfer = True     # may travel between workers (Manager.declare_file(peer_transfer=False): never)
 
     def __init__(self, source, cache="task"):
         self.id = next(_ids)

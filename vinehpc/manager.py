@@ -236,11 +236,14 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         cache: False/"task" (removed from the worker after the task), True/"workflow" (kept
         for this manager's life), "worker", "always" or "forever" (kept on the worker after the manager
         ends; vinehpc keeps no cache beyond a worker's life, so all three mean the worker's).
-        peer_transfer, unlink_when_done (TaskVine's): accepted; the manager's file is never deleted.
+        peer_transfer: False: workers never get it from each other, always from the manager (with
+        peer transfers on, a cached plain file travels between workers; see enable_peer_transfers).
+        unlink_when_done (TaskVine's): accepted; the manager's file is never deleted.
         """
         if not isinstance(path, (str, os.PathLike)) or not str(path):
             raise TypeError("declare_file needs a path, got %r" % (path,))
         f = File(os.path.abspath(os.fspath(path)), cache)
+        f.peer_transfer = bool(peer_transfer)
         if f.exists():
             f.cachename()   # its identity is its content as declared (stat-checked again when a task is submitted)
         return f

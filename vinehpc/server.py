@@ -24,7 +24,7 @@ from .comm import Closed, Connection, file_chunks
 from .comm.receive import Incoming
 from .core import commands as cmd
 from .core.events import (SCHEDULE, TICK, FetchFailed, FileCached, FileDropped, FileFetched, FileResolved, PutFailed,
-                          TaskResult, TasksStarted, WorkerJoined, WorkerLost)
+                          TaskResult, TasksStarted, TransferDone, WorkerJoined, WorkerLost)
 from .protocol import ProtocolError, handshake, messages, tls
 from .status import Tracker
 from .protocol.names import check_cachename
@@ -603,9 +603,13 @@ class Server:
                 return
             self._feed(FileFetched(n, f.dest), now)
 
+    def _on_fetched(self, p, msg, ctl, now):
+        self._feed(TransferDone(p.wid, msg.cn, msg.ok, msg.size or 0, msg.secs, msg.reason, bool(msg.mine)), now)
+
     _handlers = {messages.Pong: _on_pong, messages.Ping: _on_ping, messages.Cached: _on_cached,
                  messages.Error: _on_error, messages.Result: _on_result, messages.Outfile: _on_outfile,
-                 messages.Watch: _on_watch, messages.File: _on_file, messages.Started: _on_started}
+                 messages.Watch: _on_watch, messages.File: _on_file, messages.Started: _on_started,
+                 messages.Fetched: _on_fetched}
 
     # ---------------------------------------------------------------- commands from the core
     def _carry(self, cmds):
@@ -654,8 +658,10 @@ class Server:
         else:
             path, kind = f.source, "file"
         fh = open(path, "rb")
-        p.conn.send_stream(file_chunks(fh, "put", {"cn": n, "kind": kind, "level": f.cache,
-                                                   "mode": os.fstat(fh.fileno()).st_mode & 0o777}))
+        ctl = {"cn": n, "kind": kind, "level": f.cache, "mode": os.fstat(fh.fileno()).st_mode & 0o777}
+        if c.ack:
+            ctl["ack"] = True
+        p.conn.send_stream(file_chunks(fh, "put", ctl))
 
     def _tar(self, f, n):
         path = self.tars.get(n)
@@ -680,6 +686,10 @@ class Server:
 
     def _unlink(self, p, c):
         p.conn.send("unlink", {"cn": c.cachename})
+
+    def _fetch(self, p, c):
+        p.conn.send_msg(messages.Fetch(cn=c.cachename, host=c.host, port=c.port, size=c.size, level=c.level,
+                                       digest=c.digest))
 
     def _get(self, p, c):
         p.wanted.add(c.cachename)
@@ -733,6 +743,7 @@ class Server:
         cmd.KillTask: lambda self, c: self._to_worker(c, Server._kill),
         cmd.DropFunction: lambda self, c: self._to_worker(c, Server._forget),
         cmd.GetFile: lambda self, c: self._to_worker(c, Server._get),
+        cmd.Fetch: lambda self, c: self._to_worker(c, Server._fetch),
         cmd.UnlinkFile: lambda self, c: self._to_worker(c, Server._unlink),
     }
 

@@ -22,7 +22,7 @@ from .task import Task
 
 # Manager.tune(): TaskVine's names that vinehpc has a setting for, and those it has none for
 TUNABLE = ("keepalive-interval", "keepalive-timeout", "disconnect-slow-workers-factor", "wait-for-workers",
-           "max-worker-losses")
+           "max-worker-losses", "file-source-max-transfers", "worker-source-max-transfers")
 # tune() names of the core's worker counts -> the Core attribute
 CORE_COUNTS = {"wait-for-workers": "wait_for_workers", "max-worker-losses": "max_worker_losses"}
 NOT_TUNABLE = ("attempt-schedule-depth", "category-steady-n-tasks", "default-transfer-rate", "hungry-minimum",
@@ -31,16 +31,13 @@ NOT_TUNABLE = ("attempt-schedule-depth", "category-steady-n-tasks", "default-tra
                "proportional-whole-tasks", "ramp-down-heuristic", "resource-submit-multiplier", "short-timeout",
                "transfer-outlier-factor", "transfer-replica-per-cycle", "transfer-temps-recovery",
                "transient-error-interval", "wait-retrieve-many", "worker-retrievals",
-               "temp-replica-count", "max-library-retries", "watch-library-logfiles",
-               "file-source-max-transfers", "worker-source-max-transfers")
+               "temp-replica-count", "max-library-retries", "watch-library-logfiles")
 FETCH_TIMEOUT = 300.0
 HUNGRY_MINIMUM = 10     # hungry(): TaskVine's default "hungry-minimum"
 
 
 class TaskVineAPI:
     """TaskVine's Manager methods on top of vinehpc's Manager (mixed into vinehpc.Manager)."""
-
-    peer_transfers = True
 
     # ---------------------------------------------------------------- settings
     def set_name(self, name: str) -> None:
@@ -49,14 +46,29 @@ class TaskVineAPI:
         # through the I/O thread: the live figures (`vinehpc status`) follow the journal
         self._call(lambda: self._server.record({"event": "name", "name": self.name}))
 
+    @property
+    def peer_transfers(self) -> bool:
+        return self.core.transfers.enabled
+
     def enable_peer_transfers(self) -> None:
-        """Accepted: vinehpc does not move files between workers yet (inputs come from the
-        manager; a temp another worker needs goes through the manager)."""
-        self.peer_transfers = True
+        """Workers get inputs from workers that hold them (the default): a cached input
+        (declare_file(..., cache=True) or "worker") and a temp another worker made travel between
+        workers; the manager sends an input's first copy only.  See core/transfers.py."""
+        self._call(lambda: setattr(self.core.transfers, "enabled", True))
 
     def disable_peer_transfers(self) -> None:
-        """Accepted (see enable_peer_transfers)."""
-        self.peer_transfers = False
+        """Every input from the manager; a temp another worker needs goes through the manager
+        (transfers already on their way finish)."""
+        self._call(lambda: setattr(self.core.transfers, "enabled", False))
+
+    def set_file_source_max_transfers(self, n: int) -> None:
+        """Transfers one source (a worker, or the manager) serves at once (default 3)."""
+        n = int(n)
+        if n < 1:
+            raise ValueError("file_source_max_transfers must be at least 1, got %r" % n)
+        self._call(lambda: setattr(self.core.transfers, "limit", n))
+
+    set_worker_source_max_transfers = set_file_source_max_transfers
 
     def tune(self, name: str, value) -> int:
         """TaskVine's advanced settings: keepalive-interval, keepalive-timeout,
@@ -75,6 +87,9 @@ class TaskVineAPI:
         if name == "disconnect-slow-workers-factor":
             # TaskVine: below 1 turns it off
             self._server.post(SlowMultiplier(None, float(value) if float(value) >= 1 else 0.0))
+            return 0
+        if name in ("file-source-max-transfers", "worker-source-max-transfers"):
+            self.set_file_source_max_transfers(value)
             return 0
         if name in CORE_COUNTS:           # a number of workers the core keeps
             n = int(value)

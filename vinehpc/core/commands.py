@@ -20,6 +20,18 @@ class PutFile:
     file: object                 # the File (buffer: its bytes; file or directory: its path)
     cachename: str
     path: str | None = None      # a temp: the manager's fetched copy
+    ack: bool = False            # a transfer (core/transfers.py): the worker answers `cached` once stored
+
+
+@dataclass(slots=True)
+class Fetch:
+    wid: int                     # this worker gets the file from the worker serving at host:port
+    cachename: str
+    host: str
+    port: int
+    size: int
+    level: str                   # the cache level it keeps it at
+    digest: str | None           # "sha256:HEX" to check the copy against (None: its size alone)
 
 
 @dataclass(slots=True)

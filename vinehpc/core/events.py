@@ -70,6 +70,17 @@ class FileCached:
 
 
 @dataclass(slots=True)
+class TransferDone:
+    wid: int                     # a `fetched` from this worker: a transfer to it ended
+    cachename: str
+    ok: bool
+    size: int = 0
+    secs: float | None = None    # the worker's measure
+    reason: str | None = None
+    mine: bool = False           # the failure was the fetching worker's own (its disk): not retried there
+
+
+@dataclass(slots=True)
 class FileFetched:
     cachename: str
     path: str                    # the manager's copy

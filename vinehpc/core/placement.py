@@ -8,6 +8,7 @@ from __future__ import annotations
 import heapq
 
 from ..protocol.messages import start_reported
+from . import transfers
 from .commands import GetFile, PutFile, SendFunction, SendTask, TaskStarted
 from .tasks import transition
 from .workers import RES
@@ -289,12 +290,14 @@ def _temp_gone(core, task) -> bool:
 
 
 def _temp_holders(core, task):
-    """Workers that hold every temp input without a manager copy (None: no constraint)."""
+    """Workers that hold every temp input without a manager copy (None: no constraint).  A temp
+    that can travel between workers constrains nothing: the scheduler prefers its holders
+    (scheduler/files.py), and any other worker gets it from one of them."""
     holders = None
     for f, _ in task.inputs:
         if f.kind == "temp":
             n = f.cachename()
-            if n in core.manager_copy:
+            if n in core.manager_copy or transfers.peerable(core, f, n):
                 continue
             s = core.replicas.get(n, set())
             holders = set(s) if holders is None else holders & s
@@ -340,14 +343,24 @@ def _dispatch(core, ts, w, now):
     for k in ts.whole:
         ts.res[k] = w.total[k]
     hits = 0
+    expect = []               # inputs the worker waits for: a transfer to it is on its way (or queued)
+    wants = core.transfers.wants
     for (f, remote), (n, size, _) in zip(task.inputs, ts.inputs):
         if n in w.cached:
-            hits += 1
+            if (n, w.wid) in wants:
+                expect.append(n)
+            else:
+                hits += 1
         else:
             if f.kind == "url":
                 core._log("fetch url", worker=w.wid, file=n, url=f.source, task=task.id)
+            elif transfers.peerable(core, f, n):
+                expect.append(n)
+                transfers.request(core, f, n, size, w, now)
             else:
                 out.append(PutFile(w.wid, f, n, core.manager_copy.get(n) if f.kind == "temp" else None))
+                if f.kind == "temp":       # its size as its producer measured it (the name says nothing)
+                    size = core.transfers.temps.get(n, (size,))[0]
                 core._log("put", worker=w.wid, file=n, size=size, task=task.id)
             if f.cache != "task":
                 w.cached.add(n)
@@ -371,6 +384,8 @@ def _dispatch(core, ts, w, now):
         w.committed[k] += ts.res[k]
     touch(core, w)
     spec = task_message(task, ts, not room and short(core, task.category))
+    if expect:
+        spec["expect"] = expect
     out.append(SendTask(w.wid, task.id, spec, task._abytes, task.outputs))
     if ts.on_start is not None:
         out.append(TaskStarted(task, ts.on_start))
@@ -379,6 +394,6 @@ def _dispatch(core, ts, w, now):
               **({"cached": hits} if hits else {}))
     # a task the worker has room for starts as it arrives: its start is logged now, no message;
     # one sent ahead (or waiting for a fetch, an image, a library slot) is reported by the worker
-    ts.started = not start_reported(spec.get("pipe"), spec.get("slots"), spec["inputs"])
+    ts.started = not start_reported(spec.get("pipe"), spec.get("slots"), spec["inputs"], expect)
     if ts.started:
         core._log("started", task=task.id, worker=w.wid, attempt=ts.attempts, queued=False)

@@ -14,6 +14,7 @@ import copy
 
 from ..scheduler import make as make_policy
 from . import events as ev
+from . import transfers
 from .categories import LEARNED, Category
 from .commands import DropFunction, Drained, KillTask, Log, ResolveFile, TaskFinished, UnlinkFile
 from .placement import schedule, touch
@@ -47,7 +48,9 @@ class Core:
         self.workers = {}                  # wid -> WorkerState
         self.waiters = collections.defaultdict(list)      # file key -> tids waiting for it
         self.producing = collections.defaultdict(set)     # file key -> tids that will write it
-        self.replicas = collections.defaultdict(set)      # temp cachename -> wids holding it
+        # cachename -> wids holding a complete copy (temps; and every file a worker holds or was
+        # sent, the sources of peer transfers -- transfers.py)
+        self.replicas = collections.defaultdict(set)
         self.manager_copy = {}             # temp cachename -> local path (fetched)
         self.fetching = set()              # temp cachenames being fetched to the manager
         self.producer_of = {}              # temp cachename -> producing Task (to recreate it)
@@ -73,6 +76,7 @@ class Core:
         self.drained = False
         self._recovery_ids = -1
         self._recovery_of = {}             # id of a hidden re-run of a producer -> the producer's id
+        self.transfers = transfers.Transfers()   # worker-to-worker transfers (transfers.py)
         self._handlers = {
             ev.Submit: self._submit, ev.Resumed: self._resumed, ev.Cancel: self._cancel, ev.Drain: self._drain,
             ev.WorkerJoined: self._worker_joined, ev.WorkerLost: self._worker_lost,
@@ -84,6 +88,8 @@ class Core:
             ev.SlowMultiplier: lambda e, now: self.slow_multiplier.__setitem__(e.category, e.multiplier),
             ev.ForgetFunction: self._forget_function, ev.Tick: self._tick, ev.Schedule: self._schedule,
             ev.Undeclare: self._undeclare,
+            ev.TransferDone: lambda e, now: transfers.done(self, e.cachename, e.wid, e.ok, now, e.size, e.secs, e.reason,
+                                                           e.mine),
         }
 
     def handle(self, event, now) -> list:
@@ -123,7 +129,7 @@ class Core:
 
     def worker_list(self) -> list:
         return [{"id": w.wid, "host": w.host, "resources": dict(w.total), "running": len(w.tasks),
-                 "cached": len(w.cached)} for w in self.workers.values()]
+                 "cached": len(w.cached), "port": w.info.get("port")} for w in self.workers.values()]
 
     def category(self, name) -> Category:
         c = self.categories.get(name)
@@ -336,10 +342,9 @@ class Core:
         w.order = self.joins
         touch(self, w)
         for n in w.cached:
-            if n.startswith("temp-"):
-                self.replicas[n].add(e.wid)
+            self.replicas[n].add(e.wid)
         self._log("worker joined", worker=e.wid, host=w.host, resources=dict(w.total), pid=e.info.get("pid"),
-                  cached=len(w.cached), log=e.info.get("log"))
+                  cached=len(w.cached), log=e.info.get("log"), port=e.info.get("port"))
 
     def _forget_function(self, e, now):
         # w.fns keeps the fid: the worker keeps the bytes and reloads them if a call comes again
@@ -361,6 +366,7 @@ class Core:
                 if not s:
                     del self.replicas[n]
         w.cached.clear()       # out of the index of where files are
+        transfers.worker_lost(self, wid, now)
         requeue = [self.tasks[t] for t in sorted(w.tasks) if t in self.tasks]
         for ts in reversed(requeue):   # keep their order at the front of the queue
             cores = ts.res["cores"]        # before the requeue forgets a whole worker's worth
@@ -379,6 +385,7 @@ class Core:
         w = self.workers.get(e.wid)
         if w is not None:
             w.cached.add(e.cachename)
+            transfers.done(self, e.cachename, e.wid, True, now, e.size)    # a put sent as a transfer
 
     def _file_fetched(self, e, now):
         self.fetching.discard(e.cachename)
@@ -400,6 +407,8 @@ class Core:
 
     def _put_failed(self, e, now):
         """A file could not be sent: the worker does not have it after all."""
+        if transfers.put_failed(self, e.cachename, e.wid, now):
+            return
         w = self.workers.get(e.wid)
         if w is not None:
             w.cached.discard(e.cachename)
@@ -474,6 +483,8 @@ class Core:
             for n in res.get("temps") or ():
                 w.cached.add(n)
                 self.replicas[n].add(wid)
+            for n, (size, digest) in (res.get("sums") or {}).items():
+                self.transfers.temps[n] = (size, digest)
         status = res.get("status", "failed")
         cat = self.category(ts.task.category)
         cat.record(ts.measured, ts.res, ts.wall, status == "success", task=tid)

@@ -57,6 +57,8 @@ TUNNEL = Roles(greeter="tunnel-egress", answerer="tunnel-proxy", hello_role="egr
 # manager cannot know who connects), proven with MACs of its own roles, so a status client's proof
 # never makes it a worker and a worker's never a status client.
 STATUS = Roles(greeter="manager-status", answerer="status", hello_role="manager", dest=False)
+# a worker serving its cache (the greeter: it accepts) to another worker of the run fetching from it
+PEER = Roles(greeter="peer-source", answerer="peer-fetcher", hello_role="peer", dest=False)
 
 
 def _bound(answerer_nonce, dest) -> str:

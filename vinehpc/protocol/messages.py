@@ -33,13 +33,14 @@ RES = ("cores", "memory", "disk", "gpus")
 MAX_STARTED = 10000         # task ids in one `started` list (a worker sends more as several)
 
 
-def start_reported(pipe, slots, inputs) -> bool:
+def start_reported(pipe, slots, inputs, expect=None) -> bool:
     """Does the worker report when this task starts?  Both ends ask it of the task message's
     fields.  No: the manager sent it to a worker with room (no `pipe`), so it starts the moment it
     arrives and the manager logs its start at dispatch.  Yes: sent ahead (`pipe`: it may wait in
     the worker's queue or an interpreter's lane), or waiting on the worker for a URL fetch, an
-    image unpack (input kinds "url", "image") or a free slot of its library (`slots`)."""
-    if pipe or slots:
+    image unpack (input kinds "url", "image"), a transfer from another worker (`expect`) or a free
+    slot of its library (`slots`)."""
+    if pipe or slots or expect:
         return True
     for i in inputs:
         if i[2] == "url" or i[2] == "image":
@@ -315,6 +316,7 @@ class Info(Message):
     workdir = Field(Str(NAME))
     version = Field(Int(0, 255))
     log = opt(Str(NAME))         # the worker's log file (on its node; `vinehpc logs` reads it)
+    port = opt(Int(1, 65535))    # where it serves its cache to the run's other workers (fetch)
 
 
 @message(5, "error")
@@ -335,6 +337,8 @@ class Result(Message):
     signal = opt(Str(SHORT))
     stdout = opt(Str(TEXT))
     temps = opt(ListOf(Str(NAME, 1)))               # temp outputs now in the worker's cache
+    # of those that are plain files: [size, "sha256:HEX"] (what a copy made by a peer transfer is checked against)
+    sums = opt(DictOf(Str(NAME, 1), Row(Int(), Str(SHORT, 1))))
     measured = opt(DictOf(Str(SHORT), Nullable(Num(-1e18))))
     exhausted = opt(Record({"resource": Str(SHORT), "used": Num(-1e18), "allocated": Num(-1e18)}))
     worker_fault = opt(Bool)                        # rerun elsewhere without spending a retry
@@ -381,9 +385,20 @@ class File(Message):
 
 @message(33, "cached")
 class Cached(Message):
-    """The worker now holds this file (a URL it fetched)."""
+    """The worker now holds this file (a URL it fetched; a put the manager asked it to acknowledge)."""
     cn = Field(Str(NAME, 1))
     size = opt(Int())
+
+
+@message(36, "fetched")
+class Fetched(Message):
+    """A `fetch` ended: the file is in the cache (ok), or not (reason); the worker's own measure."""
+    cn = Field(Str(NAME, 1))
+    ok = Field(Bool)
+    size = opt(Int())
+    secs = opt(Num())
+    reason = opt(Str(TEXT))
+    mine = opt(Bool)            # failed on the fetching worker's side (its disk full): no other source helps
 
 
 # ---- both ways
@@ -427,6 +442,7 @@ class Put(Message):
     size = Field(Int())
     level = Field(Str(SHORT))                       # cache level: task, workflow, worker
     mode = opt(Int(0, 0o7777))
+    ack = opt(Bool)                                 # answer `cached` once stored (a transfer's end)
 
 
 @message(22, "task", payload="args")
@@ -447,6 +463,7 @@ class Task(Message):
     pipe = opt(Bool)                                # short: may be pipelined behind a running task
     slots = opt(Int(1, 1 << 20))                    # a library call: at most this many of its library's at once
     watch = opt(ListOf(Str(NAME, 1)))               # output remote names streamed while it runs (watch)
+    expect = opt(ListOf(Str(NAME, 1)))              # inputs still on their way (fetch, put): wait for them
 
 
 @message(23, "kill")
@@ -464,6 +481,26 @@ class Get(Message):
 @message(25, "unlink")
 class Unlink(Message):
     """Drop this file from the worker's cache."""
+    cn = Field(Str(NAME, 1))
+
+
+@message(27, "fetch")
+class Fetch(Message):
+    """Get this file from the worker serving its cache at host:port (a PEER handshake), check
+    its size and digest ("sha256:HEX" or "blake2b16:HEX", HEX a prefix of the hex digest), keep it at
+    `level`; answered by `fetched`."""
+    cn = Field(Str(NAME, 1))
+    host = Field(Str(SHORT, 1))
+    port = Field(Int(1, 65535))
+    size = Field(Int())
+    level = Field(Str(SHORT))
+    digest = opt(Str(SHORT, 1))
+
+
+# ---- worker <-> worker (a PEER handshake): the fetcher asks, the source answers with file or error
+@message(42, "want")
+class Want(Message):
+    """fetcher -> source: send this cache entry (answered by `file` chunks, or `error`)."""
     cn = Field(Str(NAME, 1))
 
 

@@ -16,7 +16,7 @@ import json
 import struct
 
 MAGIC = b"VN"
-VERSION = 2
+VERSION = 3                  # 3: worker-to-worker transfers (info.port, fetch, fetched, want, task.expect, put.ack)
 HEADER = struct.Struct("!2sBBHI")
 
 MAX_CTL = 1 << 20            # 1 MiB of JSON control per message

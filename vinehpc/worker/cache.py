@@ -10,11 +10,14 @@ task gets one, `give_back` when it ends; a modified entry is removed and reporte
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import stat
 import urllib.parse
 import urllib.request
 
+from ..comm import peer
 from ..comm.receive import Incoming, remove_path
 from . import seal
 from .events import check_cachename
@@ -29,6 +32,7 @@ class Cache:
         self.entries = {}
         self.parts = {}        # cachename -> Incoming (a put in progress)
         self.seals = {}        # cachename -> seal.Seal, from its first task on
+        self.arriving = {}     # cachename -> (part file, size) of a plain file put in progress (served to peers)
         for n in os.listdir(root):
             if n.startswith("."):
                 remove_path(os.path.join(root, n))
@@ -38,7 +42,7 @@ class Cache:
     def path(self, n: str) -> str:
         return os.path.join(self.root, check_cachename(n))
 
-    def put_chunk(self, n: str, data: bytes, last: bool, kind: str, mode: int = 0o444) -> bool:
+    def put_chunk(self, n: str, data: bytes, last: bool, kind: str, mode: int = 0o444, size: int = 0) -> bool:
         """Write one chunk; True when this put stored the entry (raises OSError, tarfile.TarError
         at the last chunk if it could not be stored: nothing stays behind)."""
         check_cachename(n)
@@ -49,11 +53,14 @@ class Cache:
             # read-only, keeping the source's execute bits (an input may be a program)
             inc = self.parts[n] = Incoming(os.path.join(self.root, n), os.path.join(self.root, ".part-" + n),
                                            tar=kind == "tar", mode=0o444 | (int(mode) & 0o111))
+            if kind == "file":
+                self.arriving[n] = (inc.part, size)
         inc.write(data)
         if not last:
             return False
         del self.parts[n]
         self.seals.pop(n, None)
+        self.arriving.pop(n, None)
         try:
             inc.finish()
         except BaseException:
@@ -66,6 +73,7 @@ class Cache:
         for inc in self.parts.values():
             inc.abort()
         self.parts.clear()
+        self.arriving.clear()
 
     def adopt(self, n: str, src: str) -> None:
         """Move a task's temp output into the cache."""
@@ -88,6 +96,34 @@ class Cache:
             raise ValueError("cannot fetch %r: only http, https and file URLs" % url)
         os.chmod(part, 0o555)      # executable, as in TaskVine: a URL may be the `./script.sh` a task runs
         os.replace(part, os.path.join(self.root, n))
+
+    def fetch_peer(self, n: str, host: str, port: int, secret: str, size: int, digest, stall: float) -> int:
+        """Get n from another worker into the cache (a helper thread); the bytes received.
+        Raises comm.peer.TransferError: nothing stays behind."""
+        part = self.peer_part(n)
+        got = peer.fetch(host, port, secret, n, part, size, digest, stall)
+        os.chmod(part, 0o555)      # as a URL's: the source's mode bits do not travel, an input may be a program
+        os.replace(part, os.path.join(self.root, n))
+        return got
+
+    def peer_part(self, n: str) -> str:
+        """Where a fetch from a peer writes n until it is complete (served to others meanwhile)."""
+        return os.path.join(self.root, ".peer-" + check_cachename(n))
+
+    def sums(self, names) -> dict:
+        """{name: [size, "sha256:HEX"]} of the entries that are plain files (a task's temp outputs,
+        measured once as they are kept: a peer's copy is checked against it, never against what
+        the serving worker's disk holds later).  Hashing costs ~1 ms per MB, on the worker's loop."""
+        out = {}
+        for n in names:
+            try:
+                with open(self.path(n), "rb") as f:
+                    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                        continue
+                    out[n] = [os.fstat(f.fileno()).st_size, "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()[:32]]
+            except OSError:
+                continue
+        return out
 
     def remove(self, n: str) -> None:
         self.seals.pop(n, None)

@@ -48,6 +48,7 @@ class TaskSpec:
     watch: tuple = ()               # remote names of outputs streamed to the manager while it runs
     error: str | None = None        # the inputs could not be understood (the task fails)
     report_start: bool = False      # tell the manager when it starts (messages.start_reported)
+    expect: tuple = ()              # inputs on their way (a fetch from a peer, a put): wait for them
 
     @classmethod
     def from_message(cls, m: messages.Task) -> "TaskSpec":
@@ -62,7 +63,8 @@ class TaskSpec:
         return cls(id=m.id, cmd=m.cmd, fid=m.fid, inputs=inputs, outputs=tuple(Output(*o) for o in m.outputs),
                    env=m.env or {}, res=dict(m.res), time_max=float(m.time_max) if m.time_max else None,
                    pipe=bool(m.pipe), slots=m.slots, watch=tuple(m.watch or ()), error=error,
-                   report_start=messages.start_reported(m.pipe, m.slots, m.inputs))
+                   report_start=messages.start_reported(m.pipe, m.slots, m.inputs, m.expect),
+                   expect=tuple(m.expect or ()))
 
     @property
     def python(self) -> bool:
@@ -128,6 +130,28 @@ class InputFailed:
 
 
 @dataclass
+class FetchRequested:
+    """The manager says: get this file from the worker at host:port (a `fetch` message)."""
+    cachename: str
+    host: str
+    port: int
+    size: int
+    level: str
+    digest: str | None = None
+
+
+@dataclass
+class PeerFetched:
+    """A fetch from a peer ended: in the cache (ok), or not (reason: the manager picks another source)."""
+    cachename: str
+    ok: bool
+    size: int = 0
+    secs: float = 0.0
+    reason: str | None = None
+    local: bool = False             # failed on this worker's side (its disk): not the source's fault
+
+
+@dataclass
 class OnInterpreter:
     """A started Python task runs on this interpreter."""
     tid: int
@@ -188,6 +212,27 @@ class SessionEnded:
 class FetchURL:
     cachename: str
     url: str
+
+
+@dataclass
+class FetchPeer:
+    """Get a file from another worker (on a helper thread); answered by PeerFetched."""
+    cachename: str
+    host: str
+    port: int
+    size: int
+    digest: str | None
+
+
+@dataclass
+class SendFetched:
+    """Tell the manager how a fetch ended (`fetched`)."""
+    cachename: str
+    ok: bool
+    size: int = 0
+    secs: float = 0.0
+    reason: str | None = None
+    local: bool = False
 
 
 @dataclass

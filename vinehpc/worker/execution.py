@@ -370,6 +370,9 @@ class Execution:
             ctl["stdout"] = fit_text(c.stdout, STDOUT_BUDGET)
         if temps:
             ctl["temps"] = temps
+            sums = self.cache.sums(temps)
+            if sums:
+                ctl["sums"] = sums
         if h is not None and h.mon is not None:
             ctl["measured"] = h.mon.measured(c.wall)
         if c.exhausted:

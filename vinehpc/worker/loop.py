@@ -17,14 +17,14 @@ import socket
 import tarfile
 import time
 
-from ..comm import file_chunks
+from ..comm import file_chunks, peer
 from ..protocol import ProtocolError, messages
 from . import orphans
 from .cache import Cache
-from .events import (DropTask, FetchURL, FileFailed, FileStored, FunctionReceived, InputFailed, InputReady,
-                     KillRequested, KillTask, PresentTask, Requeued, SendCached, SendResult, SessionEnded,
-                     StartTask, TaskReceived, TaskSpec, Tick, Unlink, UnlinkRequested, UnpackImage,
-                     check_cachename)
+from .events import (DropTask, FetchPeer, FetchRequested, FetchURL, FileFailed, FileStored, FunctionReceived,
+                     InputFailed, InputReady, KillRequested, KillTask, PeerFetched, PresentTask, Requeued,
+                     SendCached, SendFetched, SendResult, SessionEnded, StartTask, TaskReceived, TaskSpec, Tick,
+                     Unlink, UnlinkRequested, UnpackImage, check_cachename)
 from .execution import Execution
 from .process import Guardian
 from .pypool import PyPool
@@ -59,6 +59,9 @@ class Loop:
         self.pool = PyPool(self.sel, max_runners=max(1, total["cores"]), workdir=workdir, guard=self.guard)
         self.fetcher = cf.ThreadPoolExecutor(4, thread_name_prefix="vinehpc-fetch")
         self.fetched = collections.deque()     # (what, cachename, future) handed over by helper threads
+        self.notices = collections.deque()     # what the transfer server's threads want told to the manager
+        self.secret = None         # the run's secret (peer fetches prove it), set by Worker
+        self.stall = peer.STALL    # seconds without a byte before a fetch from a peer is given up (Worker: settings)
         self.state = WorkerState(total, gpu_ids, files=self.cache.entries)
         self.exec = Execution(self.sel, self.pool, self.cache, self.guard, workdir=workdir, hostname=hostname,
                               default_image=default_image)
@@ -133,13 +136,32 @@ class Loop:
     def _do_fetch(self, c):
         self._in_background("url", c.cachename, self.cache.fetch_url, c.cachename, c.url)
 
+    def _do_fetch_peer(self, c):
+        self._in_background("peer", c.cachename, self._fetch_peer, c)
+
+    def _fetch_peer(self, c):
+        """(helper thread) The file from the worker at c.host:c.port; (bytes, seconds)."""
+        t0 = time.monotonic()
+        got = self.cache.fetch_peer(c.cachename, c.host, c.port, self.secret, c.size, c.digest, self.stall)
+        return got, time.monotonic() - t0
+
+    def _do_fetched(self, c):
+        if c.ok:
+            log.debug("fetched %s (%d bytes, %.3f s)", c.cachename, c.size, c.secs)
+        else:
+            log.warning("could not fetch %s from a peer: %s", c.cachename, c.reason)
+        if self.conn is not None:
+            self.conn.send_msg(messages.Fetched(cn=c.cachename, ok=c.ok, size=c.size if c.ok else None,
+                                                secs=round(c.secs, 6) if c.ok else None, reason=c.reason,
+                                                mine=c.local or None))
+
     def _do_unpack(self, c):
         from sysimage_tools.deploy import ensure_local   # only workers that run images need it
         self._in_background("image", c.cachename, ensure_local, self.cache.path(c.cachename), c.url)
 
     _DO = {StartTask: _do_start, PresentTask: _do_start, KillTask: _do_kill, DropTask: _do_drop,
            Requeued: _do_requeued, SendResult: _do_result, SendCached: _do_cached, Unlink: _do_unlink,
-           FetchURL: _do_fetch, UnpackImage: _do_unpack}
+           FetchURL: _do_fetch, UnpackImage: _do_unpack, FetchPeer: _do_fetch_peer, SendFetched: _do_fetched}
 
     # ---------------------------------------------------------------- background work
     def _in_background(self, what, n, fn, *args):
@@ -156,6 +178,10 @@ class Loop:
         while self.fetched:
             what, n, fut = self.fetched.popleft()
             err = fut.exception()
+            if what == "peer":
+                self.feed(PeerFetched(n, True, *fut.result()) if err is None else
+                          PeerFetched(n, False, reason=str(err), local=getattr(err, "local", False)))
+                continue
             if err is not None:
                 self.feed(InputFailed(what, n, str(err)))
                 continue
@@ -195,6 +221,7 @@ class Loop:
                     except BlockingIOError:
                         pass
                     self._fetches_done()
+                    self._tell_notices()
             # what these events made goes out before the timers run: a result's way back to the
             # manager (and a task's way to its interpreter) does not wait for the sampling
             self._send()
@@ -216,6 +243,31 @@ class Loop:
             self._writing = not done
             self.sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE if self._writing
                             else selectors.EVENT_READ, ("manager", None))
+
+    def notice(self, text):
+        """(a transfer server thread) Something the manager's journal should say (a peer refused)."""
+        log.warning("%s", text)
+        self.notices.append(text)
+        try:
+            self._ww.send(b"x")
+        except OSError:
+            pass
+
+    def _tell_notices(self):
+        while self.notices:
+            text = self.notices.popleft()
+            if self.conn is not None:
+                self.conn.send_msg(messages.Error(reason=text))
+
+    def serve_path(self, n):
+        """(a transfer server thread) (path, None) of cache entry n if this worker holds it; (its
+        part file, its size) while a fetch from a peer or a put from the manager brings it; None otherwise."""
+        if self.state.files.get(n) is not None:
+            return self.cache.path(n), None
+        arriving = self.state.fetching.get(n)
+        if arriving is not None:
+            return self.cache.peer_part(n), arriving[1]
+        return self.cache.arriving.get(n)
 
     def _next_timer(self):
         now = time.monotonic()
@@ -300,15 +352,25 @@ class Loop:
     def _on_put(self, m):
         n = m.cn
         if n in self.state.put_errors:
+            if m.last and m.ack:
+                self._not_stored(n, self.state.put_errors[n][0])
             return
         try:
-            stored = self.cache.put_chunk(n, m.data, m.last, m.kind, 0o444 if m.mode is None else m.mode)
+            stored = self.cache.put_chunk(n, m.data, m.last, m.kind, 0o444 if m.mode is None else m.mode, m.size)
         except (OSError, tarfile.TarError) as e:   # disk full, quota: the tasks that need it fail, the worker goes on
             why = "cannot store input %s on worker %s: %s" % (n, self.hostname, e)
             log.error("%s", why)
+            if m.ack:
+                self._not_stored(n, why)
             return self.feed(FileFailed(n, why, worker_fault=isinstance(e, OSError)))
         if stored:
             self.feed(FileStored(n, m.level))
+            if m.ack:       # a transfer the manager counts: the worker may now serve it to its peers
+                self.conn.send_msg(messages.Cached(cn=n, size=m.size))
+
+    def _not_stored(self, n, why):
+        """A put the manager counts as a transfer (ack) ended with no copy here, by this worker's fault."""
+        self.conn.send_msg(messages.Fetched(cn=n, ok=False, reason=why, mine=True))
 
     def _on_unlink(self, m):
         self.feed(UnlinkRequested(check_cachename(m.cn)))
@@ -322,6 +384,9 @@ class Loop:
             return
         self.conn.send_stream(file_chunks(fh, "file", {"cn": n}))
 
+    def _on_fetch(self, m):
+        self.feed(FetchRequested(check_cachename(m.cn), m.host, m.port, m.size, m.level, m.digest))
+
     def _on_kill(self, m):
         self.feed(KillRequested(m.id))
 
@@ -333,4 +398,4 @@ class Loop:
 
     _ON = {messages.Ping: _on_ping, messages.Pong: _on_pong, messages.Exit: _on_exit, messages.Fn: _on_fn,
            messages.Put: _on_put, messages.Unlink: _on_unlink, messages.Get: _on_get, messages.Kill: _on_kill,
-           messages.Task: _on_task, messages.Forget: _on_forget}
+           messages.Task: _on_task, messages.Forget: _on_forget, messages.Fetch: _on_fetch}

@@ -14,6 +14,7 @@ import socket
 import time
 
 from ..comm import Closed, Connection
+from ..comm.peer import FileServer
 from ..comm.receive import remove_path
 from ..protocol import ProtocolError, handshake, tls, wire
 from ..config import Settings      # the environment is read once, in Settings
@@ -71,6 +72,10 @@ class Worker(Loop):
         self.hostname = settings.slurm.node_name or socket.gethostname()   # a Slurm node's name
         super().__init__(workdir=workdir, total=total, gpu_ids=ids, hostname=self.hostname, reconnect=reconnect,
                          default_image=default_image)
+        self.secret = secret
+        self.stall = settings.transfer_stall
+        # its cache, served to the run's other workers (the manager says who fetches what from whom)
+        self.files_server = FileServer(secret, self.serve_path, self.notice)
         # log_dir: where the log is copied when the worker exits (its workdir may be removed then)
         self.log = WorkerLog(workdir, log_dir, "%s-%d" % (self.hostname, os.getpid()))
         log.info("worker pid %d on %s for %s:%d: %s, workdir %s", os.getpid(), self.hostname, self.addr[0],
@@ -201,7 +206,7 @@ class Worker(Loop):
         conn = Connection(sock, hs.rest)       # with whatever followed the welcome
         self.conn = conn
         info = dict(self.total, host=self.hostname, pid=os.getpid(), cached=sorted(self.cache.entries),
-                    workdir=self.workdir, version=wire.VERSION, log=self.log.path)
+                    workdir=self.workdir, version=wire.VERSION, log=self.log.path, port=self.files_server.port)
         log.info("joined the manager at %s:%d as worker %s", self.addr[0], self.addr[1], welcome.wid)
         conn.send("info", info)
         self.sel.register(sock, selectors.EVENT_READ, ("manager", None))
@@ -225,6 +230,7 @@ class Worker(Loop):
 
     def shutdown(self):
         self.close()
+        self.files_server.close()
         if self.proxy is not None:
             self.proxy.stop()
         log.info("worker exits")

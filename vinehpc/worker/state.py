@@ -27,10 +27,11 @@ import collections
 
 from ..protocol import ProtocolError
 from ..protocol.messages import RES
-from .events import (DropTask, Exhausted, FetchURL, FileFailed, FileStored, FunctionReceived, InputFailed,
-                     InputReady, InputSpoiled, InterpreterDied, KillRequested, KillTask, OnInterpreter, PresentTask, Requeued,
-                     SendCached, SendResult, SessionEnded, StartFailed, StartTask, TaskFinished,
-                     TaskReceived, Tick, Unlink, UnlinkRequested, UnpackImage)
+from .events import (DropTask, Exhausted, FetchPeer, FetchRequested, FetchURL, FileFailed, FileStored,
+                     FunctionReceived, InputFailed, InputReady, InputSpoiled, InterpreterDied, KillRequested, KillTask,
+                     OnInterpreter, PeerFetched, PresentTask, Requeued, SendCached, SendFetched, SendResult,
+                     SessionEnded, StartFailed, StartTask, TaskFinished, TaskReceived, Tick, Unlink, UnlinkRequested,
+                     UnpackImage)
 
 ORDER = {"task": 0, "workflow": 1, "worker": 2}     # cache levels, weakest first
 DEPTH = 3          # tasks presented to one busy interpreter at most
@@ -76,6 +77,10 @@ class WorkerState:
         self.fns = set()           # function ids received
         self.images = set()        # environment images unpacked (kept across managers)
         self.pending = {}          # (what, cachename) -> [Run waiting for that background work]
+        # cachename -> (its cache level, its size), for files being fetched from a peer
+        # (FetchRequested; served to other peers as they arrive); a task whose input is `expect`ed
+        # waits on ("peer", name) until a fetch or a put brings it
+        self.fetching = {}
         self.runs = {}             # tid -> Run
         self.queue = collections.deque()
         self.presented = {}        # busy interpreter -> deque of the Runs it runs next, in order
@@ -129,6 +134,11 @@ class WorkerState:
             if n in self.files:
                 if ORDER.get(i.level, 0) > ORDER[self.files[n]]:   # the strongest level asked for wins
                     self.files[n] = i.level
+            elif n in spec.expect or ("peer", n) in self.pending:
+                # on its way (a fetch from a peer, or a put): the fetch that brings it is the
+                # manager's to order (and to order again from elsewhere if this one fails)
+                r.waiting_for.add(("peer", n))
+                self.pending.setdefault(("peer", n), []).append(r)
             elif i.kind == "url":
                 self._wait(r, ("url", n), FetchURL(n, i.url))
             elif n in self.spoiled:     # sent before the manager heard it was dropped: sent again or killed
@@ -161,9 +171,10 @@ class WorkerState:
             self._out.append(SendCached(ev.cachename))
         else:
             self.images.add(ev.cachename)
-        self._wake((ev.what, ev.cachename))
+        self._arrived((ev.what, ev.cachename))
 
-    def _wake(self, key):
+    def _arrived(self, key):
+        """The background work or transfer `key` is done: the tasks that waited only for it queue."""
         for r in self.pending.pop(key, ()):
             if self.runs.get(r.spec.id) is r:
                 r.waiting_for.discard(key)
@@ -183,7 +194,8 @@ class WorkerState:
     def _file_stored(self, ev: FileStored):
         self.files[ev.cachename] = ev.level if ev.level in ORDER else "workflow"
         if self.spoiled.pop(ev.cachename, None) is not None:
-            self._wake(("put", ev.cachename))
+            self._arrived(("put", ev.cachename))
+        self._arrived(("peer", ev.cachename))      # the manager sent it itself (no peer could)
 
     def _input_spoiled(self, ev: InputSpoiled):
         n = ev.cachename
@@ -194,8 +206,44 @@ class WorkerState:
                 r.state = "waiting"       # (a queued one is skipped by _start_queued until woken)
                 self._wait(r, ("put", n), None)
 
+    def _fetch_requested(self, ev: FetchRequested):
+        n = ev.cachename
+        if n in self.files:
+            self._out.append(SendFetched(n, True, ev.size, 0.0, "already held"))
+            return
+        if n in self.put_errors:
+            self._out.append(SendFetched(n, False, reason=self.put_errors[n][0], local=True))
+            return
+        if n in self.fetching:
+            return          # one fetch at a time: the manager orders another only after `fetched`
+        self.fetching[n] = (ev.level if ev.level in ORDER else "workflow", ev.size)
+        self.pending.setdefault(("peer", n), [])
+        self._out.append(FetchPeer(n, ev.host, ev.port, ev.size, ev.digest))
+
+    def _peer_fetched(self, ev: PeerFetched):
+        n = ev.cachename
+        arriving = self.fetching.get(n)
+        self._out.append(SendFetched(n, ev.ok, ev.size, ev.secs, ev.reason, ev.local))
+        if ev.ok and arriving is not None:
+            self.files[n] = arriving[0]     # (before it leaves `fetching`: a peer served from it never misses it)
+        self.fetching.pop(n, None)
+        if ev.ok and arriving is not None:
+            self._arrived(("peer", n))
+        elif ev.local:
+            self._cannot_store(n, "cannot store input %s: %s" % (n, ev.reason), True)
+        # failed: the tasks keep waiting; the manager orders the file from another source (or
+        # the manager sends it, or it requeues them): a failed transfer never fails a task
+
     def _file_failed(self, ev: FileFailed):
-        self.put_errors[ev.cachename] = (ev.reason, ev.worker_fault)
+        self._cannot_store(ev.cachename, ev.reason, ev.worker_fault)
+
+    def _cannot_store(self, n, why, fault):
+        """n cannot be kept here: the tasks that wait for it, and those that come for it, fail
+        "input missing" (the worker's fault: they run elsewhere without spending a retry)."""
+        self.put_errors[n] = (why, fault)
+        for r in self.pending.pop(("peer", n), ()):
+            if self.runs.get(r.spec.id) is r:
+                self._report(r, "input missing", why, worker_fault=fault)
 
     def _unlink_requested(self, ev: UnlinkRequested):
         self._unlink(ev.cachename)
@@ -480,6 +528,7 @@ class WorkerState:
         self.put_errors.clear()
         self.spoiled.clear()
         self.fns.clear()
+        self.pending = {k: v for k, v in self.pending.items() if k[0] != "peer"}
 
     _HANDLERS = {
         TaskReceived: _task_received, FunctionReceived: _function_received, FileStored: _file_stored,
@@ -487,4 +536,5 @@ class WorkerState:
         InputFailed: _input_failed, OnInterpreter: _on_interpreter, StartFailed: _start_failed,
         TaskFinished: _task_finished, InterpreterDied: _interpreter_died, Exhausted: _exhausted,
         KillRequested: _kill_requested, Tick: _tick, SessionEnded: _session_ended,
+        FetchRequested: _fetch_requested, PeerFetched: _peer_fetched,
     }
