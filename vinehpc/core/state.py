@@ -424,6 +424,7 @@ class Core:
             s.discard(e.wid)
             if not s:
                 del self.replicas[n]       # a temp left nowhere is made again when a task needs it
+        transfers.dropped(self, n, e.wid, now)
         for tid in sorted(w.tasks):
             ts = self.tasks.get(tid)
             if ts is None or not any(x is not None and x[0] == n for x in ts.inputs):

@@ -235,19 +235,39 @@ def worker_lost(core, wid, now) -> None:
     another source: asking again now would race that report."""
     t = core.transfers
     freed = set()
-    for key in [k for k in t.wants if k[1] == wid]:
-        want = t.wants.pop(key)
-        if want.source is not None:
-            _release(t, key[0], want.source)
-            _arrived(t, key[0], wid)
-            freed.add((key[0], want.source))
-        else:
-            t.waiting.get(key[0], {}).pop(wid, None)
+    for n, dest in [k for k in t.wants if k[1] == wid]:
+        source = _forget_want(t, n, dest)
+        if source is not None:
+            freed.add((n, source))
     t.active.pop(wid, None)
     for n, source in freed:
         _pump_after(core, n, source, now)
     for n in [n for n, d in t.waiting.items() if not d]:
         del t.waiting[n]
+
+
+def dropped(core, n, wid, now) -> None:
+    """Worker wid dropped its copy of n (a task modified it): a transfer of n to it is over too,
+    and the next task there that needs n asks for it again (from another holder, or the manager)."""
+    t = core.transfers
+    if (n, wid) in t.wants:
+        source = _forget_want(t, n, wid)
+        if source is not None:
+            _pump_after(core, n, source, now)
+        if not t.waiting.get(n, True):
+            del t.waiting[n]
+
+
+def _forget_want(t, n, dest):
+    """The transfer of n to dest is no more: its source's slot is freed; returns that source
+    (None: it had none yet, it only waited)."""
+    want = t.wants.pop((n, dest))
+    if want.source is None:
+        t.waiting.get(n, {}).pop(dest, None)
+        return None
+    _release(t, n, want.source)
+    _arrived(t, n, dest)
+    return want.source
 
 
 def _give_up(core, n, dest, reason):
