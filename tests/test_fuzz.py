@@ -1,0 +1,618 @@
+"""Fuzzing the validation layer (issue 14): every message type, both directions, over real TCP
+after a real handshake.
+
+For each message type a valid message is generated from its schema (messages.py: each field's
+Check.shape), then mutated -- a field set to a value of the wrong shape (a list for an id, a
+string for a size, a nested object, a huge or negative int, NaN, unicode, an oversized string), a
+key dropped or added, the wrong number of payload frames, or the bytes themselves spoiled (cut
+short, garbage, a control part that is not JSON, a header that lies) -- and sent:
+
+- worker -> manager: from a raw authenticated worker (test_e2e's helpers) to a real Manager whose
+  two real workers hold tasks in flight (the fuzzed ids aim at them);
+- manager -> worker: from a fake manager (the real handshake, handshake.Greeter) to a real
+  `vinehpc worker` process, which reconnects after every example.
+
+Every frame is judged locally twice: by the peer's own decoder (wire + messages.decode) and by a
+plain interpreter of the schema (`conforms`, below); they must agree.  Then over the wire: a
+frame the decoder refuses must get its sender disconnected, with that very reason logged (the
+manager's journal, the worker's log); a valid one is answered (a probe after it is) or refused by
+the handler; the peer process never dies nor hangs, and it serves honest tasks correctly after.
+
+Bounded for CI (about 3,000 frames).  By hand, longer and with a fresh seed:
+    python3 tests/test_fuzz.py --long 2000 [--seed N]   (N examples per message type and direction)
+or VINEHPC_FUZZ_EXAMPLES=2000 with pytest; it prints the frames tried and the failures found.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import cloudpickle
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import vinehpc
+from vinehpc import PythonTask, Task
+from vinehpc.protocol import auth, handshake, messages, wire
+from vinehpc.protocol.wire import HEADER, MAGIC, VERSION, ProtocolError
+
+from conftest import close_and_check, poll, read_journal, wait_all
+from test_e2e import _answered_hello, _authenticated_raw, _joined_raw_worker
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+LONG = int(os.environ.get("VINEHPC_FUZZ_EXAMPLES", "0"))      # examples per message type; 0: CI's budget
+TALLY = collections.Counter()     # frames sent, by verdict and outcome (the long run prints it)
+NAMES = sorted(messages.BY_NAME)
+TO_MANAGER = ("info", "error", "result", "started", "outfile", "watch", "file", "cached", "ping", "pong")
+TO_WORKER = ("exit", "fn", "forget", "put", "task", "kill", "get", "unlink", "ping", "pong")
+FIELD_NAMES = sorted({k for c in messages.BY_NAME.values() for k, _, _ in c.FIELDS})
+
+
+def budget(ci_examples, slow=False):
+    """Examples for one message type: CI's, or the long run's (a tenth of it where the peer
+    waits a second after each refusal: a worker's failed handshake)."""
+    if LONG:
+        return max(ci_examples, LONG // 10 if slow else LONG)
+    return ci_examples
+
+
+def fuzz_settings(n):
+    return settings(max_examples=n, deadline=None, derandomize=not LONG, database=None, print_blob=True,
+                    suppress_health_check=list(HealthCheck))
+
+
+# ====================================================================== the schema, read back
+def valid(check, cap=3):
+    """A strategy for values that `check` accepts (boundaries included)."""
+    kind, *a = check.shape
+    if kind == "int":
+        return st.integers(a[0], a[1]) | st.sampled_from([a[0], a[1]])
+    if kind == "num":
+        return st.floats(a[0], a[1], allow_nan=False) | st.integers(math.ceil(a[0]), int(min(a[1], 2 ** 53)))
+    if kind == "str":
+        s = st.text(min_size=a[0], max_size=min(a[1], 20))
+        return s | st.just("\u00e9" * a[1]) if a[1] <= messages.NAME else s      # the longest allowed
+    if kind == "oneof":
+        return st.sampled_from(a[0])
+    if kind == "bool":
+        return st.booleans()
+    if kind == "null":
+        return st.none() | valid(a[0])
+    if kind == "list":
+        return st.lists(valid(a[0]), max_size=min(a[1], cap))
+    if kind == "row":
+        return st.tuples(*[valid(c) for c in a[0]]).map(list)
+    if kind == "dict":
+        return st.dictionaries(valid(a[0]), valid(a[1]), max_size=min(a[2], cap))
+    if kind == "record":
+        return st.fixed_dictionaries({k: valid(c) for k, c in a[0].items()},
+                                     optional={k: valid(c) for k, c in a[1].items()})
+    raise AssertionError("a check without a shape: %r" % (check.shape,))
+
+
+def conforms(shape, v) -> bool:
+    """The schema read plainly: the oracle the compiled decoders are compared with."""
+    kind, *a = shape
+    if kind == "int":
+        return type(v) is int and a[0] <= v <= a[1]
+    if kind == "num":
+        return type(v) in (int, float) and a[0] <= v <= a[1]
+    if kind == "str":
+        return type(v) is str and a[0] <= len(v) <= a[1]
+    if kind == "oneof":
+        return type(v) is str and v in a[0]
+    if kind == "bool":
+        return type(v) is bool
+    if kind == "null":
+        return v is None or conforms(a[0].shape, v)
+    if kind == "list":
+        return type(v) is list and len(v) <= a[1] and all(conforms(a[0].shape, x) for x in v)
+    if kind == "row":
+        return type(v) is list and len(v) == len(a[0]) and all(conforms(c.shape, x) for c, x in zip(a[0], v))
+    if kind == "dict":
+        return (type(v) is dict and len(v) <= a[2]
+                and all(conforms(a[0].shape, k) and conforms(a[1].shape, x) for k, x in v.items()))
+    if kind == "record":
+        req, opt = a
+        return (type(v) is dict and set(v) <= set(req) | set(opt) and all(k in v for k in req)
+                and all(conforms((req.get(k) or opt[k]).shape, x) for k, x in v.items()))
+    raise AssertionError(shape)
+
+
+def message_conforms(name, ctl, frames) -> bool:
+    cls = messages.BY_NAME[name]
+    fields = {k: (c, req) for k, c, req in cls.FIELDS}
+    if any(k not in fields for k in ctl):
+        return False
+    for k, (c, req) in fields.items():
+        v = ctl.get(k)
+        if v is None:       # null is absent
+            if req:
+                return False
+        elif not conforms(c.shape, v):
+            return False
+    if cls.EITHER and sum(ctl.get(k) is not None for k in cls.EITHER) != 1:
+        return False
+    most = 0 if cls.PAYLOAD is None else 1
+    least = 1 if cls.PAYLOAD_REQUIRED else 0
+    return least <= len(frames) <= most
+
+
+# ====================================================================== mutations
+ODD = ["", "\ud800", "\udfff\ud800", "\x00", "nul\x00in", "../../escape-fuzz", "..", "a/b", ".hidden", "12", "1e3",
+       "true", "null", "-1", "\u202etxt.exe", "\U0001f600" * 3, "x" * (messages.SHORT + 1), "x" * (messages.NAME + 1)]
+HOSTILE = st.one_of(
+    st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70),
+    st.sampled_from([-1, 0, 2 ** 31, 2 ** 62 + 1, 2 ** 63, -2 ** 63 - 1, 2 ** 64, 10 ** 40]),
+    st.floats(), st.text(max_size=12), st.sampled_from(ODD),
+    st.recursive(st.integers(-3, 3) | st.text(max_size=3) | st.none(),
+                 lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c, max_size=3),
+                 max_leaves=8),
+    st.just("x" * (wire.MAX_CTL + 1)),                         # past the control part's limit
+)
+BAD_JSON = [b"{", b'{"a":', b"[1, 2]", b'"text"', b"null", b"NaN", b"{}{}", b'{"a": 1} x', b"\xff\xfe{}", b"\xc0\x80",
+            b'{"id": 1' + b"1" * 5000 + b"}", b"[" * 100000, b'{"a": ' * 50000, b'{"\\ud800": 1}', b"{'a': 1}",
+            b'{"id": 1, "id": [1]}', b" " * 100 + b"{}"]
+
+
+def _positions(v, path=()):
+    """Every place inside a JSON value (a path of keys and indexes), containers' insides too."""
+    out = [path]
+    if type(v) is list:
+        for i, x in enumerate(v):
+            out += _positions(x, path + (i,))
+    elif type(v) is dict:
+        for k, x in v.items():
+            out += _positions(x, path + (k,))
+    return out
+
+
+def _set(v, path, new):
+    for k in path[:-1]:
+        v = v[k]
+    v[path[-1]] = new
+
+
+def mutate(data, name, ctl, frames, keep=(), whole=True):
+    """(bytes, shut): the message (ctl, frames) after 0-3 mutations of its fields or frames, or
+    spoiled bytes; `shut`: our side closes after them (the peer may be waiting for the rest).
+    `keep`: fields left alone; `whole`: the peer may see only complete messages."""
+    code = messages.CODES[name]
+    how = data.draw(st.sampled_from(["none"] + ["fields"] * 6 + ["frames"] + ["bytes"] * 2))
+    if how == "fields":
+        for _ in range(data.draw(st.integers(1, 3))):
+            keys = [k for k in ctl if k not in keep]
+            op = data.draw(st.sampled_from(["set", "set", "deep", "drop", "add"])) if keys else "add"
+            if op == "add":
+                k = data.draw(st.sampled_from(FIELD_NAMES) | st.text(max_size=8))
+                if k not in keep:
+                    ctl[k] = data.draw(HOSTILE)
+            elif op == "drop":
+                del ctl[data.draw(st.sampled_from(keys))]
+            elif op == "set":
+                ctl[data.draw(st.sampled_from(keys))] = data.draw(HOSTILE)
+            else:
+                k = data.draw(st.sampled_from(keys))
+                _set(ctl, data.draw(st.sampled_from(_positions(ctl[k], (k,)))), data.draw(HOSTILE))
+    elif how == "frames":
+        frames = data.draw(st.lists(st.binary(max_size=32), max_size=4))
+    if how != "bytes":
+        return wire.encode_bytes(code, ctl, frames), False
+    full = wire.encode_bytes(code, ctl, frames)
+    spoil = data.draw(st.sampled_from(["json", "json", "truncate", "garbage", "header"] if whole else ["json"]))
+    if spoil == "json":
+        body = data.draw(st.sampled_from(BAD_JSON) | st.binary(max_size=40))
+        lens = [len(f) for f in frames]
+        head = HEADER.pack(MAGIC, VERSION, code, len(lens), len(body)) + wire.LENGTHS[len(lens)].pack(*lens)
+        return head + body + b"".join(frames), False
+    if spoil == "truncate":
+        return full[:data.draw(st.integers(0, len(full) - 1))], True
+    if spoil == "garbage":
+        prefix = data.draw(st.sampled_from([b"", MAGIC, MAGIC + bytes([VERSION])]))
+        return prefix + data.draw(st.binary(min_size=1, max_size=64)), True
+    if data.draw(st.booleans()):       # a frame length past the limit
+        big = data.draw(st.integers(wire.MAX_FRAME + 1, 2 ** 64 - 1))
+        return HEADER.pack(MAGIC, VERSION, code, 1, 0) + wire.LENGTHS[1].pack(big), True
+    head = list(HEADER.unpack_from(full))
+    i = data.draw(st.integers(1, 4))      # one of version, code, frame count, control length: any value
+    head[i] = data.draw(st.integers(0, [0, 255, 255, 65535, 2 ** 32 - 1][i]))
+    return HEADER.pack(*head) + full[HEADER.size:], True
+
+
+def judge(raw, preauth=False):
+    """What the peer's decoder makes of `raw`: ("valid", [(name, ctl, frames)...]), ("refused",
+    reason) or ("incomplete", messages before) -- checked against the plain schema (conforms)."""
+    dec = messages.decoder(max_ctl=wire.PREAUTH_MAX_CTL, allow_frames=False) if preauth else messages.decoder()
+    dec.push(raw)
+    got = []
+    while True:
+        try:
+            m = dec.next_message()
+        except ProtocolError as e:
+            return "refused", str(e)
+        if m is None:
+            return ("incomplete" if dec.buf else "valid"), got
+        try:
+            messages.decode(*m)
+        except ProtocolError as e:
+            assert not message_conforms(*m), "decode refused what the schema allows: %r: %s" % (m, e)
+            return "refused", str(e)
+        assert message_conforms(*m), "decode accepted what the schema refuses: %r" % (m,)
+        got.append(m)
+        if preauth:     # the handshake takes one message; what follows is the session's
+            rest, dec = bytes(dec.buf), messages.decoder()
+            dec.push(rest)
+            preauth = False
+
+
+# ====================================================================== sending, and what came back
+def send(s, raw, shut):
+    try:
+        s.sendall(raw)
+        if shut:
+            s.shutdown(socket.SHUT_WR)
+    except OSError:         # the peer closed already (refused what came first): said by outcome()
+        pass
+
+
+def outcome(s, want, dec=None, timeout=10.0) -> str:
+    """"answered" once a `want` message arrives, "closed" when the peer ends the connection,
+    "silent" if neither happens within `timeout` s (a hung peer)."""
+    dec = dec or messages.decoder()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            while True:
+                m = dec.next_message()
+                if m is None:
+                    break
+                if m[0] == want:
+                    return "answered"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "silent"
+            s.settimeout(left)
+            b = s.recv(1 << 16)
+            if not b:
+                return "closed"
+            dec.push(b)
+    except (ConnectionResetError, BrokenPipeError):
+        return "closed"
+    except socket.timeout:
+        return "silent"
+
+
+def expect(verdict, shut, got, what):
+    """The peer's behaviour against the local verdict (see the module's docstring)."""
+    TALLY["frames"] += 1
+    TALLY["%s, %s" % (verdict, got)] += 1
+    if verdict != "valid" or shut:
+        assert got == "closed", "%s: the peer kept a connection after a frame it must refuse (%s)" % (what, got)
+    else:
+        assert got in ("answered", "closed"), "%s: no answer and no close within 10 s: the peer hangs" % what
+
+
+def gate(path, x):
+    """A task that runs until the test opens the gate (a file appears): in flight while fuzzing."""
+    deadline = time.monotonic() + 600
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return x * x
+
+
+def square(x):
+    return x * x
+
+
+# ====================================================================== worker -> manager
+@pytest.fixture(scope="module")
+def fuzz_manager(tmp_path_factory):
+    m = vinehpc.Manager(run_dir=str(tmp_path_factory.mktemp("fuzz") / "run"), local_workers=2, cores_per_worker=1)
+    m.wait_for_workers(2, timeout=30)
+    yield m
+    close_and_check(m)
+
+
+def _closes_logged(recs):
+    """Reasons of the closes the manager logged: joined workers' (`worker lost`) one by one; the
+    others' one by one up to a rate, then counted by the first word of the reason."""
+    lost = [r["reason"] for r in recs if r.get("event") == "worker lost" and r.get("host") != "127.0.0.1"]
+    one = [r["reason"] for r in recs if r.get("event") == "connection closed"]
+    counted = collections.Counter()
+    for r in recs:
+        if r.get("event") == "connections closed":
+            counted.update(r["reasons"])
+    return lost, one, counted
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", NAMES)
+def test_manager_survives_fuzzed_messages_and_logs_each_refusal(fuzz_manager, tmp_path, name):
+    m = fuzz_manager
+    before = len(read_journal(m))
+    door = str(tmp_path / "open")
+    gates = {m.submit(PythonTask(gate, door, i)): i * i for i in range(2)}      # on the two real workers
+    poll(lambda: m.stats["tasks_running"] == 2, 30, "both gate tasks running", m=m)
+    ids = st.sampled_from(sorted(gates)) | valid(messages.Id)
+    over = {"id": ids, "ids": st.lists(ids, max_size=4)}
+    cls = messages.BY_NAME[name]
+    base = st.fixed_dictionaries({k: over.get(k, valid(c)) for k, c, req in cls.FIELDS if req},
+                                 optional={k: over.get(k, valid(c)) for k, c, req in cls.FIELDS if not req})
+    frames = st.lists(st.binary(max_size=64), min_size=int(cls.PAYLOAD_REQUIRED), max_size=int(cls.PAYLOAD is not None))
+    refused = {"joined": [], "other": []}
+    closed_joined = [0]
+
+    @fuzz_settings(budget(150 if name in TO_MANAGER else 25))
+    @given(st.data())
+    def one(data):
+        ctl, fr = data.draw(base), data.draw(frames)
+        if name == "auth":            # the handshake's own message, in its place
+            s, hs = _answered_hello(m)
+            ctl = dict(judge(hs.auth())[1][0][1])
+            where, probe, want = "other", None, "welcome"
+        elif name == "status":        # what a `vinehpc status` client sends
+            s = _authenticated_raw(m, handshake.STATUS)
+            where, probe, want = "other", messages.encode_bytes(messages.Status()), "snapshot"
+        elif name == "info":          # the first message of a worker
+            s = _authenticated_raw(m)
+            where, probe, want = "other", None, "pong"
+        else:
+            s = _joined_raw_worker(m)
+            where, probe, want = "joined", messages.encode_bytes(messages.Ping()), "pong"
+            s.sendall(probe)        # joined before the frame comes (one read could hold both)
+            assert outcome(s, want) == "answered"
+        if name == "info":
+            probe = messages.encode_bytes(messages.Ping())
+        raw, shut = mutate(data, name, ctl, fr)
+        verdict, what = judge(raw, preauth=name == "auth")
+        send(s, raw, shut)
+        if verdict == "valid" and not shut and probe is not None:
+            send(s, probe, False)
+        try:
+            got = outcome(s, want)
+        finally:
+            s.close()
+        expect(verdict, shut, got, "%s to the manager" % name)
+        if verdict == "refused":
+            refused[where].append("protocol error: " + what)
+        elif where == "joined" and got == "closed" and not shut:
+            closed_joined[0] += 1
+        assert m._server.error is None and m._server.thread.is_alive(), "the manager's I/O thread died"
+
+    one()
+    open(door, "w").close()
+    honest = {m.submit(PythonTask(square, i)): i * i for i in range(10)}
+    got = wait_all(m, len(gates) + len(honest), timeout=60)
+    assert {tid: t.output for tid, t in got.items()} == {**gates, **honest}
+    assert m.stats["workers"] == 2
+    # every refusal logged with its reason (the joined: one by one; the others: rate-limited)
+    def logged():
+        lost, one_by_one, counted = _closes_logged(read_journal(m)[before:])
+        pending = m._server.admission.unlogged["protocol error"]
+        return lost, one_by_one, counted["protocol error"] + pending
+    lost, one_by_one, counted = logged()
+    errors = [r for r in lost if r.startswith("protocol error")]
+    missing = collections.Counter(refused["joined"]) - collections.Counter(errors)
+    assert not missing, "refused but not logged: %s" % list(missing)[:3]
+    assert len(errors) == len(refused["joined"]) + closed_joined[0]
+    shown = [r for r in one_by_one if r.startswith("protocol error")]
+    assert not set(shown) - set(refused["other"]) and len(shown) + counted >= len(refused["other"])
+
+
+# ====================================================================== manager -> worker
+class FakeManager:
+    """A listening socket speaking the manager's side of the handshake to a real worker."""
+
+    def __init__(self, d):
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        self.secret = auth.new_secret()
+        self.secret_file = str(d / "secret")
+        auth.write_secret(self.secret_file, self.secret)
+
+    def accept(self):
+        self.lsock.settimeout(20)
+        s, _ = self.lsock.accept()
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)     # as test_e2e's _connect
+        return s
+
+    def join(self, s, g=None):
+        """Greet the worker on `s` (`g`: a greeter whose hello was sent) up to its auth (None if
+        it closes the connection instead), then welcome it: a decoder holding what came after."""
+        if g is None:
+            g = handshake.Greeter(self.secret, handshake.WORKER)
+            s.sendall(g.hello())
+        got = b""
+        s.settimeout(10)
+        try:
+            while g.receive_data(got) is None:
+                got = s.recv(4096)
+                if not got:
+                    return None
+        except ConnectionResetError:
+            return None
+        s.sendall(g.welcome(wid=1, keepalive=[5.0, 30.0]))
+        dec = messages.decoder()
+        dec.push(g.rest)
+        return dec
+
+
+@pytest.fixture(scope="module")
+def fuzzed_worker(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fuzzw")
+    fm = FakeManager(d)
+    err = d / "worker.err"
+    proc = subprocess.Popen([sys.executable, "-m", "vinehpc", "worker", "127.0.0.1:%d" % fm.port, "--secret-file",
+                             fm.secret_file, "--cores", "1", "--connect-timeout", "60", "--verbose"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(err, "w"),
+                            start_new_session=True)
+    yield fm, proc, err
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    fm.lsock.close()
+
+
+def _task(tid, cmd):
+    return messages.Task(cmd=cmd, id=tid, inputs=[], outputs=[], res={"cores": 1, "memory": 0, "disk": 0, "gpus": 0},
+                         category="fuzz")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", NAMES)
+def test_worker_survives_fuzzed_messages_and_logs_each_refusal(fuzzed_worker, name):
+    fm, proc, err = fuzzed_worker
+    cls = messages.BY_NAME[name]
+    # what a valid message of the manager's may make a worker do that we do not want here: run any
+    # shell text (commands are chosen), fetch URLs or unpack images (input kinds), exit (final),
+    # start a tunnel proxy; a welcome's MAC stays (a wrong one makes the worker exit, as it should)
+    inputs = st.lists(st.tuples(valid(messages.Str(messages.NAME, 1)), valid(messages.Str(messages.NAME, 1)),
+                                st.sampled_from(["file", "tar", "buffer", "temp"]), valid(messages.Str(messages.SHORT)),
+                                st.none()).map(list), max_size=3)
+    over = {"cmd": st.sampled_from(["true", "echo fuzz", "exit 3", "cat in.txt", "ls"]), "inputs": inputs,
+            "final": st.just(False)}
+    fields = [(k, c, req or k == "final") for k, c, req in cls.FIELDS if k not in ("tunnel", "mac")]
+    base = st.fixed_dictionaries({k: over.get(k, valid(c)) for k, c, req in fields if req},
+                                 optional={k: over.get(k, valid(c)) for k, c, req in fields if not req})
+    if cls.EITHER:          # a valid task runs a command or a function
+        base = base.map(lambda c: c if sum(c.get(k) is not None for k in cls.EITHER) == 1
+                        else dict({k: v for k, v in c.items() if k not in cls.EITHER}, cmd="true"))
+    keep = ("final",)       # an exit without final: False ends the worker, as it should
+    frames = st.lists(st.binary(max_size=64), min_size=int(cls.PAYLOAD_REQUIRED), max_size=int(cls.PAYLOAD is not None))
+    refused = []
+    pid = proc.pid
+
+    @fuzz_settings(budget(5, slow=True) if name in ("hello", "welcome") else budget(90 if name in TO_WORKER else 12))
+    @given(st.data())
+    def one(data):
+        ctl, fr = data.draw(base), data.draw(frames)
+        assert proc.poll() is None, "the worker died (exit %s): %s" % (proc.returncode, err.read_text()[-3000:])
+        s = fm.accept()
+        try:
+            g = handshake.Greeter(fm.secret, handshake.WORKER)
+            dec = messages.decoder()
+            if name == "hello":
+                ctl = dict(judge(g.hello())[1][0][1], **ctl)
+                raw, shut = mutate(data, name, ctl, fr)
+                verdict, what = judge(raw, preauth=True)
+                send(s, raw, shut)
+                if verdict == "valid" and not shut:
+                    # answered, the handshake must go on: a worker whose handshake ends after its
+                    # auth takes it for a wrong secret (and exits on the second)
+                    g.nonce = what[0][1]["nonce"]       # what its MAC covers: the nonce it was sent
+                    dec = fm.join(s, g)
+                    if dec is not None:
+                        send(s, messages.encode_bytes(messages.Ping()), False)
+                want = "pong"
+            elif name == "welcome":
+                s.sendall(g.hello())
+                got = b""
+                s.settimeout(10)
+                while g.receive_data(got) is None:
+                    got = s.recv(4096)
+                ctl = dict(judge(g.welcome(wid=1, keepalive=[5.0, 30.0]))[1][0][1], **ctl)
+                # the MAC kept, and whole messages only (as for the hello)
+                raw, shut = mutate(data, name, ctl, fr, keep=("mac",), whole=False)
+                verdict, what = judge(raw, preauth=True)
+                send(s, raw, shut)
+                if verdict == "valid":
+                    send(s, messages.encode_bytes(messages.Ping()), False)
+                want = "pong"
+            else:
+                dec = fm.join(s)
+                raw, shut = mutate(data, name, ctl, fr, keep=keep)
+                verdict, what = judge(raw)
+                send(s, raw, shut)
+                if verdict == "valid" and not shut:
+                    send(s, messages.encode_bytes(messages.Ping()), False)
+                want = "pong"
+            got = "closed" if dec is None else outcome(s, want, dec)
+        finally:
+            s.close()
+        expect(verdict, shut, got, "%s to the worker" % name)
+        if verdict == "refused":
+            refused.append(what)
+        assert proc.poll() is None, "the worker died (exit %s): %s" % (proc.returncode, err.read_text()[-2000:])
+
+    one()
+    # the worker still serves: a task through the fake manager, on a connection of its own
+    s = fm.accept()
+    try:
+        dec = fm.join(s)
+        s.sendall(messages.encode_bytes(_task(7, "echo served after %s" % name)))
+        res = None
+        s.settimeout(30)
+        while res is None:
+            for n, ctl, frs in dec.feed(s.recv(1 << 16)):
+                if n == "result":
+                    res = ctl
+        assert res["status"] == "success" and res["stdout"] == "served after %s\n" % name, res
+    finally:
+        s.close()
+    assert proc.pid == pid and proc.poll() is None
+    log = err.read_text()
+    missing = [r for r in refused if r not in log]
+    assert not missing, "refused but not logged by the worker: %s" % missing[:3]
+
+
+@pytest.mark.timeout(120)
+def test_fuzzed_worker_then_serves_a_real_manager(fuzzed_worker, tmp_path):
+    """The worker fuzzed above (the same process) joins a real Manager on the fake one's port and
+    returns correct results for Python and command tasks."""
+    fm, proc, err = fuzzed_worker
+    fm.lsock.close()
+    m = vinehpc.Manager(port=fm.port, secret=fm.secret, run_dir=str(tmp_path / "run"), local_workers=0)
+    try:
+        m.wait_for_workers(1, timeout=60)
+        expect_ = {m.submit(PythonTask(square, i)): i * i for i in range(20)}
+        cmds = {m.submit(Task("echo %d" % i)): "%d\n" % i for i in range(10)}
+        got = wait_all(m, len(expect_) + len(cmds), timeout=60)
+        assert {tid: got[tid].output for tid in expect_} == expect_
+        assert {tid: got[tid].std_output for tid in cmds} == cmds
+        assert proc.poll() is None
+    finally:
+        close_and_check(m)
+
+
+# ====================================================================== by hand: the long run
+def main(argv) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--long", type=int, default=2000, metavar="N", help="examples per message type and direction")
+    p.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: a fresh one, printed)")
+    p.add_argument("-k", default=None, help="only the tests matching this pytest expression")
+    a = p.parse_args(argv)
+    seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "big")
+    os.environ["VINEHPC_FUZZ_EXAMPLES"] = str(a.long)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    t0 = time.monotonic()
+    args = [os.path.abspath(__file__), "-q", "-p", "no:cacheprovider", "--hypothesis-seed=%d" % seed,
+            "-o", "timeout=0"] + (["-k", a.k] if a.k else [])
+    failures = []
+
+    class Count:
+        def pytest_runtest_logreport(self, report):
+            if report.failed:
+                failures.append(report.nodeid)
+
+    rc = pytest.main(args, plugins=[Count()])
+    tally = sys.modules["test_fuzz"].TALLY
+    print("\nfuzz: %d frames tried in %.0f s (seed %d, %d examples per type): %d failure(s)%s"
+          % (tally["frames"], time.monotonic() - t0, seed, a.long, len(failures),
+             "".join("\n  " + f for f in failures)))
+    for k, v in sorted(tally.items()):
+        if k != "frames":
+            print("  %-28s %d" % (k, v))
+    return int(rc)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
