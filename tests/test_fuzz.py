@@ -18,7 +18,7 @@ frame the decoder refuses must get its sender disconnected, with that very reaso
 manager's journal, the worker's log); a valid one is answered (a probe after it is) or refused by
 the handler; the peer process never dies nor hangs, and it serves honest tasks correctly after.
 
-Bounded for CI (about 3,000 frames).  By hand, longer and with a fresh seed:
+Bounded for CI (about 2,000 frames).  By hand, longer and with a fresh seed:
     python3 tests/test_fuzz.py --long 2000 [--seed N]   (N examples per message type and direction)
 or VINEHPC_FUZZ_EXAMPLES=2000 with pytest; it prints the frames tried and the failures found.
 """
@@ -350,7 +350,7 @@ def test_manager_survives_fuzzed_messages_and_logs_each_refusal(fuzz_manager, tm
     refused = {"joined": [], "other": []}
     closed_joined = [0]
 
-    @fuzz_settings(budget(150 if name in TO_MANAGER else 25))
+    @fuzz_settings(budget(100 if name in TO_MANAGER else 15))
     @given(st.data())
     def one(data):
         ctl, fr = data.draw(base), data.draw(frames)
@@ -461,9 +461,69 @@ def fuzzed_worker(tmp_path_factory):
     fm.lsock.close()
 
 
-def _task(tid, cmd):
-    return messages.Task(cmd=cmd, id=tid, inputs=[], outputs=[], res={"cores": 1, "memory": 0, "disk": 0, "gpus": 0},
-                         category="fuzz")
+def to_worker(fm, proc, err, name, ctl, frames, spoil):
+    """One example: the worker's next connection gets message `name` -- (ctl, frames) made into
+    bytes by spoil(ctl, frames, keep, whole) -> (bytes, shut) -- in its place (a hello, a welcome)
+    or after the handshake; then a ping.  Checks what the worker did; returns the local verdict
+    and the refusal's reason."""
+    assert proc.poll() is None, "the worker died (exit %s): %s" % (proc.returncode, err.read_text()[-3000:])
+    s = fm.accept()
+    try:
+        g = handshake.Greeter(fm.secret, handshake.WORKER)
+        dec = messages.decoder()
+        if name == "hello":
+            raw, shut = spoil(dict(judge(g.hello())[1][0][1], **ctl), frames)
+            verdict, what = judge(raw, preauth=True)
+            send(s, raw, shut)
+            if verdict == "valid" and not shut:
+                # answered, the handshake must go on: a worker whose handshake ends after its auth
+                # takes it for a wrong secret (and exits on the second)
+                g.nonce = what[0][1]["nonce"]       # what its MAC covers: the nonce it was sent
+                dec = fm.join(s, g)
+        elif name == "welcome":
+            s.sendall(g.hello())
+            got = b""
+            s.settimeout(10)
+            while g.receive_data(got) is None:
+                got = s.recv(4096)
+            ours = judge(g.welcome(wid=1, keepalive=[5.0, 30.0]))[1][0][1]
+            # the MAC kept, and whole messages only (as for the hello)
+            raw, shut = spoil(dict(ours, **ctl), frames, keep=("mac",), whole=False)
+            verdict, what = judge(raw, preauth=True)
+            send(s, raw, shut)
+        else:
+            dec = fm.join(s)
+            raw, shut = spoil(ctl, frames)
+            verdict, what = judge(raw)
+            send(s, raw, shut)
+        if verdict == "valid" and not shut and dec is not None:
+            send(s, messages.encode_bytes(messages.Ping()), False)
+        got = "closed" if dec is None else outcome(s, "pong", dec)
+    finally:
+        s.close()
+    expect(verdict, shut, got, "%s to the worker" % name)
+    assert proc.poll() is None, "the worker died (exit %s): %s" % (proc.returncode, err.read_text()[-3000:])
+    return verdict, what
+
+
+def serves(fm, proc, err, tag):
+    """The worker (the same process) still runs a task the fake manager sends it, correctly."""
+    assert proc.poll() is None, "the worker died (exit %s): %s" % (proc.returncode, err.read_text()[-3000:])
+    s = fm.accept()
+    try:
+        dec = fm.join(s)
+        s.sendall(messages.encode_bytes(messages.Task(cmd="echo served %s" % tag, id=7, inputs=[], outputs=[],
+                                                      res={"cores": 1, "memory": 0, "disk": 0, "gpus": 0},
+                                                      category="fuzz")))
+        res = None
+        s.settimeout(30)
+        while res is None:
+            for n, ctl, _ in dec.feed(s.recv(1 << 16)):
+                if n == "result":
+                    res = ctl
+        assert res["status"] == "success" and res["stdout"] == "served %s\n" % tag, res
+    finally:
+        s.close()
 
 
 @pytest.mark.timeout(300)
@@ -485,82 +545,43 @@ def test_worker_survives_fuzzed_messages_and_logs_each_refusal(fuzzed_worker, na
     if cls.EITHER:          # a valid task runs a command or a function
         base = base.map(lambda c: c if sum(c.get(k) is not None for k in cls.EITHER) == 1
                         else dict({k: v for k, v in c.items() if k not in cls.EITHER}, cmd="true"))
-    keep = ("final",)       # an exit without final: False ends the worker, as it should
     frames = st.lists(st.binary(max_size=64), min_size=int(cls.PAYLOAD_REQUIRED), max_size=int(cls.PAYLOAD is not None))
     refused = []
     pid = proc.pid
 
-    @fuzz_settings(budget(5, slow=True) if name in ("hello", "welcome") else budget(90 if name in TO_WORKER else 12))
+    @fuzz_settings(budget(3, slow=True) if name in ("hello", "welcome") else budget(60 if name in TO_WORKER else 8))
     @given(st.data())
     def one(data):
         ctl, fr = data.draw(base), data.draw(frames)
-        assert proc.poll() is None, "the worker died (exit %s): %s" % (proc.returncode, err.read_text()[-3000:])
-        s = fm.accept()
-        try:
-            g = handshake.Greeter(fm.secret, handshake.WORKER)
-            dec = messages.decoder()
-            if name == "hello":
-                ctl = dict(judge(g.hello())[1][0][1], **ctl)
-                raw, shut = mutate(data, name, ctl, fr)
-                verdict, what = judge(raw, preauth=True)
-                send(s, raw, shut)
-                if verdict == "valid" and not shut:
-                    # answered, the handshake must go on: a worker whose handshake ends after its
-                    # auth takes it for a wrong secret (and exits on the second)
-                    g.nonce = what[0][1]["nonce"]       # what its MAC covers: the nonce it was sent
-                    dec = fm.join(s, g)
-                    if dec is not None:
-                        send(s, messages.encode_bytes(messages.Ping()), False)
-                want = "pong"
-            elif name == "welcome":
-                s.sendall(g.hello())
-                got = b""
-                s.settimeout(10)
-                while g.receive_data(got) is None:
-                    got = s.recv(4096)
-                ctl = dict(judge(g.welcome(wid=1, keepalive=[5.0, 30.0]))[1][0][1], **ctl)
-                # the MAC kept, and whole messages only (as for the hello)
-                raw, shut = mutate(data, name, ctl, fr, keep=("mac",), whole=False)
-                verdict, what = judge(raw, preauth=True)
-                send(s, raw, shut)
-                if verdict == "valid":
-                    send(s, messages.encode_bytes(messages.Ping()), False)
-                want = "pong"
-            else:
-                dec = fm.join(s)
-                raw, shut = mutate(data, name, ctl, fr, keep=keep)
-                verdict, what = judge(raw)
-                send(s, raw, shut)
-                if verdict == "valid" and not shut:
-                    send(s, messages.encode_bytes(messages.Ping()), False)
-                want = "pong"
-            got = "closed" if dec is None else outcome(s, want, dec)
-        finally:
-            s.close()
-        expect(verdict, shut, got, "%s to the worker" % name)
+        verdict, what = to_worker(fm, proc, err, name, ctl, fr,
+                                  lambda c, f, keep=(), whole=True: mutate(data, name, c, f, keep + ("final",), whole))
         if verdict == "refused":
             refused.append(what)
-        assert proc.poll() is None, "the worker died (exit %s): %s" % (proc.returncode, err.read_text()[-2000:])
 
     one()
-    # the worker still serves: a task through the fake manager, on a connection of its own
-    s = fm.accept()
-    try:
-        dec = fm.join(s)
-        s.sendall(messages.encode_bytes(_task(7, "echo served after %s" % name)))
-        res = None
-        s.settimeout(30)
-        while res is None:
-            for n, ctl, frs in dec.feed(s.recv(1 << 16)):
-                if n == "result":
-                    res = ctl
-        assert res["status"] == "success" and res["stdout"] == "served after %s\n" % name, res
-    finally:
-        s.close()
-    assert proc.pid == pid and proc.poll() is None
+    serves(fm, proc, err, "after %s" % name)
+    assert proc.pid == pid
     log = err.read_text()
     missing = [r for r in refused if r not in log]
     assert not missing, "refused but not logged by the worker: %s" % missing[:3]
+
+
+# what the fuzzing found, kept as plain examples: each killed the worker before its fix
+TASK = {"id": 1, "inputs": [], "outputs": [], "res": {"cores": 0, "memory": 0, "disk": 0, "gpus": 0}, "category": "x"}
+FOUND = [
+    ("task", TASK, "refused"),                              # neither cmd nor fid: a call of function None
+    ("task", dict(TASK, cmd="true", fid="f"), "refused"),   # both
+    ("welcome", {"keepalive": [1e18, 1e18]}, "valid"),      # a keepalive past the longest wait epoll takes
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name, ctl, verdict", FOUND)
+def test_worker_survives_what_fuzzing_found(fuzzed_worker, name, ctl, verdict):
+    fm, proc, err = fuzzed_worker
+    as_is = lambda c, f, keep=(), whole=True: (wire.encode_bytes(messages.CODES[name], c, f), False)  # noqa: E731
+    assert to_worker(fm, proc, err, name, ctl, [], as_is)[0] == verdict
+    serves(fm, proc, err, "after a %s" % name)
 
 
 @pytest.mark.timeout(120)
