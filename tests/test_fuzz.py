@@ -445,28 +445,56 @@ class FakeManager:
         return dec
 
 
+class FuzzedWorker:
+    """A real `vinehpc worker` process serving the fake manager; started again by the next test
+    if one killed it (that test fails: the next ones still fuzz)."""
+
+    def __init__(self, d):
+        self.d, self.fm, self.proc, self.n = d, FakeManager(d), None, 0
+
+    def ensure(self):
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self.n += 1
+        self.err = self.d / ("worker%d.err" % self.n)
+        with open(self.err, "w") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "vinehpc", "worker", "127.0.0.1:%d" % self.fm.port,
+                                          "--secret-file", self.fm.secret_file, "--cores", "1", "--connect-timeout",
+                                          "60", "--verbose"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=f, start_new_session=True)
+
+    def check(self):
+        """The worker is alive, or it exited as told (spoiled bytes can make a valid exit): then it
+        is started again."""
+        if self.proc.poll() is None:
+            return
+        log = self.err.read_text()
+        if self.proc.returncode == 0 and log.splitlines()[-2].endswith("the manager says exit: None"):
+            return self.ensure()
+        raise AssertionError("the worker died (exit %s): %s" % (self.proc.returncode, log[-3000:]))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.fm.lsock.close()
+
+
 @pytest.fixture(scope="module")
 def fuzzed_worker(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fuzzw")
-    fm = FakeManager(d)
-    err = d / "worker.err"
-    proc = subprocess.Popen([sys.executable, "-m", "vinehpc", "worker", "127.0.0.1:%d" % fm.port, "--secret-file",
-                             fm.secret_file, "--cores", "1", "--connect-timeout", "60", "--verbose"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(err, "w"),
-                            start_new_session=True)
-    yield fm, proc, err
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-    fm.lsock.close()
+    w = FuzzedWorker(tmp_path_factory.mktemp("fuzzw"))
+    w.ensure()
+    yield w
+    w.stop()
 
 
-def to_worker(fm, proc, err, name, ctl, frames, spoil):
+def to_worker(w, name, ctl, frames, spoil):
     """One example: the worker's next connection gets message `name` -- (ctl, frames) made into
     bytes by spoil(ctl, frames, keep, whole) -> (bytes, shut) -- in its place (a hello, a welcome)
     or after the handshake; then a ping.  Checks what the worker did; returns the local verdict
     and the refusal's reason."""
-    assert proc.poll() is None, "the worker died (exit %s): %s" % (proc.returncode, err.read_text()[-3000:])
+    w.check()
+    fm = w.fm
     s = fm.accept()
     try:
         g = handshake.Greeter(fm.secret, handshake.WORKER)
@@ -481,14 +509,18 @@ def to_worker(fm, proc, err, name, ctl, frames, spoil):
                 g.nonce = what[0][1]["nonce"]       # what its MAC covers: the nonce it was sent
                 dec = fm.join(s, g)
         elif name == "welcome":
+            # spoiled before the handshake (hypothesis may stop a test at any draw: a worker whose
+            # handshake ends after its auth takes it for a wrong secret), with the MAC to come
+            # kept (a wrong one ends the worker, as it should) and whole messages only
+            ours = {"mac": "f" * 64, "wid": 1, "keepalive": [5.0, 30.0]}
+            raw, shut = spoil(dict(ours, **ctl), frames, keep=("mac",), whole=False)
             s.sendall(g.hello())
             got = b""
             s.settimeout(10)
             while g.receive_data(got) is None:
                 got = s.recv(4096)
-            ours = judge(g.welcome(wid=1, keepalive=[5.0, 30.0]))[1][0][1]
-            # the MAC kept, and whole messages only (as for the hello)
-            raw, shut = spoil(dict(ours, **ctl), frames, keep=("mac",), whole=False)
+            mac = judge(g.welcome())[1][0][1]["mac"]
+            raw = raw.replace(b'"' + b"f" * 64 + b'"', b'"%s"' % mac.encode())       # the same length
             verdict, what = judge(raw, preauth=True)
             send(s, raw, shut)
         else:
@@ -502,16 +534,18 @@ def to_worker(fm, proc, err, name, ctl, frames, spoil):
     finally:
         s.close()
     expect(verdict, shut, got, "%s to the worker" % name)
-    assert proc.poll() is None, "the worker died (exit %s): %s" % (proc.returncode, err.read_text()[-3000:])
+    if verdict != "refused" and any(n == "exit" and c.get("final") is not False for n, c, _ in what):
+        w.proc.wait(10)         # told to exit, it does (check() starts it again)
+    w.check()
     return verdict, what
 
 
-def serves(fm, proc, err, tag):
+def serves(w, tag):
     """The worker (the same process) still runs a task the fake manager sends it, correctly."""
-    assert proc.poll() is None, "the worker died (exit %s): %s" % (proc.returncode, err.read_text()[-3000:])
-    s = fm.accept()
+    w.check()
+    s = w.fm.accept()
     try:
-        dec = fm.join(s)
+        dec = w.fm.join(s)
         s.sendall(messages.encode_bytes(messages.Task(cmd="echo served %s" % tag, id=7, inputs=[], outputs=[],
                                                       res={"cores": 1, "memory": 0, "disk": 0, "gpus": 0},
                                                       category="fuzz")))
@@ -529,7 +563,8 @@ def serves(fm, proc, err, tag):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", NAMES)
 def test_worker_survives_fuzzed_messages_and_logs_each_refusal(fuzzed_worker, name):
-    fm, proc, err = fuzzed_worker
+    w = fuzzed_worker
+    w.ensure()
     cls = messages.BY_NAME[name]
     # what a valid message of the manager's may make a worker do that we do not want here: run any
     # shell text (commands are chosen), fetch URLs or unpack images (input kinds), exit (final),
@@ -547,21 +582,19 @@ def test_worker_survives_fuzzed_messages_and_logs_each_refusal(fuzzed_worker, na
                         else dict({k: v for k, v in c.items() if k not in cls.EITHER}, cmd="true"))
     frames = st.lists(st.binary(max_size=64), min_size=int(cls.PAYLOAD_REQUIRED), max_size=int(cls.PAYLOAD is not None))
     refused = []
-    pid = proc.pid
 
     @fuzz_settings(budget(3, slow=True) if name in ("hello", "welcome") else budget(60 if name in TO_WORKER else 8))
     @given(st.data())
     def one(data):
         ctl, fr = data.draw(base), data.draw(frames)
-        verdict, what = to_worker(fm, proc, err, name, ctl, fr,
+        verdict, what = to_worker(w, name, ctl, fr,
                                   lambda c, f, keep=(), whole=True: mutate(data, name, c, f, keep + ("final",), whole))
         if verdict == "refused":
             refused.append(what)
 
     one()
-    serves(fm, proc, err, "after %s" % name)
-    assert proc.pid == pid
-    log = err.read_text()
+    serves(w, "after %s" % name)
+    log = "".join(f.read_text() for f in sorted(w.d.glob("worker*.err")))
     missing = [r for r in refused if r not in log]
     assert not missing, "refused but not logged by the worker: %s" % missing[:3]
 
@@ -578,19 +611,22 @@ FOUND = [
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("name, ctl, verdict", FOUND)
 def test_worker_survives_what_fuzzing_found(fuzzed_worker, name, ctl, verdict):
-    fm, proc, err = fuzzed_worker
+    w = fuzzed_worker
+    w.ensure()
     as_is = lambda c, f, keep=(), whole=True: (wire.encode_bytes(messages.CODES[name], c, f), False)  # noqa: E731
-    assert to_worker(fm, proc, err, name, ctl, [], as_is)[0] == verdict
-    serves(fm, proc, err, "after a %s" % name)
+    assert to_worker(w, name, ctl, [], as_is)[0] == verdict
+    serves(w, "after a %s" % name)
 
 
 @pytest.mark.timeout(120)
 def test_fuzzed_worker_then_serves_a_real_manager(fuzzed_worker, tmp_path):
     """The worker fuzzed above (the same process) joins a real Manager on the fake one's port and
     returns correct results for Python and command tasks."""
-    fm, proc, err = fuzzed_worker
-    fm.lsock.close()
-    m = vinehpc.Manager(port=fm.port, secret=fm.secret, run_dir=str(tmp_path / "run"), local_workers=0)
+    w = fuzzed_worker
+    w.ensure()
+    pid = w.proc.pid
+    w.fm.lsock.close()
+    m = vinehpc.Manager(port=w.fm.port, secret=w.fm.secret, run_dir=str(tmp_path / "run"), local_workers=0)
     try:
         m.wait_for_workers(1, timeout=60)
         expect_ = {m.submit(PythonTask(square, i)): i * i for i in range(20)}
@@ -598,7 +634,7 @@ def test_fuzzed_worker_then_serves_a_real_manager(fuzzed_worker, tmp_path):
         got = wait_all(m, len(expect_) + len(cmds), timeout=60)
         assert {tid: got[tid].output for tid in expect_} == expect_
         assert {tid: got[tid].std_output for tid in cmds} == cmds
-        assert proc.poll() is None
+        assert w.proc.poll() is None and w.proc.pid == pid
     finally:
         close_and_check(m)
 
