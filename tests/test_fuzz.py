@@ -294,8 +294,10 @@ def expect(verdict, shut, got, what):
     """The peer's behaviour against the local verdict (see the module's docstring)."""
     TALLY["frames"] += 1
     TALLY["%s, %s" % (verdict, got)] += 1
-    if verdict != "valid" or shut:
+    if verdict != "valid":
         assert got == "closed", "%s: the peer kept a connection after a frame it must refuse (%s)" % (what, got)
+    elif shut:      # it may answer before it reads our end
+        assert got in ("answered", "closed"), "%s: the peer hangs after our end (%s)" % (what, got)
     else:
         assert got in ("answered", "closed"), "%s: no answer and no close within 10 s: the peer hangs" % what
 
@@ -387,8 +389,10 @@ def test_manager_survives_fuzzed_messages_and_logs_each_refusal(fuzz_manager, tm
             closed_joined[0] += 1
         assert m._server.error is None and m._server.thread.is_alive(), "the manager's I/O thread died"
 
-    one()
-    open(door, "w").close()
+    try:
+        one()
+    finally:
+        open(door, "w").close()     # the gates end whatever happened: the next test's run on the workers
     honest = {m.submit(PythonTask(square, i)): i * i for i in range(10)}
     got = wait_all(m, len(gates) + len(honest), timeout=60)
     assert {tid: t.output for tid, t in got.items()} == {**gates, **honest}
