@@ -239,10 +239,12 @@ def outcome(s, want, dec=None, timeout=10.0) -> str:
 
 
 def expect(verdict, shut, got, what):
-    """The peer's behaviour against the local verdict (see the module's docstring)."""
+    """The peer's behaviour against the local verdict (test_fuzz.py's docstring says which)."""
     TALLY["frames"] += 1
     TALLY["%s, %s" % (verdict, got)] += 1
-    if verdict != "valid":
+    if verdict == "incomplete" and got == "answered":
+        pass        # complete messages before the cut were answered before our end was read
+    elif verdict != "valid":
         assert got == "closed", "%s: the peer kept a connection after a frame it must refuse (%s)" % (what, got)
     elif shut:      # it may answer before it reads our end
         assert got in ("answered", "closed"), "%s: the peer hangs after our end (%s)" % (what, got)
