@@ -369,6 +369,17 @@ def test_worker_survives_fuzzed_messages_and_logs_each_refusal(fuzzed_worker, na
     assert not missing, "refused but not logged by the worker: %s" % missing[:3]
 
 
+def test_a_stranger_whose_mac_is_not_ascii_is_refused(fuzz_manager):
+    """Found by fuzzing: compare_digest raised on it and the manager's I/O thread died."""
+    m = fuzz_manager
+    s, hs = _answered_hello(m)
+    ctl = dict(judge(hs.auth())[1][0][1], mac="\u00e9" * 64)
+    send(s, wire.encode_bytes(messages.CODES["auth"], ctl), False)
+    assert outcome(s, "welcome") == "closed"
+    s.close()
+    assert m._server.error is None and m.wait_for_workers(2, timeout=10) == 2
+
+
 # what the fuzzing found, kept as plain examples: each killed the worker before its fix
 TASK = {"id": 1, "inputs": [], "outputs": [], "res": {"cores": 0, "memory": 0, "disk": 0, "gpus": 0}, "category": "x"}
 FOUND = [
