@@ -252,6 +252,9 @@ def test_kill9_of_a_worker_leaves_no_task_process_behind(manager):
 def _connect(m):
     s = socket.create_connection(("127.0.0.1", m.port), timeout=10)
     s.settimeout(10)
+    # small messages go out at once, as a real peer's (Connection sets it): else a second one
+    # waits for the manager's delayed ACK of the first (40 ms)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
 
 
@@ -342,18 +345,30 @@ def test_bad_clients_are_rejected_while_the_run_goes_on(manager, spawned):
     assert not [r for r in during_run(recs) if r.get("event") in ("worker lost", "requeued")]
 
 
-def _joined_raw_worker(m):
-    """A raw socket that passes the real handshake and joins with valid info (a worker that sends
-    whatever a test wants next)."""
+def _answered_hello(m, roles=handshake.WORKER):
+    """A raw socket to m and its handshake's answerer, the manager's hello read (next: hs.auth())."""
     s = _connect(m)
-    hs = handshake.Answerer(m.secret, handshake.WORKER)
+    hs = handshake.Answerer(m.secret, roles)
     got = b""
     while hs.receive_data(got) is None:
         got = s.recv(4096)
+    return s, hs
+
+
+def _authenticated_raw(m, roles=handshake.WORKER):
+    """A raw socket that passed the real handshake (as a worker, or `roles`), nothing sent since."""
+    s, hs = _answered_hello(m, roles)
     s.sendall(hs.auth())
     got = b""
     while hs.receive_data(got) is None:
         got = s.recv(4096)
+    return s
+
+
+def _joined_raw_worker(m):
+    """A raw socket that passes the real handshake and joins with valid info (a worker that sends
+    whatever a test wants next)."""
+    s = _authenticated_raw(m)
     s.sendall(messages.encode_bytes(messages.Info(cores=0, memory=0, disk=0, gpus=0, host="raw", pid=1, cached=[],
                                                   workdir="/nonexistent", version=wire.VERSION)))
     return s

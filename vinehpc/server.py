@@ -332,7 +332,9 @@ class Server:
         if not self.accepting and self.admission.held and self.admission.may_listen(time.monotonic()):
             self._listen(True)
 
-    def _drop(self, p, reason, rejected=False):
+    def _drop(self, p, reason, rejected=False, refused=False):
+        """Close and forget peer p; `refused`: for breaking the protocol (said even of a status
+        client or a released worker, whose ordinary leaving is no news)."""
         if p not in self.all:
             return
         self._forget_quietly(p)
@@ -342,7 +344,7 @@ class Server:
         if p.wid is not None and self.peers.get(p.wid) is p:
             del self.peers[p.wid]
             self._feed(WorkerLost(p.wid, reason), now)
-        elif p.state not in ("released", "status") and self.admission.should_log(reason, now):
+        elif (refused or p.state not in ("released", "status")) and self.admission.should_log(reason, now):
             if rejected:                  # (beyond the rate: counted, summed up in _timers)
                 self.record({"event": "rejected", "peer": p.conn.peer, "reason": "wrong secret"})
             self.record({"event": "connection closed", "peer": p.conn.peer, "reason": reason})
@@ -416,7 +418,7 @@ class Server:
         except Closed as e:
             self._drop(p, str(e))
         except ProtocolError as e:
-            self._drop(p, "protocol error: %s" % e)
+            self._drop(p, "protocol error: %s" % e, refused=True)
 
     def _message(self, p, name, ctl, frames, now):
         """Every message after the handshake is decoded and validated (protocol/messages.py) before

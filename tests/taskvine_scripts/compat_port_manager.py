@@ -6,7 +6,8 @@ m = vine.Manager(9123, name="compat-port", run_info_path="vine-run-info-compat",
                  init_fn=lambda mgr: mgr.tune("keepalive-interval", 120))
 print("listening on port {}".format(m.port))
 assert m.name == "compat-port"
-assert m.using_ssl is False          # accepted, not encrypting yet
+# ssl=True: TLS under `vinehpc run`; a pilot keeps its own choice (--ssl), with a warning
+assert m.using_ssl == bool(m.tls_fingerprint)
 m.enable_peer_transfers()
 
 for i in range(4):

@@ -53,12 +53,15 @@ def start_reported(pipe, slots, inputs, expect=None) -> bool:
 # raises) when the value named v is invalid; .what says what it wants, for errors.  Each message's
 # decoder is compiled from its fields' checks once, at import, so checks run inline as plain
 # `type(v) is ...` tests and for-loops (decoding is on the hot path).  `depth` names loop variables.
+# .shape is what the check accepts as data, e.g. ("int", lo, hi) or ("list", check, maxlen): the
+# schema for readers other than the compiler (tests/test_fuzz.py builds valid values and near
+# misses of every field from it).
 class Check:
-    __slots__ = ("what", "cond", "code")
+    __slots__ = ("what", "cond", "code", "shape")
 
-    def __init__(self, what, cond=None, code=None):
+    def __init__(self, what, cond=None, code=None, shape=()):
         """cond(v) -> an expression true when v is valid; or code(v, depth, fail) -> lines."""
-        self.what, self.cond = what, cond
+        self.what, self.cond, self.shape = what, cond, shape
         self.code = code or (lambda v, d, fail: ["if not %s: %s" % (cond(v), fail)])
 
 
@@ -67,30 +70,33 @@ def _indent(lines):
 
 
 def Int(lo=0, hi=BIG):
-    return Check("an int in [%s, %s]" % (lo, hi), lambda v: "(type(%s) is int and %d <= %s <= %d)" % (v, lo, v, hi))
+    return Check("an int in [%s, %s]" % (lo, hi), lambda v: "(type(%s) is int and %d <= %s <= %d)" % (v, lo, v, hi),
+                 shape=("int", lo, hi))
 
 
 def Num(lo=0.0, hi=1e18):
     # NaN and infinities (json.loads accepts them) fail the range comparison
     return Check("a number in [%s, %s]" % (lo, hi), lambda v: "((type(%s) is float or type(%s) is int) and %r <= %s <= %r)"
-                 % (v, v, float(lo), v, float(hi)))
+                 % (v, v, float(lo), v, float(hi)), shape=("num", float(lo), float(hi)))
 
 
 def Str(maxlen, minlen=0):
     low = "%d <= " % minlen if minlen else ""
     return Check("a string of %d to %d characters" % (minlen, maxlen),
-                 lambda v: "(type(%s) is str and %slen(%s) <= %d)" % (v, low, v, maxlen))
+                 lambda v: "(type(%s) is str and %slen(%s) <= %d)" % (v, low, v, maxlen), shape=("str", minlen, maxlen))
 
 
 def OneOf(*values):
-    return Check("one of %s" % ", ".join(map(repr, values)), lambda v: "(type(%s) is str and %s in %r)" % (v, v, values))
+    return Check("one of %s" % ", ".join(map(repr, values)), lambda v: "(type(%s) is str and %s in %r)" % (v, v, values),
+                 shape=("oneof", values))
 
 
 def Nullable(check):
     if check.cond is not None:
-        return Check("null or " + check.what, lambda v: "(%s is None or %s)" % (v, check.cond(v)))
+        return Check("null or " + check.what, lambda v: "(%s is None or %s)" % (v, check.cond(v)), shape=("null", check))
     return Check("null or " + check.what,
-                 code=lambda v, d, fail: ["if %s is not None:" % v] + _indent(check.code(v, d, fail)))
+                 code=lambda v, d, fail: ["if %s is not None:" % v] + _indent(check.code(v, d, fail)),
+                 shape=("null", check))
 
 
 def ListOf(check, maxlen=ITEMS):
@@ -98,7 +104,7 @@ def ListOf(check, maxlen=ITEMS):
         x = "x%d" % d
         return (["if type(%s) is not list or len(%s) > %d: %s" % (v, v, maxlen, fail), "for %s in %s:" % (x, v)]
                 + _indent(check.code(x, d + 1, fail)))
-    return Check("a list of at most %d items, each %s" % (maxlen, check.what), code=code)
+    return Check("a list of at most %d items, each %s" % (maxlen, check.what), code=code, shape=("list", check, maxlen))
 
 
 def Row(*checks):
@@ -110,7 +116,7 @@ def Row(*checks):
         for x, c in zip(items, checks):
             lines += c.code(x, d + 1, fail)
         return lines
-    return Check("[%s]" % ", ".join(c.what for c in checks), code=code)
+    return Check("[%s]" % ", ".join(c.what for c in checks), code=code, shape=("row", checks))
 
 
 def DictOf(key, value, maxlen=ITEMS):
@@ -119,7 +125,8 @@ def DictOf(key, value, maxlen=ITEMS):
         return (["if type(%s) is not dict or len(%s) > %d: %s" % (v, v, maxlen, fail),
                  "for %s, %s in %s.items():" % (k, x, v)]
                 + _indent(key.code(k, d + 1, fail) + value.code(x, d + 1, fail)))
-    return Check("an object of at most %d entries, %s: %s" % (maxlen, key.what, value.what), code=code)
+    return Check("an object of at most %d entries, %s: %s" % (maxlen, key.what, value.what), code=code,
+                 shape=("dict", key, value, maxlen))
 
 
 def Record(required=None, optional=None):
@@ -137,10 +144,10 @@ def Record(required=None, optional=None):
         for k, c in opt_.items():
             lines += ["if %r in %s:" % (k, v)] + _indent(c.code("%s[%r]" % (v, k), d, fail))
         return lines
-    return Check(what, code=code)
+    return Check(what, code=code, shape=("record", req, opt_))
 
 
-Bool = Check("true or false", lambda v: "(type(%s) is bool)" % v)
+Bool = Check("true or false", lambda v: "(type(%s) is bool)" % v, shape=("bool",))
 Id = Int(ID_MIN, ID_MAX)
 
 
@@ -165,6 +172,7 @@ class Message:
     FIELDS = ()           # ((key, check, required), ...) in wire order
     PAYLOAD = None        # attribute holding the payload frame, or None
     PAYLOAD_REQUIRED = False
+    EITHER = ()           # fields of which exactly one is present (not null)
 
     def to_ctl(self) -> dict:
         """The control part: every field that is not None, in wire order."""
@@ -197,15 +205,16 @@ NAMES = {}                   # wire code -> name (what wire.Decoder is given)
 _DECODERS = {}               # name -> compiled decoder(ctl, frames)
 
 
-def message(code, name, payload=None, payload_required=False):
+def message(code, name, payload=None, payload_required=False, either=()):
     """Class decorator: the class's Field attributes (in definition order) become its slots and
-    FIELDS; its __init__ and decoder are compiled; it is registered under `name` and `code`."""
+    FIELDS; its __init__ and decoder are compiled; it is registered under `name` and `code`.
+    `either`: optional fields of which exactly one must be present."""
     def make(cls):
         fields = [(k, v.check, v.required) for k, v in vars(cls).items() if isinstance(v, Field)]
         body = {k: v for k, v in vars(cls).items() if not isinstance(v, Field) and k not in ("__dict__", "__weakref__")}
         slots = tuple(k for k, _, _ in fields) + ((payload,) if payload else ())
         body.update(__slots__=slots, NAME=name, CODE=code, FIELDS=tuple(fields), PAYLOAD=payload,
-                    PAYLOAD_REQUIRED=payload_required)
+                    PAYLOAD_REQUIRED=payload_required, EITHER=tuple(either))
         new = type(cls.__name__, cls.__bases__, body)
         if name in BY_NAME or code in NAMES:
             raise ValueError("message %s/%d defined twice" % (name, code))
@@ -233,6 +242,8 @@ def _compile(cls):
             dec += ["    if v is not None:"] + _indent(_indent(lines))
         dec.append("    m.%s = v" % k)
     dec.append("    if seen != len(ctl) and not ctl.keys() <= _keys: _unknown(%r, ctl)" % name)
+    if cls.EITHER:
+        dec.append("    if %s != 1: _either(%r)" % (" + ".join("(m.%s is not None)" % k for k in cls.EITHER), name))
     if p is None:
         dec.append("    if frames: _frames(%r, frames)" % name)
     elif cls.PAYLOAD_REQUIRED:
@@ -241,7 +252,7 @@ def _compile(cls):
         dec += ["    if len(frames) > 1: _frames(%r, frames)" % name, "    m.%s = frames[0] if frames else None" % p]
     dec.append("    return m")
     ns = {"_new": object.__new__, "_cls": cls, "_missing": _missing, "_bad": _bad, "_unknown": _unknown,
-          "_frames": _frames, "_keys": frozenset(f[0] for f in fields)}
+          "_frames": _frames, "_either": _either, "_keys": frozenset(f[0] for f in fields)}
     exec(compile("\n".join(init + dec), "<message %s>" % name, "exec"), ns)
     return ns["__init__"], ns["decode"]
 
@@ -260,6 +271,11 @@ def _bad(name, key, v):
 def _unknown(name, ctl):
     known = {k for k, _, _ in BY_NAME[name].FIELDS}
     raise ProtocolError("%s message: unknown field(s) %s" % (name, ", ".join(repr(k)[:80] for k in ctl if k not in known)))
+
+
+def _either(name):
+    raise ProtocolError("%s message: needs exactly one of the fields %s"
+                        % (name, ", ".join(map(repr, BY_NAME[name].EITHER))))
 
 
 def _frames(name, frames):
@@ -445,10 +461,11 @@ class Put(Message):
     ack = opt(Bool)                                 # answer `cached` once stored (a transfer's end)
 
 
-@message(22, "task", payload="args")
+@message(22, "task", payload="args", either=("cmd", "fid"))
 class Task(Message):
     """Run a command (cmd) or a Python function (fid, args: its pickled arguments; a library's
-    fid for a FunctionCall, whose function name is the first argument)."""
+    fid for a FunctionCall, whose function name is the first argument): one of them, never both
+    (a worker would take a task with neither for a call of function None)."""
     cmd = opt(Str(TEXT))
     fid = opt(Str(NAME, 1))
     id = Field(Id)

@@ -33,6 +33,9 @@ from .state import WorkerState
 log = logging.getLogger("vinehpc.worker")
 
 
+MAX_SLEEP = 3600.0
+
+
 class ManagerGone(Exception):
     pass
 
@@ -270,8 +273,10 @@ class Loop:
         return self.cache.arriving.get(n)
 
     def _next_timer(self):
+        """Seconds the loop may sleep: at most MAX_SLEEP, however long a keepalive interval or a
+        time_max the manager sends (epoll refuses a timeout past ~24 days: the worker died)."""
         now = time.monotonic()
-        t = self.ka[0]
+        t = min(self.ka[0], MAX_SLEEP)
         d = self.state.next_deadline()
         if d is not None:
             t = min(t, d - now)
