@@ -14,17 +14,10 @@ import sys
 import cloudpickle
 import pytest
 
-from conftest import close_and_check, diagnose, poll, wait_all
+from conftest import close_and_check, poll, wait_all
+from test_hostile import ready
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-def ready(m, n):
-    try:
-        m.wait_for_workers(n, timeout=30)
-    except TimeoutError as e:
-        pytest.fail(diagnose(m, str(e)), pytrace=False)
-    return m
 
 
 # ====================================================================== 10. tunnel allow patterns
