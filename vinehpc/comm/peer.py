@@ -57,32 +57,33 @@ def connect(host: str, port: int, timeout: float) -> socket.socket:
 
 
 # ---------------------------------------------------------------- the handshake, blocking
-def _drive(sock, side) -> object:
-    """Feed the sans-I/O handshake from the socket until it returns a message."""
+def drive(sock, side, closed=ConnectionError, why="the peer closed the connection during the handshake"):
+    """Feed the sans-I/O handshake `side` from a blocking socket until it returns a message
+    (peers here; the worker's side of its manager's handshake too)."""
     data = b""
     while True:
         m = side.receive_data(data)
         if m is not None:
             return m
-        data = sock.recv(4096)
+        data = sock.recv(65536)
         if not data:
-            raise ConnectionError("the peer closed the connection during the handshake")
+            raise closed(why)
 
 
 def _greet(sock, secret) -> bytes:
     """The source's side: hello, the fetcher's proof, our proof. Returns the bytes read past it."""
     g = handshake.Greeter(secret, handshake.PEER)
     sock.sendall(g.hello())
-    _drive(sock, g)
+    drive(sock, g)
     sock.sendall(g.welcome())
     return g.rest
 
 
 def _answer(sock, secret) -> bytes:
     a = handshake.Answerer(secret, handshake.PEER)
-    _drive(sock, a)
+    drive(sock, a)
     sock.sendall(a.auth())
-    _drive(sock, a)
+    drive(sock, a)
     return a.rest
 
 

@@ -14,7 +14,7 @@ import socket
 import time
 
 from ..comm import Closed, Connection
-from ..comm.peer import FileServer
+from ..comm.peer import FileServer, drive
 from ..comm.receive import remove_path
 from ..protocol import ProtocolError, handshake, tls, wire
 from ..config import Settings      # the environment is read once, in Settings
@@ -173,15 +173,8 @@ class Worker(Loop):
     def _handshake(self, sock):
         hs = handshake.Answerer(self.secret, handshake.WORKER, tls=self.fingerprint is not None)
 
-        def step(data=b""):
-            """Feed the handshake until it has a message for us."""
-            while True:
-                m = hs.receive_data(data)
-                if m is not None:
-                    return m
-                data = sock.recv(65536)
-                if not data:
-                    raise Closed("manager closed the connection during the handshake (wrong secret?)")
+        def step():
+            return drive(sock, hs, Closed, "manager closed the connection during the handshake (wrong secret?)")
 
         # a pilot's workers may connect before the script creates its Manager: wait for the hello
         sock.settimeout(max(15.0, self.connect_timeout))
