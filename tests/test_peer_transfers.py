@@ -230,15 +230,22 @@ def test_fan_out_to_eight_workers_with_a_source_limit_of_one_is_a_tree(make_mana
     assert any(received[r["source"]]["time"] > r["time"] - r["secs"] for r in recs if r["source"] != "manager")
 
 
-@pytest.mark.timeout(120)
-def test_source_killed_mid_transfer_the_task_still_succeeds_without_a_retry(make_manager, tmp_path):
+def first_holds(make_manager, tmp_path, size, timeout):
+    """Two workers a < b; a cached input of `size` random bytes that worker a holds (from the
+    manager). Returns (m, a, b, the file)."""
     m = ready(make_manager, 2)
     a, b = sorted(joined(m))
     src = tmp_path / "in.bin"
-    src.write_bytes(os.urandom(128 << 20))
+    src.write_bytes(os.urandom(size))
     f = m.declare_file(src, cache=True)
     run_pinned(m, f, a)
-    wait_all(m, 1, timeout=60)                                       # a holds it (from the manager)
+    wait_all(m, 1, timeout=timeout)
+    return m, a, b, f
+
+
+@pytest.mark.timeout(120)
+def test_source_killed_mid_transfer_the_task_still_succeeds_without_a_retry(make_manager, tmp_path):
+    m, a, b, f = first_holds(make_manager, tmp_path, 128 << 20, 60)
     part = os.path.join(cache_dir(joined(m)[b]), ".peer-" + f.cachename())
     t = run_pinned(m, f, b)                                          # b gets it from a...
     poll(lambda: os.path.exists(part), 30, "worker %s's fetch from worker %s to begin" % (b, a), interval=0.001, m=m)
@@ -251,7 +258,7 @@ def test_source_killed_mid_transfer_the_task_still_succeeds_without_a_retry(make
         os.kill(pid_b, signal.SIGCONT)
     (done,) = wait_all(m, 1, timeout=60).values()
     assert done is t and t.successful() and t.attempts == 1, (t.result, t.reason, t.attempts)
-    assert t.std_output.split()[0] == md5(src)
+    assert t.std_output.split()[0] == md5(tmp_path / "in.bin")
     recs = read_journal(m)
     failed = [r for r in recs if r["event"] == "transfer failed" and r["dest"] == b]
     assert failed and failed[0]["source"] == a, failed
@@ -262,13 +269,7 @@ def test_source_killed_mid_transfer_the_task_still_succeeds_without_a_retry(make
 @pytest.mark.timeout(120)
 def test_source_stalled_mid_transfer_is_given_up_and_served_by_another(make_manager, tmp_path, monkeypatch):
     monkeypatch.setenv("VINEHPC_TRANSFER_STALL", "1")       # the workers' setting: give up after 1 s of silence
-    m = ready(make_manager, 2)
-    a, b = sorted(joined(m))
-    src = tmp_path / "in.bin"
-    src.write_bytes(os.urandom(128 << 20))
-    f = m.declare_file(src, cache=True)
-    run_pinned(m, f, a)
-    wait_all(m, 1, timeout=60)
+    m, a, b, f = first_holds(make_manager, tmp_path, 128 << 20, 60)
     part = os.path.join(cache_dir(joined(m)[b]), ".peer-" + f.cachename())
     t = run_pinned(m, f, b)
     poll(lambda: os.path.exists(part), 30, "worker %s's fetch from worker %s to begin" % (b, a), interval=0.001, m=m)
@@ -279,7 +280,7 @@ def test_source_stalled_mid_transfer_is_given_up_and_served_by_another(make_mana
     finally:
         os.kill(pid_a, signal.SIGCONT)
     assert done is t and t.successful() and t.attempts == 1, (t.result, t.reason)
-    assert t.std_output.split()[0] == md5(src)
+    assert t.std_output.split()[0] == md5(tmp_path / "in.bin")
     recs = read_journal(m)
     stalled = [r for r in recs if r["event"] == "transfer failed" and r["dest"] == b]
     assert stalled and stalled[0]["source"] == a and "stalled" in stalled[0]["reason"], stalled
@@ -320,13 +321,7 @@ def test_stranger_without_the_secret_is_refused_at_the_transfer_port(make_manage
 
 @pytest.mark.timeout(90)
 def test_corrupt_copy_is_detected_and_fetched_again(make_manager, tmp_path):
-    m = ready(make_manager, 2)
-    a, b = sorted(joined(m))
-    src = tmp_path / "in.bin"
-    src.write_bytes(os.urandom(1 << 20))
-    f = m.declare_file(src, cache=True)
-    run_pinned(m, f, a)
-    wait_all(m, 1, timeout=30)
+    m, a, b, f = first_holds(make_manager, tmp_path, 1 << 20, 30)
     held = os.path.join(cache_dir(joined(m)[a]), f.cachename())
     os.chmod(held, 0o644)
     with open(held, "r+b") as fh:            # a bit flips on worker a's disk
@@ -336,7 +331,7 @@ def test_corrupt_copy_is_detected_and_fetched_again(make_manager, tmp_path):
     t = run_pinned(m, f, b)
     (done,) = wait_all(m, 1, timeout=60).values()
     assert done is t and t.successful() and t.attempts == 1, (t.result, t.reason)
-    assert t.std_output.split()[0] == md5(src)                 # the good copy, never the corrupt one
+    assert t.std_output.split()[0] == md5(tmp_path / "in.bin")                 # the good copy, never the corrupt one
     recs = read_journal(m)
     bad = [r for r in recs if r["event"] == "transfer failed" and r["dest"] == b]
     assert bad and bad[0]["source"] == a and "corrupt" in bad[0]["reason"], bad
