@@ -172,6 +172,10 @@ class Loop:
 
     def _background_done(self, what, n, fut):
         self.fetched.append((what, n, fut))       # (helper thread) hand over to the loop
+        self._wake()
+
+    def _wake(self):
+        """(any thread) Wake the loop: something was handed over to it."""
         try:
             self._ww.send(b"x")
         except OSError:
@@ -251,10 +255,7 @@ class Loop:
         """(a transfer server thread) Something the manager's journal should say (a peer refused)."""
         log.warning("%s", text)
         self.notices.append(text)
-        try:
-            self._ww.send(b"x")
-        except OSError:
-            pass
+        self._wake()
 
     def _tell_notices(self):
         while self.notices:
