@@ -68,6 +68,42 @@ def test_manager_sends_one_copy_and_the_copies_fan_out_as_a_tree(infile):
     assert sim.core.replicas[n] == {1, 2, 3, 4}
 
 
+def test_a_burst_from_one_complete_copy_becomes_a_chain_of_streaming_copies(infile):
+    # default limit (3): the holder could serve three at once, each at a third of its uplink; a
+    # copy still arriving is an idle source at the full rate, so each source serves one
+    sim = Sim()
+    f = infile(cache=True)
+    n = f.cachename()
+    join_all(sim, 5)
+    sim.core.replicas[n] |= {1}
+    sim.core.workers[1].cached.add(n)
+    for wid in range(2, 6):
+        sim.submit(new_task().add_input(f, "in"), pin=wid)
+    sim.schedule()
+    cmds = sim.take()
+    assert fetches(cmds) == [(2, 1), (3, 2), (4, 3), (5, 4)] and not of(cmds, PutFile)
+    # a source that dies mid-chain: its receiver, asked again, is never given a worker that
+    # receives the file through it (4 gets it from 3, which gets it from 2: a cycle)
+    sim(TransferDone(2, n, False, reason="the peer closed the connection"))
+    cmds = sim.take()
+    assert fetches(cmds) == [] and not of(cmds, PutFile)      # waits: 1 failed it, 3..5 are fed by 2
+    sim(TransferDone(3, n, False, reason="the copy it was receiving failed"))
+    assert (3, 1) in fetches(sim.take())                       # 3 is not fed by 2 any more: 1 serves it
+    assert_no_cycle(sim.core.transfers, n)
+    for dest in (4, 5):
+        sim(TransferDone(dest, n, False, reason="the copy it was receiving failed"))
+        assert_no_cycle(sim.core.transfers, n)
+
+
+def assert_no_cycle(t, n):
+    for (m, dest), want in t.wants.items():
+        seen, h = {dest}, want.source
+        while m == n and h not in (None, "manager") and (n, h) in t.wants:
+            assert h not in seen, "a cycle of transfers: %s" % seen
+            seen.add(h)
+            h = t.wants[(n, h)].source
+
+
 def test_same_host_source_preferred(infile):
     sim = Sim()
     f = infile(cache=True)
@@ -338,6 +374,42 @@ def test_corrupt_copy_is_detected_and_fetched_again(make_manager, tmp_path):
     assert [r["source"] for r in recs if r["event"] == "transfer" and r["dest"] == b] == ["manager"]
 
 
+@pytest.mark.timeout(120)
+def test_a_corrupt_copy_streamed_down_a_chain_is_used_nowhere(make_manager, tmp_path):
+    # copies are passed on while they arrive, before their digest is checked: every worker checks
+    # its own, so a bad byte that went down the chain fails every copy it reached
+    m = ready(make_manager, 4)
+    a, *rest = sorted(joined(m))
+    src = tmp_path / "in.bin"
+    src.write_bytes(os.urandom(16 << 20))
+    f = m.declare_file(src, cache=True)
+    run_pinned(m, f, a)
+    wait_all(m, 1, timeout=60)
+    held = os.path.join(cache_dir(joined(m)[a]), f.cachename())
+    os.chmod(held, 0o644)
+    with open(held, "r+b") as fh:            # a bit flips on worker a's disk, late in the file
+        fh.seek(12 << 20)
+        c = fh.read(1)
+        fh.seek(12 << 20)
+        fh.write(bytes([c[0] ^ 1]))
+    tasks = [run_pinned(m, f, wid) for wid in rest]
+    got = wait_all(m, len(rest), timeout=90)
+    want = md5(src)
+    assert all(t.successful() and t.attempts == 1 and t.std_output.split()[0] == want for t in tasks), \
+        [(t.id, t.result, t.reason, t.std_output) for t in got.values()]
+    recs = read_journal(m)
+    first = {}
+    for r in recs:
+        if r["event"] in ("transfer", "transfer failed") and r["file"] == f.cachename():
+            first.setdefault(r["dest"], r)
+    # the first copies came down the chain from a: each failed (corrupt, or its source's failed)
+    assert all(first[w]["event"] == "transfer failed" for w in rest), first
+    assert any(first[w]["source"] not in (a, "manager") for w in rest), first      # one was passed on
+    for wid in rest:                         # what each worker keeps is the good copy
+        assert md5(os.path.join(cache_dir(joined(m)[wid]), f.cachename())) == want
+    assert not [r for r in recs if r["event"] in ("retry", "failed")]
+
+
 @pytest.mark.timeout(90)
 def test_temps_move_worker_to_worker_never_through_the_manager(make_manager):
     m = ready(make_manager, 2)
@@ -421,16 +493,22 @@ def test_a_file_still_arriving_is_streamed_as_it_grows_and_given_up_if_its_write
     part = tmp_path / "part"
     data = os.urandom(3 * wire.CHUNK + 5)
     part.write_bytes(data[:1000])
+    arrival = peer.Arrivals().begin("file-x", str(part), len(data))
+    arrival.wrote(1000)
     a, b = socket.socketpair()
     got = []
-    with open(part, "rb") as fh:
-        th = threading.Thread(target=lambda: got.append(peer._stream(a, fh, "file-x", len(data))))
+    with arrival.open() as fh:
+        th = threading.Thread(target=lambda: got.append(peer._stream(a, fh, "file-x", len(data), arrival)))
         th.start()
-        time.sleep(0.05)
-        with open(part, "ab") as w:
-            w.write(data[1000:])
         dec = messages.decoder()
         out = b""
+        while len(out) < 1000:                  # what was written is sent before the rest exists
+            for name, ctl, frames in dec.feed(b.recv(1 << 20)):
+                out += frames[0]
+        assert out == data[:1000]
+        with open(part, "ab") as w:
+            w.write(data[1000:])
+        arrival.wrote(len(data) - 1000)         # its writer says so: the rest follows at once
         while True:
             msgs = dec.feed(b.recv(1 << 20))
             for name, ctl, frames in msgs:
@@ -439,10 +517,25 @@ def test_a_file_still_arriving_is_streamed_as_it_grows_and_given_up_if_its_write
                 break
         th.join(5)
     assert out == data
-    part.write_bytes(b"x" * 10)                 # a writer that fails: its part file is removed
-    with open(part, "rb") as fh:
-        os.unlink(part)
-        with pytest.raises(OSError, match="failed"):
-            peer._stream(a, fh, "file-y", 100)
+    part.write_bytes(b"x" * 10)                 # a writer that fails: its readers give up at once
+    arrival = peer.Arrivals().begin("file-y", str(part), 100)
+    arrival.wrote(10)
+    errors = []
+
+    def serve():
+        try:
+            peer._stream(a, fh, "file-y", 100, arrival)
+        except OSError as e:
+            errors.append(e)
+    with arrival.open() as fh:
+        th = threading.Thread(target=serve)
+        th.start()
+        dec, out = messages.decoder(), b""
+        while len(out) < 10:                    # its 10 bytes sent: the server now waits for more
+            for name, ctl, frames in dec.feed(b.recv(1 << 20)):
+                out += frames[0]
+        arrival.fail()
+        th.join(5)
+    assert "failed" in str(errors[0])
     a.close()
     b.close()

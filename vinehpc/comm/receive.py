@@ -36,6 +36,7 @@ class Incoming:
             return
         try:
             self.f.write(data)
+            self.f.flush()      # in the file now: a put is served to peers as it arrives (worker/cache.py)
         except OSError as e:
             self.error = e
             self.abort()

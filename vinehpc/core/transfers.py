@@ -3,11 +3,14 @@
 A worker that needs an input gets it from a worker that holds a complete copy (`Core.replicas`:
 cachename -> wids, the index that keeps a choice O(holders), never O(workers)), else from the
 manager (or, for a temp, not at all: its producer runs again).  Each source serves at most
-`limit` transfers at once; a request no source can serve now waits in `waiting`, and every end
-of a transfer -- a new holder, a free slot -- starts what waits, so a popular file fans out as a
-tree: the worker that just received it is a source for the next.  The manager sends a file's
-first copy and no second one while a copy is on its way: it is the source of last resort, so
-its link carries one copy of an input, not one per worker.
+`limit` transfers at once (file_source_max_transfers: a cap, never a target); a request no source
+can serve now waits in `waiting`, and every end of a transfer -- a new holder, a free slot --
+starts what waits.  A worker still receiving a file is a source already (it serves what has
+arrived and follows the rest), and the least busy source is chosen: a burst of requests for a
+popular file becomes a chain (a tree when sources are busy) of streaming copies, every uplink
+carrying one copy at its full rate instead of one source's split k ways.  The manager sends a
+file's first copy and no second one while a copy is on its way: it is the source of last resort,
+so its link carries one copy of an input, not one per worker.
 
 Failures never fail a task or spend its retries: a transfer that failed (the source died,
 stalled, refused, sent a corrupt copy: the fetching worker checks the digest) is asked again of
@@ -83,9 +86,12 @@ def request(core, f, n, size, w, now) -> None:
 
 
 def _servers(core, n, dest, want):
-    """Workers that can serve n to dest now, best first (same host, a complete copy, then the
-    least busy); and whether any could serve later (busy, not failed).  A worker still receiving
-    n (from a worker or the manager) counts: it serves what has arrived and follows the rest."""
+    """Workers that can serve n to dest now, best first; and whether any could serve later (busy,
+    not failed).  A worker still receiving n (from a worker or the manager) counts: it serves what
+    has arrived and follows the rest.  Best: the same host, then the fewest transfers in flight
+    -- links are the limit, and a source serving k copies gives each 1/k of its uplink, while a
+    copy still arriving passes the file on at the full rate: a burst of requests becomes a chain
+    of streaming copies, every uplink busy with one --, then a complete copy."""
     t = core.transfers
     host = core.workers[dest].host
     complete = core.replicas.get(n, ())
@@ -94,14 +100,30 @@ def _servers(core, n, dest, want):
         w = core.workers.get(h)
         if h == dest or w is None or h in want.failed or not w.info.get("port"):
             continue
-        if h not in complete and t.wants[(n, h)].source == dest:
-            continue        # it receives n from dest: no cycle
         if t.active.get(h, 0) < t.limit:
             ready.append(w)
         else:
             later = True
-    ready.sort(key=lambda w: (w.host != host, w.wid not in complete, t.active.get(w.wid, 0), w.wid))
+    ready.sort(key=lambda w: (w.host != host, t.active.get(w.wid, 0), w.wid not in complete, w.wid))
+    if ready and t.active.get(dest):
+        # dest serves n to others already (it is asked again after a failure): never a source
+        # that receives n through dest, a cycle in which no byte would ever come
+        ready = [w for w in ready if not _feeds(t, n, dest, w.wid, complete)]
     return ready, later
+
+
+def _feeds(t, n, dest, h, complete) -> bool:
+    """Does h receive n, through any number of hops, from dest?"""
+    seen = set()
+    while h not in complete and h not in seen:
+        seen.add(h)
+        want = t.wants.get((n, h))
+        h = want.source if want is not None else None
+        if h is None or h == MANAGER:
+            return False
+        if h == dest:
+            return True
+    return False
 
 
 def _manager_can(core, want, n) -> bool:

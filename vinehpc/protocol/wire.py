@@ -151,42 +151,15 @@ class Decoder:
         """The next complete message in the buffer, or None.  Taking one at a time lets the
         handshake (handshake.py) stop at its last message: what follows is left in `buf` for
         the authenticated connection, never decoded with the pre-auth limits."""
+        need = self._need or self._head()
+        if need is None:
+            return None
+        name, start, ctl_len, lengths, total = need
         buf = self.buf
-        if self._need is None:
-            if len(buf) < HEADER.size:
-                return None
-            magic, version, code, nframes, ctl_len = HEADER.unpack_from(buf, 0)
-            if magic != MAGIC:
-                raise ProtocolError("bad magic %r: not a vinehpc peer" % bytes(magic))
-            if version != VERSION:
-                raise ProtocolError("protocol version %d, expected %d: upgrade vinehpc on both sides" % (version, VERSION))
-            name = self.names.get(code)
-            if name is None:
-                raise ProtocolError("unknown message code %d" % code)
-            if ctl_len > self.max_ctl:
-                raise ProtocolError("control part of %d bytes exceeds the limit %d" % (ctl_len, self.max_ctl))
-            if nframes and not self.allow_frames:
-                raise ProtocolError("payload frames are not allowed before authentication")
-            if nframes > MAX_FRAMES:
-                raise ProtocolError("%d frames exceed the limit %d" % (nframes, MAX_FRAMES))
-            lens_end = HEADER.size + 8 * nframes
-            if len(buf) < lens_end:
-                return None
-            lengths = LENGTHS[nframes].unpack_from(buf, HEADER.size) if nframes else ()
-            for n in lengths:
-                if n > self.max_frame:
-                    raise ProtocolError("frame of %d bytes exceeds the limit %d" % (n, self.max_frame))
-            self._need = (name, lens_end, ctl_len, lengths, lens_end + ctl_len + sum(lengths))
-        name, start, ctl_len, lengths, total = self._need
         if len(buf) < total:
             return None
         with memoryview(buf) as view:
-            try:
-                ctl = _loads(view[start:start + ctl_len]) if ctl_len else {}
-            except (ValueError, RecursionError) as e:   # RecursionError: "[[[[..." nested past the limit
-                raise ProtocolError("control part is not JSON: %s" % e) from None
-            if not isinstance(ctl, dict):
-                raise ProtocolError("control part must be a JSON object")
+            ctl = self._ctl(view, start, ctl_len)
             frames = []
             pos = start + ctl_len
             for n in lengths:
@@ -195,3 +168,67 @@ class Decoder:
         del buf[:total]
         self._need = None
         return name, ctl, frames
+
+    def next_head(self):
+        """The next message's (name, ctl, frame lengths) with its frames left unread, or None: the
+        caller then takes exactly sum(lengths) bytes itself -- first `take()` from this buffer, then
+        from its socket -- before asking for the next message.  For a receiver that puts a large
+        payload straight where it goes (a peer's file into the file) without copying it through
+        this buffer; the limits are checked as for next_message."""
+        need = self._need or self._head()
+        if need is None:
+            return None
+        name, start, ctl_len, lengths, total = need
+        if len(self.buf) < start + ctl_len:
+            return None
+        with memoryview(self.buf) as view:
+            ctl = self._ctl(view, start, ctl_len)
+        del self.buf[:start + ctl_len]
+        self._need = None
+        return name, ctl, lengths
+
+    def take(self, k: int) -> bytes:
+        """Up to k bytes from the front of the buffer (a payload next_head left unread)."""
+        out = bytes(self.buf[:k])
+        del self.buf[:k]
+        return out
+
+    def _head(self):
+        """Check the header of the message at the front of the buffer once it is there; its
+        (name, start of the control part, ctl_len, frame lengths, total), or None."""
+        buf = self.buf
+        if len(buf) < HEADER.size:
+            return None
+        magic, version, code, nframes, ctl_len = HEADER.unpack_from(buf, 0)
+        if magic != MAGIC:
+            raise ProtocolError("bad magic %r: not a vinehpc peer" % bytes(magic))
+        if version != VERSION:
+            raise ProtocolError("protocol version %d, expected %d: upgrade vinehpc on both sides" % (version, VERSION))
+        name = self.names.get(code)
+        if name is None:
+            raise ProtocolError("unknown message code %d" % code)
+        if ctl_len > self.max_ctl:
+            raise ProtocolError("control part of %d bytes exceeds the limit %d" % (ctl_len, self.max_ctl))
+        if nframes and not self.allow_frames:
+            raise ProtocolError("payload frames are not allowed before authentication")
+        if nframes > MAX_FRAMES:
+            raise ProtocolError("%d frames exceed the limit %d" % (nframes, MAX_FRAMES))
+        lens_end = HEADER.size + 8 * nframes
+        if len(buf) < lens_end:
+            return None
+        lengths = LENGTHS[nframes].unpack_from(buf, HEADER.size) if nframes else ()
+        for n in lengths:
+            if n > self.max_frame:
+                raise ProtocolError("frame of %d bytes exceeds the limit %d" % (n, self.max_frame))
+        self._need = (name, lens_end, ctl_len, lengths, lens_end + ctl_len + sum(lengths))
+        return self._need
+
+    @staticmethod
+    def _ctl(view, start, ctl_len) -> dict:
+        try:
+            ctl = _loads(view[start:start + ctl_len]) if ctl_len else {}
+        except (ValueError, RecursionError) as e:   # RecursionError: "[[[[..." nested past the limit
+            raise ProtocolError("control part is not JSON: %s" % e) from None
+        if not isinstance(ctl, dict):
+            raise ProtocolError("control part must be a JSON object")
+        return ctl

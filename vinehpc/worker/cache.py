@@ -32,7 +32,8 @@ class Cache:
         self.entries = {}
         self.parts = {}        # cachename -> Incoming (a put in progress)
         self.seals = {}        # cachename -> seal.Seal, from its first task on
-        self.arriving = {}     # cachename -> (part file, size) of a plain file put in progress (served to peers)
+        # plain files on their way here (a put, a fetch from a peer): served to peers as they grow
+        self.arriving = peer.Arrivals()
         for n in os.listdir(root):
             if n.startswith("."):
                 remove_path(os.path.join(root, n))
@@ -53,18 +54,29 @@ class Cache:
             # read-only, keeping the source's execute bits (an input may be a program)
             inc = self.parts[n] = Incoming(os.path.join(self.root, n), os.path.join(self.root, ".part-" + n),
                                            tar=kind == "tar", mode=0o444 | (int(mode) & 0o111))
-            if kind == "file":
-                self.arriving[n] = (inc.part, size)
+            if kind == "file" and inc.error is None:
+                self.arriving.begin(n, inc.part, size)
         inc.write(data)
+        arrival = self.arriving.get(n)
+        if arrival is not None:
+            if inc.error is None:
+                arrival.wrote(len(data))
+            else:
+                arrival.fail()
         if not last:
             return False
         del self.parts[n]
         self.seals.pop(n, None)
-        self.arriving.pop(n, None)
         try:
-            inc.finish()
+            if arrival is not None and inc.error is None:
+                arrival.move(inc.dest, inc.finish)    # stays listed until the worker's inventory has it (settle)
+            else:
+                inc.finish()
         except BaseException:
             inc.abort()
+            if arrival is not None:
+                arrival.fail()
+                self.arriving.settle(n)
             raise
         return True
 
@@ -73,7 +85,7 @@ class Cache:
         for inc in self.parts.values():
             inc.abort()
         self.parts.clear()
-        self.arriving.clear()
+        self.arriving.fail_all()
 
     def adopt(self, n: str, src: str) -> None:
         """Move a task's temp output into the cache."""
@@ -100,10 +112,10 @@ class Cache:
     def fetch_peer(self, n: str, host: str, port: int, secret: str, size: int, digest, stall: float) -> int:
         """Get n from another worker into the cache (a helper thread); the bytes received.
         Raises comm.peer.TransferError: nothing stays behind."""
-        part = self.peer_part(n)
-        got = peer.fetch(host, port, secret, n, part, size, digest, stall)
+        part, dst = self.peer_part(n), self.path(n)
+        got = peer.fetch(host, port, secret, n, part, size, digest, stall, self.arriving)
         os.chmod(part, 0o555)      # as a URL's: the source's mode bits do not travel, an input may be a program
-        os.replace(part, os.path.join(self.root, n))
+        self.arriving.get(n).move(dst, lambda: os.replace(part, dst))   # settled by the loop (its inventory first)
         return got
 
     def peer_part(self, n: str) -> str:

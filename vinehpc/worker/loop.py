@@ -188,6 +188,7 @@ class Loop:
             if what == "peer":
                 self.feed(PeerFetched(n, True, *fut.result()) if err is None else
                           PeerFetched(n, False, reason=str(err), local=getattr(err, "local", False)))
+                self.cache.arriving.settle(n)       # (after the inventory has it: see serve_path)
                 continue
             if err is not None:
                 self.feed(InputFailed(what, n, str(err)))
@@ -264,14 +265,10 @@ class Loop:
                 self.conn.send_msg(messages.Error(reason=text))
 
     def serve_path(self, n):
-        """(a transfer server thread) (path, None) of cache entry n if this worker holds it; (its
-        part file, its size) while a fetch from a peer or a put from the manager brings it; None otherwise."""
-        if self.state.files.get(n) is not None:
-            return self.cache.path(n), None
-        arriving = self.state.fetching.get(n)
-        if arriving is not None:
-            return self.cache.peer_part(n), arriving[1]
-        return self.cache.arriving.get(n)
+        """(a transfer server thread) The path of cache entry n if this worker holds it, else None:
+        a copy on its way here is served from `cache.arriving`, which keeps it until the inventory
+        has it (settled after FileStored, PeerFetched), so a peer never finds neither."""
+        return self.cache.path(n) if self.state.files.get(n) is not None else None
 
     def _next_timer(self):
         """Seconds the loop may sleep: at most MAX_SLEEP, however long a keepalive interval or a
@@ -371,6 +368,7 @@ class Loop:
             return self.feed(FileFailed(n, why, worker_fault=isinstance(e, OSError)))
         if stored:
             self.feed(FileStored(n, m.level))
+            self.cache.arriving.settle(n)
             if m.ack:       # a transfer the manager counts: the worker may now serve it to its peers
                 self.conn.send_msg(messages.Cached(cn=n, size=m.size))
 

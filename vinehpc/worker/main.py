@@ -75,7 +75,7 @@ class Worker(Loop):
         self.secret = secret
         self.stall = settings.transfer_stall
         # its cache, served to the run's other workers (the manager says who fetches what from whom)
-        self.files_server = FileServer(secret, self.serve_path, self.notice)
+        self.files_server = FileServer(secret, self.serve_path, self.notice, self.cache.arriving)
         # log_dir: where the log is copied when the worker exits (its workdir may be removed then)
         self.log = WorkerLog(workdir, log_dir, "%s-%d" % (self.hostname, os.getpid()))
         log.info("worker pid %d on %s for %s:%d: %s, workdir %s", os.getpid(), self.hostname, self.addr[0],
