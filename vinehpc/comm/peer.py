@@ -181,10 +181,6 @@ class Arrivals:
             self.cond.notify_all()
         return a
 
-    def wait(self, timeout):
-        with self.cond:
-            self.cond.wait(timeout)
-
     def fail_all(self):
         with self.cond:
             for a in self.files.values():
@@ -277,19 +273,17 @@ class FileServer:
         """(open file, its size, its Arrival or None) of entry n: a complete one, or one still
         arriving (a copy on its way is already a source)."""
         deadline = time.monotonic() + ORDERED_WAIT
-        while True:
-            path = self.resolve(n)
-            if path is not None:
-                fh, arrival = open(path, "rb"), None
-                break
-            arrival = self.arrivals.get(n)
-            if arrival is not None:
-                fh = arrival.open()
-                break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise OSError("not held here")
-            self.arrivals.wait(min(left, 0.5))   # woken when a copy begins or completes here
+        with self.arrivals.cond:    # (both looked at under the lock begin and settle notify under)
+            while True:
+                path = self.resolve(n)
+                arrival = None if path is not None else self.arrivals.files.get(n)
+                if path is not None or arrival is not None:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise OSError("not held here")
+                self.arrivals.cond.wait(left)   # woken when a copy begins or completes here
+        fh = open(path, "rb") if arrival is None else arrival.open()
         st = os.fstat(fh.fileno())
         if not stat.S_ISREG(st.st_mode):
             fh.close()
