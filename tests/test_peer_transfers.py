@@ -539,3 +539,56 @@ def test_a_file_still_arriving_is_streamed_as_it_grows_and_given_up_if_its_write
     assert "failed" in str(errors[0])
     a.close()
     b.close()
+
+
+def test_decoder_hands_a_payload_to_its_reader_unread_with_the_limits_kept():
+    # the fetcher reads a `file` message's header through the decoder and its payload itself
+    data = os.urandom(5000)
+    msg = wire.encode_bytes(messages.CODES["file"], {"cn": "file-x", "off": 0, "last": True, "size": 5000}, [data])
+    err = messages.encode_bytes(messages.Error(cn="file-x", reason="no"))
+    for cut in (1, 9, 30, len(msg) - 5000, len(msg) - 1):
+        dec = messages.decoder(max_frame=wire.CHUNK)
+        dec.push(msg[:cut])
+        head = dec.next_head()
+        if head is None:                            # the header is not all there yet
+            dec.push(msg[cut:])
+            head, rest = dec.next_head(), b""
+        else:
+            rest = msg[cut:]
+        name, ctl, lengths = head
+        assert (name, lengths) == ("file", (5000,)) and messages.decode(name, ctl, [None]).size == 5000
+        got = dec.take(5000)
+        assert got + rest == data
+        dec.push(err)
+        assert messages.decode(*dec.next_message()).reason == "no"    # the stream goes on after it
+    dec = messages.decoder(max_frame=1000)
+    dec.push(msg[:30])
+    with pytest.raises(wire.ProtocolError, match="exceeds"):
+        dec.next_head()
+
+
+def test_fetch_refuses_a_source_that_sends_more_than_the_file(tmp_path):
+    # a payload past the file's size is refused from its header, before a byte of it is written
+    import threading
+    from vinehpc.comm import peer
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def liar():
+        s, _ = srv.accept()
+        with s:
+            peer._greet(s, "s3cret")
+            s.recv(4096)                                            # the want
+            s.sendall(wire.encode_bytes(messages.CODES["file"], {"cn": "file-" + "ab" * 32, "off": 0,
+                                                                 "last": True, "size": 10}, [b"x" * 20]))
+            read_to_eof(s)
+    th = threading.Thread(target=liar)
+    th.start()
+    part = tmp_path / "part"
+    arrivals = peer.Arrivals()
+    with pytest.raises(peer.TransferError, match="expected"):
+        peer.fetch("127.0.0.1", srv.getsockname()[1], "s3cret", "file-" + "ab" * 32, str(part), 10, None,
+                   arrivals=arrivals)
+    th.join(10)
+    srv.close()
+    assert not part.exists()
+    assert arrivals.get("file-" + "ab" * 32).failed         # whoever was served from it stops (the loop settles it)

@@ -21,6 +21,7 @@ import time
 
 from .admission import MAX_UNAUTHENTICATED, Admission
 from .comm import Closed, Connection, file_chunks
+from .comm.peer import PUT_PIECE
 from .comm.receive import Incoming
 from .core import commands as cmd
 from .core.events import (SCHEDULE, TICK, FetchFailed, FileCached, FileDropped, FileFetched, FileResolved, PutFailed,
@@ -28,6 +29,7 @@ from .core.events import (SCHEDULE, TICK, FetchFailed, FileCached, FileDropped, 
 from .protocol import ProtocolError, handshake, messages, tls
 from .status import Tracker
 from .protocol.names import check_cachename
+from .protocol.wire import CHUNK
 
 log = logging.getLogger("vinehpc.manager")
 HANDSHAKE_TIMEOUT = 10.0
@@ -663,7 +665,8 @@ class Server:
         ctl = {"cn": n, "kind": kind, "level": f.cache, "mode": os.fstat(fh.fileno()).st_mode & 0o777}
         if c.ack:
             ctl["ack"] = True
-        p.conn.send_stream(file_chunks(fh, "put", ctl))
+        # a transfer (ack): its worker passes it on to peers as it arrives, a frame at a time
+        p.conn.send_stream(file_chunks(fh, "put", ctl, PUT_PIECE if c.ack else CHUNK))
 
     def _tar(self, f, n):
         path = self.tars.get(n)

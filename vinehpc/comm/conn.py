@@ -264,8 +264,8 @@ class FileRange:
         self.fd, self.offset, self.count = fd, offset, count
 
 
-def file_chunks(fh, name: str, ctl: dict):
-    """Encoded `name` messages carrying an open file's bytes in CHUNK-sized frames, for
+def file_chunks(fh, name: str, ctl: dict, chunk: int = wire.CHUNK):
+    """Encoded `name` messages carrying an open file's bytes in `chunk`-sized frames, for
     Connection.send_stream. Each carries ctl plus off/last (and size); the payload goes by
     sendfile where the file allows it. The file is closed at the end."""
     code = messages.CODES[name]
@@ -274,7 +274,7 @@ def file_chunks(fh, name: str, ctl: dict):
         size = os.fstat(fd).st_size
         off = 0
         while True:
-            n = max(0, min(wire.CHUNK, size - off))
+            n = max(0, min(chunk, size - off))
             last = off + n >= size
             head = wire.encode_head(code, dict(ctl, off=off, last=last, size=size), [n])
             yield [head, FileRange(fd, off, n)] if n else [head]

@@ -39,6 +39,8 @@ HANDSHAKE_TIMEOUT = 10.0    # a peer that has not proven itself by then is dropp
 STALL = 15.0                # seconds without a byte: the transfer has stalled (its source is hung or gone)
 PIECE = 128 << 10           # bytes a fetcher gathers before it writes them (and its own peers may have them):
                             # each hop of a chain holds a file back by about this much (5 ms at 25 MB/s)
+PUT_PIECE = 512 << 10       # frames of a put the manager counts as a transfer: the worker passes it on to its
+                            # peers as it arrives, a frame at a time (20 ms at 25 MB/s, where 4 MiB took 160)
 UNSENT = 256 << 10          # bytes a serving socket may hold unsent (TCP_NOTSENT_LOWAT): a file served as it
                             # arrives is not parked by the megabyte in a send buffer at each hop of a chain
 ORDERED_WAIT = 3.0          # seconds a request for a file we do not hold (yet) waits for its fetch to begin
@@ -180,13 +182,6 @@ class Arrivals:
             a = self.files.pop(n, None)
             self.cond.notify_all()
         return a
-
-    def fail_all(self):
-        with self.cond:
-            for a in self.files.values():
-                a.fail()
-            self.files.clear()
-            self.cond.notify_all()
 
 
 # ---------------------------------------------------------------- serving

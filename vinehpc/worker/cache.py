@@ -82,10 +82,12 @@ class Cache:
 
     def abort_parts(self) -> None:
         """The manager is gone: drop the puts it did not finish."""
-        for inc in self.parts.values():
+        for n, inc in self.parts.items():
             inc.abort()
+            arrival = self.arriving.settle(n)
+            if arrival is not None:
+                arrival.fail()
         self.parts.clear()
-        self.arriving.fail_all()
 
     def adopt(self, n: str, src: str) -> None:
         """Move a task's temp output into the cache."""
