@@ -41,8 +41,6 @@ PIECE = 128 << 10           # bytes a fetcher gathers before it writes them (and
                             # each hop of a chain holds a file back by about this much (5 ms at 25 MB/s)
 PUT_PIECE = 512 << 10       # frames of a put the manager counts as a transfer: the worker passes it on to its
                             # peers as it arrives, a frame at a time (20 ms at 25 MB/s, where 4 MiB took 160)
-UNSENT = 256 << 10          # bytes a serving socket may hold unsent (TCP_NOTSENT_LOWAT): a file served as it
-                            # arrives is not parked by the megabyte in a send buffer at each hop of a chain
 ORDERED_WAIT = 3.0          # seconds a request for a file we do not hold (yet) waits for its fetch to begin
 MAX_CONNECTIONS = 64        # served at once; the manager's per-source limit keeps real use far below
 DIGESTS = {"sha256": lambda: hashlib.sha256(), "blake2b16": lambda: hashlib.blake2b(digest_size=16)}
@@ -160,8 +158,9 @@ class Arrival:
 class Arrivals:
     """cachename -> Arrival of the files arriving here.  An entry stays until the worker's loop
     holds the complete file (`settle`, after its inventory has it): a peer asking in between
-    never finds neither.  `wait` lets a request for a file not here yet wait for it to begin (the
-    manager may have told us to fetch it at the same moment it told a peer to fetch it from us)."""
+    never finds neither.  `cond` is notified at each begin and settle: a request for a file not
+    here yet waits on it for its copy to begin (the manager may have told us to fetch it at the
+    same moment it told a peer to fetch it from us)."""
 
     def __init__(self):
         self.cond = threading.Condition()
@@ -257,8 +256,6 @@ class FileServer:
             return
         try:
             with fh:
-                if arrival is not None and hasattr(socket, "TCP_NOTSENT_LOWAT"):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT)
                 _stream(sock, fh, n, size, arrival)
             self.served += 1
         except OSError as e:        # the fetcher went away or stalled: its worker reports it to the manager
@@ -268,7 +265,7 @@ class FileServer:
         """(open file, its size, its Arrival or None) of entry n: a complete one, or one still
         arriving (a copy on its way is already a source)."""
         deadline = time.monotonic() + ORDERED_WAIT
-        with self.arrivals.cond:    # (both looked at under the lock begin and settle notify under)
+        with self.arrivals.cond:    # (the lock under which begin and settle notify: no wake-up missed)
             while True:
                 path = self.resolve(n)
                 arrival = None if path is not None else self.arrivals.files.get(n)
