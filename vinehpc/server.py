@@ -260,7 +260,7 @@ class Server:
         incoming = outgoing = 0
         for p in self.peers.values():
             incoming += len(p.parts) + len(p.fetch)
-            outgoing += sum(1 for b in p.conn.out if not isinstance(b, (bytes, bytearray, memoryview)))
+            outgoing += p.conn.transfers()
         snap = self.status.snapshot(time.time(), {"bytes_received": self.bytes_received})
         snap["transfers"] = {"incoming": incoming, "outgoing": outgoing}
         snap["status_clients"] = sum(1 for p in self.all if p.state == "status")

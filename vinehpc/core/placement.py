@@ -14,7 +14,7 @@ from .tasks import transition
 from .workers import RES
 
 SCAN_LIMIT = 256          # tasks looked at per scheduling pass (keeps a pass O(workers))
-PREFETCH_FACTOR = 4       # a worker may hold up to this many times its cores of *short* tasks:
+PREFETCH_FACTOR = 16      # a worker may hold up to this many times its cores of *short* tasks:
 SHORT_TASK = 0.05         # x2 for a category faster than this (seconds),
 TINY_TASK = 0.005         # x4 for one faster than this: round trips would idle the worker
 SHORT_SAMPLES = 4
