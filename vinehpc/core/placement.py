@@ -13,7 +13,9 @@ from .commands import GetFile, PutFile, SendFunction, SendTask, TaskStarted
 from .tasks import transition
 from .workers import RES
 
-SCAN_LIMIT = 256          # tasks looked at per scheduling pass (keeps a pass O(workers))
+SCAN_LIMIT = 256          # tasks passed over per scheduling pass (keeps a pass O(workers))
+DISPATCH_LIMIT = 4096     # tasks dispatched per pass: a fleet's worth goes out in one loop turn (as
+                          # the server's INBOX_TURN: the thread still gets back to its sockets)
 PREFETCH_FACTOR = 16      # a worker may hold up to this many times its cores of *short* tasks:
 SHORT_TASK = 0.05         # x2 for a category faster than this (seconds),
 TINY_TASK = 0.005         # x4 for one faster than this: round trips would idle the worker
@@ -162,7 +164,7 @@ def schedule(core, now) -> int:
     # behind full workers was tried task by task on every loop turn).
     misses = {}
     tasks = core.tasks
-    while core.ready and scanned < SCAN_LIMIT and _any_open(core):
+    while core.ready and scanned < SCAN_LIMIT and n < DISPATCH_LIMIT and _any_open(core):
         tid = core.ready.popleft()
         ts = tasks.get(tid)
         if ts is None or ts.state != "ready":
@@ -232,6 +234,7 @@ def schedule(core, now) -> int:
                         misses.clear()      # that worker is now closed to the others
             continue
         w = cands[0] if len(cands) == 1 else core.policy.choose(ts, cands)
+        scanned -= 1            # (a dispatch is not what makes a pass long: the tasks passed over are)
         _dispatch(core, ts, w, now)
         ts.passed_since = None
         for t in skipped[passed:]:   # a task behind them started: they were passed over
