@@ -4,7 +4,13 @@ batches split within the message limits and arrive whole and in order, a lost wo
 prefetched tasks are requeued once each and end exactly once."""
 from __future__ import annotations
 
+import os
+import select
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -164,3 +170,39 @@ def test_a_lost_worker_with_prefetched_tasks_requeues_each_once_and_each_ends_on
             sim(TaskResult(2, tid, {"status": "success", "wall": 0.0, "exit_code": 0}))
             ended += [t.id for t in done(sim.take())]
     assert sorted(ended) == sorted(t.id for t in tasks)     # every task ends exactly once
+
+
+# ---------------------------------------------------------------- a real worker
+def test_a_real_worker_opens_a_batch_of_tasks_and_answers_each_once(tmp_path):
+    from test_fuzz import FakeManager
+    fm = FakeManager(tmp_path)
+    p = subprocess.Popen([sys.executable, "-m", "vinehpc", "worker", "127.0.0.1:%d" % fm.port, "--secret-file",
+                          fm.secret_file, "--cores", "1", "--connect-timeout", "30"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        s = fm.accept()
+        dec = fm.join(s)
+        conn = Connection(s, bytes(dec.buf))
+        for i in range(1, 9):               # one message on the wire: eight tasks for one core
+            conn.send("task", dict(_task(i), **({"pipe": True} if i > 1 else {})))
+        assert conn.flush()
+        results, names = {}, []
+        deadline = time.monotonic() + 30
+        while len(results) < 8 and time.monotonic() < deadline:
+            if not select.select([s], [], [], 1)[0]:
+                continue
+            for name, ctl, frames in conn.read():
+                names.append(name)
+                if name == "result":
+                    assert ctl["id"] not in results, "a result came twice"
+                    results[ctl["id"]] = ctl
+        assert sorted(results) == list(range(1, 9)), (names, p.stderr.read1(4096) if p.poll() is not None else "")
+        assert all(r["status"] == "success" and r["stdout"] == "%d\n" % i for i, r in results.items())
+        conn.send("exit", {"reason": "test over", "final": True})
+        conn.flush()
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+        fm.lsock.close()
