@@ -75,8 +75,7 @@ class Connection:
 
     # ---- sending -------------------------------------------------------------------
     def send_msg(self, msg: messages.Message) -> None:
-        if self.out and type(self.out[-1]) is _Batch:
-            self._seal()
+        self._seal()
         self.out.extend(messages.encode(msg))
 
     def send(self, name: str, ctl: dict | None = None, frames=()) -> None:
@@ -93,26 +92,25 @@ class Connection:
             else:
                 out.append(_Batch([(name, body, frames)]))
             return
-        if out and type(out[-1]) is _Batch:
-            self._seal()
+        self._seal()
         out.extend(messages.encode_named(name, ctl, frames))
 
     def send_bytes(self, data: bytes) -> None:
         """Already encoded bytes (the handshake's)."""
-        if self.out and type(self.out[-1]) is _Batch:
-            self._seal()
+        self._seal()
         self.out.append(data)
 
     def send_stream(self, it) -> None:
         """Queue an iterator of encoded messages (lists of buffers), pulled lazily."""
-        if self.out and type(self.out[-1]) is _Batch:
-            self._seal()
+        self._seal()
         self.out.append(it)
 
     def _seal(self) -> None:
-        """The open batch (always the last thing queued) becomes encoded messages: one alone as
-        itself, more as `batch` messages within the control and frame limits."""
-        self.out.extend(_encode_batch(self.out.pop()))
+        """Close the open batch, if any (it is always the last thing queued): its messages become
+        encoded buffers, one alone as itself, more as `batch` messages within the limits."""
+        out = self.out
+        if out and type(out[-1]) is _Batch:
+            out.extend(_encode_batch(out.pop()))
 
     def transfers(self) -> int:
         """Streams (files being sent) queued."""
@@ -128,8 +126,7 @@ class Connection:
 
     def flush(self) -> bool:
         """Write what the socket takes now. Returns True when everything queued is sent."""
-        if self.out and type(self.out[-1]) is _Batch:
-            self._seal()
+        self._seal()
         if self.tls:
             return self._flush_tls()
         out = self.out
@@ -304,16 +301,17 @@ def _encode_batch(items) -> list:
     for name, body, fr in items:
         if parts and (size + len(body) > BATCH_CTL or len(frames) + len(fr) > wire.MAX_FRAMES
                       or len(parts) >= messages.MAX_BATCH):
-            _close(out, parts, frames)
+            _batch_message(out, parts, frames)
             parts, frames, size = [], [], 0
         parts.append((name, body, fr))
         frames.extend(fr)
         size += len(body) + 16
-    _close(out, parts, frames)
+    _batch_message(out, parts, frames)
     return out
 
 
-def _close(out, parts, frames):
+def _batch_message(out, parts, frames):
+    """Append to `out` the buffers of one message carrying `parts` (a batch unless it is one)."""
     if len(parts) == 1:
         name, body, fr = parts[0]
         code, ctl = messages.CODES[name], body.encode()

@@ -18,7 +18,7 @@ DISPATCH_LIMIT = 4096     # tasks dispatched per pass: a fleet's worth goes out 
                           # the server's INBOX_TURN: the thread still gets back to its sockets)
 PREFETCH_FACTOR = 16      # a worker may hold up to this many times its cores of *short* tasks:
 SHORT_TASK = 0.05         # x2 for a category faster than this (seconds),
-TINY_TASK = 0.005         # x4 for one faster than this: round trips would idle the worker
+TINY_TASK = 0.005         # x16 for one faster than this: round trips would idle the worker
 SHORT_SAMPLES = 4
 RESERVE_AFTER = 2.0        # seconds a task no worker has room for lets tasks behind it pass before a worker is kept for it
 

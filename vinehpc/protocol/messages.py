@@ -600,6 +600,7 @@ def encode_named(name: str, ctl: dict | None = None, frames=()) -> list:
     return wire.encode(CODES[name], ctl, frames)
 
 
+# decode() of a batch checks its items too; unbatch() the envelope alone (its receivers decode each item)
 _envelope, _DECODERS["batch"] = _DECODERS["batch"], _decode_batch
 
 
