@@ -125,8 +125,8 @@ def test_a_connection_refuses_a_bad_batch_as_any_bad_message(pair):
 
 # ---------------------------------------------------------------- prefetch, and losing what a worker held ahead
 def _tiny(sim, wid):
-    """The default category learns its tasks are tiny: from now on a worker holds PREFETCH_FACTOR
-    times its cores of them."""
+    """The default category learns its tasks are tiny: from now on a worker of a small fleet holds
+    PREFETCH_FACTOR times its cores of them."""
     for _ in range(placement.SHORT_SAMPLES):
         t = sim.submit(new_task())
         sim.schedule()
@@ -145,6 +145,26 @@ def test_a_worker_holds_prefetch_factor_times_its_cores_of_tiny_tasks_sent_ahead
     assert sim.schedule() == held
     pipes = [c.spec.get("pipe") for c in of(sim.take(), SendTask)]
     assert pipes == [None, None] + [True] * (held - 2)      # beyond its free cores: sent ahead
+
+
+def test_a_large_fleet_holds_about_ahead_tasks_beyond_its_cores():
+    """More ahead would only wait in sockets for the manager (wait() latency), not keep workers busier."""
+    sim = Sim()
+    sim.join(1)
+    _tiny(sim, 1)
+    for wid in range(2, 1001):
+        sim.join(wid)
+    cores = 1000 * 2
+    for _ in range(10000):
+        sim.submit(new_task())
+    held = 0
+    while True:
+        n = sim.schedule()
+        sim.take()
+        if not n:
+            break
+        held += n
+    assert cores * 2 < held <= cores + placement.AHEAD_TASKS      # more than twice its cores, no more than that
 
 
 def test_a_lost_worker_with_prefetched_tasks_requeues_each_once_and_each_ends_once():

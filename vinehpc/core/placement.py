@@ -14,12 +14,15 @@ from .tasks import transition
 from .workers import RES
 
 SCAN_LIMIT = 256          # tasks passed over per scheduling pass (keeps a pass O(workers))
-DISPATCH_LIMIT = 4096     # tasks dispatched per pass: a fleet's worth goes out in one loop turn (as
-                          # the server's INBOX_TURN: the thread still gets back to its sockets)
+DISPATCH_LIMIT = 1024     # tasks dispatched per pass: a fleet's prefetch goes out in a turn or two, and
+                          # the thread still gets back to its sockets (a long turn delays every result)
 PREFETCH_FACTOR = 16      # a worker may hold up to this many times its cores of *short* tasks:
 SHORT_TASK = 0.05         # x2 for a category faster than this (seconds),
-TINY_TASK = 0.005         # x16 for one faster than this: round trips would idle the worker
+TINY_TASK = 0.005         # up to x16 for one faster than this: round trips would idle the worker
 SHORT_SAMPLES = 4
+AHEAD_TASKS = 4096        # ...as long as the fleet holds about this many tiny tasks beyond its cores:
+                          # enough to cover a round trip; more would only wait in sockets for the
+                          # manager (wait() latency). x16 up to 273 cores, x5 at 1,000, x2 from 4,096
 RESERVE_AFTER = 2.0        # seconds a task no worker has room for lets tasks behind it pass before a worker is kept for it
 
 
@@ -33,14 +36,19 @@ def _factor(core, category) -> int:
     c = core.cat.get(category)
     if not c or c[0] < SHORT_SAMPLES or c[1] >= SHORT_TASK:
         return 1
-    return PREFETCH_FACTOR if c[1] < TINY_TASK else 2
+    return _tiny_factor(core) if c[1] < TINY_TASK else 2
+
+
+def _tiny_factor(core) -> int:
+    """How many times its cores of tiny tasks a worker holds, in this fleet (AHEAD_TASKS)."""
+    return max(2, min(PREFETCH_FACTOR, 1 + AHEAD_TASKS // max(1, core.cores)))
 
 
 def _top_factor(core) -> int:
     """The largest factor any ready task can have: a worker with that many times its cores
     committed has room for none (every task takes a core), so a pass does not look at it."""
     if len(core.cat) > 64:
-        return PREFETCH_FACTOR      # not worth the walk: the bound that always holds
+        return _tiny_factor(core)   # not worth the walk: the bound that always holds
     return max((_factor(core, c) for c in core.cat), default=1)
 
 
