@@ -22,6 +22,7 @@ TLS_RECORD = 16 << 10   # TLS: the most one record (one SSL read) carries
 _BUFFER = (bytes, bytearray, memoryview)
 BATCH_CTL = 256 << 10   # a batch's control part is closed past this size (a message's limit: wire.MAX_CTL)
 _BATCHED = frozenset(messages.BATCHED)
+_ITEM = {n: b'["%s",0,' % n.encode() for n in messages.BATCHED}     # an item without frames, up to its control part
 
 
 def recv_bytes(sock: socket.socket, size: int) -> bytes:
@@ -86,11 +87,11 @@ class Connection:
         batch when it is closed: by any other message, or by flush()."""
         out = self.out
         if name in _BATCHED:
-            body = wire.encode_ctl(ctl)
+            item = (name, wire.encode_ctl(ctl).encode(), frames)
             if out and type(out[-1]) is _Batch:
-                out[-1].append((name, body, frames))
+                out[-1].append(item)
             else:
-                out.append(_Batch([(name, body, frames)]))
+                out.append(_Batch((item,)))
             return
         self._seal()
         out.extend(messages.encode_named(name, ctl, frames))
@@ -110,7 +111,11 @@ class Connection:
         encoded buffers, one alone as itself, more as `batch` messages within the limits."""
         out = self.out
         if out and type(out[-1]) is _Batch:
-            out.extend(_encode_batch(out.pop()))
+            items = out.pop()
+            if len(items) == 1:         # (most often, on a large fleet: a task a turn to each worker)
+                _batch_message(out, items, items[0][2])
+            else:
+                _encode_batch(out, items)
 
     def transfers(self) -> int:
         """Streams (files being sent) queued."""
@@ -292,11 +297,10 @@ class _Batch(list):
     __slots__ = ()
 
 
-def _encode_batch(items) -> list:
-    """Buffers of `items` (a _Batch): a single message as itself; else `batch` messages, each
-    closed before its control part passes BATCH_CTL, its frames wire.MAX_FRAMES or its items
-    messages.MAX_BATCH (a message too large to share one goes alone)."""
-    out = []
+def _encode_batch(out, items) -> None:
+    """Append to `out` the buffers of `items` (a _Batch) as `batch` messages, each closed before
+    its control part passes BATCH_CTL, its frames wire.MAX_FRAMES or its items messages.MAX_BATCH
+    (a message too large to share one goes alone, as itself)."""
     parts, frames, size = [], [], 0
     for name, body, fr in items:
         if parts and (size + len(body) > BATCH_CTL or len(frames) + len(fr) > wire.MAX_FRAMES
@@ -307,18 +311,21 @@ def _encode_batch(items) -> list:
         frames.extend(fr)
         size += len(body) + 16
     _batch_message(out, parts, frames)
-    return out
 
 
 def _batch_message(out, parts, frames):
     """Append to `out` the buffers of one message carrying `parts` (a batch unless it is one)."""
     if len(parts) == 1:
-        name, body, fr = parts[0]
-        code, ctl = messages.CODES[name], body.encode()
+        name, ctl, _ = parts[0]
+        code = messages.CODES[name]
     else:
         code = messages.CODES["batch"]
-        ctl = ('{"m":[%s]}' % ",".join(['["%s",%d,%s]' % (name, len(fr), body) for name, body, fr in parts])).encode()
-    out.append(wire.head_of(code, ctl, [len(f) for f in frames]))
+        pieces = [b'{"m":[']
+        for name, body, fr in parts:
+            pieces += (_ITEM[name] if not fr else b'["%s",%d,' % (name.encode(), len(fr)), body, b"],")
+        pieces[-1] = b"]]}"     # (the last item's "]," closes the list and the object instead)
+        ctl = b"".join(pieces)
+    out.append(wire.head_of(code, ctl, [len(f) for f in frames] if frames else ()))
     out.extend(frames)
 
 

@@ -14,8 +14,8 @@ from .tasks import transition
 from .workers import RES
 
 SCAN_LIMIT = 256          # tasks passed over per scheduling pass (keeps a pass O(workers))
-DISPATCH_LIMIT = 1024     # tasks dispatched per pass: a fleet's prefetch goes out in a turn or two, and
-                          # the thread still gets back to its sockets (a long turn delays every result)
+DISPATCH_LIMIT = 256      # tasks dispatched per pass: the thread gets back to its sockets (a long turn
+                          # delays every result waiting to be read: wait() latency)
 PREFETCH_FACTOR = 16      # a worker may hold up to this many times its cores of *short* tasks:
 SHORT_TASK = 0.05         # x2 for a category faster than this (seconds),
 TINY_TASK = 0.005         # up to x16 for one faster than this: round trips would idle the worker
