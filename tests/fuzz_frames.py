@@ -43,7 +43,17 @@ def valid(check, cap=3):
     if kind == "record":
         return st.fixed_dictionaries({k: valid(c) for k, c in a[0].items()},
                                      optional={k: valid(c) for k, c in a[1].items()})
+    if kind == "batch":         # [name, frames, control] items: messages of those names, without frames
+        return st.lists(st.one_of(*[valid_ctl(n).map(lambda c, n=n: [n, 0, c]) for n in a[0]]),
+                        min_size=1, max_size=min(a[1], cap))
     raise AssertionError("a check without a shape: %r" % (check.shape,))
+
+
+def valid_ctl(name):
+    """A strategy for control parts of message `name` that its schema accepts field by field."""
+    fields = messages.BY_NAME[name].FIELDS
+    return st.fixed_dictionaries({k: valid(c) for k, c, req in fields if req},
+                                 optional={k: valid(c) for k, c, req in fields if not req})
 
 
 def conforms(shape, v) -> bool:
@@ -72,10 +82,23 @@ def conforms(shape, v) -> bool:
         req, opt = a
         return (type(v) is dict and set(v) <= set(req) | set(opt) and all(k in v for k in req)
                 and all(conforms((req.get(k) or opt[k]).shape, x) for k, x in v.items()))
+    if kind == "batch":         # the envelope (its items' contents: message_conforms)
+        return (type(v) is list and 1 <= len(v) <= a[1]
+                and all(type(x) is list and len(x) == 3 and type(x[0]) is str and x[0] in a[0] and type(x[1]) is int
+                        and 0 <= x[1] <= wire.MAX_FRAMES and type(x[2]) is dict for x in v))
     raise AssertionError(shape)
 
 
 def message_conforms(name, ctl, frames) -> bool:
+    if name == "batch":         # an envelope that conforms, whose items (with their frames) each do
+        if set(ctl) != {"m"} or not conforms(messages.Batch.FIELDS[0][1].shape, ctl["m"]):
+            return False
+        pos = 0
+        for n, k, c in ctl["m"]:
+            if not message_conforms(n, c, frames[pos:pos + k]):
+                return False
+            pos += k
+        return pos == len(frames)
     cls = messages.BY_NAME[name]
     fields = {k: (c, req) for k, c, req in cls.FIELDS}
     if any(k not in fields for k in ctl):

@@ -49,8 +49,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 LONG = int(os.environ.get("VINEHPC_FUZZ_EXAMPLES", "0"))      # examples per message type; 0: CI's budget
 NAMES = sorted(messages.BY_NAME)
-TO_MANAGER = ("info", "error", "result", "started", "outfile", "watch", "file", "cached", "ping", "pong")
-TO_WORKER = ("exit", "fn", "forget", "put", "task", "kill", "get", "unlink", "ping", "pong")
+TO_MANAGER = ("info", "error", "result", "started", "outfile", "watch", "file", "cached", "ping", "pong", "batch")
+TO_WORKER = ("exit", "fn", "forget", "put", "task", "kill", "get", "unlink", "ping", "pong", "batch")
 
 
 def budget(ci_examples, slow=False):

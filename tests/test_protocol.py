@@ -425,6 +425,10 @@ SAMPLES = [
               "res": RES0, "category": "default", "expect": ["file-ab"]}, []),
     ("result", {"id": 10, "status": "success", "wall": 0.1, "temps": ["temp-9"],
                 "sums": {"temp-9": [3, "sha256:" + "cd" * 16]}}, []),
+    # several in one (comm.Connection batches what a loop turn sends; frames: see the batch tests below)
+    ("batch", {"m": [["result", 0, {"id": 1, "status": "success", "wall": 0.0}],
+                     ["task", 0, {"cmd": ":", "id": 2, "inputs": [], "outputs": [], "res": RES0, "category": "c"}]]},
+     []),
 ]
 
 
@@ -508,6 +512,10 @@ BAD = {
     "want": [("cn", ""), ("cn", 5)],
     "started": [("ids", None), ("ids", 3), ("ids", [1.0]), ("ids", [True]), ("ids", [2 ** 63]),
                 ("ids", list(range(messages.MAX_STARTED + 1)))],
+    "batch": [("m", []), ("m", "x"), ("m", [["kill", 0, {"id": 1}]]), ("m", [["batch", 0, {"m": []}]]),
+              ("m", [["result", -1, {}]]), ("m", [["result", 17, {}]]), ("m", [["result", True, {}]]),
+              ("m", [["result", 0, []]]), ("m", [["result", 0, {}, 1]]), ("m", [[1, 0, {}]]),
+              ("m", [["result", 0, {}]] * (messages.MAX_BATCH + 1))],
 }
 
 

@@ -20,6 +20,9 @@ SCRATCH = 1 << 20       # reads up to this size go through recv_bytes' reused bu
 TLS_BATCH = 256 << 10   # TLS: small messages are joined up to this size per SSL write
 TLS_RECORD = 16 << 10   # TLS: the most one record (one SSL read) carries
 _BUFFER = (bytes, bytearray, memoryview)
+BATCH_CTL = 256 << 10   # a batch's control part is closed past this size (a message's limit: wire.MAX_CTL)
+_BATCHED = frozenset(messages.BATCHED)
+_ITEM = {n: b'["%s",0,' % n.encode() for n in messages.BATCHED}     # an item without frames, up to its control part
 
 
 def recv_bytes(sock: socket.socket, size: int) -> bytes:
@@ -73,19 +76,50 @@ class Connection:
 
     # ---- sending -------------------------------------------------------------------
     def send_msg(self, msg: messages.Message) -> None:
+        self._seal()
         self.out.extend(messages.encode(msg))
 
     def send(self, name: str, ctl: dict | None = None, frames=()) -> None:
-        """Untyped form of send_msg (a control dict): the same bytes."""
-        self.out.extend(messages.encode_named(name, ctl, frames))
+        """Untyped form of send_msg (a control dict): the same bytes -- except that the messages
+        sent a task at a time (messages.BATCHED: task, result) queued back to back go as one
+        `batch` message (one header, one JSON document for the peer to parse: issue 15's per-task
+        cost).  The control part is encoded now (the caller may change its dict afterwards), the
+        batch when it is closed: by any other message, or by flush()."""
+        out = self.out
+        if name in _BATCHED:
+            item = (name, wire.encode_ctl(ctl).encode(), frames)
+            if out and type(out[-1]) is _Batch:
+                out[-1].append(item)
+            else:
+                out.append(_Batch((item,)))
+            return
+        self._seal()
+        out.extend(messages.encode_named(name, ctl, frames))
 
     def send_bytes(self, data: bytes) -> None:
         """Already encoded bytes (the handshake's)."""
+        self._seal()
         self.out.append(data)
 
     def send_stream(self, it) -> None:
         """Queue an iterator of encoded messages (lists of buffers), pulled lazily."""
+        self._seal()
         self.out.append(it)
+
+    def _seal(self) -> None:
+        """Close the open batch, if any (it is always the last thing queued): its messages become
+        encoded buffers, one alone as itself, more as `batch` messages within the limits."""
+        out = self.out
+        if out and type(out[-1]) is _Batch:
+            items = out.pop()
+            if len(items) == 1:         # (most often, on a large fleet: a task a turn to each worker)
+                _batch_message(out, items, items[0][2])
+            else:
+                _encode_batch(out, items)
+
+    def transfers(self) -> int:
+        """Streams (files being sent) queued."""
+        return sum(1 for b in self.out if not isinstance(b, _BUFFER) and type(b) is not _Batch)
 
     @property
     def buffered(self) -> int:
@@ -97,6 +131,7 @@ class Connection:
 
     def flush(self) -> bool:
         """Write what the socket takes now. Returns True when everything queued is sent."""
+        self._seal()
         if self.tls:
             return self._flush_tls()
         out = self.out
@@ -196,12 +231,13 @@ class Connection:
 
     # ---- receiving -----------------------------------------------------------------
     def read(self) -> list:
-        """Read what is available; return the complete messages. Raises Closed on EOF."""
-        return self.dec.feed(self.recv())
+        """Read what is available; return the complete messages (a batch's, one by one). Raises
+        Closed on EOF."""
+        return _unbatch(self.dec.feed(self.recv()))
 
     def feed(self, data: bytes) -> list:
         """Bytes read elsewhere (the handshake's leftover): the messages now complete."""
-        return self.dec.feed(data)
+        return _unbatch(self.dec.feed(data))
 
     def recv(self) -> bytes:
         """Read what is available (b"" if nothing is). Raises Closed on EOF."""
@@ -254,6 +290,59 @@ class Connection:
                 self.sock.close()
             except OSError:
                 pass
+
+
+class _Batch(list):
+    """Queued (name, encoded control part, frames) of messages to send as one batch."""
+    __slots__ = ()
+
+
+def _encode_batch(out, items) -> None:
+    """Append to `out` the buffers of `items` (a _Batch) as `batch` messages, each closed before
+    its control part passes BATCH_CTL, its frames wire.MAX_FRAMES or its items messages.MAX_BATCH
+    (a message too large to share one goes alone, as itself)."""
+    parts, frames, size = [], [], 0
+    for name, body, fr in items:
+        if parts and (size + len(body) > BATCH_CTL or len(frames) + len(fr) > wire.MAX_FRAMES
+                      or len(parts) >= messages.MAX_BATCH):
+            _batch_message(out, parts, frames)
+            parts, frames, size = [], [], 0
+        parts.append((name, body, fr))
+        frames.extend(fr)
+        size += len(body) + 16
+    _batch_message(out, parts, frames)
+
+
+def _batch_message(out, parts, frames):
+    """Append to `out` the buffers of one message carrying `parts` (a batch unless it is one)."""
+    if len(parts) == 1:
+        name, ctl, _ = parts[0]
+        code = messages.CODES[name]
+    else:
+        code = messages.CODES["batch"]
+        pieces = [b'{"m":[']
+        for name, body, fr in parts:
+            pieces += (_ITEM[name] if not fr else b'["%s",%d,' % (name.encode(), len(fr)), body, b"],")
+        pieces[-1] = b"]]}"     # (the last item's "]," closes the list and the object instead)
+        ctl = b"".join(pieces)
+    out.append(wire.head_of(code, ctl, [len(f) for f in frames] if frames else ()))
+    out.extend(frames)
+
+
+def _unbatch(msgs) -> list:
+    """The messages with each batch opened (its envelope checked: ProtocolError)."""
+    for m in msgs:
+        if m[0] == "batch":
+            break
+    else:
+        return msgs
+    out = []
+    for m in msgs:
+        if m[0] == "batch":
+            out.extend(messages.unbatch(m[1], m[2]))
+        else:
+            out.append(m)
+    return out
 
 
 class FileRange:

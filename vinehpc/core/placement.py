@@ -13,11 +13,16 @@ from .commands import GetFile, PutFile, SendFunction, SendTask, TaskStarted
 from .tasks import transition
 from .workers import RES
 
-SCAN_LIMIT = 256          # tasks looked at per scheduling pass (keeps a pass O(workers))
-PREFETCH_FACTOR = 4       # a worker may hold up to this many times its cores of *short* tasks:
+SCAN_LIMIT = 256          # tasks passed over per scheduling pass (keeps a pass O(workers))
+DISPATCH_LIMIT = 256      # tasks dispatched per pass: the thread gets back to its sockets (a long turn
+                          # delays every result waiting to be read: wait() latency)
+PREFETCH_FACTOR = 16      # a worker may hold up to this many times its cores of *short* tasks:
 SHORT_TASK = 0.05         # x2 for a category faster than this (seconds),
-TINY_TASK = 0.005         # x4 for one faster than this: round trips would idle the worker
+TINY_TASK = 0.005         # up to x16 for one faster than this: round trips would idle the worker
 SHORT_SAMPLES = 4
+AHEAD_TASKS = 4096        # ...as long as the fleet holds about this many tiny tasks beyond its cores:
+                          # enough to cover a round trip; more would only wait in sockets for the
+                          # manager (wait() latency). x16 up to 273 cores, x5 at 1,000, x2 from 4,096
 RESERVE_AFTER = 2.0        # seconds a task no worker has room for lets tasks behind it pass before a worker is kept for it
 
 
@@ -31,14 +36,19 @@ def _factor(core, category) -> int:
     c = core.cat.get(category)
     if not c or c[0] < SHORT_SAMPLES or c[1] >= SHORT_TASK:
         return 1
-    return PREFETCH_FACTOR if c[1] < TINY_TASK else 2
+    return _tiny_factor(core) if c[1] < TINY_TASK else 2
+
+
+def _tiny_factor(core) -> int:
+    """How many times its cores of tiny tasks a worker holds, in this fleet (AHEAD_TASKS)."""
+    return max(2, min(PREFETCH_FACTOR, 1 + AHEAD_TASKS // max(1, core.cores)))
 
 
 def _top_factor(core) -> int:
     """The largest factor any ready task can have: a worker with that many times its cores
     committed has room for none (every task takes a core), so a pass does not look at it."""
     if len(core.cat) > 64:
-        return PREFETCH_FACTOR      # not worth the walk: the bound that always holds
+        return _tiny_factor(core)   # not worth the walk: the bound that always holds
     return max((_factor(core, c) for c in core.cat), default=1)
 
 
@@ -162,7 +172,7 @@ def schedule(core, now) -> int:
     # behind full workers was tried task by task on every loop turn).
     misses = {}
     tasks = core.tasks
-    while core.ready and scanned < SCAN_LIMIT and _any_open(core):
+    while core.ready and scanned < SCAN_LIMIT and n < DISPATCH_LIMIT and _any_open(core):
         tid = core.ready.popleft()
         ts = tasks.get(tid)
         if ts is None or ts.state != "ready":
@@ -232,6 +242,7 @@ def schedule(core, now) -> int:
                         misses.clear()      # that worker is now closed to the others
             continue
         w = cands[0] if len(cands) == 1 else core.policy.choose(ts, cands)
+        scanned -= 1            # (a dispatch is not what makes a pass long: the tasks passed over are)
         _dispatch(core, ts, w, now)
         ts.passed_since = None
         for t in skipped[passed:]:   # a task behind them started: they were passed over

@@ -71,6 +71,7 @@ class Core:
         self.joins = 0
         self.counts = collections.Counter()
         self.n_running = 0
+        self.cores = 0                     # the joined workers' cores (placement: how far ahead to send)
         self.drain_deadline = None         # set by Drain: dispatch stopped, running tasks get until then
         self._drain_grace = None
         self.drained = False
@@ -339,6 +340,7 @@ class Core:
     def _worker_joined(self, e, now):
         w = self.workers[e.wid] = WorkerState(e.wid, e.info, self.where)
         self.joins += 1
+        self.cores += w.total["cores"]
         w.order = self.joins
         touch(self, w)
         for n in w.cached:
@@ -357,6 +359,7 @@ class Core:
         w = self.workers.pop(wid, None)
         if w is None:
             return
+        self.cores -= w.total["cores"]
         self._log("worker lost", worker=wid, host=w.host, reason=e.reason, tasks=sorted(w.tasks),
                   log=w.info.get("log"))
         for n in w.cached:

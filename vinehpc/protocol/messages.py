@@ -31,6 +31,8 @@ ID_MIN, ID_MAX = -2 ** 62, 2 ** 63 - 1
 BIG = 2 ** 62               # sizes, offsets, resource amounts
 RES = ("cores", "memory", "disk", "gpus")
 MAX_STARTED = 10000         # task ids in one `started` list (a worker sends more as several)
+BATCHED = ("task", "result")    # the messages a `batch` may carry (the ones sent a task at a time)
+MAX_BATCH = 4096            # messages in one batch
 
 
 def start_reported(pipe, slots, inputs, expect=None) -> bool:
@@ -533,6 +535,47 @@ class Snapshot(Message):
     Tracker.snapshot; JSON in a frame, not in the control part: its shape is the status module's)."""
 
 
+# ---- either way: several messages in one (comm.Connection sends and opens them)
+def _batch_code(v, d, fail):
+    x = "x%d" % d
+    return ["if type(%s) is not list or not %s or len(%s) > %d: %s" % (v, v, v, MAX_BATCH, fail),
+            "for %s in %s:" % (x, v),
+            "    if (type(%s) is not list or len(%s) != 3 or type(%s[0]) is not str or %s[0] not in %r"
+            " or type(%s[1]) is not int or not 0 <= %s[1] <= %d or type(%s[2]) is not dict): %s"
+            % (x, x, x, x, BATCHED, x, x, wire.MAX_FRAMES, x, fail)]
+
+
+@message(50, "batch")
+class Batch(Message):
+    """Several `task` (manager -> worker) or `result` (worker -> manager) messages in one: what a
+    loop turn sends one peer goes as one header and one JSON document (the issue 15 per-task
+    cost), each item [name, its number of frames, its control part], the items' frames back to
+    back.  Each item is then decoded and validated as the message it is (`unbatch`, `decode`)."""
+    m = Field(Check("a list of 1 to %d items [name in %s, frames, control object]" % (MAX_BATCH, BATCHED),
+                    code=_batch_code, shape=("batch", BATCHED, MAX_BATCH)))
+
+
+def unbatch(ctl: dict, frames: list) -> list:
+    """The messages inside a batch, (name, ctl, frames) each as wire.Decoder gives them, after the
+    envelope is checked (its items are each decoded by their receiver, as any message)."""
+    m = _envelope(ctl, ())
+    out = []
+    pos = 0
+    for name, n, c in m.m:
+        out.append((name, c, frames[pos:pos + n]))
+        pos += n
+    if pos != len(frames):
+        raise ProtocolError("batch message: its items name %d frame(s), it carries %d" % (pos, len(frames)))
+    return out
+
+
+def _decode_batch(ctl, frames):
+    """decode() of a batch: the envelope, once each item decoded (validated) as the message it is."""
+    for x in unbatch(ctl, frames):
+        decode(*x)
+    return _envelope(ctl, ())
+
+
 # ---------------------------------------------------------------- decode / encode
 def decode(name: str, ctl: dict, frames: list) -> Message:
     """The typed, validated message for what wire.Decoder returned. Raises ProtocolError."""
@@ -555,6 +598,10 @@ def encode_bytes(msg: Message) -> bytes:
 def encode_named(name: str, ctl: dict | None = None, frames=()) -> list:
     """Untyped form, for senders that still build control dicts: the same buffers as encode()."""
     return wire.encode(CODES[name], ctl, frames)
+
+
+# decode() of a batch checks its items too; unbatch() the envelope alone (its receivers decode each item)
+_envelope, _DECODERS["batch"] = _DECODERS["batch"], _decode_batch
 
 
 def decoder(**limits) -> wire.Decoder:

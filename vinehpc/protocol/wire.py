@@ -16,7 +16,8 @@ import json
 import struct
 
 MAGIC = b"VN"
-VERSION = 3                  # 3: worker-to-worker transfers (info.port, fetch, fetched, want, task.expect, put.ack)
+VERSION = 4                  # 3: worker-to-worker transfers (info.port, fetch, fetched, want, task.expect, put.ack)
+                             # 4: batch (several task or result messages in one)
 HEADER = struct.Struct("!2sBBHI")
 
 MAX_CTL = 1 << 20            # 1 MiB of JSON control per message
@@ -84,7 +85,16 @@ def encode(code: int, ctl: dict | None = None, frames=()) -> list:
 
 def encode_head(code: int, ctl: dict, lengths) -> bytes:
     """Header, frame lengths and control part of a message whose frames are sent separately."""
-    body = _json(ctl).encode() if ctl else b"{}"
+    return head_of(code, encode_ctl(ctl).encode(), lengths)
+
+
+def encode_ctl(ctl: dict | None) -> str:
+    """A control part as the messages carry it (compact JSON, ASCII)."""
+    return _json(ctl) if ctl else "{}"
+
+
+def head_of(code: int, body: bytes, lengths) -> bytes:
+    """Header, frame lengths and an encoded control part `body`."""
     head = HEADER.pack(MAGIC, VERSION, code, len(lengths), len(body))
     if lengths:
         head += LENGTHS[len(lengths)].pack(*lengths)

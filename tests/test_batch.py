@@ -1,0 +1,228 @@
+"""Issue 15's per-task cost: what a loop turn sends one peer travels as `batch` messages
+(comm.Connection), and a worker holds many tiny tasks ahead (core/placement.py's prefetch):
+batches split within the message limits and arrive whole and in order, a lost worker's
+prefetched tasks are requeued once each and end exactly once."""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vinehpc.comm import Connection
+from vinehpc.comm import conn as connmod
+from vinehpc.core import placement
+from vinehpc.core.events import TaskResult, WorkerLost
+from vinehpc.protocol import ProtocolError, messages, wire
+
+from vinehpc.core.commands import SendTask
+from test_core import Sim, dispatched, done, logs, new_task, of
+
+RES0 = {"cores": 1, "memory": 0, "disk": 0, "gpus": 0}
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    ca, cb = Connection(a), Connection(b)
+    yield ca, cb
+    ca.close()
+    cb.close()
+
+
+def _task(i):
+    return {"cmd": "echo %d" % i, "id": i, "inputs": [], "outputs": [], "res": RES0, "category": "c"}
+
+
+def _result(i, **kw):
+    return dict({"id": i, "status": "success", "wall": 0.0, "exit_code": 0}, **kw)
+
+
+def _wire(ca, cb):
+    """Flush ca; (the raw messages cb's framing sees, the messages cb's Connection gives)."""
+    assert ca.flush()           # (both socket buffers hold all of it)
+    raw = b""
+    while True:
+        try:
+            got = cb.sock.recv(1 << 22)
+        except BlockingIOError:
+            break
+        raw += got
+    dec = messages.decoder()
+    framed = dec.feed(raw)
+    assert not dec.buf
+    return framed, cb.feed(raw)
+
+
+def test_messages_queued_back_to_back_go_as_one_batch_and_keep_their_order(pair):
+    ca, cb = pair
+    for i in range(3):
+        ca.send("task", _task(i), [b"args%d" % i] if i == 1 else ())
+    ca.send("ping")                      # any other message closes the batch: the order is kept
+    ca.send("task", _task(3))
+    ca.send("task", _task(4))
+    framed, got = _wire(ca, cb)
+    assert [m[0] for m in framed] == ["batch", "ping", "batch"]
+    assert [(n, c.get("id"), f) for n, c, f in got] == [("task", 0, []), ("task", 1, [b"args1"]), ("task", 2, []),
+                                                         ("ping", None, []), ("task", 3, []), ("task", 4, [])]
+    for n, c, f in got:
+        messages.decode(n, c, f)         # each item is the message it was
+
+
+def test_one_message_alone_goes_as_itself(pair):
+    ca, cb = pair
+    ca.send("result", _result(7), [b"value"])
+    framed, got = _wire(ca, cb)
+    assert framed == got == [("result", _result(7), [b"value"])]
+
+
+def test_batches_split_at_the_frame_limit_and_the_control_budget(pair):
+    ca, cb = pair
+    n = 2 * wire.MAX_FRAMES + 3
+    for i in range(n):
+        ca.send("result", _result(i), [b"v%d" % i])
+    big = "x" * (connmod.BATCH_CTL // 2)
+    for i in range(n, n + 5):           # about two per batch by size
+        ca.send("result", _result(i, stdout=big))
+    huge = "y" * (connmod.BATCH_CTL + 10)
+    ca.send("result", _result(n + 5, stdout=huge))      # larger than a batch's budget: alone
+    ca.send("result", _result(n + 6))
+    framed, got = _wire(ca, cb)
+    assert [c["id"] for _, c, _ in got] == list(range(n + 7))
+    assert [f for _, _, f in got[:n]] == [[b"v%d" % i] for i in range(n)]
+    assert got[n + 5][1]["stdout"] == huge
+    for name, ctl, frames in framed:
+        assert len(frames) <= wire.MAX_FRAMES and len(wire.encode_ctl(ctl)) <= wire.MAX_CTL
+    assert [len(f) for name, _, f in framed if name == "batch"][:3] == [wire.MAX_FRAMES, wire.MAX_FRAMES, 3]
+    assert len(framed) >= 3 + 3 + 1
+
+
+def test_a_batch_whose_frames_do_not_add_up_is_refused():
+    ctl = {"m": [["result", 1, _result(1)], ["result", 0, _result(2)]]}
+    assert [f for _, _, f in messages.unbatch(ctl, [b"v"])] == [[b"v"], []]
+    for frames in ([], [b"v", b"w"]):
+        with pytest.raises(ProtocolError, match="^batch message: its items name 1 frame"):
+            messages.unbatch(ctl, frames)
+    with pytest.raises(ProtocolError, match="^result message: field 'status'"):     # items are validated too
+        messages.decode("batch", {"m": [["result", 0, dict(_result(1), status="")]]}, [])
+
+
+def test_a_connection_refuses_a_bad_batch_as_any_bad_message(pair):
+    ca, cb = pair
+    ca.send_bytes(wire.encode_bytes(messages.CODES["batch"], {"m": [["kill", 0, {"id": 1}]]}))
+    ca.flush()
+    cb.sock.settimeout(5)
+    with pytest.raises(ProtocolError, match="^batch message: field 'm'"):
+        cb.feed(cb.sock.recv(1 << 16))
+
+
+# ---------------------------------------------------------------- prefetch, and losing what a worker held ahead
+def _tiny(sim, wid):
+    """The default category learns its tasks are tiny: from now on a worker of a small fleet holds
+    PREFETCH_FACTOR times its cores of them."""
+    for _ in range(placement.SHORT_SAMPLES):
+        t = sim.submit(new_task())
+        sim.schedule()
+        assert dispatched(sim.take()) == [(wid, t.id)]
+        sim.ok(wid, t, wall=0.0)
+        sim.take()
+
+
+def test_a_worker_holds_prefetch_factor_times_its_cores_of_tiny_tasks_sent_ahead():
+    sim = Sim()
+    sim.join(1)
+    _tiny(sim, 1)
+    for _ in range(100):
+        sim.submit(new_task())
+    held = placement.PREFETCH_FACTOR * 2      # test_core's INFO: 2 cores
+    assert sim.schedule() == held
+    pipes = [c.spec.get("pipe") for c in of(sim.take(), SendTask)]
+    assert pipes == [None, None] + [True] * (held - 2)      # beyond its free cores: sent ahead
+
+
+def test_a_large_fleet_holds_about_ahead_tasks_beyond_its_cores():
+    """More ahead would only wait in sockets for the manager (wait() latency), not keep workers busier."""
+    sim = Sim()
+    sim.join(1)
+    _tiny(sim, 1)
+    for wid in range(2, 1001):
+        sim.join(wid)
+    cores = 1000 * 2
+    for _ in range(10000):
+        sim.submit(new_task())
+    held = 0
+    while True:
+        n = sim.schedule()
+        sim.take()
+        if not n:
+            break
+        held += n
+    assert cores * 2 < held <= cores + placement.AHEAD_TASKS      # more than twice its cores, no more than that
+
+
+def test_a_lost_worker_with_prefetched_tasks_requeues_each_once_and_each_ends_once():
+    sim = Sim()
+    sim.join(1)
+    _tiny(sim, 1)
+    tasks = [sim.submit(new_task()) for _ in range(40)]
+    sim.schedule()
+    held = [tid for _, tid in dispatched(sim.take())]
+    assert len(held) == placement.PREFETCH_FACTOR * 2
+    sim(WorkerLost(1, "connection closed"))
+    requeued = [r["task"] for r in logs(sim.take(), "requeued")]
+    assert sorted(requeued) == sorted(held)                 # each once
+    assert all(sim.state(t) == "ready" for t in tasks)
+    sim(TaskResult(1, held[0], {"status": "success", "wall": 0.0, "exit_code": 0}))     # late, from the lost one
+    assert not done(sim.take())
+    sim.join(2)
+    ended = []
+    while len(ended) < len(tasks):
+        sim.schedule()
+        for wid, tid in dispatched(sim.take()):
+            assert wid == 2
+            sim(TaskResult(2, tid, {"status": "success", "wall": 0.0, "exit_code": 0}))
+            ended += [t.id for t in done(sim.take())]
+    assert sorted(ended) == sorted(t.id for t in tasks)     # every task ends exactly once
+
+
+# ---------------------------------------------------------------- a real worker
+def test_a_real_worker_opens_a_batch_of_tasks_and_answers_each_once(tmp_path):
+    from test_fuzz import FakeManager
+    fm = FakeManager(tmp_path)
+    p = subprocess.Popen([sys.executable, "-m", "vinehpc", "worker", "127.0.0.1:%d" % fm.port, "--secret-file",
+                          fm.secret_file, "--cores", "1", "--connect-timeout", "30"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        s = fm.accept()
+        dec = fm.join(s)
+        conn = Connection(s, bytes(dec.buf))
+        for i in range(1, 9):               # one message on the wire: eight tasks for one core
+            conn.send("task", dict(_task(i), **({"pipe": True} if i > 1 else {})))
+        assert conn.flush()
+        results, names = {}, []
+        deadline = time.monotonic() + 30
+        while len(results) < 8 and time.monotonic() < deadline:
+            if not select.select([s], [], [], 1)[0]:
+                continue
+            for name, ctl, frames in conn.read():
+                names.append(name)
+                if name == "result":
+                    assert ctl["id"] not in results, "a result came twice"
+                    results[ctl["id"]] = ctl
+        assert sorted(results) == list(range(1, 9)), (names, p.stderr.read1(4096) if p.poll() is not None else "")
+        assert all(r["status"] == "success" and r["stdout"] == "%d\n" % i for i, r in results.items())
+        conn.send("exit", {"reason": "test over", "final": True})
+        conn.flush()
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+        fm.lsock.close()
