@@ -23,6 +23,7 @@ from .admission import MAX_UNAUTHENTICATED, Admission
 from .comm import Closed, Connection, file_chunks
 from .comm.receive import Incoming
 from .core import commands as cmd
+from .core.placement import STARTS_PER_WORKER
 from .core.events import (SCHEDULE, TICK, FetchFailed, FileCached, FileDropped, FileFetched, FileResolved, PutFailed,
                           TaskResult, TasksStarted, TransferDone, WorkerJoined, WorkerLost)
 from .protocol import ProtocolError, handshake, messages, tls
@@ -36,7 +37,9 @@ HANDSHAKE_TIMEOUT = 10.0
 # The kernel caps it at net.core.somaxconn.
 BACKLOG = 4096
 # user requests (submits...) taken per loop turn: a script submitting a million tasks must not keep
-# the thread from its sockets (keepalives, results) and its journal for the whole burst
+# the thread from its sockets (keepalives, results) and its journal for the whole burst.  At least
+# as many as a scheduling pass may start (STARTS_PER_WORKER a worker): fewer ready tasks than
+# workers give each worker one task a turn, a message each way per task (issue 15)
 INBOX_TURN = 4096
 STATUS_IDLE = 60.0          # a status client that asks nothing for this long is closed
 
@@ -177,7 +180,7 @@ class Server:
                             self.dirty.add(what)
                 self._woken = False
                 now = time.monotonic()
-                for _ in range(min(len(self.inbox), INBOX_TURN)):
+                for _ in range(min(len(self.inbox), max(INBOX_TURN, STARTS_PER_WORKER * len(self.peers)))):
                     self._op(self.inbox.popleft(), now)
                 if now >= next_timer:
                     self._timers(now)
