@@ -437,6 +437,7 @@ def test_a_queued_task_costs_the_core_little_memory():
         tracemalloc.stop()
     assert len(core.ready) == 5000
     assert per_task < 650, per_task
+    assert input_names(new_task()) is input_names(new_task())     # no inputs: one shared empty tuple, not a list each
 
 
 def test_files_looks_at_the_workers_holding_the_inputs_not_at_every_worker(monkeypatch, infile):
