@@ -161,10 +161,11 @@ class Server:
             next_timer = time.monotonic() + 1.0
             while True:
                 timeout = 0.0 if self.inbox else max(0.0, next_timer - time.monotonic())
+                listening = ()
                 for key, ev in self.sel.select(timeout):
                     what = key.data
                     if what == "accept":
-                        self._accept(key.fileobj)
+                        listening += (key.fileobj,)
                     elif what == "wake":
                         try:
                             self._wr.recv(4096)
@@ -178,6 +179,11 @@ class Server:
                             self._readable(what)
                         if ev & selectors.EVENT_WRITE and not what.conn.closed:
                             self.dirty.add(what)
+                # accepted after the reads: the answers of connections in their handshake are read
+                # first, so after a long turn (a pass starting thousands of tasks) admission does not
+                # take workers whose answer waits in the socket for strangers that never answer
+                for ls in listening:
+                    self._accept(ls)
                 self._woken = False
                 now = time.monotonic()
                 for _ in range(min(len(self.inbox), max(INBOX_TURN, STARTS_PER_WORKER * len(self.peers)))):
