@@ -112,10 +112,13 @@ def measure(n, a, tmp) -> dict:
         cpu0 = m.manager_cpu_seconds
         time.sleep(a.idle)
         r["idle_cpu_pct"] = round(100 * (m.manager_cpu_seconds - cpu0) / a.idle, 2)
+        sim0 = fleet.cpu_seconds()
         dt, cpu, lat, more = run_tasks(m, a.tasks, a.timeout)
+        sim = fleet.cpu_seconds() - sim0
         r.update(more)
         r.update(tasks=a.tasks, seconds=round(dt, 3), tasks_per_s=round(a.tasks / dt, 1),
-                 mgr_ms_per_task=round(1000 * cpu / a.tasks, 4), rss_mb=round(rss_mb(), 1),
+                 mgr_ms_per_task=round(1000 * cpu / a.tasks, 4), sim_ms_per_task=round(1000 * sim / a.tasks, 4),
+                 sim_cpu_pct=round(100 * sim / dt, 1), load=round(os.getloadavg()[0], 2), rss_mb=round(rss_mb(), 1),
                  wait_ms_p50=round(1000 * (_pct(lat, 0.5) or 0), 2), wait_ms_p99=round(1000 * (_pct(lat, 0.99) or 0), 2))
         r["fleet"] = {k: v for k, v in fleet.report().items() if k in ("tasks", "results", "retries", "closed",
                                                                          "connected", "cpu_s")}
@@ -212,8 +215,9 @@ def main(argv=None):
             r = measure(n, a, tmp)
             rows.append(r)
             print("N=%(workers)d join %(join_s).2fs idle %(idle_cpu_pct).2f%% %(tasks_per_s).0f tasks/s "
-                  "%(mgr_ms_per_task).4f ms/task rss %(rss_mb).0f MB wait p50 %(wait_ms_p50).2f p99 %(wait_ms_p99).2f ms"
-                  % r, file=sys.stderr, flush=True)
+                  "%(mgr_ms_per_task).4f ms/task (process %(process_cpu_pct).0f%%, simulator %(sim_cpu_pct).0f%% of a "
+                  "core, %(sim_ms_per_task).4f ms/task) rss %(rss_mb).0f MB wait p50 %(wait_ms_p50).2f p99 "
+                  "%(wait_ms_p99).2f ms load %(load).1f" % r, file=sys.stderr, flush=True)
         base = next(r["tasks_per_s"] for r in rows if r["workers"] == 10)
         for r in rows:
             r["ratio_to_10"] = round(r["tasks_per_s"] / base, 3)

@@ -437,6 +437,7 @@ def test_a_queued_task_costs_the_core_little_memory():
         tracemalloc.stop()
     assert len(core.ready) == 5000
     assert per_task < 650, per_task
+    assert input_names(new_task()) is input_names(new_task())     # no inputs: one shared empty tuple, not a list each
 
 
 def test_files_looks_at_the_workers_holding_the_inputs_not_at_every_worker(monkeypatch, infile):
@@ -757,3 +758,52 @@ def test_fcfs_policy_alternates_workers():
 def test_unknown_policy_named_in_error():
     with pytest.raises(ValueError, match="unknown scheduler 'nope'"):
         Core(policy="nope")
+
+
+def test_a_pass_starts_what_the_fleet_has_room_for_bounded_per_worker():
+    """Issue 15: a pass started at most 256 tasks, so 600 idle workers got theirs over three loop
+    turns (and a large fleet one task a turn each: a message each way per task).  Tasks that
+    start no longer count against the scan limit; a pass starts at most STARTS_PER_WORKER a worker."""
+    sim = Sim("fcfs")
+    for wid in range(1, 601):
+        sim.join(wid, cores=1, host="h%d" % wid)
+    for _ in range(1000):
+        sim.submit(new_task())
+    sim.take()
+    got = dispatched(sim.pass_())
+    assert sorted(wid for wid, _ in got) == list(range(1, 601))      # one each: every core of the fleet
+    big = Sim("fcfs")
+    for wid in range(1, 11):
+        big.join(wid, cores=100, host="h%d" % wid)
+    for _ in range(2000):
+        big.submit(new_task())
+    big.take()
+    assert len(dispatched(big.pass_())) == max(placement.SCAN_LIMIT, placement.STARTS_PER_WORKER * 10)
+    assert len(dispatched(big.pass_())) == max(placement.SCAN_LIMIT, placement.STARTS_PER_WORKER * 10)
+
+
+def test_a_worker_full_of_tasks_sent_ahead_is_refilled_once_half_are_done():
+    """Tiny tasks are sent ahead (PREFETCH_FACTOR times a worker's cores).  A full worker came back
+    into the index at each result and got one task per pass: one message per task however many it
+    held.  Now it comes back once half of what it was sent ahead is done, and gets them in one pass."""
+    sim = Sim("fcfs")
+    sim.join(1, cores=1)
+    sim.join(2, cores=1, host="h2")
+    for _ in range(placement.SHORT_SAMPLES):        # the category learns its tasks are tiny
+        t = sim.submit(new_task())
+        sim.take()
+        (wid, _), = dispatched(sim.pass_())
+        sim.ok(wid, t, wall=0.001)
+    f = placement.PREFETCH_FACTOR
+    assert placement._factor(sim.core, "default") == f > 1
+    tasks = {t.id: t for t in (sim.submit(new_task()) for _ in range(4 * f))}
+    sim.take()
+    first = dispatched(sim.pass_())
+    assert sorted(w for w, _ in first) == [1] * f + [2] * f                   # both full
+    mine = [tid for w, tid in first if w == 1]
+    for tid in mine[:f // 2 - 1]:
+        sim.ok(1, tasks[tid], wall=0.001)
+        assert dispatched(sim.pass_()) == []          # more than half left: not yet
+    sim.ok(1, tasks[mine[f // 2 - 1]], wall=0.001)
+    again = dispatched(sim.pass_())
+    assert [w for w, _ in again] == [1] * (f // 2)    # half done: refilled, all in this pass

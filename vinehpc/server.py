@@ -24,6 +24,7 @@ from .comm import Closed, Connection, file_chunks
 from .comm.peer import PUT_PIECE
 from .comm.receive import Incoming
 from .core import commands as cmd
+from .core.placement import STARTS_PER_WORKER
 from .core.events import (SCHEDULE, TICK, FetchFailed, FileCached, FileDropped, FileFetched, FileResolved, PutFailed,
                           TaskResult, TasksStarted, TransferDone, WorkerJoined, WorkerLost)
 from .protocol import ProtocolError, handshake, messages, tls
@@ -38,7 +39,9 @@ HANDSHAKE_TIMEOUT = 10.0
 # The kernel caps it at net.core.somaxconn.
 BACKLOG = 4096
 # user requests (submits...) taken per loop turn: a script submitting a million tasks must not keep
-# the thread from its sockets (keepalives, results) and its journal for the whole burst
+# the thread from its sockets (keepalives, results) and its journal for the whole burst.  At least
+# as many as a scheduling pass may start (STARTS_PER_WORKER a worker): fewer ready tasks than
+# workers give each worker one task a turn, a message each way per task (issue 15)
 INBOX_TURN = 4096
 STATUS_IDLE = 60.0          # a status client that asks nothing for this long is closed
 
@@ -160,10 +163,11 @@ class Server:
             next_timer = time.monotonic() + 1.0
             while True:
                 timeout = 0.0 if self.inbox else max(0.0, next_timer - time.monotonic())
+                listening = ()
                 for key, ev in self.sel.select(timeout):
                     what = key.data
                     if what == "accept":
-                        self._accept(key.fileobj)
+                        listening += (key.fileobj,)
                     elif what == "wake":
                         try:
                             self._wr.recv(4096)
@@ -177,9 +181,14 @@ class Server:
                             self._readable(what)
                         if ev & selectors.EVENT_WRITE and not what.conn.closed:
                             self.dirty.add(what)
+                # accepted after the reads: the answers of connections in their handshake are read
+                # first, so after a long turn (a pass starting thousands of tasks) admission does not
+                # take workers whose answer waits in the socket for strangers that never answer
+                for ls in listening:
+                    self._accept(ls)
                 self._woken = False
                 now = time.monotonic()
-                for _ in range(min(len(self.inbox), INBOX_TURN)):
+                for _ in range(min(len(self.inbox), max(INBOX_TURN, STARTS_PER_WORKER * len(self.peers)))):
                     self._op(self.inbox.popleft(), now)
                 if now >= next_timer:
                     self._timers(now)

@@ -16,6 +16,14 @@ from .workers import RES
 SCAN_LIMIT = 256          # tasks passed over per scheduling pass (keeps a pass O(workers))
 DISPATCH_LIMIT = 256      # tasks dispatched per pass: the thread gets back to its sockets (a long turn
                           # delays every result waiting to be read: wait() latency)
+# Tasks that start count against their own limit, this many per worker with room: least loaded
+# first spreads a pass over the fleet, so a pass of SCAN_LIMIT starts gave each of 1,000 workers
+# one task per pass -- a message out and a result read per task, where 10 workers get several in
+# each (issue 15: the manager's cost per task grew with the fleet).  Enough per worker that a
+# refill goes as one message, bounded so that one loop turn stays O(workers).
+# A pass starts at most max(DISPATCH_LIMIT, STARTS_PER_WORKER x workers); the fleet-sized prefetch
+# (AHEAD_TASKS) bounds what is out at once, so wait() latency stays bounded too.
+STARTS_PER_WORKER = 4
 PREFETCH_FACTOR = 16      # a worker may hold up to this many times its cores of *short* tasks:
 SHORT_TASK = 0.05         # x2 for a category faster than this (seconds),
 TINY_TASK = 0.005         # up to x16 for one faster than this: round trips would idle the worker
@@ -72,16 +80,28 @@ def _fits(w, ts, factor):
 # Entries are never removed: one whose key is not its worker's `hkey` any more is stale and skipped.
 
 def touch(core, w):
-    """Worker w's load or room changed (a dispatch, a release, it joined): its place in the index."""
-    if w.committed["cores"] < w.total["cores"] * core.top:
+    """Worker w's load or room changed (a dispatch, a release, it joined): its place in the index.
+
+    A worker that filled its room with tasks sent ahead (a prefetch factor above 1) comes back
+    only once half of those are done, not at each result: least loaded first would otherwise
+    refill it a task at a time, one message each way per task, however many it holds (issue 15).
+    It still holds tasks it has not started, so its cores do not wait for the refill."""
+    cores = w.total["cores"]
+    committed = w.committed["cores"]
+    room = cores * core.top
+    if committed >= room:
+        w.hkey = None
+        w.full = core.top > 1
+    elif w.full and 2 * committed > room + cores:
+        return                  # still more than half of what it was sent ahead to do
+    else:
+        w.full = False
         key = (w.outstanding, w.order)
         if w.hkey != key:
             w.hkey = key
             heapq.heappush(core.open, (w.outstanding, w.order, w.wid))
             if len(core.open) > 2 * len(core.workers) + 64:
                 _reindex(core)          # stale entries piled up: O(N) once per O(N) changes
-    else:
-        w.hkey = None
 
 
 def _reindex(core):
@@ -164,6 +184,7 @@ def schedule(core, now) -> int:
     n = 0
     skipped = []
     scanned = 0
+    starts = max(DISPATCH_LIMIT, STARTS_PER_WORKER * len(core.workers))
     keep = _reservation(core, now)
     passed = 0                       # skipped[:passed] are known to have been passed over
     # Task shapes (category, request, pin-free, no temps) that fit no free worker in this pass ->
@@ -172,7 +193,7 @@ def schedule(core, now) -> int:
     # behind full workers was tried task by task on every loop turn).
     misses = {}
     tasks = core.tasks
-    while core.ready and scanned < SCAN_LIMIT and n < DISPATCH_LIMIT and _any_open(core):
+    while core.ready and scanned < SCAN_LIMIT and n < starts and _any_open(core):
         tid = core.ready.popleft()
         ts = tasks.get(tid)
         if ts is None or ts.state != "ready":

@@ -48,7 +48,7 @@ class Cached(set):
 
 class WorkerState:
     __slots__ = ("wid", "host", "total", "committed", "tasks", "cached", "fns",
-                 "outstanding", "info", "warned", "order", "hkey")
+                 "outstanding", "info", "warned", "order", "hkey", "full")
 
     def __init__(self, wid, info, where=None):
         """`where`: the core's index of cached files (Cached); None: a plain set."""
@@ -65,6 +65,7 @@ class WorkerState:
         self.warned = False
         self.order = wid          # join order, set by the core (ties in load go to the first joined)
         self.hkey = None          # (outstanding, order) of its entry in the core's index of workers with room
+        self.full = False         # left the index full of tasks sent ahead: back when half of them are done
 
     def __repr__(self):
         return "<worker %s %s %s>" % (self.wid, self.host, self.total)
