@@ -441,3 +441,42 @@ def test_spec_from_the_task_message():
     assert r.status == "input missing"
     with pytest.raises(ProtocolError):
         _task_msg(id="1", cmd="ls")
+
+
+# ---------------------------------------------------------------- results sent before the bookkeeping
+def test_plain_end_only_where_the_end_is_reported_as_it_is():
+    """plain_end: the loop may send a returned Python call's result before the state hears of the
+    end only when the state would report exactly that (no kill, no files, nothing riding on it)."""
+    st = worker(cores=1)
+    submit(st, py_task(1, pipe=False), now=1.0)
+    assert st.plain_end(1, "r1") is None                    # not on that interpreter (yet)
+    st.handle(OnInterpreter(1, "r1"), 1.0)
+    assert st.plain_end(1, "r1") is st.runs[1] and st.plain_end(1, "r2") is None
+    submit(st, py_task(2), now=1.5)                         # presented behind it: its start rides on the result
+    assert st.plain_end(1, "r1") is None
+    st = worker(cores=1)
+    submit(st, py_task(1, pipe=False), now=1.0)
+    st.handle(OnInterpreter(1, "r1"), 1.0)
+    submit(st, cmd_task(2), now=1.5)                        # queued here: its start would follow the end
+    assert st.plain_end(1, "r1") is None
+    st = worker(cores=1)
+    submit(st, py_task(1, pipe=False), now=1.0)
+    st.handle(OnInterpreter(1, "r1"), 1.0)
+    st.handle(Tick(), 1.0)
+    st.handle(Exhausted(1, {"resource": "memory", "used": 5, "allocated": 1}), 1.2)   # being stopped
+    assert st.plain_end(1, "r1") is None
+    spec = TaskSpec(3, None, "f1", outputs=(Output("out", "file", None),), res=res())
+    st = worker(cores=1)
+    submit(st, spec)
+    st.handle(OnInterpreter(3, "r1"), 0.0)
+    assert st.plain_end(3, "r1") is None                    # files: outputs may turn it into "output missing"
+
+
+def test_a_result_sent_already_is_cleaned_up_not_sent_again():
+    st = worker(cores=1)
+    submit(st, py_task(1, pipe=False), now=1.0)
+    st.handle(OnInterpreter(1, "r1"), 1.0)
+    out = st.handle(TaskFinished(1, result=b"r", runner="r1", sent=True), 2.0)
+    r = results(out)[1]
+    assert (r.status, r.sent, r.result) == ("success", True, b"r")
+    assert st.used["cores"] == 0 and 1 not in st.runs        # its resources freed as for any end

@@ -359,32 +359,44 @@ class Execution:
             status, reason, temps = self._collect(h, status, reason, conn)
         if h is not None and h.sandbox is not None:
             h.sandbox.remove()
-        ctl = {"id": c.tid, "status": status, "wall": round(c.wall, 6)}
+        if not c.sent:
+            self._send_result(conn, c.tid, status, reason, c.wall, value, h, code=code, signal=c.signal,
+                              stdout=c.stdout, temps=temps, exhausted=c.exhausted, fault=fault, started=started)
+        for n, why in later:
+            self._tell_dropped(n, why)
+        return [FileStored(n, "workflow") for n in temps] + events
+
+    def send_plain_result(self, conn, tid, error, stdout, result, wall, started=None) -> None:
+        """The result of a Python task without files that returned (WorkerState.plain_end), sent
+        before the state machine hears of its end: the message report() would send for it."""
+        self._send_result(conn, tid, "failed" if error is not None else "success", error, wall, result,
+                          self.handles.get(tid), stdout=stdout, started=started)
+
+    def _send_result(self, conn, tid, status, reason, wall, value, h, *, code=None, signal=None, stdout=None,
+                     temps=(), exhausted=None, fault=False, started=None):
+        ctl = {"id": tid, "status": status, "wall": round(wall, 6)}
         if reason:
             ctl["reason"] = reason
         if code is not None:
             ctl["exit_code"] = code
-        if c.signal:
-            ctl["signal"] = c.signal
-        if c.stdout:
-            ctl["stdout"] = fit_text(c.stdout, STDOUT_BUDGET)
+        if signal:
+            ctl["signal"] = signal
+        if stdout:
+            ctl["stdout"] = fit_text(stdout, STDOUT_BUDGET)
         if temps:
             ctl["temps"] = temps
             sums = self.cache.sums(temps)
             if sums:
                 ctl["sums"] = sums
         if h is not None and h.mon is not None:
-            ctl["measured"] = h.mon.measured(c.wall)
-        if c.exhausted:
-            ctl["exhausted"] = c.exhausted
+            ctl["measured"] = h.mon.measured(wall)
+        if exhausted:
+            ctl["exhausted"] = exhausted
         if fault:
             ctl["worker_fault"] = True     # the manager runs it elsewhere, without spending its retries
         if started:
             ctl["started"] = started
         conn.send("result", ctl, [value] if value is not None else ())
-        for n, why in later:
-            self._tell_dropped(n, why)
-        return [FileStored(n, "workflow") for n in temps] + events
 
     def _collect(self, h, status, reason, conn):
         """Outputs of a task that ended on its own: send files, keep temps in the cache."""

@@ -302,9 +302,13 @@ def _serve(sock, reader, fns, base_env, base_data, home, scratch):
         try:
             if not cwd:     # no files: an existing, empty directory all the same (never a gone sandbox)
                 cwd = scratch
-                if not os.path.isdir(scratch):
+                try:
+                    os.chdir(scratch)       # (no stat first: the chdir says whether it is there)
+                except FileNotFoundError:
                     os.makedirs(scratch)
-            os.chdir(cwd)
+                    os.chdir(scratch)
+            else:
+                os.chdir(cwd)
             if env:
                 os.environ.update(env)
             os.environ["VINEHPC_TASK"] = str(tid)      # whose the processes it starts are (worker/orphans.py)

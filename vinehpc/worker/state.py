@@ -421,7 +421,19 @@ class WorkerState:
                 reason = "command not found (exit code 127)"
             else:
                 reason = "exit code %d" % code if code else None
-        self._report(r, "failed" if failed else "success", reason, collect=True, result=ev.result, **kw)
+        self._report(r, "failed" if failed else "success", reason, collect=True, result=ev.result, sent=ev.sent, **kw)
+
+    def plain_end(self, tid, runner):
+        """The Run of a Python task that just returned on `runner`, if its end will be reported
+        as it is -- success, or failure with the function's error -- and nothing rides on its
+        result: running, not being stopped, without files, no task presented behind it nor
+        queued here (whose start would ride on it).  Else None.  (The loop sends such a result
+        before handing the end to this machine: see Loop._results_now.)"""
+        r = self.runs.get(tid)
+        if (r is None or r.state != "running" or r.killed is not None or r.runner is not runner or self.queue
+                or r.spec.inputs or r.spec.outputs or r.spec.watch or self.presented.get(runner)):
+            return None
+        return r
 
     def _interpreter_died(self, ev: InterpreterDied):
         self._unpresent(ev.runner)
