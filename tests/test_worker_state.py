@@ -480,3 +480,26 @@ def test_a_result_sent_already_is_cleaned_up_not_sent_again():
     r = results(out)[1]
     assert (r.status, r.sent, r.result) == ("success", True, b"r")
     assert st.used["cores"] == 0 and 1 not in st.runs        # its resources freed as for any end
+
+
+@pytest.mark.parametrize("gpus", [(), ("0",)])
+def test_starts_now_only_for_what_the_state_starts_at_once(gpus):
+    """starts_now (the loop sends such a task to an interpreter before the state hears of it)
+    must never say yes to a task the state then does not start at once, on the same devices."""
+    lib = TaskSpec(9, None, "f1", res=res(), slots=1)
+    cases = [py_task(1, pipe=False), py_task(2), cmd_task(3), py_task(4, cores=3), py_task(5, gpus=1), lib,
+             TaskSpec(6, None, "nope", res=res()), TaskSpec(7, None, "f1", outputs=(Output("o", "file", None),),
+                                                            res=res())]
+    said_yes = 0
+    for busy in (0, 1, 2):
+        for spec in cases:
+            st = worker(cores=2, gpus=gpus)
+            for i in range(busy):        # cores taken (the last one by a call of the library with slots)
+                submit(st, TaskSpec(100 + i, None, "f1", res=res(), slots=1 if i else None))
+            yes = st.starts_now(spec)
+            out = submit(st, spec)
+            if yes is not None:
+                said_yes += 1
+                [s] = of(out, StartTask)
+                assert s.spec is spec and s.devices == yes[0] and s.image is None
+    assert said_yes >= 4

@@ -62,6 +62,7 @@ class Execution:
         self.fns = {}              # fid -> the function's bytes
         self.task_env = {}         # variables every task gets (the tunnel's proxy settings)
         self.handles = {}          # tid -> Handle
+        self.prestarted = {}       # tid -> the interpreter it was sent to before its StartTask (prestart)
         self.next_sample = 0.0     # when running tasks are next measured
         self.next_watch = 0.0      # when watched outputs are next looked at
         self.watching = set()      # tids of handles with watched outputs (none: no look at all)
@@ -88,7 +89,7 @@ class Execution:
                             return [self._drop(i.cachename, why)] + self._start_failed(spec.id, why, True)
                         h.taken.append((i.cachename, sealed))
                         h.sandbox.link(self.cache.path(i.cachename), i.remote)
-            env = dict(self.task_env, **spec.env) if self.task_env else spec.env
+            env = self._env(spec)
             image = self.images.get(c.image) if c.image else self.default_image
             if image is not None:
                 image = self._image_checked(c.image, image)
@@ -110,8 +111,12 @@ class Execution:
                 self.sel.register(h.proc.fileno(), selectors.EVENT_READ, ("proc", h))
                 self.sel.register(h.proc.out_fd, selectors.EVENT_READ, ("out", h))
                 return []
-            h.runner = self.pool.run(spec.id, spec.fid, self.fns[spec.fid], c.args, box, env, after=after,
-                                     image=image, devices=c.devices)
+            h.runner = self.prestarted.pop(spec.id, None)
+            if isinstance(h.runner, OSError):
+                raise h.runner
+            if h.runner is None:
+                h.runner = self.pool.run(spec.id, spec.fid, self.fns[spec.fid], c.args, box, env, after=after,
+                                         image=image, devices=c.devices)
             h.mon = Monitor(box=box, py=True)
             h.mon.attach(h.runner.proc.pid)
             return [OnInterpreter(spec.id, h.runner)] if after is None else []
@@ -119,6 +124,22 @@ class Execution:
             return self._start_failed(spec.id, "sandbox: %s" % e)
         except OSError as e:   # disk full, no processes left...: this worker's problem, not the task's
             return self._start_failed(spec.id, "cannot start the task on %s: %s" % (self.hostname, e), True)
+
+    def prestart(self, spec, args, devices) -> bool:
+        """Send a Python task without files to an idle interpreter now (WorkerState.starts_now
+        said the StartTask for it follows: start() then takes this interpreter, or raises what
+        sending to it raised).  False, nothing done, where it would run in an image."""
+        if self.default_image is not None:
+            return False
+        try:
+            self.prestarted[spec.id] = self.pool.run(spec.id, spec.fid, self.fns[spec.fid], args, None,
+                                                     self._env(spec), devices=devices)
+        except OSError as e:
+            self.prestarted[spec.id] = e
+        return True
+
+    def _env(self, spec):
+        return dict(self.task_env, **spec.env) if self.task_env else spec.env
 
     def _image_checked(self, n, env):
         """`env`, unpacked again if a task modified it since it was last checked (read-only, but

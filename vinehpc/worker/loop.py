@@ -444,7 +444,13 @@ class Loop:
         self.pool.forget(m.fid)
 
     def _on_task(self, m):
-        self.feed(TaskReceived(TaskSpec.from_message(m), m.args))
+        spec = TaskSpec.from_message(m)
+        now = self.state.starts_now(spec)
+        if now is not None:
+            # on its way to the interpreter before the state machine and the execution's
+            # bookkeeping of its start (which then takes that interpreter): off the call's way
+            self.exec.prestart(spec, m.args, now[0])
+        self.feed(TaskReceived(spec, m.args))
 
     _ON = {messages.Ping: _on_ping, messages.Pong: _on_pong, messages.Exit: _on_exit, messages.Fn: _on_fn,
            messages.Put: _on_put, messages.Unlink: _on_unlink, messages.Get: _on_get, messages.Kill: _on_kill,

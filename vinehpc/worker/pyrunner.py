@@ -329,6 +329,15 @@ def _serve(sock, reader, fns, base_env, base_data, home, scratch):
         except BaseException as e:  # noqa: B902 - a task's SystemExit/KeyboardInterrupt is its failure
             res = dump_result(False, e, traceback.format_exc())
             error = "raised %s: %s" % (type(e).__name__, str(e)[:500])
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        rss, rd, wr = meter.stop() if measured else (None, None, None)
+        text = out.getvalue()
+        if len(text) > MAX_OUT:
+            text = text[-MAX_OUT:]
+        try:
+            # the result first: undoing what the task changed here is not on its way back (the
+            # next task's message waits in the socket until it is done)
+            send(sock, ("done", tid, res, error, text, wall, cpu, rss, rd, wr))
         finally:
             os.environ.pop("VINEHPC_TASK", None)
             os.chdir(home)
@@ -339,12 +348,6 @@ def _serve(sock, reader, fns, base_env, base_data, home, scratch):
             if env or (not library and os.environ._data != base_data):
                 os.environ.clear()
                 os.environ.update(base_env)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        rss, rd, wr = meter.stop() if measured else (None, None, None)
-        text = out.getvalue()
-        if len(text) > MAX_OUT:
-            text = text[-MAX_OUT:]
-        send(sock, ("done", tid, res, error, text, wall, cpu, rss, rd, wr))
         value = res = a = kw = None      # drop the task's objects before trimming
         if trim is not None and measured and meter.grew():
             trim(0)

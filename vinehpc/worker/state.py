@@ -254,14 +254,18 @@ class WorkerState:
         self.queue.append(r)
         self._start_queued()
 
-    def _fits(self, r) -> bool:
+    def _fits(self, res) -> bool:
         # a task larger than the whole worker still runs, alone (the manager sized it)
-        res, used, total = r.res, self.used, self.total
+        used, total = self.used, self.total
         for k in RES:      # a plain loop: this runs for every queued task on every start attempt
             n = res[k]
             if n and used[k] and used[k] + n > total[k]:
                 return False
         return True
+
+    def _slots_full(self, spec) -> bool:
+        """A library call whose library runs as many calls here as its slots allow."""
+        return bool(spec.slots) and self.lib_running.get(spec.fid, 0) >= spec.slots
 
     def _start_queued(self):
         q = self.queue
@@ -270,7 +274,7 @@ class WorkerState:
             r = q.popleft()
             if r.state != "queued":
                 continue
-            if not self._fits(r) or (r.spec.slots and self.lib_running.get(r.spec.fid, 0) >= r.spec.slots):
+            if not self._fits(r.res) or self._slots_full(r.spec):
                 blocked.append(r)
                 continue
             self._begin(r)
@@ -295,8 +299,11 @@ class WorkerState:
         r.deadline = self._now + r.spec.time_max if r.spec.time_max else None
 
     def _devices(self, r):
+        return self._visible(r.res["gpus"], r.gpus)
+
+    def _visible(self, n, gpus):
         """Only the GPUs it holds; none for a task that asked for none (on a worker with GPUs)."""
-        return ",".join(r.gpus) if r.res["gpus"] else ("" if self.gpu_ids else None)
+        return ",".join(gpus) if n else ("" if self.gpu_ids else None)
 
     def _present_next(self):
         """Pipelining: give busy interpreters the next short Python tasks now, so each starts the
@@ -422,6 +429,19 @@ class WorkerState:
             else:
                 reason = "exit code %d" % code if code else None
         self._report(r, "failed" if failed else "success", reason, collect=True, result=ev.result, sent=ev.sent, **kw)
+
+    def starts_now(self, spec):
+        """(devices,) when a task received now would start at once on an interpreter -- a Python
+        task without files whose function is here, nothing queued, room for it, no GPUs, a free
+        slot of its library -- else None (it goes the usual way, which may start it too).  The
+        loop then sends it to an idle interpreter before handing it to this machine, whose
+        StartTask for it follows (see Loop._on_task)."""
+        if (spec.cmd is not None or spec.inputs or spec.outputs or spec.watch or spec.error or self.queue
+                or spec.id in self.runs or spec.fid not in self.fns or spec.res["gpus"]):
+            return None
+        if not self._fits(spec.res) or self._slots_full(spec):
+            return None
+        return (self._visible(0, ()),)
 
     def plain_end(self, tid, runner):
         """The Run of a Python task that just returned on `runner`, if its end will be reported
