@@ -470,6 +470,9 @@ def test_plain_end_only_where_the_end_is_reported_as_it_is():
     submit(st, spec)
     st.handle(OnInterpreter(3, "r1"), 0.0)
     assert st.plain_end(3, "r1") is None                    # files: outputs may turn it into "output missing"
+    st = worker(cores=1)
+    submit(st, cmd_task(4))
+    assert st.plain_end(4, None) is None                    # a command: not an interpreter's
 
 
 def test_a_result_sent_already_is_cleaned_up_not_sent_again():

@@ -89,7 +89,6 @@ class Execution:
                             return [self._drop(i.cachename, why)] + self._start_failed(spec.id, why, True)
                         h.taken.append((i.cachename, sealed))
                         h.sandbox.link(self.cache.path(i.cachename), i.remote)
-            env = self._env(spec)
             image = self.images.get(c.image) if c.image else self.default_image
             if image is not None:
                 image = self._image_checked(c.image, image)
@@ -99,7 +98,7 @@ class Execution:
                     return self._start_failed(spec.id, why)
             box = h.sandbox.path if h.sandbox else None
             if spec.cmd is not None:
-                env = dict(env, VINEHPC_TASK=str(spec.id))   # whose its orphans are (orphans.py)
+                env = dict(self._env(spec), VINEHPC_TASK=str(spec.id))   # whose its orphans are (orphans.py)
                 if c.devices is not None:
                     env = dict(env, CUDA_VISIBLE_DEVICES=c.devices)
                 if image is not None:
@@ -111,12 +110,12 @@ class Execution:
                 self.sel.register(h.proc.fileno(), selectors.EVENT_READ, ("proc", h))
                 self.sel.register(h.proc.out_fd, selectors.EVENT_READ, ("out", h))
                 return []
-            h.runner = self.prestarted.pop(spec.id, None)
-            if isinstance(h.runner, OSError):
-                raise h.runner
-            if h.runner is None:
-                h.runner = self.pool.run(spec.id, spec.fid, self.fns[spec.fid], c.args, box, env, after=after,
-                                         image=image, devices=c.devices)
+            runner = self.prestarted.pop(spec.id, None)
+            if isinstance(runner, OSError):
+                raise runner
+            h.runner = runner if runner is not None else self.pool.run(
+                spec.id, spec.fid, self.fns[spec.fid], c.args, box, self._env(spec), after=after, image=image,
+                devices=c.devices)
             h.mon = Monitor(box=box, py=True)
             h.mon.attach(h.runner.proc.pid)
             return [OnInterpreter(spec.id, h.runner)] if after is None else []

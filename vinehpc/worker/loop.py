@@ -445,11 +445,11 @@ class Loop:
 
     def _on_task(self, m):
         spec = TaskSpec.from_message(m)
-        now = self.state.starts_now(spec)
-        if now is not None:
+        at_once = self.state.starts_now(spec)
+        if at_once is not None:
             # on its way to the interpreter before the state machine and the execution's
             # bookkeeping of its start (which then takes that interpreter): off the call's way
-            self.exec.prestart(spec, m.args, now[0])
+            self.exec.prestart(spec, m.args, at_once[0])
         self.feed(TaskReceived(spec, m.args))
 
     _ON = {messages.Ping: _on_ping, messages.Pong: _on_pong, messages.Exit: _on_exit, messages.Fn: _on_fn,

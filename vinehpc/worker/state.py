@@ -70,6 +70,7 @@ class WorkerState:
         level of what the cache holds at start (this dict is kept up to date from then on)."""
         self.total = dict(total)
         self.gpu_ids = tuple(gpu_ids)
+        self.no_gpus = "" if self.gpu_ids else None    # CUDA_VISIBLE_DEVICES of a task without GPUs
         self.files = {} if files is None else files
         self.refs = {}             # cache name -> waiting/queued/running tasks naming it
         self.put_errors = {}       # cache name -> (why it could not be stored, the worker's fault?)
@@ -299,11 +300,8 @@ class WorkerState:
         r.deadline = self._now + r.spec.time_max if r.spec.time_max else None
 
     def _devices(self, r):
-        return self._visible(r.res["gpus"], r.gpus)
-
-    def _visible(self, n, gpus):
         """Only the GPUs it holds; none for a task that asked for none (on a worker with GPUs)."""
-        return ",".join(gpus) if n else ("" if self.gpu_ids else None)
+        return ",".join(r.gpus) if r.res["gpus"] else self.no_gpus
 
     def _present_next(self):
         """Pipelining: give busy interpreters the next short Python tasks now, so each starts the
@@ -441,7 +439,7 @@ class WorkerState:
             return None
         if not self._fits(spec.res) or self._slots_full(spec):
             return None
-        return (self._visible(0, ()),)
+        return (self.no_gpus,)
 
     def plain_end(self, tid, runner):
         """The Run of a Python task that just returned on `runner`, if its end will be reported
@@ -450,8 +448,8 @@ class WorkerState:
         queued here (whose start would ride on it).  Else None.  (The loop sends such a result
         before handing the end to this machine: see Loop._results_now.)"""
         r = self.runs.get(tid)
-        if (r is None or r.state != "running" or r.killed is not None or r.runner is not runner or self.queue
-                or r.spec.inputs or r.spec.outputs or r.spec.watch or self.presented.get(runner)):
+        if (r is None or r.state != "running" or r.killed is not None or runner is None or r.runner is not runner
+                or self.queue or r.spec.inputs or r.spec.outputs or r.spec.watch or self.presented.get(runner)):
             return None
         return r
 
