@@ -26,6 +26,7 @@ MAX_OUT = 1 << 20
 LIBRARY_VARS = sys.modules.setdefault("_vinehpc_library_vars", types.ModuleType("_vinehpc_library_vars"))
 LIBRARY_VARS.vars = None
 LIBRARY_ID = "lib-"        # how vinehpc.serverless names a library's content id (function ids are "fn-")
+TASK_VAR = os.fsencode("VINEHPC_TASK")
 
 
 def send(sock, obj):
@@ -269,6 +270,7 @@ def main(fd=3):
 
 
 def _serve(sock, reader, fns, base_env, base_data, home, scratch):
+    environ = os.environ._data
     meter = Meter()
     trim = _malloc_trim()
     while True:
@@ -311,7 +313,11 @@ def _serve(sock, reader, fns, base_env, base_data, home, scratch):
                 os.chdir(cwd)
             if env:
                 os.environ.update(env)
-            os.environ["VINEHPC_TASK"] = str(tid)      # whose the processes it starts are (worker/orphans.py)
+            # whose the processes it starts are (worker/orphans.py); set in os.environ's own bytes
+            # dict and the C environment, what os.environ[k] = v does through six calls
+            mark = b"%d" % tid
+            os.putenv(TASK_VAR, mark)
+            environ[TASK_VAR] = mark
             fn = fns[fid]
             if isinstance(fn, bytes):
                 fn = fns[fid] = pickle.loads(fn)
@@ -339,7 +345,8 @@ def _serve(sock, reader, fns, base_env, base_data, home, scratch):
             # next task's message waits in the socket until it is done)
             send(sock, ("done", tid, res, error, text, wall, cpu, rss, rd, wr))
         finally:
-            os.environ.pop("VINEHPC_TASK", None)
+            if environ.pop(TASK_VAR, None) is not None:
+                os.unsetenv(TASK_VAR)
             os.chdir(home)
             if cwd == scratch and os.listdir(scratch):
                 _empty(scratch)
