@@ -88,6 +88,12 @@ def slow_pid(seconds):
     return os.getpid()
 
 
+def task_marks():
+    """VINEHPC_TASK as the call sees it, and as a process it starts inherits it."""
+    import subprocess
+    return os.environ.get("VINEHPC_TASK"), subprocess.check_output(["sh", "-c", "echo $VINEHPC_TASK"]).decode().strip()
+
+
 def install(m, name, *fns, **kw):
     lib = m.create_library_from_functions(name, *fns, **kw)
     m.install_library(lib)
@@ -117,6 +123,17 @@ def test_calls_return_values_and_keep_or_reset_library_state(manager, mode):
         assert counts == [1] * 6           # every call starts from the library as loaded
     else:
         assert max(counts) > 1             # calls share the warm library's state
+
+
+@pytest.mark.timeout(60)
+def test_each_call_is_marked_with_its_own_task_id_and_the_mark_goes_with_it(manager):
+    """VINEHPC_TASK (whose left-over processes are whose: worker/orphans.py) is the running
+    call's id in the interpreter and in what it starts; set and removed around each call, plain
+    calls (answered before the interpreter undoes it) and PythonTasks alike."""
+    m = manager
+    install(m, "marks", task_marks)
+    tasks = run(m, [FunctionCall("marks", "task_marks") if i % 2 else PythonTask(task_marks) for i in range(8)])
+    assert [t.output for t in tasks] == [(str(t.id), str(t.id)) for t in tasks]
 
 
 @pytest.mark.timeout(60)

@@ -441,3 +441,68 @@ def test_spec_from_the_task_message():
     assert r.status == "input missing"
     with pytest.raises(ProtocolError):
         _task_msg(id="1", cmd="ls")
+
+
+# ---------------------------------------------------------------- results sent before the bookkeeping
+def test_plain_end_only_where_the_end_is_reported_as_it_is():
+    """plain_end: the loop may send a returned Python call's result before the state hears of the
+    end only when the state would report exactly that (no kill, no files, nothing riding on it)."""
+    st = worker(cores=1)
+    submit(st, py_task(1, pipe=False), now=1.0)
+    assert st.plain_end(1, "r1") is None                    # not on that interpreter (yet)
+    st.handle(OnInterpreter(1, "r1"), 1.0)
+    assert st.plain_end(1, "r1") is st.runs[1] and st.plain_end(1, "r2") is None
+    submit(st, py_task(2), now=1.5)                         # presented behind it: its start rides on the result
+    assert st.plain_end(1, "r1") is None
+    st = worker(cores=1)
+    submit(st, py_task(1, pipe=False), now=1.0)
+    st.handle(OnInterpreter(1, "r1"), 1.0)
+    submit(st, cmd_task(2), now=1.5)                        # queued here: its start would follow the end
+    assert st.plain_end(1, "r1") is None
+    st = worker(cores=1)
+    submit(st, py_task(1, pipe=False), now=1.0)
+    st.handle(OnInterpreter(1, "r1"), 1.0)
+    st.handle(Tick(), 1.0)
+    st.handle(Exhausted(1, {"resource": "memory", "used": 5, "allocated": 1}), 1.2)   # being stopped
+    assert st.plain_end(1, "r1") is None
+    spec = TaskSpec(3, None, "f1", outputs=(Output("out", "file", None),), res=res())
+    st = worker(cores=1)
+    submit(st, spec)
+    st.handle(OnInterpreter(3, "r1"), 0.0)
+    assert st.plain_end(3, "r1") is None                    # files: outputs may turn it into "output missing"
+    st = worker(cores=1)
+    submit(st, cmd_task(4))
+    assert st.plain_end(4, None) is None                    # a command: not an interpreter's
+
+
+def test_a_result_sent_already_is_cleaned_up_not_sent_again():
+    st = worker(cores=1)
+    submit(st, py_task(1, pipe=False), now=1.0)
+    st.handle(OnInterpreter(1, "r1"), 1.0)
+    out = st.handle(TaskFinished(1, result=b"r", runner="r1", sent=True), 2.0)
+    r = results(out)[1]
+    assert (r.status, r.sent, r.result) == ("success", True, b"r")
+    assert st.used["cores"] == 0 and 1 not in st.runs        # its resources freed as for any end
+
+
+@pytest.mark.parametrize("gpus", [(), ("0",)])
+def test_starts_now_only_for_what_the_state_starts_at_once(gpus):
+    """starts_now (the loop sends such a task to an interpreter before the state hears of it)
+    must never say yes to a task the state then does not start at once, on the same devices."""
+    lib = TaskSpec(9, None, "f1", res=res(), slots=1)
+    cases = [py_task(1, pipe=False), py_task(2), cmd_task(3), py_task(4, cores=3), py_task(5, gpus=1), lib,
+             TaskSpec(6, None, "nope", res=res()), TaskSpec(7, None, "f1", outputs=(Output("o", "file", None),),
+                                                            res=res())]
+    said_yes = 0
+    for busy in (0, 1, 2):
+        for spec in cases:
+            st = worker(cores=2, gpus=gpus)
+            for i in range(busy):        # cores taken (the last one by a call of the library with slots)
+                submit(st, TaskSpec(100 + i, None, "f1", res=res(), slots=1 if i else None))
+            yes = st.starts_now(spec)
+            out = submit(st, spec)
+            if yes is not None:
+                said_yes += 1
+                [s] = of(out, StartTask)
+                assert s.spec is spec and s.devices == yes[0] and s.image is None
+    assert said_yes >= 4

@@ -33,7 +33,7 @@ class Output:
     cachename: str | None
 
 
-@dataclass(frozen=True)
+@dataclass      # read-only by convention: frozen would cost ~10 us a task (a setattr call per field)
 class TaskSpec:
     id: int
     cmd: str | None                 # a command task's shell command, else a Python task
@@ -55,16 +55,17 @@ class TaskSpec:
         """The manager's task message (validated on decode). Input names that could leave the
         cache make a spec whose task fails (`error`), not a protocol error."""
         inputs, error = (), None
-        try:
-            inputs = tuple(Input(check_cachename(n), remote, kind, level, url)
-                           for n, remote, kind, level, url in m.inputs)
-        except ValueError as e:
-            error = "bad input description: %s" % e
-        return cls(id=m.id, cmd=m.cmd, fid=m.fid, inputs=inputs, outputs=tuple(Output(*o) for o in m.outputs),
-                   env=m.env or {}, res=dict(m.res), time_max=float(m.time_max) if m.time_max else None,
-                   pipe=bool(m.pipe), slots=m.slots, watch=tuple(m.watch or ()), error=error,
-                   report_start=messages.start_reported(m.pipe, m.slots, m.inputs, m.expect),
-                   expect=tuple(m.expect or ()))
+        if m.inputs:    # (a function call has none: its spec is made without a generator per field)
+            try:
+                inputs = tuple(Input(check_cachename(n), remote, kind, level, url)
+                               for n, remote, kind, level, url in m.inputs)
+            except ValueError as e:
+                error = "bad input description: %s" % e
+        return cls(m.id, m.cmd, m.fid, inputs, tuple(Output(*o) for o in m.outputs) if m.outputs else (),
+                   m.env or {}, dict(m.res), float(m.time_max) if m.time_max else None,
+                   bool(m.pipe), m.slots, tuple(m.watch) if m.watch else (), error,
+                   messages.start_reported(m.pipe, m.slots, m.inputs, m.expect),
+                   tuple(m.expect) if m.expect else ())
 
     @property
     def python(self) -> bool:
@@ -176,6 +177,7 @@ class TaskFinished:
     error: str | None = None        # a Python task's exception, summarised
     runner: object = None
     exhausted: dict | None = None   # measured at the end: over a memory/disk allocation
+    sent: bool = False              # its result went to the manager already (Loop._results_now)
 
 
 @dataclass
@@ -294,6 +296,7 @@ class SendResult:
     result: bytes | None = None
     exhausted: dict | None = None
     worker_fault: bool = False
+    sent: bool = False              # the result message went out already: only clean up
 
 
 @dataclass

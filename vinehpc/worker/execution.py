@@ -62,6 +62,7 @@ class Execution:
         self.fns = {}              # fid -> the function's bytes
         self.task_env = {}         # variables every task gets (the tunnel's proxy settings)
         self.handles = {}          # tid -> Handle
+        self.prestarted = {}       # tid -> the interpreter it was sent to before its StartTask (prestart)
         self.next_sample = 0.0     # when running tasks are next measured
         self.next_watch = 0.0      # when watched outputs are next looked at
         self.watching = set()      # tids of handles with watched outputs (none: no look at all)
@@ -88,7 +89,6 @@ class Execution:
                             return [self._drop(i.cachename, why)] + self._start_failed(spec.id, why, True)
                         h.taken.append((i.cachename, sealed))
                         h.sandbox.link(self.cache.path(i.cachename), i.remote)
-            env = dict(self.task_env, **spec.env) if self.task_env else spec.env
             image = self.images.get(c.image) if c.image else self.default_image
             if image is not None:
                 image = self._image_checked(c.image, image)
@@ -98,7 +98,7 @@ class Execution:
                     return self._start_failed(spec.id, why)
             box = h.sandbox.path if h.sandbox else None
             if spec.cmd is not None:
-                env = dict(env, VINEHPC_TASK=str(spec.id))   # whose its orphans are (orphans.py)
+                env = dict(self._env(spec), VINEHPC_TASK=str(spec.id))   # whose its orphans are (orphans.py)
                 if c.devices is not None:
                     env = dict(env, CUDA_VISIBLE_DEVICES=c.devices)
                 if image is not None:
@@ -110,8 +110,12 @@ class Execution:
                 self.sel.register(h.proc.fileno(), selectors.EVENT_READ, ("proc", h))
                 self.sel.register(h.proc.out_fd, selectors.EVENT_READ, ("out", h))
                 return []
-            h.runner = self.pool.run(spec.id, spec.fid, self.fns[spec.fid], c.args, box, env, after=after,
-                                     image=image, devices=c.devices)
+            runner = self.prestarted.pop(spec.id, None)
+            if isinstance(runner, OSError):
+                raise runner
+            h.runner = runner if runner is not None else self.pool.run(
+                spec.id, spec.fid, self.fns[spec.fid], c.args, box, self._env(spec), after=after, image=image,
+                devices=c.devices)
             h.mon = Monitor(box=box, py=True)
             h.mon.attach(h.runner.proc.pid)
             return [OnInterpreter(spec.id, h.runner)] if after is None else []
@@ -119,6 +123,22 @@ class Execution:
             return self._start_failed(spec.id, "sandbox: %s" % e)
         except OSError as e:   # disk full, no processes left...: this worker's problem, not the task's
             return self._start_failed(spec.id, "cannot start the task on %s: %s" % (self.hostname, e), True)
+
+    def prestart(self, spec, args, devices) -> bool:
+        """Send a Python task without files to an idle interpreter now (WorkerState.starts_now
+        said the StartTask for it follows: start() then takes this interpreter, or raises what
+        sending to it raised).  False, nothing done, where it would run in an image."""
+        if self.default_image is not None:
+            return False
+        try:
+            self.prestarted[spec.id] = self.pool.run(spec.id, spec.fid, self.fns[spec.fid], args, None,
+                                                     self._env(spec), devices=devices)
+        except OSError as e:
+            self.prestarted[spec.id] = e
+        return True
+
+    def _env(self, spec):
+        return dict(self.task_env, **spec.env) if self.task_env else spec.env
 
     def _image_checked(self, n, env):
         """`env`, unpacked again if a task modified it since it was last checked (read-only, but
@@ -359,32 +379,44 @@ class Execution:
             status, reason, temps = self._collect(h, status, reason, conn)
         if h is not None and h.sandbox is not None:
             h.sandbox.remove()
-        ctl = {"id": c.tid, "status": status, "wall": round(c.wall, 6)}
+        if not c.sent:
+            self._send_result(conn, c.tid, status, reason, c.wall, value, h, code=code, signal=c.signal,
+                              stdout=c.stdout, temps=temps, exhausted=c.exhausted, fault=fault, started=started)
+        for n, why in later:
+            self._tell_dropped(n, why)
+        return [FileStored(n, "workflow") for n in temps] + events
+
+    def send_plain_result(self, conn, tid, error, stdout, result, wall, started=None) -> None:
+        """The result of a Python task without files that returned (WorkerState.plain_end), sent
+        before the state machine hears of its end: the message report() would send for it."""
+        self._send_result(conn, tid, "failed" if error is not None else "success", error, wall, result,
+                          self.handles.get(tid), stdout=stdout, started=started)
+
+    def _send_result(self, conn, tid, status, reason, wall, value, h, *, code=None, signal=None, stdout=None,
+                     temps=(), exhausted=None, fault=False, started=None):
+        ctl = {"id": tid, "status": status, "wall": round(wall, 6)}
         if reason:
             ctl["reason"] = reason
         if code is not None:
             ctl["exit_code"] = code
-        if c.signal:
-            ctl["signal"] = c.signal
-        if c.stdout:
-            ctl["stdout"] = fit_text(c.stdout, STDOUT_BUDGET)
+        if signal:
+            ctl["signal"] = signal
+        if stdout:
+            ctl["stdout"] = fit_text(stdout, STDOUT_BUDGET)
         if temps:
             ctl["temps"] = temps
             sums = self.cache.sums(temps)
             if sums:
                 ctl["sums"] = sums
         if h is not None and h.mon is not None:
-            ctl["measured"] = h.mon.measured(c.wall)
-        if c.exhausted:
-            ctl["exhausted"] = c.exhausted
+            ctl["measured"] = h.mon.measured(wall)
+        if exhausted:
+            ctl["exhausted"] = exhausted
         if fault:
             ctl["worker_fault"] = True     # the manager runs it elsewhere, without spending its retries
         if started:
             ctl["started"] = started
         conn.send("result", ctl, [value] if value is not None else ())
-        for n, why in later:
-            self._tell_dropped(n, why)
-        return [FileStored(n, "workflow") for n in temps] + events
 
     def _collect(self, h, status, reason, conn):
         """Outputs of a task that ended on its own: send files, keep temps in the cache."""

@@ -23,8 +23,8 @@ from . import orphans
 from .cache import Cache
 from .events import (DropTask, FetchPeer, FetchRequested, FetchURL, FileFailed, FileStored, FunctionReceived,
                      InputFailed, InputReady, KillRequested, KillTask, PeerFetched, PresentTask, Requeued,
-                     SendCached, SendFetched, SendResult, SessionEnded, StartTask, TaskReceived, TaskSpec, Tick,
-                     Unlink, UnlinkRequested, UnpackImage, check_cachename)
+                     SendCached, SendFetched, SendResult, SessionEnded, StartTask, TaskFinished, TaskReceived,
+                     TaskSpec, Tick, Unlink, UnlinkRequested, UnpackImage, check_cachename)
 from .execution import Execution
 from .process import Guardian
 from .pypool import PyPool
@@ -115,13 +115,43 @@ class Loop:
     def _do_result(self, c):
         if c.status != "success":      # only failures: a line per task would cost the hot path
             log.info("task %s: %s: %s", c.tid, c.status, c.reason)
-        # the starts not told yet ride on this result (this task's own, if it is among them: the
-        # manager logs that one before the result, the others -- the next of its lane -- after)
+        if c.sent:                     # (_results_now): what is left is cleaning up
+            return self.exec.report(c, self.conn)
+        return self.exec.report(c, self.conn, self._riding_starts())
+
+    def _riding_starts(self):
+        """The starts not told yet, to ride on the result being sent (this task's own, if it is
+        among them: the manager logs that one before the result, the others -- the next of its
+        lane -- after); None when too many for one message (they go in `started` messages)."""
         starts = self.state.take_starts()
         if len(starts) > messages.MAX_STARTED:
             self._send_starts(starts)
-            starts = None
-        return self.exec.report(c, self.conn, starts)
+            return None
+        return starts
+
+    def _results_now(self, events) -> None:
+        """An interpreter's results whose end the state will report as they are (plain_end: a
+        Python call without files, nothing queued or presented behind it) go to the manager now,
+        before the state's and the execution's bookkeeping of the end: the round trip of a
+        sequential call does not wait for it.  The end is then handed to the state as usual
+        (`sent`: its SendResult only cleans up)."""
+        conn = self.conn
+        if conn is None:
+            return
+        now = None
+        for e in events:
+            if type(e) is not TaskFinished or e.exhausted is not None:
+                continue
+            r = self.state.plain_end(e.tid, e.runner)
+            if r is None:
+                continue
+            if now is None:
+                now = time.monotonic()
+            self.exec.send_plain_result(conn, e.tid, e.error, e.stdout, e.result, now - r.started,
+                                        self._riding_starts())
+            e.sent = True
+        if now is not None:
+            self._flush()
 
     def _send_starts(self, ids):
         """A `started` message (several for more ids than one may carry)."""
@@ -203,9 +233,10 @@ class Loop:
         # messages that arrived with the welcome
         for m in conn.feed(b""):
             self._message(*m)
+        self._send()
+        sleep = self._next_timer()
         while not self.exit_requested:
-            self._send()        # what the timers made (pings, kills)
-            for key, ev in self.sel.select(self._next_timer()):
+            for key, ev in self.sel.select(sleep):
                 what, obj = key.data
                 if what == "manager":
                     if ev & selectors.EVENT_READ:
@@ -221,7 +252,9 @@ class Loop:
                 elif what == "out":
                     self.exec.proc_output(obj)
                 elif what == "runner":
-                    for e in self.exec.runner_readable(obj):
+                    events = self.exec.runner_readable(obj)
+                    self._results_now(events)
+                    for e in events:
                         self.feed(e)
                 elif what == "wake":
                     try:
@@ -233,7 +266,7 @@ class Loop:
             # what these events made goes out before the timers run: a result's way back to the
             # manager (and a task's way to its interpreter) does not wait for the sampling
             self._send()
-            self._timers()
+            sleep = self._timers()
 
     def _send(self):
         if self.state.starts:        # started this turn and not told with a result: one message
@@ -270,15 +303,16 @@ class Loop:
         has it (settled after FileStored, PeerFetched), so a peer never finds neither."""
         return self.cache.path(n) if self.state.files.get(n) is not None else None
 
-    def _next_timer(self):
+    def _next_timer(self, now=None, deadline=None, running=None):
         """Seconds the loop may sleep: at most MAX_SLEEP, however long a keepalive interval or a
-        time_max the manager sends (epoll refuses a timeout past ~24 days: the worker died)."""
-        now = time.monotonic()
+        time_max the manager sends (epoll refuses a timeout past ~24 days: the worker died).
+        (`deadline`, `running`: the state's, when the caller has them already.)"""
+        if now is None:
+            now = time.monotonic()
+            deadline, running = self.state.next_deadline(), self.state.running()
         t = min(self.ka[0], MAX_SLEEP)
-        d = self.state.next_deadline()
-        if d is not None:
-            t = min(t, d - now)
-        running = self.state.running()
+        if deadline is not None:
+            t = min(t, deadline - now)
         if running:
             t = min(t, self.exec.monitor_due(now, running))
         for due in (self.exec.watch_due(now), self.exec.sweep_due(now)):
@@ -287,14 +321,20 @@ class Loop:
         return max(0.0, t)
 
     def _timers(self):
+        """Run what is due, send what that made; returns the seconds the loop may sleep (one
+        pass over the state's deadlines and running tasks a turn, not two)."""
         now = time.monotonic()
-        d = self.state.next_deadline()
+        st = self.state
+        d = st.next_deadline()
+        running = st.running()
+        fed = False
         if d is not None and now >= d:      # (Tick is the state's time limits: fed only when one is due)
             self.feed(Tick())
-        running = self.state.running()
+            fed = True
         if running:
             for e in self.exec.sample(now, running):
                 self.feed(e)
+                fed = True
         self.exec.stream_watched(now, self.conn)
         self.exec.sweep(now)
         if now - self.last_recv > self.ka[1]:
@@ -305,6 +345,10 @@ class Loop:
         if now - self.last_recv > self.ka[0] and self.last_ping <= self.last_recv:
             self.conn.send("ping")
             self.last_ping = now
+        if fed or self.conn.out:
+            self._send()        # what the timers made (pings, kills, watched output)
+            return self._next_timer()
+        return self._next_timer(now, d, running)
 
     def _end_session(self):
         self.events.clear()
@@ -398,7 +442,13 @@ class Loop:
         self.pool.forget(m.fid)
 
     def _on_task(self, m):
-        self.feed(TaskReceived(TaskSpec.from_message(m), m.args))
+        spec = TaskSpec.from_message(m)
+        at_once = self.state.starts_now(spec)
+        if at_once is not None:
+            # on its way to the interpreter before the state machine and the execution's
+            # bookkeeping of its start (which then takes that interpreter): off the call's way
+            self.exec.prestart(spec, m.args, at_once[0])
+        self.feed(TaskReceived(spec, m.args))
 
     _ON = {messages.Ping: _on_ping, messages.Pong: _on_pong, messages.Exit: _on_exit, messages.Fn: _on_fn,
            messages.Put: _on_put, messages.Unlink: _on_unlink, messages.Get: _on_get, messages.Kill: _on_kill,

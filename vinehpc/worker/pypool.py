@@ -170,17 +170,22 @@ class PyPool:
             data = b""
         if not data:
             return self._died(r)
-        r.buf += data
+        buf = r.buf
+        buf += data
         out = []
-        while len(r.buf) >= 4:
-            (n,) = LEN.unpack_from(r.buf)
-            if len(r.buf) < 4 + n:
-                break
-            msg = pickle.loads(bytes(r.buf[4:4 + n]))
-            del r.buf[:4 + n]
-            if msg[0] == "done":
-                r.tid = r.queued.popleft() if r.queued else None    # a presented task starts at once
-                out.append((msg[1], msg[2:]))
+        pos, end = 0, len(buf)
+        with memoryview(buf) as view:     # messages unpickled in place: no copy of each
+            while end - pos >= 4:
+                (n,) = LEN.unpack_from(buf, pos)
+                if end - pos < 4 + n:
+                    break
+                with view[pos + 4:pos + 4 + n] as body:
+                    msg = pickle.loads(body)
+                pos += 4 + n
+                if msg[0] == "done":
+                    r.tid = r.queued.popleft() if r.queued else None    # a presented task starts at once
+                    out.append((msg[1], msg[2:]))
+        del buf[:pos]
         return out
 
     def _died(self, r):

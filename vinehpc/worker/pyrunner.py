@@ -26,6 +26,7 @@ MAX_OUT = 1 << 20
 LIBRARY_VARS = sys.modules.setdefault("_vinehpc_library_vars", types.ModuleType("_vinehpc_library_vars"))
 LIBRARY_VARS.vars = None
 LIBRARY_ID = "lib-"        # how vinehpc.serverless names a library's content id (function ids are "fn-")
+TASK_VAR = os.fsencode("VINEHPC_TASK")
 
 
 def send(sock, obj):
@@ -269,6 +270,7 @@ def main(fd=3):
 
 
 def _serve(sock, reader, fns, base_env, base_data, home, scratch):
+    environ = os.environ._data
     meter = Meter()
     trim = _malloc_trim()
     while True:
@@ -302,12 +304,20 @@ def _serve(sock, reader, fns, base_env, base_data, home, scratch):
         try:
             if not cwd:     # no files: an existing, empty directory all the same (never a gone sandbox)
                 cwd = scratch
-                if not os.path.isdir(scratch):
+                try:
+                    os.chdir(scratch)       # (no stat first: the chdir says whether it is there)
+                except FileNotFoundError:
                     os.makedirs(scratch)
-            os.chdir(cwd)
+                    os.chdir(scratch)
+            else:
+                os.chdir(cwd)
             if env:
                 os.environ.update(env)
-            os.environ["VINEHPC_TASK"] = str(tid)      # whose the processes it starts are (worker/orphans.py)
+            # whose the processes it starts are (worker/orphans.py); set in os.environ's own bytes
+            # dict and the C environment, what os.environ[k] = v does through six calls
+            mark = b"%d" % tid
+            os.putenv(TASK_VAR, mark)
+            environ[TASK_VAR] = mark
             fn = fns[fid]
             if isinstance(fn, bytes):
                 fn = fns[fid] = pickle.loads(fn)
@@ -325,8 +335,18 @@ def _serve(sock, reader, fns, base_env, base_data, home, scratch):
         except BaseException as e:  # noqa: B902 - a task's SystemExit/KeyboardInterrupt is its failure
             res = dump_result(False, e, traceback.format_exc())
             error = "raised %s: %s" % (type(e).__name__, str(e)[:500])
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        rss, rd, wr = meter.stop() if measured else (None, None, None)
+        text = out.getvalue()
+        if len(text) > MAX_OUT:
+            text = text[-MAX_OUT:]
+        try:
+            # the result first: undoing what the task changed here is not on its way back (the
+            # next task's message waits in the socket until it is done)
+            send(sock, ("done", tid, res, error, text, wall, cpu, rss, rd, wr))
         finally:
-            os.environ.pop("VINEHPC_TASK", None)
+            if environ.pop(TASK_VAR, None) is not None:
+                os.unsetenv(TASK_VAR)
             os.chdir(home)
             if cwd == scratch and os.listdir(scratch):
                 _empty(scratch)
@@ -335,12 +355,6 @@ def _serve(sock, reader, fns, base_env, base_data, home, scratch):
             if env or (not library and os.environ._data != base_data):
                 os.environ.clear()
                 os.environ.update(base_env)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        rss, rd, wr = meter.stop() if measured else (None, None, None)
-        text = out.getvalue()
-        if len(text) > MAX_OUT:
-            text = text[-MAX_OUT:]
-        send(sock, ("done", tid, res, error, text, wall, cpu, rss, rd, wr))
         value = res = a = kw = None      # drop the task's objects before trimming
         if trim is not None and measured and meter.grew():
             trim(0)

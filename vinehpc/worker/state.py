@@ -70,6 +70,7 @@ class WorkerState:
         level of what the cache holds at start (this dict is kept up to date from then on)."""
         self.total = dict(total)
         self.gpu_ids = tuple(gpu_ids)
+        self.no_gpus = "" if self.gpu_ids else None    # CUDA_VISIBLE_DEVICES of a task without GPUs
         self.files = {} if files is None else files
         self.refs = {}             # cache name -> waiting/queued/running tasks naming it
         self.put_errors = {}       # cache name -> (why it could not be stored, the worker's fault?)
@@ -254,14 +255,18 @@ class WorkerState:
         self.queue.append(r)
         self._start_queued()
 
-    def _fits(self, r) -> bool:
+    def _fits(self, res) -> bool:
         # a task larger than the whole worker still runs, alone (the manager sized it)
-        res, used, total = r.res, self.used, self.total
+        used, total = self.used, self.total
         for k in RES:      # a plain loop: this runs for every queued task on every start attempt
             n = res[k]
             if n and used[k] and used[k] + n > total[k]:
                 return False
         return True
+
+    def _slots_full(self, spec) -> bool:
+        """A library call whose library runs as many calls here as its slots allow."""
+        return bool(spec.slots) and self.lib_running.get(spec.fid, 0) >= spec.slots
 
     def _start_queued(self):
         q = self.queue
@@ -270,7 +275,7 @@ class WorkerState:
             r = q.popleft()
             if r.state != "queued":
                 continue
-            if not self._fits(r) or (r.spec.slots and self.lib_running.get(r.spec.fid, 0) >= r.spec.slots):
+            if not self._fits(r.res) or self._slots_full(r.spec):
                 blocked.append(r)
                 continue
             self._begin(r)
@@ -296,7 +301,7 @@ class WorkerState:
 
     def _devices(self, r):
         """Only the GPUs it holds; none for a task that asked for none (on a worker with GPUs)."""
-        return ",".join(r.gpus) if r.res["gpus"] else ("" if self.gpu_ids else None)
+        return ",".join(r.gpus) if r.res["gpus"] else self.no_gpus
 
     def _present_next(self):
         """Pipelining: give busy interpreters the next short Python tasks now, so each starts the
@@ -421,7 +426,32 @@ class WorkerState:
                 reason = "command not found (exit code 127)"
             else:
                 reason = "exit code %d" % code if code else None
-        self._report(r, "failed" if failed else "success", reason, collect=True, result=ev.result, **kw)
+        self._report(r, "failed" if failed else "success", reason, collect=True, result=ev.result, sent=ev.sent, **kw)
+
+    def starts_now(self, spec):
+        """(devices,) when a task received now would start at once on an interpreter -- a Python
+        task without files whose function is here, nothing queued, room for it, no GPUs, a free
+        slot of its library -- else None (it goes the usual way, which may start it too).  The
+        loop then sends it to an idle interpreter before handing it to this machine, whose
+        StartTask for it follows (see Loop._on_task)."""
+        if (spec.cmd is not None or spec.inputs or spec.outputs or spec.watch or spec.error or self.queue
+                or spec.id in self.runs or spec.fid not in self.fns or spec.res["gpus"]):
+            return None
+        if not self._fits(spec.res) or self._slots_full(spec):
+            return None
+        return (self.no_gpus,)
+
+    def plain_end(self, tid, runner):
+        """The Run of a Python task that just returned on `runner`, if its end will be reported
+        as it is -- success, or failure with the function's error -- and nothing rides on its
+        result: running, not being stopped, without files, no task presented behind it nor
+        queued here (whose start would ride on it).  Else None.  (The loop sends such a result
+        before handing the end to this machine: see Loop._results_now.)"""
+        r = self.runs.get(tid)
+        if (r is None or r.state != "running" or r.killed is not None or runner is None or r.runner is not runner
+                or self.queue or r.spec.inputs or r.spec.outputs or r.spec.watch or self.presented.get(runner)):
+            return None
+        return r
 
     def _interpreter_died(self, ev: InterpreterDied):
         self._unpresent(ev.runner)
