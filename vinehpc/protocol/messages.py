@@ -578,7 +578,7 @@ def decoded(msgs):
     invalid message is still handled, however the bytes were split into reads."""
     for name, ctl, frames in msgs:
         if name == "batch":
-            yield from [(decode(*x), x[1]) for x in unbatch(ctl, frames)]
+            yield from [(decode(n, c, f), c) for n, c, f in unbatch(ctl, frames)]
         else:
             yield decode(name, ctl, frames), ctl
 
