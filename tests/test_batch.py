@@ -123,6 +123,51 @@ def test_a_connection_refuses_a_bad_batch_as_any_bad_message(pair):
         cb.feed(cb.sock.recv(1 << 16))
 
 
+def _batch(*items):
+    """A batch message's bytes carrying (name, ctl) items without frames, as any sender could build it."""
+    return wire.encode_bytes(messages.CODES["batch"], {"m": [[n, 0, c] for n, c in items]})
+
+
+BAD_TASK = dict(_task(2), cmd=None)        # neither cmd nor fid: refused by decode()
+NO_CMD = "task message: needs exactly one of the fields 'cmd', 'fid'"
+
+
+def test_a_batch_is_validated_whole_before_any_item_is_given(pair):
+    """A batch with a bad item gives none of its items (the ones ahead of the bad one included) and
+    is refused for that item's reason; what came before it is still given, however it was read."""
+    ca, cb = pair
+    ca.send_bytes(messages.encode_bytes(messages.Ping()) + _batch(("result", _result(1)), ("task", BAD_TASK)))
+    assert ca.flush()
+    cb.sock.settimeout(5)
+    got = cb.typed(cb.sock.recv(1 << 16))
+    assert next(got) == (messages.Ping(), {})
+    with pytest.raises(ProtocolError, match="^" + NO_CMD):
+        next(got)
+
+
+@pytest.mark.timeout(60)
+def test_the_manager_refuses_a_batch_with_a_bad_item_for_that_item_and_acts_on_none_of_it(tmp_path):
+    """A valid task item ahead of an invalid one was refused as an unexpected message (the manager
+    acted on it first): the reason test_fuzz expects is the bad item's.  A valid result ahead of a
+    bad item is not taken either (no 'stale result' of it: the core never saw it)."""
+    import vinehpc
+    from conftest import poll, read_journal
+    from test_e2e import _closed_by_manager, _joined_raw_worker
+    m = vinehpc.Manager(run_dir=str(tmp_path / "run"), local_workers=0)
+    try:
+        for first in (("task", _task(1)), ("result", _result(987654))):
+            s = _joined_raw_worker(m)
+            s.sendall(_batch(first, ("task", BAD_TASK)))
+            assert _closed_by_manager(s)[0], "the manager kept a worker that sent a bad batch"
+            s.close()
+        lost = poll(lambda: len(read_journal(m, "worker lost")) == 2 and read_journal(m, "worker lost"), 20,
+                    "both raw workers lost in the journal")
+        assert [r["reason"] for r in lost] == ["protocol error: " + NO_CMD] * 2
+        assert not [r for r in read_journal(m) if r.get("event") == "stale result" and r.get("task") == 987654]
+    finally:
+        m.close()
+
+
 # ---------------------------------------------------------------- prefetch, and losing what a worker held ahead
 def _tiny(sim, wid):
     """The default category learns its tasks are tiny: from now on a worker of a small fleet holds

@@ -419,11 +419,11 @@ class Server:
             if p.hs is not None:
                 msgs = self._handshake(p, p.conn.recv())
             else:
-                msgs = p.conn.read()
+                msgs = p.conn.typed()
             now = time.monotonic()
             p.last_recv = now
-            for name, ctl, frames in msgs:
-                self._message(p, name, ctl, frames, now)
+            for msg, ctl in msgs:       # (each validated as it comes: a batch whole, before its first)
+                self._message(p, msg, ctl, now)
                 if p.conn.closed:
                     return
         except Closed as e:
@@ -431,12 +431,12 @@ class Server:
         except ProtocolError as e:
             self._drop(p, "protocol error: %s" % e, refused=True)
 
-    def _message(self, p, name, ctl, frames, now):
+    def _message(self, p, msg, ctl, now):
         """Every message after the handshake is decoded and validated (protocol/messages.py) before
         anything acts on it: a peer that sends an invalid one is dropped (ProtocolError), the run
         goes on.  Handlers get the typed message, and its control dict (validated) for the ones
         that hand it on whole."""
-        msg = messages.decode(name, ctl, frames)
+        name = msg.NAME
         if p.state == "status":
             if type(msg) is not messages.Status:
                 raise ProtocolError("a status client sent %r" % name)
@@ -466,14 +466,14 @@ class Server:
             p.state = "status"
             self.dirty.add(p)
             rest, p.hs = p.hs.rest, None
-            return p.conn.feed(rest)
+            return p.conn.typed(rest)
         p.wid = next(self.wids)
         p.conn.send_bytes(p.hs.welcome(wid=p.wid, keepalive=[self.ka_interval, self.ka_timeout],
                                        tunnel=self.tunnel or None))
         p.state = "welcomed"
         self.dirty.add(p)
         rest, p.hs = p.hs.rest, None
-        return p.conn.feed(rest)
+        return p.conn.typed(rest)
 
     def _join(self, p, msg, ctl, now):
         """The first message after the handshake: the worker's info."""

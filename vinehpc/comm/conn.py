@@ -231,9 +231,16 @@ class Connection:
 
     # ---- receiving -----------------------------------------------------------------
     def read(self) -> list:
-        """Read what is available; return the complete messages (a batch's, one by one). Raises
-        Closed on EOF."""
+        """Read what is available; return the complete messages (a batch's, one by one, its items
+        not validated: see typed()). Raises Closed on EOF."""
         return _unbatch(self.dec.feed(self.recv()))
+
+    def typed(self, data=None):
+        """The messages now complete as (typed message, control dict), each validated as it is
+        taken (messages.decoded: a batch whole, before any of its items): what is available to
+        read (Closed on EOF, at once), or `data`, bytes read elsewhere (the handshake's leftover).
+        What the manager and the worker act on."""
+        return messages.decoded(self.dec.feed(self.recv() if data is None else data))
 
     def feed(self, data: bytes) -> list:
         """Bytes read elsewhere (the handshake's leftover): the messages now complete."""

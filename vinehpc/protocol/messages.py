@@ -569,6 +569,20 @@ def unbatch(ctl: dict, frames: list) -> list:
     return out
 
 
+def decoded(msgs):
+    """(typed message, its control dict) of each of `msgs` (wire.Decoder's), in order, each
+    validated before it is given (ProtocolError where one is not).  A batch is one message: its
+    envelope and every item are validated before its first item is given, so a receiver acts on
+    none of a batch it refuses, and refuses it for the reason decode() gives (a valid item ahead
+    of a bad one is not handled, nor refused by its handler).  A generator: what came before an
+    invalid message is still handled, however the bytes were split into reads."""
+    for name, ctl, frames in msgs:
+        if name == "batch":
+            yield from [(decode(n, c, f), c) for n, c, f in unbatch(ctl, frames)]
+        else:
+            yield decode(name, ctl, frames), ctl
+
+
 def _decode_batch(ctl, frames):
     """decode() of a batch: the envelope, once each item decoded (validated) as the message it is."""
     for x in unbatch(ctl, frames):

@@ -231,8 +231,8 @@ class Loop:
     def _serve(self):
         conn = self.conn
         # messages that arrived with the welcome
-        for m in conn.feed(b""):
-            self._message(*m)
+        for msg, _ in conn.typed(b""):
+            self._message(msg)
         self._send()
         sleep = self._next_timer()
         while not self.exit_requested:
@@ -240,10 +240,10 @@ class Loop:
                 what, obj = key.data
                 if what == "manager":
                     if ev & selectors.EVENT_READ:
-                        msgs = conn.read()
+                        msgs = conn.typed()
                         self.last_recv = time.monotonic()
-                        for m in msgs:
-                            self._message(*m)
+                        for msg, _ in msgs:
+                            self._message(msg)
                             if self.exit_requested:
                                 return
                 elif what == "proc":
@@ -369,8 +369,9 @@ class Loop:
         self.fetcher.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- messages from the manager
-    def _message(self, name, ctl, frames):
-        msg = messages.decode(name, ctl, frames)      # typed and validated, or ProtocolError
+    def _message(self, msg):
+        """`msg`: typed and validated (Connection.typed)."""
+        name = msg.NAME
         h = self._ON.get(type(msg))
         if h is None:
             raise ProtocolError("unexpected message %r from the manager" % name)
