@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,19 +21,14 @@ from vinehpc.protocol import ProtocolError, messages, wire
 
 from vinehpc.core.commands import SendTask
 from test_core import Sim, dispatched, done, logs, new_task, of
+from test_protocol import connection_pair
 
 RES0 = {"cores": 1, "memory": 0, "disk": 0, "gpus": 0}
 
 
 @pytest.fixture
 def pair():
-    a, b = socket.socketpair()
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
-    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-    ca, cb = Connection(a), Connection(b)
-    yield ca, cb
-    ca.close()
-    cb.close()
+    yield from connection_pair(1 << 22)
 
 
 def _task(i):

@@ -262,17 +262,22 @@ def test_write_secret_is_0600_and_reads_back(tmp_path):
 
 
 # ---------------------------------------------------------------- Connection over a socketpair
-@pytest.fixture
-def pair():
+def connection_pair(buffer):
+    """Two Connections over a socketpair whose kernel buffers are `buffer` bytes (a fixture's body)."""
     a, b = socket.socketpair()
-    # bounded kernel buffers, whatever the host's defaults: the "stream is pulled lazily" and
-    # "flush returns False" checks depend on the socket filling up
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 << 10)
-    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 << 10)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
     ca, cb = Connection(a), Connection(b)
     yield ca, cb
     ca.close()
     cb.close()
+
+
+@pytest.fixture
+def pair():
+    # bounded kernel buffers, whatever the host's defaults: the "stream is pulled lazily" and
+    # "flush returns False" checks depend on the socket filling up
+    yield from connection_pair(256 << 10)
 
 
 def pump(sender, receiver, want, timeout=5.0, on_loop=None):
