@@ -11,7 +11,8 @@ from vinehpc.core.commands import GetFile, PutFile, SendTask, TaskFinished
 from vinehpc.core.events import (TICK, BlockHost, FetchFailed, FileFetched, SlowMultiplier, TaskResult,
                                  WorkerLost)
 from vinehpc.file import Buffer, Temp
-from test_core import Sim, dispatched, logs, new_task, of
+from test_core import INFO, Sim, _run_fast, dispatched, logs, new_task, of
+from vinehpc.core import placement
 
 STAGES = ["queued", "inputs being put", "running", "result in flight", "output being fetched"]
 FAILURES = ["worker lost", "worker fault", "fast abort", "exhaustion", "task failure"]
@@ -224,6 +225,35 @@ def test_a_task_that_kills_every_worker_it_runs_on_fails_after_three():
     honest = sim.submit(new_task("true"))
     sim.join(9)
     assert dispatched(sim.pass_(3.0)) == [(9, honest.id)]
+
+
+def test_a_worker_loss_counts_against_the_tasks_that_ran_there_not_those_sent_ahead():
+    """An honest task sent ahead next to a poison one (requeued at the front together, dispatched
+    together again) was counted lost with each worker the poison killed and failed "max retries"
+    (seen in CI with deep prefetch).  Only tasks whose start is known count; with none known (the
+    start report may have died with the worker), all do."""
+    sim = Sim()
+    sim.join(1)
+    _run_fast(sim, 1, placement.SHORT_SAMPLES)          # a tiny category: tasks beyond cores go ahead
+    sim.take()
+    running = [sim.submit(new_task()) for _ in range(INFO["cores"])]
+    ahead = sim.submit(new_task())
+    specs = {c.tid: c.spec for c in of(sim.pass_(1.0), SendTask)}
+    assert specs[ahead.id].get("pipe") and not any(specs[t.id].get("pipe") for t in running)
+    sim(WorkerLost(1, "connection closed"), 2.0)
+    assert [sim.ts(t).lost_with for t in running] == [{1}] * len(running)
+    assert not sim.ts(ahead).lost_with
+    # none known started (what is left there was sent ahead; its start report died with the
+    # worker): all of them count, or a poison task sent ahead would never fail
+    sim = Sim()
+    sim.join(2, cores=1)
+    _run_fast(sim, 2, placement.SHORT_SAMPLES)
+    first, behind = sim.submit(new_task()), sim.submit(new_task())
+    specs = {c.tid: c.spec for c in of(sim.pass_(3.0), SendTask)}
+    assert first.id in specs and specs[behind.id].get("pipe")
+    sim.ok(2, first, 3.5)                   # no start of `behind` rides on it
+    sim(WorkerLost(2, "connection closed"), 4.0)
+    assert sim.ts(behind).lost_with == {2}
 
 
 def test_worker_losses_count_different_workers_and_the_limit_is_a_setting():

@@ -375,10 +375,16 @@ class Core:
         w.cached.clear()       # out of the index of where files are
         transfers.worker_lost(self, wid, now)
         requeue = [self.tasks[t] for t in sorted(w.tasks) if t in self.tasks]
+        # the loss counts against the tasks that ran there: one only sent ahead (a prefetch, its
+        # start not reported) did not kill it -- an honest task requeued next to a poison one and
+        # sent ahead with it three times failed "max retries".  With none known started, a start
+        # report may have died with the worker: all of them count, as a poison task must
+        ran = {ts.tid for ts in requeue if ts.started} or {ts.tid for ts in requeue}
         for ts in reversed(requeue):   # keep their order at the front of the queue
             cores = ts.res["cores"]        # before the requeue forgets a whole worker's worth
             self._release(ts)
-            ts.lost_with = ts.lost_with | {wid}
+            if ts.tid in ran:
+                ts.lost_with = ts.lost_with | {wid}
             if len(ts.lost_with) >= self.max_worker_losses > 0:
                 # a task that kills its worker (a kill of its parent, the OOM killer) would take
                 # every worker in turn: as Dask's allowed-failures, it fails instead
