@@ -764,20 +764,17 @@ def test_a_pass_starts_what_the_fleet_has_room_for_bounded_per_worker():
     """Issue 15: a pass started at most 256 tasks, so 600 idle workers got theirs over three loop
     turns (and a large fleet one task a turn each: a message each way per task).  Tasks that
     start no longer count against the scan limit; a pass starts at most STARTS_PER_WORKER a worker."""
-    sim = Sim("fcfs")
-    for wid in range(1, 601):
-        sim.join(wid, cores=1, host="h%d" % wid)
-    for _ in range(1000):
-        sim.submit(new_task())
-    sim.take()
-    got = dispatched(sim.pass_())
+    def fleet(workers, cores, tasks):
+        sim = Sim("fcfs")
+        for wid in range(1, workers + 1):
+            sim.join(wid, cores=cores, host="h%d" % wid)
+        for _ in range(tasks):
+            sim.submit(new_task())
+        sim.take()
+        return sim
+    got = dispatched(fleet(600, 1, 1000).pass_())
     assert sorted(wid for wid, _ in got) == list(range(1, 601))      # one each: every core of the fleet
-    big = Sim("fcfs")
-    for wid in range(1, 11):
-        big.join(wid, cores=100, host="h%d" % wid)
-    for _ in range(2000):
-        big.submit(new_task())
-    big.take()
+    big = fleet(10, 100, 2000)
     for _ in range(2):      # and the next pass as many again
         assert len(dispatched(big.pass_())) == max(placement.DISPATCH_LIMIT, placement.STARTS_PER_WORKER * 10)
 

@@ -68,6 +68,13 @@ def test_manager_sends_one_copy_and_the_copies_fan_out_as_a_tree(infile):
     assert sim.core.replicas[n] == {1, 2, 3, 4}
 
 
+def holds(sim, n, *wids):
+    """Workers `wids` hold a complete copy of file n (the core's two records of it)."""
+    sim.core.replicas[n] |= set(wids)
+    for w in wids:
+        sim.core.workers[w].cached.add(n)
+
+
 def test_a_burst_from_one_complete_copy_becomes_a_chain_of_streaming_copies(infile):
     # default limit (3): the holder could serve three at once, each at a third of its uplink; a
     # copy still arriving is an idle source at the full rate, so each source serves one
@@ -75,8 +82,7 @@ def test_a_burst_from_one_complete_copy_becomes_a_chain_of_streaming_copies(infi
     f = infile(cache=True)
     n = f.cachename()
     join_all(sim, 5)
-    sim.core.replicas[n] |= {1}
-    sim.core.workers[1].cached.add(n)
+    holds(sim, n, 1)
     for wid in range(2, 6):
         sim.submit(new_task().add_input(f, "in"), pin=wid)
     sim.schedule()
@@ -111,9 +117,7 @@ def test_same_host_source_preferred(infile):
     sim.join(1, port=40001, addr="10.0.0.1:1", host="a")
     sim.join(2, port=40002, addr="10.0.0.2:1", host="b")
     sim.join(3, port=40003, addr="10.0.0.3:1", host="b")
-    sim.core.replicas[n] |= {1, 2}
-    for w in (1, 2):
-        sim.core.workers[w].cached.add(n)
+    holds(sim, n, 1, 2)
     sim.submit(new_task().add_input(f, "in"), pin=3)
     sim.schedule()
     assert fetches(sim.take()) == [(3, 2)]
@@ -124,8 +128,7 @@ def test_failed_transfer_is_asked_of_another_source_then_the_manager_without_a_r
     f = infile(cache=True)
     n = f.cachename()
     join_all(sim, 3)
-    sim.core.replicas[n] |= {1}
-    sim.core.workers[1].cached.add(n)
+    holds(sim, n, 1)
     t = sim.submit(new_task().add_input(f, "in"), pin=3)
     t.set_retries(0)
     sim.schedule()
