@@ -227,14 +227,9 @@ class FetchPeer:
 
 
 @dataclass
-class SendFetched:
-    """Tell the manager how a fetch ended (`fetched`)."""
-    cachename: str
-    ok: bool
-    size: int = 0
-    secs: float = 0.0
-    reason: str | None = None
-    local: bool = False
+class SendFetched(PeerFetched):
+    """Tell the manager how a fetch ended (`fetched`): the fields of the event it answers.  Handlers
+    are looked up by exact type on both sides, so the event and the command never meet."""
 
 
 @dataclass
