@@ -318,11 +318,17 @@ def test_source_stalled_mid_transfer_is_given_up_and_served_by_another(make_mana
         (done,) = wait_all(m, 1, timeout=60).values()
     finally:
         os.kill(pid_a, signal.SIGCONT)
+    refetched_from_the_manager(m, done, t, tmp_path, a, b, "stalled")
+
+
+def refetched_from_the_manager(m, done, t, tmp_path, a, b, why):
+    """Task t (the one that ended: `done`) succeeded at its first attempt with in.bin's bytes on
+    worker b, after b's transfer from a failed with `why` in its reason and the manager sent it."""
     assert done is t and t.successful() and t.attempts == 1, (t.result, t.reason)
     assert t.std_output.split()[0] == md5(tmp_path / "in.bin")
     recs = read_journal(m)
-    stalled = [r for r in recs if r["event"] == "transfer failed" and r["dest"] == b]
-    assert stalled and stalled[0]["source"] == a and "stalled" in stalled[0]["reason"], stalled
+    failed = [r for r in recs if r["event"] == "transfer failed" and r["dest"] == b]
+    assert failed and failed[0]["source"] == a and why in failed[0]["reason"], failed
     assert [r["source"] for r in recs if r["event"] == "transfer" and r["dest"] == b] == ["manager"]
 
 
@@ -369,12 +375,7 @@ def test_corrupt_copy_is_detected_and_fetched_again(make_manager, tmp_path):
         fh.write(bytes([c[0] ^ 1]))
     t = run_pinned(m, f, b)
     (done,) = wait_all(m, 1, timeout=60).values()
-    assert done is t and t.successful() and t.attempts == 1, (t.result, t.reason)
-    assert t.std_output.split()[0] == md5(tmp_path / "in.bin")                 # the good copy, never the corrupt one
-    recs = read_journal(m)
-    bad = [r for r in recs if r["event"] == "transfer failed" and r["dest"] == b]
-    assert bad and bad[0]["source"] == a and "corrupt" in bad[0]["reason"], bad
-    assert [r["source"] for r in recs if r["event"] == "transfer" and r["dest"] == b] == ["manager"]
+    refetched_from_the_manager(m, done, t, tmp_path, a, b, "corrupt")      # the good copy, never the corrupt one
 
 
 @pytest.mark.timeout(120)
