@@ -125,21 +125,25 @@ def _any_open(core) -> bool:
 
 def _least_loaded_fit(core, ts, factor, keep, now):
     """The worker a least-loaded policy would choose among all those that fit ts: the fewest
-    outstanding tasks, the first joined among equals (FCFS's and "files"' choice without inputs)."""
+    outstanding tasks, the first joined among equals (FCFS's and "files"' choice without inputs).
+    The one found stays in the index (its dispatch makes that entry stale)."""
     heap, workers = core.open, core.workers
-    looked = []
+    looked = None
     found = None
     while heap:
-        e = heapq.heappop(heap)
+        e = heap[0]
         w = workers.get(e[2])
-        if w is None or w.hkey != (e[0], e[1]):
-            continue            # stale
-        looked.append(e)
-        if w.wid != keep and _fits(w, ts, factor) and not core.blocked(w, now):
-            found = w
-            break
-    for e in looked:
-        heapq.heappush(heap, e)
+        if w is not None and w.hkey == (e[0], e[1]):
+            if w.wid != keep and _fits(w, ts, factor) and not core.blocked(w, now):
+                found = w
+                break
+            if looked is None:
+                looked = []
+            looked.append(e)    # (not stale: back in the index below)
+        heapq.heappop(heap)
+    if looked:
+        for e in looked:
+            heapq.heappush(heap, e)
     return found
 
 
@@ -192,35 +196,40 @@ def schedule(core, now) -> int:
     # shape is passed over without trying every worker again (a queue of thousands of alike tasks
     # behind full workers was tried task by task on every loop turn).
     misses = {}
-    tasks = core.tasks
-    while core.ready and scanned < SCAN_LIMIT and n < starts and _any_open(core):
-        tid = core.ready.popleft()
+    # category -> its prefetch factor: it changes only with results, never within a pass
+    factors = {}
+    tasks, ready, categories = core.tasks, core.ready, core.categories
+    while ready and scanned < SCAN_LIMIT and n < starts and _any_open(core):
+        tid = ready.popleft()
         ts = tasks.get(tid)
         if ts is None or ts.state != "ready":
             continue
         scanned += 1
         task = ts.task
-        if _temp_gone(core, task):
+        category = task.category
+        if task.inputs and _temp_gone(core, task):
             core._make_ready_or_wait(ts)   # waits for (and re-runs) the temp's producer
             continue
         if not ts.grown:
             # decided (again) as the category learns, until it is sent; a retry-larger is kept.
             # A fixed category learns nothing: its version moves with every result, its allocation never.
-            c = core.categories.get(task.category)
+            c = categories.get(category)
             version = c._version if c is not None and c.mode != "fixed" else 0
             if ts.alloc_version != version:
                 core._allocate(ts)
                 ts.alloc_version = version
-        holders = _temp_holders(core, task)
+        holders = _temp_holders(core, task) if task.inputs else None
+        factor = factors.get(category)
+        if factor is None:
+            factor = factors[category] = _factor(core, category)
         shape = None
         if holders is None and ts.pin is None and ts.avoid is None and (keep is None or tid != core.reserved[1]):
             r = ts.res
-            shape = (task.category, r["cores"], r["memory"], r["disk"], r["gpus"], tuple(ts.whole))
+            shape = (category, r["cores"], r["memory"], r["disk"], r["gpus"], tuple(ts.whole) if ts.whole else ())
         too_big = misses.get(shape)
         if too_big is None and shape is not None and (least is not None and least(ts) or holding):
             # the policy takes the least loaded worker with room (the first that fits in load
             # order), or one holding some of the task's inputs (found through the index of files)
-            factor = _factor(core, task.category)
             cands = _holding_fit(core, ts, factor, keep, now) if holding and ts.inputs else ()
             if not cands:
                 w = _least_loaded_fit(core, ts, factor, keep, now)
@@ -228,7 +237,6 @@ def schedule(core, now) -> int:
             if not cands:
                 too_big = misses[shape] = not any(fits_empty(w, ts) for w in core.workers.values())
         elif too_big is None:
-            factor = _factor(core, task.category)
             if free is None:
                 free = [w for w in core.workers.values() if w.hkey is not None and not blocked(w, now)]
             cands = [w for w in free if (w.wid != keep or tid == core.reserved[1]) and _fits(w, ts, factor)]
@@ -264,13 +272,14 @@ def schedule(core, now) -> int:
             continue
         w = cands[0] if len(cands) == 1 else core.policy.choose(ts, cands)
         scanned -= 1            # (a dispatch is not what makes a pass long: the tasks passed over are)
-        _dispatch(core, ts, w, now)
+        _dispatch(core, ts, w, now, factor)
         ts.passed_since = None
-        for t in skipped[passed:]:   # a task behind them started: they were passed over
-            t = tasks.get(t)
-            if t is not None and t.passed_since is None:
-                t.passed_since = now
-        passed = len(skipped)
+        if len(skipped) > passed:
+            for t in skipped[passed:]:   # a task behind them started: they were passed over
+                t = tasks.get(t)
+                if t is not None and t.passed_since is None:
+                    t.passed_since = now
+            passed = len(skipped)
         if core.reserved is not None and core.reserved[1] == tid:
             core.reserved = keep = None
             misses.clear()                  # the kept worker is open to every task again
@@ -353,8 +362,9 @@ def task_message(task, ts, pipe) -> dict:
     spec = task._spec()
     spec["id"] = task.id
     spec["inputs"] = [[n[0], remote, "image" if f.image else f.kind, f.cache, f.source if f.kind == "url" else f.image]
-                      for (f, remote), n in zip(task.inputs, ts.inputs)]
-    spec["outputs"] = [[remote, f.kind, f.cachename() if f.kind == "temp" else None] for f, remote in task.outputs]
+                      for (f, remote), n in zip(task.inputs, ts.inputs)] if task.inputs else []
+    spec["outputs"] = [[remote, f.kind, f.cachename() if f.kind == "temp" else None]
+                       for f, remote in task.outputs] if task.outputs else []
     if task.env:
         spec["env"] = task.env
     if task.watched:
@@ -368,14 +378,65 @@ def task_message(task, ts, pipe) -> dict:
     return spec
 
 
-def _dispatch(core, ts, w, now):
+def _dispatch(core, ts, w, now, factor):
+    """Start ts on w (`factor`: its category's prefetch factor, the pass's)."""
     task = ts.task
     out = core.out
+    tid, wid = task.id, w.wid
     ts.dispatched_at = now
+    res = ts.res
     for k in ts.whole:
-        ts.res[k] = w.total[k]
+        res[k] = w.total[k]
     hits = 0
     expect = []               # inputs the worker waits for: a transfer to it is on its way (or queued)
+    if task.inputs:
+        hits = _stage_inputs(core, task, ts, w, now, expect)
+    fid = getattr(task, "_fid", None)
+    if fid is not None and fid not in w.fns:
+        w.fns.add(fid)
+        out.append(SendFunction(wid, fid, task._fbytes))
+    ts.wid = wid
+    transition(ts, "running")
+    ts.attempts += 1
+    w.tasks.add(tid)
+    core.n_running += 1
+    w.outstanding += 1
+    # sent ahead (pipe: the worker may queue it or present it to a busy interpreter) only when it
+    # does not fit in what the worker has free; one that fits starts on arrival (the worker frees
+    # what its tasks held before the manager hears of it: it has at least this much room)
+    room = True
+    total, committed = w.total, w.committed
+    for k in RES:
+        need = res[k]
+        if need:
+            if committed[k] + need > total[k]:
+                room = False
+            committed[k] += need
+    touch(core, w)
+    # sent ahead only to a worker that may hold more than its cores of this category (factor > 1:
+    # the category is short, placement.short)
+    spec = task_message(task, ts, not room and factor > 1)
+    if expect:
+        spec["expect"] = expect
+    out.append(SendTask(wid, tid, spec, task._abytes, task.outputs))
+    if ts.on_start is not None:
+        out.append(TaskStarted(task, ts.on_start))
+    # cached: inputs the worker already had (the report's cache hits); left out when none
+    if hits:
+        core._log("dispatched", task=tid, worker=wid, host=w.host, attempt=ts.attempts, cached=hits)
+    else:
+        core._log("dispatched", task=tid, worker=wid, host=w.host, attempt=ts.attempts)
+    # a task the worker has room for starts as it arrives: its start is logged now, no message;
+    # one sent ahead (or waiting for a fetch, an image, a library slot) is reported by the worker
+    ts.started = not start_reported(spec.get("pipe"), spec.get("slots"), spec["inputs"], expect)
+    if ts.started:
+        core._log("started", task=tid, worker=wid, attempt=ts.attempts, queued=False)
+
+
+def _stage_inputs(core, task, ts, w, now, expect) -> int:
+    """Send w the inputs of ts it lacks (or have them transferred to it); returns how many it had."""
+    out = core.out
+    hits = 0
     wants = core.transfers.wants
     for (f, remote), (n, size, _) in zip(task.inputs, ts.inputs):
         if n in w.cached:
@@ -396,36 +457,4 @@ def _dispatch(core, ts, w, now):
                 core._log("put", worker=w.wid, file=n, size=size, task=task.id)
             if f.cache != "task":
                 w.cached.add(n)
-    fid = getattr(task, "_fid", None)
-    if fid is not None and fid not in w.fns:
-        w.fns.add(fid)
-        out.append(SendFunction(w.wid, fid, task._fbytes))
-    ts.wid = w.wid
-    transition(ts, "running")
-    ts.attempts += 1
-    w.tasks.add(task.id)
-    core.n_running += 1
-    w.outstanding += 1
-    # sent ahead (pipe: the worker may queue it or present it to a busy interpreter) only when it
-    # does not fit in what the worker has free; one that fits starts on arrival (the worker frees
-    # what its tasks held before the manager hears of it: it has at least this much room)
-    room = True
-    for k in RES:
-        if ts.res[k] and w.committed[k] + ts.res[k] > w.total[k]:
-            room = False
-        w.committed[k] += ts.res[k]
-    touch(core, w)
-    spec = task_message(task, ts, not room and short(core, task.category))
-    if expect:
-        spec["expect"] = expect
-    out.append(SendTask(w.wid, task.id, spec, task._abytes, task.outputs))
-    if ts.on_start is not None:
-        out.append(TaskStarted(task, ts.on_start))
-    # cached: inputs the worker already had (the report's cache hits); left out when none
-    core._log("dispatched", task=task.id, worker=w.wid, host=w.host, attempt=ts.attempts,
-              **({"cached": hits} if hits else {}))
-    # a task the worker has room for starts as it arrives: its start is logged now, no message;
-    # one sent ahead (or waiting for a fetch, an image, a library slot) is reported by the worker
-    ts.started = not start_reported(spec.get("pipe"), spec.get("slots"), spec["inputs"], expect)
-    if ts.started:
-        core._log("started", task=task.id, worker=w.wid, attempt=ts.attempts, queued=False)
+    return hits
