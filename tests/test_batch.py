@@ -4,6 +4,7 @@ batches split within the message limits and arrive whole and in order, a lost wo
 prefetched tasks are requeued once each and end exactly once."""
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -12,6 +13,8 @@ import sys
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vinehpc.comm import Connection
 from vinehpc.comm import conn as connmod
@@ -265,3 +268,35 @@ def test_a_real_worker_opens_a_batch_of_tasks_and_answers_each_once(tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(10)
         fm.lsock.close()
+
+
+# -- a task's control part: encoded in parts, cached by what alike tasks share (conn.task_ctl) --
+_text = st.text(st.characters(codec="utf-8"), max_size=20)
+_plain = st.fixed_dictionaries(
+    {"id": st.integers(messages.ID_MIN, messages.ID_MAX), "outputs": st.just([]),
+     "inputs": st.sampled_from([[], [["cn", "x", "file", "task", None]]]),
+     "res": st.fixed_dictionaries({k: st.sampled_from([0, 1, 2, 1.0, 2.5, True]) for k in messages.RES}),
+     "category": st.sampled_from(["default", "é\"\\", "c"])},
+    optional={"pipe": st.sampled_from([True, False]), "env": st.just({"A": "b"})})
+
+
+@settings(max_examples=300, deadline=None)
+@given(_plain, st.sampled_from(["cmd", "fid"]), _text)
+def test_a_task_control_part_is_the_json_of_its_message_whether_encoded_in_parts_or_whole(spec, head, text):
+    spec = dict(spec, **{head: text})
+    for _ in range(2):              # the first encodes the shared part, the second reuses it
+        body = connmod.task_ctl(spec)
+        assert json.loads(body) == spec
+        assert type(json.loads(body)["res"]["cores"]) is type(spec["res"]["cores"])   # 1.0 stays 1.0
+        assert body.isascii()
+
+
+def test_alike_tasks_share_their_encoded_tail_and_the_cache_stays_bounded():
+    connmod._tails.clear()
+    for i in range(3 * connmod.TAILS):
+        connmod.task_ctl(dict(_task(i), category="c%d" % (i % (2 * connmod.TAILS))))
+        assert len(connmod._tails) <= connmod.TAILS
+    connmod._tails.clear()
+    for i in range(100):
+        connmod.task_ctl(_task(i))
+    assert len(connmod._tails) == 1

@@ -87,7 +87,7 @@ class Connection:
         batch when it is closed: by any other message, or by flush()."""
         out = self.out
         if name in _BATCHED:
-            item = (name, wire.encode_ctl(ctl).encode(), frames)
+            item = (name, task_ctl(ctl) if name == "task" else wire.encode_ctl(ctl).encode(), frames)
             if out and type(out[-1]) is _Batch:
                 out[-1].append(item)
             else:
@@ -297,6 +297,40 @@ class Connection:
                 self.sock.close()
             except OSError:
                 pass
+
+
+# A plain task message -- no inputs, outputs, env, watch, time_max, slots, expect -- is
+# {id, cmd or fid, inputs: [], outputs: [], res, category[, pipe]}: a queue of alike tasks differ
+# only in their id and command (or function).  What follows those two is encoded once per
+# (category, res, pipe) and spliced (issue 15: JSON-encoding the whole message was the larger
+# part of sending a task).  The order of an object's keys means nothing in JSON.
+_PLAIN = {n: frozenset((n, "id", "inputs", "outputs", "res", "category")) for n in ("cmd", "fid")}
+_PIPED = {n: k | {"pipe"} for n, k in _PLAIN.items()}
+_RES = frozenset(messages.RES)
+_tails = {}             # (cmd or fid, category, cores, memory, disk, gpus, piped) -> encoded tail
+TAILS = 256             # kept at most (a run has a few categories and sizes; cleared past this)
+_str = wire.json_str
+
+
+def task_ctl(spec: dict) -> bytes:
+    """The encoded control part of a `task` message (what wire.encode_ctl gives, keys reordered)."""
+    head = "cmd" if "cmd" in spec else "fid"
+    n = len(spec)
+    keys = (_PLAIN if n == 6 else _PIPED if n == 7 else None)
+    if keys is not None and spec.keys() == keys[head] and (n == 6 or spec["pipe"] is True):
+        r, tid, cat, h = spec["res"], spec["id"], spec["category"], spec[head]
+        if (not spec["inputs"] and not spec["outputs"] and type(tid) is int and type(cat) is str and type(h) is str
+                and type(r) is dict and r.keys() == _RES):
+            key = (head, cat, r["cores"], r["memory"], r["disk"], r["gpus"], n)
+            if type(key[2]) is int and type(key[3]) is int and type(key[4]) is int and type(key[5]) is int:
+                tail = _tails.get(key)
+                if tail is None:
+                    if len(_tails) >= TAILS:
+                        _tails.clear()
+                    tail = _tails[key] = wire.encode_ctl({k: v for k, v in spec.items()
+                                                          if k != "id" and k != head})[1:].encode()
+                return b'{"id":%d,"%s":%s,%s' % (tid, head.encode(), _str(h).encode(), tail)
+    return wire.encode_ctl(spec).encode()
 
 
 class _Batch(list):

@@ -74,6 +74,7 @@ def _no_default(o):
 
 
 _json = json_encoder(_no_default)
+json_str = json.encoder.encode_basestring_ascii     # a string as _json encodes it (ASCII, escaped)
 
 
 def encode(code: int, ctl: dict | None = None, frames=()) -> list:
