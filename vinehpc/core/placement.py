@@ -216,7 +216,9 @@ def schedule(core, now) -> int:
             c = categories.get(category)
             version = c._version if c is not None and c.mode != "fixed" else 0
             if ts.alloc_version != version:
-                core._allocate(ts)
+                if ts.alloc_version is not None or (c is not None and c.mode != "fixed"):
+                    core._allocate(ts)
+                # (else a fixed category's first pass: ts.res is what the task asks, as submit made it)
                 ts.alloc_version = version
         holders = _temp_holders(core, task) if task.inputs else None
         factor = factors.get(category)

@@ -209,8 +209,6 @@ class Core:
         task = e.task
         ts = self.tasks[task.id] = TaskState(task, e.inputs, task_resources(task), pin=e.pin,
                                              on_start=e.on_start, on_done=e.on_done)
-        if self.category(task.category).mode == "fixed":
-            ts.alloc_version = 0      # what _allocate would decide (what it asks), at the version a pass expects
         if task.id >= 0:
             self.counts["submitted"] += 1
         for f, _ in task.outputs:
