@@ -364,9 +364,9 @@ def task_message(task, ts, pipe) -> dict:
     spec = task._spec()
     spec["id"] = task.id
     spec["inputs"] = [[n[0], remote, "image" if f.image else f.kind, f.cache, f.source if f.kind == "url" else f.image]
-                      for (f, remote), n in zip(task.inputs, ts.inputs)] if task.inputs else []
+                      for (f, remote), n in zip(task.inputs, ts.inputs)] if task.inputs else ()
     spec["outputs"] = [[remote, f.kind, f.cachename() if f.kind == "temp" else None]
-                       for f, remote in task.outputs] if task.outputs else []
+                       for f, remote in task.outputs] if task.outputs else ()
     if task.env:
         spec["env"] = task.env
     if task.watched:
