@@ -34,13 +34,9 @@ AHEAD_TASKS = 4096        # ...as long as the fleet holds about this many tiny t
 RESERVE_AFTER = 2.0        # seconds a task no worker has room for lets tasks behind it pass before a worker is kept for it
 
 
-def short(core, category) -> bool:
-    """Tasks of this category finish fast: worth sending ahead (prefetch, pipelining)."""
-    c = core.cat.get(category)
-    return bool(c and c[0] >= SHORT_SAMPLES and c[1] < SHORT_TASK)
-
-
 def _factor(core, category) -> int:
+    """How many times its cores of this category a worker may hold: above 1 for a category whose
+    tasks finish fast (short: worth sending ahead, the worker queues or pipelines them)."""
     c = core.cat.get(category)
     if not c or c[0] < SHORT_SAMPLES or c[1] >= SHORT_TASK:
         return 1
@@ -415,8 +411,7 @@ def _dispatch(core, ts, w, now, factor):
                 room = False
             committed[k] += need
     touch(core, w)
-    # sent ahead only to a worker that may hold more than its cores of this category (factor > 1:
-    # the category is short, placement.short)
+    # sent ahead only for a short category (factor > 1)
     spec = task_message(task, ts, not room and factor > 1)
     if expect:
         spec["expect"] = expect
