@@ -2,7 +2,7 @@
 with room, from the worker's report (a `started` message, or ids riding on a result) for one
 sent ahead; once per attempt, stale ids ignored."""
 from vinehpc.core import placement
-from vinehpc.core.commands import Log, SendTask
+from vinehpc.core.commands import SendTask
 from vinehpc.core.events import TaskResult, TasksStarted, WorkerLost
 from vinehpc.file import URL
 
@@ -11,12 +11,12 @@ from test_core import Sim, _run_fast, new_task, of
 
 def journal(cmds):
     """[(event, task)] of the records of task attempts, in order."""
-    return [(c.record["event"], c.record.get("task")) for c in of(cmds, Log)
-            if c.record["event"] in ("dispatched", "started", "done", "failed", "requeued")]
+    return [(c["event"], c.get("task")) for c in of(cmds, dict)
+            if c["event"] in ("dispatched", "started", "done", "failed", "requeued")]
 
 
 def started(cmds):
-    return [c.record for c in of(cmds, Log) if c.record["event"] == "started"]
+    return [c for c in of(cmds, dict) if c["event"] == "started"]
 
 
 def short_sim(cores=1):

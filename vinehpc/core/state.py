@@ -16,7 +16,7 @@ from ..scheduler import make as make_policy
 from . import events as ev
 from . import transfers
 from .categories import LEARNED, Category
-from .commands import DropFunction, Drained, KillTask, Log, ResolveFile, TaskFinished, UnlinkFile
+from .commands import DropFunction, Drained, KillTask, ResolveFile, TaskFinished, UnlinkFile
 from .placement import schedule, touch
 from .tasks import EMPTY, TaskState, transition
 from .workers import RES, Blocklist, WorkerState
@@ -108,9 +108,10 @@ class Core:
     # ------------------------------------------------------------------ helpers
     def _log(self, event, **kw):
         # the record is the journal's once written (it is not copied there): a value that changes
-        # later -- a task's resources, a worker's totals -- is passed as a copy
+        # later -- a task's resources, a worker's totals -- is passed as a copy.  The command is
+        # the record itself (commands.py)
         kw["event"] = event
-        self.out.append(Log(kw))
+        self.out.append(kw)
 
     @staticmethod
     def _key(f):
