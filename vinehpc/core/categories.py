@@ -25,6 +25,7 @@ Pure logic: no I/O, no clock; the caller passes times and a random number genera
 from __future__ import annotations
 
 import bisect
+from array import array
 import itertools
 import random
 
@@ -43,9 +44,11 @@ class Category:
         self.max = {}              # resource -> never allocate more
         # measured peaks of successful tasks and their runs' wall times, in arrival order and put
         # in order of peak only when learnt from (_in_order): an insertion in order at each result
-        # moved half the list, O(tasks) a task -- 1 ms a result at 300,000 tasks (issue 15)
-        self.peaks = {k: [] for k in LEARNED}
-        self.walls = {k: [] for k in LEARNED}    # in the same order as peaks
+        # moved half the list, O(tasks) a task -- 1 ms a result at 300,000 tasks (issue 15).
+        # Arrays of doubles: 8 bytes a record, not a float object's 32, and nothing for the
+        # garbage collector to walk (a list of a million floats was walked at each full collection)
+        self.peaks = {k: array("d") for k in LEARNED}
+        self.walls = {k: array("d") for k in LEARNED}    # in the same order as peaks
         self._ordered = dict.fromkeys(LEARNED, 0)   # peaks[k][:n] are in order
         self.top = dict.fromkeys(LEARNED)        # the largest peak seen (None: none yet)
         self.buckets = {}          # resource -> list of (top, weight) for bucketing modes
@@ -153,8 +156,8 @@ class Category:
         peaks, walls = self.peaks[k], self.walls[k]
         if self._ordered[k] < len(peaks):
             order = sorted(range(len(peaks)), key=peaks.__getitem__)
-            peaks = self.peaks[k] = [peaks[i] for i in order]
-            walls = self.walls[k] = [walls[i] for i in order]
+            peaks = self.peaks[k] = array("d", [peaks[i] for i in order])
+            walls = self.walls[k] = array("d", [walls[i] for i in order])
             self._ordered[k] = len(peaks)
         return peaks, walls
 
