@@ -56,6 +56,7 @@ class Category:
         self.retry_budget = RETRY_BUDGET   # share of tasks a learnt allocation may send back for a retry
         self.choice = {}           # resource -> allocation chosen by min-waste / max-throughput
         self._fit_at = 0           # n_done when buckets / choice were last computed
+        self._next_fit = 1         # ... and computed again when n_done reaches this (_refit)
         self.n_done = 0
         self.wall_sum = 0.0        # successful runs' wall time (fast abort compares with the mean)
         self.wall_n = 0
@@ -72,13 +73,15 @@ class Category:
     # -- learning ------------------------------------------------------------------
     def record(self, measured: dict, allocated: dict, wall: float, ok: bool, task=None) -> None:
         """A finished attempt (of `task`, an id): its measured use and what it was given."""
-        wall = max(0.0, float(wall or 0.0))
+        wall = float(wall) if wall and wall > 0 else 0.0
         for k in LEARNED:
             if ok and self.pending[k]:
                 self.pending[k].pop(task, None)
             seen = measured.get(k) if measured else None
-            used = float(seen or 0.0)
             alloc = allocated.get(k) if allocated else None
+            if seen is None and not alloc:
+                continue            # (a result once per task: most give neither)
+            used = float(seen or 0.0)
             if alloc:
                 alloc = float(alloc)
                 self.allocated_time[k] += alloc * wall
@@ -93,7 +96,7 @@ class Category:
             self.n_done += 1
             self.wall_sum += wall
             self.wall_n += 1
-            if self.n_done <= 20 or self.n_done >= max(self._fit_at + 10, self._fit_at * 1.1):
+            if self.n_done >= self._next_fit:
                 self._refit()           # each time the records grew by ~10% (exhaustive: ~20 ms)
 
     def exhausted(self, k, used, wall=None, task=None) -> None:
@@ -128,7 +131,9 @@ class Category:
         records: when they grew by ~10%, when an exhaustion shows a new top, when the budget
         changes -- not per task (they cost O(records))."""
         self.buckets, self.choice = {}, {}
-        self._fit_at = self.n_done
+        self._fit_at = f = self.n_done
+        # at each of the first 20 records, then at ~10% more (at least 10 more)
+        self._next_fit = f + 1 if f < 20 else max(f + 10, f * 1.1)
         for k in LEARNED:
             if self.top[k] is None or self.mode in ("fixed", "max"):
                 continue
