@@ -626,10 +626,10 @@ class Server:
 
     # ---------------------------------------------------------------- commands from the core
     def _carry(self, cmds):
-        do, write, feed = self._do, self.journal.write, self.status.feed
+        do, record = self._do, self.record
         for c in cmds:
-            if type(c) is dict:     # a journal record (most commands: 3 to 4 a task): as record() does,
-                feed(c, write(c))   # without the trip through the table or a call more
+            if type(c) is dict:     # a journal record (most commands: 3 to 4 a task): no trip through the table
+                record(c)
             else:
                 do[type(c)](self, c)
 

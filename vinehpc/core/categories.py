@@ -25,9 +25,9 @@ Pure logic: no I/O, no clock; the caller passes times and a random number genera
 from __future__ import annotations
 
 import bisect
-from array import array
 import itertools
 import random
+from array import array
 
 MODES = ("fixed", "max", "min-waste", "max-throughput", "greedy-bucketing", "exhaustive-bucketing")
 LEARNED = ("memory", "disk")      # resources allocated from history (cores/gpus stay as requested)
