@@ -93,19 +93,24 @@ class Instruments:
             import collections
             self.phases = collections.Counter()
             clock = time.thread_time
-            depth = [0]
+            stack = []      # [phase, start, time of the phases nested in it]
 
-            def timed(fn, name):
+            def timed(fn, name, nested=False):
+                """A phase: the outermost one counts, but for `nested` ones (the journal's encoding,
+                done where a record is written once PENDING wait), counted apart from their caller."""
                 def wrapper(*args, **kw):
-                    if depth[0] or not me.on:
+                    if not me.on or stack and (not nested or stack[-1][0] == name):
                         return fn(*args, **kw)
-                    depth[0] = 1
-                    t0 = clock()
+                    entry = [name, clock(), 0.0]
+                    stack.append(entry)
                     try:
                         return fn(*args, **kw)
                     finally:
-                        me.phases[name] += clock() - t0
-                        depth[0] = 0
+                        stack.pop()
+                        dt = clock() - entry[1]
+                        me.phases[name] += dt - entry[2]
+                        if stack:
+                            stack[-1][2] += dt
                 return wrapper
             for meth, name in PHASES.items():
                 setattr(srv.Server, meth, timed(getattr(srv.Server, meth), name))
@@ -119,6 +124,8 @@ class Instruments:
             srv.Server._feed = feed_timed
             from vinehpc import journal
             journal.Journal.flush = timed(journal.Journal.flush, "journal")
+            if hasattr(journal.Journal, "_encode"):     # (a checkout without it encodes in flush alone)
+                journal.Journal._encode = timed(journal.Journal._encode, "journal", nested=True)
 
     def _gc(self, phase, info):
         """gc.callbacks: the collector's time (any thread), by generation."""
