@@ -20,6 +20,12 @@ Per N, in one invocation (ratios within it: the 2-core machine is shared and noi
 - rss_mb: this process's RSS after it; wait_ms p50/p99: from the simulated worker sending a result
   (its stdout carries CLOCK_MONOTONIC) to wait() returning it, for results sent after the last submit.
 
+--profile FILE: cProfile the manager's I/O thread over the task runs (pstats file, FILE.N per N);
+--phases: its thread CPU per task split by what a loop turn does (reading messages -- results and
+the core's handling of them --, the inbox -- submits --, the scheduling pass, socket writes, the
+journal flush, the hand-over, the rest of the loop).  Both are opt-in measuring instruments: they
+wrap the Server's methods from here, nothing in vinehpc/ knows of them.
+
 --queue: --queue-tasks tasks (half command tasks, half PythonTasks with a small argument) submitted
 with no worker connected: submit rate of each kind, RSS per queued task beyond the Task objects the
 user holds, then the time to drain them through the first --workers value of simulated workers.
@@ -60,6 +66,103 @@ def _pct(xs, q):
 
 def noop(x):
     return x
+
+
+PHASES = {"_readable": "read", "_op": "inbox", "_flush": "sockets", "_hand_over": "hand_over",
+          "publish_stats": "publish", "_accept": "accept", "_timers": "timers"}
+
+
+class Instruments:
+    """--profile / --phases: wrap the manager's I/O thread from outside (see the module doc)."""
+
+    def __init__(self, a):
+        from vinehpc import server as srv
+        self.prof = None
+        self.phases = None
+        self.on = False
+        orig_run = srv.Server._run
+        me = self
+        if a.profile:
+            import cProfile
+
+            def run(self_):
+                me.prof = cProfile.Profile()
+                orig_run(self_)
+            srv.Server._run = run
+        if a.phases:
+            import collections
+            self.phases = collections.Counter()
+            clock = time.thread_time
+            stack = []      # [phase, start, time of the phases nested in it]
+
+            def timed(fn, name, nested=False):
+                """A phase: the outermost one counts, but for `nested` ones (the journal's encoding,
+                done where a record is written once PENDING wait), counted apart from their caller."""
+                def wrapper(*args, **kw):
+                    if not me.on or stack and (not nested or stack[-1][0] == name):
+                        return fn(*args, **kw)
+                    entry = [name, clock(), 0.0]
+                    stack.append(entry)
+                    try:
+                        return fn(*args, **kw)
+                    finally:
+                        stack.pop()
+                        dt = clock() - entry[1]
+                        me.phases[name] += dt - entry[2]
+                        if stack:
+                            stack[-1][2] += dt
+                return wrapper
+            for meth, name in PHASES.items():
+                setattr(srv.Server, meth, timed(getattr(srv.Server, meth), name))
+            feed = srv.Server._feed
+
+            def feed_timed(self_, event, now):     # the scheduling pass: _feed(SCHEDULE) from the loop
+                if event is srv.SCHEDULE:
+                    return sched(self_, event, now)
+                return feed(self_, event, now)
+            sched = timed(feed, "schedule")
+            srv.Server._feed = feed_timed
+            from vinehpc import journal
+            journal.Journal.flush = timed(journal.Journal.flush, "journal")
+            if hasattr(journal.Journal, "_encode"):     # (a checkout without it encodes in flush alone)
+                journal.Journal._encode = timed(journal.Journal._encode, "journal", nested=True)
+
+    def _gc(self, phase, info):
+        """gc.callbacks: the collector's time (any thread), by generation."""
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        elif self.on:
+            self.gc_s[info["generation"]] += time.perf_counter() - self._gc_t0
+            self.gc_n[info["generation"]] += 1
+
+    def start(self, m):
+        self.on = True
+        if self.phases is not None:
+            import gc
+            self.gc_s, self.gc_n = [0.0] * 3, [0] * 3
+            if self._gc not in gc.callbacks:
+                gc.callbacks.append(self._gc)
+            self.phases.clear()
+            self.cpu0 = m.manager_cpu_seconds
+        if self.prof is not None:
+            m._call(self.prof.enable)
+
+    def stop(self, m, n, tasks, a):
+        self.on = False
+        out = {}
+        if self.prof is not None:
+            m._call(self.prof.disable)
+            path = "%s.%d" % (a.profile, n)
+            self.prof.dump_stats(path)
+            out["profile"] = path
+        if self.phases is not None:
+            total = m.manager_cpu_seconds - self.cpu0
+            ph = {k: round(1e6 * v / tasks, 1) for k, v in sorted(self.phases.items(), key=lambda kv: -kv[1])}
+            ph["loop_rest"] = round(1e6 * (total - sum(self.phases.values())) / tasks, 1)
+            out["phases_us_per_task"] = ph
+            out["gc_us_per_task"] = [round(1e6 * x / tasks, 1) for x in self.gc_s]
+            out["gc_collections"] = self.gc_n
+        return out
 
 
 def open_fleet(tmp, n, a, **kw):
@@ -113,7 +216,11 @@ def measure(n, a, tmp) -> dict:
         time.sleep(a.idle)
         r["idle_cpu_pct"] = round(100 * (m.manager_cpu_seconds - cpu0) / a.idle, 2)
         sim0 = fleet.cpu_seconds()
+        if a.instruments is not None:
+            a.instruments.start(m)
         dt, cpu, lat, more = run_tasks(m, a.tasks, a.timeout)
+        if a.instruments is not None:
+            r.update(a.instruments.stop(m, n, a.tasks, a))
         sim = fleet.cpu_seconds() - sim0
         r.update(more)
         r.update(tasks=a.tasks, seconds=round(dt, 3), tasks_per_s=round(a.tasks / dt, 1),
@@ -199,9 +306,12 @@ def main(argv=None):
     ap.add_argument("--queue", action="store_true", help="the queue measurement instead")
     ap.add_argument("--queue-tasks", type=int, default=1000000)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--profile", metavar="FILE", help="cProfile the manager's I/O thread over the task runs")
+    ap.add_argument("--phases", action="store_true", help="the I/O thread's CPU per task by phase of a loop turn")
     ap.add_argument("--keep", action="store_true", help="keep the run directories")
     a = ap.parse_args(argv)
     a.workers = [int(x) for x in a.workers.split(",")]
+    a.instruments = Instruments(a) if a.profile or a.phases else None
     raise_nofile(2 * max(a.workers) + 4096)     # the manager's sockets (and, in tests, the fleet's)
     tmp = tempfile.mkdtemp(prefix="vinehpc-fleet-")
     try:
@@ -218,6 +328,10 @@ def main(argv=None):
                   "%(mgr_ms_per_task).4f ms/task (process %(process_cpu_pct).0f%%, simulator %(sim_cpu_pct).0f%% of a "
                   "core, %(sim_ms_per_task).4f ms/task) rss %(rss_mb).0f MB wait p50 %(wait_ms_p50).2f p99 "
                   "%(wait_ms_p99).2f ms load %(load).1f" % r, file=sys.stderr, flush=True)
+            if "phases_us_per_task" in r:
+                print("N=%d phases (us/task): %s; gc (us/task, by generation, any thread) %s, collections %s"
+                      % (n, " ".join("%s=%s" % kv for kv in r["phases_us_per_task"].items()), r["gc_us_per_task"],
+                         r["gc_collections"]), file=sys.stderr, flush=True)
         base = next(r["tasks_per_s"] for r in rows if r["workers"] == 10)
         for r in rows:
             r["ratio_to_10"] = round(r["tasks_per_s"] / base, 3)

@@ -303,3 +303,21 @@ def test_buckets_weigh_tasks_by_how_long_they_hold_their_memory():
     assert len(long_big) == 1, long_big
     many = sorted(random.Random(3).gauss(2000, 300) for _ in range(2000))     # > 512: quantiles
     assert _buckets(many, walls=[1.0] * 2000) == _buckets(many)
+
+
+def test_records_are_learnt_from_in_order_of_peak_whatever_order_they_came_in():
+    """Peaks are kept as they come (an insertion in order at each result cost O(tasks)) and put in
+    order when learnt from: as if each had been inserted in order -- walls with their peaks, equal
+    peaks in arrival order -- also after more records came behind ones already in order."""
+    rng = random.Random(7)
+    c = Category("c", "min-waste")
+    seen = []
+    for i in range(300):
+        peak, wall = float(rng.randint(0, 20)), float(i)        # many equal peaks
+        c.record({"memory": peak, "disk": 1.0}, {"memory": 64}, wall, True, task=i)
+        seen.append((peak, wall))
+        if i in (10, 150, 299):
+            want = sorted(seen, key=lambda pw: pw[0])          # stable: equal peaks in arrival order
+            assert [list(x) for x in c._values("memory")] == [[p for p, _ in want], [w for _, w in want]]
+    assert c.top == {"memory": 20.0, "disk": 1.0}
+    assert c.stats()["largest peak"] == {"memory": 20.0, "disk": 1.0}

@@ -10,7 +10,7 @@ import pytest
 
 from vinehpc.core import Core, InvalidTransition, TaskState, TRANSITIONS, input_names
 from vinehpc.core import placement
-from vinehpc.core.commands import KillTask, Log, SendTask, TaskFinished
+from vinehpc.core.commands import KillTask, SendTask, TaskFinished
 from vinehpc.core.commands import TaskStarted
 from vinehpc.core.events import SCHEDULE, Cancel, Submit, TaskResult, WorkerJoined, WorkerLost
 from vinehpc.core.tasks import transition
@@ -102,7 +102,7 @@ def dispatched(cmds):
 
 
 def logs(cmds, event):
-    return [c.record for c in of(cmds, Log) if c.record["event"] == event]
+    return [c for c in of(cmds, dict) if c["event"] == event]
 
 
 def done(cmds):

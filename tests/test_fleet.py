@@ -133,3 +133,47 @@ def test_idle_workers_ping_and_the_manager_does_not_ping_them_too(tmp_path):
             fleet.close()
     assert rep["pings"] >= 20 * 3, rep
     assert rep.get("pinged by the manager", 0) <= rep["pings"] // 4, rep
+
+
+@pytest.mark.timeout(180)
+def test_the_journal_of_a_fleet_run_agrees_with_what_came_back(tmp_path):
+    """The journal a fleet run writes (starts riding on their own results are not logged; a long
+    turn's records are encoded as they come) read by its readers: a task's records once each and in
+    order, the figures replayed from it (`vinehpc status` after the run) and the report's counts
+    agree with what wait() returned."""
+    import collections
+    import json
+
+    from vinehpc import status
+    from vinehpc.report.aggregate import load
+    joined, ids, back, rep = _run(tmp_path, 40, 3000, lambda i: vinehpc.Task(":"), disconnect=2)
+    run_dir = str(tmp_path / "run")
+    with open(os.path.join(run_dir, "transactions.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    events = collections.defaultdict(list)
+    for r in recs:
+        if r.get("task") in ids:
+            events[r["task"]].append(r["event"])
+    attempts = {t.id: t.attempts for t in back}
+    for tid in ids:
+        ev = events[tid]
+        assert ev[0] == "submitted" and ev[-1] == "done" and ev.count("submitted") == ev.count("done") == 1, ev
+        assert ev.count("dispatched") == attempts[tid], ev
+        # one attempt at a time: dispatched, then its start if logged, then its end
+        attempt = []
+        for e in ev[1:]:
+            if e == "dispatched":
+                assert not attempt, ev
+                attempt = [e]
+            elif e == "started":
+                assert attempt == ["dispatched"], ev
+                attempt.append(e)
+            else:
+                assert attempt and e in ("done", "requeued"), ev
+                attempt = []
+    figures = status.replay(os.path.join(run_dir, "transactions.jsonl")).counts(0.0)
+    assert (figures["tasks_submitted"], figures["tasks_succeeded"], figures["tasks_running"],
+            figures["tasks_on_workers"]) == (3000, 3000, 0, 0)
+    agg = load(run_dir)
+    assert (agg.n["submitted"], agg.n["done"], agg.n["failed"]) == (3000, 3000, 0)
+    assert agg.n["attempts"] == sum(attempts.values())

@@ -11,12 +11,19 @@ from .private import private_fd
 from .protocol.wire import json_encoder
 
 _encode = json_encoder(str)     # built once: this is hot (three records per task)
+# records kept as written at most; more are encoded at once.  A record is a dict the garbage
+# collector tracks (most hold a dict: resources, allocated), and so is its (record, time) pair:
+# thousands of them waiting through a long loop turn (a thousand workers' results) outlived two
+# young collections, were promoted to the oldest generation and made full collections -- walking
+# every queued task -- come twice as often: the collector cost more than the journal (issue 15)
+PENDING = 512
 
 
 class Journal:
     """Records are kept as written and encoded at the next flush, all in one write: the manager's
     I/O thread flushes after it has sent what a loop turn made, so encoding the turn's records
-    (three per task) is not on a task's way to its worker."""
+    (three per task) is not on a task's way to its worker -- up to PENDING of them: a long turn's
+    earlier records are encoded PENDING at a time as they come (see PENDING)."""
 
     def __init__(self, path: str | None):
         self.path = path
@@ -24,6 +31,7 @@ class Journal:
         # (record, time) not yet written; a deque: the user's thread writes a record now and then
         # while the I/O thread flushes (append and popleft are atomic)
         self._recs = collections.deque()
+        self._text = []                   # records encoded before the flush (PENDING), in order
         self._lock = threading.Lock()     # flush and close: the I/O thread's last flush may meet close()
 
     def write(self, rec: dict):
@@ -39,19 +47,23 @@ class Journal:
         else:
             stamp = t = time.time()
         if self._fd is not None:
-            self._recs.append((rec, stamp))
+            q = self._recs
+            q.append((rec, stamp))
+            if len(q) >= PENDING:
+                with self._lock:
+                    if self._fd is not None:
+                        self._text.append(self._encode())
         return t
 
     def flush(self) -> None:
-        if not self._recs:
+        if not self._recs and not self._text:
             return
         with self._lock:
             self._flush()
 
-    def _flush(self):
+    def _encode(self) -> str:
+        """The lines of the records kept (taken from the queue; under the lock)."""
         q = self._recs
-        if self._fd is None or not q:
-            return
         lines = []
         for _ in range(len(q)):
             rec, t = q.popleft()
@@ -59,7 +71,15 @@ class Journal:
             # the time spliced in: cheaper than adding it to the record and encoding it
             lines.append(s if t is None else '%s,"time":%.6f}' % (s[:-1], t) if len(s) > 2 else '{"time":%.6f}' % t)
         lines.append("")
-        data = memoryview("\n".join(lines).encode())
+        return "\n".join(lines)
+
+    def _flush(self):
+        if self._fd is None or not (self._recs or self._text):
+            return
+        text, self._text = self._text, []
+        if self._recs:
+            text.append(self._encode())
+        data = memoryview("".join(text).encode())
         while data:
             data = data[os.write(self._fd, data):]
 

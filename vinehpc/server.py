@@ -626,10 +626,10 @@ class Server:
 
     # ---------------------------------------------------------------- commands from the core
     def _carry(self, cmds):
-        do, record, log = self._do, self.record, cmd.Log
+        do, record = self._do, self.record
         for c in cmds:
-            if type(c) is log:      # most commands (3 to 4 records a task): no trip through the table
-                record(c.record)
+            if type(c) is dict:     # a journal record (most commands: 3 to 4 a task): no trip through the table
+                record(c)
             else:
                 do[type(c)](self, c)
 

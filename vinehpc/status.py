@@ -31,6 +31,7 @@ COUNTED = ("tasks_submitted", "tasks_running", "tasks_on_workers", "tasks_done",
            "workers_joined", "workers_lost", "workers_released", "total_cores", "total_memory", "total_disk",
            "total_gpus", "committed_cores", "bytes_sent", "files_sent", "connections_rejected",
            "tasks_ended_last_minute")
+_NONE = object()            # "no such entry", where None is a value
 
 
 class Stats(dict):
@@ -64,7 +65,7 @@ class Tracker:
             "manager started": self._started, "submitted": self._submitted, "resumed": self._resumed,
             "dispatched": self._dispatched, "started": self._task_started, "done": self._ended, "failed": self._ended,
             "retry": self._retried, "retry larger": self._retried, "requeued": self._retried,
-            "fast abort": self._retried, "not run": self._back, "worker joined": self._joined,
+            "fast abort": self._retried, "not run": lambda r: self._back(r.get("task")), "worker joined": self._joined,
             "worker lost": self._lost, "put": self._put, "stopping": self._stopping,
             "manager stopped": self._stopped, "rejected": self._rejected,
             "draining": lambda r: setattr(self, "draining", True),
@@ -85,7 +86,7 @@ class Tracker:
         self.c = dict.fromkeys(COUNTED, 0)   # flat counts, TaskVine names
         self.tasks = {}                # tid -> its shape, while not handed back
         self._shapes = {}              # (category, tag, cores) -> (category, cores, its groups): one per kind
-        self.on_workers = collections.OrderedDict()   # tid -> wid, dispatched and not ended
+        self.on_workers = {}           # tid -> wid, dispatched and not ended
         self.running = collections.OrderedDict()   # tid -> start time, of those; first is the oldest
         self.workers = {}              # wid -> [host, cores, memory, disk, gpus, busy cores, tasks]
         self.categories = {}           # name -> _Group
@@ -95,12 +96,16 @@ class Tracker:
         self.rate = collections.deque()   # [second, tasks ended in it], the last RATE_WINDOW seconds
 
     def feed(self, rec: dict, t: float | None = None) -> None:
-        """One journal record; `t`: the time the journal gave it (a replay: the record's own)."""
+        """One journal record; `t`: the time the journal gave it (a replay: the record's own).
+        Three a task, on the manager's I/O thread: the handlers of a task's records are written
+        for it (locals, no record read twice; issue 15)."""
         self.version += 1
-        h = self._on.get(rec.get("event"))
         if t is None:
             t = rec.get("time")
-        self.last = t if t is not None else time.time()
+            if t is None:
+                t = time.time()
+        self.last = t
+        h = self._on.get(rec.get("event"))
         if h is not None:
             h(rec)
 
@@ -145,13 +150,16 @@ class Tracker:
 
     def _dispatched(self, rec):
         tid, wid = rec.get("task"), rec.get("worker")
-        self.c["tasks_dispatched"] += 1
-        if tid in self.on_workers:       # cannot happen in a well-formed log; keep counts sane
-            self._back(rec)
-        self.on_workers[tid] = wid
-        self._busy(self.workers.get(wid), tid, 1)
+        c, on = self.c, self.on_workers
+        c["tasks_dispatched"] += 1
+        if tid in on:                    # cannot happen in a well-formed log; keep counts sane
+            self._back(tid)
+        on[tid] = wid
+        w = self.workers.get(wid)
+        if w is not None:
+            self._busy(w, tid, 1)
         if tid is not None and tid >= 0:
-            self.c["tasks_on_workers"] += 1
+            c["tasks_on_workers"] += 1
 
     def _task_started(self, rec):
         tid = rec.get("task")
@@ -163,35 +171,35 @@ class Tracker:
             for g in self._groups_of(tid):
                 g.running += 1
 
-    def _back(self, rec):
-        """The task's attempt ended without the task ending: it is no longer on its worker."""
-        tid = rec.get("task")
-        if tid not in self.on_workers:
-            return False
-        wid = self.on_workers.pop(tid)
-        self._busy(self.workers.get(wid), tid, -1)
+    def _back(self, tid):
+        """Task tid's attempt ended (the task ended, or not): it is no longer on its worker."""
+        wid = self.on_workers.pop(tid, _NONE)
+        if wid is _NONE:
+            return
+        w = self.workers.get(wid)
+        if w is not None:
+            self._busy(w, tid, -1)
         if tid >= 0:
             self.c["tasks_on_workers"] -= 1
-            if self.running.pop(tid, None) is not None:
+            if self.running and self.running.pop(tid, None) is not None:
                 self.c["tasks_running"] -= 1
                 for g in self._groups_of(tid):
                     g.running -= 1
-        return True
 
     def _busy(self, w, tid, sign):
         """A task starts (sign 1) or stops (-1) occupying worker `w`."""
-        if w is None:
-            return
-        cores = sign * (self.tasks.get(tid) or (0, 1))[1]
+        shape = self.tasks.get(tid)
+        cores = sign * shape[1] if shape is not None else sign
         w[5] += cores
-        self.c["committed_cores"] += cores
+        c = self.c
+        c["committed_cores"] += cores
         w[6] += sign
         if w[6] == (1 if sign > 0 else 0):
-            self.c["workers_busy"] += sign
+            c["workers_busy"] += sign
 
     def _retried(self, rec):
-        self._back(rec)
         tid = rec.get("task")
+        self._back(tid)
         if tid is not None and tid >= 0:
             self.c["tasks_retried"] += 1
             for g in self._groups_of(tid):
@@ -200,7 +208,7 @@ class Tracker:
     def _ended(self, rec):
         tid = rec.get("task")
         if tid in self.on_workers:
-            self._back(rec)
+            self._back(tid)
         shape = self.tasks.pop(tid, None)
         if tid is None or tid < 0:
             return
@@ -277,7 +285,7 @@ class Tracker:
         what still ran will not end in this session (it counts as waiting: not run)."""
         self.stopped = self.last
         for tid in list(self.on_workers):
-            self._back({"task": tid})
+            self._back(tid)
         for w in self.workers.values():
             self._count_worker(w, -1)
         self.c["workers_released"] += len(self.workers)

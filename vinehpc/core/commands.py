@@ -1,6 +1,8 @@
 """What the core asks the server to do: one dataclass per command (see events.py).
 
-The server carries them out in order; a command for a worker that is gone is dropped.
+The server carries them out in order; a command for a worker that is gone is dropped.  A journal
+record is the one command that is no class: the record itself, a dict (three or four a task: a
+wrapper object each was a microsecond of the manager's I/O thread per record, issue 15).
 """
 from __future__ import annotations
 
@@ -82,11 +84,6 @@ class TaskStarted:
 class TaskFinished:
     task: object                 # its results are on it: hand it to the user
     on_done: object = None       # ... through this callback instead of wait()
-
-
-@dataclass(slots=True)
-class Log:
-    record: dict                 # one journal record
 
 
 @dataclass(slots=True)

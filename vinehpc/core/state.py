@@ -16,7 +16,7 @@ from ..scheduler import make as make_policy
 from . import events as ev
 from . import transfers
 from .categories import LEARNED, Category
-from .commands import DropFunction, Drained, KillTask, Log, ResolveFile, TaskFinished, UnlinkFile
+from .commands import DropFunction, Drained, KillTask, ResolveFile, TaskFinished, UnlinkFile
 from .placement import schedule, touch
 from .tasks import EMPTY, TaskState, transition
 from .workers import RES, Blocklist, WorkerState
@@ -108,9 +108,10 @@ class Core:
     # ------------------------------------------------------------------ helpers
     def _log(self, event, **kw):
         # the record is the journal's once written (it is not copied there): a value that changes
-        # later -- a task's resources, a worker's totals -- is passed as a copy
+        # later -- a task's resources, a worker's totals -- is passed as a copy.  The command is
+        # the record itself (commands.py)
         kw["event"] = event
-        self.out.append(Log(kw))
+        self.out.append(kw)
 
     @staticmethod
     def _key(f):
@@ -466,16 +467,15 @@ class Core:
 
     def _task_result(self, e, now):
         """A worker returned a task: e.info = {status, exit_code, reason, wall, stdout, temps...}.
-        Starts riding on it (`started`) are logged around it: this task's own before its end, the
-        others after it (the next task of its interpreter's lane started as this one returned)."""
+        Starts riding on it (`started`) are logged after its end (the next task of its
+        interpreter's lane started as this one returned).  This task's own start, when it rides
+        on its own result, is not logged: the manager learns it with the end, at the same time,
+        so a record would say nothing the ending one does not (its time minus `wall` is the
+        start) and cost the I/O thread a quarter of a no-op task's journal (issue 15)."""
+        self._result(e, now)
         started = e.info.get("started")
         if started:
-            if e.tid in started:
-                self._started(e.wid, (e.tid,))
-            self._result(e, now)
-            self._started(e.wid, started)
-        else:
-            self._result(e, now)
+            self._started(e.wid, started)       # (this task's own id: no longer running, ignored)
 
     def _result(self, e, now):
         tid, wid, res = e.tid, e.wid, e.info
@@ -485,24 +485,30 @@ class Core:
             return
         w = self.workers.get(wid)
         self._release(ts)
-        ts.host = w.host if w else None
-        ts.addr = w.info.get("addr") if w else None
+        get = res.get
         ts.worker = wid
-        ts.exit_code = res.get("exit_code")
-        ts.stdout = res.get("stdout") or ""     # a task that ran and printed nothing: "" (as TaskVine)
-        ts.wall = res.get("wall")
-        ts.measured = res.get("measured")
+        ts.exit_code = get("exit_code")
+        ts.stdout = get("stdout") or ""     # a task that ran and printed nothing: "" (as TaskVine)
+        ts.wall = wall = get("wall")
+        ts.measured = get("measured")
         ts.output = e.output
         if w is not None:
-            for n in res.get("temps") or ():
-                w.cached.add(n)
-                self.replicas[n].add(wid)
-            for n, (size, digest) in (res.get("sums") or {}).items():
-                self.transfers.temps[n] = (size, digest)
-        status = res.get("status", "failed")
-        cat = self.category(ts.task.category)
-        cat.record(ts.measured, ts.res, ts.wall, status == "success", task=tid)
-        if res.get("worker_fault"):
+            ts.host, ts.addr = w.host, w.info.get("addr")
+            temps, sums = get("temps"), get("sums")
+            if temps:
+                for n in temps:
+                    w.cached.add(n)
+                    self.replicas[n].add(wid)
+            if sums:
+                for n, (size, digest) in sums.items():
+                    self.transfers.temps[n] = (size, digest)
+        else:
+            ts.host = ts.addr = None
+        status = get("status", "failed")
+        category = ts.task.category
+        cat = self.categories.get(category) or self.category(category)
+        cat.record(ts.measured, ts.res, wall, status == "success", tid)
+        if get("worker_fault"):
             if w is not None:
                 self.blocked.fault(w, res.get("reason"), now)
             self._log("requeued", task=tid, reason="worker %s could not run it: %s" % (wid, res.get("reason")),
@@ -526,11 +532,11 @@ class Core:
                 self._requeue(ts, front=True)   # first in line: it has waited, and its kind learns from it
                 return
         if status == "success":
-            c = self.cat[ts.task.category]
+            c = self.cat[category]
             c[0] += 1
-            wall = float(ts.wall or 0.0)
+            wall = float(wall or 0.0)
             c[1] = wall if c[0] == 1 else 0.8 * c[1] + 0.2 * wall
-            self._finish(ts, "success", res.get("reason"))
+            self._finish(ts, "success", get("reason"))
             return
         if ts.tries < ts.task.retries:
             ts.tries += 1
@@ -588,7 +594,8 @@ class Core:
         task.result = result
         task.reason = reason
         task.state = "done"
-        task.resources_allocated = {k: v for k, v in ts.res.items() if v}
+        res = ts.res
+        task.resources_allocated = alloc = {k: res[k] for k in RES if res[k]}
         if not resumed:
             task.hostname = ts.host
             task.worker = ts.worker
@@ -605,11 +612,13 @@ class Core:
         if ts.tid >= 0:
             self.counts["done" if ok else "failed"] += 1
         if not resumed:
-            self._log("done" if ok else "failed", task=ts.tid, worker=ts.wid, result=result,
-                      exit_code=ts.exit_code, reason=reason, wall=ts.wall, attempts=ts.attempts,
-                      category=task.category, allocated=dict(task.resources_allocated),
-                      measured=dict(ts.measured) if ts.measured else ts.measured,
-                      output=_tail(ts.stdout, OUTPUT_KEPT[ok]))
+            # _log's record, written out: one a task, and the call with its twelve keywords cost
+            # as much as building the record (the keys in the order the report reads: report/aggregate.py)
+            self.out.append({"task": ts.tid, "worker": ts.wid, "result": result, "exit_code": ts.exit_code,
+                             "reason": reason, "wall": ts.wall, "attempts": ts.attempts, "category": task.category,
+                             "allocated": dict(alloc), "measured": dict(ts.measured) if ts.measured else ts.measured,
+                             "output": _tail(ts.stdout, OUTPUT_KEPT[ok]),
+                             "event": "done" if ok else "failed"})
         for f, _ in task.outputs:
             k = self._key(f)
             if not ok and f.kind == "temp":

@@ -6,8 +6,8 @@ attempts drawn one by one and per-worker busy time per bin for at most WORKER_RO
 The only per-task state is for attempts in flight (dispatched, no result yet).
 
 Times: a record's `time` is the manager's clock when it was written.  An attempt's start is its
-`started` record (under pipelining a task is dispatched before it starts).  A log without one (an
-older vinehpc; an attempt that ended before its start was heard of): its ending record's time
+`started` record (under pipelining a task is dispatched before it starts).  An attempt without one
+(its start came with its own result; an older vinehpc): its ending record's time
 minus `wall` (the worker's own measure, from the task's start), never before its dispatch; an
 attempt with no `wall` either (its worker was lost, it was cancelled) started at its dispatch.
 """
