@@ -100,6 +100,17 @@ def touch(core, w):
                 _reindex(core)          # stale entries piled up: O(N) once per O(N) changes
 
 
+def touch_moved(core):
+    """touch() the workers whose tasks ended since the last pass, once each: a worker whose
+    results came several in one read (most often, on a large fleet) took a heap push per result
+    (issue 15).  Only a pass reads the index, so it is current whenever one is made."""
+    moved, core.moved = core.moved, set()
+    workers = core.workers
+    for w in moved:
+        if workers.get(w.wid) is w:     # (not lost since)
+            touch(core, w)
+
+
 def _reindex(core):
     core.open = []
     for w in core.workers.values():
@@ -172,6 +183,8 @@ def schedule(core, now) -> int:
     if not core.ready or not core.workers or core.drain_deadline is not None:
         return 0
     blocked = core.blocked
+    if core.moved:
+        touch_moved(core)
     top = _top_factor(core)
     if top != core.top:
         core.top = top

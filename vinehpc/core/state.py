@@ -70,6 +70,7 @@ class Core:
         self.unproduced = {}               # temp cachename -> why its producer failed
         self.reserved = None               # (wid, tid): a worker kept for a task no worker had room for
         self.open = []                     # heap of workers with room (placement.touch), by load
+        self.moved = set()                 # workers whose tasks ended since the last pass: touched then
         self.where = {}                    # cache name -> wids whose cache holds it (workers.Cached)
         self.top = 1                       # the prefetch factor the index was made with
         self.joins = 0
@@ -203,7 +204,7 @@ class Core:
         w.outstanding -= 1
         for k in RES:
             w.committed[k] -= ts.res[k]
-        touch(self, w)
+        self.moved.add(w)       # its place in the index: once, at the next pass (placement.touch_moved)
 
     # ------------------------------------------------------------------ user events
     def _submit(self, e, now, front=False):
