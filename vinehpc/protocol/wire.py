@@ -160,17 +160,10 @@ class Decoder:
                 need = self._need or self._head(pos)
                 if need is None:
                     break
-                name, start, ctl_len, lengths, total = need
+                total = need[4]
                 if end - pos < total:
                     break
-                start += pos
-                ctl = self._ctl(view, start, ctl_len)
-                frames = []
-                start += ctl_len
-                for n in lengths:
-                    frames.append(bytes(view[start:start + n]))     # one copy (a bytearray slice would make two)
-                    start += n
-                out.append((name, ctl, frames))
+                out.append(self._message(view, pos, need))
                 pos += total
                 self._need = None
         finally:
@@ -190,20 +183,15 @@ class Decoder:
         need = self._need or self._head()
         if need is None:
             return None
-        name, start, ctl_len, lengths, total = need
+        total = need[4]
         buf = self.buf
         if len(buf) < total:
             return None
         with memoryview(buf) as view:
-            ctl = self._ctl(view, start, ctl_len)
-            frames = []
-            pos = start + ctl_len
-            for n in lengths:
-                frames.append(bytes(view[pos:pos + n]))     # one copy (a bytearray slice would make two)
-                pos += n
+            msg = self._message(view, 0, need)
         del buf[:total]
         self._need = None
-        return name, ctl, frames
+        return msg
 
     def next_head(self):
         """The next message's (name, ctl, frame lengths) with its frames left unread, or None: the
@@ -259,6 +247,18 @@ class Decoder:
                 raise ProtocolError("frame of %d bytes exceeds the limit %d" % (n, self.max_frame))
         self._need = (name, lens_end, ctl_len, lengths, lens_end + ctl_len + sum(lengths))
         return self._need
+
+    def _message(self, view, pos, need):
+        """(name, ctl, frames) of the complete message at `pos` whose header gave `need`."""
+        name, start, ctl_len, lengths, _ = need
+        start += pos
+        ctl = self._ctl(view, start, ctl_len)
+        frames = []
+        start += ctl_len
+        for n in lengths:
+            frames.append(bytes(view[start:start + n]))     # one copy (a bytearray slice would make two)
+            start += n
+        return name, ctl, frames
 
     @staticmethod
     def _ctl(view, start, ctl_len) -> dict:
