@@ -80,7 +80,6 @@ def test_a_burst_of_requests_is_taken_a_bounded_number_per_loop_turn(tmp_path, m
     import threading
     from vinehpc import server as srv
     from vinehpc.core import Core
-    from vinehpc.core.events import SCHEDULE
     from vinehpc.journal import Journal
     s = srv.Server(Core(), host="127.0.0.1", port=0, secret="s", journal=Journal(None), staging=str(tmp_path),
                    keepalive_interval=5.0, keepalive_timeout=30.0)
@@ -92,7 +91,7 @@ def test_a_burst_of_requests_is_taken_a_bounded_number_per_loop_turn(tmp_path, m
         return real_op(self, o, now)
 
     def feed(self, event, now):
-        if event is SCHEDULE:
+        if event is srv.SCHEDULE:     # (fed once per part of a pass: the later parts of a turn count 0)
             per_turn.append(ops[0])
             ops[0] = 0
         return real_feed(self, event, now)

@@ -25,8 +25,8 @@ from .comm.peer import PUT_PIECE
 from .comm.receive import Incoming
 from .core import commands as cmd
 from .core.placement import STARTS_PER_WORKER
-from .core.events import (SCHEDULE, TICK, FetchFailed, FileCached, FileDropped, FileFetched, FileResolved, PutFailed,
-                          TaskResult, TasksStarted, TransferDone, WorkerJoined, WorkerLost)
+from .core.events import (TICK, FetchFailed, FileCached, FileDropped, FileFetched, FileResolved, PutFailed,
+                          Schedule, TaskResult, TasksStarted, TransferDone, WorkerJoined, WorkerLost)
 from .protocol import ProtocolError, handshake, messages, tls
 from .status import Tracker
 from .protocol.names import check_cachename
@@ -44,6 +44,9 @@ BACKLOG = 4096
 # workers give each worker one task a turn, a message each way per task (issue 15)
 INBOX_TURN = 4096
 STATUS_IDLE = 60.0          # a status client that asks nothing for this long is closed
+# a scheduling pass goes in parts of this many starts, each part's commands carried out before the
+# next (see core/placement.schedule: a pass starting thousands held all their commands at once)
+SCHEDULE = Schedule(part=256)
 
 
 class Peer:
@@ -194,6 +197,8 @@ class Server:
                     self._timers(now)
                     next_timer = now + 1.0
                 self._feed(SCHEDULE, now)
+                while self.core.pass_left is not None:
+                    self._feed(SCHEDULE, now)
                 if self.status.version != self._stats_version:
                     self.publish_stats()     # before the hand-over: wait() never returns ahead of m.stats
                 self._flush()

@@ -135,6 +135,20 @@ class Connection:
         if self.tls:
             return self._flush_tls()
         out = self.out
+        if len(out) == 1 and type(out[0]) is bytes:
+            # one message queued (most flushes on a large fleet: a worker's refill): a plain send
+            head = out[0]
+            try:
+                n = self.sock.send(head)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as e:
+                raise Closed(str(e)) from None
+            if n == len(head):
+                out.clear()
+                return True
+            out[0] = memoryview(head)[n:]   # the socket is full: the rest when it is writable
+            return False
         while out:
             head = out[0]
             if isinstance(head, FileRange):

@@ -151,7 +151,10 @@ class Tick:
 
 @dataclass(slots=True)
 class Schedule:
-    """After each batch of events: dispatch what can start, and end a drain that is over."""
+    """After each batch of events: dispatch what can start, and end a drain that is over.
+    `part`: end after this many starts (0: the whole pass); the core then sets `pass_left`, and
+    the next Schedule goes on with the same pass (its caller carries each part's commands first)."""
+    part: int = 0
 
 
 TICK = Tick()

@@ -100,6 +100,17 @@ def touch(core, w):
                 _reindex(core)          # stale entries piled up: O(N) once per O(N) changes
 
 
+def touch_moved(core):
+    """touch() the workers whose tasks ended since the last pass, once each: a worker whose
+    results came several in one read (most often, on a large fleet) took a heap push per result
+    (issue 15).  Only a pass reads the index, so it is current whenever one is made."""
+    moved, core.moved = core.moved, set()
+    workers = core.workers
+    for w in moved:
+        if workers.get(w.wid) is w:     # (not lost since)
+            touch(core, w)
+
+
 def _reindex(core):
     core.open = []
     for w in core.workers.values():
@@ -167,11 +178,21 @@ def fits_empty(w, ts) -> bool:
     return all(not r[k] or r[k] <= w.total[k] for k in RES)
 
 
-def schedule(core, now) -> int:
-    """Dispatch ready tasks to workers with room. Returns how many were dispatched."""
+def schedule(core, now, part=0, left=None) -> int:
+    """Dispatch ready tasks to workers with room. Returns how many were dispatched.
+
+    `part`: stop after that many starts, leaving what is left of the pass's starts in
+    core.pass_left; `left`: those of the pass this one goes on with.  Why: a pass on a large fleet
+    starts thousands of tasks, and each start's commands (its message, its records) waited for
+    the end of the pass to be carried out: many thousand objects alive at once, promoted by the
+    garbage collector on their way, and full collections came more often the larger the fleet
+    (issue 15).  A part's tasks passed over are taken again by the next part (each part passes
+    over at most SCAN_LIMIT), the rest is the pass's as if it were whole."""
     if not core.ready or not core.workers or core.drain_deadline is not None:
         return 0
     blocked = core.blocked
+    if core.moved:
+        touch_moved(core)
     top = _top_factor(core)
     if top != core.top:
         core.top = top
@@ -184,7 +205,11 @@ def schedule(core, now) -> int:
     n = 0
     skipped = []
     scanned = 0
-    starts = max(DISPATCH_LIMIT, STARTS_PER_WORKER * len(core.workers))
+    starts = max(DISPATCH_LIMIT, STARTS_PER_WORKER * len(core.workers)) if left is None else left
+    if part and part < starts:
+        starts, left = part, starts - part
+    else:
+        left = None
     keep = _reservation(core, now)
     passed = 0                       # skipped[:passed] are known to have been passed over
     # Task shapes (category, request, pin-free, no temps) that fit no free worker in this pass ->
@@ -286,6 +311,8 @@ def schedule(core, now) -> int:
             free.remove(w)
     if skipped:
         core.ready.extendleft(reversed(skipped))
+    if left is not None and n >= starts:
+        core.pass_left = left
     return n
 
 

@@ -70,6 +70,8 @@ class Core:
         self.unproduced = {}               # temp cachename -> why its producer failed
         self.reserved = None               # (wid, tid): a worker kept for a task no worker had room for
         self.open = []                     # heap of workers with room (placement.touch), by load
+        self.moved = set()                 # workers whose tasks ended since the last pass: touched then
+        self.pass_left = None              # starts left to a pass cut into parts (Schedule.part), else None
         self.where = {}                    # cache name -> wids whose cache holds it (workers.Cached)
         self.top = 1                       # the prefetch factor the index was made with
         self.joins = 0
@@ -203,7 +205,7 @@ class Core:
         w.outstanding -= 1
         for k in RES:
             w.committed[k] -= ts.res[k]
-        touch(self, w)
+        self.moved.add(w)       # its place in the index: once, at the next pass (placement.touch_moved)
 
     # ------------------------------------------------------------------ user events
     def _submit(self, e, now, front=False):
@@ -578,13 +580,14 @@ class Core:
                 self.blocked.block(wid, now, why="2 tasks fast-aborted on worker %s (%s)" % (wid, w.host))
 
     def _schedule(self, e, now):
+        left, self.pass_left = self.pass_left, None
         if self.drain_deadline is not None:
             if not self.drained:
                 self._end_drain(now)
             return
         if len(self.workers) < self.wait_for_workers:
             return      # TaskVine's "wait-for-workers": dispatch nothing before that many joined
-        schedule(self, now)
+        schedule(self, now, e.part, left)
 
     # ------------------------------------------------------------------ handing back
     def _finish(self, ts, result, reason, resumed=False):

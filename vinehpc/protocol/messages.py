@@ -575,12 +575,30 @@ def decoded(msgs):
     envelope and every item are validated before its first item is given, so a receiver acts on
     none of a batch it refuses, and refuses it for the reason decode() gives (a valid item ahead
     of a bad one is not handled, nor refused by its handler).  A generator: what came before an
-    invalid message is still handled, however the bytes were split into reads."""
+    invalid message is still handled, however the bytes were split into reads.
+
+    A read of one message (most reads on a large fleet: one batch of a few results) is decoded
+    whole at once, as a list: nothing comes before it to be handled, and a generator per read
+    was part of the manager's cost per task that grew with the fleet (issue 15)."""
+    if len(msgs) == 1:
+        name, ctl, frames = msgs[0]
+        return _items(ctl, frames) if name == "batch" else [(decode(name, ctl, frames), ctl)]
+    return _decoded(msgs)
+
+
+def _decoded(msgs):
     for name, ctl, frames in msgs:
         if name == "batch":
-            yield from [(decode(n, c, f), c) for n, c, f in unbatch(ctl, frames)]
+            yield from _items(ctl, frames)
         else:
             yield decode(name, ctl, frames), ctl
+
+
+def _items(ctl, frames) -> list:
+    """(typed message, control dict) of each item of a batch, all validated (decode()'s checks:
+    the envelope knows each item's name is one of BATCHED)."""
+    d = _DECODERS
+    return [(d[n](c, f), c) for n, c, f in unbatch(ctl, frames)]
 
 
 def _decode_batch(ctl, frames):

@@ -145,14 +145,32 @@ class Decoder:
         return self._need[4] - len(self.buf) if self._need is not None else 0
 
     def feed(self, data) -> list:
-        """Take `data`; return every message now complete."""
-        self.buf += data
+        """Take `data`; return every message now complete.  next_message's work over the whole
+        buffer in one pass, what was taken cut off once: on a large fleet a read carries a few
+        small messages, and the per-message layers were a share of the manager's cost per task
+        that grew with the fleet (issue 15)."""
+        buf = self.buf
+        buf += data
         out = []
-        while True:
-            msg = self.next_message()
-            if msg is None:
-                return out
-            out.append(msg)
+        pos = 0
+        end = len(buf)
+        view = memoryview(buf)
+        try:
+            while True:
+                need = self._need or self._head(pos)
+                if need is None:
+                    break
+                total = need[4]
+                if end - pos < total:
+                    break
+                out.append(self._message(view, pos, need))
+                pos += total
+                self._need = None
+        finally:
+            view.release()
+        if pos:
+            del buf[:pos]
+        return out
 
     def push(self, data) -> None:
         """Take `data` without decoding (see next_message)."""
@@ -165,20 +183,15 @@ class Decoder:
         need = self._need or self._head()
         if need is None:
             return None
-        name, start, ctl_len, lengths, total = need
+        total = need[4]
         buf = self.buf
         if len(buf) < total:
             return None
         with memoryview(buf) as view:
-            ctl = self._ctl(view, start, ctl_len)
-            frames = []
-            pos = start + ctl_len
-            for n in lengths:
-                frames.append(bytes(view[pos:pos + n]))     # one copy (a bytearray slice would make two)
-                pos += n
+            msg = self._message(view, 0, need)
         del buf[:total]
         self._need = None
-        return name, ctl, frames
+        return msg
 
     def next_head(self):
         """The next message's (name, ctl, frame lengths) with its frames left unread, or None: the
@@ -204,13 +217,14 @@ class Decoder:
         del self.buf[:k]
         return out
 
-    def _head(self):
-        """Check the header of the message at the front of the buffer once it is there; its
-        (name, start of the control part, ctl_len, frame lengths, total), or None."""
+    def _head(self, pos=0):
+        """Check the header of the message at `pos` in the buffer (its front) once it is there; its
+        (name, start of the control part, ctl_len, frame lengths, total), offsets from `pos`, or None."""
         buf = self.buf
-        if len(buf) < HEADER.size:
+        have = len(buf) - pos
+        if have < HEADER.size:
             return None
-        magic, version, code, nframes, ctl_len = HEADER.unpack_from(buf, 0)
+        magic, version, code, nframes, ctl_len = HEADER.unpack_from(buf, pos)
         if magic != MAGIC:
             raise ProtocolError("bad magic %r: not a vinehpc peer" % bytes(magic))
         if version != VERSION:
@@ -225,14 +239,26 @@ class Decoder:
         if nframes > MAX_FRAMES:
             raise ProtocolError("%d frames exceed the limit %d" % (nframes, MAX_FRAMES))
         lens_end = HEADER.size + 8 * nframes
-        if len(buf) < lens_end:
+        if have < lens_end:
             return None
-        lengths = LENGTHS[nframes].unpack_from(buf, HEADER.size) if nframes else ()
+        lengths = LENGTHS[nframes].unpack_from(buf, pos + HEADER.size) if nframes else ()
         for n in lengths:
             if n > self.max_frame:
                 raise ProtocolError("frame of %d bytes exceeds the limit %d" % (n, self.max_frame))
         self._need = (name, lens_end, ctl_len, lengths, lens_end + ctl_len + sum(lengths))
         return self._need
+
+    def _message(self, view, pos, need):
+        """(name, ctl, frames) of the complete message at `pos` whose header gave `need`."""
+        name, start, ctl_len, lengths, _ = need
+        start += pos
+        ctl = self._ctl(view, start, ctl_len)
+        frames = []
+        start += ctl_len
+        for n in lengths:
+            frames.append(bytes(view[start:start + n]))     # one copy (a bytearray slice would make two)
+            start += n
+        return name, ctl, frames
 
     @staticmethod
     def _ctl(view, start, ctl_len) -> dict:
