@@ -129,6 +129,16 @@ class Connection:
     def wants_write(self) -> bool:
         return bool(self.out)
 
+    @staticmethod
+    def _sent(send, data):
+        """send(data) on the socket: the bytes it took, None when it takes nothing now."""
+        try:
+            return send(data)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as e:
+            raise Closed(str(e)) from None
+
     def flush(self) -> bool:
         """Write what the socket takes now. Returns True when everything queued is sent."""
         self._seal()
@@ -138,12 +148,9 @@ class Connection:
         if len(out) == 1 and type(out[0]) is bytes:
             # one message queued (most flushes on a large fleet: a worker's refill): a plain send
             head = out[0]
-            try:
-                n = self.sock.send(head)
-            except (BlockingIOError, InterruptedError):
+            n = self._sent(self.sock.send, head)
+            if n is None:
                 return False
-            except OSError as e:
-                raise Closed(str(e)) from None
             if n == len(head):
                 out.clear()
                 return True
@@ -174,12 +181,9 @@ class Connection:
                 if not isinstance(b, (bytes, bytearray, memoryview)) or len(bufs) >= IOV_MAX:
                     break
                 bufs.append(b)
-            try:
-                n = self.sock.sendmsg(bufs)
-            except (BlockingIOError, InterruptedError):
+            n = self._sent(self.sock.sendmsg, bufs)
+            if n is None:
                 return False
-            except OSError as e:
-                raise Closed(str(e)) from None
             while n:
                 b = out[0]
                 if n >= len(b):
