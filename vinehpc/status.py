@@ -207,8 +207,7 @@ class Tracker:
 
     def _ended(self, rec):
         tid = rec.get("task")
-        if tid in self.on_workers:
-            self._back(tid)
+        self._back(tid)
         shape = self.tasks.pop(tid, None)
         if tid is None or tid < 0:
             return
