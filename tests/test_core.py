@@ -66,6 +66,9 @@ class Sim:
         return self(SCHEDULE, now)
 
     def result(self, wid, task, now=0.0, **res):
+        ts = self.core.tasks.get(task.id)
+        if "att" not in res and ts is not None and ts.attempts > 1:
+            res["att"] = ts.attempts        # (as a worker echoes the task message's)
         return self(TaskResult(wid, task.id, res), now)
 
     def ok(self, wid, task, now=0.0, **extra):

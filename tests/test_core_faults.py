@@ -61,8 +61,10 @@ class Workers:
                 continue
             self.answered.add(id(c))
             temps = [o[2] for o in c.spec["outputs"] if o[1] == "temp"]
-            self.feed(self.sim(TaskResult(c.wid, c.tid, {"status": "success", "exit_code": 0, "wall": 1.0,
-                                                         "temps": temps}), now))
+            res = {"status": "success", "exit_code": 0, "wall": 1.0, "temps": temps}
+            if "att" in c.spec:
+                res["att"] = c.spec["att"]      # (echoed, as a worker does)
+            self.feed(self.sim(TaskResult(c.wid, c.tid, res), now))
         self.sim.take()
 
     def run_until(self, task, now):

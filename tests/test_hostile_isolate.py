@@ -414,9 +414,9 @@ def test_worker_state_holds_tasks_that_need_a_dropped_input_until_it_comes_again
 
 
 def test_core_requeues_the_tasks_on_a_worker_that_dropped_an_input_and_sends_it_again(sim_core, tmp_path):
-    from vinehpc.core.commands import KillTask, PutFile
-    from vinehpc.core.events import FileDropped
-    from test_core import dispatched, infile_factory, logs, new_task, of
+    from vinehpc.core.commands import KillTask, PutFile, SendTask
+    from vinehpc.core.events import FileDropped, TaskResult
+    from test_core import dispatched, done, infile_factory, logs, new_task, of
     sim = sim_core
     f = infile_factory(tmp_path)(cache=True)
     a = sim.submit(new_task(cores=1).add_input(f, "in"))
@@ -434,6 +434,15 @@ def test_core_requeues_the_tasks_on_a_worker_that_dropped_an_input_and_sends_it_
     cmds = sim.take()
     assert len(of(cmds, PutFile)) == 1 and sorted(t for _, t in dispatched(cmds)) == [a.id, b.id]
     assert sim.core.tasks[a.id].tries == 0          # no retry spent, the worker not blamed
+    # sent again to the same worker, numbered: a result of the killed attempt, sent before the
+    # kill arrived there (it failed: its input went), is not taken for the new one's
+    assert [c.spec.get("att") for c in of(cmds, SendTask)] == [2, 2]
+    late = sim(TaskResult(1, a.id, {"status": "failed", "reason": "No such file or directory", "wall": 0.0,
+                                    "worker_fault": True}), 2.0)
+    assert logs(late, "stale result") and not logs(late, "requeued") and sim.state(a) == "running"
+    assert not of(late, SendTask)
+    assert done(sim(TaskResult(1, a.id, {"status": "success", "wall": 0.1, "exit_code": 0, "att": 2}), 2.0)) == [a]
+    assert a.successful() and a.attempts == 2
 
 
 @pytest.fixture

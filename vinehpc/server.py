@@ -103,7 +103,7 @@ class Server:
         self.released = 0
         self.drained = False      # the core ended a drain: nothing more will run
         self.n_workers = 0        # joined workers (published for Manager.wait_for_workers, under cond)
-        self.sent = {}            # tid -> (wid, outputs) of the attempt in flight: where its outputs go
+        self.sent = {}            # tid -> (wid, outputs, att) of the attempt in flight: where its outputs go
         self.port = self.lsock.getsockname()[1]
         self.sel = selectors.DefaultSelector()
         self.also = also
@@ -520,7 +520,7 @@ class Server:
     def _on_result(self, p, msg, ctl, now):
         tid = msg.id
         sent = self.sent.get(tid)
-        if sent is not None and sent[0] == p.wid:
+        if sent is not None and sent[0] == p.wid and sent[2] == (msg.att or 1):    # (else stale: the core says so)
             del self.sent[tid]
             errs = p.out_errors.pop(tid, None)
             if errs and msg.status == "success":
@@ -658,8 +658,10 @@ class Server:
             self._feed(PutFailed(p.wid, c.cachename), time.monotonic())
         elif isinstance(c, cmd.SendTask):
             self.sent.pop(c.tid, None)
-            self._feed(TaskResult(p.wid, c.tid, {"status": "failed", "reason": "could not send the task: " + why}),
-                       time.monotonic())
+            res = {"status": "failed", "reason": "could not send the task: " + why}
+            if "att" in c.spec:
+                res["att"] = c.spec["att"]
+            self._feed(TaskResult(p.wid, c.tid, res), time.monotonic())
         if not isinstance(e, OSError):
             log.error("manager could not carry out %s for worker %s: %s", kind, p.wid, why)
 
@@ -696,7 +698,7 @@ class Server:
         return path
 
     def _send_task(self, p, c):
-        self.sent[c.tid] = (p.wid, c.outputs)
+        self.sent[c.tid] = (p.wid, c.outputs, c.spec.get("att", 1))
         p.conn.send("task", c.spec, [c.payload] if c.payload is not None else ())
 
     def _forget(self, p, c):

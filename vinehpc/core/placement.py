@@ -400,6 +400,8 @@ def task_message(task, ts, pipe) -> dict:
     spec["category"] = task.category
     if pipe:
         spec["pipe"] = True
+    if ts.attempts > 1:       # (the result echoes it: see state._result)
+        spec["att"] = ts.attempts
     return spec
 
 

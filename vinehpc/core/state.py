@@ -482,8 +482,10 @@ class Core:
     def _result(self, e, now):
         tid, wid, res = e.tid, e.wid, e.info
         ts = self.tasks.get(tid)
-        if ts is None or ts.wid != wid or ts.state != "running":
-            self._log("stale result", task=tid, worker=wid)
+        if ts is None or ts.wid != wid or ts.state != "running" or res.get("att", 1) != ts.attempts:
+            # (att: a result of an earlier attempt killed on this worker -- an input it held was
+            # dropped -- sent before the kill arrived, read after the task was sent there again)
+            self._log("stale result", task=tid, worker=wid, attempt=res.get("att", 1))
             return
         w = self.workers.get(wid)
         self._release(ts)

@@ -363,6 +363,7 @@ class Result(Message):
     # tasks whose start (start_reported) the worker has not reported yet, this one's included if
     # it is among them: they ride on the result instead of a `started` message of their own
     started = opt(ListOf(Id, MAX_STARTED))
+    att = opt(Int(2, 1 << 31))                      # the task message's attempt number (none: the first)
 
 
 @message(35, "started")
@@ -483,6 +484,9 @@ class Task(Message):
     slots = opt(Int(1, 1 << 20))                    # a library call: at most this many of its library's at once
     watch = opt(ListOf(Str(NAME, 1)))               # output remote names streamed while it runs (watch)
     expect = opt(ListOf(Str(NAME, 1)))              # inputs still on their way (fetch, put): wait for them
+    # the attempt number, from the second on (the first goes without: the common case costs nothing);
+    # the result echoes it, so a late result of an attempt killed here is not taken for the next one
+    att = opt(Int(2, 1 << 31))
 
 
 @message(23, "kill")

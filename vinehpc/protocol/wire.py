@@ -16,8 +16,9 @@ import json
 import struct
 
 MAGIC = b"VN"
-VERSION = 4                  # 3: worker-to-worker transfers (info.port, fetch, fetched, want, task.expect, put.ack)
+VERSION = 5                  # 3: worker-to-worker transfers (info.port, fetch, fetched, want, task.expect, put.ack)
                              # 4: batch (several task or result messages in one)
+                             # 5: task.att, result.att (a late result of an earlier attempt is told apart)
 HEADER = struct.Struct("!2sBBHI")
 
 MAX_CTL = 1 << 20            # 1 MiB of JSON control per message

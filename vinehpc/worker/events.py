@@ -49,6 +49,7 @@ class TaskSpec:
     error: str | None = None        # the inputs could not be understood (the task fails)
     report_start: bool = False      # tell the manager when it starts (messages.start_reported)
     expect: tuple = ()              # inputs on their way (a fetch from a peer, a put): wait for them
+    att: int | None = None          # the manager's attempt number (from the second on): the result echoes it
 
     @classmethod
     def from_message(cls, m: messages.Task) -> "TaskSpec":
@@ -65,7 +66,7 @@ class TaskSpec:
                    m.env or {}, dict(m.res), float(m.time_max) if m.time_max else None,
                    bool(m.pipe), m.slots, tuple(m.watch) if m.watch else (), error,
                    messages.start_reported(m.pipe, m.slots, m.inputs, m.expect),
-                   tuple(m.expect) if m.expect else ())
+                   tuple(m.expect) if m.expect else (), m.att)
 
     @property
     def python(self) -> bool:
@@ -292,6 +293,7 @@ class SendResult:
     exhausted: dict | None = None
     worker_fault: bool = False
     sent: bool = False              # the result message went out already: only clean up
+    att: int | None = None          # the task message's attempt number, echoed
 
 
 @dataclass

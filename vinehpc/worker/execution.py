@@ -381,19 +381,20 @@ class Execution:
             h.sandbox.remove()
         if not c.sent:
             self._send_result(conn, c.tid, status, reason, c.wall, value, h, code=code, signal=c.signal,
-                              stdout=c.stdout, temps=temps, exhausted=c.exhausted, fault=fault, started=started)
+                              stdout=c.stdout, temps=temps, exhausted=c.exhausted, fault=fault, started=started,
+                              att=c.att)
         for n, why in later:
             self._tell_dropped(n, why)
         return [FileStored(n, "workflow") for n in temps] + events
 
-    def send_plain_result(self, conn, tid, error, stdout, result, wall, started=None) -> None:
+    def send_plain_result(self, conn, tid, error, stdout, result, wall, started=None, att=None) -> None:
         """The result of a Python task without files that returned (WorkerState.plain_end), sent
         before the state machine hears of its end: the message report() would send for it."""
         self._send_result(conn, tid, "failed" if error is not None else "success", error, wall, result,
-                          self.handles.get(tid), stdout=stdout, started=started)
+                          self.handles.get(tid), stdout=stdout, started=started, att=att)
 
     def _send_result(self, conn, tid, status, reason, wall, value, h, *, code=None, signal=None, stdout=None,
-                     temps=(), exhausted=None, fault=False, started=None):
+                     temps=(), exhausted=None, fault=False, started=None, att=None):
         ctl = {"id": tid, "status": status, "wall": round(wall, 6)}
         if reason:
             ctl["reason"] = reason
@@ -416,6 +417,8 @@ class Execution:
             ctl["worker_fault"] = True     # the manager runs it elsewhere, without spending its retries
         if started:
             ctl["started"] = started
+        if att is not None:
+            ctl["att"] = att
         conn.send("result", ctl, [value] if value is not None else ())
 
     def _collect(self, h, status, reason, conn):

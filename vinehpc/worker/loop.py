@@ -101,6 +101,16 @@ class Loop:
             self.feeding = False
 
     def _do_start(self, c):
+        spec = c.spec
+        if spec.cmd is not None and spec.report_start:
+            # a command whose start the manager does not assume (sent ahead, or it waited here)
+            # is spawned only once its start -- and the results before it, on which it may ride --
+            # are on their way: one that kills its worker at once (`kill -9 $PPID`, the OOM killer)
+            # is then known to have run here, and the loss counts against it, not against the task
+            # before it whose result would have died with the worker
+            if self.state.starts:
+                self._send_starts(self.state.take_starts())
+            self._flush()
         return self.exec.start(c)
 
     def _do_kill(self, c):
@@ -148,7 +158,7 @@ class Loop:
             if now is None:
                 now = time.monotonic()
             self.exec.send_plain_result(conn, e.tid, e.error, e.stdout, e.result, now - r.started,
-                                        self._riding_starts())
+                                        self._riding_starts(), r.spec.att)
             e.sent = True
         if now is not None:
             self._flush()

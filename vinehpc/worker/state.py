@@ -492,7 +492,7 @@ class WorkerState:
 
     def _report(self, r, status, reason, **kw):
         wall = self._now - r.started if r.started is not None else 0.0
-        self._end(r, SendResult(r.spec.id, status, reason, wall, exhausted=r.exhausted, **kw))
+        self._end(r, SendResult(r.spec.id, status, reason, wall, exhausted=r.exhausted, att=r.spec.att, **kw))
 
     def _end(self, r, result, restart=True):
         """The one way a task leaves: reported (`result`) or dropped (None: the manager no longer
