@@ -72,7 +72,7 @@ def run_time(spec: str):
 
 class SimWorker:
     __slots__ = ("i", "sock", "hs", "conn", "wid", "mode", "free", "queue", "last_recv", "last_ping",
-                 "ka", "killed", "reading", "joined")
+                 "ka", "killed", "reading", "joined", "att")
 
     def __init__(self, i, mode, cores):
         self.i = i
@@ -80,6 +80,7 @@ class SimWorker:
         self.free = cores
         self.queue = collections.deque()     # tasks waiting for a core: (tid, wants_start, is_python)
         self.killed = set()
+        self.att = {}             # tid -> the attempt number its task message had (from the second on)
         self.sock = self.hs = self.conn = self.wid = None
         self.ka = (5.0, 30.0)
         self.reading = True
@@ -139,6 +140,7 @@ class Engine:
         w.free = self.cores                 # what it was running is lost with the connection
         w.queue.clear()
         w.killed.clear()
+        w.att.clear()
         if was_joined:
             self.c["closed"] += 1
             self.c["closed: " + why[:40]] += 1
@@ -212,6 +214,8 @@ class Engine:
         if t is messages.Task:
             self.c["tasks"] += 1
             want = messages.start_reported(m.pipe, m.slots, m.inputs)
+            if m.att:
+                w.att[m.id] = m.att       # an attempt after the first: its result echoes the number
             if w.mode == "disconnect":
                 return self._half_result(w, m.id)
             if w.free:
@@ -242,11 +246,14 @@ class Engine:
         heapq.heappush(self.timers, (now + t, self._next(), w, w.conn, tid, want, python, round(t, 6)))
 
     def _result(self, w, tid, want, python, wall):
+        att = w.att.pop(tid, None) if w.att else None
         if tid in w.killed:
             w.killed.discard(tid)
         else:
             ctl = {"id": tid, "status": "success", "wall": wall, "exit_code": 0,
                    "stdout": "%020.6f%s" % (time.monotonic(), self.pad)}
+            if att:
+                ctl["att"] = att
             if want:
                 ctl["started"] = [tid]
             frames = [pickle.dumps((True, None, None))] if python else ()
