@@ -256,6 +256,8 @@ class Engine:
                 ctl["att"] = att
             if want:
                 ctl["started"] = [tid]
+                if att:
+                    ctl["started_att"] = {str(tid): att}
             frames = [pickle.dumps((True, None, None))] if python else ()
             w.conn.send("result", ctl, frames)
             self.dirty.add(w)

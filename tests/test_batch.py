@@ -251,7 +251,7 @@ def test_a_real_worker_opens_a_batch_of_tasks_and_answers_each_once(tmp_path):
             # a task sent again is numbered (att, from 2): its result says which attempt it ends
             conn.send("task", dict(_task(i), **({"pipe": True} if i > 1 else {}), **({"att": i} if i % 3 == 0 else {})))
         assert conn.flush()
-        results, names = {}, []
+        results, names, starts = {}, [], {}
         deadline = time.monotonic() + 30
         while len(results) < 8 and time.monotonic() < deadline:
             if not select.select([s], [], [], 1)[0]:
@@ -261,9 +261,15 @@ def test_a_real_worker_opens_a_batch_of_tasks_and_answers_each_once(tmp_path):
                 if name == "result":
                     assert ctl["id"] not in results, "a result came twice"
                     results[ctl["id"]] = ctl
+                    starts.update((i, (ctl.get("started_att") or {}).get(str(i))) for i in ctl.get("started", ()))
+                elif name == "started":
+                    starts.update((i, (ctl.get("att") or {}).get(str(i))) for i in ctl["ids"])
         assert sorted(results) == list(range(1, 9)), (names, p.stderr.read1(4096) if p.poll() is not None else "")
         assert all(r["status"] == "success" and r["stdout"] == "%d\n" % i for i, r in results.items())
         assert {i: r.get("att") for i, r in results.items() if "att" in r} == {3: 3, 6: 6}
+        # the starts reported (tasks sent ahead: 2..8) name the attempt of those sent again
+        assert sorted(starts) == list(range(2, 9)), (starts, names)
+        assert {i: a for i, a in starts.items() if a} == {3: 3, 6: 6}
         # a Python call's result (sent before the worker's bookkeeping, Loop._results_now) echoes it too
         from vinehpc.task import PythonTask
         pt = PythonTask(len, "abc")

@@ -92,7 +92,11 @@ def test_stale_and_repeated_ids_are_ignored():
     sim.schedule()
     sim.take()
     assert sim.ts(a).wid == other and not sim.ts(a).started
-    sim(TasksStarted(other, [a.id]))
+    sim(TasksStarted(other, [a.id]))                 # the start of a first attempt: not this one's
+    assert started(sim.take()) == []
+    sim(TasksStarted(other, [a.id], {str(a.id): 1}))  # nor one naming another attempt
+    assert started(sim.take()) == []
+    sim(TasksStarted(other, [a.id], {str(a.id): 2}))  # a task sent again: its start names its attempt
     assert [(r["task"], r["worker"], r["attempt"]) for r in started(sim.take())] == [(a.id, other, 2)]
 
 

@@ -531,7 +531,7 @@ class Server:
         self._feed(TaskResult(p.wid, tid, ctl, msg.value), now)
 
     def _on_started(self, p, msg, ctl, now):
-        self._feed(TasksStarted(p.wid, msg.ids), now)
+        self._feed(TasksStarted(p.wid, msg.ids, msg.att), now)
 
     def _on_outfile(self, p, msg, ctl, now):
         self.bytes_received += len(msg.data)

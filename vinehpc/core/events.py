@@ -60,6 +60,7 @@ class TaskResult:
 class TasksStarted:
     wid: int
     ids: list                    # tasks that started on worker wid (a `started` message); stale ids are ignored
+    att: dict | None = None      # {str(id): attempt} of those sent again (absent: first attempts)
 
 
 @dataclass(slots=True)

@@ -456,14 +456,16 @@ class Core:
         self.fetching.discard(e.cachename)
 
     def _tasks_started(self, e, now):
-        self._started(e.wid, e.ids)
+        self._started(e.wid, e.ids, e.att)
 
-    def _started(self, wid, ids):
+    def _started(self, wid, ids, att=None):
         """Tasks reported started on worker wid: `started` once per attempt, for tasks still
-        running there (an id that is stale -- ended, requeued, elsewhere -- is ignored)."""
+        running there (an id that is stale -- ended, requeued, elsewhere, or the start of an
+        earlier attempt: `att` names the attempts after the first -- is ignored)."""
         for tid in ids:
             ts = self.tasks.get(tid)
-            if ts is not None and ts.wid == wid and ts.state == "running" and not ts.started:
+            if (ts is not None and ts.wid == wid and ts.state == "running" and not ts.started
+                    and ts.attempts == (att.get(str(tid), 1) if att else 1)):
                 ts.started = True
                 self._log("started", task=tid, worker=wid, attempt=ts.attempts, queued=True)
 
@@ -477,7 +479,7 @@ class Core:
         self._result(e, now)
         started = e.info.get("started")
         if started:
-            self._started(e.wid, started)       # (this task's own id: no longer running, ignored)
+            self._started(e.wid, started, e.info.get("started_att"))       # (this task's own id: no longer running, ignored)
 
     def _result(self, e, now):
         tid, wid, res = e.tid, e.wid, e.info

@@ -363,6 +363,7 @@ class Result(Message):
     # tasks whose start (start_reported) the worker has not reported yet, this one's included if
     # it is among them: they ride on the result instead of a `started` message of their own
     started = opt(ListOf(Id, MAX_STARTED))
+    started_att = opt(DictOf(Str(SHORT, 1), Int(2, 1 << 31), MAX_STARTED))   # of those sent again: {id: att}
     att = opt(Int(2, 1 << 31))                      # the task message's attempt number (none: the first)
 
 
@@ -371,6 +372,9 @@ class Started(Message):
     """Tasks that started since the worker's last report (start_reported), at most one message
     per worker loop turn; the manager stamps its own time on arrival."""
     ids = Field(ListOf(Id, MAX_STARTED))
+    # of those sent again (a task message with att): {str(id): att}, so a late start of an attempt
+    # killed there is not taken for the next attempt's (absent: all are first attempts)
+    att = opt(DictOf(Str(SHORT, 1), Int(2, 1 << 31), MAX_STARTED))
 
 
 @message(31, "outfile", payload="data", payload_required=True)

@@ -355,7 +355,7 @@ class Execution:
                     h.watched[remote] = off + len(data)
 
     # ---------------------------------------------------------------- the end
-    def report(self, c, conn, started=None) -> list:
+    def report(self, c, conn, started=None, started_att=None) -> list:
         """SendResult: collect outputs if the task ended on its own, clean up, send the result
         (with `started`: ids whose start was not told yet)."""
         h = self.handles.pop(c.tid, None)
@@ -382,19 +382,20 @@ class Execution:
         if not c.sent:
             self._send_result(conn, c.tid, status, reason, c.wall, value, h, code=code, signal=c.signal,
                               stdout=c.stdout, temps=temps, exhausted=c.exhausted, fault=fault, started=started,
-                              att=c.att)
+                              started_att=started_att, att=c.att)
         for n, why in later:
             self._tell_dropped(n, why)
         return [FileStored(n, "workflow") for n in temps] + events
 
-    def send_plain_result(self, conn, tid, error, stdout, result, wall, started=None, att=None) -> None:
+    def send_plain_result(self, conn, tid, error, stdout, result, wall, started=None, started_att=None,
+                          att=None) -> None:
         """The result of a Python task without files that returned (WorkerState.plain_end), sent
         before the state machine hears of its end: the message report() would send for it."""
         self._send_result(conn, tid, "failed" if error is not None else "success", error, wall, result,
-                          self.handles.get(tid), stdout=stdout, started=started, att=att)
+                          self.handles.get(tid), stdout=stdout, started=started, started_att=started_att, att=att)
 
     def _send_result(self, conn, tid, status, reason, wall, value, h, *, code=None, signal=None, stdout=None,
-                     temps=(), exhausted=None, fault=False, started=None, att=None):
+                     temps=(), exhausted=None, fault=False, started=None, started_att=None, att=None):
         ctl = {"id": tid, "status": status, "wall": round(wall, 6)}
         if reason:
             ctl["reason"] = reason
@@ -417,6 +418,8 @@ class Execution:
             ctl["worker_fault"] = True     # the manager runs it elsewhere, without spending its retries
         if started:
             ctl["started"] = started
+            if started_att:
+                ctl["started_att"] = started_att
         if att is not None:
             ctl["att"] = att
         conn.send("result", ctl, [value] if value is not None else ())

@@ -127,17 +127,18 @@ class Loop:
             log.info("task %s: %s: %s", c.tid, c.status, c.reason)
         if c.sent:                     # (_results_now): what is left is cleaning up
             return self.exec.report(c, self.conn)
-        return self.exec.report(c, self.conn, self._riding_starts())
+        return self.exec.report(c, self.conn, *self._riding_starts())
 
     def _riding_starts(self):
-        """The starts not told yet, to ride on the result being sent (this task's own, if it is
-        among them: the manager logs that one before the result, the others -- the next of its
-        lane -- after); None when too many for one message (they go in `started` messages)."""
+        """(ids, their attempt numbers or None): the starts not told yet, to ride on the result
+        being sent (this task's own, if it is among them: the manager logs that one before the
+        result, the others -- the next of its lane -- after); (None, None) when too many for one
+        message (they go in `started` messages)."""
         starts = self.state.take_starts()
         if len(starts) > messages.MAX_STARTED:
             self._send_starts(starts)
-            return None
-        return starts
+            return None, None
+        return starts, self.state.starts_att(starts) if starts else None
 
     def _results_now(self, events) -> None:
         """An interpreter's results whose end the state will report as they are (plain_end: a
@@ -158,7 +159,7 @@ class Loop:
             if now is None:
                 now = time.monotonic()
             self.exec.send_plain_result(conn, e.tid, e.error, e.stdout, e.result, now - r.started,
-                                        self._riding_starts(), r.spec.att)
+                                        *self._riding_starts(), att=r.spec.att)
             e.sent = True
         if now is not None:
             self._flush()
@@ -167,7 +168,9 @@ class Loop:
         """A `started` message (several for more ids than one may carry)."""
         if self.conn is not None:
             for i in range(0, len(ids), messages.MAX_STARTED):
-                self.conn.send("started", {"ids": ids[i:i + messages.MAX_STARTED]})
+                part = ids[i:i + messages.MAX_STARTED]
+                att = self.state.starts_att(part)
+                self.conn.send("started", {"ids": part, "att": att} if att else {"ids": part})
 
     def _do_cached(self, c):
         if self.conn is not None:

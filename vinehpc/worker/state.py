@@ -92,6 +92,7 @@ class WorkerState:
         # ids of tasks that started (and report_start) not yet told to the manager: the loop sends
         # them on the next result, or in one `started` message at the end of its turn
         self.starts = []
+        self.start_att = {}        # of those, the ones sent again: id -> their task message's att
         self._out = []
         self._now = 0.0
 
@@ -112,6 +113,18 @@ class WorkerState:
         """The started ids not yet told to the manager, in the order they started; forgotten here."""
         s, self.starts = self.starts, []
         return s
+
+    def starts_att(self, ids) -> dict | None:
+        """{str(id): att} for those of `ids` (taken from take_starts) sent again, forgotten here;
+        None when none was (the common case: one test of an empty dict)."""
+        if not self.start_att:
+            return None
+        att = {}
+        for i in ids:
+            a = self.start_att.pop(i, None)
+            if a:
+                att[str(i)] = a
+        return att or None
 
     def running(self) -> list:
         """The running tasks not being stopped (for sampling)."""
@@ -297,6 +310,8 @@ class WorkerState:
         r.started = self._now
         if r.spec.report_start:
             self.starts.append(r.spec.id)
+            if r.spec.att:
+                self.start_att[r.spec.id] = r.spec.att
         r.deadline = self._now + r.spec.time_max if r.spec.time_max else None
 
     def _devices(self, r):
@@ -548,6 +563,7 @@ class WorkerState:
         self.presented.clear()
         self.ghosts.clear()
         self.starts.clear()        # the next manager knows nothing of these tasks
+        self.start_att.clear()
         self.used = dict.fromkeys(RES, 0)
         self.gpu_free = list(self.gpu_ids)
         self.lib_running.clear()
