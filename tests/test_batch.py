@@ -165,6 +165,56 @@ def test_the_manager_refuses_a_batch_with_a_bad_item_for_that_item_and_acts_on_n
         m.close()
 
 
+@pytest.mark.timeout(120)
+def test_an_attempt_sent_again_to_the_same_worker_takes_only_its_own_outputs_and_result(tmp_path):
+    """A worker reports it could not run a task (worker_fault); the only worker gets it again,
+    numbered (att 2).  Output chunks and a result naming the first attempt -- late ones of an
+    attempt killed there -- are dropped; the second attempt's are taken."""
+    import vinehpc
+    from conftest import read_journal
+    from test_e2e import _authenticated_raw
+    m = vinehpc.Manager(run_dir=str(tmp_path / "run"), local_workers=0)
+    try:
+        s = _authenticated_raw(m)
+        s.sendall(messages.encode_bytes(messages.Info(cores=1, memory=1000, disk=1000, gpus=0, host="raw", pid=1,
+                                                      cached=[], workdir="/nonexistent", version=wire.VERSION)))
+        conn = Connection(s, b"")
+        out = tmp_path / "o.txt"
+        t = vinehpc.Task("true").add_output(m.declare_file(str(out)), "o.txt")
+        tid = m.submit(t)
+        deadline = time.monotonic() + 60
+
+        def next_task():
+            while time.monotonic() < deadline:
+                if select.select([s], [], [], 1)[0]:
+                    for name, ctl, _ in conn.read():
+                        if name == "task":
+                            return ctl
+            raise AssertionError("no task came")
+
+        def send(name, ctl, frames=()):
+            conn.send(name, ctl, list(frames))
+            assert conn.flush()
+
+        first = next_task()
+        assert first["id"] == tid and "att" not in first
+        send("result", {"id": tid, "status": "input missing", "wall": 0.0, "reason": "disk full", "worker_fault": True})
+        again = next_task()
+        assert again["id"] == tid and again["att"] == 2
+        chunk = {"id": tid, "remote": "o.txt", "tar": False, "off": 0, "last": True, "size": 6}
+        send("outfile", dict(chunk, att=2), [b"fresh\n"])
+        send("outfile", chunk, [b"stale\n"])                          # the first attempt's, late
+        send("result", {"id": tid, "status": "success", "wall": 0.0, "exit_code": 0})       # its result, late
+        send("result", {"id": tid, "status": "success", "wall": 0.1, "exit_code": 0, "att": 2})
+        got = m.wait(30)
+        assert got is not None and got.id == tid and got.successful() and got.attempts == 2
+        assert out.read_text() == "fresh\n"
+        assert [r["attempt"] for r in read_journal(m, "stale result") if r.get("task") == tid] == [1]
+        s.close()
+    finally:
+        m.close()
+
+
 # ---------------------------------------------------------------- prefetch, and losing what a worker held ahead
 def _tiny(sim, wid):
     """The default category learns its tasks are tiny: from now on a worker of a small fleet holds
@@ -283,6 +333,19 @@ def test_a_real_worker_opens_a_batch_of_tasks_and_answers_each_once(tmp_path):
             if select.select([s], [], [], 1)[0]:
                 got = next((ctl for name, ctl, _ in conn.read() if name == "result"), None)
         assert got is not None and got["id"] == 20 and got["status"] == "success" and got["att"] == 7, got
+        # an output file's chunks name the attempt too (the manager writes no killed attempt's output)
+        conn.send("task", dict(_task(30), cmd="echo out > o.txt", outputs=[["o.txt", "file", None]], att=4))
+        assert conn.flush()
+        got, chunks = None, []
+        while got is None and time.monotonic() < deadline + 60:
+            if select.select([s], [], [], 1)[0]:
+                for name, ctl, frames in conn.read():
+                    if name == "outfile":
+                        chunks.append((ctl, b"".join(bytes(f) for f in frames)))
+                    elif name == "result":
+                        got = ctl
+        assert got is not None and got["id"] == 30 and got["status"] == "success" and got["att"] == 4, got
+        assert [(c["id"], c["remote"], c.get("att"), data) for c, data in chunks] == [(30, "o.txt", 4, b"out\n")]
         conn.send("exit", {"reason": "test over", "final": True})
         conn.flush()
         assert p.wait(30) == 0

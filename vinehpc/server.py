@@ -540,8 +540,8 @@ class Server:
         key = (tid, remote)
         f = p.parts.get(key)
         if f is None:
-            if sent is None or sent[0] != p.wid:
-                return   # stale: its task went elsewhere
+            if sent is None or sent[0] != p.wid or sent[2] != (msg.att or 1):
+                return   # stale: its task went elsewhere, or it is an attempt killed there
             dest = next((fl for fl, r in sent[1] if r == remote and fl.kind == "file"), None)
             if dest is None:
                 raise ProtocolError("output %r is not an output of task %s" % (remote, tid))
@@ -576,8 +576,8 @@ class Server:
         """New bytes of a watched output of a running task: written in place at their offset (off
         0: a new attempt starts the file again); the final outfile replaces the whole file."""
         sent = self.sent.get(msg.id)
-        if sent is None or sent[0] != p.wid:
-            return   # stale: its task went elsewhere or ended
+        if sent is None or sent[0] != p.wid or sent[2] != (msg.att or 1):
+            return   # stale: its task went elsewhere or ended, or it is an attempt killed there
         dest = next((fl for fl, r in sent[1] if r == msg.remote and fl.kind == "file"), None)
         if dest is None:
             raise ProtocolError("output %r is not an output of task %s" % (msg.remote, msg.id))

@@ -386,6 +386,7 @@ class Outfile(Message):
     off = Field(Int())
     last = Field(Bool)
     size = Field(Int())
+    att = opt(Int(2, 1 << 31))                      # the task message's attempt number (none: the first)
 
 
 @message(34, "watch", payload="data", payload_required=True)
@@ -395,6 +396,7 @@ class Watch(Message):
     id = Field(Id)
     remote = Field(Str(NAME, 1))
     off = Field(Int())
+    att = opt(Int(2, 1 << 31))                      # the task message's attempt number (none: the first)
 
 
 @message(32, "file", payload="data", payload_required=True)

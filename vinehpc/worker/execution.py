@@ -351,7 +351,10 @@ class Execution:
             for remote, off in h.watched.items():
                 data, off = _grown(h.sandbox, remote, off)
                 if data:
-                    conn.send("watch", {"id": h.spec.id, "remote": remote, "off": off}, [data])
+                    ctl = {"id": h.spec.id, "remote": remote, "off": off}
+                    if h.spec.att:
+                        ctl["att"] = h.spec.att
+                    conn.send("watch", ctl, [data])
                     h.watched[remote] = off + len(data)
 
     # ---------------------------------------------------------------- the end
@@ -458,8 +461,10 @@ class Execution:
                 except OSError as e:
                     status, reason = "output missing", "cannot read output %r: %s" % (o.remote, e)
         for remote, fh in files:
-            conn.send_stream(file_chunks(fh, "outfile", {"id": h.spec.id, "remote": remote,
-                                                         "tar": getattr(fh, "is_tar", False)}))
+            ctl = {"id": h.spec.id, "remote": remote, "tar": getattr(fh, "is_tar", False)}
+            if h.spec.att:
+                ctl["att"] = h.spec.att
+            conn.send_stream(file_chunks(fh, "outfile", ctl))
         return status, reason, temps
 
     def _open_output(self, p):
