@@ -50,3 +50,14 @@ def test_two_writing_threads_lose_nothing(tmp_path):
     got = lines(path)
     for name in ("io", "user"):
         assert [r["i"] for r in got if r["event"] == name] == list(range(per))
+
+
+def test_the_time_a_record_is_given_is_the_time_its_line_says(tmp_path):
+    """The live figures (m.stats, status.json) are fed the time write() returns; a replay of the
+    log reads the line's: they must be the same float, or a rate rounded to 3 digits can differ
+    in its last digit between the two (test_status compares them)."""
+    j = Journal(str(tmp_path / "j.jsonl"))
+    given = [j.write({"event": "e", "i": i}) for i in range(2000)]
+    j.close()
+    said = [json.loads(line)["time"] for line in open(tmp_path / "j.jsonl")]
+    assert said == given

@@ -45,7 +45,9 @@ class Journal:
         if "time" in rec:
             stamp, t = None, rec["time"]
         else:
-            stamp = t = time.time()
+            # to the microsecond, as the line says it: the live figures (rates over the run's span)
+            # and those a replay of the log gives are then the same to the last digit
+            stamp = t = round(time.time(), 6)
         if self._fd is not None:
             q = self._recs
             q.append((rec, stamp))
