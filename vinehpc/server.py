@@ -517,10 +517,18 @@ class Server:
         elif msg.cn:        # it dropped its copy (a task modified it): sent again when a task needs it there
             self._feed(FileDropped(p.wid, msg.cn, msg.reason), now)
 
+    def _in_flight(self, p, tid, att):
+        """sent[tid] if it is the attempt `att` names (None: the first) in flight on p's worker;
+        else None: what came is stale -- its task went elsewhere or ended, or it is of an attempt
+        killed there (the core says so of a result)."""
+        sent = self.sent.get(tid)
+        if sent is not None and sent[0] == p.wid and sent[2] == (att or 1):
+            return sent
+        return None
+
     def _on_result(self, p, msg, ctl, now):
         tid = msg.id
-        sent = self.sent.get(tid)
-        if sent is not None and sent[0] == p.wid and sent[2] == (msg.att or 1):    # (else stale: the core says so)
+        if self._in_flight(p, tid, msg.att) is not None:
             del self.sent[tid]
             errs = p.out_errors.pop(tid, None)
             if errs and msg.status == "success":
@@ -536,12 +544,12 @@ class Server:
     def _on_outfile(self, p, msg, ctl, now):
         self.bytes_received += len(msg.data)
         tid, remote = msg.id, msg.remote
-        sent = self.sent.get(tid)
         key = (tid, remote)
         f = p.parts.get(key)
         if f is None:
-            if sent is None or sent[0] != p.wid or sent[2] != (msg.att or 1):
-                return   # stale: its task went elsewhere, or it is an attempt killed there
+            sent = self._in_flight(p, tid, msg.att)
+            if sent is None:
+                return
             dest = next((fl for fl, r in sent[1] if r == remote and fl.kind == "file"), None)
             if dest is None:
                 raise ProtocolError("output %r is not an output of task %s" % (remote, tid))
@@ -575,9 +583,9 @@ class Server:
     def _on_watch(self, p, msg, ctl, now):
         """New bytes of a watched output of a running task: written in place at their offset (off
         0: a new attempt starts the file again); the final outfile replaces the whole file."""
-        sent = self.sent.get(msg.id)
-        if sent is None or sent[0] != p.wid or sent[2] != (msg.att or 1):
-            return   # stale: its task went elsewhere or ended, or it is an attempt killed there
+        sent = self._in_flight(p, msg.id, msg.att)
+        if sent is None:
+            return
         dest = next((fl for fl, r in sent[1] if r == msg.remote and fl.kind == "file"), None)
         if dest is None:
             raise ProtocolError("output %r is not an output of task %s" % (msg.remote, msg.id))

@@ -18,7 +18,8 @@ import struct
 MAGIC = b"VN"
 VERSION = 5                  # 3: worker-to-worker transfers (info.port, fetch, fetched, want, task.expect, put.ack)
                              # 4: batch (several task or result messages in one)
-                             # 5: task.att, result.att (a late result of an earlier attempt is told apart)
+                             # 5: attempt numbers (task.att, echoed in result, started, outfile, watch): what
+                             #    an attempt killed on a worker sends late is told apart from the next one's
 HEADER = struct.Struct("!2sBBHI")
 
 MAX_CTL = 1 << 20            # 1 MiB of JSON control per message

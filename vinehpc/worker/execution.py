@@ -45,6 +45,15 @@ class Handle:
         self.image = None          # the root of the image it runs in
 
 
+
+def _of_attempt(h, **ctl) -> dict:
+    """A message's control part about task handle h's attempt: its id, and its att when the task
+    was sent again (the manager takes nothing of an attempt killed on this worker for the next)."""
+    ctl["id"] = h.spec.id
+    if h.spec.att:
+        ctl["att"] = h.spec.att
+    return ctl
+
 class Execution:
     def __init__(self, sel, pool, cache, guard, *, workdir, hostname, default_image=None):
         self.sel = sel
@@ -351,10 +360,7 @@ class Execution:
             for remote, off in h.watched.items():
                 data, off = _grown(h.sandbox, remote, off)
                 if data:
-                    ctl = {"id": h.spec.id, "remote": remote, "off": off}
-                    if h.spec.att:
-                        ctl["att"] = h.spec.att
-                    conn.send("watch", ctl, [data])
+                    conn.send("watch", _of_attempt(h, remote=remote, off=off), [data])
                     h.watched[remote] = off + len(data)
 
     # ---------------------------------------------------------------- the end
@@ -461,9 +467,7 @@ class Execution:
                 except OSError as e:
                     status, reason = "output missing", "cannot read output %r: %s" % (o.remote, e)
         for remote, fh in files:
-            ctl = {"id": h.spec.id, "remote": remote, "tar": getattr(fh, "is_tar", False)}
-            if h.spec.att:
-                ctl["att"] = h.spec.att
+            ctl = _of_attempt(h, remote=remote, tar=getattr(fh, "is_tar", False))
             conn.send_stream(file_chunks(fh, "outfile", ctl))
         return status, reason, temps
 

@@ -108,9 +108,7 @@ class Loop:
             # are on their way: one that kills its worker at once (`kill -9 $PPID`, the OOM killer)
             # is then known to have run here, and the loss counts against it, not against the task
             # before it whose result would have died with the worker
-            if self.state.starts:
-                self._send_starts(self.state.take_starts())
-            self._flush()
+            self._send_to_manager()
         return self.exec.start(c)
 
     def _do_kill(self, c):
@@ -282,11 +280,14 @@ class Loop:
             sleep = self._timers()
 
     def _send(self):
-        if self.state.starts:        # started this turn and not told with a result: one message
-            self._send_starts(self.state.take_starts())
-        self._flush()
+        self._send_to_manager()
         self.pool.flush()
         self.guard.flush()
+
+    def _send_to_manager(self):
+        if self.state.starts:        # started and not told with a result: one message
+            self._send_starts(self.state.take_starts())
+        self._flush()
 
     def _flush(self):
         conn = self.conn
