@@ -8,9 +8,24 @@ import threading
 import time
 
 from .private import private_fd
-from .protocol.wire import json_encoder
+from .protocol.wire import json_encoder, orjson
 
-_encode = json_encoder(str)     # built once: this is hot (three records per task)
+_json = json_encoder(str)       # built once: this is hot (three records per task)
+if orjson is not None:
+    # 5-8x json's C encoder (a record took 3-5 us of it, three records a task: issue 15).  What
+    # json would write with str() (datetimes, dataclasses, subclasses of str/int/float/...) is
+    # passed to str() here too; what orjson refuses (an int past 64 bits, a non-string key, a lone
+    # surrogate) is written by json's encoder, as before
+    _OPT = (orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS)
+
+    def _encode(rec) -> bytes:
+        try:
+            return orjson.dumps(rec, default=str, option=_OPT)
+        except TypeError:
+            return _json(rec).encode()
+else:       # pragma: no cover - orjson is a dependency
+    def _encode(rec) -> bytes:
+        return _json(rec).encode()
 # records kept as written at most; more are encoded at once.  A record is a dict the garbage
 # collector tracks (most hold a dict: resources, allocated), and so is its (record, time) pair:
 # thousands of them waiting through a long loop turn (a thousand workers' results) outlived two
@@ -31,7 +46,7 @@ class Journal:
         # (record, time) not yet written; a deque: the user's thread writes a record now and then
         # while the I/O thread flushes (append and popleft are atomic)
         self._recs = collections.deque()
-        self._text = []                   # records encoded before the flush (PENDING), in order
+        self._text = []                   # records encoded before the flush (PENDING), in order (bytes)
         self._lock = threading.Lock()     # flush and close: the I/O thread's last flush may meet close()
 
     def write(self, rec: dict):
@@ -63,7 +78,7 @@ class Journal:
         with self._lock:
             self._flush()
 
-    def _encode(self) -> str:
+    def _encode(self) -> bytes:
         """The lines of the records kept (taken from the queue; under the lock)."""
         q = self._recs
         lines = []
@@ -71,9 +86,9 @@ class Journal:
             rec, t = q.popleft()
             s = _encode(rec)
             # the time spliced in: cheaper than adding it to the record and encoding it
-            lines.append(s if t is None else '%s,"time":%.6f}' % (s[:-1], t) if len(s) > 2 else '{"time":%.6f}' % t)
-        lines.append("")
-        return "\n".join(lines)
+            lines.append(s if t is None else b'%b,"time":%.6f}' % (s[:-1], t) if len(s) > 2 else b'{"time":%.6f}' % t)
+        lines.append(b"")
+        return b"\n".join(lines)
 
     def _flush(self):
         if self._fd is None or not (self._recs or self._text):
@@ -81,7 +96,7 @@ class Journal:
         text, self._text = self._text, []
         if self._recs:
             text.append(self._encode())
-        data = memoryview("".join(text).encode())
+        data = memoryview(b"".join(text))
         while data:
             data = data[os.write(self._fd, data):]
 
@@ -97,7 +112,7 @@ class Journal:
 def read(path: str) -> list:
     """All records of a transactions log (a torn last line is skipped)."""
     out = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 out.append(json.loads(line))

@@ -32,7 +32,7 @@ def journals(run_dir: str) -> list:
 def _records(path: str, needles: tuple):
     """The records of `path` whose line contains one of `needles` (streamed: a journal of a million
     tasks is read line by line, and only matching lines are parsed)."""
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             if any(n in line for n in needles):
                 try:

@@ -356,7 +356,7 @@ class Tracker:
 def replay(path: str) -> Tracker:
     """A Tracker fed a whole transactions log (streamed; a torn last line is skipped)."""
     t = Tracker()
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 rec = json.loads(line)

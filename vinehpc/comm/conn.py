@@ -87,7 +87,7 @@ class Connection:
         batch when it is closed: by any other message, or by flush()."""
         out = self.out
         if name in _BATCHED:
-            item = (name, task_ctl(ctl) if name == "task" else wire.encode_ctl(ctl).encode(), frames)
+            item = (name, task_ctl(ctl) if name == "task" else wire.encode_ctl(ctl), frames)
             if out and type(out[-1]) is _Batch:
                 out[-1].append(item)
             else:
@@ -346,9 +346,9 @@ def task_ctl(spec: dict) -> bytes:
                     if len(_tails) >= TAILS:
                         _tails.clear()
                     tail = _tails[key] = wire.encode_ctl({k: v for k, v in spec.items()
-                                                          if k != "id" and k != head})[1:].encode()
+                                                          if k != "id" and k != head})[1:]
                 return b'{"id":%d,"%s":%s,%s' % (tid, head.encode(), _str(h).encode(), tail)
-    return wire.encode_ctl(spec).encode()
+    return wire.encode_ctl(spec)
 
 
 class _Batch(list):

@@ -15,6 +15,11 @@ from __future__ import annotations
 import json
 import struct
 
+try:        # the fast path for control parts and journal lines (5-8x json's C encoder); optional:
+    import orjson           # an interpreter in an image without it falls back to json, same messages
+except ImportError:         # pragma: no cover - a dependency; absent only in foreign environments
+    orjson = None
+
 MAGIC = b"VN"
 VERSION = 5                  # 3: worker-to-worker transfers (info.port, fetch, fetched, want, task.expect, put.ack)
                              # 4: batch (several task or result messages in one)
@@ -49,8 +54,9 @@ def json_encoder(default):
 
 
 def fit_text(s: str, budget: int) -> str:
-    """The end of `s` that JSON-encodes (as the messages are: ASCII, escaped) within `budget`
-    bytes, after a line saying how much was cut.  A task's captured output is kept to its last
+    """The end of `s` that JSON-encodes within `budget` bytes, after a line saying how much was
+    cut; measured as json's encoder writes it (ASCII, escaped: the longest form, and what a lone
+    surrogate -- undecodable output -- is sent as; orjson's UTF-8 is never longer).  A task's captured output is kept to its last
     MiB of bytes, but escaped (a non-ASCII or control character is six bytes, an emoji twelve) it
     could make a result larger than a message may be: the manager would drop the worker for it,
     and the task would go on to break the next worker the same way."""
@@ -76,6 +82,11 @@ def _no_default(o):
 
 
 _json = json_encoder(_no_default)
+# orjson would encode these itself, where json refuses them or encodes them its own way (datetimes,
+# dataclasses, subclasses of str/int/float/dict/list: numpy's float64): passed through, refused,
+# and json's encoder decides as before.  (Enums and UUIDs orjson encodes by value: none is sent.)
+_STRICT = (orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
+           if orjson is not None else 0)
 json_str = json.encoder.encode_basestring_ascii     # a string as _json encodes it (ASCII, escaped)
 
 
@@ -88,12 +99,21 @@ def encode(code: int, ctl: dict | None = None, frames=()) -> list:
 
 def encode_head(code: int, ctl: dict, lengths) -> bytes:
     """Header, frame lengths and control part of a message whose frames are sent separately."""
-    return head_of(code, encode_ctl(ctl).encode(), lengths)
+    return head_of(code, encode_ctl(ctl), lengths)
 
 
-def encode_ctl(ctl: dict | None) -> str:
-    """A control part as the messages carry it (compact JSON, ASCII)."""
-    return _json(ctl) if ctl else "{}"
+def encode_ctl(ctl: dict | None) -> bytes:
+    """A control part as the messages carry it (compact JSON, UTF-8).  orjson where it takes the
+    value; what it refuses (an int past 64 bits, a non-string key, a lone surrogate) goes through
+    json's encoder as before, which encodes it or raises TypeError as it always did."""
+    if not ctl:
+        return b"{}"
+    if orjson is not None:
+        try:
+            return orjson.dumps(ctl, option=_STRICT)
+        except TypeError:
+            pass
+    return _json(ctl).encode()
 
 
 def head_of(code: int, body: bytes, lengths) -> bytes:
@@ -115,7 +135,15 @@ def _loads(b):
     """json.loads(bytes(b)) for a control part (bytes or a memoryview): straight to json's
     scanner when the part is plain UTF-8 JSON with nothing around the value (what our encoder
     sends), skipping json.loads' encoding detection and whitespace matching; anything else goes
-    through json.loads itself, so what is accepted or refused does not change."""
+    through json.loads itself, so what is accepted or refused does not change.  orjson first
+    where it is there: what it refuses (NaN, an int past 64 bits, a lone surrogate, deep nesting)
+    is left to json as before; it accepts nothing json refuses (RFC 8259 is a subset of what json
+    takes)."""
+    if orjson is not None:
+        try:
+            return orjson.loads(b)
+        except ValueError:
+            pass
     try:
         s = str(b, "utf-8")
         obj, end = _scan(s, 0)
