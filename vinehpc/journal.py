@@ -27,8 +27,7 @@ else:       # pragma: no cover - orjson is a dependency
     def _encode(rec) -> bytes:
         return _json(rec).encode()
 # records kept as written at most; more are encoded at once.  A record is a dict the garbage
-# collector tracks (most hold a dict: resources, allocated), and so is its (record, time) pair:
-# thousands of them waiting through a long loop turn (a thousand workers' results) outlived two
+# collector tracks (most hold a dict: resources, allocated): thousands of them waiting through a long loop turn (a thousand workers' results) outlived two
 # young collections, were promoted to the oldest generation and made full collections -- walking
 # every queued task -- come twice as often: the collector cost more than the journal (issue 15)
 PENDING = 512
@@ -43,7 +42,7 @@ class Journal:
     def __init__(self, path: str | None):
         self.path = path
         self._fd = private_fd(path) if path else None     # 0600 whatever the umask
-        # (record, time) not yet written; a deque: the user's thread writes a record now and then
+        # records not yet written; a deque: the user's thread writes a record now and then
         # while the I/O thread flushes (append and popleft are atomic)
         self._recs = collections.deque()
         self._text = []                   # records encoded before the flush (PENDING), in order (bytes)
@@ -51,21 +50,20 @@ class Journal:
 
     def write(self, rec: dict):
         """Keep `rec` for the next flush; returns the time the journal gives it (its own `time`,
-        else now: the log shows it to the microsecond).
+        else now, which is then put in it as `time`, last: the log shows it to the microsecond).
 
         The record is the journal's from now on: the writer neither changes it nor what it holds
         (a record that shows a task's resources holds a copy of them: see core/state.py's _log).
         No copy is made here: three to four records per task, and copying each one was a quarter
         of what the journal cost the manager's I/O thread."""
-        if "time" in rec:
-            stamp, t = None, rec["time"]
-        else:
+        t = rec.get("time")
+        if t is None:
             # to the microsecond, as the line says it: the live figures (rates over the run's span)
             # and those a replay of the log gives are then the same to the last digit
-            stamp = t = round(time.time(), 6)
+            t = rec["time"] = round(time.time(), 6)
         if self._fd is not None:
             q = self._recs
-            q.append((rec, stamp))
+            q.append(rec)
             if len(q) >= PENDING:
                 with self._lock:
                     if self._fd is not None:
@@ -81,12 +79,7 @@ class Journal:
     def _encode(self) -> bytes:
         """The lines of the records kept (taken from the queue; under the lock)."""
         q = self._recs
-        lines = []
-        for _ in range(len(q)):
-            rec, t = q.popleft()
-            s = _encode(rec)
-            # the time spliced in: cheaper than adding it to the record and encoding it
-            lines.append(s if t is None else b'%b,"time":%.6f}' % (s[:-1], t) if len(s) > 2 else b'{"time":%.6f}' % t)
+        lines = [_encode(q.popleft()) for _ in range(len(q))]
         lines.append(b"")
         return b"\n".join(lines)
 
