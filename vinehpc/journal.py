@@ -50,7 +50,7 @@ class Journal:
 
     def write(self, rec: dict):
         """Keep `rec` for the next flush; returns the time the journal gives it (its own `time`,
-        else now, which is then put in it as `time`, last: the log shows it to the microsecond).
+        else now, which is then put in it as `time`, last).
 
         The record is the journal's from now on: the writer neither changes it nor what it holds
         (a record that shows a task's resources holds a copy of them: see core/state.py's _log).
@@ -58,9 +58,9 @@ class Journal:
         of what the journal cost the manager's I/O thread."""
         t = rec.get("time")
         if t is None:
-            # to the microsecond, as the line says it: the live figures (rates over the run's span)
-            # and those a replay of the log gives are then the same to the last digit
-            t = rec["time"] = round(time.time(), 6)
+            # the line says it exactly (the shortest repr that reads back as this float, orjson's as
+            # json's): the live figures (rates over the run's span) and a replay's are the same
+            t = rec["time"] = time.time()
         if self._fd is not None:
             q = self._recs
             q.append(rec)
