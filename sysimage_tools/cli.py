@@ -36,7 +36,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     py.add_argument("--level", type=_level, default=10, help="zstd level 1-19 (default 10)")
 
     me = ss.add_parser("self", help="vinehpc itself as one file: python3 vinehpc.pyz worker HOST:PORT",
-                       description="Write vinehpc (+ cloudpickle, psutil, zstandard) as one zipapp that needs "
+                       description="Write vinehpc (+ cloudpickle, psutil, zstandard, orjson) as one zipapp that needs "
                                    "only a python3 of this ABI on the node; its compiled parts are unpacked "
                                    "node-local on first start.")
     me.add_argument("-o", "--output", required=True, metavar="vinehpc.pyz")

@@ -2,7 +2,7 @@
 
 `python3 vinehpc.pyz worker HOST:PORT ...` / `python3 vinehpc.pyz pilot tasks.py ...`:
   1. refuse an interpreter of another ABI than the archive's compiled dependencies need;
-  2. unpack the payload (vinehpc + cloudpickle, psutil, zstandard, byte-compiled) once per node
+  2. unpack the payload (vinehpc + cloudpickle, psutil, zstandard, orjson, byte-compiled) once per node
      into the node-local cache, with sysimage_tools.deploy's lock (one process unpacks, the
      others wait; never on $HOME unless VINEHPC_LOCAL_DIR says so);
   3. run vinehpc from that copy (the manifest's "entry" module as __main__, i.e. `python -m

@@ -6,7 +6,7 @@ The archive is a zipapp:
     _vinehpc_pyz/manifest.json   python ABI, payload id, every payload file's sha256/size/mode,
                                  the entry module (`python -m vinehpc`)
     payload/                     vinehpc, launcher, userlevel_net, sysimage_tools and the
-                                 dependencies (cloudpickle, psutil, zstandard, + --include),
+                                 dependencies (cloudpickle, psutil, zstandard, orjson, + --include),
                                  byte-compiled with unchecked-hash pycs for this interpreter
 
 The payload is unpacked (not imported from the zip) because compiled extensions cannot be
@@ -31,7 +31,7 @@ from . import image, pyenv
 
 PACKAGES = ("vinehpc", "launcher", "userlevel_net", "sysimage_tools")
 ENTRY = "vinehpc"           # run as __main__ (named, not imported: sysimage_tools is below the engine)
-DEPENDENCIES = ("cloudpickle", "psutil", "zstandard")
+DEPENDENCIES = ("cloudpickle", "psutil", "zstandard", "orjson")
 # zstandard's cffi backend (12 MB) is only a fallback for when its C backend cannot load; it would
 # also need cffi, which is not packed
 LEAVE_OUT = ("zstandard/_cffi.", "zstandard/backend_cffi.")

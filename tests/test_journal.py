@@ -61,3 +61,28 @@ def test_the_time_a_record_is_given_is_the_time_its_line_says(tmp_path):
     j.close()
     said = [json.loads(line)["time"] for line in open(tmp_path / "j.jsonl")]
     assert said == given
+
+
+def test_what_orjson_refuses_is_written_by_json_and_strange_values_as_json_would(tmp_path, monkeypatch):
+    """orjson encodes the lines; a value it refuses (an int past 64 bits, a non-string key, a lone
+    surrogate: undecodable task output) goes through json's encoder, and what json writes with
+    str() (a datetime, a set) is written with str() still: nothing is lost, no line is torn."""
+    import datetime
+    when = datetime.datetime(2026, 12, 6, 12, 0, 0)
+    recs = [{"event": "big", "n": 2 ** 70}, {"event": "keys", "by": {1: "a", 2: "b"}},
+            {"event": "bytes", "output": "caf\udce9 \u00e9"}, {"event": "str", "when": when, "s": {3}},
+            {"event": "plain", "i": 1}]
+    for use_orjson in (True, False):
+        if not use_orjson:
+            monkeypatch.setattr(journal, "_encode", lambda rec: journal._json(rec).encode())
+        path = tmp_path / ("j%d.jsonl" % use_orjson)
+        j = Journal(str(path))
+        for r in recs:
+            j.write(dict(r))
+        j.close()
+        got = {r["event"]: r for r in lines(path)}
+        assert got["big"]["n"] == 2 ** 70
+        assert got["keys"]["by"] == {"1": "a", "2": "b"}
+        assert got["bytes"]["output"] == "caf\udce9 \u00e9"
+        assert got["str"]["when"] == str(when) and got["str"]["s"] == "{3}"
+        assert got["plain"]["i"] == 1 and len(got) == 5

@@ -5,7 +5,7 @@ function (a lazy import is still a dependency), relative imports resolved, and s
 importlib.import_module / __import__ calls with a literal name.  The tree is walked, so new
 modules are checked without being listed here.
 
-    vinehpc.protocol                      standard library only (a leaf)
+    vinehpc.protocol                      standard library only (a leaf); orjson, optional, in wire.py
     userlevel_net, sysimage_tools         of the project, at most vinehpc.protocol (leaves)
     vinehpc (the engine)                  may import the leaves, never launcher
     launcher                              imports the engine
@@ -92,13 +92,19 @@ def imports(root: str, module: str, path: str, is_pkg: bool):
             yield node.lineno, node.args[0].value
 
 
+# an accelerator the leaf runs without (an ImportError falls back to the standard library: an image
+# or a foreign interpreter without it speaks the same messages)
+OPTIONAL = {("vinehpc.protocol.wire", "orjson")}
+
+
 def _rules(module: str, target: str):
     """The rules `module` importing `target` breaks (texts)."""
     top = target.split(".")[0]
     ours = top in PACKAGES
     broken = []
     if _under(module, ("vinehpc.protocol",)):
-        if top not in sys.stdlib_module_names and not _under(target, ("vinehpc.protocol",)):
+        if (top not in sys.stdlib_module_names and not _under(target, ("vinehpc.protocol",))
+                and (module, target) not in OPTIONAL):
             broken.append("vinehpc.protocol is a leaf: standard library only")
     for leaf in LEAVES:
         if _under(module, (leaf,)) and ours and not _under(target, (leaf, "vinehpc.protocol")):

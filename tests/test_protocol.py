@@ -626,3 +626,37 @@ def test_start_reported_from_the_task_message():
     for kind in ("url", "image"):
         assert rep({"cmd": "true", "id": 1, "inputs": [["x-1", "in", kind, "task", "u"]], "outputs": [],
                     "res": RES0, "category": "c"})
+
+
+@pytest.mark.parametrize("ctl", [{"id": 1, "status": "success", "stdout": "caf\u00e9 \U0001f600\n\t\x00"},
+                                 {"id": 2 ** 70}, {"m": {1: "a"}}, {"stdout": "caf\udce9"}, {"x": [1.5, -0.0, 1e300]},
+                                 {"deep": [[[[[[[[[[1]]]]]]]]]]}])
+def test_a_control_part_reads_back_the_same_with_or_without_orjson(ctl, monkeypatch):
+    """orjson encodes and parses the control parts where it is installed; what it refuses (an int
+    past 64 bits, a non-string key, a lone surrogate) goes through json, and a peer without it
+    (an image, a foreign interpreter) reads and writes the same messages."""
+    expected = __import__("json").loads(wire._json(ctl))
+    fast = wire.encode_ctl(ctl)
+    assert wire._loads(fast) == expected
+    monkeypatch.setattr(wire, "orjson", None)
+    slow = wire.encode_ctl(ctl)
+    assert wire._loads(slow) == expected and wire._loads(fast) == expected
+    assert slow.isascii()           # json's encoder escapes what is not ASCII
+
+
+@pytest.mark.parametrize("body", [b"[NaN]", b'{"a": NaN}', b'{"a":1} ', b"\xef\xbb\xbf{}", b'{"a":1}{"b":2}', b"{'a':1}",
+                                  b'{"a":"\\ud800"}', b'{"a":' + b"9" * 30 + b"}", b'{"a":[18446744073709551616]}', b'{"a":"12345678901234567890"}',
+                                  b'{"a":18446744073709551615,"b":-9223372036854775808,"c":1e400,"d":[1.5,-0.0]}', b"[" * 3000 + b"]" * 3000])
+def test_control_parts_are_accepted_and_refused_as_json_would_with_orjson_or_without(body, monkeypatch):
+    """The same value, of the same types (an int past 64 bits stays an int), or refused either way
+    (a top-level list nested past json's recursion limit: json cannot read it, orjson reads a list,
+    which is not an object)."""
+    def outcome():
+        try:
+            ctl = wire.Decoder._ctl(memoryview(body), 0, len(body))
+            return "ok", ctl, repr(ctl)
+        except ProtocolError:
+            return "refused"
+    with_orjson = outcome()
+    monkeypatch.setattr(wire, "orjson", None)
+    assert outcome() == with_orjson

@@ -13,6 +13,7 @@ code -> name table is messages.py's, handed to the Decoder.
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 try:        # the fast path for control parts and journal lines (5-8x json's C encoder); optional:
@@ -129,6 +130,7 @@ def encode_bytes(code: int, ctl: dict | None = None, frames=()) -> bytes:
 
 
 _scan = json.JSONDecoder().scan_once
+_LONG = re.compile(rb"[0-9]{20}").search      # an int orjson would read as a float (see _loads)
 
 
 def _loads(b):
@@ -136,10 +138,12 @@ def _loads(b):
     scanner when the part is plain UTF-8 JSON with nothing around the value (what our encoder
     sends), skipping json.loads' encoding detection and whitespace matching; anything else goes
     through json.loads itself, so what is accepted or refused does not change.  orjson first
-    where it is there: what it refuses (NaN, an int past 64 bits, a lone surrogate, deep nesting)
-    is left to json as before; it accepts nothing json refuses (RFC 8259 is a subset of what json
-    takes)."""
-    if orjson is not None:
+    where it is there: what it refuses (NaN, a lone surrogate, nesting past 1,024) is left to json
+    as before, and a part with a run of 20 digits anywhere goes to json at once (orjson reads an
+    int past 64 bits as a float: json keeps it an int, for the messages' checks to refuse).
+    orjson accepts nothing json refuses but nesting deeper than json's recursion limit (which
+    orjson before 3.9 takes whole, in a part of at most MAX_CTL)."""
+    if orjson is not None and _LONG(b) is None:
         try:
             return orjson.loads(b)
         except ValueError:
