@@ -199,9 +199,9 @@ class Server:
                 self._feed(SCHEDULE, now)
                 while self.core.pass_left is not None:
                     self._feed(SCHEDULE, now)
+                self._flush()           # the turn's messages first: publishing is not on a task's way
                 if self.status.version != self._stats_version:
                     self.publish_stats()     # before the hand-over: wait() never returns ahead of m.stats
-                self._flush()
                 if self.resume is not None:
                     self.resume.flush()     # results before the journal records that point at them
                 self.journal.flush()
