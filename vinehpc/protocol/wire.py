@@ -13,7 +13,6 @@ code -> name table is messages.py's, handed to the Decoder.
 from __future__ import annotations
 
 import json
-import re
 import struct
 
 try:        # the fast path for control parts and journal lines (5-8x json's C encoder); optional:
@@ -130,7 +129,10 @@ def encode_bytes(code: int, ctl: dict | None = None, frames=()) -> bytes:
 
 
 _scan = json.JSONDecoder().scan_once
-_LONG = re.compile(rb"[0-9]{20}").search      # an int orjson would read as a float (see _loads)
+# a run of 20 digits, where an int orjson would read as a float can be (see _loads): found in the
+# part with its digits made "0" and all else " " (a third of a regular expression's cost)
+_DIGITS = bytes(48 if 48 <= i <= 57 else 32 for i in range(256))
+_RUN = b"0" * 20
 
 
 def _loads(b):
@@ -143,11 +145,13 @@ def _loads(b):
     int past 64 bits as a float: json keeps it an int, for the messages' checks to refuse).
     orjson accepts nothing json refuses but nesting deeper than json's recursion limit (which
     orjson before 3.9 takes whole, in a part of at most MAX_CTL)."""
-    if orjson is not None and _LONG(b) is None:
-        try:
-            return orjson.loads(b)
-        except ValueError:
-            pass
+    if orjson is not None:
+        b = bytes(b)
+        if _RUN not in b.translate(_DIGITS):
+            try:
+                return orjson.loads(b)
+            except ValueError:
+                pass
     try:
         s = str(b, "utf-8")
         obj, end = _scan(s, 0)
