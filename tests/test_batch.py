@@ -215,6 +215,55 @@ def test_an_attempt_sent_again_to_the_same_worker_takes_only_its_own_outputs_and
         m.close()
 
 
+def test_a_file_begun_by_an_attempt_killed_on_a_worker_is_neither_finished_nor_continued(tmp_path):
+    """Output chunks of a file that comes in several: the first of attempt 1 arrives while it is in
+    flight; the worker then reports it could not run the task, which is sent to it again.  The late
+    last chunk of attempt 1 does not finish the file (it is dropped with what was begun), and
+    attempt 2's file is its own, whole."""
+    import vinehpc
+    from test_e2e import _authenticated_raw
+    m = vinehpc.Manager(run_dir=str(tmp_path / "run"), local_workers=0)
+    try:
+        s = _authenticated_raw(m)
+        s.sendall(messages.encode_bytes(messages.Info(cores=1, memory=1000, disk=1000, gpus=0, host="raw", pid=1,
+                                                      cached=[], workdir="/nonexistent", version=wire.VERSION)))
+        conn = Connection(s, b"")
+        out = tmp_path / "o.txt"
+        tid = m.submit(vinehpc.Task("true").add_output(m.declare_file(str(out)), "o.txt"))
+        deadline = time.monotonic() + 60
+
+        def next_of(want):
+            while time.monotonic() < deadline:
+                if select.select([s], [], [], 1)[0]:
+                    for name, ctl, _ in conn.read():
+                        if name == want:
+                            return ctl
+            raise AssertionError("no %s came" % want)
+
+        def send(name, ctl, frames=()):
+            conn.send(name, ctl, list(frames))
+            assert conn.flush()
+
+        assert next_of("task")["id"] == tid
+        chunk = {"id": tid, "remote": "o.txt", "tar": False, "size": 12}
+        send("outfile", dict(chunk, off=0, last=False), [b"stale "])
+        send("result", {"id": tid, "status": "input missing", "wall": 0.0, "reason": "disk full", "worker_fault": True})
+        assert next_of("task")["att"] == 2
+        send("outfile", dict(chunk, off=6, last=True), [b"file!\n"])      # attempt 1's last chunk, late
+        send("ping", {})
+        next_of("pong")                         # the manager has read everything before it
+        assert not out.exists() and not list(tmp_path.glob("o.txt.vinehpc-part-*"))
+        send("outfile", dict(chunk, off=0, last=False, att=2), [b"fresh "])
+        send("outfile", dict(chunk, off=6, last=True, att=2), [b"file.\n"])
+        send("result", {"id": tid, "status": "success", "wall": 0.1, "exit_code": 0, "att": 2})
+        got = m.wait(30)
+        assert got is not None and got.successful() and got.attempts == 2
+        assert out.read_text() == "fresh file.\n"
+        s.close()
+    finally:
+        m.close()
+
+
 # ---------------------------------------------------------------- prefetch, and losing what a worker held ahead
 def _tiny(sim, wid):
     """The default category learns its tasks are tiny: from now on a worker of a small fleet holds

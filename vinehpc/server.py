@@ -546,10 +546,17 @@ class Server:
         tid, remote = msg.id, msg.remote
         key = (tid, remote)
         f = p.parts.get(key)
-        if f is None:
-            sent = self._in_flight(p, tid, msg.att)
+        sent = self._in_flight(p, tid, msg.att)
+        if sent is None or (f is not None and f.att != msg.att):
+            if f is not None and (sent is not None or f.att == msg.att):
+                # a file begun by an attempt no longer in flight here (killed, sent again): not
+                # finished by its late chunks, nor continued by the next attempt's
+                del p.parts[key]
+                f.abort()
+                f = None
             if sent is None:
                 return
+        if f is None:
             dest = next((fl for fl, r in sent[1] if r == remote and fl.kind == "file"), None)
             if dest is None:
                 raise ProtocolError("output %r is not an output of task %s" % (remote, tid))
@@ -570,7 +577,7 @@ class Server:
                 return
             f = p.parts[key] = Incoming(dest.source, "%s.vinehpc-part-%s" % (dest.source, tid),
                                         tar=msg.tar, parents=True)
-            f.output = dest
+            f.output, f.att = dest, msg.att
         f.write(msg.data)
         if msg.last:
             del p.parts[key]
