@@ -365,6 +365,27 @@ def _authenticated_raw(m, roles=handshake.WORKER):
     return s
 
 
+def test_a_stranger_sending_a_deeply_nested_auth_is_dropped_and_the_manager_goes_on(tmp_path):
+    """4 KiB of brackets in a field of the auth (before the secret is proven): that connection is
+    closed as a protocol error, and the manager still authenticates the next peer."""
+    m = vinehpc.Manager(run_dir=str(tmp_path / "run"), local_workers=0)
+    try:
+        s, _ = _answered_hello(m)
+        deep = b"[" * 2000 + b"]" * 2000
+        s.sendall(wire.head_of(messages.CODES["auth"], b'{"v":1,"nonce":' + deep + b',"mac":"m"}', ()))
+        s.settimeout(30)
+        try:
+            assert s.recv(4096) == b""          # closed by the manager
+        except ConnectionResetError:
+            pass
+        s.close()
+        t = _authenticated_raw(m)               # the I/O thread is alive: a real handshake still passes
+        t.close()
+        assert m._server.error is None
+    finally:
+        m.close()
+
+
 def _joined_raw_worker(m):
     """A raw socket that passes the real handshake and joins with valid info (a worker that sends
     whatever a test wants next)."""

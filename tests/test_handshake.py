@@ -214,3 +214,17 @@ def test_steps_out_of_order_are_refused():
     g.hello()
     with pytest.raises(RuntimeError):
         g.hello()
+
+
+@pytest.mark.parametrize("depth", [200, 900, 1000, 2000])
+def test_a_value_nested_deep_before_authentication_is_refused_not_a_crash(depth):
+    """A stranger's auth whose field is nested as deep as fits in 4 KiB: refused (ProtocolError) by
+    the parser or the field's check, never a RecursionError out of the handshake (the manager's
+    I/O thread caught it only as a crash)."""
+    deep = b"[" * depth + b"]" * depth
+    ctl = b'{"v":1,"nonce":' + deep + b',"mac":"m"}'
+    data = wire.head_of(messages.CODES["auth"], ctl, ())
+    g = Greeter("s", WORKER)
+    g.hello()
+    with pytest.raises(ProtocolError):
+        g.receive_data(data)

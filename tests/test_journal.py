@@ -86,3 +86,21 @@ def test_what_orjson_refuses_is_written_by_json_and_strange_values_as_json_would
         assert got["bytes"]["output"] == "caf\udce9 \u00e9"
         assert got["str"]["when"] == str(when) and got["str"]["s"] == "{3}"
         assert got["plain"]["i"] == 1 and len(got) == 5
+
+
+def test_numbers_of_subclasses_are_written_as_numbers(tmp_path):
+    """numpy's float64 (a float subclass), an IntEnum, a defaultdict: written as json writes them
+    (a number, a number, an object), not as their str()."""
+    import collections
+    import enum
+    import numpy as np
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+    j = Journal(str(tmp_path / "j.jsonl"))
+    j.write({"event": "x", "f": np.float64(1.5), "i": Level.HIGH, "d": collections.defaultdict(list, a=[1])})
+    j.close()
+    (r,) = lines(tmp_path / "j.jsonl")
+    assert r["f"] == 1.5 and type(r["f"]) is float
+    assert r["i"] == 3 and type(r["i"]) is int
+    assert r["d"] == {"a": [1]}

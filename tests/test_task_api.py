@@ -296,3 +296,13 @@ def test_cache_task_level_entry_removed_after_last_user(tmp_path):
     assert unlinks == [Unlink("file-t")] and "file-t" not in cache.entries
     cache.remove("file-t")
     assert not os.path.exists(cache.path("file-t"))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1, 0])
+def test_a_limit_must_be_a_positive_finite_number(bad):
+    """inf or nan as a time or memory limit is refused where it is set (no limit: leave it unset),
+    never sent to a worker, whose message check would refuse it there."""
+    with pytest.raises(ValueError, match="positive finite number"):
+        Task("true").set_time_max(bad)
+    with pytest.raises(ValueError, match="positive finite number"):
+        Task("true").set_memory(bad)

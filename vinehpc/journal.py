@@ -12,15 +12,22 @@ from .protocol.wire import json_encoder, orjson
 
 _json = json_encoder(str)       # built once: this is hot (three records per task)
 if orjson is not None:
-    # 5-8x json's C encoder (a record took 3-5 us of it, three records a task: issue 15).  What
-    # json would write with str() (datetimes, dataclasses, subclasses of str/int/float/...) is
-    # passed to str() here too; what orjson refuses (an int past 64 bits, a non-string key, a lone
-    # surrogate) is written by json's encoder, as before
-    _OPT = (orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS)
+    # 5-8x json's C encoder (a record took 3-5 us of it, three records a task: issue 15).  Subclasses
+    # of str/int/dict/list orjson writes as json does; anything else it does not write as json
+    # would (a float subclass such as numpy's float64, which json writes as a number; datetimes and
+    # dataclasses, which json writes with str()) makes the record go to json's encoder, as do the
+    # values orjson refuses (an int past 64 bits, a non-string key, a lone surrogate).  The
+    # differences: an Enum is written by its value (json: str()), NaN and infinities as null (json:
+    # NaN, which is not JSON) -- none is recorded: a worker's figures are checked finite, a user's
+    # limits must be
+    _OPT = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+    def _refuse(o):
+        raise TypeError
 
     def _encode(rec) -> bytes:
         try:
-            return orjson.dumps(rec, default=str, option=_OPT)
+            return orjson.dumps(rec, default=_refuse, option=_OPT)
         except TypeError:
             return _json(rec).encode()
 else:       # pragma: no cover - orjson is a dependency

@@ -4,6 +4,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import math
 import os
 import socket
 import sys
@@ -590,8 +591,8 @@ def _mb(resources) -> dict:
     for k, v in dict(resources).items():
         if k not in LEARNED:
             raise ValueError("category allocations cover %s, got %r" % (" and ".join(LEARNED), k))
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            raise ValueError("%s must be a positive number of MB, got %r" % (k, v))
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or not math.isfinite(v):
+            raise ValueError("%s must be a positive finite number of MB, got %r" % (k, v))
         out[k] = float(v)
     return out
 

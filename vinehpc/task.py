@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import sys
@@ -59,8 +60,9 @@ def check_remote_name(name) -> str:
 
 
 def _positive(name, v, *, allow_zero=False):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v == 0 and not allow_zero):
-        raise ValueError("%s must be a positive number, got %r" % (name, v))
+    if (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v == 0 and not allow_zero)
+            or not math.isfinite(v)):       # inf, nan: no limit is not a limit (leave it unset)
+        raise ValueError("%s must be a positive finite number, got %r" % (name, v))
     return v
 
 

@@ -79,8 +79,8 @@ class TaskVineAPI:
         vinehpc setting: warned about, -1 returned (TaskVine's failure code)."""
         if name in ("keepalive-interval", "keepalive-timeout"):
             v = float(value)
-            if v <= 0:
-                raise ValueError("%s must be a positive number of seconds, got %r" % (name, value))
+            if not 0 < v < float("inf"):       # (nan too)
+                raise ValueError("%s must be a positive finite number of seconds, got %r" % (name, value))
             attr = "ka_interval" if name == "keepalive-interval" else "ka_timeout"
             self._call(lambda: setattr(self._server, attr, v))
             return 0

@@ -265,7 +265,10 @@ def _missing(name, key):
 
 def _bad(name, key, v):
     check = next(c for k, c, _ in BY_NAME[name].FIELDS if k == key)
-    s = repr(v)
+    try:
+        s = repr(v)
+    except RecursionError:      # nested as deep as the parser allows: the error is still a refusal
+        s = "(nested too deep to show)"
     raise ProtocolError("%s message: field %r must be %s, got %s %s"
                         % (name, key, check.what, type(v).__name__, s if len(s) <= 80 else s[:77] + "..."))
 

@@ -84,7 +84,8 @@ def _no_default(o):
 _json = json_encoder(_no_default)
 # orjson would encode these itself, where json refuses them or encodes them its own way (datetimes,
 # dataclasses, subclasses of str/int/float/dict/list: numpy's float64): passed through, refused,
-# and json's encoder decides as before.  (Enums and UUIDs orjson encodes by value: none is sent.)
+# and json's encoder decides as before.  (Enums and UUIDs orjson encodes by value, NaN and
+# infinities as null: none is sent -- the limits a task or a setting sends must be finite.)
 _STRICT = (orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
            if orjson is not None else 0)
 json_str = json.encoder.encode_basestring_ascii     # a string as _json encodes it (ASCII, escaped)
@@ -129,25 +130,29 @@ def encode_bytes(code: int, ctl: dict | None = None, frames=()) -> bytes:
 
 
 _scan = json.JSONDecoder().scan_once
-# a run of 20 digits, where an int orjson would read as a float can be (see _loads): found in the
-# part with its digits made "0" and all else " " (a third of a regular expression's cost)
+# a run of 19 digits, where an int orjson would read as a float can be (below -2**63, above 2**64 - 1;
+# see _loads): found in the part with its digits made "0" and all else " " (a third of a regular
+# expression's cost)
 _DIGITS = bytes(48 if 48 <= i <= 57 else 32 for i in range(256))
-_RUN = b"0" * 20
+_RUN = b"0" * 19
+NESTABLE = 256      # brackets in a part orjson reads (more: json, whose depth limit we keep; see _loads)
 
 
 def _loads(b):
     """json.loads(bytes(b)) for a control part (bytes or a memoryview): straight to json's
     scanner when the part is plain UTF-8 JSON with nothing around the value (what our encoder
     sends), skipping json.loads' encoding detection and whitespace matching; anything else goes
-    through json.loads itself, so what is accepted or refused does not change.  orjson first
-    where it is there: what it refuses (NaN, a lone surrogate, nesting past 1,024) is left to json
-    as before, and a part with a run of 20 digits anywhere goes to json at once (orjson reads an
-    int past 64 bits as a float: json keeps it an int, for the messages' checks to refuse).
-    orjson accepts nothing json refuses but nesting deeper than json's recursion limit (which
-    orjson before 3.9 takes whole, in a part of at most MAX_CTL)."""
+    through json.loads itself, so what is accepted or refused does not change.
+
+    orjson first where it is there, for what it reads as json would: a part with a run of 19
+    digits goes to json (orjson reads an int past 64 bits as a float; json keeps it an int, for
+    the messages' checks to refuse), and so does one with more than NESTABLE brackets (orjson
+    reads nesting deeper than json's recursion limit -- any depth before 3.9 --, which json
+    refuses: a value nested that deep would break whatever walks it later, repr() included).
+    What orjson itself refuses (NaN, a lone surrogate) is left to json as before."""
     if orjson is not None:
         b = bytes(b)
-        if _RUN not in b.translate(_DIGITS):
+        if _RUN not in b.translate(_DIGITS) and b.count(b"[") + b.count(b"{") <= NESTABLE:
             try:
                 return orjson.loads(b)
             except ValueError:
