@@ -166,40 +166,48 @@ def test_the_manager_refuses_a_batch_with_a_bad_item_for_that_item_and_acts_on_n
 
 
 @pytest.mark.timeout(120)
+class _RawWorker:
+    """A raw worker of 1 core joined to `m` (it sends what a test says), and a task with the output
+    o.txt submitted for it."""
+
+    def __init__(self, m, tmp_path):
+        import vinehpc
+        from test_e2e import _authenticated_raw
+        self.s = s = _authenticated_raw(m)
+        s.sendall(messages.encode_bytes(messages.Info(cores=1, memory=1000, disk=1000, gpus=0, host="raw", pid=1,
+                                                      cached=[], workdir="/nonexistent", version=wire.VERSION)))
+        self.conn = Connection(s, b"")
+        self.out = tmp_path / "o.txt"
+        self.tid = m.submit(vinehpc.Task("true").add_output(m.declare_file(str(self.out)), "o.txt"))
+        self.deadline = time.monotonic() + 60
+
+    def next_of(self, want):
+        while time.monotonic() < self.deadline:
+            if select.select([self.s], [], [], 1)[0]:
+                for name, ctl, _ in self.conn.read():
+                    if name == want:
+                        return ctl
+        raise AssertionError("no %s came" % want)
+
+    def send(self, name, ctl, frames=()):
+        self.conn.send(name, ctl, list(frames))
+        assert self.conn.flush()
+
+
 def test_an_attempt_sent_again_to_the_same_worker_takes_only_its_own_outputs_and_result(tmp_path):
     """A worker reports it could not run a task (worker_fault); the only worker gets it again,
     numbered (att 2).  Output chunks and a result naming the first attempt -- late ones of an
     attempt killed there -- are dropped; the second attempt's are taken."""
     import vinehpc
     from conftest import read_journal
-    from test_e2e import _authenticated_raw
     m = vinehpc.Manager(run_dir=str(tmp_path / "run"), local_workers=0)
     try:
-        s = _authenticated_raw(m)
-        s.sendall(messages.encode_bytes(messages.Info(cores=1, memory=1000, disk=1000, gpus=0, host="raw", pid=1,
-                                                      cached=[], workdir="/nonexistent", version=wire.VERSION)))
-        conn = Connection(s, b"")
-        out = tmp_path / "o.txt"
-        t = vinehpc.Task("true").add_output(m.declare_file(str(out)), "o.txt")
-        tid = m.submit(t)
-        deadline = time.monotonic() + 60
-
-        def next_task():
-            while time.monotonic() < deadline:
-                if select.select([s], [], [], 1)[0]:
-                    for name, ctl, _ in conn.read():
-                        if name == "task":
-                            return ctl
-            raise AssertionError("no task came")
-
-        def send(name, ctl, frames=()):
-            conn.send(name, ctl, list(frames))
-            assert conn.flush()
-
-        first = next_task()
+        w = _RawWorker(m, tmp_path)
+        tid, send = w.tid, w.send
+        first = w.next_of("task")
         assert first["id"] == tid and "att" not in first
         send("result", {"id": tid, "status": "input missing", "wall": 0.0, "reason": "disk full", "worker_fault": True})
-        again = next_task()
+        again = w.next_of("task")
         assert again["id"] == tid and again["att"] == 2
         chunk = {"id": tid, "remote": "o.txt", "tar": False, "off": 0, "last": True, "size": 6}
         send("outfile", dict(chunk, att=2), [b"fresh\n"])
@@ -208,9 +216,9 @@ def test_an_attempt_sent_again_to_the_same_worker_takes_only_its_own_outputs_and
         send("result", {"id": tid, "status": "success", "wall": 0.1, "exit_code": 0, "att": 2})
         got = m.wait(30)
         assert got is not None and got.id == tid and got.successful() and got.attempts == 2
-        assert out.read_text() == "fresh\n"
+        assert w.out.read_text() == "fresh\n"
         assert [r["attempt"] for r in read_journal(m, "stale result") if r.get("task") == tid] == [1]
-        s.close()
+        w.s.close()
     finally:
         m.close()
 
@@ -221,45 +229,26 @@ def test_a_file_begun_by_an_attempt_killed_on_a_worker_is_neither_finished_nor_c
     last chunk of attempt 1 does not finish the file (it is dropped with what was begun), and
     attempt 2's file is its own, whole."""
     import vinehpc
-    from test_e2e import _authenticated_raw
     m = vinehpc.Manager(run_dir=str(tmp_path / "run"), local_workers=0)
     try:
-        s = _authenticated_raw(m)
-        s.sendall(messages.encode_bytes(messages.Info(cores=1, memory=1000, disk=1000, gpus=0, host="raw", pid=1,
-                                                      cached=[], workdir="/nonexistent", version=wire.VERSION)))
-        conn = Connection(s, b"")
-        out = tmp_path / "o.txt"
-        tid = m.submit(vinehpc.Task("true").add_output(m.declare_file(str(out)), "o.txt"))
-        deadline = time.monotonic() + 60
-
-        def next_of(want):
-            while time.monotonic() < deadline:
-                if select.select([s], [], [], 1)[0]:
-                    for name, ctl, _ in conn.read():
-                        if name == want:
-                            return ctl
-            raise AssertionError("no %s came" % want)
-
-        def send(name, ctl, frames=()):
-            conn.send(name, ctl, list(frames))
-            assert conn.flush()
-
-        assert next_of("task")["id"] == tid
+        w = _RawWorker(m, tmp_path)
+        tid, send = w.tid, w.send
+        assert w.next_of("task")["id"] == tid
         chunk = {"id": tid, "remote": "o.txt", "tar": False, "size": 12}
         send("outfile", dict(chunk, off=0, last=False), [b"stale "])
         send("result", {"id": tid, "status": "input missing", "wall": 0.0, "reason": "disk full", "worker_fault": True})
-        assert next_of("task")["att"] == 2
+        assert w.next_of("task")["att"] == 2
         send("outfile", dict(chunk, off=6, last=True), [b"file!\n"])      # attempt 1's last chunk, late
         send("ping", {})
-        next_of("pong")                         # the manager has read everything before it
-        assert not out.exists() and not list(tmp_path.glob("o.txt.vinehpc-part-*"))
+        w.next_of("pong")                       # the manager has read everything before it
+        assert not w.out.exists() and not list(tmp_path.glob("o.txt.vinehpc-part-*"))
         send("outfile", dict(chunk, off=0, last=False, att=2), [b"fresh "])
         send("outfile", dict(chunk, off=6, last=True, att=2), [b"file.\n"])
         send("result", {"id": tid, "status": "success", "wall": 0.1, "exit_code": 0, "att": 2})
         got = m.wait(30)
         assert got is not None and got.successful() and got.attempts == 2
-        assert out.read_text() == "fresh file.\n"
-        s.close()
+        assert w.out.read_text() == "fresh file.\n"
+        w.s.close()
     finally:
         m.close()
 
