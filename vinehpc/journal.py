@@ -19,7 +19,7 @@ if orjson is not None:
     # values orjson refuses (an int past 64 bits, a non-string key, a lone surrogate).  The
     # differences: an Enum is written by its value (json: str()), NaN and infinities as null (json:
     # NaN, which is not JSON) -- none is recorded: a worker's figures are checked finite, a user's
-    # limits must be
+    # limits must be finite
     _OPT = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 
     def _refuse(o):
@@ -34,9 +34,10 @@ else:       # pragma: no cover - orjson is a dependency
     def _encode(rec) -> bytes:
         return _json(rec).encode()
 # records kept as written at most; more are encoded at once.  A record is a dict the garbage
-# collector tracks (most hold a dict: resources, allocated): thousands of them waiting through a long loop turn (a thousand workers' results) outlived two
-# young collections, were promoted to the oldest generation and made full collections -- walking
-# every queued task -- come twice as often: the collector cost more than the journal (issue 15)
+# collector tracks (most hold a dict: resources, allocated): thousands of them waiting through a
+# long loop turn (a thousand workers' results) outlived two young collections, were promoted to the
+# oldest generation and made full collections -- walking every queued task -- come twice as often:
+# the collector cost more than the journal (issue 15)
 PENDING = 512
 
 

@@ -56,10 +56,11 @@ def json_encoder(default):
 def fit_text(s: str, budget: int) -> str:
     """The end of `s` that JSON-encodes within `budget` bytes, after a line saying how much was
     cut; measured as json's encoder writes it (ASCII, escaped: the longest form, and what a lone
-    surrogate -- undecodable output -- is sent as; orjson's UTF-8 is never longer).  A task's captured output is kept to its last
-    MiB of bytes, but escaped (a non-ASCII or control character is six bytes, an emoji twelve) it
-    could make a result larger than a message may be: the manager would drop the worker for it,
-    and the task would go on to break the next worker the same way."""
+    surrogate -- undecodable output -- is sent as; orjson's UTF-8 is never longer).  A task's
+    captured output is kept to its last MiB of bytes, but escaped (a non-ASCII or control
+    character is six bytes, an emoji twelve) it could make a result larger than a message may be:
+    the manager would drop the worker for it, and the task would go on to break the next worker
+    the same way."""
     if len(s) * 12 <= budget:
         return s
     from json.encoder import encode_basestring_ascii as enc     # what json_encoder uses
