@@ -4,7 +4,6 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
-import math
 import os
 import socket
 import sys
@@ -26,7 +25,7 @@ from .patterns import PatternsMixin
 from .serverless import LibraryMixin
 from .server import BACKLOG, Server
 from .status import Stats, write_final
-from .task import PythonTask, Resumable, Task
+from .task import PythonTask, Resumable, Task, _positive
 from .taskvine_api import TaskVineAPI, _check_name
 
 log = logging.getLogger("vinehpc.manager")
@@ -591,9 +590,7 @@ def _mb(resources) -> dict:
     for k, v in dict(resources).items():
         if k not in LEARNED:
             raise ValueError("category allocations cover %s, got %r" % (" and ".join(LEARNED), k))
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or not math.isfinite(v):
-            raise ValueError("%s must be a positive finite number of MB, got %r" % (k, v))
-        out[k] = float(v)
+        out[k] = float(_positive("%s (MB)" % k, v))
     return out
 
 

@@ -522,7 +522,7 @@ class Server:
         else None: what came is stale -- its task went elsewhere or ended, or it is of an attempt
         killed there (the core says so of a result)."""
         sent = self.sent.get(tid)
-        if sent is not None and sent[0] == p.wid and sent[2] == (att or 1):
+        if sent is not None and sent[0] == p.wid and sent[2] == messages.attempt(att):
             return sent
         return None
 
@@ -547,15 +547,15 @@ class Server:
         key = (tid, remote)
         f = p.parts.get(key)
         sent = self._in_flight(p, tid, msg.att)
-        if sent is None or (f is not None and f.att != msg.att):
-            if f is not None and (sent is not None or f.att == msg.att):
-                # a file begun by an attempt no longer in flight here (killed, sent again): not
-                # finished by its late chunks, nor continued by the next attempt's
-                del p.parts[key]
-                f.abort()
-                f = None
-            if sent is None:
-                return
+        if f is not None and (f.att == msg.att) == (sent is None):
+            # a file begun by an attempt no longer in flight here (this one, killed; or another,
+            # this chunk's being the live one): not finished by its late chunks, nor continued by
+            # the next attempt's
+            del p.parts[key]
+            f.abort()
+            f = None
+        if sent is None:
+            return
         if f is None:
             dest = next((fl for fl, r in sent[1] if r == remote and fl.kind == "file"), None)
             if dest is None:
@@ -713,7 +713,7 @@ class Server:
         return path
 
     def _send_task(self, p, c):
-        self.sent[c.tid] = (p.wid, c.outputs, c.spec.get("att", 1))
+        self.sent[c.tid] = (p.wid, c.outputs, messages.attempt(c.spec.get("att")))
         p.conn.send("task", c.spec, [c.payload] if c.payload is not None else ())
 
     def _forget(self, p, c):

@@ -17,7 +17,7 @@ import warnings
 from .core.events import Cancel, SlowMultiplier, Undeclare
 from .file import File
 from .scheduler import make as make_policy, policy_name
-from .task import Task
+from .task import Task, _positive
 
 
 # Manager.tune(): TaskVine's names that vinehpc has a setting for, and those it has none for
@@ -78,9 +78,7 @@ class TaskVineAPI:
         result "max retries"; default 3, 0: never); TaskVine's other names have no
         vinehpc setting: warned about, -1 returned (TaskVine's failure code)."""
         if name in ("keepalive-interval", "keepalive-timeout"):
-            v = float(value)
-            if not 0 < v < float("inf"):       # (nan too)
-                raise ValueError("%s must be a positive finite number of seconds, got %r" % (name, value))
+            v = _positive("%s (seconds)" % name, float(value))
             attr = "ka_interval" if name == "keepalive-interval" else "ka_timeout"
             self._call(lambda: setattr(self._server, attr, v))
             return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import copy
 
+from ..protocol.messages import attempt
 from ..scheduler import make as make_policy
 from . import events as ev
 from . import transfers
@@ -465,7 +466,7 @@ class Core:
         for tid in ids:
             ts = self.tasks.get(tid)
             if (ts is not None and ts.wid == wid and ts.state == "running" and not ts.started
-                    and ts.attempts == (att.get(str(tid), 1) if att else 1)):
+                    and ts.attempts == attempt(att and att.get(str(tid)))):
                 ts.started = True
                 self._log("started", task=tid, worker=wid, attempt=ts.attempts, queued=True)
 
@@ -484,10 +485,10 @@ class Core:
     def _result(self, e, now):
         tid, wid, res = e.tid, e.wid, e.info
         ts = self.tasks.get(tid)
-        if ts is None or ts.wid != wid or ts.state != "running" or res.get("att", 1) != ts.attempts:
+        if ts is None or ts.wid != wid or ts.state != "running" or attempt(res.get("att")) != ts.attempts:
             # (att: a result of an earlier attempt killed on this worker -- an input it held was
             # dropped -- sent before the kill arrived, read after the task was sent there again)
-            self._log("stale result", task=tid, worker=wid, attempt=res.get("att", 1))
+            self._log("stale result", task=tid, worker=wid, attempt=attempt(res.get("att")))
             return
         w = self.workers.get(wid)
         self._release(ts)

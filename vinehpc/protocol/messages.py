@@ -35,6 +35,12 @@ BATCHED = ("task", "result")    # the messages a `batch` may carry (the ones sen
 MAX_BATCH = 4096            # messages in one batch
 
 
+def attempt(att) -> int:
+    """The attempt number an `att` field says: absent (None) is the first.  A task message carries
+    it from the second attempt on, and what the worker sends of that attempt echoes it."""
+    return att or 1
+
+
 def start_reported(pipe, slots, inputs, expect=None) -> bool:
     """Does the worker report when this task starts?  Both ends ask it of the task message's
     fields.  No: the manager sent it to a worker with room (no `pipe`), so it starts the moment it

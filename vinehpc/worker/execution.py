@@ -45,7 +45,6 @@ class Handle:
         self.image = None          # the root of the image it runs in
 
 
-
 def _of_attempt(h, **ctl) -> dict:
     """A message's control part about task handle h's attempt: its id, and its att when the task
     was sent again (the manager takes nothing of an attempt killed on this worker for the next)."""
@@ -53,6 +52,7 @@ def _of_attempt(h, **ctl) -> dict:
     if h.spec.att:
         ctl["att"] = h.spec.att
     return ctl
+
 
 class Execution:
     def __init__(self, sel, pool, cache, guard, *, workdir, hostname, default_image=None):
