@@ -41,7 +41,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,8 +48,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import psutil  # noqa: E402
+
+import standalone  # noqa: E402
 
 import vinehpc  # noqa: E402
 from vinehpc import server as _server  # noqa: E402
@@ -227,52 +229,44 @@ def run(calls, kind, workers, keep=False):
     mark = ns["mark"]
     _wrap_manager(mark)
 
-    m = vinehpc.Manager(port=0, host="127.0.0.1", run_dir=os.path.join(work, "run"))
-    env = dict(os.environ, VINEHPC_SECRET=m.secret,
-               PYTHONPATH=os.pathsep.join([shim, ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    ws = [subprocess.Popen([sys.executable, "-m", "vinehpc", "worker", "127.0.0.1:%d" % m.port, "--cores", "1",
-                            "--no-reconnect"], env=env, stdin=subprocess.DEVNULL) for _ in range(workers)]
     try:
-        m.wait_for_workers(workers, 60)
-        if kind == "call":
-            m.install_library(m.create_library_from_functions("hops", noop, exec_mode="direct"))
+        m = vinehpc.Manager(port=0, host="127.0.0.1", run_dir=os.path.join(work, "run"))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [shim, ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        with standalone.workers(m, workers, env) as ws:
+            if kind == "call":
+                m.install_library(m.create_library_from_functions("hops", noop, exec_mode="direct"))
 
-            def make(i):
-                return vinehpc.FunctionCall("hops", "noop", i)
-        else:
-            def make(i):
-                return vinehpc.PythonTask(noop, i)
-        for i in range(WARMUP):
-            m.submit(make(i))
-            if m.wait(60) is None:
-                raise RuntimeError("no result within 60 s during the warm-up: is the worker running?")
-        procs = [psutil.Process(w.pid) for w in ws]
-        kids = [k for p in procs for k in p.children(recursive=True)]
-        io_tid, me = m._server.thread.native_id, threading.get_native_id()
-        cpu0 = (_thread_cpu(io_tid), _thread_cpu(me), [p.cpu_times() for p in procs], [k.cpu_times() for k in kids])
-        t0 = time.perf_counter()
-        for i in range(calls):
-            mark("U0")
-            t = make(i)
-            m.submit(t)
-            mark("U1")
-            t = m.wait(60)
-            mark("U2")
-            if t is None:
-                raise RuntimeError("call %d: no result within 60 s" % i)
-        wall = time.perf_counter() - t0
-        cpu1 = (_thread_cpu(io_tid), _thread_cpu(me), [p.cpu_times() for p in procs], [k.cpu_times() for k in kids])
-    finally:
-        m.close()
-        for w in ws:
-            try:
-                w.wait(30)
-            except subprocess.TimeoutExpired:
-                w.kill()
+                def make(i):
+                    return vinehpc.FunctionCall("hops", "noop", i)
+            else:
+                def make(i):
+                    return vinehpc.PythonTask(noop, i)
+            for i in range(WARMUP):
+                m.submit(make(i))
+                if m.wait(60) is None:
+                    raise RuntimeError("no result within 60 s during the warm-up: is the worker running?")
+            procs = [psutil.Process(w.pid) for w in ws]
+            kids = [k for p in procs for k in p.children(recursive=True)]
+            io_tid, me = m._server.thread.native_id, threading.get_native_id()
+            cpu0 = (_thread_cpu(io_tid), _thread_cpu(me), [p.cpu_times() for p in procs], [k.cpu_times() for k in kids])
+            t0 = time.perf_counter()
+            for i in range(calls):
+                mark("U0")
+                t = make(i)
+                m.submit(t)
+                mark("U1")
+                t = m.wait(60)
+                mark("U2")
+                if t is None:
+                    raise RuntimeError("call %d: no result within 60 s" % i)
+            wall = time.perf_counter() - t0
+            cpu1 = (_thread_cpu(io_tid), _thread_cpu(me), [p.cpu_times() for p in procs], [k.cpu_times() for k in kids])
         ns["_dump"]()
-    rounds = _rounds(trace, calls)
-    if not keep:
-        shutil.rmtree(work, ignore_errors=True)
+        rounds = _rounds(trace, calls)
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
     if not rounds:
         raise RuntimeError("no call's points were found in order (run with --keep to look at the notes)")
     us = 1e6 / calls

@@ -15,7 +15,6 @@ Absolute figures are noise on a shared 2-core machine; compare runs made one aft
 """
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +22,9 @@ import time
 import psutil
 
 from vinehpc import FunctionCall, Manager, PythonTask
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import standalone  # noqa: E402
 
 
 def noop(i):
@@ -46,11 +48,7 @@ def main():
     a = ap.parse_args()
     run_dir = tempfile.mkdtemp(prefix="vinehpc-cpu-")
     m = Manager(port=0, host="127.0.0.1", run_dir=run_dir)
-    env = dict(os.environ, VINEHPC_SECRET=m.secret)
-    ws = [subprocess.Popen([sys.executable, "-m", "vinehpc", "worker", "127.0.0.1:%d" % m.port, "--cores", "1",
-                            "--no-reconnect"], env=env) for _ in range(a.workers)]
-    try:
-        m.wait_for_workers(a.workers, 60)
+    with standalone.workers(m, a.workers) as ws:
         if a.calls:
             m.install_library(m.create_library_from_functions("bench", noop, exec_mode="direct"))
 
@@ -82,13 +80,6 @@ def main():
               % (n, "calls" if a.calls else "tasks", a.workers, n / dt, (_cpu(workers) - w0) * us,
                  (_cpu(kids) - k0) * us, (m.manager_cpu_seconds - io0) * us, (time.process_time() - p0) * us,
                  *sw))
-    finally:
-        m.close()
-        for w in ws:
-            try:
-                w.wait(20)
-            except subprocess.TimeoutExpired:
-                w.kill()
 
 
 if __name__ == "__main__":
