@@ -6,7 +6,7 @@ library -- or, with --kind python, the W4 row's PythonTasks, taken apart).
     python benchmarks/hops.py [--calls 1500] [--kind call|python] [--workers 1] [--json] [--keep]
 
 Each process notes the time (time.perf_counter: CLOCK_MONOTONIC, one clock for every process of
-the machine) at eleven points of each call, in memory (a deque append: well under a microsecond),
+the machine) at thirteen points of each call, in memory (a deque append: well under a microsecond),
 written out at exit; the notes are merged and sorted, and each call's steps are the differences
 between its consecutive points:
 
@@ -15,16 +15,21 @@ between its consecutive points:
     manager: submit turn          the Submit, the scheduling pass, its records, up to the send
     wire + worker wakes           the send, loopback TCP, the worker's select() returning
     worker: task in               read, decode and check the message, hand it to the interpreter
-    interpreter (2 wakes)         the interpreter woken, the call, its result back, the worker woken
+    interpreter wakes             the socketpair to the worker's Python interpreter, its recv() returning
+    interpreter: the call         unpickle, chdir, env, the function, pickle the result, up to its send
+    worker wakes                  the socketpair back, the worker's select() returning
     worker: result out            read the interpreter's result, build the result message
     wire + I/O thread wakes       the send, loopback TCP, the I/O thread's select() returning
     manager: result turn          read, decode, the core, the journal, up to the hand-over
     user thread wakes             ... until wait() returns the task
 
 How the points get into the other processes: a `sitecustomize` module in a temporary directory put
-first on the workers' PYTHONPATH wraps four worker methods when VINEHPC_HOPS_DIR is set (nothing in
-vinehpc/ knows of it); the manager's are wrapped here.  A machine's own sitecustomize, if any, is
-not loaded in the workers while this runs.
+first on the workers' PYTHONPATH wraps four worker methods, and the socket calls of the interpreters
+the workers start, when VINEHPC_HOPS_DIR is set (nothing in vinehpc/ knows of it); the manager's are
+wrapped here.  A machine's own sitecustomize, if any, is not loaded in the workers while this runs.
+Each note also says the CPU it was taken on, so each wake across processes is reported twice: when
+the woken process ran on the CPU of the one that woke it (and so waited for it to give the CPU up),
+and when it ran on the other.
 
 Also reported: each side's CPU per call (the I/O thread and the user's thread from
 /proc/self/task, the worker and its interpreters from psutil), which says how much of the round
@@ -58,14 +63,16 @@ import vinehpc  # noqa: E402
 from vinehpc import server as _server  # noqa: E402
 
 # The points, in the order a call passes them; a step is named by the point it ends at.
-POINTS = ("U0", "U1", "Mop", "Msend", "Win", "Wrun", "Wback", "Wsend", "Mread", "Mhand", "U2")
+POINTS = ("U0", "U1", "Mop", "Msend", "Win", "Wrun", "Rin", "Rout", "Wback", "Wsend", "Mread", "Mhand", "U2")
 STEPS = {       # point -> (key, what the step is)
     "U1": ("submit", "user: build + submit"),
     "Mop": ("io_wake", "I/O thread wakes"),
     "Msend": ("submit_turn", "manager: submit turn"),
     "Win": ("to_worker", "wire + worker wakes"),
     "Wrun": ("task_in", "worker: task in"),
-    "Wback": ("interpreter", "interpreter (2 wakes)"),
+    "Rin": ("interpreter_wake", "interpreter wakes"),
+    "Rout": ("call", "interpreter: the call"),
+    "Wback": ("worker_wake", "worker wakes"),
     "Wsend": ("result_out", "worker: result out"),
     "Mread": ("to_manager", "wire + I/O thread wakes"),
     "Mhand": ("result_turn", "manager: result turn"),
@@ -80,15 +87,22 @@ _DIR = _os.environ.get("VINEHPC_HOPS_DIR")
 _notes = _collections.deque()     # append and popleft are atomic: the I/O thread notes too
 _pc = _time.perf_counter
 
+try:        # the CPU the note is taken on (glibc's sched_getcpu: a vDSO read, no system call)
+    import ctypes as _ctypes
+    _cpu = _ctypes.CDLL(None).sched_getcpu
+except (OSError, AttributeError):
+    def _cpu():
+        return -1
+
 def _dump():
     if _notes and _DIR:
         take = _notes.popleft
-        text = "".join("%s %.7f\n" % take() for _ in range(len(_notes)))
+        text = "".join("%s %.7f %d\n" % take() for _ in range(len(_notes)))
         with open(_os.path.join(_DIR, "%d.txt" % _os.getpid()), "a") as f:
             f.write(text)
 
 def mark(tag):
-    _notes.append((tag, _pc()))
+    _notes.append((tag, _pc(), _cpu()))
     if len(_notes) >= 65536:     # (a write per 6,000 calls or so; the rest at exit)
         _dump()
 
@@ -129,7 +143,31 @@ def _wrap_worker():
         return flush(self)
     loop.Loop._flush = flush_
 
+def _wrap_interpreter():
+    """A worker's Python interpreter runs pyrunner.py through runpy.run_path (a module of its own,
+    made after this one ran): its socket's recv and sendall are wrapped just before."""
+    import runpy
+    import socket
+    run_path = runpy.run_path
+
+    def run_path_(path, *a, **k):
+        if path.endswith("pyrunner.py"):
+            recv, sendall = socket.socket.recv, socket.socket.sendall
+
+            def recv_(self, *x):
+                b = recv(self, *x)
+                mark("Rin")
+                return b
+
+            def sendall_(self, data, *x):
+                mark("Rout")
+                return sendall(self, data, *x)
+            socket.socket.recv, socket.socket.sendall = recv_, sendall_
+        return run_path(path, *a, **k)
+    runpy.run_path = run_path_
+
 if _DIR:
+    _wrap_interpreter()
     try:
         _wrap_worker()
     except ImportError:
@@ -176,43 +214,53 @@ def _thread_cpu(tid):
 
 
 def _rounds(trace_dir, n):
-    """Each call's points, found in order in the merged notes from its U0 on (a call whose
-    points cannot all be found in order is left out: rounds_ok says how many were kept).  A step
-    is the difference of consecutive points, so "I/O thread wakes" is negative for a call whose
-    Submit the I/O thread took before submit() returned."""
+    """Each call's points as (times, cpus), found in order in the merged notes from its U0 on (a
+    call whose points cannot all be found in order is left out: rounds_ok says how many were
+    kept).  A step is the difference of consecutive points, so "I/O thread wakes" is negative for
+    a call whose Submit the I/O thread took before submit() returned."""
     notes = []
     for path in glob.glob(os.path.join(trace_dir, "*.txt")):
         with open(path) as f:
             for line in f:
-                tag, t = line.split()
-                notes.append((float(t), tag))
+                tag, t, cpu = line.split()
+                notes.append((float(t), tag, int(cpu)))
     notes.sort()
     calls, cur = [], None
-    for t, tag in notes:
+    for t, tag, cpu in notes:
         if tag == "U0":
-            cur = [(tag, t)]
+            cur = [(tag, t, cpu)]
             calls.append(cur)
         elif cur is not None:
-            cur.append((tag, t))
+            cur.append((tag, t, cpu))
     out = []
     for call in calls[-n:]:
         # U1 (submit returned) is looked for on its own: the I/O thread may take the Submit before
         # the user's thread notes it (a GIL switch), so it is not always before Mop
-        u1 = next((t for tag, t in call if tag == "U1"), None)
-        times, j = [], 0
+        u1 = next((x for x in call if x[0] == "U1"), None)
+        found, j = [], 0
         for want in POINTS:
             if want == "U1":
-                times.append(u1)
+                found.append(u1)
                 continue
             while j < len(call) and call[j][0] != want:
                 j += 1
             if j == len(call):
                 break
-            times.append(call[j][1])
+            found.append(call[j])
             j += 1
-        if len(times) == len(POINTS) and u1 is not None:
-            out.append(times)
+        if len(found) == len(POINTS) and u1 is not None:
+            out.append(([x[1] for x in found], [x[2] for x in found]))
     return out
+
+
+def _split(rounds, a, b):
+    """The step ending at point b, split by whether its two ends (a, b) ran on the same CPU:
+    (share of calls on the same CPU, median us there, median us elsewhere)."""
+    i, k = POINTS.index(a), POINTS.index(b)
+    same = [(t[k] - t[k - 1]) * 1e6 for t, c in rounds if c[i] == c[k] >= 0]
+    other = [(t[k] - t[k - 1]) * 1e6 for t, c in rounds if c[i] != c[k]]
+    med = (lambda xs: round(statistics.median(xs), 1) if xs else None)
+    return {"same_cpu_share": round(len(same) / len(rounds), 3), "same_cpu_us": med(same), "other_cpu_us": med(other)}
 
 
 def run(calls, kind, workers, keep=False):
@@ -281,13 +329,17 @@ def run(calls, kind, workers, keep=False):
     }
     steps = {}
     for i in range(1, len(POINTS)):
-        steps[POINTS[i]] = statistics.median(r[i] - r[i - 1] for r in rounds) * 1e6
+        steps[POINTS[i]] = statistics.median(t[i] - t[i - 1] for t, _ in rounds) * 1e6
     return {
         "kind": kind, "calls": calls, "notes": os.path.join(work, "trace") if keep else None, "workers": workers, "rounds_ok": len(rounds),
-        "total_ms": statistics.median(r[-1] - r[0] for r in rounds) * 1e3,
+        "total_ms": statistics.median(t[-1] - t[0] for t, _ in rounds) * 1e3,
         "calls_per_s": calls / wall,
         "steps_us": {STEPS[k][0]: round(v, 1) for k, v in steps.items()},
         "cpu_us_per_call": {k: [round(v[0], 1), round(v[1], 1)] for k, v in cpu.items()},
+        # the wakes across processes, by where the woken one ran: on the CPU of the one that woke it
+        # (it waited for that one to give the CPU up) or on the other
+        "wakes": {"interpreter_wake": _split(rounds, "Wrun", "Rin"), "worker_wake": _split(rounds, "Rout", "Wback"),
+                  "to_worker": _split(rounds, "Msend", "Win"), "to_manager": _split(rounds, "Wsend", "Mread")},
     }
 
 
@@ -301,6 +353,9 @@ def report(r) -> str:
     lines.append("%s  %s" % ("-" * w, "-" * 8))
     for k, v in r["steps_us"].items():
         lines.append("%-*s  %8.1f" % (w, names[k], v))
+    lines += ["", "wake (median us)   on the waker's CPU  on the other CPU  share on the waker's"]
+    for k, v in r["wakes"].items():
+        lines.append("%-17s  %18s  %16s  %20.0f%%" % (k, v["same_cpu_us"], v["other_cpu_us"], 100 * v["same_cpu_share"]))
     lines += ["", "%-14s  %8s  %8s" % ("CPU per call", "user us", "sys us"), "%s  %s  %s" % ("-" * 14, "-" * 8, "-" * 8)]
     for k, (u, s) in r["cpu_us_per_call"].items():
         lines.append("%-14s  %8.1f  %8.1f" % (k.replace("_", " "), u, s))

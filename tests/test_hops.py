@@ -9,8 +9,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ("submit", "io_wake", "submit_turn", "to_worker", "task_in", "interpreter", "result_out", "to_manager",
-         "result_turn", "user_wake")
+STEPS = ("submit", "io_wake", "submit_turn", "to_worker", "task_in", "interpreter_wake", "call", "worker_wake",
+         "result_out", "to_manager", "result_turn", "user_wake")
 
 
 @pytest.mark.timeout(240)
@@ -31,6 +31,9 @@ def test_every_step_of_every_call_is_found(kind, tmp_path):
     assert all(v > 0 for v in r["steps_us"].values()), r["steps_us"]
     # the steps are consecutive: their medians add up to about the median round trip
     assert 0.5 < sum(r["steps_us"].values()) / 1e3 / r["total_ms"] < 1.5, r
+    # every wake is found on one CPU or the other (the notes say where each point ran)
+    for k, v in r["wakes"].items():
+        assert 0.0 <= v["same_cpu_share"] <= 1.0 and (v["same_cpu_us"] or v["other_cpu_us"]), (k, v)
     line = out[out.rindex("\nHOPS ") + 1:].split()
     assert line[1] == "kind=%s" % kind and line[2] == "calls=%d" % calls
     assert {kv.split("=")[0] for kv in line[4:]} == {s + "_us" for s in STEPS}
