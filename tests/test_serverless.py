@@ -125,6 +125,48 @@ def test_calls_return_values_and_keep_or_reset_library_state(manager, mode):
         assert max(counts) > 1             # calls share the warm library's state
 
 
+def hog(mb):
+    return len(bytearray(mb * 2 ** 20))
+
+
+@pytest.mark.timeout(90)
+def test_sequential_calls_report_what_they_measured_in_the_journals_order(manager):
+    """A call that starts at once on an idle interpreter has its result sent before the worker's
+    state machine books its start (worker/loop.py, DEFER_WAIT): the manager sees the same -- the
+    value, measured resources, and each task's records in their order."""
+    m = manager
+    install(m, "seq", add, exec_mode="direct")
+    done = []
+    for i in range(30):
+        t = FunctionCall("seq", "add", i, 1) if i % 2 else PythonTask(add, i, 1)
+        m.submit(t)
+        back = m.wait(30)
+        assert back is t and t.successful() and t.output == i + 1, (t.result, t.reason)
+        measured = t.resources_measured
+        assert measured["wall"] > 0 and measured["procs"] == 1 and {"cores", "memory"} <= set(measured), measured
+        done.append(t.id)
+    order = {}
+    for rec in read_journal(m):
+        if rec.get("task") in done:
+            order.setdefault(rec["task"], []).append(rec["event"])
+    for tid in done:
+        assert order[tid][0] == "submitted" and order[tid][-1] == "done", order[tid]
+        assert order[tid].index("dispatched") < order[tid].index("done"), order[tid]
+    assert all(r.get("measured") for r in read_journal(m, "done") if r.get("task") in done)
+
+
+@pytest.mark.timeout(90)
+def test_a_sequential_python_task_over_its_memory_is_not_reported_a_success(manager):
+    """A prestarted task whose interpreter reports more memory than it was given goes the state
+    machine's way (retried larger), not the early result's."""
+    t = PythonTask(hog, 150).set_memory(40)
+    manager.submit(t)
+    assert manager.wait(60) is t
+    retried = [r for r in read_journal(manager, "retry larger") if r.get("task") == t.id]
+    assert retried and retried[0]["resource"] == "memory" and retried[0]["was"] == 40, retried
+    assert t.successful() and t.output == 150 * 2 ** 20
+
+
 @pytest.mark.timeout(60)
 def test_each_call_is_marked_with_its_own_task_id_and_the_mark_goes_with_it(manager):
     """VINEHPC_TASK (whose left-over processes are whose: worker/orphans.py) is the running

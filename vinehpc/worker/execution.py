@@ -264,9 +264,10 @@ class Execution:
         h.mon.final(rusage=h.proc.rusage)
         return [TaskFinished(h.spec.id, exit_code=code, signal=sig, stdout=out, exhausted=h.mon.over(h.spec.res))]
 
-    def runner_readable(self, runner) -> list:
+    def runner_readable(self, runner, items=None) -> list:
+        """Events of what interpreter `runner` said (`items`: pool.readable's, read already)."""
         events = []
-        for tid, payload in self.pool.readable(runner):
+        for tid, payload in self.pool.readable(runner) if items is None else items:
             if payload is None:
                 events.append(InterpreterDied(tid, runner, self.pool.last_death))
                 continue
@@ -397,11 +398,25 @@ class Execution:
         return [FileStored(n, "workflow") for n in temps] + events
 
     def send_plain_result(self, conn, tid, error, stdout, result, wall, started=None, started_att=None,
-                          att=None) -> None:
+                          att=None, h=None) -> None:
         """The result of a Python task without files that returned (WorkerState.plain_end), sent
-        before the state machine hears of its end: the message report() would send for it."""
+        before the state machine hears of its end: the message report() would send for it (`h`:
+        its handle, when not in `handles`: see measured_end)."""
         self._send_result(conn, tid, "failed" if error is not None else "success", error, wall, result,
-                          self.handles.get(tid), stdout=stdout, started=started, started_att=started_att, att=att)
+                          h or self.handles.get(tid), stdout=stdout, started=started, started_att=started_att,
+                          att=att)
+
+    @staticmethod
+    def measured_end(spec, payload) -> Handle:
+        """A handle with the Monitor start() would give a Python task without files, ended with what
+        its interpreter reported (`payload`, as pool.readable gives it): for a prestarted call whose
+        result goes out before its start is in the books (Loop._deferred_results)."""
+        h = Handle(spec)
+        h.mon = Monitor(box=None, py=True)
+        wall, cpu = payload[3], payload[4]
+        rss, rd, wr = (tuple(payload[5:8]) + (None, None, None))[:3]
+        h.mon.final(py={"wall": wall, "cpu": cpu, "rss": rss, "read": rd, "written": wr})
+        return h
 
     def _send_result(self, conn, tid, status, reason, wall, value, h, *, code=None, signal=None, stdout=None,
                      temps=(), exhausted=None, fault=False, started=None, started_att=None, att=None):

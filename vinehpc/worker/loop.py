@@ -34,6 +34,10 @@ log = logging.getLogger("vinehpc.worker")
 
 
 MAX_SLEEP = 3600.0
+# Seconds a prestarted call (Loop._on_task) waits for its result before the state machine is handed
+# its start anyway: a short call's start and end are then handed over together, after its result
+# went out; a longer one is in the state's books (its time limit, its resource sampling) after this.
+DEFER_WAIT = 0.002
 
 
 class ManagerGone(Exception):
@@ -69,6 +73,7 @@ class Loop:
         self.exec = Execution(self.sel, self.pool, self.cache, self.guard, workdir=workdir, hostname=hostname,
                               default_image=default_image)
         self.events = collections.deque()      # fed to the state machine in order
+        self.deferred = {}         # tid -> (TaskReceived, when): prestarted calls the state has not been handed yet
         self.feeding = False
         self.conn = None           # the manager's Connection, set by the handshake (main.py)
         self._writing = False      # the connection's socket is registered for writability
@@ -162,6 +167,44 @@ class Loop:
         if now is not None:
             self._flush()
 
+    def _book(self):
+        """Hand the prestarted calls to the state machine (see _on_task), in the order they came."""
+        d, self.deferred = self.deferred, {}
+        for ev, _ in d.values():
+            self.feed(ev)
+
+    def _deferred_results(self, runner) -> list:
+        """An interpreter answered while prestarted calls wait for the state (_on_task).  A
+        prestarted call's result that the state would report as it is (success, or the function's
+        error, within its memory; see WorkerState.plain_end) goes to the manager first, measured as
+        the execution would have measured it; then the state is handed the calls' starts, then
+        what the interpreter said (the ends it sent marked `sent`)."""
+        items = self.pool.readable(runner)
+        conn = self.conn
+        sent = set()
+        if conn is not None and not self.state.queue:
+            now = None
+            for tid, payload in items:
+                d = self.deferred.get(tid)
+                if d is None or payload is None or d[0].spec.report_start:
+                    continue
+                h = self.exec.measured_end(d[0].spec, payload)
+                if h.mon.over(h.spec.res) is not None:
+                    continue            # over its memory: the state reports it (killed, retried larger)
+                if now is None:
+                    now = time.monotonic()
+                self.exec.send_plain_result(conn, tid, payload[1], payload[2], payload[0], now - d[1],
+                                            *self._riding_starts(), att=h.spec.att, h=h)
+                sent.add(tid)
+            if sent:
+                self._flush()
+        self._book()
+        events = self.exec.runner_readable(runner, items)
+        for e in events:
+            if type(e) is TaskFinished and e.tid in sent:
+                e.sent = True
+        return events
+
     def _send_starts(self, ids):
         """A `started` message (several for more ids than one may carry)."""
         if self.conn is not None:
@@ -245,10 +288,15 @@ class Loop:
         for msg, _ in conn.typed(b""):
             self._message(msg)
         self._send()
-        sleep = self._next_timer()
+        sleep = DEFER_WAIT if self.deferred else self._next_timer()
         while not self.exit_requested:
-            for key, ev in self.sel.select(sleep):
+            ready = self.sel.select(sleep)
+            if self.deferred and not ready:
+                self._book()            # DEFER_WAIT passed: the calls are in the state's books now
+            for key, ev in ready:
                 what, obj = key.data
+                if self.deferred and not (what == "runner" and obj.tid in self.deferred):
+                    self._book()        # anything else happens after the prestarted calls' starts
                 if what == "manager":
                     if ev & selectors.EVENT_READ:
                         msgs = conn.typed()
@@ -263,8 +311,11 @@ class Loop:
                 elif what == "out":
                     self.exec.proc_output(obj)
                 elif what == "runner":
-                    events = self.exec.runner_readable(obj)
-                    self._results_now(events)
+                    if self.deferred:
+                        events = self._deferred_results(obj)
+                    else:
+                        events = self.exec.runner_readable(obj)
+                        self._results_now(events)
                     for e in events:
                         self.feed(e)
                 elif what == "wake":
@@ -277,6 +328,9 @@ class Loop:
             # what these events made goes out before the timers run: a result's way back to the
             # manager (and a task's way to its interpreter) does not wait for the sampling
             self._send()
+            if self.deferred:
+                sleep = DEFER_WAIT      # the timers run once the state has the prestarted calls
+                continue
             sleep = self._timers()
 
     def _send(self):
@@ -365,6 +419,7 @@ class Loop:
         return self._next_timer(now, d, running)
 
     def _end_session(self):
+        self._book()
         self.events.clear()
         self.feed(SessionEnded())
         if self.conn is not None:
@@ -385,6 +440,8 @@ class Loop:
     # ---------------------------------------------------------------- messages from the manager
     def _message(self, msg):
         """`msg`: typed and validated (Connection.typed)."""
+        if self.deferred:
+            self._book()         # (a batch: the calls before this message are in the books first)
         name = msg.NAME
         h = self._ON.get(type(msg))
         if h is None:
@@ -462,7 +519,15 @@ class Loop:
         if at_once is not None:
             # on its way to the interpreter before the state machine and the execution's
             # bookkeeping of its start (which then takes that interpreter): off the call's way
-            self.exec.prestart(spec, m.args, at_once[0])
+            if self.exec.prestart(spec, m.args, at_once[0]) and not isinstance(self.exec.prestarted.get(spec.id),
+                                                                                 OSError):
+                # ... and that bookkeeping waits for the call's result (DEFER_WAIT at most): the
+                # kernel often wakes the interpreter on this CPU (a socket write is a "sync" wake-up,
+                # made for a writer about to sleep), and the interpreter's result then waited for
+                # the rest of it (benchmarks/hops.py: 108 us instead of 25).  Anything else that
+                # happens first -- a message, another interpreter, a timer -- hands it over first.
+                self.deferred[spec.id] = (TaskReceived(spec, m.args), time.monotonic())
+                return
         self.feed(TaskReceived(spec, m.args))
 
     _ON = {messages.Ping: _on_ping, messages.Pong: _on_pong, messages.Exit: _on_exit, messages.Fn: _on_fn,
