@@ -45,6 +45,13 @@ class Handle:
         self.image = None          # the root of the image it runs in
 
 
+def _final(mon, payload) -> None:
+    """Monitor `mon` ended with what an interpreter reported of its task (`payload`, as
+    pool.readable gives it: result, error, stdout, wall, cpu, then rss, read, written when measured)."""
+    rss, rd, wr = (tuple(payload[5:8]) + (None, None, None))[:3]
+    mon.final(py={"wall": payload[3], "cpu": payload[4], "rss": rss, "read": rd, "written": wr})
+
+
 def _of_attempt(h, **ctl) -> dict:
     """A message's control part about task handle h's attempt: its id, and its att when the task
     was sent again (the manager takes nothing of an attempt killed on this worker for the next)."""
@@ -271,12 +278,11 @@ class Execution:
             if payload is None:
                 events.append(InterpreterDied(tid, runner, self.pool.last_death))
                 continue
-            result, error, stdout, wall, cpu = payload[:5]
-            rss, rd, wr = (tuple(payload[5:8]) + (None, None, None))[:3]
+            result, error, stdout = payload[:3]
             h = self.handles.get(tid)
             x = None
             if h is not None:
-                h.mon.final(py={"wall": wall, "cpu": cpu, "rss": rss, "read": rd, "written": wr})
+                _final(h.mon, payload)
                 x = h.mon.over(h.spec.res)
             events.append(TaskFinished(tid, stdout=stdout, result=result, error=error, runner=runner, exhausted=x))
         return events
@@ -413,9 +419,7 @@ class Execution:
         result goes out before its start is in the books (Loop._deferred_results)."""
         h = Handle(spec)
         h.mon = Monitor(box=None, py=True)
-        wall, cpu = payload[3], payload[4]
-        rss, rd, wr = (tuple(payload[5:8]) + (None, None, None))[:3]
-        h.mon.final(py={"wall": wall, "cpu": cpu, "rss": rss, "read": rd, "written": wr})
+        _final(h.mon, payload)
         return h
 
     def _send_result(self, conn, tid, status, reason, wall, value, h, *, code=None, signal=None, stdout=None,
