@@ -80,7 +80,7 @@ STEPS = {       # point -> (key, what the step is)
 }
 WARMUP = 50
 
-# Recorder shared by the shim and this process: (tag, time) in memory, written out in blocks.
+# Recorder shared by the shim and this process: (tag, time, CPU) in memory, written out at exit.
 RECORDER = r'''
 import atexit as _atexit, collections as _collections, os as _os, time as _time
 _DIR = _os.environ.get("VINEHPC_HOPS_DIR")

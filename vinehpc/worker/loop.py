@@ -519,8 +519,8 @@ class Loop:
         if at_once is not None:
             # on its way to the interpreter before the state machine and the execution's
             # bookkeeping of its start (which then takes that interpreter): off the call's way
-            if self.exec.prestart(spec, m.args, at_once[0]) and not isinstance(self.exec.prestarted.get(spec.id),
-                                                                                 OSError):
+            self.exec.prestart(spec, m.args, at_once[0])
+            if spec.id in self.exec.prestarted and not isinstance(self.exec.prestarted[spec.id], OSError):
                 # ... and that bookkeeping waits for the call's result (DEFER_WAIT at most): the
                 # kernel often wakes the interpreter on this CPU (a socket write is a "sync" wake-up,
                 # made for a writer about to sleep), and the interpreter's result then waited for
