@@ -31,6 +31,14 @@ SHORT_SAMPLES = 4
 AHEAD_TASKS = 4096        # ...as long as the fleet holds about this many tiny tasks beyond its cores:
                           # enough to cover a round trip; more would only wait in sockets for the
                           # manager (wait() latency). x16 up to 273 cores, x5 at 1,000, x2 from 4,096
+# Past SPREAD_CORES (273) cores, tiny tasks are not spread over the whole fleet, 2 a core (10,000 out
+# on 5,000 one-core workers, a message each way for every task or two, and wait() at 0.5 s): at most
+# TINY_BUDGET are out, a worker filled with a batch (up to PREFETCH_FACTOR times its cores, no more
+# than a SPREAD_CORES-th of the queue) before the next is taken, so each message carries a batch each way.
+# A fleet that large is never what tiny tasks wait for: the manager is (issue 15).
+SPREAD_CORES = AHEAD_TASKS // (PREFETCH_FACTOR - 1)
+TINY_BUDGET = PREFETCH_FACTOR * SPREAD_CORES     # what 273 cores hold: the largest spread fleet's
+HELD_LIMIT = 16           # tiny tasks over the budget a pass looks at before it ends (more would wait all the same)
 RESERVE_AFTER = 2.0        # seconds a task no worker has room for lets tasks behind it pass before a worker is kept for it
 
 
@@ -44,7 +52,10 @@ def _factor(core, category) -> int:
 
 
 def _tiny_factor(core) -> int:
-    """How many times its cores of tiny tasks a worker holds, in this fleet (AHEAD_TASKS)."""
+    """How many times its cores of tiny tasks a worker holds, in this fleet (AHEAD_TASKS); past
+    SPREAD_CORES, PREFETCH_FACTOR: the fleet holds TINY_BUDGET of them, in batches."""
+    if core.cores > SPREAD_CORES:
+        return PREFETCH_FACTOR
     return max(2, min(PREFETCH_FACTOR, 1 + AHEAD_TASKS // max(1, core.cores)))
 
 
@@ -219,6 +230,12 @@ def schedule(core, now, part=0, left=None) -> int:
     misses = {}
     # category -> its prefetch factor: it changes only with results, never within a pass
     factors = {}
+    budget = core.cores > SPREAD_CORES      # tiny tasks: at most TINY_BUDGET out, a batch a worker
+    stick, stuck = None, 0                  # the worker this pass fills with tiny tasks, and how many it got
+    # a batch is a 273rd of the queue at most: a short queue is spread (its tasks run side by side), a
+    # long one goes in full batches to as many workers as the spread fleet has
+    share = max(1, len(core.ready) // SPREAD_CORES)
+    held = set()                            # tiny tasks over the budget: not passed over, only not yet
     tasks, ready, categories = core.tasks, core.ready, core.categories
     while ready and scanned < SCAN_LIMIT and n < starts and _any_open(core):
         tid = ready.popleft()
@@ -245,12 +262,23 @@ def schedule(core, now, part=0, left=None) -> int:
         factor = factors.get(category)
         if factor is None:
             factor = factors[category] = _factor(core, category)
+        tiny = budget and factor == PREFETCH_FACTOR       # (a tiny category's factor past SPREAD_CORES)
+        if tiny and core.tiny_out >= TINY_BUDGET:
+            skipped.append(tid)
+            held.add(tid)
+            if len(held) >= HELD_LIMIT:
+                break           # the budget frees as results come: the next passes take them
+            continue
         shape = None
         if holders is None and ts.pin is None and ts.avoid is None and (keep is None or tid != core.reserved[1]):
             r = ts.res
             shape = (category, r["cores"], r["memory"], r["disk"], r["gpus"], tuple(ts.whole) if ts.whole else ())
         too_big = misses.get(shape)
-        if too_big is None and shape is not None and (least is not None and least(ts) or holding):
+        batch = tiny and shape is not None and not task.inputs
+        if (batch and stick is not None and stuck < share and stick.wid != keep and _fits(stick, ts, factor)
+                and not blocked(stick, now)):
+            cands = [stick]         # filled to its batch: one message for many tasks, each way
+        elif too_big is None and shape is not None and (least is not None and least(ts) or holding):
             # the policy takes the least loaded worker with room (the first that fits in load
             # order), or one holding some of the task's inputs (found through the index of files)
             cands = _holding_fit(core, ts, factor, keep, now) if holding and ts.inputs else ()
@@ -295,12 +323,18 @@ def schedule(core, now, part=0, left=None) -> int:
             continue
         w = cands[0] if len(cands) == 1 else core.policy.choose(ts, cands)
         scanned -= 1            # (a dispatch is not what makes a pass long: the tasks passed over are)
-        _dispatch(core, ts, w, now, factor)
+        _dispatch(core, ts, w, now, factor, not batch)
+        if tiny:
+            ts.tiny = True
+            core.tiny_out += 1
+        if batch:
+            stuck = stuck + 1 if w is stick else 1
+            stick = w
         ts.passed_since = None
         if len(skipped) > passed:
             for t in skipped[passed:]:   # a task behind them started: they were passed over
                 t = tasks.get(t)
-                if t is not None and t.passed_since is None:
+                if t is not None and t.passed_since is None and t.tid not in held:
                     t.passed_since = now
             passed = len(skipped)
         if core.reserved is not None and core.reserved[1] == tid:
@@ -405,8 +439,10 @@ def task_message(task, ts, pipe) -> dict:
     return spec
 
 
-def _dispatch(core, ts, w, now, factor):
-    """Start ts on w (`factor`: its category's prefetch factor, the pass's)."""
+def _dispatch(core, ts, w, now, factor, index=True):
+    """Start ts on w (`factor`: its category's prefetch factor, the pass's).  `index` False: w
+    leaves the index until the next pass (it is being filled with a batch of tiny tasks: one
+    heap entry for the batch, not one per task)."""
     task = ts.task
     out = core.out
     tid, wid = task.id, w.wid
@@ -439,7 +475,11 @@ def _dispatch(core, ts, w, now, factor):
             if committed[k] + need > total[k]:
                 room = False
             committed[k] += need
-    touch(core, w)
+    if index:
+        touch(core, w)
+    else:
+        w.hkey = None
+        core.moved.add(w)
     # sent ahead only for a short category (factor > 1)
     spec = task_message(task, ts, not room and factor > 1)
     if expect:

@@ -78,6 +78,7 @@ class Core:
         self.joins = 0
         self.counts = collections.Counter()
         self.n_running = 0
+        self.tiny_out = 0                  # tiny tasks out on workers (placement.TINY_BUDGET)
         self.cores = 0                     # the joined workers' cores (placement: how far ahead to send)
         self.drain_deadline = None         # set by Drain: dispatch stopped, running tasks get until then
         self._drain_grace = None
@@ -199,6 +200,9 @@ class Core:
     def _release(self, ts):
         """The attempt running on ts.wid ended (result, kill, worker lost): give its share back."""
         self.n_running -= 1
+        if ts.tiny:
+            ts.tiny = False
+            self.tiny_out -= 1
         w = self.workers.get(ts.wid)
         if w is None:
             return

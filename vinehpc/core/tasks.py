@@ -34,7 +34,7 @@ class InvalidTransition(RuntimeError):
 class TaskState:
     __slots__ = ("task", "tid", "state", "wid", "res", "whole", "alloc_version", "grown", "tries", "exhaustions",
                  "avoid", "passed_since", "warned", "inputs", "dispatched_at", "started", "pin", "on_start", "on_done",
-                 "attempts", "worker", "host", "addr", "exit_code", "stdout", "wall", "measured", "output", "lost_with")
+                 "attempts", "worker", "host", "addr", "exit_code", "stdout", "wall", "measured", "output", "lost_with", "tiny")
 
     def __init__(self, task, inputs, res, pin=None, on_start=None, on_done=None):
         self.task = task
@@ -57,6 +57,7 @@ class TaskState:
         self.on_start = on_start
         self.on_done = on_done
         self.attempts = 0
+        self.tiny = False            # counted in core.tiny_out while it runs (placement.TINY_BUDGET)
         self.lost_with = EMPTY       # workers lost while it ran there (a poison task kills each it runs on)
         self.worker = self.host = self.addr = None    # where its last result came from (addr: host:port)
         self.exit_code = self.stdout = self.wall = self.measured = self.output = None
