@@ -809,6 +809,93 @@ def test_a_worker_full_of_tasks_sent_ahead_is_refilled_once_half_are_done():
     assert [w for w, _ in again] == [1] * (f // 2)    # half done: refilled, all in this pass
 
 
+def _tiny_fleet(workers):
+    """A fleet of one-core workers whose default category has learnt that its tasks are tiny."""
+    sim = Sim("fcfs")
+    for wid in range(1, workers + 1):
+        sim.join(wid, cores=1, host="h%d" % wid)
+    for _ in range(placement.SHORT_SAMPLES):
+        t = sim.submit(new_task())
+        sim.take()
+        (wid, _), = dispatched(sim.pass_())
+        sim.ok(wid, t, wall=0.001)
+    assert sim.core.tiny_out == 0
+    return sim
+
+
+def test_past_the_spread_fleet_tiny_tasks_go_out_in_batches_within_a_budget():
+    """Issue 15: on 5,000 one-core workers, tiny tasks went out 2 a core (10,000 out, wait() 0.5 s
+    behind them) and a message each way for every task or two.  Past SPREAD_CORES cores at most
+    TINY_BUDGET are out, each worker filled with a full batch before the next is taken."""
+    n = placement.SPREAD_CORES + 27
+    sim = _tiny_fleet(n)
+    f, budget = placement.PREFETCH_FACTOR, placement.TINY_BUDGET
+    tasks = {t.id: t for t in (sim.submit(new_task()) for _ in range(2 * budget))}
+    sim.take()
+    out = []
+    for _ in range(4):
+        out += dispatched(sim.pass_())
+    assert len(out) == budget == sim.core.tiny_out          # the budget, not 2 a core of the fleet
+    per = {}
+    for wid, _ in out:
+        per[wid] = per.get(wid, 0) + 1
+    assert sorted(per.values()) == [f] * (budget // f)         # whole batches, on as few workers
+    assert [tid for _, tid in out] == sorted(tid for _, tid in out)     # in queue order
+    waiting = [sim.core.tasks[t] for t in sim.core.ready]
+    assert len(waiting) == budget and all(ts.passed_since is None for ts in waiting)   # held, not passed over
+    assert sim.core.reserved is None
+    # results free the budget: the next tasks in line go out, again as batches
+    wid = out[0][0]
+    for _, tid in [x for x in out if x[0] == wid]:
+        sim.ok(wid, tasks[tid], wall=0.001)
+    assert sim.core.tiny_out == budget - f
+    again = dispatched(sim.pass_())
+    assert len(again) == f and len({w for w, _ in again}) == 1
+    assert [tid for _, tid in again] == sorted(tasks)[budget:budget + f]
+
+
+def test_past_the_spread_fleet_a_short_queue_of_tiny_tasks_is_still_spread():
+    """A batch is a SPREAD_CORES-th of the queue at most: a few hundred tiny tasks on a large
+    fleet run side by side, not 16 after one another on a few workers."""
+    n = placement.SPREAD_CORES + 27
+    sim = _tiny_fleet(n)
+    for _ in range(n):
+        sim.submit(new_task())
+    sim.take()
+    out = dispatched(sim.pass_())
+    assert len(out) == n and len({w for w, _ in out}) == n     # one each
+
+
+def test_the_tiny_budget_is_given_back_whatever_ends_a_task():
+    """Every way a running task stops (result, failure, cancel, its worker lost) gives back its
+    place in the budget; a lost worker's tasks go out again."""
+    n = placement.SPREAD_CORES + 27
+    sim = _tiny_fleet(n)
+    tasks = {t.id: t for t in (sim.submit(new_task()) for _ in range(placement.TINY_BUDGET))}
+    sim.take()
+    out = []
+    while True:
+        got = dispatched(sim.pass_())
+        if not got:
+            break
+        out += got
+    assert len(out) == len(tasks) == sim.core.tiny_out
+    by = {}
+    for wid, tid in out:
+        by.setdefault(wid, []).append(tid)
+    (w1, a), (w2, b) = sorted(by.items())[:2]
+    sim.ok(w1, tasks[a[0]], wall=0.001)
+    sim.fail(w1, tasks[a[1]])
+    sim(Cancel(a[2], "no longer wanted"))
+    assert sim.core.tiny_out == len(tasks) - 3
+    sim(WorkerLost(w2, "gone"))
+    assert sim.core.tiny_out == len(tasks) - 3 - len(b)
+    sim.take()
+    again = dispatched(sim.pass_())
+    assert sorted(tid for _, tid in again) == sorted(b) and w2 not in {w for w, _ in again}
+    assert sim.core.tiny_out == len(tasks) - 3
+
+
 def test_a_pass_in_parts_starts_what_the_whole_pass_would():
     """The server cuts a pass into parts (Schedule(part=n)), carrying each part's commands before
     the next, and a release touches its worker's place in the load index only at the next pass:

@@ -176,3 +176,45 @@ def test_the_journal_of_a_fleet_run_agrees_with_what_came_back(tmp_path):
     agg = load(run_dir)
     assert (agg.n["submitted"], agg.n["done"], agg.n["failed"]) == (3000, 3000, 0)
     assert agg.n["attempts"] == sum(attempts.values())
+
+
+@pytest.mark.timeout(180)
+def test_past_the_spread_fleet_tiny_tasks_stay_within_their_budget(tmp_path):
+    """150 two-core workers (300 cores: past placement.SPREAD_CORES), 12,000 no-op tasks, 3 workers
+    disconnecting in the middle of a result: once the category is known to be tiny, at most
+    TINY_BUDGET tasks are out at once (never 2 a core spread over the whole fleet), every result
+    comes back once, the lost ones are run again, and the budget is all given back at the end."""
+    import json
+
+    from vinehpc.core import placement
+    assert 150 * 2 > placement.SPREAD_CORES
+    joined, ids, back, rep = _run(tmp_path, 150, 12000, lambda i: vinehpc.Task(":"), cores=2, disconnect=3)
+    assert joined == 150 and rep.get("retries", 0) == 0
+    assert sorted(t.id for t in back) == sorted(ids) and all(t.successful() for t in back)
+    assert rep["lost"] == 3 and rep["results"] == 12000
+    out = peak = 0
+    per_worker = {}
+    runs = []               # consecutive dispatches to one worker: a batch in one message
+    with open(os.path.join(str(tmp_path / "run"), "transactions.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("task") not in ids:
+                continue
+            if r["event"] == "dispatched":
+                out += 1
+                per_worker[r["worker"]] = per_worker.get(r["worker"], 0) + 1
+                peak = max(peak, out)
+                if runs and runs[-1][0] == r["worker"]:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([r["worker"], 1])
+            elif r["event"] in ("done", "requeued"):
+                out -= 1
+    assert out == 0
+    # (before the category is known to be tiny, tasks go one a core: 300 out; a lost worker's
+    # tasks count until it is found gone, so a little slack for the 3)
+    assert peak <= placement.TINY_BUDGET + 3 * 2 * placement.PREFETCH_FACTOR, peak
+    assert len(per_worker) > 100        # spread over the fleet all the same, batch after batch
+    # one at a time to the least loaded worker before (runs of 1); now mostly whole batches
+    batched = sum(k for _, k in runs if k >= placement.PREFETCH_FACTOR // 2)
+    assert batched > 12000 // 2, sorted(k for _, k in runs)[-20:]
