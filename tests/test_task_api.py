@@ -306,3 +306,21 @@ def test_a_limit_must_be_a_positive_finite_number(bad):
         Task("true").set_time_max(bad)
     with pytest.raises(ValueError, match="positive finite number"):
         Task("true").set_memory(bad)
+
+
+def test_a_task_without_files_holds_no_lists_for_the_collector_and_one_with_files_its_own():
+    """Issue 15: three empty lists a task were half the objects of a queued no-op task that the
+    garbage collector walks; they are made at a task's first file, each task its own."""
+    import gc
+    a, b = Task("true"), Task("true")
+    assert (a.inputs, a.outputs, a.watched) == ((), (), ())
+    assert not any(gc.is_tracked(x) for x in (a.inputs, a.outputs, a.watched))
+    f, g = Buffer(b"x"), File("out.txt")
+    a.add_input(f, "in.txt")
+    a.add_output(g, "out.txt", watch=True)
+    a.add_input(Buffer(b"y"), "in2.txt")
+    assert a.inputs == [(f, "in.txt"), (a.inputs[1][0], "in2.txt")] and a.outputs == [(g, "out.txt")]
+    assert a.watched == ["out.txt"]
+    assert (b.inputs, b.outputs, b.watched) == ((), (), ())        # nothing shared
+    b.add_input(f, "in.txt")
+    assert len(a.inputs) == 2 and b.inputs == [(f, "in.txt")]

@@ -175,7 +175,7 @@ class FunctionCall(PythonTask):
                 self.resources[k] = v
         if lib.inputs:             # (the common library has none: a call stays as cheap as it can be)
             have = {id(f) for f, _ in self.inputs}
-            self.inputs.extend((f, r) for f, r in lib.inputs if id(f) not in have)
+            self._grow("inputs").extend((f, r) for f, r in lib.inputs if id(f) not in have)
             if lib.environment is not None and self.environment is None:
                 self.environment = lib.environment
         if lib.env:

@@ -89,9 +89,11 @@ class Task:
             raise TypeError("command must be a string, got %r" % (command,))
         self.command = command
         self.id = None
-        self.inputs = []        # (File, remote_name)
-        self.outputs = []       # (File, remote_name)
-        self.watched = []       # remote names of outputs streamed back while the task runs
+        # lists from the first add_*: until then the empty tuple, which the garbage collector does
+        # not walk (three empty lists were half the objects of a queued no-op task: issue 15)
+        self.inputs = ()        # (File, remote_name)
+        self.outputs = ()       # (File, remote_name)
+        self.watched = ()       # remote names of outputs streamed back while the task runs
         self.env = {}
         self.environment = None  # an environment image (Manager.declare_image) the task runs in
         self.resources = {"cores": None, "memory": None, "disk": None, "gpus": None}
@@ -134,7 +136,7 @@ class Task:
         if file.kind in ("file",) and file.producer is None and not file.exists():
             raise FileNotFoundError("input file %r does not exist: create it before submitting, or make it "
                                     "the output of a task added earlier" % file.source)
-        self.inputs.append((file, remote_name))
+        self._grow("inputs").append((file, remote_name))
         return self
 
     def add_output(self, file: File, remote_name: str, watch: bool = False, failure_only=None,
@@ -154,10 +156,18 @@ class Task:
         check_remote_name(remote_name)
         if watch and file.kind != "file":
             raise ValueError("only a declare_file() output can be watched (a temp stays on the worker)")
-        self.outputs.append((file, remote_name))
+        self._grow("outputs").append((file, remote_name))
         if watch:
-            self.watched.append(remote_name)
+            self._grow("watched").append(remote_name)
         return self
+
+    def _grow(self, name) -> list:
+        """The list `name` (inputs, outputs, watched) of this task, made at its first item."""
+        v = getattr(self, name)
+        if type(v) is not list:
+            v = list(v)
+            setattr(self, name, v)
+        return v
 
     def add_environment(self, image: File) -> "Task":
         """Run this task inside an environment image (from Manager.declare_image)."""
@@ -166,7 +176,7 @@ class Task:
         if self.environment is not None:
             raise ValueError("task already runs in %s: a task has one environment image" % self.environment.source)
         self.environment = image
-        self.inputs.append((image, IMAGE_INPUT))   # it travels like any input; never linked into the sandbox
+        self._grow("inputs").append((image, IMAGE_INPUT))   # it travels like any input; never linked into the sandbox
         return self
 
     def set_env_var(self, name: str, value: str | None = None) -> "Task":
