@@ -218,3 +218,28 @@ def test_past_the_spread_fleet_tiny_tasks_stay_within_their_budget(tmp_path):
     # one at a time to the least loaded worker before (runs of 1); now mostly whole batches
     batched = sum(k for _, k in runs if k >= placement.PREFETCH_FACTOR // 2)
     assert batched > 12000 // 2, sorted(k for _, k in runs)[-20:]
+
+
+@pytest.mark.timeout(120)
+def test_the_benchmark_reports_its_fleet_line_with_the_best_of_its_runs(tmp_path, capsys):
+    """benchmarks/fleet.py end to end, small: per N, --repeat runs on one fleet, the fastest
+    reported (every run listed), and the line a script reads."""
+    import json
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("fleet_bench", os.path.join(ROOT, "benchmarks", "fleet.py"))
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        assert bench.main(["--workers", "20", "--tasks", "300", "--idle", "0.1", "--repeat", "2", "--json"]) == 0
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    out = capsys.readouterr()
+    rows = json.loads(out.out)
+    assert [r["workers"] for r in rows] == [10, 20]
+    for r in rows:
+        assert len(r["runs_tasks_per_s"]) == 2 and r["tasks_per_s"] == max(r["runs_tasks_per_s"])
+        assert r["joined"] == r["workers"] and r["fleet"]["results"] == 600
+    line = [x for x in out.err.splitlines() if x.startswith("FLEET ")]
+    assert len(line) == 1 and line[0].startswith("FLEET workers=20 tasks=300 tasks_per_s=")
+    assert "ratio_to_10=" in line[0] and "mgr_ms_per_task=" in line[0]
