@@ -8,14 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .tasks import TaskState, task_resources
 
-@dataclass(slots=True)
-class Submit:
-    task: object                 # the user's Task (id, outputs and function already set by Manager.submit)
-    inputs: list                 # per input: (cachename, size, is_temp), or None (made by a task: resolved later)
-    on_start: object = None      # called (on the I/O thread) with the task when it is dispatched
-    on_done: object = None       # called with the finished task instead of handing it to wait()
-    pin: int | None = None       # the only worker it may run on
+
+def Submit(task, inputs, on_start=None, on_done=None, pin=None) -> TaskState:
+    """A new task, from Manager.submit: the event is the task's own TaskState (tasks.py), made on
+    the caller's thread -- one object a queued task, not an event and then a state (a burst of
+    100,000 submits waits in the server's inbox: the garbage collector walked both, issue 15).
+
+    `task`: the user's Task (id, outputs and function already set by Manager.submit); `inputs`:
+    per input (cachename, size, is_temp), or None (made by a task: resolved later); `on_start`:
+    called (on the I/O thread) with the task when it is dispatched; `on_done`: called with the
+    finished task instead of handing it to wait(); `pin`: the only worker it may run on."""
+    return TaskState(task, inputs, task_resources(task), pin=pin, on_start=on_start, on_done=on_done)
 
 
 @dataclass(slots=True)

@@ -2,7 +2,8 @@
 
 `Core.handle(event, now)` takes one event (events.py) and returns the commands (commands.py)
 the server is to carry out, in order.  No sockets, no threads, no clock, no file system:
-names of manager-side inputs come with the Submit event (resolved on the user's thread),
+names of manager-side inputs come with the Submit event (resolved on the user's thread; the
+event is the task's TaskState, made there),
 and a file made by a task is named by the server on request (ResolveFile -> FileResolved).
 Per-task state is a TaskState (tasks.py); the user's Task gets its results when it is
 returned (TaskFinished).
@@ -19,13 +20,8 @@ from . import transfers
 from .categories import LEARNED, Category
 from .commands import DropFunction, Drained, KillTask, ResolveFile, TaskFinished, UnlinkFile
 from .placement import schedule, touch
-from .tasks import EMPTY, TaskState, transition
+from .tasks import EMPTY, TaskState, task_resources, transition
 from .workers import RES, Blocklist, WorkerState
-
-
-def task_resources(task) -> dict:
-    r = task.resources
-    return {"cores": r["cores"] or 1, "memory": r["memory"] or 0, "disk": r["disk"] or 0, "gpus": r["gpus"] or 0}
 
 
 def input_names(task, resolve_local=True) -> list:
@@ -87,7 +83,7 @@ class Core:
         self._recovery_of = {}             # id of a hidden re-run of a producer -> the producer's id
         self.transfers = transfers.Transfers()   # worker-to-worker transfers (transfers.py)
         self._handlers = {
-            ev.Submit: self._submit, ev.Resumed: self._resumed, ev.Cancel: self._cancel, ev.Drain: self._drain,
+            TaskState: self._submit, ev.Resumed: self._resumed, ev.Cancel: self._cancel, ev.Drain: self._drain,
             ev.WorkerJoined: self._worker_joined, ev.WorkerLost: self._worker_lost,
             ev.TaskResult: self._task_result, ev.TasksStarted: self._tasks_started, ev.FileCached: self._file_cached, ev.FileFetched: self._file_fetched,
             ev.FileResolved: self._file_resolved, ev.PutFailed: self._put_failed,
@@ -213,10 +209,10 @@ class Core:
         self.moved.add(w)       # its place in the index: once, at the next pass (placement.touch_moved)
 
     # ------------------------------------------------------------------ user events
-    def _submit(self, e, now, front=False):
-        task = e.task
-        ts = self.tasks[task.id] = TaskState(task, e.inputs, task_resources(task), pin=e.pin,
-                                             on_start=e.on_start, on_done=e.on_done)
+    def _submit(self, ts, now, front=False):
+        """A new task: the event is its TaskState (events.Submit)."""
+        task = ts.task
+        self.tasks[task.id] = ts
         if task.id >= 0:
             self.counts["submitted"] += 1
         for f, _ in task.outputs:

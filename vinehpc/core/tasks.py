@@ -31,6 +31,11 @@ class InvalidTransition(RuntimeError):
     pass
 
 
+def task_resources(task) -> dict:
+    r = task.resources
+    return {"cores": r["cores"] or 1, "memory": r["memory"] or 0, "disk": r["disk"] or 0, "gpus": r["gpus"] or 0}
+
+
 class TaskState:
     __slots__ = ("task", "tid", "state", "wid", "res", "whole", "alloc_version", "grown", "tries", "exhaustions",
                  "avoid", "passed_since", "warned", "inputs", "dispatched_at", "started", "pin", "on_start", "on_done",
