@@ -461,7 +461,7 @@ def test_files_looks_at_the_workers_holding_the_inputs_not_at_every_worker(monke
 @pytest.mark.parametrize("policy", ["files", "fcfs"])
 def test_the_load_index_chooses_as_the_policy_over_every_candidate(policy):
     """The indexes (workers by load, where each cached file is) find the very worker choose() would
-    among all candidates (the most input bytes held, then the fewest outstanding, the first joined
+    among all candidates (the most input bytes held, then the fewest outstanding, the longest at that load
     among equals), through joins, losses, results, inputs, bigger tasks and prefetch."""
     import random
     from vinehpc.file import Buffer
@@ -708,6 +708,7 @@ def test_drain_cuts_what_still_runs_when_the_grace_ends(sim):
 class MockWorker:
     def __init__(self, wid, outstanding=0, cached=()):
         self.wid, self.outstanding, self.cached = wid, outstanding, set(cached)
+        self.since = 0          # (all came to their load at once: ties go to the first candidate)
 
 
 class MockTS:
@@ -905,9 +906,9 @@ def test_a_pass_in_parts_starts_what_the_whole_pass_would():
     from vinehpc.core.events import Schedule
     core = None
 
-    class Eager(set):
+    class Eager(dict):
         """A release's touch at once, as before the index was touched once a pass."""
-        def add(self, w):
+        def __setitem__(self, w, _):
             placement.touch(core, w)
 
     def play(part):

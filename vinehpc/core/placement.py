@@ -5,7 +5,6 @@ core's events there, placement here.  Only Core.handle calls them (a Schedule ev
 """
 from __future__ import annotations
 
-import heapq
 
 from ..protocol.messages import start_reported
 from . import transfers
@@ -81,10 +80,13 @@ def _fits(w, ts, factor):
 
 
 # ---------------------------------------------------------------- the index of workers with room
-# A heap of (outstanding, join order, wid) over the workers with room (committed cores below their
-# cores times the largest prefetch factor, `core.top`): a dispatch finds the least loaded worker that
-# fits in O(log N) instead of trying every worker (issue 15: per-task work that grew with the fleet).
-# Entries are never removed: one whose key is not its worker's `hkey` any more is stale and skipped.
+# The workers with room (committed cores below their cores times the largest prefetch factor,
+# `core.top`), by load: `core.levels[k]` holds those with k tasks outstanding (wid -> worker, in
+# the order they came to that load, `WorkerState.since`), `core.low` is at most the lowest k held.
+# A dispatch takes the first worker that fits from the lowest level up: O(1) in the number of
+# workers, where a heap of them was O(log N) (issue 15).  A worker is in one level or none
+# (`WorkerState.hkey`: its level; None when it has no room), moved by touch().  The policies break
+# ties in load the same way (scheduler/): the one longest at that load, join order at first.
 
 def touch(core, w):
     """Worker w's load or room changed (a dispatch, a release, it joined): its place in the index.
@@ -97,25 +99,43 @@ def touch(core, w):
     committed = w.committed["cores"]
     room = cores * core.top
     if committed >= room:
-        w.hkey = None
+        unindex(core, w)
         w.full = core.top > 1
     elif w.full and 2 * committed > room + cores:
         return                  # still more than half of what it was sent ahead to do
     else:
         w.full = False
-        key = (w.outstanding, w.order)
+        key = w.outstanding
         if w.hkey != key:
+            unindex(core, w)
             w.hkey = key
-            heapq.heappush(core.open, (w.outstanding, w.order, w.wid))
-            if len(core.open) > 2 * len(core.workers) + 64:
-                _reindex(core)          # stale entries piled up: O(N) once per O(N) changes
+            core.stamp += 1
+            w.since = core.stamp
+            level = core.levels.get(key)
+            if level is None:
+                level = core.levels[key] = {}
+            level[w.wid] = w
+            if key < core.low:
+                core.low = key
+
+
+def unindex(core, w):
+    """w leaves the index (no room, lost, or being filled with a batch until the next pass)."""
+    key = w.hkey
+    if key is not None:
+        w.hkey = None
+        level = core.levels.get(key)
+        if level is not None:
+            level.pop(w.wid, None)
+            if not level:
+                del core.levels[key]
 
 
 def touch_moved(core):
     """touch() the workers whose tasks ended since the last pass, once each: a worker whose
-    results came several in one read (most often, on a large fleet) took a heap push per result
-    (issue 15).  Only a pass reads the index, so it is current whenever one is made."""
-    moved, core.moved = core.moved, set()
+    results came several in one read (most often, on a large fleet) was moved in the index once
+    per result (issue 15).  Only a pass reads the index, so it is current whenever one is made."""
+    moved, core.moved = core.moved, {}     # (in the order their tasks ended: ties in load go to the first)
     workers = core.workers
     for w in moved:
         if workers.get(w.wid) is w:     # (not lost since)
@@ -123,46 +143,39 @@ def touch_moved(core):
 
 
 def _reindex(core):
-    core.open = []
-    for w in core.workers.values():
+    core.levels = {}
+    core.low = 0
+    for w in sorted(core.workers.values(), key=lambda w: (w.hkey is None, w.since)):   # (ties keep their order)
         w.hkey = None
         touch(core, w)
 
 
 def _any_open(core) -> bool:
-    """Is some worker in the index (stale entries at its top dropped)?"""
-    heap, workers = core.open, core.workers
-    while heap:
-        o, order, wid = heap[0]
-        w = workers.get(wid)
-        if w is not None and w.hkey == (o, order):
-            return True
-        heapq.heappop(heap)
-    return False
+    """Is some worker in the index?"""
+    return bool(core.levels)
 
 
 def _least_loaded_fit(core, ts, factor, keep, now):
     """The worker a least-loaded policy would choose among all those that fit ts: the fewest
-    outstanding tasks, the first joined among equals (FCFS's and "files"' choice without inputs).
-    The one found stays in the index (its dispatch makes that entry stale)."""
-    heap, workers = core.open, core.workers
-    looked = None
-    found = None
-    while heap:
-        e = heap[0]
-        w = workers.get(e[2])
-        if w is not None and w.hkey == (e[0], e[1]):
-            if w.wid != keep and _fits(w, ts, factor) and not core.blocked(w, now):
-                found = w
-                break
-            if looked is None:
-                looked = []
-            looked.append(e)    # (not stale: back in the index below)
-        heapq.heappop(heap)
-    if looked:
-        for e in looked:
-            heapq.heappush(heap, e)
-    return found
+    outstanding tasks, among equals the one longest at that load (FCFS's and "files"' choice
+    without inputs).  Most often the first of the lowest level: O(1) in the number of workers."""
+    levels = core.levels
+    if not levels:
+        return None
+    low = core.low
+    while low not in levels:        # (levels: at most the deepest prefetch of a worker, not N)
+        low += 1
+    core.low = low
+    blocked = core.blocked
+    for w in levels[low].values():
+        if w.wid != keep and _fits(w, ts, factor) and not blocked(w, now):
+            return w
+    for k in sorted(levels):        # none of the lowest level fits: the next ones
+        if k > low:
+            for w in levels[k].values():
+                if w.wid != keep and _fits(w, ts, factor) and not blocked(w, now):
+                    return w
+    return None
 
 
 def _holding_fit(core, ts, factor, keep, now) -> list:
@@ -442,7 +455,7 @@ def task_message(task, ts, pipe) -> dict:
 def _dispatch(core, ts, w, now, factor, index=True):
     """Start ts on w (`factor`: its category's prefetch factor, the pass's).  `index` False: w
     leaves the index until the next pass (it is being filled with a batch of tiny tasks: one
-    heap entry for the batch, not one per task)."""
+    move in the index for the batch, not one per task)."""
     task = ts.task
     out = core.out
     tid, wid = task.id, w.wid
@@ -478,8 +491,8 @@ def _dispatch(core, ts, w, now, factor, index=True):
     if index:
         touch(core, w)
     else:
-        w.hkey = None
-        core.moved.add(w)
+        unindex(core, w)
+        core.moved[w] = None
     # sent ahead only for a short category (factor > 1)
     spec = task_message(task, ts, not room and factor > 1)
     if expect:

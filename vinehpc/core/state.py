@@ -19,7 +19,7 @@ from . import events as ev
 from . import transfers
 from .categories import LEARNED, Category
 from .commands import DropFunction, Drained, KillTask, ResolveFile, TaskFinished, UnlinkFile
-from .placement import schedule, touch
+from .placement import schedule, touch, unindex
 from .tasks import EMPTY, TaskState, task_resources, transition
 from .workers import RES, Blocklist, WorkerState
 
@@ -66,8 +66,10 @@ class Core:
         self.slow_counts = collections.Counter()      # worker -> tasks fast-aborted there
         self.unproduced = {}               # temp cachename -> why its producer failed
         self.reserved = None               # (wid, tid): a worker kept for a task no worker had room for
-        self.open = []                     # heap of workers with room (placement.touch), by load
-        self.moved = set()                 # workers whose tasks ended since the last pass: touched then
+        self.levels = {}                   # workers with room by tasks outstanding (placement.touch)
+        self.low = 0                       # at most the lowest of those levels
+        self.stamp = 0                     # counts moves in that index (WorkerState.since)
+        self.moved = {}                    # workers whose tasks ended since the last pass, in that order: touched then
         self.pass_left = None              # starts left to a pass cut into parts (Schedule.part), else None
         self.where = {}                    # cache name -> wids whose cache holds it (workers.Cached)
         self.top = 1                       # the prefetch factor the index was made with
@@ -206,7 +208,9 @@ class Core:
         w.outstanding -= 1
         for k in RES:
             w.committed[k] -= ts.res[k]
-        self.moved.add(w)       # its place in the index: once, at the next pass (placement.touch_moved)
+        moved = self.moved      # its place in the index: once, at the next pass (placement.touch_moved),
+        moved.pop(w, None)      # in the order of their last releases: as if each were touched at once
+        moved[w] = None
 
     # ------------------------------------------------------------------ user events
     def _submit(self, ts, now, front=False):
@@ -368,6 +372,7 @@ class Core:
         if w is None:
             return
         self.cores -= w.total["cores"]
+        unindex(self, w)
         self._log("worker lost", worker=wid, host=w.host, reason=e.reason, tasks=sorted(w.tasks),
                   log=w.info.get("log"))
         for n in w.cached:

@@ -48,7 +48,7 @@ class Cached(set):
 
 class WorkerState:
     __slots__ = ("wid", "host", "total", "committed", "tasks", "cached", "fns",
-                 "outstanding", "info", "warned", "order", "hkey", "full")
+                 "outstanding", "info", "warned", "order", "hkey", "full", "since")
 
     def __init__(self, wid, info, where=None):
         """`where`: the core's index of cached files (Cached); None: a plain set."""
@@ -63,8 +63,9 @@ class WorkerState:
         self.fns = set()
         self.outstanding = 0
         self.warned = False
-        self.order = wid          # join order, set by the core (ties in load go to the first joined)
-        self.hkey = None          # (outstanding, order) of its entry in the core's index of workers with room
+        self.order = wid          # join order, set by the core
+        self.hkey = None          # its level (tasks outstanding) in the core's index of workers with room
+        self.since = 0            # when it came to that level (Core.stamp): ties in load go to the longest there
         self.full = False         # left the index full of tasks sent ahead: back when half of them are done
 
     def __repr__(self):

@@ -4,8 +4,9 @@ A policy is any object with `choose(ts, candidates) -> WorkerState | None`, wher
 core's TaskState (`ts.task` the user's Task, `ts.inputs` its inputs' (cachename, size, is_temp))
 and `candidates` are the workers with room for the task right now.  One policy per module.
 A policy may also have `least_loaded(ts) -> bool`: True when, for this task, choose() would take
-the candidate with the fewest outstanding tasks (the first joined among equals); the core then
-takes that worker from its index by load (O(log N)) and does not call choose().  And
+the candidate with the fewest outstanding tasks (among equals the one longest at that load,
+`WorkerState.since`: join order at first); the core then takes that worker from its index by load
+(O(1) in the number of workers) and does not call choose().  And
 `prefers_holders = True`: choose() prefers any candidate that holds one of the task's inputs (in
 its `cached`) to every one that holds none, and among those takes the least loaded; the core then
 offers it only the workers holding an input (from its index of cached files), or, when none fits,

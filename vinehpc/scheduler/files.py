@@ -28,7 +28,7 @@ class PreferCachedFiles:
                 for name, size, is_temp in inputs:
                     if name in w.cached:
                         cached += (2 * size + 1) if is_temp else (size + 1)
-            key = (cached, -w.outstanding)
+            key = (cached, -w.outstanding, -w.since)
             if best is None or key > best_key:
                 best, best_key = w, key
         return best
