@@ -131,11 +131,19 @@ def unindex(core, w):
                 del core.levels[key]
 
 
+def mark_moved(core, w):
+    """w is to be touched at the next pass (touch_moved), after the workers marked before it: the
+    order of their last marks, as if each had been touched at once (ties in load go to the first)."""
+    moved = core.moved
+    moved.pop(w, None)
+    moved[w] = None
+
+
 def touch_moved(core):
     """touch() the workers whose tasks ended since the last pass, once each: a worker whose
     results came several in one read (most often, on a large fleet) was moved in the index once
     per result (issue 15).  Only a pass reads the index, so it is current whenever one is made."""
-    moved, core.moved = core.moved, {}     # (in the order their tasks ended: ties in load go to the first)
+    moved, core.moved = core.moved, {}
     workers = core.workers
     for w in moved:
         if workers.get(w.wid) is w:     # (not lost since)
@@ -167,15 +175,19 @@ def _least_loaded_fit(core, ts, factor, keep, now):
         low += 1
     core.low = low
     blocked = core.blocked
-    for w in levels[low].values():
-        if w.wid != keep and _fits(w, ts, factor) and not blocked(w, now):
-            return w
-    for k in sorted(levels):        # none of the lowest level fits: the next ones
-        if k > low:
-            for w in levels[k].values():
-                if w.wid != keep and _fits(w, ts, factor) and not blocked(w, now):
-                    return w
+    for level in _upward(levels, low):
+        for w in level.values():
+            if w.wid != keep and _fits(w, ts, factor) and not blocked(w, now):
+                return w
     return None
+
+
+def _upward(levels, low):
+    """The levels from the lowest (`low`, held) up; the others sorted only when the lowest has no fit."""
+    yield levels[low]
+    for k in sorted(levels):
+        if k > low:
+            yield levels[k]
 
 
 def _holding_fit(core, ts, factor, keep, now) -> list:
@@ -492,7 +504,7 @@ def _dispatch(core, ts, w, now, factor, index=True):
         touch(core, w)
     else:
         unindex(core, w)
-        core.moved[w] = None
+        mark_moved(core, w)
     # sent ahead only for a short category (factor > 1)
     spec = task_message(task, ts, not room and factor > 1)
     if expect:

@@ -19,7 +19,7 @@ from . import events as ev
 from . import transfers
 from .categories import LEARNED, Category
 from .commands import DropFunction, Drained, KillTask, ResolveFile, TaskFinished, UnlinkFile
-from .placement import schedule, touch, unindex
+from .placement import mark_moved, schedule, touch, unindex
 from .tasks import EMPTY, TaskState, task_resources, transition
 from .workers import RES, Blocklist, WorkerState
 
@@ -208,9 +208,7 @@ class Core:
         w.outstanding -= 1
         for k in RES:
             w.committed[k] -= ts.res[k]
-        moved = self.moved      # its place in the index: once, at the next pass (placement.touch_moved),
-        moved.pop(w, None)      # in the order of their last releases: as if each were touched at once
-        moved[w] = None
+        mark_moved(self, w)     # its place in the index: once, at the next pass (placement.touch_moved)
 
     # ------------------------------------------------------------------ user events
     def _submit(self, ts, now, front=False):
