@@ -51,14 +51,14 @@ class LocalRun:
     def manager_options(self) -> ManagerOptions:
         # (no --ssl: None, the script's Manager(ssl=...) decides: the workers start after it, with its fingerprint)
         return ManagerOptions(host="127.0.0.1", tunnel=self.tunnel or None, settings=self.settings,
-                              metrics_port=self.metrics_port, ssl=True if self.ssl else None)
+                              metrics_port=self.metrics_port, ssl=True if self.ssl else None, local=True)
 
     def manager_started(self, manager) -> None:
         self.clear_progress()
         sys.stderr.write("vinehpc run: run directory %s\n" % manager.run_dir)
         lw = LocalWorkers(self.workers, cores=self.cores, worker_dir=self.settings.worker_dir,
                           log_dir=os.path.join(manager.run_dir, "workers"))
-        lw.start("127.0.0.1:%d" % manager.port, manager.secret, manager.tls_fingerprint)
+        lw.start("127.0.0.1:%d" % manager.port, manager.secret, manager.tls_fingerprint, unix=manager.unix_path)
         watcher = drain.Watcher(manager.run_dir, drain.ensure_key(manager.run_dir),
                                 lambda grace, why: manager.drain(drain.grace_for(why, grace, self.settings.grace)))
         with self.lock:

@@ -27,6 +27,7 @@ class ManagerOptions:
     tunnel: Any = None               # default of Manager(tunnel=): True, "HOST:PORT" or None
     settings: Any = None             # the launcher's vinehpc.config.Settings (None: read the environment)
     metrics_port: Any = None         # default of Manager(metrics_port=): `vinehpc run --metrics-port`
+    local: bool = False              # the run's workers are on this machine: listen on RUN_DIR/workers.sock too
     # TLS (Manager(ssl=)): None lets the Manager's own argument decide; anything else is the run's and
     # wins (a pilot's workers were started knowing it): True, a (key, cert) pair, or False
     ssl: Any = None

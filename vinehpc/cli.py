@@ -99,6 +99,10 @@ def parser() -> argparse.ArgumentParser:
                    help="give up after S seconds without reaching the manager (default 60)")
     w.add_argument("--image", metavar="ENV.vimg", help="run every task inside this environment image")
     w.add_argument("--no-reconnect", action="store_true", help="exit when the manager connection ends")
+    w.add_argument("--unix", metavar="PATH",
+                   help="reach the manager through this Unix socket on its machine instead of TCP (local "
+                        "workers: a local run's manager listens on RUN_DIR/workers.sock; @NAME: Linux's abstract "
+                        "namespace); HOST:PORT is still the manager's address for the tunnel and the logs")
     w.add_argument("--exit-on-refused", action="store_true",
                    help="exit at once when the manager refuses connections (a pilot's workers: the run is over)")
     w.add_argument("--log-dir", metavar="DIR",
@@ -283,7 +287,8 @@ def cmd_worker(args) -> int:
         return worker_main(args.address, secret, cores=args.cores, memory=args.memory, disk=args.disk,
                            gpus=args.gpus, workdir=args.workdir, connect_timeout=args.connect_timeout,
                            reconnect=not args.no_reconnect, exit_on_refused=args.exit_on_refused,
-                           image=args.image, settings=settings, log_dir=args.log_dir, tls_fingerprint=fingerprint)
+                           image=args.image, settings=settings, log_dir=args.log_dir, tls_fingerprint=fingerprint,
+                           unix=args.unix)
     except ValueError as e:
         print("vinehpc worker: %s" % e, file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import time
 
 def worker_command(address: str, *, cores: int, connect_timeout: float, memory: int | None = None,
                    disk: int | None = None, image: str | None = None, reconnect: bool = True,
-                   exit_on_refused: bool = False, log_dir: str | None = None) -> list:
+                   exit_on_refused: bool = False, log_dir: str | None = None, unix: str | None = None) -> list:
     """The `vinehpc worker` command line (see vinehpc/cli.py for the options)."""
     cmd = [sys.executable, "-m", "vinehpc", "worker", address, "--cores", str(cores),
            "--connect-timeout", str(connect_timeout)]
@@ -31,6 +31,8 @@ def worker_command(address: str, *, cores: int, connect_timeout: float, memory: 
         cmd += ["--image", image]
     if log_dir is not None:
         cmd += ["--log-dir", log_dir]
+    if unix is not None:
+        cmd += ["--unix", unix]
     return cmd
 
 
@@ -98,8 +100,9 @@ class LocalWorkers:
         self.log_dir = log_dir           # the workers copy their logs there when they exit (RUN_DIR/workers)
         self.procs = []
 
-    def start(self, address: str, secret: str, fingerprint: str | None = None) -> None:
-        """`fingerprint`: the manager's TLS certificate's (Manager.tls_fingerprint), None without TLS."""
+    def start(self, address: str, secret: str, fingerprint: str | None = None, unix: str | None = None) -> None:
+        """`fingerprint`: the manager's TLS certificate's (Manager.tls_fingerprint), None without TLS.
+        `unix`: the manager's Unix socket (Manager.unix_path): the workers connect there, not to `address`."""
         env = {}
         if self.worker_dir is None and _roomy_shm():
             env["VINEHPC_WORKER_DIR"] = "/dev/shm"     # local workers: cache and sandboxes in memory
@@ -107,7 +110,7 @@ class LocalWorkers:
         # instead of retrying for connect_timeout and then complaining on the user's terminal
         self.procs += start_workers(self.n, address, secret, env=env, cores=self.cores, memory=self.memory,
                                     disk=self.disk, connect_timeout=30, reconnect=False, exit_on_refused=True,
-                                    log_dir=self.log_dir, fingerprint=fingerprint)
+                                    log_dir=self.log_dir, fingerprint=fingerprint, unix=unix)
 
     def pids(self) -> list:
         return [p.pid for p in self.procs]

@@ -32,6 +32,7 @@ log = logging.getLogger("vinehpc.manager")
 _run_seq = itertools.count()
 _open = set()           # managers not closed yet: closed at interpreter exit (see _close_at_exit)
 _open_lock = threading.Lock()
+UNIX_SOCKET = "workers.sock"    # in the run directory: local workers connect through it (Server(unix=))
 
 
 @atexit.register
@@ -181,7 +182,10 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         self._server = Server(self.core, host=host, port=0, secret=self.secret, journal=self.journal, staging=staging,
                               keepalive_interval=ka_i, keepalive_timeout=ka_t, sock=lsock,
                               own_sock=opts.sock is None, final_exit=opts.final_exit, resume=self.resume,
-                              tunnel=tunnel_info, also=also, tls=server_tls)
+                              tunnel=tunnel_info, also=also, tls=server_tls,
+                              unix=os.path.join(self.run_dir, UNIX_SOCKET) if local_workers or opts.local else None)
+        # the Unix socket local workers connect through (None: TCP; with TLS there is none)
+        self.unix_path = self._server.unix_path
         self.port = also.getsockname()[1] if also is not None else self._server.port
         self.host = host
         contact = host if host not in ("0.0.0.0", "::", "") else socket.gethostname()
@@ -218,7 +222,7 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         elif local_workers:
             self._local = LocalWorkers(local_workers, cores=cores_per_worker or 1, worker_dir=settings.worker_dir,
                                        log_dir=os.path.join(self.run_dir, "workers"))
-            self._local.start("127.0.0.1:%d" % self.port, self.secret, self.tls_fingerprint)
+            self._local.start("127.0.0.1:%d" % self.port, self.secret, self.tls_fingerprint, unix=self.unix_path)
         else:
             log.warning("vinehpc manager listening on %s%s; add workers with: vinehpc worker %s --secret-file %s%s",
                         self.address, " (TLS)" if server_tls else "", self.address, self.secret_file,

@@ -58,10 +58,12 @@ class Connection:
 
     def __init__(self, sock: socket.socket, leftover: bytes = b""):
         sock.setblocking(False)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # unix socketpair in tests
+        self.unix = sock.family == socket.AF_UNIX     # a worker on this machine (or a socketpair in tests)
+        if not self.unix:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass     # reset already: the first read says so
         self.sock = sock
         self.dec = messages.decoder()
         self.dec.push(leftover)
@@ -436,6 +438,6 @@ def file_chunks(fh, name: str, ctl: dict, chunk: int = wire.CHUNK):
 def _peer(sock):
     try:
         p = sock.getpeername()
-        return "%s:%s" % (p[0], p[1]) if isinstance(p, tuple) else str(p)
+        return "%s:%s" % (p[0], p[1]) if isinstance(p, tuple) else "this machine (Unix socket)"
     except OSError:
         return "?"

@@ -356,7 +356,7 @@ class Core:
         for n in w.cached:
             self.replicas[n].add(e.wid)
         self._log("worker joined", worker=e.wid, host=w.host, resources=dict(w.total), pid=e.info.get("pid"),
-                  cached=len(w.cached), log=e.info.get("log"), port=e.info.get("port"))
+                  cached=len(w.cached), log=e.info.get("log"), port=e.info.get("port"), link=e.info.get("link"))
 
     def _forget_function(self, e, now):
         # w.fns keeps the fid: the worker keeps the bytes and reloads them if a call comes again

@@ -33,13 +33,16 @@ class Rejected(Exception):
 class Worker(Loop):
     def __init__(self, address: str, secret: str, *, cores=None, memory=None, disk=None, gpus=None,
                  workdir=None, connect_timeout=60.0, reconnect=True, exit_on_refused=False, image=None, settings=None,
-                 log_dir=None, tls_fingerprint=None):
+                 log_dir=None, tls_fingerprint=None, unix=None):
         """tls_fingerprint: the manager's TLS certificate's (protocol/tls.py); given, the worker
-        speaks only TLS, to a manager with that certificate; None: only plaintext."""
+        speaks only TLS, to a manager with that certificate; None: only plaintext.  unix: the
+        path of the manager's Unix socket, for a worker on its machine (connections go there
+        instead of to `address`, which stays the manager's address for the tunnel and the logs)."""
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError("manager address must be HOST:PORT, got %r" % address)
         self.addr = (host.strip("[]"), int(port))
+        self.unix = unix
         self.secret = secret
         self.fingerprint = tls.normalize_fingerprint(tls_fingerprint) if tls_fingerprint else None
         self.own_workdir = workdir is None
@@ -150,12 +153,15 @@ class Worker(Loop):
         said = False
         while True:
             try:
-                return socket.create_connection(self.addr, timeout=10)
-            except ConnectionRefusedError:
+                if self.unix is None:
+                    return socket.create_connection(self.addr, timeout=10)
+                return _connect_unix(self.unix)
+            except (ConnectionRefusedError, FileNotFoundError) as e:
                 if self.exit_on_refused:
                     self.refused = True
                     return None
-                why = "connection refused (nothing listens on port %d there)" % self.addr[1]
+                why = ("connection refused (nothing listens on port %d there)" % self.addr[1] if self.unix is None
+                       else "nothing listens on %s: %s" % (self.unix, e.strerror))
             except socket.gaierror as e:
                 why = "cannot resolve %r: %s" % (self.addr[0], e.strerror)
             except OSError as e:
@@ -231,6 +237,18 @@ class Worker(Loop):
         if self.own_workdir:
             remove_path(self.workdir)       # (read-only cache entries too)
             self.claim.close()
+
+
+def _connect_unix(path):
+    """`path`: a Unix socket's path, or "@NAME" for one in Linux's abstract namespace."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(10)
+        s.connect("\0" + path[1:] if path.startswith("@") else path)
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 
 def main(address, secret, **kw) -> int:
