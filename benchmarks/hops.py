@@ -13,13 +13,13 @@ between its consecutive points:
     user: build + submit          FunctionCall(...) / PythonTask(...) and submit() (its wake byte)
     I/O thread wakes              ... until the I/O thread takes the Submit off its inbox
     manager: submit turn          the Submit, the scheduling pass, its records, up to the send
-    wire + worker wakes           the send, loopback TCP, the worker's select() returning
+    wire + worker wakes           the send, the Unix socket (--tcp: loopback TCP), the worker's select() returning
     worker: task in               read, decode and check the message, hand it to the interpreter
     interpreter wakes             the socketpair to the worker's Python interpreter, its recv() returning
     interpreter: the call         unpickle, chdir, env, the function, pickle the result, up to its send
     worker wakes                  the socketpair back, the worker's select() returning
     worker: result out            read the interpreter's result, build the result message
-    wire + I/O thread wakes       the send, loopback TCP, the I/O thread's select() returning
+    wire + I/O thread wakes       the send, the Unix socket (--tcp: loopback TCP), the I/O thread's select() returning
     manager: result turn          read, decode, the core, the journal, up to the hand-over
     user thread wakes             ... until wait() returns the task
 
@@ -36,11 +36,12 @@ Also reported: each side's CPU per call (the I/O thread and the user's thread fr
 trip is work and how much is waiting for a wake-up.
 
 Ends with one line a script can read:
-HOPS kind=K calls=N total_ms=X submit_us=... io_wake_us=... (every step, by its key)
+HOPS kind=K link=unix|tcp calls=N total_ms=X submit_us=... io_wake_us=... (every step, by its key)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -263,7 +264,32 @@ def _split(rounds, a, b):
     return {"same_cpu_share": round(len(same) / len(rounds), 3), "same_cpu_us": med(same), "other_cpu_us": med(other)}
 
 
-def run(calls, kind, workers, keep=False):
+@contextlib.contextmanager
+def _workers(n, env, tcp, run_dir):
+    """(manager, worker pids): workers started by hand over TCP (`tcp`), or the manager's own
+    local workers, which come through its Unix socket (RUN_DIR/workers.sock)."""
+    if tcp:
+        m = vinehpc.Manager(port=0, host="127.0.0.1", run_dir=run_dir)
+        with standalone.workers(m, n, env) as ws:
+            yield m, [w.pid for w in ws]
+        return
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = env["PYTHONPATH"]       # what LocalWorkers' processes inherit
+    try:
+        m = vinehpc.Manager(local_workers=n, run_dir=run_dir)
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = saved
+    try:
+        m.wait_for_workers(n, 60)
+        yield m, m._local.pids()
+    finally:
+        m.close()
+
+
+def run(calls, kind, workers, keep=False, tcp=False):
     work = tempfile.mkdtemp(prefix="vinehpc-hops-")
     shim, trace = os.path.join(work, "shim"), os.path.join(work, "trace")
     os.makedirs(shim)
@@ -278,10 +304,9 @@ def run(calls, kind, workers, keep=False):
     _wrap_manager(mark)
 
     try:
-        m = vinehpc.Manager(port=0, host="127.0.0.1", run_dir=os.path.join(work, "run"))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [shim, ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-        with standalone.workers(m, workers, env) as ws:
+        with _workers(workers, env, tcp, os.path.join(work, "run")) as (m, ws):
             if kind == "call":
                 m.install_library(m.create_library_from_functions("hops", noop, exec_mode="direct"))
 
@@ -294,7 +319,7 @@ def run(calls, kind, workers, keep=False):
                 m.submit(make(i))
                 if m.wait(60) is None:
                     raise RuntimeError("no result within 60 s during the warm-up: is the worker running?")
-            procs = [psutil.Process(w.pid) for w in ws]
+            procs = [psutil.Process(pid) for pid in ws]
             kids = [k for p in procs for k in p.children(recursive=True)]
             io_tid, me = m._server.thread.native_id, threading.get_native_id()
             cpu0 = (_thread_cpu(io_tid), _thread_cpu(me), [p.cpu_times() for p in procs], [k.cpu_times() for k in kids])
@@ -331,7 +356,7 @@ def run(calls, kind, workers, keep=False):
     for i in range(1, len(POINTS)):
         steps[POINTS[i]] = statistics.median(t[i] - t[i - 1] for t, _ in rounds) * 1e6
     return {
-        "kind": kind, "calls": calls, "notes": os.path.join(work, "trace") if keep else None, "workers": workers, "rounds_ok": len(rounds),
+        "kind": kind, "link": "tcp" if tcp else "unix", "calls": calls, "notes": os.path.join(work, "trace") if keep else None, "workers": workers, "rounds_ok": len(rounds),
         "total_ms": statistics.median(t[-1] - t[0] for t, _ in rounds) * 1e3,
         "calls_per_s": calls / wall,
         "steps_us": {STEPS[k][0]: round(v, 1) for k, v in steps.items()},
@@ -344,9 +369,10 @@ def run(calls, kind, workers, keep=False):
 
 
 def report(r) -> str:
-    lines = ["%d sequential %s, %d worker(s); median round trip %.3f ms (%d calls with every point in order)"
+    lines = ["%d sequential %s, %d worker(s) over %s; median round trip %.3f ms (%d calls with every point in order)"
              % (r["calls"], "FunctionCalls (direct library)" if r["kind"] == "call" else "PythonTasks",
-                r["workers"], r["total_ms"], r["rounds_ok"]), ""]
+                r["workers"], "loopback TCP" if r["link"] == "tcp" else "a Unix socket", r["total_ms"],
+                r["rounds_ok"]), ""]
     names = dict(STEPS.values())
     w = max(len(v) for v in names.values())
     lines.append("%-*s  %8s" % (w, "step (median)", "us"))
@@ -368,14 +394,17 @@ def main(argv=None):
     ap.add_argument("--kind", choices=("call", "python"), default="call",
                     help="call: FunctionCalls to a direct library (F4); python: PythonTasks (W4)")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--tcp", action="store_true",
+                    help="workers started by hand, over loopback TCP (default: the manager's local workers, "
+                         "through its Unix socket, as `vinehpc run` and Manager(local_workers=) have them)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the notes (printed: their directory)")
     a = ap.parse_args(argv)
     if a.calls < 1 or a.workers < 1:
         ap.error("--calls and --workers must be at least 1")
-    r = run(a.calls, a.kind, a.workers, a.keep)
+    r = run(a.calls, a.kind, a.workers, a.keep, a.tcp)
     print(json.dumps(r, indent=1) if a.json else report(r))
-    print("HOPS kind=%s calls=%d total_ms=%.3f %s" % (r["kind"], r["calls"], r["total_ms"],
+    print("HOPS kind=%s link=%s calls=%d total_ms=%.3f %s" % (r["kind"], r["link"], r["calls"], r["total_ms"],
                                                   " ".join("%s_us=%.1f" % kv for kv in r["steps_us"].items())))
 
 if __name__ == "__main__":
