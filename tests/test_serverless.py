@@ -275,7 +275,7 @@ def test_core_forget_function_reaches_the_workers_that_have_it():
     core = Core()
     for wid in (1, 2):
         core.handle(ev.WorkerJoined(wid, {"cores": 1, "memory": 100, "disk": 100, "gpus": 0, "host": "h"}), 0.0)
-    core.workers[1].fns.add("lib-1")
+    core.workers[1].fns = {"lib-1"}       # (what placement does at its first call there)
     assert core.handle(ev.ForgetFunction("lib-1"), 1.0) == [DropFunction(1, "lib-1")]
     assert "lib-1" in core.workers[1].fns       # its bytes stay there
 

@@ -69,8 +69,13 @@ class Peer:
         self.out_errors = {}     # tid -> [why each output that could not be written was not]
         self.writing = False     # registered for EVENT_WRITE (the socket was full)
         self.shut = False        # stopping: our side half-closed, waiting for the worker to close its own
-        self.wanted = set()      # cachenames asked of this worker (GetFile) whose bytes have not begun
+        # cachenames asked of this worker (GetFile) whose bytes have not begun; a set at the first
+        # (an empty set is one more object per worker for the collector's full passes: issue 15)
+        self.wanted = _NOTHING
         self.unasked = 0         # `file` messages dropped because nobody asked for them (logged a few times)
+
+
+_NOTHING = frozenset()     # Peer.wanted until its first GetFile
 
 
 def _output_error(p, tid, path, e):
@@ -782,7 +787,10 @@ class Server:
                                        digest=c.digest))
 
     def _get(self, p, c):
-        p.wanted.add(c.cachename)
+        if p.wanted:
+            p.wanted.add(c.cachename)
+        else:
+            p.wanted = {c.cachename}
         p.conn.send("get", {"cn": c.cachename})
 
     def _resolve(self, c):

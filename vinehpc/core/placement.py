@@ -481,7 +481,10 @@ def _dispatch(core, ts, w, now, factor, index=True):
         hits = _stage_inputs(core, task, ts, w, now, expect)
     fid = getattr(task, "_fid", None)
     if fid is not None and fid not in w.fns:
-        w.fns.add(fid)
+        if w.fns:
+            w.fns.add(fid)
+        else:
+            w.fns = {fid}     # (the empty frozenset until then: workers.NONE)
         out.append(SendFunction(wid, fid, task._fbytes))
     ts.wid = wid
     transition(ts, "running")

@@ -5,6 +5,8 @@ import collections
 
 from ..protocol.messages import RES   # defined once, for both sides
 
+NONE = frozenset()     # WorkerState.fns until its first function (a set then)
+
 
 class Cached(set):
     """A worker's cached files that keep the core's index of where each file is (`where`: cache
@@ -58,9 +60,11 @@ class WorkerState:
         self.total = {k: int(info.get(k) or 0) for k in RES}
         self.committed = dict.fromkeys(RES, 0)
         self.tasks = set()
-        names = info.get("cached") or ()
+        names = info.pop("cached", None) or ()      # indexed here: the list itself is not kept
         self.cached = set(names) if where is None else Cached(names, where, wid)
-        self.fns = set()
+        # function ids it holds; a set at its first (one object less per worker for the collector's
+        # full passes, which walk every worker of a fleet of thousands: issue 15)
+        self.fns = NONE
         self.outstanding = 0
         self.warned = False
         self.order = wid          # join order, set by the core
