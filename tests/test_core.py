@@ -855,6 +855,44 @@ def test_past_the_spread_fleet_tiny_tasks_go_out_in_batches_within_a_budget():
     assert [tid for _, tid in again] == sorted(tasks)[budget:budget + f]
 
 
+def test_below_the_spread_fleet_a_pass_fills_one_worker_before_the_next():
+    """Issue 15: on 100 one-core workers a pass's starts (4 a worker) went to the least loaded one by
+    one, so a queue of tiny tasks went out 4 or 5 a message where 10 workers got 16.  Now a
+    worker is filled with its batch before the next is taken, in any fleet; it stays in the index,
+    so the same pass can come back to it."""
+    n = 100
+    assert n < placement.SPREAD_CORES
+    sim = _tiny_fleet(n)
+    f = placement.PREFETCH_FACTOR
+    for _ in range(3 * n * f):
+        sim.submit(new_task())
+    sim.take()
+    out = dispatched(sim.pass_())
+    starts = max(placement.DISPATCH_LIMIT, placement.STARTS_PER_WORKER * n)
+    assert len(out) == starts
+    runs = [wid for i, (wid, _) in enumerate(out) if i == 0 or out[i - 1][0] != wid]
+    assert len(runs) == len(set(runs)) == -(-starts // f)          # one run a worker: whole batches
+    assert all(sim.core.workers[w].committed["cores"] == f for w in runs[:-1])
+    assert [tid for _, tid in out] == sorted(tid for _, tid in out)    # in queue order
+    assert sim.core.tiny_out == 0                                       # no budget below SPREAD_CORES
+    # the rest of the fleet is filled by the next passes; then every worker holds f
+    for _ in range(n):
+        if not dispatched(sim.pass_()):
+            break
+    assert sorted(w.committed["cores"] for w in sim.core.workers.values()) == [f] * n
+
+
+def test_a_small_fleet_takes_a_worker_again_in_the_same_pass():
+    """A short queue on a few workers: a batch is a SPREAD_CORES-th of the queue (here 1), so the
+    tasks are spread, and a worker that got one stays open to the rest of the pass."""
+    sim = _tiny_fleet(2)
+    for _ in range(10):
+        sim.submit(new_task())
+    sim.take()
+    out = dispatched(sim.pass_())
+    assert sorted(w for w, _ in out) == [1] * 5 + [2] * 5
+
+
 def test_past_the_spread_fleet_a_short_queue_of_tiny_tasks_is_still_spread():
     """A batch is a SPREAD_CORES-th of the queue at most: a few hundred tiny tasks on a large
     fleet run side by side, not 16 after one another on a few workers."""

@@ -86,7 +86,8 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
     Alone, it listens on `port` (0: any free port; (low, high): the first free one of a
     range) and waits for workers started with `vinehpc worker HOST:PORT --secret-file FILE`
     (the command is logged and written to the run directory), or starts `local_workers`
-    processes itself.
+    processes itself.  Local workers (its own, or `vinehpc run`'s) connect through a Unix
+    socket instead, `unix_path` (RUN_DIR/workers.sock; none with TLS).
 
     TaskVine's arguments: name (the project name, in stats and the journal), run_info_path
     (where run directories go; run_info_template names this run's), staging_path, init_fn
