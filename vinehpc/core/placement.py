@@ -497,7 +497,10 @@ def _dispatch(core, ts, w, now, factor, index=True):
     ts.wid = wid
     transition(ts, "running")
     ts.attempts += 1
-    w.tasks.add(tid)
+    if w.tasks:
+        w.tasks.add(tid)
+    else:
+        w.tasks = {tid}         # (workers.NONE while it has none)
     core.n_running += 1
     w.outstanding += 1
     # sent ahead (pipe: the worker may queue it or present it to a busy interpreter) only when it

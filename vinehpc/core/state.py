@@ -21,7 +21,7 @@ from .categories import LEARNED, Category
 from .commands import DropFunction, Drained, KillTask, ResolveFile, TaskFinished, UnlinkFile
 from .placement import mark_moved, schedule, touch, unindex
 from .tasks import EMPTY, TaskState, task_resources, transition
-from .workers import RES, Blocklist, WorkerState
+from .workers import NONE, RES, Blocklist, WorkerState
 
 
 def input_names(task, resolve_local=True) -> list:
@@ -204,7 +204,10 @@ class Core:
         w = self.workers.get(ts.wid)
         if w is None:
             return
-        w.tasks.discard(ts.tid)
+        tasks = w.tasks
+        tasks.discard(ts.tid)   # (a set: it holds this task)
+        if not tasks:
+            w.tasks = NONE      # an idle worker holds no set (see WorkerState.fns)
         w.outstanding -= 1
         for k in RES:
             w.committed[k] -= ts.res[k]
