@@ -233,7 +233,7 @@ class Core:
 
     def _resumed(self, e, now):
         task = e.task
-        ts = self.tasks[task.id] = TaskState(task, [], task_resources(task), on_done=e.on_done)
+        ts = self.tasks[task.id] = ev.Submit(task, (), on_done=e.on_done)    # (no inputs: it does not run)
         self.counts["submitted"] += 1
         for f, _ in task.outputs:
             if f.kind == "temp":
