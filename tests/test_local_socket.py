@@ -119,6 +119,7 @@ def test_vinehpc_run_workers_use_the_unix_socket(tmp_path):
     script.write_text(
         "import vinehpc\n"
         "m = vinehpc.Manager()\n"
+        "assert m.wait_for_workers(2, 60) == 2\n"     # (4 echoes could all end before the 2nd joins)
         "for i in range(4):\n"
         "    m.submit(vinehpc.Task('echo %d' % i))\n"
         "n = 0\n"
