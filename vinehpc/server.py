@@ -28,6 +28,7 @@ from .comm.peer import PUT_PIECE
 from .comm.receive import Incoming
 from .core import commands as cmd
 from .core.placement import STARTS_PER_WORKER
+from .core.workers import NONE, added
 from .core.events import (TICK, FetchFailed, FileCached, FileDropped, FileFetched, FileResolved, PutFailed,
                           Schedule, TaskResult, TasksStarted, TransferDone, WorkerJoined, WorkerLost)
 from .protocol import ProtocolError, handshake, messages, tls
@@ -70,12 +71,9 @@ class Peer:
         self.writing = False     # registered for EVENT_WRITE (the socket was full)
         self.shut = False        # stopping: our side half-closed, waiting for the worker to close its own
         # cachenames asked of this worker (GetFile) whose bytes have not begun; a set at the first
-        # (an empty set is one more object per worker for the collector's full passes: issue 15)
-        self.wanted = _NOTHING
+        # (workers.NONE until then: an empty set is one more object a worker for the collector)
+        self.wanted = NONE
         self.unasked = 0         # `file` messages dropped because nobody asked for them (logged a few times)
-
-
-_NOTHING = frozenset()     # Peer.wanted until its first GetFile
 
 
 def _output_error(p, tid, path, e):
@@ -787,10 +785,7 @@ class Server:
                                        digest=c.digest))
 
     def _get(self, p, c):
-        if p.wanted:
-            p.wanted.add(c.cachename)
-        else:
-            p.wanted = {c.cachename}
+        p.wanted = added(p.wanted, c.cachename)
         p.conn.send("get", {"cn": c.cachename})
 
     def _resolve(self, c):

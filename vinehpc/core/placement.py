@@ -10,7 +10,7 @@ from ..protocol.messages import start_reported
 from . import transfers
 from .commands import GetFile, PutFile, SendFunction, SendTask, TaskStarted
 from .tasks import transition
-from .workers import RES
+from .workers import RES, added
 
 SCAN_LIMIT = 256          # tasks passed over per scheduling pass (keeps a pass O(workers))
 DISPATCH_LIMIT = 256      # tasks dispatched per pass: the thread gets back to its sockets (a long turn
@@ -489,18 +489,12 @@ def _dispatch(core, ts, w, now, factor, index=True):
         hits = _stage_inputs(core, task, ts, w, now, expect)
     fid = getattr(task, "_fid", None)
     if fid is not None and fid not in w.fns:
-        if w.fns:
-            w.fns.add(fid)
-        else:
-            w.fns = {fid}     # (the empty frozenset until then: workers.NONE)
+        w.fns = added(w.fns, fid)
         out.append(SendFunction(wid, fid, task._fbytes))
     ts.wid = wid
     transition(ts, "running")
     ts.attempts += 1
-    if w.tasks:
-        w.tasks.add(tid)
-    else:
-        w.tasks = {tid}         # (workers.NONE while it has none)
+    w.tasks = added(w.tasks, tid)
     core.n_running += 1
     w.outstanding += 1
     # sent ahead (pipe: the worker may queue it or present it to a busy interpreter) only when it

@@ -205,9 +205,10 @@ class Core:
         if w is None:
             return
         tasks = w.tasks
-        tasks.discard(ts.tid)   # (a set: it holds this task)
-        if not tasks:
-            w.tasks = NONE      # an idle worker holds no set (see WorkerState.fns)
+        if ts.tid in tasks:
+            tasks.remove(ts.tid)
+            if not tasks:
+                w.tasks = NONE  # an idle worker holds no set (workers.NONE)
         w.outstanding -= 1
         for k in RES:
             w.committed[k] -= ts.res[k]

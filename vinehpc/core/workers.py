@@ -10,6 +10,14 @@ from ..protocol.messages import RES   # defined once, for both sides
 NONE = frozenset()
 
 
+def added(s, item):
+    """`s` (a set, or NONE while empty) with `item` in it: `w.tasks = added(w.tasks, tid)`."""
+    if s:
+        s.add(item)
+        return s
+    return {item}
+
+
 class Cached(set):
     """A worker's cached files that keep the core's index of where each file is (`where`: cache
     name -> ids of the workers holding it) as they change, so the "files" policy looks at the
