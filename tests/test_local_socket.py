@@ -13,6 +13,7 @@ import pytest
 
 import vinehpc
 from vinehpc import Task
+from vinehpc.comm import unix_address
 
 from conftest import close_and_check, make_manager, read_journal, wait_all  # noqa: F401 (fixture)
 
@@ -71,7 +72,7 @@ def test_a_run_dir_too_long_for_a_unix_socket_gets_an_abstract_one(make_manager,
     name = m.unix_path
     close_and_check(m)
     with socket.socket(socket.AF_UNIX) as s, pytest.raises(ConnectionRefusedError):
-        s.connect("\0" + name[1:])      # gone with its manager
+        s.connect(unix_address(name))      # gone with its manager
 
 
 @pytest.mark.timeout(90)

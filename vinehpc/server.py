@@ -23,7 +23,7 @@ import threading
 import time
 
 from .admission import MAX_UNAUTHENTICATED, Admission
-from .comm import Closed, Connection, file_chunks
+from .comm import Closed, Connection, file_chunks, unix_address
 from .comm.peer import PUT_PIECE
 from .comm.receive import Incoming
 from .core import commands as cmd
@@ -100,7 +100,7 @@ def _unix_listener(path):
             where = path
         elif sys.platform.startswith("linux"):
             where = "@vinehpc-%d-%s" % (os.getpid(), secrets.token_hex(8))
-            s.bind("\0" + where[1:])
+            s.bind(unix_address(where))
         else:
             raise OSError("%s is too long a path for a Unix socket" % path)
         s.listen(BACKLOG)

@@ -1,4 +1,4 @@
-"""Connections: framed messages over non-blocking TCP sockets, driven by selectors loops."""
-from .conn import Closed, Connection, file_chunks
+"""Connections: framed messages over non-blocking TCP (or Unix) sockets, driven by selectors loops."""
+from .conn import Closed, Connection, file_chunks, unix_address
 
-__all__ = ["Closed", "Connection", "file_chunks"]
+__all__ = ["Closed", "Connection", "file_chunks", "unix_address"]

@@ -25,6 +25,12 @@ _BATCHED = frozenset(messages.BATCHED)
 _ITEM = {n: b'["%s",0,' % n.encode() for n in messages.BATCHED}     # an item without frames, up to its control part
 
 
+def unix_address(where: str) -> str:
+    """The address to bind or connect a Unix socket to: a path, or for "@NAME" (how vinehpc names
+    one in Linux's abstract namespace: in logs, on command lines) NAME after a NUL byte."""
+    return "\0" + where[1:] if where.startswith("@") else where
+
+
 def recv_bytes(sock: socket.socket, size: int) -> bytes:
     """sock.recv(size) (same result, same exceptions, b"" on EOF) without a fresh `size`-byte
     allocation per call.  Why: recv(n) allocates n bytes and shrinks them to what arrived; for

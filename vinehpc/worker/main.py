@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 
-from ..comm import Closed, Connection
+from ..comm import Closed, Connection, unix_address
 from ..comm.peer import FileServer, drive
 from ..comm.receive import remove_path
 from ..protocol import ProtocolError, handshake, tls, wire
@@ -244,7 +244,7 @@ def _connect_unix(path):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(10)
-        s.connect("\0" + path[1:] if path.startswith("@") else path)
+        s.connect(unix_address(path))
     except BaseException:
         s.close()
         raise
