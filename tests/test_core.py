@@ -995,3 +995,24 @@ def test_a_pass_in_parts_starts_what_the_whole_pass_would():
     assert none == 0 and parts > 50        # (the passes were cut: the test compares something)
     assert sum(map(len, whole)) > 500
     assert cut == whole
+
+
+def test_an_idle_worker_holds_no_task_set_for_the_collector():
+    """Issue 15: on thousands of idle workers their empty sets were cache-cold objects every full
+    collection walked.  A worker's task set exists while it holds tasks, and only then."""
+    from vinehpc.core.workers import NONE      # one empty frozenset, shared by every worker
+    sim = Sim("fcfs")
+    sim.join(1, cores=2)
+    w = sim.core.workers[1]
+    assert w.tasks is NONE and w.fns is NONE
+    a, b = sim.submit(new_task()), sim.submit(new_task())
+    sim.take()
+    assert sorted(tid for _, tid in dispatched(sim.pass_())) == [a.id, b.id]
+    assert w.tasks == {a.id, b.id}
+    sim.ok(1, a)
+    assert w.tasks == {b.id}
+    sim.ok(1, b)
+    assert w.tasks is NONE
+    c = sim.submit(new_task())
+    sim.take()
+    assert dispatched(sim.pass_()) == [(1, c.id)] and w.tasks == {c.id}
