@@ -10,12 +10,16 @@ A real `vinehpc.Manager` runs in this process (its I/O thread is the manager: it
 (benchmarks/fleet_sim.py: child processes, one socket per worker, the real handshake and framing).
 Per N, in one invocation (ratios within it: the 2-core machine is shared and noisy):
 
-- join_s: all N connect at once (one "connect" to the fleet processes) until the manager counts N;
-- idle_cpu_pct: the manager's CPU over --idle seconds with N joined workers and nothing to do
+- join_s: all N connect at once (the slowest of the rounds) (one "connect" to the fleet processes) until the manager counts N;
+- idle_cpu_pct: the manager's CPU over --idle seconds (first round only) with N joined workers and nothing to do
   (keepalives only: the interval is --keepalive, 5 s by default as in vinehpc);
 - tasks_per_s: --tasks no-op command tasks, submitted then waited for, first submit to last wait,
-  the fastest of --repeat runs (3) on the same fleet (every run's figure is in --json's
-  runs_tasks_per_s; the figures below are the fastest run's);
+  the fastest of all the runs of that N: --repeat runs (3) on the same fleet, in each of --rounds
+  sweeps (2). A round opens a fresh fleet per N, and every other round goes through the N in the
+  opposite order (10, 100, ..., 5000, then 5000, ..., 100, 10), so a slow spell of the shared machine
+  falls on both ends of a ratio rather than on one N (every run's figure is in --json's
+  runs_tasks_per_s, and ratio_to_10 of each round in round_ratios; the figures below are the
+  fastest run's);
 - mgr_ms_per_task: the manager thread's CPU over that run / tasks;
 - process_cpu_pct: this whole process's CPU over that run (manager thread + the user's submit and
   wait: near 100 means the GIL, not the manager thread, bounds it); submit_s: the submit loop;
@@ -208,15 +212,16 @@ def run_tasks(m, tasks, timeout):
     return dt, m.manager_cpu_seconds - cpu0, lat, {"submit_s": round(submitted - t0, 3), "process_cpu_pct": round(100 * busy, 1)}
 
 
-def measure(n, a, tmp) -> dict:
+def measure(n, a, tmp, idle=True) -> dict:
     m, fleet, join_s = open_fleet(tmp, n, a, disconnect=a.disconnect, slow=a.slow)
     try:
         r = {"workers": n, "joined": m.wait_for_workers(n, timeout=0), "join_s": round(join_s, 3)}
         rep = fleet.report()
         r["join_retries"] = rep.get("retries", 0)
-        cpu0 = m.manager_cpu_seconds
-        time.sleep(a.idle)
-        r["idle_cpu_pct"] = round(100 * (m.manager_cpu_seconds - cpu0) / a.idle, 2)
+        if idle:
+            cpu0 = m.manager_cpu_seconds
+            time.sleep(a.idle)
+            r["idle_cpu_pct"] = round(100 * (m.manager_cpu_seconds - cpu0) / a.idle, 2)
         if a.instruments is not None:
             a.instruments.start(m)
         best, runs = None, []
@@ -302,6 +307,8 @@ def main(argv=None):
     ap.add_argument("--workers", default="10,100,1000,5000", help="comma-separated N (10 is added for ratio_to_10)")
     ap.add_argument("--tasks", type=int, default=100000)
     ap.add_argument("--repeat", type=int, default=3, help="task runs per N on the same fleet; the fastest is reported")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="sweeps over the N, each with fresh fleets, every other one in reverse order")
     ap.add_argument("--cores", type=int, default=1, help="cores per simulated worker")
     ap.add_argument("--run", default="0", help="a task's modelled time: 0, SECONDS, exp:MEAN, uniform:LOW:HIGH")
     ap.add_argument("--result-size", type=int, default=0, help="bytes of stdout per result")
@@ -321,6 +328,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     a.workers = [int(x) for x in a.workers.split(",")]
     a.instruments = Instruments(a) if a.profile or a.phases else None
+    if a.instruments is not None:
+        a.rounds = 1            # one profile per N
+    a.rounds = max(1, a.rounds)
     raise_nofile(2 * max(a.workers) + 4096)     # the manager's sockets (and, in tests, the fleet's)
     tmp = tempfile.mkdtemp(prefix="vinehpc-fleet-")
     try:
@@ -329,21 +339,35 @@ def main(argv=None):
             print(json.dumps(r) if a.json else "\n".join("%s: %s" % kv for kv in r.items()))
             return 0
         ns = a.workers if 10 in a.workers else [10] + a.workers
+        runs = {n: [] for n in ns}         # per N, its measurement in each round
+        for k in range(a.rounds):
+            for n in (ns if k % 2 == 0 else ns[::-1]):
+                r = measure(n, a, tmp, idle=k == 0)
+                runs[n].append(r)
+                print("round %d N=%d join %.2fs%s %.0f tasks/s %.4f ms/task (process %.0f%%, simulator %.0f%% of a core, "
+                      "%.4f ms/task) rss %.0f MB wait p50 %.2f p99 %.2f ms load %.1f"
+                      % (k + 1, n, r["join_s"], " idle %.2f%%" % r["idle_cpu_pct"] if k == 0 else "", r["tasks_per_s"],
+                         r["mgr_ms_per_task"], r["process_cpu_pct"], r["sim_cpu_pct"], r["sim_ms_per_task"], r["rss_mb"],
+                         r["wait_ms_p50"], r["wait_ms_p99"], r["load"]), file=sys.stderr, flush=True)
+                if "phases_us_per_task" in r:
+                    print("N=%d phases (us/task): %s; gc (us/task, by generation, any thread) %s, collections %s"
+                          % (n, " ".join("%s=%s" % kv for kv in r["phases_us_per_task"].items()), r["gc_us_per_task"],
+                             r["gc_collections"]), file=sys.stderr, flush=True)
         rows = []
-        for n in ns:
-            r = measure(n, a, tmp)
+        for n in ns:            # the fastest round's figures, with the worst join and every run's tasks/s
+            rs = runs[n]
+            r = dict(max(rs, key=lambda x: x["tasks_per_s"]), joined=min(x["joined"] for x in rs),
+                     join_s=max(x["join_s"] for x in rs), join_retries=max(x["join_retries"] for x in rs),
+                     idle_cpu_pct=rs[0]["idle_cpu_pct"], runs_tasks_per_s=[v for x in rs for v in x["runs_tasks_per_s"]])
+            r["round_ratios"] = [round(x["tasks_per_s"] / y["tasks_per_s"], 3) for x, y in zip(rs, runs[10])]
             rows.append(r)
-            print("N=%(workers)d join %(join_s).2fs idle %(idle_cpu_pct).2f%% %(tasks_per_s).0f tasks/s "
-                  "%(mgr_ms_per_task).4f ms/task (process %(process_cpu_pct).0f%%, simulator %(sim_cpu_pct).0f%% of a "
-                  "core, %(sim_ms_per_task).4f ms/task) rss %(rss_mb).0f MB wait p50 %(wait_ms_p50).2f p99 "
-                  "%(wait_ms_p99).2f ms load %(load).1f" % r, file=sys.stderr, flush=True)
-            if "phases_us_per_task" in r:
-                print("N=%d phases (us/task): %s; gc (us/task, by generation, any thread) %s, collections %s"
-                      % (n, " ".join("%s=%s" % kv for kv in r["phases_us_per_task"].items()), r["gc_us_per_task"],
-                         r["gc_collections"]), file=sys.stderr, flush=True)
-        base = next(r["tasks_per_s"] for r in rows if r["workers"] == 10)
+        base = max(x["tasks_per_s"] for x in runs[10])
         for r in rows:
             r["ratio_to_10"] = round(r["tasks_per_s"] / base, 3)
+        if a.rounds > 1:
+            print("ratio to 10 in each round: %s" % "; ".join(
+                "N=%d %s" % (r["workers"], " ".join("%.3f" % x for x in r["round_ratios"]))
+                for r in rows if r["workers"] != 10), file=sys.stderr, flush=True)
         if a.json:
             print(json.dumps(rows, indent=1))
         for r in sorted(rows, key=lambda r: r["workers"]):
