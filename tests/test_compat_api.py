@@ -11,6 +11,7 @@ import sys
 import tarfile
 import warnings
 
+import cloudpickle
 import pytest
 
 import vinehpc
@@ -109,8 +110,8 @@ def test_ports():
 def test_taskvine_constructor_arguments(tmp_path, caplog):
     seen = []
     with caplog.at_level(logging.WARNING, logger="vinehpc.manager"):
-        m = vinehpc.Manager(0, "proj", True, str(tmp_path / "info"), str(tmp_path / "stage"), True,
-                            seen.append, None, run_info_template="this-run")
+        m = vinehpc.Manager(0, "proj", True, str(tmp_path / "info"), "this-run", str(tmp_path / "stage"), True,
+                            seen.append, None)      # newer TaskVine's order: run_info_template 5th
     try:
         assert seen == [m] and m.name == "proj" and m.using_ssl is True     # ssl=True: TLS (tests/test_tls.py)
         assert m.run_dir == str(tmp_path / "info" / "this-run")
@@ -263,8 +264,10 @@ def test_undeclare_file_drops_worker_copies(manager):
     m.submit(t1)
     wait_all(m, 1, timeout=30)
     cached = sum(w["cached"] for w in m.workers())
-    m.undeclare_file(f)
+    assert m.get_file_replica_count(f) == 1 and m.get_file_replica_count(m.declare_buffer(b"never sent")) == 0
+    m.prune_file(f)             # TaskVine's name for it
     assert sum(w["cached"] for w in m.workers()) == cached - 1
+    assert m.get_file_replica_count(f) == 0
     poll(lambda: read_journal(m, "undeclared"), 10, "the undeclare in the journal", m=m)
     assert [r["file"] for r in read_journal(m, "undeclared")] == [f.cachename()]
     t2 = Task("cat f").add_input(f, "f")       # needed again: sent again
@@ -381,6 +384,13 @@ def test_taskvine_names_for_existing_settings(manager):
     assert read_journal(m, "application")[0]["entry"] == "hello from the app"
 
 
+def test_manager_takes_taskvines_positional_arguments_in_its_order():
+    import inspect
+    names = list(inspect.signature(vinehpc.Manager.__init__).parameters)[1:10]
+    assert names == ["port", "name", "shutdown", "run_info_path", "run_info_template", "staging_path", "ssl",
+                     "init_fn", "status_display_interval"]
+
+
 def test_file_contents_len_and_truth(tmp_path):
     p = tmp_path / "empty"
     p.write_bytes(b"")
@@ -388,6 +398,9 @@ def test_file_contents_len_and_truth(tmp_path):
     assert len(f) == 0 and bool(f) and f.contents() == b""
     b = Buffer(b"abc")
     assert len(b) == 3 and b.contents() == b"abc"
+    p.write_bytes(cloudpickle.dumps({"k": 1}))      # TaskVine's contents(unserializer), e.g. cloudpickle.load
+    assert f.contents(cloudpickle.load) == {"k": 1} and f.contents(lambda fh: fh.read(1)) == b"\x80"
+    assert b.contents(lambda fh: fh.read().upper()) == b"ABC"
     assert len(Temp()) == 0
     with pytest.raises(ValueError, match="fetch_file"):
         Temp().contents()

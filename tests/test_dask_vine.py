@@ -239,6 +239,11 @@ def test_taskvine_options_are_accepted(m, capsys):
     assert "dask key" in capsys.readouterr().out       # verbose
     with pytest.raises(TypeError, match="unexpected keyword argument 'nonsense'"):
         dask.compute(total, scheduler=m.get, nonsense=1)
+    # newer TaskVine's: a per-task worker scheduler (ours places every task), a command prefix (none here)
+    assert dask.compute(total, scheduler=m.get, worker_scheduler="max-available-disk", init_command=None) == (78,)
+    with pytest.raises(NotImplementedError, match="environment image"):
+        dask.compute(total, scheduler=m.get, init_command="source env.sh")
+    assert m.category_name(("sum-partial-0123abcd", 3)) == "sum-partial" and m.category_name(total.key) == "sum"
     infos = []      # TaskVine's wrapper(key, fn, *args) -> (info, value); wrapper_proc(info) on the manager
     assert dask.compute(total, scheduler=m.get, wrapper=lambda key, fn, *a: (key, fn(*a)),
                         wrapper_proc=infos.append) == (sum(range(1, 13)),)

@@ -290,6 +290,41 @@ def test_future_funcall_calls_a_library_function_by_name(ex):
         ex.future_funcall("lib", "nope")
 
 
+@pytest.mark.timeout(60)
+def test_future_tasks_output_is_a_method_that_waits_as_taskvines(ex, tmp_path):
+    """TaskVine's FuturePythonTask/FutureFunctionCall.output(timeout) is a method: the value, or
+    the exception raised as a value; not submitted yet: an error saying what to do."""
+    gate = str(tmp_path / "gate")
+    t = ex.future_task(wait_for_file, gate)
+    with pytest.raises(RuntimeError, match="submit it with the executor first"):
+        t.output()
+    ex.submit(t)
+    with pytest.raises(cf.TimeoutError):
+        t.output(timeout=0.2)
+    _open(gate)
+    assert t.output() == "gate" and t.output(timeout=5) == "gate"
+    bad = ex.future_task(fail, "out")
+    ex.submit(bad)
+    err = bad.output(timeout=30)
+    assert isinstance(err, KeyError) and "out" in str(err)
+    lib = ex.create_library_from_functions("lib-out", add)
+    ex.install_library(lib)
+    call = ex.future_funcall("lib-out", "add", 2, 3)
+    ex.submit(call)
+    assert call.output("wait_forever") == 5
+
+
+def test_taskvine_futures_module_names_port_by_the_module_name():
+    """`from ndcctools.taskvine.futures import ...` -> `from vinehpc.futures import ...`."""
+    from vinehpc import futures
+    from vinehpc.futures import (ALL_COMPLETED, FIRST_COMPLETED, FuturePythonTask, FuturesExecutor,  # noqa: F401
+                                 as_completed, wait)
+    assert wait is cf.wait and as_completed is cf.as_completed and FuturesExecutor is vinehpc.FuturesExecutor
+    assert vinehpc.FunctionCallNoResult is vinehpc.PythonTaskNoResult
+    with pytest.raises(AttributeError):
+        futures.NoSuchName
+
+
 # ------------------------------------------------------------------ reduce, allpairs, TaskVine's map
 @pytest.mark.timeout(60)
 def test_reduce_folds_as_a_tree_of_tasks(ex):

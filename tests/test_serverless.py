@@ -322,6 +322,14 @@ def test_library_task_setters_and_resources_shared_by_slots():
     assert per_call(lib) == {"cores": 2, "memory": 500}
 
 
+def test_taskvines_infile_load_mode_cloudpickle_is_accepted_and_others_name_the_fix(manager):
+    for key in ("function_infile_load_mode", "infile_load_mode"):
+        lib = manager.create_library_from_functions("lib-mode", add, **{key: "cloudpickle"})
+        assert lib.functions == {"add": add}
+        with pytest.raises(NotImplementedError, match="travel pickled"):
+            manager.create_library_from_functions("lib-mode", add, **{key: "json"})
+
+
 # ---------------------------------------------------------------- the worker's function slots, by events
 def call_spec(tid, fid="lib-1", slots=1):
     return TaskSpec(tid, None, fid, res={"cores": 1, "memory": 0, "disk": 0, "gpus": 0}, pipe=True, slots=slots)

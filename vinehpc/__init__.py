@@ -4,7 +4,7 @@ Public names are imported on first use (PEP 562), so `python -m vinehpc worker` 
 `vinehpc sysimage run` do not pay for the manager side.
 """
 __version__ = "0.1.0"
-__all__ = ["Manager", "Task", "PythonTask", "PythonTaskNoResult", "Executor", "FuturesExecutor", "FuturePythonTask", "FutureFunctionCall",
+__all__ = ["Manager", "Task", "PythonTask", "PythonTaskNoResult", "FunctionCallNoResult", "Executor", "FuturesExecutor", "FuturePythonTask", "FutureFunctionCall",
            "File", "TaskError",
            "RemoteTraceback", "Resumable", "DaskVine", "Factory", "FunctionCall", "LibraryTask", "load_variable_from_library",
            "__version__"]
@@ -22,7 +22,7 @@ VINE_RESULT_CANCELLED = "cancelled"
 VINE_RESULT_MAX_RETRIES = "max retries"     # vinehpc: a poison task (worker lost N times while running it)
 
 _where = {"Manager": "manager", "Executor": "futures", "File": "file", "Task": "task", "PythonTask": "task",
-          "PythonTaskNoResult": "task", "TaskError": "task", "RemoteTraceback": "task", "Resumable": "task",
+          "PythonTaskNoResult": "task", "FunctionCallNoResult": "task", "TaskError": "task", "RemoteTraceback": "task", "Resumable": "task",
           "DaskVine": "dask_vine", "Factory": "factory", "FuturesExecutor": "futures_vine", "FuturePythonTask": "futures", "FutureFunctionCall": "futures",
           "FunctionCall": "serverless", "LibraryTask": "serverless", "load_variable_from_library": "serverless"}
 

@@ -33,7 +33,7 @@ OUT = "out"     # a key's value in its task's sandbox (the temp its dependents r
 NO_EFFECT = frozenset({"low_memory_mode", "submit_per_cycle", "lib_extra_functions", "lib_resources", "lib_command",
                        "lib_modules", "hoisting_modules", "import_modules", "env_per_task", "progress_disable",
                        "progress_label", "prune_files", "prune_depth", "scheduling_mode", "reconstruct",
-                       "merge_size"})
+                       "merge_size", "worker_scheduler"})
 
 
 # ---------------------------------------------------------------- on the worker
@@ -180,10 +180,22 @@ class DaskVine(Manager):
 
     _graph_ids = itertools.count(1)     # names each get()'s directory of values brought back
 
+    def category_name(self, key) -> str:
+        """The category of a key's task: the key's name without its indices and token
+        (dask.utils.key_split: "sum-partial" for ("sum-partial-ab12...", 3)); "dask" if it has none."""
+        from dask.utils import key_split
+        return key_split(key) or "dask"
+
     def get(self, dsk, keys, *, resources=None, resources_mode=None, environment=None, extra_files=None,
             env_vars=None, worker_transfers=True, lazy_transfers=True, checkpoint_fn=None, retries=5,
             max_pending=None, verbose=False, task_mode="tasks", wrapper=None, wrapper_proc=print,
             lazy_transfer=True, **options):
+        if options.get("init_command") is not None:
+            raise NotImplementedError(
+                "DaskVine.get(init_command=...) is not supported: keys run as PythonTasks in the workers' "
+                "warm interpreters, with no shell command to prefix; give the tasks an environment image "
+                "(environment=m.declare_image(...)) or variables (env_vars={...}) instead")
+        options.pop("init_command", None)
         unknown = set(options) - NO_EFFECT
         if unknown:
             raise TypeError("get() got an unexpected keyword argument %r" % sorted(unknown)[0])
@@ -201,7 +213,6 @@ class DaskVine(Manager):
             files_dir = os.path.join(self.run_dir, "dask", str(next(DaskVine._graph_ids)))
             os.makedirs(files_dir, exist_ok=True)
 
-        from dask.utils import key_split
         categories = set()
         files = {}          # key -> the File holding its value, for its dependents
 
@@ -219,7 +230,7 @@ class DaskVine(Manager):
                 f = self.declare_file(os.path.join(files_dir, str(i))) if back else self.declare_temp()
                 t.add_output(f, OUT)
                 files[key] = f
-            cat = key_split(key) or "dask"
+            cat = self.category_name(key)
             t.set_category(cat).set_tag(str(key)).set_retries(max((retries or 1) - 1, 0))
             if cat not in categories:
                 categories.add(cat)

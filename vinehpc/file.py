@@ -8,6 +8,7 @@ an unchanged one is sent to a worker once.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import os
 import stat as _stat
@@ -90,14 +91,16 @@ class File:
         files not made yet)."""
         return self.size() if self.kind in ("file", "buffer") and self.exists() else 0
 
-    def contents(self) -> bytes:
-        """The bytes of a manager-side file or buffer (a temp: Manager.fetch_file(temp))."""
+    def contents(self, unserializer=None):
+        """The bytes of a manager-side file or buffer (a temp: Manager.fetch_file(temp)); with
+        `unserializer` (as TaskVine's: a function of a binary file object, e.g. cloudpickle.load),
+        what it returns for them."""
         if self.kind == "buffer":
-            return self.data
+            return self.data if unserializer is None else unserializer(io.BytesIO(self.data))
         if self.kind != "file":
             raise ValueError("a %s has no contents at the manager: use Manager.fetch_file(f)" % self.kind)
         with open(self.source, "rb") as f:
-            return f.read()
+            return f.read() if unserializer is None else unserializer(f)
 
 
 class Buffer(File):

@@ -9,6 +9,10 @@ still open is shut down with wait=True, as the standard executors do.
 TaskVine's additions (vinehpc/futures_vine.py builds on these): futures passed as arguments
 are dependencies (the call is sent once they complete and receives their values),
 future_task() / future_funcall(), reduce() and allpairs().
+
+What TaskVine's module `ndcctools.taskvine.futures` offers is here too, so its imports port by
+changing the module's name: FuturesExecutor, FuturePythonTask, FutureFunctionCall, and wait,
+as_completed and their constants (the standard library's own: our futures are standard futures).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import os
 import sys
 import threading
 import weakref
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, wait  # noqa: F401
 from concurrent.futures._base import CANCELLED, PENDING, RUNNING
 
 from . import _context
@@ -49,9 +54,36 @@ def _at_exit():
 threading._register_atexit(_at_exit)
 
 
-class FuturePythonTask(PythonTask):
+def __getattr__(name):
+    if name == "FuturesExecutor":       # (futures_vine imports this module)
+        from .futures_vine import FuturesExecutor
+        return FuturesExecutor
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
+
+
+class _FutureOutput:
+    """TaskVine's futures tasks have output(timeout) as a method that waits, not a property."""
+
+    def output(self, timeout="wait_forever"):
+        """Wait for this call (`timeout` seconds; "wait_forever" or None: no limit) and return
+        its value, or the exception it raised as a value (PythonTaskNoResult if none came back),
+        as TaskVine's FuturePythonTask.output(timeout). Raises concurrent.futures.TimeoutError
+        when it is not done in time (TaskVine returns the string "result_pending")."""
+        if self.future is None:
+            raise RuntimeError("task %s was not submitted: submit it with the executor first "
+                               "(f = ex.submit(t)), then call t.output()" % (self.id,))
+        try:
+            return self.future.result(None if timeout in (None, "wait_forever") else timeout)
+        except (cf.TimeoutError, cf.CancelledError):
+            raise
+        except Exception as e:
+            return e
+
+
+class FuturePythonTask(_FutureOutput, PythonTask):
     """The task of one executor call: a PythonTask (set_cores, set_tag, ... apply) whose
-    arguments may be futures; Executor.submit(task) returns its `future`."""
+    arguments may be futures; Executor.submit(task) returns its `future`; output(timeout) waits
+    for it."""
 
     def __init__(self, fn, args=(), kwargs=None):
         # the arguments are set here, not passed on: a call's own `fn=` or `self=` keyword
@@ -62,9 +94,10 @@ class FuturePythonTask(PythonTask):
         self.future = None
 
 
-class FutureFunctionCall(serverless.FunctionCall):
+class FutureFunctionCall(_FutureOutput, serverless.FunctionCall):
     """An executor call of an installed library's function (future_funcall): a FunctionCall
-    whose arguments may be futures; Executor.submit(call) returns its `future`."""
+    whose arguments may be futures; Executor.submit(call) returns its `future`; output(timeout)
+    waits for it."""
 
     def __init__(self, library, fn, args=(), kwargs=None):
         super().__init__(library, fn)
@@ -329,7 +362,7 @@ class Executor(cf.Executor):
                 sys.stdout.flush()
             exc = task.exception
             if exc is None:
-                fut.set_result(task.output)
+                fut.set_result(task._load()[1])     # (not .output: a method on the Future* tasks)
             else:
                 fut.set_exception(exc)
         finally:

@@ -112,8 +112,8 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
     """
 
     def __init__(self, port=None, name: str | None = None, shutdown: bool = False, run_info_path: str | None = None,
-                 staging_path: str | None = None, ssl=None, init_fn=None, status_display_interval=None, *,
-                 run_info_template: str | None = None, host: str | None = None, secret: str | None = None,
+                 run_info_template: str | None = None, staging_path: str | None = None, ssl=None, init_fn=None,
+                 status_display_interval=None, *, host: str | None = None, secret: str | None = None,
                  run_dir: str | None = None, local_workers: int | None = None,
                  cores_per_worker: int | None = None, scheduler: str = "files",
                  keepalive_interval: float | None = None, keepalive_timeout: float | None = None,

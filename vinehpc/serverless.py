@@ -230,7 +230,8 @@ class LibraryMixin:
 
     def create_library_from_functions(self, library_name, *function_list, poncho_env=None, init_command=None,
                                       add_env=True, hoisting_modules=None, import_modules=None, imports=None,
-                                      exec_mode="fork", library_context_info=None) -> LibraryTask:
+                                      exec_mode="fork", library_context_info=None, function_infile_load_mode=None,
+                                      infile_load_mode=None) -> LibraryTask:
         """A LibraryTask holding `function_list` (called by their __name__), to install_library().
 
         hoisting_modules (or import_modules): modules imported once per interpreter before the
@@ -242,7 +243,16 @@ class LibraryMixin:
         functions read with load_variable_from_library(name).  add_env is accepted and has no
         effect: calls run in the worker's Python (or the library's add_environment image).
         poncho_env and init_command are not supported (build an image with `vinehpc sysimage`
-        and give it with lib.add_environment(m.declare_image(...)))."""
+        and give it with lib.add_environment(m.declare_image(...))).  function_infile_load_mode
+        (older name infile_load_mode): how TaskVine's library reads a call's arguments; here they
+        always travel pickled, so only "cloudpickle" (TaskVine's default) is accepted."""
+        for key, mode in (("function_infile_load_mode", function_infile_load_mode),
+                          ("infile_load_mode", infile_load_mode)):
+            if mode not in (None, "cloudpickle"):
+                raise NotImplementedError(
+                    "%s=%r is not supported: a call's arguments always travel pickled (cloudpickle) with the "
+                    "call; pass Python values as arguments (FunctionCall(lib, fn, *args)), not a JSON or text "
+                    "event" % (key, mode))
         if poncho_env is not None or init_command is not None:
             raise NotImplementedError("poncho_env and init_command are not supported: build an environment image "
                                       "with `vinehpc sysimage python ...` and give it to the library with "

@@ -23,6 +23,11 @@ class PythonTaskNoResult(TaskError):
     end: lost, cancelled, over its resources...), as in TaskVine; `reason` says why."""
 
 
+# TaskVine's name for it when the task is a FunctionCall: the same class, so `except` and
+# isinstance() written for either catch both
+FunctionCallNoResult = PythonTaskNoResult
+
+
 class Resumable(BaseException):
     """The run stopped early (walltime warning): what did not run will run when it is resumed.
 

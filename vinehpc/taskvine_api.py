@@ -200,6 +200,17 @@ class TaskVineAPI:
         self._server.post(Undeclare(file.cachename()))
 
     remove_file = undeclare_file     # TaskVine's older name
+    prune_file = undeclare_file      # TaskVine's name for dropping the workers' copies and keeping the file
+
+    def get_file_replica_count(self, file: File) -> int:
+        """How many workers hold `file` in their cache now (temps: the workers that made or
+        received them)."""
+        if not isinstance(file, File):
+            raise TypeError("get_file_replica_count needs a file from Manager.declare_*(), got %r" % (file,))
+        if file.kind == "file" and not file.exists():
+            return 0        # never named, never sent
+        name = file.cachename()
+        return self._call(lambda: len(self.core.where.get(name, ())))
 
     def fetch_file(self, file: File, timeout: float = FETCH_TIMEOUT) -> str:
         """The contents of a file as a str (TaskVine's): a local file or buffer is read here, a
