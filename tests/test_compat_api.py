@@ -389,6 +389,8 @@ def test_manager_takes_taskvines_positional_arguments_in_its_order():
     names = list(inspect.signature(vinehpc.Manager.__init__).parameters)[1:10]
     assert names == ["port", "name", "shutdown", "run_info_path", "run_info_template", "staging_path", "ssl",
                      "init_fn", "status_display_interval"]
+    with pytest.raises(ValueError, match="pass it by keyword .staging_path"):   # older TaskVine's order
+        vinehpc.Manager(0, "x", False, "/tmp/info", "/scratch/stage")
 
 
 def test_file_contents_len_and_truth(tmp_path):

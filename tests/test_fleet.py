@@ -244,6 +244,9 @@ def test_the_benchmark_reports_its_fleet_line_with_the_best_of_its_runs(tmp_path
         assert len(r["round_ratios"]) == 2 and "idle_cpu_pct" in r
         assert r["joined"] == r["workers"] and r["fleet"]["results"] == 600    # the fastest round's fleet
     assert rows[0]["round_ratios"] == [1.0, 1.0]
+    ten, twenty = rows      # ratio_to_10: best over best; each round's: that round's N=20 over its N=10
+    assert twenty["ratio_to_10"] == round(twenty["tasks_per_s"] / ten["tasks_per_s"], 3)
+    assert len(twenty["round_ratios"]) == 2 and all(x > 0 for x in twenty["round_ratios"])
     line = [x for x in out.err.splitlines() if x.startswith("FLEET ")]
     assert len(line) == 1 and line[0].startswith("FLEET workers=20 tasks=300 tasks_per_s=")
     assert "ratio_to_10=" in line[0] and "mgr_ms_per_task=" in line[0]

@@ -296,11 +296,13 @@ def test_future_tasks_output_is_a_method_that_waits_as_taskvines(ex, tmp_path):
     the exception raised as a value; not submitted yet: an error saying what to do."""
     gate = str(tmp_path / "gate")
     t = ex.future_task(wait_for_file, gate)
-    with pytest.raises(RuntimeError, match="submit it with the executor first"):
+    with pytest.raises(RuntimeError, match="this call of wait_for_file was not submitted: submit it with the ex"):
         t.output()
     ex.submit(t)
     with pytest.raises(cf.TimeoutError):
         t.output(timeout=0.2)
+    with pytest.raises(ValueError, match="give seconds, None or"):
+        t.output(timeout="soon")
     _open(gate)
     assert t.output() == "gate" and t.output(timeout=5) == "gate"
     bad = ex.future_task(fail, "out")
@@ -321,8 +323,10 @@ def test_taskvine_futures_module_names_port_by_the_module_name():
                                  as_completed, wait)
     assert wait is cf.wait and as_completed is cf.as_completed and FuturesExecutor is vinehpc.FuturesExecutor
     assert vinehpc.FunctionCallNoResult is vinehpc.PythonTaskNoResult
-    with pytest.raises(AttributeError):
-        futures.NoSuchName
+    star = {}
+    exec("from vinehpc.futures import *", star)         # a ported `import *` gets them too
+    assert {"FuturesExecutor", "wait", "as_completed", "FuturePythonTask", "FIRST_COMPLETED"} <= set(star)
+    assert star["FuturesExecutor"] is vinehpc.FuturesExecutor and futures.__all__
 
 
 # ------------------------------------------------------------------ reduce, allpairs, TaskVine's map

@@ -173,7 +173,8 @@ class DaskVine(Manager):
         "function-calls" (both run as PythonTasks on the workers' warm interpreters).
       wrapper(key, fn) -> (info, value): runs each key on the worker (fn computes the key, its
         inputs bound); wrapper_proc(info) (default print) gets each info back on the manager.
-    Other TaskVine options are accepted and have no effect (NO_EFFECT).
+    Other TaskVine options are accepted and have no effect (NO_EFFECT), but for init_command
+    (a command prefix: NotImplementedError, as there is no command to prefix).
     A key whose function raises makes get() raise that exception, with the remote traceback as
     its __cause__; the graph's other tasks are cancelled.
     """
@@ -182,20 +183,20 @@ class DaskVine(Manager):
 
     def category_name(self, key) -> str:
         """The category of a key's task: the key's name without its indices and token
-        (dask.utils.key_split: "sum-partial" for ("sum-partial-ab12...", 3)); "dask" if it has none."""
-        from dask.utils import key_split
-        return key_split(key) or "dask"
+        (dask.utils.key_split: "sum-partial" for ("sum-partial-ab12...", 3); "Other" for a key
+        it cannot split)."""
+        from dask.utils import key_split        # (dask is imported only by DaskVine's users)
+        return key_split(key)
 
     def get(self, dsk, keys, *, resources=None, resources_mode=None, environment=None, extra_files=None,
             env_vars=None, worker_transfers=True, lazy_transfers=True, checkpoint_fn=None, retries=5,
             max_pending=None, verbose=False, task_mode="tasks", wrapper=None, wrapper_proc=print,
             lazy_transfer=True, **options):
-        if options.get("init_command") is not None:
+        if options.pop("init_command", None) is not None:
             raise NotImplementedError(
                 "DaskVine.get(init_command=...) is not supported: keys run as PythonTasks in the workers' "
                 "warm interpreters, with no shell command to prefix; give the tasks an environment image "
                 "(environment=m.declare_image(...)) or variables (env_vars={...}) instead")
-        options.pop("init_command", None)
         unknown = set(options) - NO_EFFECT
         if unknown:
             raise TypeError("get() got an unexpected keyword argument %r" % sorted(unknown)[0])

@@ -61,6 +61,11 @@ def __getattr__(name):
     raise AttributeError("module %r has no attribute %r" % (__name__, name))
 
 
+def _fn_name(task) -> str:
+    fn = task.fn        # a function; a FunctionCall's: "library.function"
+    return fn if isinstance(fn, str) else getattr(fn, "__qualname__", repr(fn))
+
+
 class _FutureOutput:
     """TaskVine's futures tasks have output(timeout) as a method that waits, not a property."""
 
@@ -70,10 +75,14 @@ class _FutureOutput:
         as TaskVine's FuturePythonTask.output(timeout). Raises concurrent.futures.TimeoutError
         when it is not done in time (TaskVine returns the string "result_pending")."""
         if self.future is None:
-            raise RuntimeError("task %s was not submitted: submit it with the executor first "
-                               "(f = ex.submit(t)), then call t.output()" % (self.id,))
+            raise RuntimeError("this call of %s was not submitted: submit it with the executor first "
+                               "(f = ex.submit(t)), then call t.output()" % (_fn_name(self),))
+        if timeout in (None, "wait_forever"):
+            timeout = None
+        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise ValueError("output(timeout=%r): give seconds, None or \"wait_forever\"" % (timeout,))
         try:
-            return self.future.result(None if timeout in (None, "wait_forever") else timeout)
+            return self.future.result(timeout)
         except (cf.TimeoutError, cf.CancelledError):
             raise
         except Exception as e:
@@ -489,4 +498,5 @@ def _rows(flat, width, n):
     return [flat[j * width:(j + 1) * width] for j in range(n)]
 
 
-__all__ = ["Executor", "FutureFunctionCall", "FuturePythonTask", "gather"]
+__all__ = ["Executor", "FutureFunctionCall", "FuturePythonTask", "gather", "FuturesExecutor", "wait", "as_completed",
+           "FIRST_COMPLETED", "FIRST_EXCEPTION", "ALL_COMPLETED"]

@@ -133,6 +133,11 @@ class Manager(TaskVineAPI, LibraryMixin, PatternsMixin):
         asked_host = host
         if host is None:
             host = opts.host or ("127.0.0.1" if local_workers else "0.0.0.0")
+        if run_info_template is not None and (os.path.isabs(run_info_template) or os.sep in run_info_template):
+            # (a path here is most likely a staging_path given by position: older TaskVine had it 5th)
+            raise ValueError("Manager(run_info_template=%r): the template names this run's directory under "
+                             "run_info_path, it is not a path; older TaskVine took staging_path as the 5th "
+                             "argument: pass it by keyword (staging_path=...)" % (run_info_template,))
         if run_dir:
             self.run_dir = os.path.abspath(run_dir)
         elif opts.run_dir:

@@ -36,6 +36,15 @@ FETCH_TIMEOUT = 300.0
 HUNGRY_MINIMUM = 10     # hungry(): TaskVine's default "hungry-minimum"
 
 
+def _cache_name(file, what):
+    """The cache name of a declared file; None for a local file that does not exist (never sent)."""
+    if not isinstance(file, File):
+        raise TypeError("%s needs a file from Manager.declare_*(), got %r" % (what, file))
+    if file.kind == "file" and not file.exists():
+        return None
+    return file.cachename()
+
+
 class TaskVineAPI:
     """TaskVine's Manager methods on top of vinehpc's Manager (mixed into vinehpc.Manager)."""
 
@@ -193,24 +202,19 @@ class TaskVineAPI:
     # ---------------------------------------------------------------- files
     def undeclare_file(self, file: File) -> None:
         """The workers drop their copies of `file` (a task that needs it later gets it again)."""
-        if not isinstance(file, File):
-            raise TypeError("undeclare_file needs a file from Manager.declare_*(), got %r" % (file,))
-        if file.kind == "file" and not file.exists():
-            return      # never named, never sent
-        self._server.post(Undeclare(file.cachename()))
+        name = _cache_name(file, "undeclare_file")
+        if name is not None:
+            self._server.post(Undeclare(name))
 
     remove_file = undeclare_file     # TaskVine's older name
     prune_file = undeclare_file      # TaskVine's name for dropping the workers' copies and keeping the file
 
     def get_file_replica_count(self, file: File) -> int:
-        """How many workers hold `file` in their cache now (temps: the workers that made or
-        received them)."""
-        if not isinstance(file, File):
-            raise TypeError("get_file_replica_count needs a file from Manager.declare_*(), got %r" % (file,))
-        if file.kind == "file" and not file.exists():
-            return 0        # never named, never sent
-        name = file.cachename()
-        return self._call(lambda: len(self.core.where.get(name, ())))
+        """How many workers keep `file` in their cache: counted from when a copy is sent (or a
+        temp made); a file declared with cache="task" (the default) is not kept past its task,
+        so it counts 0."""
+        name = _cache_name(file, "get_file_replica_count")
+        return 0 if name is None else self._call(lambda: len(self.core.where.get(name, ())))
 
     def fetch_file(self, file: File, timeout: float = FETCH_TIMEOUT) -> str:
         """The contents of a file as a str (TaskVine's): a local file or buffer is read here, a
