@@ -10,16 +10,20 @@ A real `vinehpc.Manager` runs in this process (its I/O thread is the manager: it
 (benchmarks/fleet_sim.py: child processes, one socket per worker, the real handshake and framing).
 Per N, in one invocation (ratios within it: the 2-core machine is shared and noisy):
 
-- join_s: all N connect at once (the slowest of the rounds) (one "connect" to the fleet processes) until the manager counts N;
-- idle_cpu_pct: the manager's CPU over --idle seconds (first round only) with N joined workers and nothing to do
-  (keepalives only: the interval is --keepalive, 5 s by default as in vinehpc);
+- join_s: all N connect at once (one "connect" to the fleet processes) until the manager counts N
+  (the slowest of its joins);
+- idle_cpu_pct: the manager's CPU over --idle seconds with N joined workers and nothing to do
+  (keepalives only: the interval is --keepalive, 5 s by default as in vinehpc), at N's first join;
 - tasks_per_s: --tasks no-op command tasks, submitted then waited for, first submit to last wait,
-  the fastest of all the runs of that N: --repeat runs (3) on the same fleet, in each of --rounds
-  sweeps (2). A round opens a fresh fleet per N, and every other round goes through the N in the
-  opposite order (10, 100, ..., 5000, then 5000, ..., 100, 10), so a slow spell of the shared machine
-  falls on both ends of a ratio rather than on one N (every run's figure is in --json's
-  runs_tasks_per_s, and ratio_to_10 of each round in round_ratios; the figures below are the
-  fastest run's);
+  the fastest of the runs of that N.  The runs are paired so that a slow spell of the shared
+  machine (they last a minute or more here) falls on both ends of a ratio: the 10-worker fleet
+  joins once and stays; for each other N, --repeat times (6): one run on the 10-worker fleet, then
+  a fresh fleet of N joins, runs once and closes (one fleet alive at a time besides the 10: no
+  other fleet's objects for the collector to walk, no other fleet's keepalives).  ratio_to_10 is
+  the fastest run of N over the fastest of the 10-worker runs paired with N's (--json:
+  paired_10_tasks_per_s); each pair's own ratio is in pair_ratios (and printed), every run's
+  tasks/s in runs_tasks_per_s; the figures below are the fastest run's.  One run here is up to
+  20 % off the next, seconds apart: --repeat 10 for a tighter ratio;
 - mgr_ms_per_task: the manager thread's CPU over that run / tasks;
 - process_cpu_pct: this whole process's CPU over that run (manager thread + the user's submit and
   wait: near 100 means the GIL, not the manager thread, bounds it); submit_s: the submit loop;
@@ -212,40 +216,125 @@ def run_tasks(m, tasks, timeout):
     return dt, m.manager_cpu_seconds - cpu0, lat, {"submit_s": round(submitted - t0, 3), "process_cpu_pct": round(100 * busy, 1)}
 
 
-def measure(n, a, tmp, idle=True) -> dict:
-    m, fleet, join_s = open_fleet(tmp, n, a, disconnect=a.disconnect, slow=a.slow)
-    try:
-        r = {"workers": n, "joined": m.wait_for_workers(n, timeout=0), "join_s": round(join_s, 3)}
-        rep = fleet.report()
-        r["join_retries"] = rep.get("retries", 0)
+class Sized:
+    """One N's manager and fleet, joined: its join and idle figures, then its runs (run())."""
+
+    def __init__(self, n, a, tmp, idle=True):
+        self.n, self.a = n, a
+        self.m, self.fleet, join_s = open_fleet(tmp, n, a, disconnect=a.disconnect, slow=a.slow)
+        m = self.m
+        self.r = r = {"workers": n, "joined": m.wait_for_workers(n, timeout=0), "join_s": round(join_s, 3)}
+        r["join_retries"] = self.fleet.report().get("retries", 0)
         if idle:
             cpu0 = m.manager_cpu_seconds
             time.sleep(a.idle)
             r["idle_cpu_pct"] = round(100 * (m.manager_cpu_seconds - cpu0) / a.idle, 2)
+        self.best, self.runs = None, []
+
+    def run(self) -> float:
+        """One run of --tasks tasks; its tasks/s."""
+        # each run starts with the collector's generations empty: what came before it (a closed
+        # fleet's objects) is not this run's to walk
+        gc.collect()
+        sim0 = self.fleet.cpu_seconds()
+        run = run_tasks(self.m, self.a.tasks, self.a.timeout)
+        rate = round(self.a.tasks / run[0], 1)
+        self.runs.append(rate)
+        if self.best is None or run[0] < self.best[0][0]:
+            self.best = (run, self.fleet.cpu_seconds() - sim0)
+        return rate
+
+    def close(self) -> dict:
+        """Close the manager and the fleet; this fleet's figures (its fastest run's)."""
+        a, r = self.a, self.r
+        try:
+            if self.best is None:       # (no run finished: a failure on its way up)
+                return r
+            (dt, cpu, lat, more), sim = self.best
+            r.update(more)
+            r["runs_tasks_per_s"] = list(self.runs)
+            r.update(tasks=a.tasks, seconds=round(dt, 3), tasks_per_s=round(a.tasks / dt, 1),
+                     mgr_ms_per_task=round(1000 * cpu / a.tasks, 4), sim_ms_per_task=round(1000 * sim / a.tasks, 4),
+                     sim_cpu_pct=round(100 * sim / dt, 1), load=round(os.getloadavg()[0], 2),
+                     rss_mb=round(rss_mb(), 1), wait_ms_p50=round(1000 * (_pct(lat, 0.5) or 0), 2),
+                     wait_ms_p99=round(1000 * (_pct(lat, 0.99) or 0), 2))
+            r["fleet"] = {k: v for k, v in self.fleet.report().items() if k in ("tasks", "results", "retries",
+                                                                                  "closed", "connected", "cpu_s")}
+        finally:
+            self.m.close()
+            self.fleet.close()
+        return r
+
+
+def measure(n, a, tmp) -> dict:
+    """N's --repeat runs on one fleet (the instruments' way: one profile of N's runs)."""
+    s = Sized(n, a, tmp)
+    try:
         if a.instruments is not None:
-            a.instruments.start(m)
-        best, runs = None, []
-        for _ in range(a.repeat):       # the same fleet each time: the fastest run is the one reported
-            sim0 = fleet.cpu_seconds()
-            run = run_tasks(m, a.tasks, a.timeout)
-            runs.append(round(a.tasks / run[0], 1))
-            if best is None or run[0] < best[0][0]:
-                best = (run, fleet.cpu_seconds() - sim0)
-        (dt, cpu, lat, more), sim = best
+            a.instruments.start(s.m)
+        for _ in range(a.repeat):
+            s.run()
         if a.instruments is not None:
-            r.update(a.instruments.stop(m, n, a.tasks * a.repeat, a))
-        r.update(more)
-        r["runs_tasks_per_s"] = runs
-        r.update(tasks=a.tasks, seconds=round(dt, 3), tasks_per_s=round(a.tasks / dt, 1),
-                 mgr_ms_per_task=round(1000 * cpu / a.tasks, 4), sim_ms_per_task=round(1000 * sim / a.tasks, 4),
-                 sim_cpu_pct=round(100 * sim / dt, 1), load=round(os.getloadavg()[0], 2), rss_mb=round(rss_mb(), 1),
-                 wait_ms_p50=round(1000 * (_pct(lat, 0.5) or 0), 2), wait_ms_p99=round(1000 * (_pct(lat, 0.99) or 0), 2))
-        r["fleet"] = {k: v for k, v in fleet.report().items() if k in ("tasks", "results", "retries", "closed",
-                                                                         "connected", "cpu_s")}
+            s.r.update(a.instruments.stop(s.m, n, a.tasks * a.repeat, a))
+    except BaseException:
+        s.m.close()
+        s.fleet.close()
+        raise
+    return s.close()
+
+
+def paired(ns, a, tmp) -> list:
+    """The 10-worker fleet stays; each other N's runs alternate with runs on it (module doc)."""
+    base = Sized(10, a, tmp)
+    rows, closed = [], False
+    try:
+        others = [n for n in ns if n != 10]
+        if not others:
+            for _ in range(a.repeat):
+                base.run()
+        for n in others:
+            pairs, tens, opened, best = [], [], [], None
+            for k in range(a.repeat):
+                # a fresh fleet of n per run, the order of the pair alternating: 10 first, then n first
+                ten = base.run() if k % 2 == 0 else None
+                s = Sized(n, a, tmp, idle=k == 0)
+                try:
+                    rate = s.run()
+                finally:
+                    r = s.close()
+                if ten is None:
+                    ten = base.run()
+                opened.append(r)
+                tens.append(ten)
+                if best is None or r["tasks_per_s"] > best["tasks_per_s"]:
+                    best = r
+                pairs.append(round(rate / ten, 3))
+                say(n, r, "pair %d (10 workers: %.0f tasks/s, ratio %.3f)" % (k + 1, ten, rate / ten))
+            row = dict(best, joined=min(x["joined"] for x in opened), join_s=max(x["join_s"] for x in opened),
+                       join_retries=max(x["join_retries"] for x in opened), idle_cpu_pct=opened[0]["idle_cpu_pct"],
+                       runs_tasks_per_s=[x["tasks_per_s"] for x in opened], pair_ratios=pairs,
+                       paired_10_tasks_per_s=tens)
+            rows.append(row)
+        ten_row = base.close()
+        closed = True
+        say(10, ten_row, "")
+        return [ten_row] + rows
     finally:
-        m.close()
-        fleet.close()
-    return r
+        if not closed:
+            base.m.close()
+            base.fleet.close()
+
+
+def say(n, r, what):
+    print("N=%d %s join %.2fs%s %.0f tasks/s %.4f ms/task (process %.0f%%, simulator %.0f%% of a core, %.4f ms/task) "
+          "rss %.0f MB wait p50 %.2f p99 %.2f ms load %.1f" % (
+              n, what, r["join_s"], " idle %.2f%%" % r["idle_cpu_pct"] if "idle_cpu_pct" in r else "",
+              r["tasks_per_s"], r["mgr_ms_per_task"], r["process_cpu_pct"], r["sim_cpu_pct"], r["sim_ms_per_task"],
+              r["rss_mb"], r["wait_ms_p50"], r["wait_ms_p99"], r["load"]), file=sys.stderr, flush=True)
+    if "phases_us_per_task" in r:
+        print("N=%d phases (us/task): %s; gc (us/task, by generation, any thread) %s, collections %s"
+              % (n, " ".join("%s=%s" % kv for kv in r["phases_us_per_task"].items()), r["gc_us_per_task"],
+                 r["gc_collections"]), file=sys.stderr, flush=True)
 
 
 def queue(a, tmp) -> dict:
@@ -306,9 +395,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Simulated fleet against one real manager (issue 15).")
     ap.add_argument("--workers", default="10,100,1000,5000", help="comma-separated N (10 is added for ratio_to_10)")
     ap.add_argument("--tasks", type=int, default=100000)
-    ap.add_argument("--repeat", type=int, default=3, help="task runs per N on the same fleet; the fastest is reported")
-    ap.add_argument("--rounds", type=int, default=2,
-                    help="sweeps over the N, each with fresh fleets, every other one in reverse order")
+    ap.add_argument("--repeat", type=int, default=6,
+                    help="runs per N, each paired with a run on the 10-worker fleet; the fastest is reported")
     ap.add_argument("--cores", type=int, default=1, help="cores per simulated worker")
     ap.add_argument("--run", default="0", help="a task's modelled time: 0, SECONDS, exp:MEAN, uniform:LOW:HIGH")
     ap.add_argument("--result-size", type=int, default=0, help="bytes of stdout per result")
@@ -328,9 +416,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     a.workers = [int(x) for x in a.workers.split(",")]
     a.instruments = Instruments(a) if a.profile or a.phases else None
-    if a.instruments is not None:
-        a.rounds = 1            # one profile per N
-    a.rounds = max(1, a.rounds)
+    a.repeat = max(1, a.repeat)
     raise_nofile(2 * max(a.workers) + 4096)     # the manager's sockets (and, in tests, the fleet's)
     tmp = tempfile.mkdtemp(prefix="vinehpc-fleet-")
     try:
@@ -339,35 +425,20 @@ def main(argv=None):
             print(json.dumps(r) if a.json else "\n".join("%s: %s" % kv for kv in r.items()))
             return 0
         ns = a.workers if 10 in a.workers else [10] + a.workers
-        runs = {n: [] for n in ns}         # per N, its measurement in each round
-        for k in range(a.rounds):
-            for n in (ns if k % 2 == 0 else ns[::-1]):
-                r = measure(n, a, tmp, idle=k == 0)
-                runs[n].append(r)
-                print("round %d N=%d join %.2fs%s %.0f tasks/s %.4f ms/task (process %.0f%%, simulator %.0f%% of a core, "
-                      "%.4f ms/task) rss %.0f MB wait p50 %.2f p99 %.2f ms load %.1f"
-                      % (k + 1, n, r["join_s"], " idle %.2f%%" % r["idle_cpu_pct"] if k == 0 else "", r["tasks_per_s"],
-                         r["mgr_ms_per_task"], r["process_cpu_pct"], r["sim_cpu_pct"], r["sim_ms_per_task"], r["rss_mb"],
-                         r["wait_ms_p50"], r["wait_ms_p99"], r["load"]), file=sys.stderr, flush=True)
-                if "phases_us_per_task" in r:
-                    print("N=%d phases (us/task): %s; gc (us/task, by generation, any thread) %s, collections %s"
-                          % (n, " ".join("%s=%s" % kv for kv in r["phases_us_per_task"].items()), r["gc_us_per_task"],
-                             r["gc_collections"]), file=sys.stderr, flush=True)
-        rows = []
-        for n in ns:            # the fastest round's figures, with the worst join and every run's tasks/s
-            rs = runs[n]
-            r = dict(max(rs, key=lambda x: x["tasks_per_s"]), joined=min(x["joined"] for x in rs),
-                     join_s=max(x["join_s"] for x in rs), join_retries=max(x["join_retries"] for x in rs),
-                     idle_cpu_pct=rs[0]["idle_cpu_pct"], runs_tasks_per_s=[v for x in rs for v in x["runs_tasks_per_s"]])
-            r["round_ratios"] = [round(x["tasks_per_s"] / y["tasks_per_s"], 3) for x, y in zip(rs, runs[10])]
-            rows.append(r)
-        base = max(x["tasks_per_s"] for x in runs[10])
-        for r in rows:
-            r["ratio_to_10"] = round(r["tasks_per_s"] / base, 3)
-        if a.rounds > 1:
-            print("ratio to 10 in each round: %s" % "; ".join(
-                "N=%d %s" % (r["workers"], " ".join("%.3f" % x for x in r["round_ratios"]))
-                for r in rows if r["workers"] != 10), file=sys.stderr, flush=True)
+        if a.instruments is not None:       # one profile per N: its runs back to back on one fleet
+            rows = []
+            for n in ns:
+                rows.append(measure(n, a, tmp))
+                say(n, rows[-1], "")
+        else:
+            rows = paired(ns, a, tmp)
+        base = next(r["tasks_per_s"] for r in rows if r["workers"] == 10)
+        for r in rows:      # against the 10-worker runs paired with N's (all of them: the instruments' way)
+            r["ratio_to_10"] = round(r["tasks_per_s"] / max(r.get("paired_10_tasks_per_s") or [base]), 3)
+        if any("pair_ratios" in r for r in rows):
+            print("ratio to 10 in each pair: %s" % "; ".join(
+                "N=%d %s" % (r["workers"], " ".join("%.3f" % x for x in r["pair_ratios"]))
+                for r in rows if "pair_ratios" in r), file=sys.stderr, flush=True)
         if a.json:
             print(json.dumps(rows, indent=1))
         for r in sorted(rows, key=lambda r: r["workers"]):

@@ -222,9 +222,9 @@ def test_past_the_spread_fleet_tiny_tasks_stay_within_their_budget(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_the_benchmark_reports_its_fleet_line_with_the_best_of_its_runs(tmp_path, capsys):
-    """benchmarks/fleet.py end to end, small: per N, --repeat runs on one fleet in each of --rounds
-    sweeps, the fastest reported (every run listed, and each round's ratio), and the line a script
-    reads."""
+    """benchmarks/fleet.py end to end, small: N's runs paired with runs on the 10-worker fleet
+    (a fresh fleet of N for each, the pair's order alternating), the fastest of each reported
+    (every run listed, and each pair's ratio), and the line a script reads."""
     import json
     import sys
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -232,24 +232,23 @@ def test_the_benchmark_reports_its_fleet_line_with_the_best_of_its_runs(tmp_path
         spec = importlib.util.spec_from_file_location("fleet_bench", os.path.join(ROOT, "benchmarks", "fleet.py"))
         bench = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(bench)
-        assert bench.main(["--workers", "20", "--tasks", "300", "--idle", "0.1", "--repeat", "2", "--rounds", "2",
-                          "--json"]) == 0
+        assert bench.main(["--workers", "20", "--tasks", "300", "--idle", "0.1", "--repeat", "2", "--json"]) == 0
     finally:
         sys.path.remove(os.path.join(ROOT, "benchmarks"))
     out = capsys.readouterr()
-    rows = json.loads(out.out)
-    assert [r["workers"] for r in rows] == [10, 20]
-    for r in rows:
-        assert len(r["runs_tasks_per_s"]) == 4 and r["tasks_per_s"] == max(r["runs_tasks_per_s"])
-        assert len(r["round_ratios"]) == 2 and "idle_cpu_pct" in r
-        assert r["joined"] == r["workers"] and r["fleet"]["results"] == 600    # the fastest round's fleet
-    assert rows[0]["round_ratios"] == [1.0, 1.0]
-    ten, twenty = rows      # ratio_to_10: best over best; each round's: that round's N=20 over its N=10
-    assert twenty["ratio_to_10"] == round(twenty["tasks_per_s"] / ten["tasks_per_s"], 3)
-    assert len(twenty["round_ratios"]) == 2 and all(x > 0 for x in twenty["round_ratios"])
+    ten, twenty = json.loads(out.out)
+    assert (ten["workers"], twenty["workers"]) == (10, 20)
+    for r in (ten, twenty):
+        assert len(r["runs_tasks_per_s"]) == 2 and r["tasks_per_s"] == max(r["runs_tasks_per_s"])
+        assert r["joined"] == r["workers"] and "idle_cpu_pct" in r
+    assert ten["fleet"]["results"] == 600          # one fleet of 10 for the whole invocation...
+    assert twenty["fleet"]["results"] == 300       # ...and a fresh fleet of 20 for each of its runs
+    paired = twenty["paired_10_tasks_per_s"]       # the 10-worker runs paired with N's: all of them, here
+    assert sorted(paired) == sorted(ten["runs_tasks_per_s"])
+    assert twenty["ratio_to_10"] == round(twenty["tasks_per_s"] / max(paired), 3)
+    assert len(twenty["pair_ratios"]) == 2 and all(x > 0 for x in twenty["pair_ratios"])
     line = [x for x in out.err.splitlines() if x.startswith("FLEET ")]
     assert len(line) == 1 and line[0].startswith("FLEET workers=20 tasks=300 tasks_per_s=")
     assert "ratio_to_10=" in line[0] and "mgr_ms_per_task=" in line[0]
-    rounds = [x for x in out.err.splitlines() if x.startswith("round ")]
-    assert [x.split()[:2] for x in rounds] == [["round", "1"], ["round", "1"], ["round", "2"], ["round", "2"]]
-    assert [x.split()[2] for x in rounds] == ["N=10", "N=20", "N=20", "N=10"]     # the second round reversed
+    said = [x.split()[:3] for x in out.err.splitlines() if x.startswith("N=")]
+    assert said[:2] == [["N=20", "pair", "1"], ["N=20", "pair", "2"]] and [x[0] for x in said[2:]] == ["N=10"]
