@@ -15,8 +15,8 @@ Per N, in one invocation (ratios within it: the 2-core machine is shared and noi
 - idle_cpu_pct: the manager's CPU over --idle seconds with N joined workers and nothing to do
   (keepalives only: the interval is --keepalive, 5 s by default as in vinehpc), at N's first join;
 - tasks_per_s: --tasks no-op command tasks, submitted then waited for, first submit to last wait,
-  the fastest of the runs of that N.  The runs are paired so that a slow spell of the shared
-  machine (they last a minute or more here) falls on both ends of a ratio: the 10-worker fleet
+  the fastest of the runs of that N.  The runs are paired so that the shared machine's changing
+  speed falls on both ends of a ratio: the 10-worker fleet
   joins once and stays; for each other N, --repeat times (6): one run on the 10-worker fleet, then
   a fresh fleet of N joins, runs once and closes (one fleet alive at a time besides the 10: no
   other fleet's objects for the collector to walk, no other fleet's keepalives).  ratio_to_10 is
