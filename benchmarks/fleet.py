@@ -220,7 +220,7 @@ class Sized:
     """One N's manager and fleet, joined: its join and idle figures, then its runs (run())."""
 
     def __init__(self, n, a, tmp, idle=True):
-        self.n, self.a = n, a
+        self.a = a
         self.m, self.fleet, join_s = open_fleet(tmp, n, a, disconnect=a.disconnect, slow=a.slow)
         m = self.m
         self.r = r = {"workers": n, "joined": m.wait_for_workers(n, timeout=0), "join_s": round(join_s, 3)}
@@ -277,8 +277,7 @@ def measure(n, a, tmp) -> dict:
         if a.instruments is not None:
             s.r.update(a.instruments.stop(s.m, n, a.tasks * a.repeat, a))
     except BaseException:
-        s.m.close()
-        s.fleet.close()
+        s.close()
         raise
     return s.close()
 
@@ -286,14 +285,14 @@ def measure(n, a, tmp) -> dict:
 def paired(ns, a, tmp) -> list:
     """The 10-worker fleet stays; each other N's runs alternate with runs on it (module doc)."""
     base = Sized(10, a, tmp)
-    rows, closed = [], False
+    rows = []
     try:
         others = [n for n in ns if n != 10]
         if not others:
             for _ in range(a.repeat):
                 base.run()
         for n in others:
-            pairs, tens, opened, best = [], [], [], None
+            pairs, tens, opened = [], [], []
             for k in range(a.repeat):
                 # a fresh fleet of n per run, the order of the pair alternating: 10 first, then n first
                 ten = base.run() if k % 2 == 0 else None
@@ -306,23 +305,19 @@ def paired(ns, a, tmp) -> list:
                     ten = base.run()
                 opened.append(r)
                 tens.append(ten)
-                if best is None or r["tasks_per_s"] > best["tasks_per_s"]:
-                    best = r
                 pairs.append(round(rate / ten, 3))
                 say(n, r, "pair %d (10 workers: %.0f tasks/s, ratio %.3f)" % (k + 1, ten, rate / ten))
-            row = dict(best, joined=min(x["joined"] for x in opened), join_s=max(x["join_s"] for x in opened),
-                       join_retries=max(x["join_retries"] for x in opened), idle_cpu_pct=opened[0]["idle_cpu_pct"],
+            row = dict(max(opened, key=lambda x: x["tasks_per_s"]), joined=min(x["joined"] for x in opened),
+                       join_s=max(x["join_s"] for x in opened), join_retries=max(x["join_retries"] for x in opened), idle_cpu_pct=opened[0]["idle_cpu_pct"],
                        runs_tasks_per_s=[x["tasks_per_s"] for x in opened], pair_ratios=pairs,
                        paired_10_tasks_per_s=tens)
             rows.append(row)
-        ten_row = base.close()
-        closed = True
-        say(10, ten_row, "")
-        return [ten_row] + rows
-    finally:
-        if not closed:
-            base.m.close()
-            base.fleet.close()
+    except BaseException:
+        base.close()
+        raise
+    ten_row = base.close()
+    say(10, ten_row, "")
+    return [ten_row] + rows
 
 
 def say(n, r, what):
